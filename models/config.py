@@ -1,0 +1,75 @@
+"""The model section of an experiment: one frozen dataclass shared by every model family.
+
+It lives in `models/` (not `paxlike/`) so that models stay importable without the framework;
+`paxlike.config` uses it as the `model` section of the experiment schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a Llama-style decoder.
+
+  Attributes:
+    kind: model family; "llama" is the causal decoder.
+    vocab_size: number of token ids (the byte tokenizer uses 260).
+    num_layers: transformer blocks.
+    d_model: residual width.
+    num_heads: query heads.
+    num_kv_heads: key/value heads (grouped-query attention); must divide num_heads.
+    head_dim: per-head width; 0 means d_model // num_heads.
+    mlp_dim: hidden width of the SwiGLU MLP.
+    max_len: longest sequence (prompt + generation) the model and its KV cache accept.
+    rope_theta: rotary embedding base.
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: reuse the token embedding as the output projection.
+    dtype: compute dtype ("float32" or "bfloat16"); parameters are always float32.
+    init_std: standard deviation of the normal initialisers.
+    attention: attention implementation ("dense"; sequence-parallel variants arrive with the mesh).
+  """
+
+  kind: str = "llama"
+  vocab_size: int = 260
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0
+  mlp_dim: int = 128
+  max_len: int = 256
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  init_std: float = 0.02
+  attention: str = "dense"
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first inconsistent field and what would be valid."""
+    if self.kind != "llama":
+      raise ValueError(f"model.kind={self.kind!r} is unknown; valid kinds: 'llama'")
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "max_len"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+    if not self.head_dim and self.d_model % self.num_heads:
+      raise ValueError(
+          f"model.d_model={self.d_model} is not divisible by model.num_heads={self.num_heads}; "
+          "set model.head_dim explicitly")
+    if self.resolved_head_dim % 2:
+      raise ValueError(f"rotary embeddings need an even head_dim, got {self.resolved_head_dim}")
+    if self.dtype not in DTYPES:
+      raise ValueError(f"model.dtype={self.dtype!r} is unknown; valid: {', '.join(DTYPES)}")
+    if self.attention != "dense":
+      raise ValueError(f"model.attention={self.attention!r} is unknown; valid: 'dense'")
