@@ -1,0 +1,3 @@
+"""Registered experiments, one small module per family. Importing this package registers them."""
+
+from configs import lm  # noqa: F401

@@ -1,0 +1,62 @@
+"""Byte-level Llama-style language models: the main job, a tiny smoke model, tinyshakespeare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.config import ModelConfig
+from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment, MeshConfig,
+                            OptimizerConfig, RunConfig, SamplerConfig, ScheduleConfig, TrainConfig)
+from paxlike.registry import register
+
+# ../shared/data beside the repository (tests and benchmarks read tinyshakespeare from there).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@register
+def demo() -> Experiment:
+  """The main job: a ~2M-parameter model on the default corpus, well under 5 minutes on 2 cores."""
+  return Experiment(
+      model=ModelConfig(num_layers=4, d_model=192, num_heads=6, num_kv_heads=2, mlp_dim=512,
+                        max_len=512),
+      data=DataConfig(seq_len=128),
+      optimizer=OptimizerConfig(learning_rate=3e-3),
+      schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
+      checkpoint=CheckpointConfig(every_steps=100, keep=3),
+      train=TrainConfig(steps=400, batch_size=16),
+      eval=EvalConfig(every_steps=100, batches=8),
+      sampler=SamplerConfig(prompt="def ", max_new_tokens=200, temperature=0.7),
+      run=RunConfig(log_every=10, sample_after_train=True),
+  )
+
+
+@register
+def tiny() -> Experiment:
+  """Trains in seconds; shardable every way on 8 devices (batch 8, 4 heads / kv heads, seq 64)."""
+  return Experiment(
+      model=ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, mlp_dim=128,
+                        max_len=128),
+      data=DataConfig(path=str(SHARED_DATA / "tinyshakespeare.txt"), seq_len=64),
+      optimizer=OptimizerConfig(learning_rate=3e-3),
+      schedule=ScheduleConfig(kind="cosine", warmup_steps=5),
+      mesh=MeshConfig(data=-1),
+      checkpoint=CheckpointConfig(every_steps=10, keep=3),
+      train=TrainConfig(steps=30, batch_size=8),
+      eval=EvalConfig(every_steps=0, batches=4),
+      sampler=SamplerConfig(prompt="ROMEO:", max_new_tokens=32),
+      run=RunConfig(log_every=1, sample_after_train=False),
+  )
+
+
+@register
+def shakespeare() -> Experiment:
+  """A ~1M-parameter character model of tinyshakespeare (a few minutes on 2 cores)."""
+  return Experiment(
+      model=ModelConfig(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, mlp_dim=384,
+                        max_len=512),
+      data=DataConfig(path=str(SHARED_DATA / "tinyshakespeare.txt"), seq_len=128),
+      schedule=ScheduleConfig(kind="wsd", warmup_steps=30),
+      train=TrainConfig(steps=600, batch_size=16),
+      eval=EvalConfig(every_steps=200, batches=8),
+      sampler=SamplerConfig(prompt="ROMEO:\n", max_new_tokens=200, temperature=0.8),
+  )

@@ -1,0 +1,45 @@
+"""A named device mesh over ('data', 'fsdp', 'sequence', 'tensor').
+
+Axis types are `Auto`: with jax >= 0.8 `jax.make_mesh` defaults to Explicit axes, under which
+linen's logical sharding constraints fail; Auto lets the compiler propagate shardings from them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh
+
+AXES = ("data", "fsdp", "sequence", "tensor")
+
+
+def resolve_axis_sizes(sizes: Sequence[int], device_count: int) -> tuple[int, ...]:
+  """Replaces a single -1 by the devices left over; raises ValueError when the product mismatches."""
+  sizes = tuple(int(s) for s in sizes)
+  shown = ", ".join(f"{a}={s}" for a, s in zip(AXES, sizes))
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh ({shown}): at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh ({shown}): axis sizes must be positive or -1")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if device_count % fixed:
+      raise ValueError(
+          f"mesh ({shown}): the fixed axes multiply to {fixed}, which does not divide the "
+          f"{device_count} available devices")
+    sizes = tuple(device_count // fixed if s == -1 else s for s in sizes)
+  if math.prod(sizes) != device_count:
+    raise ValueError(
+        f"mesh ({shown}) has {math.prod(sizes)} devices but {device_count} are available; "
+        f"make the product of the axis sizes equal {device_count} (or set one axis to -1)")
+  return sizes
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh over all (or the given) devices with Auto axis types."""
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = resolve_axis_sizes((data, fsdp, sequence, tensor), len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)

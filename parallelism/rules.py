@@ -1,0 +1,57 @@
+"""Logical axis rules: what an array axis means -> where it lives on the mesh.
+
+Models annotate parameters and activations with logical names (`batch`, `length`, `embed`,
+`heads`, ...); this one table maps them onto the mesh axes. A mesh axis is used at most once per
+array (flax skips a rule whose mesh axis is already taken, so activations shard `batch` over
+('data', 'fsdp') and leave `embed` whole, while parameters shard `embed` over 'fsdp').
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("cache_length", None),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("head_dim", None),
+    ("norm", None),
+)
+
+
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+  """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes.
+
+  Unannotated leaves are replicated.
+  """
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Sharding of a [batch, ...] array: batch over ('data', 'fsdp'), the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def axis_rules(rules=LOGICAL_RULES):
+  """Context manager that activates the rules for `nn.with_logical_constraint` inside models."""
+  return nn.logical_axis_rules(rules)
+
+
+def spec_of(sharding: jax.sharding.Sharding) -> list:
+  """A JSON-friendly PartitionSpec (list of axis names / lists / None)."""
+  spec = getattr(sharding, "spec", PartitionSpec())
+  return [list(a) if isinstance(a, tuple) else a for a in spec]

@@ -1,0 +1,3 @@
+"""paxlike: a JAX research framework for parallel decoding of language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""The `train` suite: step time, tokens/s and model-FLOPs utilisation of the train step.
+
+MFU is measured against this machine's own float32 matmul peak (`harness.matmul_peak_flops`),
+so it says how much of the achievable matmul throughput the whole step (attention, norms,
+optimizer, data transfer included) attains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from typing import Any
+
+import jax
+
+from models.config import ModelConfig
+from paxlike import registry
+from paxlike.bench import harness
+from paxlike.config import Experiment
+from paxlike.train import Trainer
+
+
+def train_flops_per_token(model: ModelConfig, seq_len: int) -> float:
+  """Forward + backward FLOPs per token: 6 x matmul params + attention scores and values.
+
+  Matmul params exclude the embedding lookup but include the output projection. Attention counts
+  the full (not causally halved) T x T score and value products: 12 * layers * T * heads * head_dim.
+  """
+  d, hd = model.d_model, model.resolved_head_dim
+  per_layer = d * hd * (model.num_heads * 2 + model.num_kv_heads * 2) + 3 * d * model.mlp_dim
+  matmul_params = model.num_layers * per_layer + d * model.vocab_size
+  attention = 12 * model.num_layers * seq_len * model.num_heads * hd
+  return 6 * matmul_params + attention
+
+
+def bench_experiment(exp: Experiment, steps: int, peak: float) -> dict[str, Any]:
+  """Compiles and times the train step of `exp` on synthetic-free real batches."""
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer = Trainer(exp, workdir, log=lambda _: None)
+    state = trainer.init_state()
+    iterator = trainer.train_iterator()
+    batches = [trainer.to_global_batch(next(iterator)) for _ in range(steps + 1)]
+    start = time.perf_counter()
+    state, metrics = trainer.train_step(state, batches[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for batch in batches[1:]:
+      start = time.perf_counter()
+      state, metrics = trainer.train_step(state, batch)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+    times.sort()
+    median = times[len(times) // 2]
+    tokens = exp.train.batch_size * exp.data.seq_len
+    flops = train_flops_per_token(exp.model, exp.data.seq_len) * tokens
+    return {
+        "experiment": exp.name,
+        "params": Trainer.param_count(state.params),
+        "batch": exp.train.batch_size,
+        "seq_len": exp.data.seq_len,
+        "devices": trainer.mesh.size,
+        "compile_s": compile_s,
+        "step_s": median,
+        "step_s_min": times[0],
+        "step_s_max": times[-1],
+        "tokens_per_s": tokens / median,
+        "model_tflops_per_s": flops / median / 1e12,
+        "peak_tflops_per_s": peak / 1e12,
+        "mfu": flops / median / peak,
+    }
+
+
+def run(experiments: list[str], steps: int, out: str | None) -> dict[str, Any]:
+  registry.load_modules()
+  peak = harness.matmul_peak_flops()
+  rows = []
+  for name in experiments:
+    exp = registry.get(name)
+    exp = dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, data=-1))
+    rows.append(bench_experiment(exp, steps, peak))
+  harness.print_table(rows, ["experiment", "params", "batch", "seq_len", "compile_s", "step_s",
+                             "tokens_per_s", "mfu"])
+  return harness.write_report(out, "train", {"experiments": experiments, "steps": steps}, rows)

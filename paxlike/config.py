@@ -1,0 +1,310 @@
+"""Typed experiment configs: frozen dataclass sections, `--set a.b=value` overrides, JSON, diffs.
+
+An `Experiment` is a tree of frozen dataclasses. Overrides are parsed to the type of the field they
+name; unknown keys and wrong types raise `UserError` naming the key and the nearest valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+from models.config import ModelConfig
+from paxlike.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training text and how it is cut into sequences.
+
+  Attributes:
+    path: a file, directory or glob of UTF-8 text files; "" means the default corpus (the running
+      Python's standard-library `.py` sources).
+    seq_len: tokens per training sequence (packed, no padding).
+    eval_fraction: share of the corpus held out for evaluation (by file, or the stream's tail when
+      the corpus is a single file).
+  """
+
+  path: str = ""
+  seq_len: int = 128
+  eval_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with global-norm gradient clipping (optax)."""
+
+  learning_rate: float = 3e-3
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+  """Learning-rate schedule over `train.steps`.
+
+  Attributes:
+    kind: "cosine" (linear warmup + cosine decay), "wsd" (warmup-stable-decay with a linear
+      cool-down over the last `decay_fraction` of training) or "constant" (after warmup).
+    warmup_steps: linear warmup length.
+    decay_fraction: share of training spent in the final decay ("wsd" only).
+    min_lr_ratio: final learning rate as a fraction of the peak.
+  """
+
+  kind: str = "cosine"
+  warmup_steps: int = 20
+  decay_fraction: float = 0.2
+  min_lr_ratio: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh over axes ('data', 'fsdp', 'sequence', 'tensor'); -1 fills the remaining devices."""
+
+  data: int = -1
+  fsdp: int = 1
+  sequence: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+  """Orbax checkpointing: save every N steps (asynchronously), keep the last K."""
+
+  every_steps: int = 100
+  keep: int = 3
+  async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The training loop: global batch, step count and the seed of everything random."""
+
+  steps: int = 200
+  seed: int = 0
+  batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Held-out evaluation: every N steps (0 = only at the end), over a fixed number of batches."""
+
+  every_steps: int = 100
+  batches: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Decoding for `--mode=sample` (and the sample printed after training)."""
+
+  kind: str = "ar"
+  max_new_tokens: int = 128
+  temperature: float = 0.8
+  top_k: int = 0
+  top_p: float = 0.95
+  seed: int = 0
+  prompt: str = "def "
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  """How a run behaves rather than what it computes.
+
+  Attributes:
+    log_every: print a progress line (and write metrics) every N steps.
+    allow_config_change: let a restart in an existing workdir change model/data/optimizer fields.
+    sample_after_train: print a generated sample when training ends.
+  """
+
+  log_every: int = 10
+  allow_config_change: bool = False
+  sample_after_train: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+  """A complete, resolved experiment: every section of the schema."""
+
+  name: str = "unnamed"
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  schedule: ScheduleConfig = ScheduleConfig()
+  mesh: MeshConfig = MeshConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  train: TrainConfig = TrainConfig()
+  eval: EvalConfig = EvalConfig()
+  sampler: SamplerConfig = SamplerConfig()
+  run: RunConfig = RunConfig()
+
+
+# Sections (or single fields) that define the trained model; a restart may not change them silently.
+TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "train.batch_size")
+# What sampling and eval from a workdir may change freely.
+SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
+
+_SCHEDULE_KINDS = ("cosine", "wsd", "constant")
+
+
+def validate(exp: Experiment) -> Experiment:
+  """Checks cross-field consistency; raises UserError naming the field and a valid alternative."""
+  try:
+    exp.model.validate()
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  checks = [
+      (exp.train.steps >= 0, f"train.steps must be >= 0, got {exp.train.steps}"),
+      (exp.train.batch_size > 0, f"train.batch_size must be positive, got {exp.train.batch_size}"),
+      (exp.data.seq_len > 0, f"data.seq_len must be positive, got {exp.data.seq_len}"),
+      (exp.data.seq_len <= exp.model.max_len,
+       f"data.seq_len={exp.data.seq_len} exceeds model.max_len={exp.model.max_len}"),
+      (0.0 < exp.data.eval_fraction < 1.0,
+       f"data.eval_fraction must be in (0, 1), got {exp.data.eval_fraction}"),
+      (exp.schedule.kind in _SCHEDULE_KINDS,
+       f"schedule.kind={exp.schedule.kind!r} is unknown; valid: {', '.join(_SCHEDULE_KINDS)}"),
+      (exp.checkpoint.every_steps > 0,
+       f"checkpoint.every_steps must be positive, got {exp.checkpoint.every_steps}"),
+      (exp.checkpoint.keep > 0, f"checkpoint.keep must be positive, got {exp.checkpoint.keep}"),
+      (exp.run.log_every > 0, f"run.log_every must be positive, got {exp.run.log_every}"),
+      (exp.sampler.kind == "ar", f"sampler.kind={exp.sampler.kind!r} is unknown; valid: 'ar'"),
+      (exp.sampler.temperature >= 0, f"sampler.temperature must be >= 0, got {exp.sampler.temperature}"),
+      (0.0 < exp.sampler.top_p <= 1.0, f"sampler.top_p must be in (0, 1], got {exp.sampler.top_p}"),
+  ]
+  for ok, message in checks:
+    if not ok:
+      raise UserError(message)
+  return exp
+
+
+# ----------------------------------------------------------------------------- flat views
+
+
+def to_dict(exp: Any) -> dict[str, Any]:
+  """Nested plain dict of a config tree (JSON-serialisable)."""
+  return dataclasses.asdict(exp)
+
+
+def flatten(exp: Any, prefix: str = "") -> dict[str, Any]:
+  """{'model.d_model': 64, ...} for every leaf field."""
+  out: dict[str, Any] = {}
+  for f in dataclasses.fields(exp):
+    value = getattr(exp, f.name)
+    key = f"{prefix}{f.name}"
+    if dataclasses.is_dataclass(value):
+      out.update(flatten(value, key + "."))
+    else:
+      out[key] = value
+  return out
+
+
+def diff(old: Experiment, new: Experiment, keys: Sequence[str] | None = None) -> list[str]:
+  """Human-readable lines `key: old -> new` for differing fields (restricted to `keys` prefixes)."""
+  a, b = flatten(old), flatten(new)
+  lines = []
+  for key in sorted(set(a) | set(b)):
+    if keys is not None and not any(key == k or key.startswith(k + ".") for k in keys):
+      continue
+    if a.get(key) != b.get(key):
+      lines.append(f"  {key}: {a.get(key)!r} -> {b.get(key)!r}")
+  return lines
+
+
+def to_json(exp: Experiment) -> str:
+  return json.dumps(to_dict(exp), indent=2, sort_keys=True)
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+  """Rebuilds a config tree from `to_dict` output; unknown keys raise UserError."""
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in data.items():
+    if key not in names:
+      raise UserError(f"unknown config key {prefix}{key!r} in stored config")
+    field_type = hints[key]
+    if dataclasses.is_dataclass(field_type):
+      kwargs[key] = from_dict(field_type, value, f"{prefix}{key}.")
+    elif isinstance(value, list):
+      kwargs[key] = tuple(value)
+    else:
+      kwargs[key] = value
+  return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _parse_value(key: str, text: str, field_type: Any) -> Any:
+  """Parses `text` to `field_type` (bool, int, float, str, tuples and optionals of those)."""
+  origin = typing.get_origin(field_type)
+  if origin in (typing.Union, types.UnionType):
+    options = [t for t in typing.get_args(field_type) if t is not type(None)]
+    if text.lower() in ("none", "null") and len(options) < len(typing.get_args(field_type)):
+      return None
+    return _parse_value(key, text, options[0])
+  if origin is tuple:
+    item_type = typing.get_args(field_type)[0]
+    parts = [p for p in text.split(",") if p.strip()]
+    return tuple(_parse_value(key, p.strip(), item_type) for p in parts)
+  try:
+    if field_type is bool:
+      lowered = text.strip().lower()
+      if lowered in ("true", "1", "yes", "on"):
+        return True
+      if lowered in ("false", "0", "no", "off"):
+        return False
+      raise ValueError
+    if field_type is int:
+      return int(text)
+    if field_type is float:
+      return float(text)
+    if field_type is str:
+      return text
+  except ValueError:
+    pass
+  else:
+    raise UserError(f"cannot override {key}: unsupported field type {field_type}")
+  type_name = getattr(field_type, "__name__", str(field_type))
+  example = {"bool": "true or false", "int": "an integer like 64", "float": "a number like 3e-4"}
+  raise UserError(
+      f"--set {key}={text!r}: expected {type_name} ({example.get(type_name, type_name)})")
+
+
+def _replace_path(node: Any, path: list[str], raw: str, full_key: str) -> Any:
+  hints = typing.get_type_hints(type(node))
+  name = path[0]
+  if len(path) == 1:
+    return dataclasses.replace(node, **{name: _parse_value(full_key, raw, hints[name])})
+  child = getattr(node, name)
+  return dataclasses.replace(node, **{name: _replace_path(child, path[1:], raw, full_key)})
+
+
+def apply_overrides(exp: Experiment, overrides: Sequence[str]) -> Experiment:
+  """Applies `a.b=value` strings in order; raises UserError on unknown keys or bad values."""
+  valid = flatten(exp)
+  for item in overrides:
+    if "=" not in item:
+      raise UserError(f"--set {item!r} is not of the form section.field=value (e.g. train.steps=100)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if any(k.startswith(key + ".") for k in valid):
+      fields = [k for k in valid if k.startswith(key + ".")][:4]
+      raise UserError(f"--set {key}: {key!r} is a section; set one of its fields "
+                      f"(e.g. {', '.join(fields)})")
+    if key not in valid:
+      nearest = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+      if not nearest:
+        section = key.split(".")[0]
+        nearest = [k for k in valid if k.startswith(section + ".")][:5]
+      hint = f"; nearest valid keys: {', '.join(nearest)}" if nearest else (
+          f"; sections: {', '.join(sorted({k.split('.')[0] for k in valid}))}")
+      raise UserError(f"unknown config key {key!r}{hint}")
+    exp = _replace_path(exp, key.split("."), raw, key)
+  return exp

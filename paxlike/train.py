@@ -1,0 +1,269 @@
+"""The train step and the training loop: sharded state, Grain batches, eval, Orbax checkpoints.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function compiled once with
+`jax.jit(in_shardings=..., out_shardings=..., donate_argnums=0)`. The loop around it resumes from
+the latest readable checkpoint (model, optimizer, step, RNG and the data iterator position), so an
+interrupted-and-resumed run reproduces the losses of an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import functools
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from models.causal_lm import CausalLM
+from parallelism import rules
+from parallelism.mesh import make_mesh
+from paxlike import data as data_lib
+from paxlike.checkpointing import Checkpointer
+from paxlike.config import Experiment
+from paxlike.errors import UserError
+from paxlike.metrics import MetricsLog, Progress
+from paxlike.optim import learning_rate_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data position."""
+
+  step: jax.Array  # [] int32
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # [2] uint32 raw key; folded with the step for any per-step randomness
+
+
+def next_token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Per-token negative log-likelihood. logits [B, T, V], targets [B, T] -> [B, T] float32."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def make_train_step(model: CausalLM, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+  """(state, batch [B, L + 1] int32) -> (state, {'loss', 'grad_norm', 'learning_rate'})."""
+
+  def loss_fn(params, batch):
+    logits = model.logits(params, batch[:, :-1])
+    return next_token_nll(logits, batch[:, 1:]).mean()
+
+  def train_step(state: TrainState, batch: jax.Array):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "learning_rate": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: CausalLM) -> Callable:
+  """(params, batch [B, L + 1]) -> summed nll and token count (float32 scalars)."""
+
+  def eval_step(params, batch):
+    nll = next_token_nll(model.logits(params, batch[:, :-1]), batch[:, 1:])
+    return nll.sum(), jnp.asarray(nll.size, jnp.float32)
+
+  return eval_step
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag checked between steps (save, then exit cleanly)."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a finished (or interrupted) run reports."""
+
+  step: int
+  eval_loss: float | None
+  eval_bpb: float | None
+  tokens_per_s: float
+  interrupted: bool
+  params: Any
+
+
+class Trainer:
+  """Builds mesh, model, optimizer, data and checkpoints for an experiment, and runs training."""
+
+  def __init__(self, exp: Experiment, workdir: Path, log: Callable[[str], None] = print):
+    self.exp = exp
+    self.workdir = Path(workdir)
+    self.log = log
+    try:
+      self.mesh = make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.sequence, exp.mesh.tensor)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+    self.model = CausalLM(exp.model)
+    self.schedule = learning_rate_schedule(exp.optimizer, exp.schedule, exp.train.steps)
+    self.tx = make_optimizer(exp.optimizer, exp.schedule, exp.train.steps)
+    self._build_state_functions()
+
+  # ------------------------------------------------------------------ data (read on first use)
+
+  @functools.cached_property
+  def corpus(self) -> data_lib.Corpus:
+    return data_lib.load_corpus(self.exp.data)
+
+  @functools.cached_property
+  def eval_data(self) -> list[np.ndarray]:
+    exp = self.exp
+    return data_lib.eval_batches(
+        self.corpus.held_out, exp.data.seq_len, exp.train.batch_size, exp.eval.batches)
+
+  def train_iterator(self):
+    exp = self.exp
+    dataset = data_lib.train_dataset(
+        self.corpus.train, exp.data.seq_len, exp.train.batch_size, exp.train.seed,
+        jax.process_index(), jax.process_count())
+    return data_lib.train_iterator(dataset)
+
+  # ------------------------------------------------------------------ compiled functions
+
+  def _boxed_init(self, key: jax.Array) -> TrainState:
+    params = self.model.module.init(key, jnp.zeros((1, self.exp.data.seq_len), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=self.tx.init(params),
+                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+  def _build_state_functions(self) -> None:
+    key = jax.random.key(self.exp.train.seed)
+    with self.mesh, rules.axis_rules():
+      boxed = jax.eval_shape(self._boxed_init, key)
+      self.state_shardings = rules.logical_shardings(boxed, self.mesh)
+    abstract = nn.meta.unbox(boxed)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_shardings)
+    self.batch_sharding = rules.batch_sharding(self.mesh)
+    self._init = jax.jit(lambda k: nn.meta.unbox(self._boxed_init(k)),
+                         out_shardings=self.state_shardings)
+    replicated = rules.replicated(self.mesh)
+    self._train_step = jax.jit(
+        make_train_step(self.model, self.tx, self.schedule),
+        in_shardings=(self.state_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    self._eval_step = jax.jit(
+        make_eval_step(self.model), in_shardings=(self.state_shardings.params, self.batch_sharding),
+        out_shardings=replicated)
+
+  def init_state(self) -> TrainState:
+    with self.mesh, rules.axis_rules():
+      return self._init(jax.random.key(self.exp.train.seed))
+
+  def to_global_batch(self, local_batch: np.ndarray) -> jax.Array:
+    """This process's rows -> one global array sharded over ('data', 'fsdp')."""
+    return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
+
+  def train_step(self, state: TrainState, batch: jax.Array):
+    with self.mesh, rules.axis_rules():
+      return self._train_step(state, batch)
+
+  def evaluate(self, params: Any) -> tuple[float, float]:
+    """Mean held-out loss (nats/token) and bits per byte (tokens are bytes)."""
+    total, count = 0.0, 0.0
+    with self.mesh, rules.axis_rules():
+      for batch in self.eval_data:
+        nll, n = self._eval_step(params, self.to_global_batch(batch))
+        total, count = total + float(nll), count + float(n)
+    loss = total / count
+    return loss, loss / math.log(2)
+
+  # ------------------------------------------------------------------ the loop
+
+  def restore_or_init(self, checkpointer: Checkpointer, iterator) -> tuple[TrainState, int]:
+    restored = checkpointer.restore_latest(self.abstract_state, iterator)
+    if restored is None:
+      return self.init_state(), 0
+    state, step = restored
+    self.log(f"resumed from step {step}")
+    return state, step
+
+  def run(self) -> TrainResult:
+    exp = self.exp
+    total = exp.train.steps
+    metrics = MetricsLog(self.workdir / "metrics.jsonl")
+    checkpointer = Checkpointer(self.workdir, exp.checkpoint, log=self.log)
+    iterator = self.train_iterator()
+    eval_loss = eval_bpb = None
+    progress = Progress(total, exp.train.batch_size * exp.data.seq_len)
+    try:
+      state, step = self.restore_or_init(checkpointer, iterator)
+      metrics.truncate_after(step)
+      if step == 0:
+        self.log(f"training {exp.name}: {self.param_count(state.params) / 1e6:.2f}M parameters, "
+                 f"{total} steps of {exp.train.batch_size}x{exp.data.seq_len} tokens "
+                 f"on {self.corpus.description}")
+      with _StopRequest() as stop:
+        first_step = step
+        while step < total and stop.signal_name is None:
+          state, step_metrics = self.train_step(state, self.to_global_batch(next(iterator)))
+          step += 1
+          if step == first_step + 1:  # rates exclude the compiling first step
+            jax.block_until_ready(step_metrics)
+            progress.start(step)
+          loss = float(step_metrics["loss"])
+          if not math.isfinite(loss):
+            last = checkpointer.latest_step()
+            raise UserError(
+                f"loss became {loss} at step {step}; stopping without saving. The last good "
+                f"checkpoint (step {last}) is intact; lower optimizer.learning_rate or "
+                "raise schedule.warmup_steps")
+          if step % exp.run.log_every == 0 or step == total:
+            record = {"step": step, **{k: float(v) for k, v in step_metrics.items()}}
+            metrics.write(record)
+            progress.update(step, loss)
+          if exp.eval.every_steps and step % exp.eval.every_steps == 0 and step < total:
+            eval_loss, eval_bpb = self.evaluate(state.params)
+            metrics.write({"step": step, "eval_loss": eval_loss, "eval_bpb": eval_bpb})
+            progress.message(f"eval at step {step}: loss {eval_loss:.4f}, {eval_bpb:.3f} bits/byte")
+          if step % exp.checkpoint.every_steps == 0 or step == total:
+            checkpointer.save(step, state, iterator)
+        progress.finish()
+        interrupted = stop.signal_name is not None
+        if interrupted:
+          if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, iterator)
+          self.log(f"received {stop.signal_name}: saved checkpoint at step {step}; exiting")
+        elif total > 0:
+          if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, iterator)
+          eval_loss, eval_bpb = self.evaluate(state.params)
+          metrics.write({"step": step, "eval_loss": eval_loss, "eval_bpb": eval_bpb})
+    finally:
+      checkpointer.close()
+      metrics.close()
+    return TrainResult(step=step, eval_loss=eval_loss, eval_bpb=eval_bpb,
+                       tokens_per_s=progress.tokens_per_s, interrupted=interrupted,
+                       params=state.params)
+
+  @staticmethod
+  def param_count(params: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
