@@ -1,0 +1,73 @@
+"""Pure attention math of the decoder: rotary embeddings and dense grouped-query attention.
+
+Kept apart from the linen modules so that other attention implementations (sequence-parallel
+variants selected by `ModelConfig.attention`) can replace `attend` with the same signature.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# Finite rather than -inf: a fully masked row then softmaxes to uniform instead of NaN.
+_MASKED = -1e30
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotates feature pairs (i, i + D/2) by angle `position * theta**(-2i/D)` (Llama/NeoX layout).
+
+  Args:
+    x: [B, T, H, D] queries or keys, any float dtype.
+    positions: [B, T] int32 position ids.
+    theta: rotary base.
+  Returns:
+    [B, T, H, D] in x's dtype; the rotation itself is computed in float32.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+           cache_k: jax.Array | None = None, cache_v: jax.Array | None = None,
+           cache_mask: jax.Array | None = None) -> jax.Array:
+  """Softmax attention of T new queries over an optional cache plus the T new keys.
+
+  The cache is only read: its scores and the new tokens' scores share one softmax, so the
+  caller can write the new keys/values afterwards in a single small update.
+
+  Args:
+    q: [B, T, H, D] rotated queries.
+    k: [B, T, KVH, D] rotated keys of the new tokens; KVH divides H (grouped-query attention).
+    v: [B, T, KVH, D] values of the new tokens.
+    mask: [B or 1, T, T] bool, mask[b, i, j] = new query i may attend to new key j.
+    cache_k: [B, S, KVH, D] cached keys, or None for a cache-free call.
+    cache_v: [B, S, KVH, D] cached values.
+    cache_mask: [B, S] bool, which cache slots are valid.
+  Returns:
+    [B, T, H, D] in q's dtype; scores and softmax are computed in float32.
+  """
+  batch, steps, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  q = (q * head_dim**-0.5).reshape(batch, steps, kv_heads, heads // kv_heads, head_dim)
+
+  def scores(keys, keep):  # keep: [B or 1, T or 1, S']
+    s = jnp.einsum("btkgd,bskd->bkgts", q, keys, preferred_element_type=jnp.float32)
+    return jnp.where(keep[:, None, None], s, _MASKED)
+
+  def mix(probs, values):
+    return jnp.einsum("bkgts,bskd->btkgd", probs.astype(values.dtype), values,
+                      preferred_element_type=jnp.float32)
+
+  new_scores = scores(k, mask)
+  if cache_k is None:
+    out = mix(jax.nn.softmax(new_scores, axis=-1), v)
+  else:
+    cached_scores = scores(cache_k, cache_mask[:, None, :])
+    probs = jax.nn.softmax(jnp.concatenate([cached_scores, new_scores], axis=-1), axis=-1)
+    slots = cache_k.shape[1]
+    out = mix(probs[..., :slots], cache_v) + mix(probs[..., slots:], v)
+  return out.reshape(batch, steps, heads, head_dim).astype(q.dtype)

@@ -1,0 +1,65 @@
+"""`CausalLM`: the Llama decoder behind the small model protocol that samplers use.
+
+A frozen, hashable dataclass, so it can be a static argument of `jax.jit`; all state (params,
+cache) is passed explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.kv_cache import KVCache
+from models.llama import Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLM:
+  """A causal language model meeting `samplers.protocol.CausalModel`."""
+
+  config: ModelConfig
+
+  def __post_init__(self):
+    self.config.validate()
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def max_len(self) -> int:
+    """Longest sequence (prompt + generation) a sampler may ask for."""
+    return self.config.max_len
+
+  @property
+  def module(self) -> Transformer:
+    return Transformer(self.config)
+
+  def init(self, key: jax.Array) -> dict:
+    """Fresh float32 parameters, unboxed (plain arrays). For the logical axis names, use
+    `self.module.init(key, tokens)['params']` and `nn.get_partition_spec`."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.meta.unbox(jax.jit(self.module.init)(key, tokens)["params"])
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    """An empty cache of `max_len` slots per row (default: config.max_len), compute dtype."""
+    cfg = self.config
+    return KVCache.zeros(cfg.num_layers, batch, max_len or cfg.max_len, cfg.num_kv_heads,
+                         cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
+
+  def apply(self, params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+            attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Cached call: tokens/positions [B, T] int32, attention_mask [B, T, T] bool or None (causal).
+
+    Returns ([B, T, V] float32 logits, cache advanced by T); see `Transformer.decode`.
+    """
+    return self.module.apply({"params": params}, tokens, positions, cache, attention_mask,
+                             method=Transformer.decode)
+
+  def logits(self, params, tokens: jax.Array) -> jax.Array:
+    """Full causal forward at positions 0..T-1: tokens [B, T] int32 -> [B, T, V] float32."""
+    return self.module.apply({"params": params}, tokens)

@@ -1,0 +1,187 @@
+"""Llama-style causal decoder in Flax linen: pre-norm blocks, RoPE, grouped-query attention, SwiGLU.
+
+Two entry points share the same parameters:
+
+* `Transformer.__call__(tokens)`: the training/eval forward, causal over the whole sequence.
+* `Transformer.decode(tokens, positions, cache, attention_mask)`: the cached call used by samplers
+  (see `models/kv_cache.py` for the slot semantics).
+
+Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`); activations
+are annotated with `nn.with_logical_constraint`. Outside a mesh/rules context both are no-ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import attention
+from models.config import ModelConfig
+from models.kv_cache import KVCache, write_rows
+
+
+def _normal(std: float, names: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _dense(cfg: ModelConfig, features, names, axis=-1, std=None, name=None) -> nn.DenseGeneral:
+  return nn.DenseGeneral(features, axis=axis, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                         kernel_init=_normal(cfg.init_std if std is None else std, names),
+                         name=name)
+
+
+def _residual_std(cfg: ModelConfig) -> float:
+  """Output projections into the residual stream are scaled down by 1/sqrt(2 * num_layers)."""
+  return cfg.init_std / math.sqrt(2 * cfg.num_layers)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, computed in float32 and returned in `dtype`."""
+
+  eps: float
+  dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), jnp.float32)
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (x * scale).astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with rotary positions, optionally reading a per-layer cache."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None):
+    """Args:
+      x: [B, T, E] normalised activations.
+      positions: [B, T] int32 position ids.
+      mask: [B or 1, T, T] bool over the new tokens.
+      cache: None, or (keys [B, S, KVH, D], values [B, S, KVH, D], valid [B, S] bool).
+    Returns:
+      ([B, T, E] output, (k, v)) with the new tokens' rotated keys and values [B, T, KVH, D].
+    """
+    cfg = self.config
+    heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    q = _dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
+    k = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x)
+    v = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x)
+    q = nn.with_logical_constraint(attention.rope(q, positions, cfg.rope_theta),
+                                   ("batch", "length", "heads", "head_dim"))
+    k = nn.with_logical_constraint(attention.rope(k, positions, cfg.rope_theta),
+                                   ("batch", "length", "kv_heads", "head_dim"))
+    v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+    out = attention.attend(q, k, v, mask, *(cache or ()))
+    out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+    out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), axis=(-2, -1),
+                 std=_residual_std(cfg), name="out")(out)
+    return out, (k, v)
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, T, E] -> [B, T, E]."""
+    cfg = self.config
+    gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), name="gate")(x)
+    up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), name="up")(x)
+    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return _dense(cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down")(h)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache=None):
+    """Same arguments and returns as `Attention`, with x the [B, T, E] residual stream."""
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), name=name)
+    h, kv = Attention(cfg, name="attention")(norm("attention_norm")(x), positions, mask, cache)
+    x = x + h
+    x = x + Mlp(cfg, name="mlp")(norm("mlp_norm")(x))
+    return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv
+
+
+class Transformer(nn.Module):
+  """The decoder. `config` must pass `ModelConfig.validate()`."""
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                          embedding_init=_normal(cfg.init_std, ("vocab", "embed")))
+    self.blocks = [Block(cfg) for _ in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype))
+    if not cfg.tie_embeddings:
+      self.head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"))
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """Causal forward over whole sequences at positions 0..T-1.
+
+    Args:
+      tokens: [B, T] int32.
+    Returns:
+      [B, T, V] float32 logits.
+    """
+    steps = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), tokens.shape)
+    causal = jnp.tril(jnp.ones((1, steps, steps), bool))
+    x = self._embed(tokens)
+    for block in self.blocks:
+      x, _ = block(x, positions, causal)
+    return self._logits(x)
+
+  def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+             attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    """Cached forward of T new tokens per row.
+
+    New token i of row b attends to cache slots < cache.lengths[b] and to new tokens j with
+    attention_mask[b, i, j]; its keys/values are then written at slot cache.lengths[b] + i.
+
+    Args:
+      tokens: [B, T] int32 new tokens.
+      positions: [B, T] int32 their position ids (independent of slots).
+      cache: KVCache with S slots per row.
+      attention_mask: [B, T, T] bool over the new tokens; None means causal (j <= i).
+    Returns:
+      ([B, T, V] float32 logits, cache with the new tokens written and lengths + T).
+    """
+    steps = tokens.shape[1]
+    if attention_mask is None:
+      attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
+    valid = jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None]  # [B, S]
+    x = self._embed(tokens)
+    new_k, new_v = [], []
+    for layer, block in enumerate(self.blocks):
+      layer_cache = (cache.keys[layer], cache.values[layer], valid)
+      x, (k, v) = block(x, positions, attention_mask, layer_cache)
+      new_k.append(k)
+      new_v.append(v)
+    write = jax.vmap(write_rows, in_axes=(0, 0, None))
+    cache = cache.replace(keys=write(cache.keys, jnp.stack(new_k), cache.lengths),
+                          values=write(cache.values, jnp.stack(new_v), cache.lengths),
+                          lengths=cache.lengths + steps)
+    return self._logits(x), cache
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    return nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    x = self.final_norm(x)
+    logits = self.embed.attend(x) if self.config.tie_embeddings else self.head(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -1,0 +1,86 @@
+"""CausalLM surface: parameters and their logical axes, tied/untied head, bf16 compute, jit-ability."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.causal_lm import CausalLM
+from models.config import ModelConfig
+
+VOCABULARY = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm"}
+
+
+def _tokens(seed, shape, vocab):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_every_param_has_logical_axes(small_config, tie):
+  model = CausalLM(dataclasses.replace(small_config, tie_embeddings=tie))
+  boxed = jax.eval_shape(model.module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+  params = boxed["params"]
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  for spec, leaf in zip(jax.tree.leaves(nn.get_partition_spec(params)), leaves):
+    assert len(spec) == leaf.value.ndim and set(spec) <= VOCABULARY, spec
+  assert ("head" in params) == (not tie)
+  if not tie:
+    assert nn.get_partition_spec(params)["head"]["kernel"] == jax.sharding.PartitionSpec("embed", "vocab")
+
+
+def test_boxed_and_unboxed_params_give_the_same_logits(small_config):
+  model = CausalLM(small_config)
+  tokens = _tokens(0, (2, 5), model.vocab_size)
+  variables = model.module.init(jax.random.key(0), tokens)
+  boxed = model.module.apply(variables, tokens)
+  unboxed = model.logits(nn.meta.unbox(variables["params"]), tokens)
+  assert boxed.shape == (2, 5, model.vocab_size) and boxed.dtype == jnp.float32
+  np.testing.assert_array_equal(boxed, unboxed)
+
+
+def test_init_returns_float32_arrays(small_config, build):
+  _, params = build(small_config)
+  assert all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+def test_untied_head_decodes_like_its_full_forward(small_config, build, apply, full_logits):
+  model, params = build(dataclasses.replace(small_config, tie_embeddings=False))
+  tokens = _tokens(1, (1, 6), model.vocab_size)
+  cache = model.init_cache(1, 8)
+  positions = jnp.arange(6, dtype=jnp.int32)[None]
+  _, cache = apply(model, params, tokens[:, :5], positions[:, :5], cache)
+  last, _ = apply(model, params, tokens[:, 5:], positions[:, 5:], cache)
+  np.testing.assert_allclose(last[0, 0], full_logits(model, params, tokens)[0, 5], atol=1e-5)
+
+
+def test_bfloat16_compute_is_close_to_float32(small_config, build, apply, full_logits):
+  model32, params = build(small_config)
+  model16 = CausalLM(dataclasses.replace(small_config, dtype="bfloat16"))
+  tokens = _tokens(2, (2, 8), model32.vocab_size)
+  ref = full_logits(model32, params, tokens)
+  out = full_logits(model16, params, tokens)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, atol=0.05 * float(jnp.abs(ref).max()))
+
+  cache = model16.init_cache(2, 8)
+  assert cache.keys.dtype == jnp.bfloat16 and cache.lengths.dtype == jnp.int32
+  positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+  _, cache = apply(model16, params, tokens[:, :7], positions[:, :7], cache)
+  last, _ = apply(model16, params, tokens[:, 7:], positions[:, 7:], cache)
+  np.testing.assert_allclose(last[:, 0], out[:, 7], atol=0.02 * float(jnp.abs(ref).max()))
+
+
+def test_model_is_a_hashable_static_argument(small_config):
+  assert hash(CausalLM(small_config)) == hash(CausalLM(dataclasses.replace(small_config)))
+  with pytest.raises(ValueError, match="num_kv_heads=3 must divide"):
+    CausalLM(dataclasses.replace(small_config, num_kv_heads=3))
+
+
+def test_init_cache_defaults_to_config_max_len():
+  cache = CausalLM(ModelConfig(num_layers=3, num_kv_heads=2, max_len=20)).init_cache(4)
+  assert cache.keys.shape == (3, 4, 20, 2, 16)
+  np.testing.assert_array_equal(cache.lengths, np.zeros(4))
