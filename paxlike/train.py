@@ -208,9 +208,9 @@ class Trainer:
   def run(self) -> TrainResult:
     exp = self.exp
     total = exp.train.steps
+    iterator = self.train_iterator()  # reads the corpus first: bad data fails before any I/O
     metrics = MetricsLog(self.workdir / "metrics.jsonl")
     checkpointer = Checkpointer(self.workdir, exp.checkpoint, log=self.log)
-    iterator = self.train_iterator()
     eval_loss = eval_bpb = None
     progress = Progress(total, exp.train.batch_size * exp.data.seq_len)
     try:
@@ -220,6 +220,9 @@ class Trainer:
         self.log(f"training {exp.name}: {self.param_count(state.params) / 1e6:.2f}M parameters, "
                  f"{total} steps of {exp.train.batch_size}x{exp.data.seq_len} tokens "
                  f"on {self.corpus.description}")
+      if step == 0 and exp.eval.every_steps:
+        eval_loss, eval_bpb = self.evaluate(state.params)
+        metrics.write({"step": 0, "eval_loss": eval_loss, "eval_bpb": eval_bpb})
       with _StopRequest() as stop:
         first_step = step
         while step < total and stop.signal_name is None:
