@@ -1,0 +1,115 @@
+"""Autoregressive sampling with a KV cache: one prefill call, then one token per row per step.
+
+The whole decode is one jitted program: a batched prefill of the right-padded prompts, then a
+`lax.while_loop` that stops as soon as every row has emitted eos or `max_new_tokens`. It is the
+reference that parallel decoders are compared against (tokens and speed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samplers import rng
+from samplers.logits import SamplingParams, sample_token
+from samplers.protocol import CausalModel, SampleOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class ARConfig:
+  """Attributes:
+    max_new_tokens: N, tokens generated per row at most.
+    sampling: how each token is drawn.
+    eos_id: a row stops after emitting it; None never stops early.
+    pad_id: fills `SampleOutput.tokens` after a row's end.
+  """
+
+  max_new_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config"))
+def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Array,
+           key: jax.Array, config: ARConfig) -> SampleOutput:
+  """Generates up to N tokens per row after right-padded prompts.
+
+  Args:
+    model: any hashable `CausalModel` (static).
+    params: its parameters.
+    prompt: [B, P] int32, row b's prompt is prompt[b, :prompt_lengths[b]]; the rest is padding.
+    prompt_lengths: [B] int32, each in [1, P].
+    key: one key, or one per row (see `rng.row_keys`); the token at absolute position t of a row
+      is drawn with fold_in(row_key, t).
+    config: static `ARConfig`.
+  Returns:
+    SampleOutput with tokens [B, N]; stats `model_calls` and `generated_tokens`.
+  Raises:
+    ValueError: if P + N exceeds model.max_len.
+  """
+  batch, prompt_len = prompt.shape
+  steps = config.max_new_tokens
+  if prompt_len + steps > model.max_len:
+    raise ValueError(
+        f"prompt length {prompt_len} + max_new_tokens {steps} = {prompt_len + steps} exceeds the "
+        f"model's max_len {model.max_len}; shorten the prompt or lower max_new_tokens")
+  keys = rng.row_keys(key, batch)
+  prompt_lengths = prompt_lengths.astype(jnp.int32)
+
+  def draw(logits, step, done):
+    """Token at generated index `step` ([B] int32), pad for finished rows."""
+    position_keys = rng.position_keys(keys, prompt_lengths + step)
+    token = jax.vmap(sample_token, in_axes=(0, 0, None))(position_keys, logits, config.sampling)
+    return jnp.where(done, config.pad_id, token)
+
+  def finished(token, done):
+    return done if config.eos_id is None else done | (token == config.eos_id)
+
+  cache = model.init_cache(batch, prompt_len + steps)
+  positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), prompt.shape)
+  logits, cache = model.apply(params, prompt, positions, cache)
+  cache = cache.replace(lengths=prompt_lengths)
+  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+
+  not_done = jnp.zeros((batch,), bool)
+  token = draw(last, 0, not_done)
+  tokens = jnp.full((batch, steps), config.pad_id, jnp.int32).at[:, 0].set(token)
+  state = dict(step=jnp.int32(1), tokens=tokens, done=finished(token, not_done),
+               lengths=jnp.ones((batch,), jnp.int32), cache=cache, calls=jnp.int32(1))
+
+  def cond(s):
+    return (s["step"] < steps) & ~jnp.all(s["done"])
+
+  def body(s):
+    step = s["step"]
+    previous = jax.lax.dynamic_slice_in_dim(s["tokens"], step - 1, 1, axis=1)
+    logits, cache = model.apply(params, previous, (prompt_lengths + step - 1)[:, None], s["cache"])
+    token = draw(logits[:, 0], step, s["done"])
+    return dict(step=step + 1, tokens=s["tokens"].at[:, step].set(token),
+                done=finished(token, s["done"]), lengths=s["lengths"] + (~s["done"]).astype(jnp.int32),
+                cache=cache, calls=s["calls"] + 1)
+
+  state = jax.lax.while_loop(cond, body, state)
+  stats = {"model_calls": state["calls"], "generated_tokens": jnp.sum(state["lengths"])}
+  return SampleOutput(tokens=state["tokens"], lengths=state["lengths"], stats=stats)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists into (prompt [B, P] int32, prompt_lengths [B] int32) for `sample`."""
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  if not len(prompts) or lengths.min() < 1:
+    raise ValueError("pad_prompts needs at least one prompt and no empty prompt")
+  padded = np.full((len(prompts), lengths.max()), pad_id, np.int32)
+  for row, tokens in enumerate(prompts):
+    padded[row, :len(tokens)] = tokens
+  return padded, lengths

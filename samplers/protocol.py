@@ -1,0 +1,70 @@
+"""The small model protocol every sampler is written against, and the common sampler output.
+
+Samplers never import `models`: anything meeting `CausalModel` works, from the Llama decoder
+(`models.causal_lm.CausalLM`) to tabular toy models whose exact joint is enumerable in tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+
+
+class Cache(Protocol):
+  """Any pytree with a per-row write pointer; rollback is `cache.replace(lengths=...)`.
+
+  Attributes:
+    lengths: [B] int32 number of valid slots per row.
+  """
+
+  lengths: jax.Array
+
+  def replace(self, **changes: Any) -> Cache: ...
+
+
+class CausalModel(Protocol):
+  """A causal model with a per-row cache. Implementations must be hashable (jit static args).
+
+  Attributes:
+    vocab_size: V, the number of token ids.
+    max_len: the longest sequence (prompt + generation) the model accepts.
+  """
+
+  vocab_size: int
+  max_len: int
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> Cache:
+    """An empty cache of `max_len` slots per row (default: the model's max_len)."""
+
+  def apply(self, params: Any, tokens: jax.Array, positions: jax.Array, cache: Cache,
+            attention_mask: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+    """Scores T new tokens per row and appends them to the cache.
+
+    Args:
+      params: the model's parameters.
+      tokens: [B, T] int32 new tokens.
+      positions: [B, T] int32 their position ids (independent of cache slots).
+      cache: the cache; new token i of row b goes to slot cache.lengths[b] + i.
+      attention_mask: [B, T, T] bool, new token i may see new token j; None means causal. Every
+        new token sees all cache slots below cache.lengths.
+    Returns:
+      ([B, T, V] float32 logits of the next token after each new token, cache with lengths + T).
+    """
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """What every sampler returns.
+
+  Attributes:
+    tokens: [B, N] int32 generated tokens only (no prompt); pad_id after each row's end.
+    lengths: [B] int32 generated tokens per row, counting an emitted eos.
+    stats: scalar diagnostics; always `model_calls` (apply calls, prefill included) and
+      `generated_tokens` (sum of lengths).
+  """
+
+  tokens: jax.Array
+  lengths: jax.Array
+  stats: dict[str, jax.Array]

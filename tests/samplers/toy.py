@@ -1,0 +1,84 @@
+"""A tabular trigram model meeting `samplers.protocol.CausalModel`, with its exact joint.
+
+The next-token logits after a token are `table[previous, current]`, where `previous` is the token
+before `current` along its attention path (the prompt's first token has previous = 0). It reads its
+cache (the token at slot lengths-1) and honours tree attention masks, so a sampler that mishandles
+rollback, per-row pointers or trees gets a different distribution, and the exact joint of any
+continuation is enumerable by brute force (`exact_joint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@flax.struct.dataclass
+class TokenCache:
+  """tokens: [B, S] int32 tokens per slot; lengths: [B] int32 valid slots per row."""
+
+  tokens: jax.Array
+  lengths: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TrigramLM:
+  """Parameters are a [V, V, V] float32 logit table indexed [previous, current, next]."""
+
+  vocab_size: int
+  max_len: int
+
+  def init(self, key: jax.Array, scale: float = 1.5) -> jax.Array:
+    shape = (self.vocab_size,) * 3
+    return scale * jax.random.normal(key, shape, jnp.float32)
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> TokenCache:
+    return TokenCache(tokens=jnp.zeros((batch, max_len or self.max_len), jnp.int32),
+                      lengths=jnp.zeros((batch,), jnp.int32))
+
+  def apply(self, params, tokens, positions, cache, attention_mask=None):
+    """tokens, positions [B, T] int32 (positions unused), attention_mask [B, T, T] bool or None."""
+    del positions
+    batch, steps = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
+    index = jnp.arange(steps)
+    ancestors = attention_mask & (index[None, None, :] < index[None, :, None])  # [B, T, T]
+    parent = jnp.max(jnp.where(ancestors, index, -1), axis=-1)  # [B, T], -1: none among new
+    last_slot = jnp.clip(cache.lengths - 1, 0)[:, None]
+    cached = jnp.where(cache.lengths[:, None] > 0,
+                       jnp.take_along_axis(cache.tokens, last_slot, axis=1), 0)  # [B, 1]
+    new_parent = jnp.take_along_axis(tokens, jnp.clip(parent, 0), axis=1)
+    previous = jnp.where(parent >= 0, new_parent, cached)
+    slots = cache.lengths[:, None] + index[None, :]
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], slots.shape)
+    written = cache.tokens.at[rows, slots].set(tokens, mode="drop")
+    return params[previous, tokens], cache.replace(tokens=written, lengths=cache.lengths + steps)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  z = np.exp(logits - logits.max())
+  return z / z.sum()
+
+
+def exact_joint(table, prompt, steps: int,
+                dist: Callable[[np.ndarray], np.ndarray] = softmax) -> np.ndarray:
+  """Probabilities [V] * steps of every continuation of `prompt` (1-D tokens), by enumeration.
+
+  `dist` maps next-token logits [V] to the sampling distribution (e.g. with temperature/top-k).
+  """
+  table = np.asarray(table, np.float64)
+  prompt = list(prompt)
+
+  def joint(previous, current, depth):
+    p = np.asarray(dist(table[previous, current]), np.float64)
+    if depth == 1:
+      return p
+    return np.stack([p[x] * joint(current, x, depth - 1) for x in range(len(p))])
+
+  return joint(prompt[-2] if len(prompt) > 1 else 0, prompt[-1], steps)
