@@ -27,10 +27,32 @@ def _normal(std: float, names: tuple[str, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(std), names)
 
 
-def _dense(cfg: ModelConfig, features, names, axis=-1, std=None, name=None) -> nn.DenseGeneral:
-  return nn.DenseGeneral(features, axis=axis, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                         kernel_init=_normal(cfg.init_std if std is None else std, names),
-                         name=name)
+class Dense(nn.Module):
+  """Bias-free projection contracting the last `contract` axes of x with a [*in, *features] kernel.
+
+  Written out (not nn.DenseGeneral) so that the kernel is initialised in its final shape: flax's
+  DenseGeneral initialises a flattened kernel, which breaks logical sharding constraints of
+  multi-axis kernels under `jax.set_mesh`.
+  """
+
+  features: tuple[int, ...]
+  names: tuple[str, ...]
+  std: float
+  dtype: jnp.dtype
+  contract: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., *in] -> [..., *features] in `dtype`."""
+    shape = x.shape[x.ndim - self.contract:] + self.features
+    kernel = self.param("kernel", _normal(self.std, self.names), shape, jnp.float32)
+    return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.contract)
+
+
+def _dense(cfg: ModelConfig, features, names, contract=1, std=None, name=None) -> Dense:
+  features = tuple(features) if isinstance(features, (tuple, list)) else (features,)
+  return Dense(features, names, cfg.init_std if std is None else std, jnp.dtype(cfg.dtype),
+               contract, name=name)
 
 
 def _residual_std(cfg: ModelConfig) -> float:
@@ -80,7 +102,7 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
     out = attention.attend(q, k, v, mask, *(cache or ()))
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-    out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), axis=(-2, -1),
+    out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), contract=2,
                  std=_residual_std(cfg), name="out")(out)
     return out, (k, v)
 
