@@ -36,8 +36,8 @@ def test_sharded_init_forward_and_decode_match_one_device(small_config, build):
         in_shardings=(param_sharding, rules.batch_sharding(mesh), rules.batch_sharding(mesh)),
     )(sharded_params, tokens, positions)
   jax.tree.map(np.testing.assert_array_equal, sharded_params, params)
-  assert sharded_params["blocks_0"]["attention"]["query"]["kernel"].sharding.spec == (
-      "fsdp", "tensor", None)
+  query = sharded_params["blocks_0"]["attention"]["query"]["kernel"]
+  assert query.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   np.testing.assert_allclose(sharded[0], expected[0], atol=1e-5)
   np.testing.assert_allclose(sharded[1], expected[1], atol=1e-5)
   assert sharded[2].keys.sharding.is_equivalent_to(cache_sharding.keys, 5)
