@@ -23,7 +23,7 @@ def demo() -> Experiment:
       optimizer=OptimizerConfig(learning_rate=3e-3),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
       checkpoint=CheckpointConfig(every_steps=100, keep=3),
-      train=TrainConfig(steps=400, batch_size=16),
+      train=TrainConfig(steps=300, batch_size=16),
       eval=EvalConfig(every_steps=100, batches=8),
       sampler=SamplerConfig(prompt="def ", max_new_tokens=200, temperature=0.7),
       run=RunConfig(log_every=10, sample_after_train=True),

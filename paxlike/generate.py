@@ -28,11 +28,7 @@ def encode_prompts(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.nda
       raise UserError(
           f"prompt {i} is {len(ids)} tokens long (with its start token) but model.max_len is "
           f"{max_len}; shorten the prompt to at most {max_len - 2} bytes")
-  lengths = np.array([len(ids) for ids in encoded], np.int32)
-  batch = np.full((len(encoded), lengths.max()), tokenizer.PAD_ID, np.int32)
-  for i, ids in enumerate(encoded):
-    batch[i, :len(ids)] = ids
-  return batch, lengths
+  return ar.pad_prompts(encoded, tokenizer.PAD_ID)
 
 
 def ar_config(cfg: SamplerConfig, max_new_tokens: int) -> ar.ARConfig:
@@ -55,7 +51,7 @@ def generate(model: Any, params: Any, prompts: list[str],
   key = jax.random.key(cfg.seed)
   args = (params, jnp.asarray(prompt), jnp.asarray(lengths), key)
   start = time.perf_counter()
-  compiled = ar.sample_jit.lower(model, *args, config).compile()
+  compiled = ar.sample.lower(model, *args, config).compile()
   compile_s = time.perf_counter() - start
   start = time.perf_counter()
   out = jax.block_until_ready(compiled(*args))
