@@ -7,12 +7,13 @@ import pytest
 
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
+from tests.models.random_params import random_params
 
 
 @functools.cache
 def _build(config: ModelConfig) -> tuple[CausalLM, dict]:
   model = CausalLM(config)
-  return model, model.init(jax.random.key(0))
+  return model, random_params(model)
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +25,7 @@ def small_config() -> ModelConfig:
 
 @pytest.fixture(scope="session")
 def build():
-  """config -> (model, unboxed params), seed 0, cached across tests."""
+  """config -> (model, unboxed numpy-drawn params, seed 0), cached across tests."""
   return _build
 
 

@@ -32,29 +32,28 @@ def test_every_param_has_logical_axes(small_config, tie):
     assert nn.get_partition_spec(params)["head"]["kernel"] == jax.sharding.PartitionSpec("embed", "vocab")
 
 
-def test_boxed_and_unboxed_params_give_the_same_logits(small_config):
-  model = CausalLM(small_config)
+def test_boxed_and_unboxed_params_give_the_same_logits(small_config, build, full_logits):
+  model, params = build(small_config)
   tokens = _tokens(0, (2, 5), model.vocab_size)
-  variables = model.module.init(jax.random.key(0), tokens)
-  boxed = model.module.apply(variables, tokens)
-  unboxed = model.logits(nn.meta.unbox(variables["params"]), tokens)
-  assert boxed.shape == (2, 5, model.vocab_size) and boxed.dtype == jnp.float32
-  np.testing.assert_array_equal(boxed, unboxed)
+  abstract = jax.eval_shape(model.module.init, jax.random.key(0), tokens)["params"]
+  boxed = jax.tree.map(lambda box, value: box.replace_boxed(value), abstract, params,
+                       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  from_boxed = jax.jit(model.module.apply)({"params": boxed}, tokens)
+  unboxed = full_logits(model, params, tokens)
+  assert unboxed.shape == (2, 5, model.vocab_size) and unboxed.dtype == jnp.float32
+  np.testing.assert_array_equal(from_boxed, unboxed)
 
 
-def test_init_returns_float32_arrays(small_config, build):
-  _, params = build(small_config)
+def test_init_draws_float32_normals_with_scaled_residual_projections():
+  config = ModelConfig(vocab_size=64, num_layers=2, d_model=64, num_heads=4, mlp_dim=128,
+                       init_std=0.05)
+  params = CausalLM(config).init(jax.random.key(0))
   assert all(isinstance(x, jax.Array) and x.dtype == jnp.float32 for x in jax.tree.leaves(params))
-
-
-def test_untied_head_decodes_like_its_full_forward(small_config, build, apply, full_logits):
-  model, params = build(dataclasses.replace(small_config, tie_embeddings=False))
-  tokens = _tokens(1, (1, 6), model.vocab_size)
-  cache = model.init_cache(1, 8)
-  positions = jnp.arange(6, dtype=jnp.int32)[None]
-  _, cache = apply(model, params, tokens[:, :5], positions[:, :5], cache)
-  last, _ = apply(model, params, tokens[:, 5:], positions[:, 5:], cache)
-  np.testing.assert_allclose(last[0, 0], full_logits(model, params, tokens)[0, 5], atol=1e-5)
+  block = params["blocks_0"]
+  np.testing.assert_array_equal(block["mlp_norm"]["scale"], np.ones(64))
+  assert abs(float(jnp.std(params["embed"]["embedding"])) - 0.05) < 0.005
+  assert abs(float(jnp.std(block["attention"]["query"]["kernel"])) - 0.05) < 0.005
+  assert abs(float(jnp.std(block["mlp"]["down"]["kernel"])) - 0.05 / 2) < 0.0025  # 1/sqrt(2L)
 
 
 def test_bfloat16_compute_is_close_to_float32(small_config, build, apply, full_logits):

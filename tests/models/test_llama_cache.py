@@ -20,9 +20,11 @@ def _positions(start, steps):
   return jnp.asarray(start, jnp.int32)[:, None] + jnp.arange(steps, dtype=jnp.int32)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1])  # grouped-query and multi-query
-def test_incremental_decode_matches_full_forward(small_config, build, apply, full_logits, kv_heads):
-  model, params = build(dataclasses.replace(small_config, num_kv_heads=kv_heads))
+@pytest.mark.parametrize("kv_heads, tie", [(2, True), (1, False)])  # GQA tied, MQA untied head
+def test_incremental_decode_matches_full_forward(small_config, build, apply, full_logits, kv_heads,
+                                                 tie):
+  config = dataclasses.replace(small_config, num_kv_heads=kv_heads, tie_embeddings=tie)
+  model, params = build(config)
   tokens = _tokens(0, (2, 12), model.vocab_size)
   expected = full_logits(model, params, tokens)
   cache = model.init_cache(2, 16)  # more slots than tokens: stale slots must stay invisible

@@ -8,7 +8,8 @@ import pytest
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from samplers import ar
-from samplers.logits import SamplingParams, probs
+from samplers.logits import SamplingParams, probs, sample_token
+from tests.models.random_params import random_params
 from tests.samplers import toy
 from tests.samplers.stats import chi_square, chi_square_quantile
 
@@ -21,7 +22,7 @@ TOY = toy.TrigramLM(vocab_size=4, max_len=16)
 
 @pytest.fixture(scope="module")
 def llama_params():
-  return LLAMA.init(jax.random.key(0))
+  return random_params(LLAMA)
 
 
 @pytest.fixture(scope="module")
@@ -29,41 +30,44 @@ def toy_params():
   return TOY.init(jax.random.key(1))
 
 
-def test_greedy_matches_a_naive_argmax_loop_over_full_forwards(llama_params):
+GREEDY_PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1]]
+GREEDY_CONFIG = ar.ARConfig(max_new_tokens=10, sampling=GREEDY)
+
+
+@pytest.fixture(scope="module")
+def greedy_batch(llama_params):
+  """Greedy AR over a ragged batch of three prompts."""
+  return ar.sample(LLAMA, llama_params, *ar.pad_prompts(GREEDY_PROMPTS), jax.random.key(0),
+                   GREEDY_CONFIG)
+
+
+def test_greedy_matches_a_naive_argmax_loop_over_full_forwards(llama_params, greedy_batch):
   """Token for token, except at near-ties (top-two logits within 1e-4), which are counted."""
-  prompts = [[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1]]
-  steps = 10
-  prompt, lengths = ar.pad_prompts(prompts)
-  out = ar.sample(LLAMA, llama_params, prompt, lengths, jax.random.key(0),
-                  ar.ARConfig(max_new_tokens=steps, sampling=GREEDY))
+  steps = GREEDY_CONFIG.max_new_tokens
   full = jax.jit(LLAMA.logits)
   ties = 0
-  for row, tokens in enumerate(prompts):
-    seq = np.zeros((1, prompt.shape[1] + steps), np.int32)  # causal: padding to the right is inert
+  for row, tokens in enumerate(GREEDY_PROMPTS):
+    seq = np.zeros((1, len(GREEDY_PROMPTS[0]) + steps), np.int32)  # causal: right padding is inert
     seq[0, :len(tokens)] = tokens
     for t in range(steps):
       logits = np.asarray(full(llama_params, jnp.asarray(seq)))[0, len(tokens) + t - 1]
       best, runner_up = np.sort(logits)[::-1][:2]
-      if out.tokens[row, t] != np.argmax(logits):
+      if greedy_batch.tokens[row, t] != np.argmax(logits):
         assert best - runner_up < 1e-4, (row, t)
         ties += 1
         break  # the continuations differ from here on
       seq[0, len(tokens) + t] = np.argmax(logits)
   assert ties <= 1, f"{ties} near-ties"
-  np.testing.assert_array_equal(out.lengths, [steps] * 3)
-  assert int(out.stats["model_calls"]) == steps  # prefill + steps - 1 decode calls
-  assert int(out.stats["generated_tokens"]) == 3 * steps
+  np.testing.assert_array_equal(greedy_batch.lengths, [steps] * 3)
+  assert int(greedy_batch.stats["model_calls"]) == steps  # prefill + steps - 1 decode calls
+  assert int(greedy_batch.stats["generated_tokens"]) == 3 * steps
 
 
-def test_prompts_of_different_lengths_sample_as_if_alone(llama_params):
-  """Per-row keys: each row of a ragged batch equals that prompt sampled alone, unpadded."""
-  prompts = [[5, 6, 7, 8, 9], [2, 3]]
-  keys = jax.random.split(jax.random.key(3), 2)
-  config = ar.ARConfig(max_new_tokens=8, sampling=SamplingParams(temperature=1.0, top_k=20))
-  batch = ar.sample(LLAMA, llama_params, *ar.pad_prompts(prompts), keys, config)
-  for row, tokens in enumerate(prompts):
-    alone = ar.sample(LLAMA, llama_params, *ar.pad_prompts([tokens]), keys[row:row + 1], config)
-    np.testing.assert_array_equal(batch.tokens[row], alone.tokens[0])
+def test_a_padded_prompt_decodes_as_if_alone(llama_params, greedy_batch):
+  """The short, right-padded row of the batch equals that prompt decoded alone, unpadded."""
+  alone = ar.sample(LLAMA, llama_params, *ar.pad_prompts(GREEDY_PROMPTS[1:2]), jax.random.key(0),
+                    GREEDY_CONFIG)
+  np.testing.assert_array_equal(greedy_batch.tokens[1], alone.tokens[0])
 
 
 def test_a_rows_samples_do_not_depend_on_the_rest_of_the_batch(toy_params):
@@ -75,6 +79,19 @@ def test_a_rows_samples_do_not_depend_on_the_rest_of_the_batch(toy_params):
   np.testing.assert_array_equal(batch.tokens[2], alone.tokens[0])
   raw = ar.sample(TOY, toy_params, prompt, lengths, jax.random.key_data(keys), config)
   np.testing.assert_array_equal(raw.tokens, batch.tokens)
+
+
+def test_tokens_are_drawn_with_the_row_key_folded_with_their_absolute_position(toy_params):
+  prompt, lengths = ar.pad_prompts([[1, 2], [3]])
+  keys = jax.random.split(jax.random.key(8), 2)
+  out = ar.sample(TOY, toy_params, prompt, lengths, keys, ar.ARConfig(max_new_tokens=2))
+  for row in range(2):
+    history = [int(t) for t in prompt[row, :lengths[row]]] + [int(out.tokens[row, 0])]
+    for t in range(2):
+      context = history[:lengths[row] + t]
+      logits = toy_params[context[-2] if len(context) > 1 else 0, context[-1]]
+      key = jax.random.fold_in(keys[row], len(context))
+      assert out.tokens[row, t] == sample_token(key, logits, SamplingParams())
 
 
 def test_one_key_gives_identical_prompts_different_samples(toy_params):
@@ -105,10 +122,10 @@ def test_eos_stops_rows_independently_and_pads_after():
 
 def test_vmap_over_keys_equals_separate_calls(toy_params):
   prompt, lengths = ar.pad_prompts([[1, 2], [3]])
-  config = ar.ARConfig(max_new_tokens=5, eos_id=0, pad_id=0)
+  config = ar.ARConfig(max_new_tokens=6, eos_id=0, pad_id=0)
   keys = jax.random.split(jax.random.key(6), 3)
   many = jax.vmap(lambda k: ar.sample(TOY, toy_params, prompt, lengths, k, config))(keys)
-  assert many.tokens.shape == (3, 2, 5)
+  assert many.tokens.shape == (3, 2, 6)
   for i, key in enumerate(keys):
     one = ar.sample(TOY, toy_params, prompt, lengths, key, config)
     np.testing.assert_array_equal(many.tokens[i], one.tokens)
