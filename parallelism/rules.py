@@ -8,7 +8,8 @@ array (flax skips a rule whose mesh axis is already taken, so activations shard 
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
@@ -49,6 +50,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def axis_rules(rules=LOGICAL_RULES):
   """Context manager that activates the rules for `nn.with_logical_constraint` inside models."""
   return nn.logical_axis_rules(rules)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[None]:
+  """The mesh (`jax.set_mesh`) and the logical rules, for tracing and running sharded code."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def spec_of(sharding: jax.sharding.Sharding) -> list:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import functools
+import json
 import signal
 from pathlib import Path
 from typing import Any, Callable
@@ -154,7 +155,7 @@ class Trainer:
 
   def _build_state_functions(self) -> None:
     key = jax.random.key(self.exp.train.seed)
-    with self.mesh, rules.axis_rules():
+    with rules.activate(self.mesh):
       boxed = jax.eval_shape(self._boxed_init, key)
       self.state_shardings = rules.logical_shardings(boxed, self.mesh)
     abstract = nn.meta.unbox(boxed)
@@ -174,7 +175,7 @@ class Trainer:
         out_shardings=replicated)
 
   def init_state(self) -> TrainState:
-    with self.mesh, rules.axis_rules():
+    with rules.activate(self.mesh):
       return self._init(jax.random.key(self.exp.train.seed))
 
   def to_global_batch(self, local_batch: np.ndarray) -> jax.Array:
@@ -182,13 +183,13 @@ class Trainer:
     return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
 
   def train_step(self, state: TrainState, batch: jax.Array):
-    with self.mesh, rules.axis_rules():
+    with rules.activate(self.mesh):
       return self._train_step(state, batch)
 
   def evaluate(self, params: Any) -> tuple[float, float]:
     """Mean held-out loss (nats/token) and bits per byte (tokens are bytes)."""
     total, count = 0.0, 0.0
-    with self.mesh, rules.axis_rules():
+    with rules.activate(self.mesh):
       for batch in self.eval_data:
         nll, n = self._eval_step(params, self.to_global_batch(batch))
         total, count = total + float(nll), count + float(n)
@@ -209,6 +210,7 @@ class Trainer:
     exp = self.exp
     total = exp.train.steps
     iterator = self.train_iterator()  # reads the corpus first: bad data fails before any I/O
+    self.write_sharding_report()
     metrics = MetricsLog(self.workdir / "metrics.jsonl")
     checkpointer = Checkpointer(self.workdir, exp.checkpoint, log=self.log)
     eval_loss = eval_bpb = None
@@ -265,6 +267,22 @@ class Trainer:
     return TrainResult(step=step, eval_loss=eval_loss, eval_bpb=eval_bpb,
                        tokens_per_s=progress.tokens_per_s, interrupted=interrupted,
                        params=state.params)
+
+  def sharding_report(self) -> dict[str, Any]:
+    """The mesh, the attention variant and each parameter's path, global shape and PartitionSpec."""
+    params = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(self.abstract_state.params):
+      params.append({"path": "/".join(str(getattr(k, "key", k)) for k in path),
+                     "shape": list(leaf.shape), "spec": rules.spec_of(leaf.sharding)})
+    return {"mesh": dict(self.mesh.shape), "devices": self.mesh.size,
+            "processes": jax.process_count(), "attention": self.exp.model.attention,
+            "params": params}
+
+  def write_sharding_report(self) -> None:
+    if jax.process_index() == 0:
+      tmp = self.workdir / "sharding.json.tmp"
+      tmp.write_text(json.dumps(self.sharding_report(), indent=1) + "\n")
+      tmp.replace(self.workdir / "sharding.json")
 
   @staticmethod
   def param_count(params: Any) -> int:
