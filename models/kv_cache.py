@@ -68,7 +68,7 @@ def write_rows(buffer: jax.Array, update: jax.Array, start: jax.Array) -> jax.Ar
 
 
 def gather_slots(cache: KVCache, slot_index: jax.Array, start: jax.Array) -> KVCache:
-  """Copies selected slots of every layer to consecutive slots, e.g. to compact an accepted tree path.
+  """Copies selected slots of every layer to consecutive slots (compacts an accepted tree path).
 
   For each row b and k < K, slot `slot_index[b, k]` is copied to slot `start[b] + k` (all reads
   happen before any write, so source and destination ranges may overlap). Lengths are left as

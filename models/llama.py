@@ -7,7 +7,8 @@ Two entry points share the same parameters:
   (see `models/kv_cache.py` for the slot semantics).
 
 Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`); activations
-are annotated with `nn.with_logical_constraint`. Outside a mesh/rules context both are no-ops.
+are annotated with `nn.with_logical_constraint`. Both only take effect inside a mesh plus
+axis-rules context (`parallelism.rules.axis_rules()`); otherwise the model runs on one device.
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Ar
     logits, cache = model.apply(params, previous, (prompt_lengths + step - 1)[:, None], s["cache"])
     token = draw(logits[:, 0], step, s["done"])
     return dict(step=step + 1, tokens=s["tokens"].at[:, step].set(token),
-                done=finished(token, s["done"]), lengths=s["lengths"] + (~s["done"]).astype(jnp.int32),
+                done=finished(token, s["done"]),
+                lengths=s["lengths"] + (~s["done"]).astype(jnp.int32),
                 cache=cache, calls=s["calls"] + 1)
 
   state = jax.lax.while_loop(cond, body, state)

@@ -1,4 +1,4 @@
-"""CausalLM surface: parameters and their logical axes, tied/untied head, bf16 compute, jit-ability."""
+"""CausalLM surface: params and their logical axes, tied/untied head, bf16 compute, jit-ability."""
 
 import dataclasses
 
@@ -29,7 +29,8 @@ def test_every_param_has_logical_axes(small_config, tie):
     assert len(spec) == leaf.value.ndim and set(spec) <= VOCABULARY, spec
   assert ("head" in params) == (not tie)
   if not tie:
-    assert nn.get_partition_spec(params)["head"]["kernel"] == jax.sharding.PartitionSpec("embed", "vocab")
+    head = nn.get_partition_spec(params)["head"]["kernel"]
+    assert head == jax.sharding.PartitionSpec("embed", "vocab")
 
 
 def test_boxed_and_unboxed_params_give_the_same_logits(small_config, build, full_logits):

@@ -49,4 +49,5 @@ def test_init_traces_under_set_mesh(small_config):
 
 
 def _boxed_params(model):
-  return jax.eval_shape(model.module.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return jax.eval_shape(model.module.init, jax.random.key(0), tokens)["params"]

@@ -1,4 +1,4 @@
-"""Autoregressive sampler: greedy exactness against full forwards, stopping, batching, randomness."""
+"""AR sampler: greedy exactness against full forwards, stopping, batching, randomness."""
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,8 @@ def test_tokens_are_drawn_with_the_row_key_folded_with_their_absolute_position(t
 
 def test_one_key_gives_identical_prompts_different_samples(toy_params):
   prompt, lengths = ar.pad_prompts([[1, 2]] * 8)
-  out = ar.sample(TOY, toy_params, prompt, lengths, jax.random.key(5), ar.ARConfig(max_new_tokens=6))
+  config = ar.ARConfig(max_new_tokens=6)
+  out = ar.sample(TOY, toy_params, prompt, lengths, jax.random.key(5), config)
   assert len({tuple(row) for row in np.asarray(out.tokens)}) > 1
 
 
@@ -164,6 +165,7 @@ def test_bad_arguments_are_rejected():
   with pytest.raises(ValueError, match="no empty prompt"):
     ar.pad_prompts([[1], []])
   prompt, lengths = ar.pad_prompts([[1], [2]])
+  three_keys = jax.random.split(jax.random.key(0), 3)
   with pytest.raises(ValueError, match="one key per row"):
-    ar.sample(TOY, TOY.init(jax.random.key(0)), prompt, lengths, jax.random.split(jax.random.key(0), 3),
+    ar.sample(TOY, TOY.init(jax.random.key(0)), prompt, lengths, three_keys,
               ar.ARConfig(max_new_tokens=2))

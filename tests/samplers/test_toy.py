@@ -1,4 +1,4 @@
-"""The trigram toy is a faithful oracle: its cached calls and its exact joint follow its definition."""
+"""The trigram toy is a faithful oracle: cached calls and exact joint follow its definition."""
 
 import jax
 import jax.numpy as jnp
