@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from paxlike.config import CheckpointConfig
+from paxlike.errors import UserError
 
 
 def quiet_orbax_logging() -> None:
@@ -46,7 +49,9 @@ class Checkpointer:
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -68,6 +73,7 @@ class Checkpointer:
     An unreadable checkpoint is moved to `checkpoints_unreadable/` and the next older one is tried.
     """
     while (step := self.latest_step()) is not None:
+      self._check_fits(step, abstract_state)
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -79,10 +85,29 @@ class Checkpointer:
       return restored["state"], step
     return None
 
+  def _check_fits(self, step: int, abstract_state: Any) -> None:
+    """Refuses (touching nothing) a readable checkpoint whose parameter shapes differ from ours."""
+    try:
+      saved = _param_shapes(self._manager.item_metadata(step)["state"])
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore will set it aside
+      return
+    expected = _param_shapes(abstract_state)
+    if not saved or saved == expected:
+      return
+    wrong = [f"{p}: saved {saved.get(p)}, model expects {expected.get(p)}"
+             for p in sorted(set(saved) | set(expected)) if saved.get(p) != expected.get(p)]
+    raise UserError(
+        f"the checkpoint at step {step} in {self.directory} was saved by a model of another shape "
+        f"({len(wrong)} parameters differ; first: {wrong[0]}); use a new --workdir, or train with "
+        "the model config the checkpoint was made with (see config.json)")
+
   def _set_aside(self, step: int, error: Exception) -> None:
-    self.quarantine.mkdir(parents=True, exist_ok=True)
     target = self.quarantine / f"{step}-{int(time.time())}"
-    shutil.move(str(self.directory / str(step)), str(target))
+    if jax.process_index() == 0:
+      self.quarantine.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(target))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"paxlike_set_aside_{step}")
     reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
     self._manager.close()
     self._manager = self._open()
@@ -91,10 +116,19 @@ class Checkpointer:
     self._log(f"warning: checkpoint at step {step} is corrupt or partial ({reason}); "
               f"moved it to {target}; {fallback}")
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     """Waits for pending saves to commit, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _param_shapes(state: Any) -> dict[str, tuple[int, ...]]:
+  """'params/a/b' -> shape for every parameter leaf of a state or its checkpoint metadata."""
+  params = state["params"] if hasattr(state, "keys") else getattr(state, "params", None)
+  if params is None:
+    return {}
+  shapes = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+    shapes[name] = tuple(leaf.shape)
+  return shapes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import sys
 import sysconfig
 import zlib
 from pathlib import Path
@@ -136,17 +137,24 @@ class Windows:
 
 def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """Shuffled, repeated batches of [global_batch / process_count, seq_len + 1] int32 windows.
+  """Batches [global_batch / process_count, seq_len + 1] int32 of this process's rows.
 
-  Each process reads only its own share (every process_count-th window).
+  The global order (windows shuffled per epoch under `seed`, repeated forever, cut into global
+  batches) does not depend on the process count; process p reads only rows
+  [p * local, (p + 1) * local) of each global batch. So a run on several processes sees exactly the
+  batches of a single-process run, and each process touches only its own share of the data.
   """
   if global_batch % process_count:
     raise UserError(
         f"train.batch_size={global_batch} is not divisible by the process count {process_count}")
-  windows = grain.MapDataset.source(Windows(tokens, seq_len + 1))
-  windows = windows[process_index::process_count]
-  return (windows.shuffle(seed=seed).repeat(None)
-          .batch(global_batch // process_count, drop_remainder=True))
+  local = global_batch // process_count
+  shuffled = grain.MapDataset.source(Windows(tokens, seq_len + 1)).shuffle(seed=seed).repeat(None)
+  offset = process_index * local
+
+  def window(j: int) -> np.ndarray:  # this process's j-th row: row j % local of global batch j // local
+    return shuffled[(j // local) * global_batch + offset + j % local]
+
+  return grain.MapDataset.range(sys.maxsize).map(window).batch(local, drop_remainder=True)
 
 
 def train_iterator(dataset: grain.MapDataset) -> grain.DatasetIterator:

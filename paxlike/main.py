@@ -116,7 +116,9 @@ def run(mode: str, exp_name: str, overrides: list[str], prompts: list[str]) -> i
   except ValueError as e:
     raise UserError(str(e)) from None
   if mode == "train":
-    _write_config(workdir, exp)
+    import jax
+    if jax.process_index() == 0:
+      _write_config(workdir, exp)
     return workflows.train(exp, workdir)
   if mode == "eval":
     return workflows.evaluate(exp, workdir)

@@ -12,15 +12,19 @@ from typing import Any, TextIO
 
 
 class MetricsLog:
-  """Appends JSON lines to `DIR/metrics.jsonl` (floats at full precision), flushed per line."""
+  """Appends JSON lines to `DIR/metrics.jsonl` (floats at full precision), flushed per line.
 
-  def __init__(self, path: Path):
+  Only one process of a multi-process run writes (`enabled`); the others' calls do nothing.
+  """
+
+  def __init__(self, path: Path, enabled: bool = True):
     self.path = path
+    self.enabled = enabled
     self._file: TextIO | None = None
 
   def truncate_after(self, step: int) -> None:
     """Drops lines past `step` (left by a run that died after its last checkpoint)."""
-    if not self.path.exists():
+    if not self.enabled or not self.path.exists():
       return
     kept = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
@@ -29,6 +33,8 @@ class MetricsLog:
     os.replace(tmp, self.path)
 
   def write(self, record: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     if self._file is None:
       self._file = open(self.path, "a")
     self._file.write(json.dumps(record) + "\n")
@@ -55,11 +61,12 @@ def format_duration(seconds: float) -> str:
 class Progress:
   """One progress line (step, loss, tokens/s, ETA), redrawn in place on a terminal."""
 
-  def __init__(self, total_steps: int, tokens_per_step: int, stream: TextIO = sys.stdout):
+  def __init__(self, total_steps: int, tokens_per_step: int, stream: TextIO | None = sys.stdout):
+    """`stream=None` makes it silent (processes other than 0 of a multi-process run)."""
     self.total = total_steps
     self.tokens_per_step = tokens_per_step
-    self.stream = stream
-    self.live = stream.isatty()
+    self.stream = stream if stream is not None else open(os.devnull, "w")
+    self.live = self.stream.isatty()
     self._start_time: float | None = None
     self._start_step = 0
     self.tokens_per_s = float("nan")

@@ -13,6 +13,7 @@ import math
 import functools
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -182,6 +183,12 @@ class Trainer:
     """This process's rows -> one global array sharded over ('data', 'fsdp')."""
     return jax.make_array_from_process_local_data(self.batch_sharding, local_batch)
 
+  @staticmethod
+  def local_rows(global_batch: np.ndarray) -> np.ndarray:
+    """This process's rows of a batch every process holds whole (the eval batches)."""
+    local = len(global_batch) // jax.process_count()
+    return global_batch[jax.process_index() * local:(jax.process_index() + 1) * local]
+
   def train_step(self, state: TrainState, batch: jax.Array):
     with rules.activate(self.mesh):
       return self._train_step(state, batch)
@@ -191,7 +198,7 @@ class Trainer:
     total, count = 0.0, 0.0
     with rules.activate(self.mesh):
       for batch in self.eval_data:
-        nll, n = self._eval_step(params, self.to_global_batch(batch))
+        nll, n = self._eval_step(params, self.to_global_batch(self.local_rows(batch)))
         total, count = total + float(nll), count + float(n)
     loss = total / count
     return loss, loss / math.log(2)
@@ -211,10 +218,12 @@ class Trainer:
     total = exp.train.steps
     iterator = self.train_iterator()  # reads the corpus first: bad data fails before any I/O
     self.write_sharding_report()
-    metrics = MetricsLog(self.workdir / "metrics.jsonl")
+    lead = jax.process_index() == 0
+    metrics = MetricsLog(self.workdir / "metrics.jsonl", enabled=lead)
     checkpointer = Checkpointer(self.workdir, exp.checkpoint, log=self.log)
     eval_loss = eval_bpb = None
-    progress = Progress(total, exp.train.batch_size * exp.data.seq_len)
+    progress = Progress(total, exp.train.batch_size * exp.data.seq_len,
+                        stream=sys.stdout if lead else None)
     try:
       state, step = self.restore_or_init(checkpointer, iterator)
       metrics.truncate_after(step)

@@ -184,3 +184,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path):
                    f"--workdir={workdir}")
   cli.assert_user_error(result, "loss became", "last good checkpoint (step 20) is intact")
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_checkpoint_from_another_model_shape_is_refused_untouched(trained, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained, workdir)
+  result = cli.run(*TINY, "--set", "model.mlp_dim=96", "--set", "run.allow_config_change=true",
+                   f"--workdir={workdir}")
+  cli.assert_user_error(result, "checkpoint at step 20", "another shape", "mlp/down/kernel",
+                        "saved (128, 64), model expects (96, 64)")
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "20"]
+  assert not (workdir / "checkpoints_unreadable").exists()
