@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from parallelism import blockwise
+from parallelism import local_attention
 
 
 def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
@@ -35,4 +35,4 @@ def allgather_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: boo
     local = q.shape[1]
     query_pos = lax.axis_index(axis) * local + jnp.arange(local)
     mask = query_pos[:, None] >= jnp.arange(k.shape[1])[None, :]
-  return blockwise.dense(q, k, v, mask)
+  return local_attention.dense(q, k, v, mask)

@@ -4,7 +4,7 @@ Runs per device inside `shard_map` (see `parallelism.sequence_attention`). With 
 holds T/n queries and one key/value block; over n steps every block visits every device
 (`lax.ppermute` to the next device, issued before the step's compute so the transfer can overlap
 it), and the partial attentions are merged with their log-sum-exps (online softmax). Within a
-step, `blockwise.forward` scans over key blocks, so scores never exceed [T/n, block] per head.
+step, `blockwise.forward` works in [block x block] tiles, so scores never exceed block^2 per head.
 
 Causal attention uses the zig-zag layout (`parallelism.zigzag`): device i holds chunks i and
 2n-1-i, so on every off-diagonal step a device attends either all its queries to the visiting
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from parallelism import blockwise, zigzag
+from parallelism import blockwise, local_attention, zigzag
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, axis: str,
@@ -36,7 +36,7 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, ax
     k, v: [B, T/n, KVH, D] the matching keys and values; KVH divides H.
     causal: causal mask over global positions (needs T/n even: two zig-zag chunks per device).
     axis, size: the sequence mesh axis and its size n.
-    block: key block size of the per-step blockwise computation.
+    block: tile edge of the per-step blockwise computation.
   Returns:
     [B, T/n, H, D] in q's dtype.
   """
@@ -77,7 +77,7 @@ def _visit(qg, kv, source, index, causal, block):
 
   def later():
     out, lse = blockwise.forward(qg[:, half:], k, v, False, block)
-    return _pad_front(out, 1, 0.0), _pad_front(lse, 3, blockwise.MASKED)
+    return _pad_front(out, 1, 0.0), _pad_front(lse, 3, local_attention.MASKED)
 
   return lax.cond(source < index, earlier, later)
 
@@ -108,7 +108,7 @@ def _ring(q, k, v, causal, axis, size, block):
 
 
 def _ring_fwd(q, k, v, causal, axis, size, block):
-  qg = blockwise.group_queries(q, k.shape[2])
+  qg = local_attention.group_queries(q, k.shape[2])
   index = lax.axis_index(axis)
   kv = _shift((k, v), axis, size)  # the previous device's block, in flight during the diagonal
   out, lse = blockwise.forward(qg, k, v, causal, block)
@@ -123,13 +123,13 @@ def _ring_fwd(q, k, v, causal, axis, size, block):
 
   out, lse, kv = lax.fori_loop(1, size - 1, body, (out, lse, kv))
   out, lse = visit(size - 1, out, lse, kv)
-  out = blockwise.ungroup(out).astype(q.dtype)
+  out = local_attention.ungroup(out).astype(q.dtype)
   return out, (q, k, v, out, lse)
 
 
 def _ring_bwd(causal, axis, size, block, residuals, dout):
   q, k, v, out, lse = residuals
-  qg = blockwise.group_queries(q, k.shape[2])
+  qg = local_attention.group_queries(q, k.shape[2])
   grouped = lambda x: x.astype(jnp.float32).reshape(qg.shape)
   dout = grouped(dout)
   delta = jnp.moveaxis(jnp.sum(dout * grouped(out), axis=-1), 1, 3)  # [B, KVH, G, Tl]
@@ -151,7 +151,7 @@ def _ring_bwd(causal, axis, size, block, residuals, dout):
   dq, kv, dkv = lax.fori_loop(1, size - 1, body, (dq, kv, dkv))
   dq, dkv = visit(size - 1, dq, kv, dkv)
   dk, dv = _shift(dkv, axis, size)  # n-th shift: each block's gradient is back on its owner
-  dq = blockwise.ungroup(dq * q.shape[-1]**-0.5)
+  dq = local_attention.ungroup(dq * q.shape[-1]**-0.5)
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 

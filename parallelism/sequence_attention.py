@@ -7,7 +7,7 @@ axis is sharded over 'sequence' (batch over ('data', 'fsdp'), heads over 'tensor
 
 | variant     | communication per call               | per-device memory (per head)       |
 |-------------|--------------------------------------|------------------------------------|
-| `ring`      | n-1 K/V block shifts (`ppermute`)    | O(T/n * block): blockwise, no T^2  |
+| `ring`      | n-1 K/V block shifts (`ppermute`)    | O(T/n) rows + block^2 scores       |
 | `allgather` | all-gather of K/V                    | K/V of length T, [T/n, T] scores   |
 | `ulysses`   | 4 all-to-alls (q, k, v, output)      | [T, T] scores for H/n heads        |
 
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from parallelism import blockwise
+from parallelism import local_attention
 from parallelism.allgather_attention import allgather_attention
 from parallelism.ring_attention import ring_attention
 from parallelism.ulysses_attention import ulysses_attention
@@ -59,7 +59,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str, causal: bo
     k, v: [B, T, KVH, D] rotated keys and values; KVH divides H.
     kind: one of VARIANTS.
     causal: query i sees keys j <= i; otherwise every key.
-    block: key block size of ring attention's per-step computation.
+    block: tile edge of ring attention's blockwise per-step computation.
   Returns:
     [B, T, H, D] in q's dtype.
   Raises:
@@ -71,9 +71,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str, causal: bo
   size, tensor = _axis_size(mesh, SEQUENCE), _axis_size(mesh, TENSOR)
   if size == 1:
     steps = q.shape[1]
-    return blockwise.dense(q, k, v, jnp.tril(jnp.ones((steps, steps), bool)) if causal else None)
+    return local_attention.dense(q, k, v, jnp.tril(jnp.ones((steps, steps), bool)) if causal else None)
   _check(kind, causal, q.shape, k.shape, size, tensor)
-  repeats = blockwise.kv_repeats(k.shape[2], q.shape[2], tensor)
+  repeats = local_attention.kv_repeats(k.shape[2], q.shape[2], tensor)
   k, v = (jnp.repeat(x, repeats, axis=2) for x in (k, v))
   batch_axes = tuple(a for a in BATCH if _axis_size(mesh, a) > 1)
   shard_batch = batch_axes and q.shape[0] % math.prod(_axis_size(mesh, a) for a in batch_axes) == 0

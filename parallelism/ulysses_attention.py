@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from parallelism import blockwise
+from parallelism import local_attention
 
 
 def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, axis: str,
@@ -29,11 +29,11 @@ def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
   Returns:
     [B, T/n, H', D] in q's dtype.
   """
-  repeats = blockwise.kv_repeats(k.shape[2], q.shape[2], size)
+  repeats = local_attention.kv_repeats(k.shape[2], q.shape[2], size)
   k, v = (jnp.repeat(x, repeats, axis=2) for x in (k, v))
   to_heads = lambda x: lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
   q, k, v = to_heads(q), to_heads(k), to_heads(v)
   steps = q.shape[1]
   mask = jnp.tril(jnp.ones((steps, steps), bool)) if causal else None
-  out = blockwise.dense(q, k, v, mask)
+  out = local_attention.dense(q, k, v, mask)
   return lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
