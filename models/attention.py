@@ -1,13 +1,16 @@
-"""Pure attention math of the decoder: rotary embeddings and dense grouped-query attention.
+"""Pure attention math of the decoder: rotary embeddings, dense grouped-query attention, and the
+choice of cache-free causal attention (`ModelConfig.attention`).
 
-Kept apart from the linen modules so that other attention implementations (sequence-parallel
-variants selected by `ModelConfig.attention`) can replace `attend` with the same signature.
+Kept apart from the linen modules; the sequence-parallel variants live in
+`parallelism.sequence_attention` and compute what `attend` computes for a cache-free call.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from parallelism import sequence_attention
 
 # Finite rather than -inf: a fully masked row then softmaxes to uniform instead of NaN.
 _MASKED = -1e30
@@ -71,3 +74,24 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     slots = cache_k.shape[1]
     out = mix(probs[..., :slots], cache_v) + mix(probs[..., slots:], v)
   return out.reshape(batch, steps, heads, head_dim).astype(q.dtype)
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, kind: str) -> jax.Array:
+  """Cache-free causal self-attention with the implementation named by `ModelConfig.attention`.
+
+  Args:
+    q: [B, T, H, D] rotated queries; k, v: [B, T, KVH, D].
+    kind: "dense" (`attend` with a causal mask) or a `parallelism.sequence_attention` variant,
+      sequence-parallel over the context mesh's 'sequence' axis.
+  Returns:
+    [B, T, H, D] in q's dtype.
+  """
+  if kind == "dense":
+    steps = q.shape[1]
+    return attend(q, k, v, jnp.tril(jnp.ones((1, steps, steps), bool)))
+  return sequence_attention.attention(q, k, v, kind=kind, causal=True)
+
+
+def length_multiple(kind: str) -> int:
+  """Sequence lengths `causal_attention(kind)` accepts on the context mesh are multiples of this."""
+  return 1 if kind == "dense" else sequence_attention.length_multiple(kind, causal=True)

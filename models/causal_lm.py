@@ -60,6 +60,13 @@ class CausalLM:
     return self.module.apply({"params": params}, tokens, positions, cache, attention_mask,
                              method=Transformer.decode)
 
+  def prefill(self, params, tokens: jax.Array, positions: jax.Array,
+              cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """First call on an empty cache: `apply` with a causal mask, but with `config.attention`
+    (sequence-parallel on a mesh); see `Transformer.prefill`."""
+    return self.module.apply({"params": params}, tokens, positions, cache,
+                             method=Transformer.prefill)
+
   def logits(self, params, tokens: jax.Array) -> jax.Array:
     """Full causal forward at positions 0..T-1: tokens [B, T] int32 -> [B, T, V] float32."""
     return self.module.apply({"params": params}, tokens)

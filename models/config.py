@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from parallelism.sequence_attention import VARIANTS
+
 DTYPES = ("float32", "bfloat16")
+ATTENTION = ("dense",) + VARIANTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +33,10 @@ class ModelConfig:
     tie_embeddings: reuse the token embedding as the output projection.
     dtype: compute dtype ("float32" or "bfloat16"); parameters are always float32.
     init_std: standard deviation of the normal initialisers.
-    attention: attention implementation ("dense"; sequence-parallel variants arrive with the mesh).
+    attention: implementation of the cache-free causal attention (training, eval, prefill):
+      "dense", or a sequence-parallel variant over the mesh's 'sequence' axis: "ring",
+      "allgather" or "ulysses" (see `parallelism.sequence_attention`). Cached decode steps are
+      always dense.
   """
 
   kind: str = "llama"
@@ -71,5 +77,6 @@ class ModelConfig:
       raise ValueError(f"rotary embeddings need an even head_dim, got {self.resolved_head_dim}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r} is unknown; valid: {', '.join(DTYPES)}")
-    if self.attention != "dense":
-      raise ValueError(f"model.attention={self.attention!r} is unknown; valid: 'dense'")
+    if self.attention not in ATTENTION:
+      raise ValueError(
+          f"model.attention={self.attention!r} is unknown; valid: {', '.join(ATTENTION)}")

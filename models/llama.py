@@ -1,10 +1,13 @@
 """Llama-style causal decoder in Flax linen: pre-norm blocks, RoPE, grouped-query attention, SwiGLU.
 
-Two entry points share the same parameters:
+Three entry points share the same parameters:
 
-* `Transformer.__call__(tokens)`: the training/eval forward, causal over the whole sequence.
+* `Transformer.__call__(tokens)`: the training/eval forward, causal over the whole sequence, with
+  the attention implementation of `ModelConfig.attention` (dense or sequence-parallel).
+* `Transformer.prefill(tokens, positions, cache)`: the same cache-free forward for a prompt, which
+  also fills an empty cache; samplers use it for their first call.
 * `Transformer.decode(tokens, positions, cache, attention_mask)`: the cached call used by samplers
-  (see `models/kv_cache.py` for the slot semantics).
+  (see `models/kv_cache.py` for the slot semantics); always dense attention.
 
 Parameters are float32 and carry logical axis names (`nn.with_logical_partitioning`); activations
 are annotated with `nn.with_logical_constraint`. Both only take effect inside a mesh plus
@@ -82,11 +85,12 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None):
+  def __call__(self, x, positions, mask=None, cache=None):
     """Args:
       x: [B, T, E] normalised activations.
       positions: [B, T] int32 position ids.
-      mask: [B or 1, T, T] bool over the new tokens.
+      mask: [B or 1, T, T] bool over the new tokens, or None for causal attention with the
+        implementation of `config.attention` (then cache must be None).
       cache: None, or (keys [B, S, KVH, D], values [B, S, KVH, D], valid [B, S] bool).
     Returns:
       ([B, T, E] output, (k, v)) with the new tokens' rotated keys and values [B, T, KVH, D].
@@ -101,7 +105,10 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(attention.rope(k, positions, cfg.rope_theta),
                                    ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-    out = attention.attend(q, k, v, mask, *(cache or ()))
+    if mask is None:
+      out = attention.causal_attention(q, k, v, cfg.attention)
+    else:
+      out = attention.attend(q, k, v, mask, *(cache or ()))
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), contract=2,
                  std=_residual_std(cfg), name="out")(out)
@@ -129,7 +136,7 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None):
+  def __call__(self, x, positions, mask=None, cache=None):
     """Same arguments and returns as `Attention`, with x the [B, T, E] residual stream."""
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), name=name)
@@ -161,13 +168,30 @@ class Transformer(nn.Module):
     Returns:
       [B, T, V] float32 logits.
     """
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return self._logits(self._causal(tokens, positions)[0])
+
+  def prefill(self, tokens: jax.Array, positions: jax.Array,
+              cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Cache-free causal forward of T new tokens per row that also writes them into the cache.
+
+    Equals `decode(tokens, positions, cache)` on an empty cache, but attention is that of
+    `config.attention` (sequence-parallel on a mesh with a 'sequence' axis). The cache's contents
+    are not attended to, so it must be empty (all lengths 0). Tokens are right-padded to the
+    length multiple the attention needs; causal attention makes the padding invisible to them,
+    and its logits and keys/values are dropped.
+
+    Args:
+      tokens: [B, T] int32; positions: [B, T] int32 their position ids.
+      cache: an empty KVCache with S slots per row.
+    Returns:
+      ([B, T, V] float32 logits, cache with the tokens written and lengths + T).
+    """
     steps = tokens.shape[1]
-    positions = jnp.broadcast_to(jnp.arange(steps, dtype=jnp.int32), tokens.shape)
-    causal = jnp.tril(jnp.ones((1, steps, steps), bool))
-    x = self._embed(tokens)
-    for block in self.blocks:
-      x, _ = block(x, positions, causal)
-    return self._logits(x)
+    pad = ((0, 0), (0, -steps % attention.length_multiple(self.config.attention)))
+    x, keys, values = self._causal(jnp.pad(tokens, pad), jnp.pad(positions, pad, mode="edge"))
+    cache = self._append(cache, [k[:, :steps] for k in keys], [v[:, :steps] for v in values])
+    return self._logits(x[:, :steps]), cache
 
   def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
              attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -195,11 +219,26 @@ class Transformer(nn.Module):
       x, (k, v) = block(x, positions, attention_mask, layer_cache)
       new_k.append(k)
       new_v.append(v)
+    return self._logits(x), self._append(cache, new_k, new_v)
+
+  def _causal(self, tokens: jax.Array,
+              positions: jax.Array) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+    """Cache-free causal blocks: ([B, T, E] final residual, per-layer keys, values [B, T, KVH, D])."""
+    x = self._embed(tokens)
+    keys, values = [], []
+    for block in self.blocks:
+      x, (k, v) = block(x, positions)
+      keys.append(k)
+      values.append(v)
+    return x, keys, values
+
+  @staticmethod
+  def _append(cache: KVCache, keys: list[jax.Array], values: list[jax.Array]) -> KVCache:
+    """Writes per-layer [B, T, KVH, D] keys/values at each row's length and advances it by T."""
     write = jax.vmap(write_rows, in_axes=(0, 0, None))
-    cache = cache.replace(keys=write(cache.keys, jnp.stack(new_k), cache.lengths),
-                          values=write(cache.values, jnp.stack(new_v), cache.lengths),
-                          lengths=cache.lengths + steps)
-    return self._logits(x), cache
+    return cache.replace(keys=write(cache.keys, jnp.stack(keys), cache.lengths),
+                         values=write(cache.values, jnp.stack(values), cache.lengths),
+                         lengths=cache.lengths + keys[0].shape[1])
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))

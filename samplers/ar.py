@@ -77,7 +77,8 @@ def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Ar
 
   cache = model.init_cache(batch, prompt_len + steps)
   positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), prompt.shape)
-  logits, cache = model.apply(params, prompt, positions, cache)
+  prefill = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
+  logits, cache = prefill(params, prompt, positions, cache)
   cache = cache.replace(lengths=prompt_lengths)
   last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
 

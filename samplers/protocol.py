@@ -30,6 +30,10 @@ class CausalModel(Protocol):
   Attributes:
     vocab_size: V, the number of token ids.
     max_len: the longest sequence (prompt + generation) the model accepts.
+
+  A model may also define `prefill(params, tokens, positions, cache) -> (logits, cache)`: the
+  result of `apply` with a causal mask on an empty cache, computed however suits the model (the
+  Llama decoder runs it sequence-parallel). Samplers use it, when present, for the first call.
   """
 
   vocab_size: int
