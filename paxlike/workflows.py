@@ -51,7 +51,7 @@ def train(exp: Experiment, workdir: Path) -> int:
     return 0
   summary = {"steps": result.step, "eval_loss": result.eval_loss, "eval_bpb": result.eval_bpb,
              "train_tokens_per_s": round(result.tokens_per_s, 1)}
-  if exp.run.sample_after_train:
+  if exp.run.sample_after_train and jax.process_count() == 1:
     stats = _show_samples(trainer, result.params, [exp.sampler.prompt])
     summary["sample_tokens_per_s"] = stats["tokens_per_s"]
   bpb = f"{result.eval_bpb:.3f}" if result.eval_bpb is not None else "n/a"
