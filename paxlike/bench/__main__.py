@@ -1,7 +1,8 @@
-"""`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train."""
+"""`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train, parallelism."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -12,8 +13,13 @@ flags.DEFINE_string("workdir", None, "Cache folder for suites that train models 
                     "(default ~/.cache/paxlike/bench).")
 flags.DEFINE_list("experiments", ["tiny", "demo"], "Experiments to measure (train suite).")
 flags.DEFINE_integer("steps", 10, "Timed steps after the compile warm-up.")
+flags.DEFINE_list("seq_lens", ["2048", "4096", "8192", "16384", "32768"],
+                  "Sequence lengths (parallelism suite).")
+flags.DEFINE_integer("timed_up_to", 8192, "Longest sequence that is also timed (parallelism "
+                     "suite); longer ones are only compiled for their memory.")
 
-SUITES = ("train",)
+SUITES = ("train", "parallelism")
+SIMULATED_DEVICES = "--xla_force_host_platform_device_count"
 
 
 def main(argv: list[str]) -> int:
@@ -21,12 +27,18 @@ def main(argv: list[str]) -> int:
     print(f"usage: python -m paxlike.bench SUITE [--out FILE]; suites: {', '.join(SUITES)}",
           file=sys.stderr)
     return 2
-  from paxlike.bench import train_suite
+  if argv[1] == "parallelism" and SIMULATED_DEVICES not in os.environ.get("XLA_FLAGS", ""):
+    # Before jax is first imported: 8 simulated CPU devices for the 'sequence' axis.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SIMULATED_DEVICES}=8".strip()
+  from paxlike.bench import parallelism_suite, train_suite
   from paxlike.checkpointing import quiet_orbax_logging
   from paxlike.errors import UserError
   quiet_orbax_logging()
   try:
-    train_suite.run(FLAGS.experiments, FLAGS.steps, FLAGS.out)
+    if argv[1] == "parallelism":
+      parallelism_suite.run(FLAGS.out, [int(n) for n in FLAGS.seq_lens], FLAGS.timed_up_to)
+    else:
+      train_suite.run(FLAGS.experiments, FLAGS.steps, FLAGS.out)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
