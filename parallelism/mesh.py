@@ -10,6 +10,7 @@ import math
 from typing import Sequence
 
 import jax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 AXES = ("data", "fsdp", "sequence", "tensor")
@@ -38,8 +39,29 @@ def resolve_axis_sizes(sizes: Sequence[int], device_count: int) -> tuple[int, ..
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, sequence: int = 1, tensor: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """The mesh over all (or the given) devices with Auto axis types."""
+              devices: Sequence[jax.Device] | None = None,
+              dcn: Sequence[int] = (1, 1, 1, 1)) -> Mesh:
+  """The mesh over all (or the given) devices with Auto axis types.
+
+  `dcn` gives, per axis, how many of its entries lie across slices (multi-slice TPU, connected by
+  the data-centre network) rather than within one; it must divide the axis size. Without slice
+  information on the devices (GPU/CPU hosts) each process counts as one slice.
+  """
   devices = list(devices) if devices is not None else jax.devices()
   shape = resolve_axis_sizes((data, fsdp, sequence, tensor), len(devices))
-  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+  types = (AxisType.Auto,) * len(AXES)
+  dcn = tuple(int(d) for d in dcn)
+  if dcn == (1,) * len(AXES):
+    return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+  for axis, size, outer in zip(AXES, shape, dcn):
+    if outer < 1 or size % outer:
+      raise ValueError(f"mesh.dcn_{axis}={outer} must be positive and divide mesh.{axis}={size}")
+  inner = tuple(size // outer for size, outer in zip(shape, dcn))
+  by_process = devices[0].platform != "tpu"  # only TPU devices carry real slice indices
+  try:
+    grid = mesh_utils.create_hybrid_device_mesh(inner, dcn, devices, process_is_granule=by_process)
+  except ValueError as e:
+    granules = "processes" if by_process else "slices"
+    raise ValueError(f"mesh dcn factors {dict(zip(AXES, dcn))} need {math.prod(dcn)} {granules} "
+                     f"of {math.prod(inner)} devices each: {e}") from None
+  return Mesh(grid, AXES, axis_types=types)

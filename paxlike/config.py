@@ -66,12 +66,20 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh over axes ('data', 'fsdp', 'sequence', 'tensor'); -1 fills the remaining devices."""
+  """Device mesh over axes ('data', 'fsdp', 'sequence', 'tensor'); -1 fills the remaining devices.
+
+  `dcn_<axis>` says how many entries of that axis lie across slices / hosts (the slow network):
+  e.g. 2 TPU slices with data parallelism between them: `mesh.dcn_data=2`.
+  """
 
   data: int = -1
   fsdp: int = 1
   sequence: int = 1
   tensor: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  dcn_sequence: int = 1
+  dcn_tensor: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,7 +120,9 @@ class Trainer:
     self.workdir = Path(workdir)
     self.log = log
     try:
-      self.mesh = make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.sequence, exp.mesh.tensor)
+      m = exp.mesh
+      self.mesh = make_mesh(m.data, m.fsdp, m.sequence, m.tensor,
+                            dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_sequence, m.dcn_tensor))
     except ValueError as e:
       raise UserError(str(e)) from None
     self.model = CausalLM(exp.model)
