@@ -38,6 +38,36 @@ def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def check_divisible(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> None:
+  """Raises ValueError naming the first array dimension its mesh axes do not divide.
+
+  The message gives the parameter path, the logical axis name, the dimension and the axis size,
+  instead of the compiler's error deep inside `jax.jit`.
+  """
+  logical = nn.get_partition_spec(boxed_tree)
+  shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  plain = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed_tree,
+                       is_leaf=is_box)
+  leaves = jax.tree_util.tree_leaves_with_path(plain)
+  for (path, leaf), names, sharding in zip(leaves, jax.tree.leaves(logical, is_leaf=_is_spec),
+                                           jax.tree.leaves(shardings)):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      count = 1
+      for axis in axes:
+        count *= mesh.shape[axis]
+      if size % count:
+        where = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        raise ValueError(
+            f"{where} dimension {dim} ({names[dim]}) has size {size}, not divisible by the mesh "
+            f"axes {'x'.join(axes)} = {count}; change the mesh or the model size")
+
+
+def _is_spec(x: Any) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, ...] array: batch over ('data', 'fsdp'), the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))

@@ -160,6 +160,7 @@ class Trainer:
     key = jax.random.key(self.exp.train.seed)
     with rules.activate(self.mesh):
       boxed = jax.eval_shape(self._boxed_init, key)
+      self._check_divisible(boxed)
       self.state_shardings = rules.logical_shardings(boxed, self.mesh)
     abstract = nn.meta.unbox(boxed)
     self.abstract_state = jax.tree.map(
@@ -176,6 +177,26 @@ class Trainer:
     self._eval_step = jax.jit(
         make_eval_step(self.model), in_shardings=(self.state_shardings.params, self.batch_sharding),
         out_shardings=replicated)
+
+  _MODEL_FIELDS = {"heads": "model.num_heads", "kv_heads": "model.num_kv_heads",
+                   "mlp": "model.mlp_dim", "vocab": "model.vocab_size", "embed": "model.d_model"}
+
+  def _check_divisible(self, boxed: TrainState) -> None:
+    """Every sharded dimension, the batch and the sequence divide by their mesh axes."""
+    exp, shape = self.exp, self.mesh.shape
+    batch_shards = shape["data"] * shape["fsdp"]
+    if exp.train.batch_size % batch_shards:
+      raise UserError(f"train.batch_size={exp.train.batch_size} is not divisible by "
+                      f"mesh.data x mesh.fsdp = {batch_shards}")
+    if exp.data.seq_len % shape["sequence"]:
+      raise UserError(f"data.seq_len={exp.data.seq_len} is not divisible by "
+                      f"mesh.sequence={shape['sequence']}")
+    try:
+      rules.check_divisible(boxed.params, self.mesh)
+    except ValueError as e:
+      hint = next((f" ({field}={getattr(exp.model, field.split('.')[1])})"
+                   for name, field in self._MODEL_FIELDS.items() if f"({name})" in str(e)), "")
+      raise UserError(f"{e}{hint}") from None
 
   def init_state(self) -> TrainState:
     with rules.activate(self.mesh):

@@ -88,3 +88,17 @@ def test_mesh_device_mismatch_is_clear(tmp_path):
   from paxlike.errors import UserError
   with pytest.raises(UserError, match=r"has 6 devices but 8 are available"):
     _trainer(tmp_path, dict(data=3, tensor=2))
+
+
+@pytest.mark.parametrize("mesh, overrides, message", [
+    (dict(data=1, tensor=8), [], r"kv_heads\) has size 4, not divisible by the mesh axes tensor = 8.*"
+                                 r"model.num_kv_heads=4"),
+    (dict(data=8), ["train.batch_size=4"], "train.batch_size=4 is not divisible by mesh.data x mesh.fsdp = 8"),
+    (dict(data=1, sequence=8), ["data.seq_len=60"], "data.seq_len=60 is not divisible by mesh.sequence=8"),
+])
+def test_indivisible_shapes_are_named(tmp_path, mesh, overrides, message):
+  from paxlike.errors import UserError
+  exp = config_lib.apply_overrides(
+      registry.get("tiny"), [f"mesh.{k}={v}" for k, v in mesh.items()] + overrides)
+  with pytest.raises(UserError, match=message):
+    Trainer(exp, tmp_path, log=lambda _: None)
