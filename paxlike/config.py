@@ -93,11 +93,19 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The training loop: global batch, step count and the seed of everything random."""
+  """The training loop: global batch, step count and the seed of everything random.
+
+  Attributes:
+    teacher_workdir: a trained run whose model this one is distilled from (e.g. a draft model
+      for speculative decoding): the loss becomes (1 - distill_weight) * cross-entropy +
+      distill_weight * KL(teacher || student). "" trains on the data alone.
+  """
 
   steps: int = 200
   seed: int = 0
   batch_size: int = 8
+  teacher_workdir: str = ""
+  distill_weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +162,8 @@ class Experiment:
 
 
 # Sections (or single fields) that define the trained model; a restart may not change them silently.
-TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "train.batch_size")
+TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "train.batch_size",
+                     "train.distill_weight")
 # What sampling and eval from a workdir may change freely.
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 

@@ -29,6 +29,7 @@ from parallelism import rules
 from parallelism.mesh import make_mesh
 from paxlike import data as data_lib
 from paxlike.checkpointing import Checkpointer
+from paxlike import config as config_lib
 from paxlike.config import Experiment
 from paxlike.errors import UserError
 from paxlike.metrics import MetricsLog, Progress
@@ -50,19 +51,37 @@ def next_token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def make_train_step(model: CausalLM, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
-  """(state, batch [B, L + 1] int32) -> (state, {'loss', 'grad_norm', 'learning_rate'})."""
+def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
+  """KL(teacher || student) per position, [B, T, V] logits -> [B, T] float32 (DistillSpec)."""
+  teacher_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+  student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
 
-  def loss_fn(params, batch):
+
+def make_train_step(model: CausalLM, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    teacher: CausalLM | None = None, distill_weight: float = 1.0) -> Callable:
+  """(state, batch [B, L + 1] int32, teacher_params=None) -> (state, metrics).
+
+  Without a teacher the loss is next-token cross-entropy. With one (distillation, e.g. a draft
+  model for speculative decoding) it is (1 - w) * cross-entropy + w * KL(teacher || student), and
+  the metrics also carry `nll` and `kl`.
+  """
+
+  def loss_fn(params, batch, teacher_params):
     logits = model.logits(params, batch[:, :-1])
-    return next_token_nll(logits, batch[:, 1:]).mean()
+    nll = next_token_nll(logits, batch[:, 1:]).mean()
+    if teacher is None:
+      return nll, {}
+    teacher_logits = jax.lax.stop_gradient(teacher.logits(teacher_params, batch[:, :-1]))
+    kl = distillation_kl(logits, teacher_logits).mean()
+    return (1.0 - distill_weight) * nll + distill_weight * kl, {"nll": nll, "kl": kl}
 
-  def train_step(state: TrainState, batch: jax.Array):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+  def train_step(state: TrainState, batch: jax.Array, teacher_params: Any = None):
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
+                                                                     teacher_params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                "learning_rate": schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -126,9 +145,49 @@ class Trainer:
     except ValueError as e:
       raise UserError(str(e)) from None
     self.model = CausalLM(exp.model)
+    self.teacher = self._teacher_trainer()
     self.schedule = learning_rate_schedule(exp.optimizer, exp.schedule, exp.train.steps)
     self.tx = make_optimizer(exp.optimizer, exp.schedule, exp.train.steps)
     self._build_state_functions()
+
+  # ------------------------------------------------------------------ distillation teacher
+
+  def _teacher_trainer(self) -> "Trainer | None":
+    """The trained model named by train.teacher_workdir, on this run's mesh (or None)."""
+    path = self.exp.train.teacher_workdir
+    if not path:
+      return None
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+      raise UserError(f"train.teacher_workdir={path!r} has no trained run (no config.json)")
+    teacher_exp = config_lib.from_dict(config_lib.Experiment, json.loads(config_file.read_text()))
+    teacher_exp = dataclasses.replace(teacher_exp, mesh=self.exp.mesh, train=dataclasses.replace(
+        teacher_exp.train, teacher_workdir=""))
+    if teacher_exp.model.vocab_size != self.exp.model.vocab_size:
+      raise UserError(f"the teacher's model.vocab_size={teacher_exp.model.vocab_size} differs from "
+                      f"this model's {self.exp.model.vocab_size}; distillation needs one vocabulary")
+    if teacher_exp.model.max_len < self.exp.data.seq_len:
+      raise UserError(f"the teacher's model.max_len={teacher_exp.model.max_len} is shorter than "
+                      f"data.seq_len={self.exp.data.seq_len}")
+    return Trainer(teacher_exp, Path(path), log=self.log)
+
+  @functools.cached_property
+  def teacher_params(self) -> Any:
+    """The teacher's parameters from its latest checkpoint (None without a teacher)."""
+    return self.teacher.restore_params()[0] if self.teacher else None
+
+  def restore_params(self) -> tuple[Any, int]:
+    """Parameters of the latest readable checkpoint in the workdir and its step."""
+    checkpointer = Checkpointer(self.workdir, self.exp.checkpoint, log=self.log)
+    try:
+      restored = checkpointer.restore_latest(self.abstract_state, None)
+    finally:
+      checkpointer.close()
+    if restored is None:
+      raise UserError(f"workdir {str(self.workdir)!r} has no checkpoint; train it first "
+                      "with --mode=train")
+    state, step = restored
+    return state.params, step
 
   # ------------------------------------------------------------------ data (read on first use)
 
@@ -170,9 +229,12 @@ class Trainer:
     self._init = jax.jit(lambda k: nn.meta.unbox(self._boxed_init(k)),
                          out_shardings=self.state_shardings)
     replicated = rules.replicated(self.mesh)
+    teacher_model, teacher_shardings = (self.teacher.model, self.teacher.state_shardings.params) \
+        if self.teacher else (None, None)
     self._train_step = jax.jit(
-        make_train_step(self.model, self.tx, self.schedule),
-        in_shardings=(self.state_shardings, self.batch_sharding),
+        make_train_step(self.model, self.tx, self.schedule, teacher_model,
+                        self.exp.train.distill_weight),
+        in_shardings=(self.state_shardings, self.batch_sharding, teacher_shardings),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
     self._eval_step = jax.jit(
         make_eval_step(self.model), in_shardings=(self.state_shardings.params, self.batch_sharding),
@@ -214,7 +276,7 @@ class Trainer:
 
   def train_step(self, state: TrainState, batch: jax.Array):
     with rules.activate(self.mesh):
-      return self._train_step(state, batch)
+      return self._train_step(state, batch, self.teacher_params)
 
   def evaluate(self, params: Any) -> tuple[float, float]:
     """Mean held-out loss (nats/token) and bits per byte (tokens are bytes)."""

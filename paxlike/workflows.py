@@ -11,9 +11,7 @@ from pathlib import Path
 import jax
 
 from paxlike import generate
-from paxlike.checkpointing import Checkpointer
 from paxlike.config import Experiment
-from paxlike.errors import UserError
 from paxlike.train import Trainer
 
 
@@ -21,19 +19,6 @@ def _print(text: str) -> None:
   """Prints on process 0 only (every process runs the same program)."""
   if jax.process_index() == 0:
     print(text, flush=True)
-
-
-def _restore_params(trainer: Trainer, workdir: Path):
-  """The parameters of the latest readable checkpoint and its step."""
-  checkpointer = Checkpointer(workdir, trainer.exp.checkpoint, log=_print)
-  try:
-    restored = checkpointer.restore_latest(trainer.abstract_state, None)
-  finally:
-    checkpointer.close()
-  if restored is None:
-    raise UserError(f"workdir {str(workdir)!r} has no checkpoint; train first with --mode=train")
-  state, step = restored
-  return state.params, step
 
 
 def _show_samples(trainer: Trainer, params, prompts: list[str]) -> dict:
@@ -63,7 +48,7 @@ def train(exp: Experiment, workdir: Path) -> int:
 
 def evaluate(exp: Experiment, workdir: Path) -> int:
   trainer = Trainer(exp, workdir, log=_print)
-  params, step = _restore_params(trainer, workdir)
+  params, step = trainer.restore_params()
   loss, bpb = trainer.evaluate(params)
   _print(json.dumps({"step": step, "eval_loss": loss, "eval_bpb": bpb}))
   return 0
@@ -71,7 +56,7 @@ def evaluate(exp: Experiment, workdir: Path) -> int:
 
 def sample(exp: Experiment, workdir: Path, prompts: list[str]) -> int:
   trainer = Trainer(exp, workdir, log=_print)
-  params, step = _restore_params(trainer, workdir)
+  params, step = trainer.restore_params()
   stats = _show_samples(trainer, params, prompts)
   _print(json.dumps({"step": step, **stats}))
   return 0
