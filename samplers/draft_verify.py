@@ -1,0 +1,151 @@
+"""The compiled loop shared by draft-then-verify samplers (speculative, SpecTr).
+
+A sampler supplies one *round*: draft gamma tokens after each row's context, verify them in one
+target pass, and return the tokens the row emits (accepted drafts, then one residual or bonus
+token). This module owns the rest: checking the model pair, the per-row randomness streams, the
+first token from the target's prefill, and a `lax.while_loop` that appends each row's tokens at
+its own pointer, cuts rows at eos / max_new_tokens, and counts statistics.
+
+Randomness: a row's token at absolute position t is proposed with
+fold_in(fold_in(row_key, t), DRAFT) and verified (accepted, or drawn from a residual or bonus
+distribution) with fold_in(fold_in(row_key, t), VERIFY). A position's keys are used again in a
+later round only if everything drawn with them before was discarded, so every round sees fresh
+randomness, and a row's samples do not depend on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from samplers import verify
+from samplers.logits import probs
+from samplers.protocol import CausalModel, SampleOutput
+
+DRAFT, VERIFY = 0, 1
+
+# (caches, seq [B, S] prompt + generated tokens, context_lengths [B]) ->
+#   (caches, emitted [B, gamma + 1] int32, accepted [B] int32): row b emits
+#   emitted[b, :accepted[b] + 1] (its accepted drafts, then one target token).
+Round = Callable[[Any, jax.Array, jax.Array], tuple[Any, jax.Array, jax.Array]]
+
+
+def stream_keys(keys: jax.Array, positions: jax.Array, stream: int) -> jax.Array:
+  """keys [B] typed, positions [B, ...] int32 -> [B, ...] keys for that stream."""
+  def one(key, position):
+    return jax.random.fold_in(jax.random.fold_in(key, position), stream)
+
+  flat = positions.reshape(positions.shape[0], -1)
+  return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(keys, flat).reshape(positions.shape)
+
+
+def check_pair(target: CausalModel, draft: CausalModel, prompt_len: int, config) -> int:
+  """Cache slots per row a decode needs; ValueError if the pair cannot run it.
+
+  The verify window reaches gamma - 1 slots past prompt + max_new_tokens (drafts after the last
+  needed token are scored and discarded), so both models need P + N + gamma - 1 <= max_len.
+  """
+  if target.vocab_size != draft.vocab_size:
+    raise ValueError(f"the draft's vocab_size {draft.vocab_size} differs from the target's "
+                     f"vocab_size {target.vocab_size}; draft and target must share one vocabulary")
+  gamma, steps = config.num_draft_tokens, config.max_new_tokens
+  need = prompt_len + steps + gamma - 1
+  for name, model in (("target", target), ("draft", draft)):
+    if need > model.max_len:
+      raise ValueError(
+          f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens {gamma} - 1 "
+          f"= {need} exceeds the {name}'s max_len {model.max_len} (target max_len "
+          f"{target.max_len}, draft max_len {draft.max_len}); shorten the prompt or lower "
+          f"max_new_tokens or num_draft_tokens")
+  return need
+
+
+def _write(seq: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+  """seq[b, start[b] + i] = new[b, i] (seq [B, S], new [B, W]); writes past S are dropped."""
+  slots = start[:, None] + jnp.arange(new.shape[1])[None, :]
+  rows = jnp.broadcast_to(jnp.arange(seq.shape[0])[:, None], slots.shape)
+  return seq.at[rows, slots].set(new, mode="drop")
+
+
+def _commit(seq, prompt_lengths, n, done, new, count, config):
+  """Appends new[b, :count[b]] to each unfinished row, cut after eos and at max_new_tokens.
+
+  Tokens past a row's cut are written too but lie beyond its length, so nothing reads them.
+  Returns (seq, n, done).
+  """
+  index = jnp.arange(new.shape[1])[None, :]
+  take = (index < count[:, None]) & (index < (config.max_new_tokens - n)[:, None]) & ~done[:, None]
+  hit_eos = jnp.zeros_like(done)
+  if config.eos_id is not None:
+    is_eos = take & (new == config.eos_id)
+    take &= (jnp.cumsum(is_eos, axis=1) - is_eos) == 0  # nothing after the first eos
+    hit_eos = jnp.any(is_eos, axis=1)
+  seq = _write(seq, new, prompt_lengths + n)
+  n = n + jnp.sum(take, axis=1, dtype=jnp.int32)
+  return seq, n, done | hit_eos | (n >= config.max_new_tokens)
+
+
+def decode(round_fn: Round, caches: Any, first_logits: jax.Array, prompt: jax.Array,
+           prompt_lengths: jax.Array, keys: jax.Array, config) -> SampleOutput:
+  """Runs rounds until every row is done; returns the `SampleOutput` with statistics.
+
+  Args:
+    round_fn: the sampler's round (see `Round`).
+    caches: the models' caches after prefilling the prompts (passed through to round_fn).
+    first_logits: [B, V] the target's logits after each row's last prompt token; the first
+      generated token is drawn from them (so the prefill is the first target call).
+    prompt: [B, P] int32 right-padded prompts; prompt_lengths: [B] int32.
+    keys: [B] per-row keys.
+    config: a config with num_draft_tokens, max_new_tokens, sampling, eos_id, pad_id.
+  Returns:
+    SampleOutput; stats (int32 unless noted): `target_calls` (prefill included) = `model_calls`,
+    `draft_calls` (prefill included; a round makes gamma), `generated_tokens`, `accepted_tokens`
+    (drafts the verifier accepted), `drafted_tokens` (gamma per row per round it took part in),
+    `rejections` (row-rounds that ended in a residual draw rather than a bonus token),
+    `acceptance` (float32 accepted / drafted) and `tokens_per_target_call` (float32 generated
+    tokens per row per target call that row took part in).
+  """
+  batch, prompt_len = prompt.shape
+  gamma, steps = config.num_draft_tokens, config.max_new_tokens
+  first_keys = stream_keys(keys, prompt_lengths, VERIFY)
+  first = jax.vmap(verify.draw)(first_keys, probs(first_logits, config.sampling))
+  seq = jnp.zeros((batch, prompt_len + steps + gamma), jnp.int32).at[:, :prompt_len].set(prompt)
+  none = jnp.zeros((batch,), bool)
+  seq, n, done = _commit(seq, prompt_lengths, jnp.zeros((batch,), jnp.int32), none,
+                         first[:, None], jnp.ones((batch,), jnp.int32), config)
+  zero = jnp.int32(0)
+  state = dict(seq=seq, n=n, done=done, caches=caches, rounds=zero, row_rounds=zero,
+               accepted=zero, rejections=zero)
+
+  def body(s):
+    active = ~s["done"]
+    # Finished rows still run (static shapes) from a context inside their data; they take nothing.
+    context = prompt_lengths + jnp.minimum(s["n"], steps - 1)
+    caches, new, accepted = round_fn(s["caches"], s["seq"], context)
+    seq, n, done = _commit(s["seq"], prompt_lengths, s["n"], s["done"], new, accepted + 1, config)
+    return dict(seq=seq, n=n, done=done, caches=caches, rounds=s["rounds"] + 1,
+                row_rounds=s["row_rounds"] + jnp.sum(active, dtype=jnp.int32),
+                accepted=s["accepted"] + jnp.sum(jnp.where(active, accepted, 0)),
+                rejections=s["rejections"] + jnp.sum(active & (accepted < gamma), dtype=jnp.int32))
+
+  s = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
+  index = jnp.arange(steps)[None, :]
+  generated = jnp.take_along_axis(s["seq"], prompt_lengths[:, None] + index, axis=1)
+  tokens = jnp.where(index < s["n"][:, None], generated, config.pad_id)
+  generated_tokens = jnp.sum(s["n"])
+  drafted = gamma * s["row_rounds"]
+  stats = {
+      "model_calls": 1 + s["rounds"],
+      "target_calls": 1 + s["rounds"],
+      "draft_calls": 1 + gamma * s["rounds"],
+      "generated_tokens": generated_tokens,
+      "accepted_tokens": s["accepted"],
+      "drafted_tokens": drafted,
+      "rejections": s["rejections"],
+      "acceptance": s["accepted"] / jnp.maximum(drafted, 1).astype(jnp.float32),
+      "tokens_per_target_call": generated_tokens / (batch + s["row_rounds"]).astype(jnp.float32),
+  }
+  return SampleOutput(tokens=tokens, lengths=s["n"], stats=stats)

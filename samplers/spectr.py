@@ -1,0 +1,194 @@
+"""Multi-draft speculative sampling: SpecTr k-sequential selection (Sun et al. 2023, "SpecTr: Fast
+Speculative Decoding via Optimal Transport"), and drafts without replacement verified by
+recursive rejection (SpecInfer, Miao et al. 2024).
+
+Each round the draft proposes k sequences of gamma tokens after the row's context. The k drafts
+are extra rows: one shared draft call on the context, then the k continuations batched as k rows
+per row, and one target call scores all k windows. At each position the verifier runs over the
+drafts that still agree with the emitted prefix: k-sequential selection with the division factor
+rho (i.i.d. drafts), or recursive rejection with the renormalised draft distribution (drafts
+sampled without replacement, which makes the first tokens distinct, so from the second position
+on at most one draft is left). The round stops at the first residual draw; a bonus token follows
+when some draft survives to its end.
+
+Guarantee: every row's output has exactly the target's distribution (`samplers.ar`); the k-draft
+acceptance lies between single-draft acceptance and `optimal.optimal_acceptance`. Caches are per
+row (`samplers.rows`), so the copy of the accepted draft is kept and the others dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from samplers import draft_verify, rng, rows, verify
+from samplers.draft_verify import DRAFT, VERIFY, stream_keys
+from samplers.logits import SamplingParams, probs
+from samplers.protocol import CausalModel, SampleOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecTrConfig:
+  """Attributes:
+    num_drafts: k >= 1 draft sequences per round.
+    num_draft_tokens: gamma >= 1 tokens per draft sequence.
+    max_new_tokens: N, tokens generated per row at most.
+    sampling: how tokens are drawn; applied identically to target and draft.
+    without_replacement: draw the k first tokens without replacement (recursive rejection);
+      otherwise k i.i.d. sequences (k-sequential selection). Needs k <= vocab_size.
+    eos_id: a row stops after emitting it; None never stops early.
+    pad_id: fills `SampleOutput.tokens` after a row's end.
+  """
+
+  num_drafts: int
+  num_draft_tokens: int
+  max_new_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  without_replacement: bool = False
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.num_drafts < 1:
+      raise ValueError(f"num_drafts (k) must be >= 1, got {self.num_drafts}")
+    if self.num_draft_tokens < 1:
+      raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def _first_tokens(key: jax.Array, q: jax.Array, config: SpecTrConfig):
+  """The k drafts' first tokens [k] from q [V], and which are valid [k] bool.
+
+  I.i.d.: draw j uses fold_in(key, j), like later positions. Without replacement: Gumbel top-k
+  (sequential sampling without replacement, Kool et al. 2019); draws past q's support are invalid.
+  """
+  copies = config.num_drafts
+  if not config.without_replacement:
+    tokens = jax.vmap(lambda j: verify.draw(jax.random.fold_in(key, j), q))(jnp.arange(copies))
+    return tokens, jnp.ones((copies,), bool)
+  scores = jnp.log(q) + jax.random.gumbel(key, q.shape, jnp.float32)
+  values, tokens = jax.lax.top_k(scores, copies)
+  return tokens.astype(jnp.int32), values > -jnp.inf
+
+
+def _verify_row(keys, p, q, drafts, valid, without_replacement: bool):
+  """One row's round: runs the per-position rule over the drafts agreeing with the prefix.
+
+  Args:
+    keys: [gamma + 1] VERIFY keys of the positions p decides.
+    p: [k, gamma + 1, V] target distributions per draft; q: [k, gamma, V] draft distributions.
+    drafts: [k, gamma] int32; valid: [k] bool drafts taking part.
+  Returns:
+    (accepted count [] int32, the round's last token [] int32, index [] of a draft whose prefix
+    was emitted, so its caches hold the emitted tokens).
+  """
+  gamma = drafts.shape[1]
+
+  def position(carry, inputs):
+    active, alive, count, last = carry
+    key, i, p_i, q_i, tokens = inputs  # p_i, q_i [k, V]; tokens [k]
+    ref = jnp.argmax(active)  # active drafts share the prefix, hence p_i and q_i
+    if without_replacement:
+      wor = verify.without_replacement(q_i[ref], tokens, active)
+      qs = jnp.where(i == 0, wor, jnp.broadcast_to(q_i[ref], q_i.shape))
+      index, token = verify.recursive_rejection(key, p_i[ref], qs, tokens, active)
+    else:
+      index, token = verify.k_sequential(key, p_i[ref], q_i[ref], tokens, active)
+    accepted = alive & (index >= 0)
+    last = jnp.where(alive & (index < 0), token, last)
+    active = jnp.where(accepted, active & (tokens == token), active)
+    return (active, accepted, count + accepted, last), None
+
+  inputs = (keys[:gamma], jnp.arange(gamma), jnp.moveaxis(p[:, :gamma], 1, 0),
+            jnp.moveaxis(q, 1, 0), drafts.T)
+  start = (valid, jnp.bool_(True), jnp.int32(0), jnp.int32(0))
+  (active, alive, count, last), _ = jax.lax.scan(position, start, inputs)
+  ref = jnp.argmax(active).astype(jnp.int32)
+  last = jnp.where(alive, verify.draw(keys[gamma], p[ref, gamma]), last)
+  return count, last, ref
+
+
+def _prefill(model: CausalModel, params, prompt: jax.Array, slots: int):
+  positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
+  run = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
+  return rows.call(run, params, prompt, positions, rows.init(model, prompt.shape[0], slots))
+
+
+@functools.partial(jax.jit, static_argnames=("target", "draft", "config"))
+def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
+           prompt: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
+           config: SpecTrConfig) -> SampleOutput:
+  """Generates up to N tokens per row after right-padded prompts, with k drafts per round.
+
+  Args and randomness as in `speculative.sample` (draft j of a row at position t uses
+  fold_in(DRAFT key of t, j)). `drafted_tokens` counts positions (gamma per row per round),
+  whatever k.
+  Raises:
+    ValueError: vocabularies differ, P + N + gamma - 1 exceeds either model's max_len, or
+      without_replacement with more drafts than tokens.
+  """
+  batch, prompt_len = prompt.shape
+  copies, gamma = config.num_drafts, config.num_draft_tokens
+  slots = draft_verify.check_pair(target, draft, prompt_len, config)
+  if config.without_replacement and copies > target.vocab_size:
+    raise ValueError(f"without_replacement needs num_drafts <= vocab_size; got num_drafts "
+                     f"{copies} for vocab_size {target.vocab_size}")
+  keys = rng.row_keys(key, batch)
+  prompt_lengths = prompt_lengths.astype(jnp.int32)
+
+  def round_fn(caches, seq, context):
+    """Same cache invariant as `speculative`; row b's copy j is row b * k + j."""
+    target_rows, draft_rows = caches
+    last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
+    logits, draft_rows = rows.call(draft.apply, draft_params,
+                                   jnp.take_along_axis(seq, last_two, axis=1), last_two,
+                                   rows.set_lengths(draft_rows, context - 2))
+    q_first = probs(logits[:, 1], config.sampling)  # [B, V]
+    first, valid = jax.vmap(_first_tokens, in_axes=(0, 0, None))(
+        stream_keys(keys, context, DRAFT), q_first, config)  # [B, k]
+    copy_context = jnp.repeat(context, copies)  # [B * k]
+
+    def draft_step(carry, i):  # feeds draft token i of every copy, draws token i + 1
+      token, cache = carry
+      logits, cache = rows.call(draft.apply, draft_params, token[:, None],
+                                (copy_context + i - 1)[:, None], cache)
+      q = probs(logits[:, 0], config.sampling)
+      position_keys = jnp.repeat(stream_keys(keys, context + i, DRAFT), copies)
+      copy_keys = jax.vmap(jax.random.fold_in)(position_keys, jnp.tile(jnp.arange(copies), batch))
+      token = jax.vmap(verify.draw)(copy_keys, q)
+      return (token, cache), (token, q)
+
+    (_, draft_rows), (rest, q_rest) = jax.lax.scan(
+        draft_step, (first.reshape(-1), rows.repeat(draft_rows, copies)), jnp.arange(1, gamma))
+    drafts = jnp.concatenate([first[..., None], rest.T.reshape(batch, copies, gamma - 1)], axis=2)
+    q = jnp.concatenate([jnp.broadcast_to(q_first[:, None, None], (batch, copies, 1) + q_first.shape[1:]),
+                         jnp.moveaxis(q_rest, 0, 1).reshape(batch, copies, gamma - 1, -1)], axis=2)
+
+    window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
+    last_token = jnp.take_along_axis(seq, window[:, :1], axis=1)  # [B, 1]
+    scored = jnp.concatenate([jnp.broadcast_to(last_token[:, None], (batch, copies, 1)), drafts],
+                             axis=2).reshape(batch * copies, gamma + 1)
+    logits, target_rows = rows.call(target.apply, target_params, scored,
+                                    jnp.repeat(window, copies, axis=0),
+                                    rows.repeat(rows.set_lengths(target_rows, context - 1), copies))
+    p = probs(logits, config.sampling).reshape(batch, copies, gamma + 1, -1)
+
+    verify_keys = stream_keys(keys, window + 1, VERIFY)  # [B, gamma + 1]
+    count, last, chosen = jax.vmap(_verify_row, in_axes=(0, 0, 0, 0, 0, None))(
+        verify_keys, p, q, drafts, valid, config.without_replacement)
+    keep = jnp.arange(batch) * copies + chosen
+    path = jnp.take_along_axis(drafts, chosen[:, None, None], axis=1)[:, 0]  # [B, gamma]
+    index = jnp.arange(gamma + 1)[None, :]
+    padded = jnp.concatenate([path, path[:, :1]], axis=1)
+    emitted = jnp.where(index < count[:, None], padded, last[:, None])
+    return (rows.take(target_rows, keep), rows.take(draft_rows, keep)), emitted, count
+
+  target_logits, target_rows = _prefill(target, target_params, prompt, slots)
+  _, draft_rows = _prefill(draft, draft_params, prompt, slots)
+  first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
+  return draft_verify.decode(round_fn, (target_rows, draft_rows), first_logits[:, 0], prompt,
+                             prompt_lengths, keys, config)

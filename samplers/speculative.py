@@ -1,0 +1,132 @@
+"""Speculative sampling (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative
+Decoding"; Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative
+Sampling").
+
+Each round, a small draft model proposes gamma tokens autoregressively from its KV cache; the
+target scores the row's last emitted token and the gamma drafts in one call; draft i is accepted
+with probability min(1, p_i / q_i) until the first rejection, where a token is drawn from
+norm(max(0, p_i - q_i)); if all gamma are accepted a bonus token is drawn from p_{gamma+1}.
+p and q are the target's and draft's distributions after the same temperature / top-k / top-p.
+
+Guarantee: every row's output has exactly the distribution of sampling from the target alone
+(`samplers.ar`). Greedy (temperature 0) makes p and q one-hot, so the output is the target's
+greedy continuation, token for token (up to numerical near-ties between batched and single-token
+target calls). Rows accept different numbers of drafts; both caches are rolled back per row by
+moving their length pointers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from samplers import draft_verify, rng, verify
+from samplers.draft_verify import DRAFT, VERIFY, stream_keys
+from samplers.logits import SamplingParams, probs
+from samplers.protocol import CausalModel, SampleOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+  """Attributes:
+    num_draft_tokens: gamma >= 1, tokens the draft proposes per round.
+    max_new_tokens: N, tokens generated per row at most.
+    sampling: how tokens are drawn; applied identically to target and draft.
+    eos_id: a row stops after emitting it; None never stops early.
+    pad_id: fills `SampleOutput.tokens` after a row's end.
+  """
+
+  num_draft_tokens: int
+  max_new_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.num_draft_tokens < 1:
+      raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def _prefill(model: CausalModel, params, prompt: jax.Array, slots: int):
+  """Prompt logits [B, P, V] and a cache holding the prompt (pointer set later by the round)."""
+  positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
+  run = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
+  return run(params, prompt, positions, model.init_cache(prompt.shape[0], slots))
+
+
+@functools.partial(jax.jit, static_argnames=("target", "draft", "config"))
+def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
+           prompt: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
+           config: SpeculativeConfig) -> SampleOutput:
+  """Generates up to N tokens per row after right-padded prompts, with a draft model.
+
+  Args:
+    target, draft: hashable `CausalModel`s with the same vocabulary (static).
+    target_params, draft_params: their parameters.
+    prompt: [B, P] int32, row b's prompt is prompt[b, :prompt_lengths[b]]; the rest is padding.
+    prompt_lengths: [B] int32, each in [1, P].
+    key: one key, or one per row (see `rng.row_keys`); see `draft_verify` for the streams.
+    config: static `SpeculativeConfig`.
+  Returns:
+    SampleOutput with tokens [B, N] and the statistics of `draft_verify.decode`.
+  Raises:
+    ValueError: vocabularies differ, or P + N + gamma - 1 exceeds either model's max_len.
+  """
+  batch, prompt_len = prompt.shape
+  gamma = config.num_draft_tokens
+  slots = draft_verify.check_pair(target, draft, prompt_len, config)
+  keys = rng.row_keys(key, batch)
+  prompt_lengths = prompt_lengths.astype(jnp.int32)
+  draw_rows = jax.vmap(verify.draw)
+
+  def round_fn(caches, seq, context):
+    """Cache invariant at a round's start: the target holds all of the row's `context` tokens
+    but the last, the draft all but the last two (it re-reads the second-to-last, which it
+    lacks after a round whose gamma drafts were all accepted)."""
+    target_cache, draft_cache = caches
+    last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
+    logits, draft_cache = draft.apply(draft_params, jnp.take_along_axis(seq, last_two, axis=1),
+                                      last_two, draft_cache.replace(lengths=context - 2))
+    q_first = probs(logits[:, 1], config.sampling)
+    first = draw_rows(stream_keys(keys, context, DRAFT), q_first)
+
+    def draft_step(carry, i):  # feeds draft i (at position context + i - 1), draws draft i + 1
+      token, cache = carry
+      logits, cache = draft.apply(draft_params, token[:, None], (context + i - 1)[:, None], cache)
+      q = probs(logits[:, 0], config.sampling)
+      token = draw_rows(stream_keys(keys, context + i, DRAFT), q)
+      return (token, cache), (token, q)
+
+    (_, draft_cache), (rest, q_rest) = jax.lax.scan(draft_step, (first, draft_cache),
+                                                    jnp.arange(1, gamma))
+    drafts = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, gamma]
+    q = jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)], axis=1)  # [B, gamma, V]
+
+    window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
+    scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
+    logits, target_cache = target.apply(target_params, scored, window,
+                                        target_cache.replace(lengths=context - 1))
+    p = probs(logits, config.sampling)  # [B, gamma + 1, V]
+
+    verify_keys = stream_keys(keys, window + 1, VERIFY)  # the position each p_i decides
+    accepted, tokens = jax.vmap(jax.vmap(verify.single_draft))(verify_keys[:, :gamma],
+                                                               p[:, :gamma], q, drafts)
+    count = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1, dtype=jnp.int32)  # [B] in [0, gamma]
+    bonus = draw_rows(verify_keys[:, gamma], p[:, gamma])
+    at_rejection = jnp.take_along_axis(tokens, jnp.minimum(count, gamma - 1)[:, None], axis=1)[:, 0]
+    last = jnp.where(count < gamma, at_rejection, bonus)
+    index = jnp.arange(gamma + 1)[None, :]
+    padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
+    emitted = jnp.where(index < count[:, None], padded, last[:, None])
+    return (target_cache, draft_cache), emitted, count
+
+  target_logits, target_cache = _prefill(target, target_params, prompt, slots)
+  _, draft_cache = _prefill(draft, draft_params, prompt, slots)
+  first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
+  return draft_verify.decode(round_fn, (target_cache, draft_cache), first_logits[:, 0], prompt,
+                             prompt_lengths, keys, config)
