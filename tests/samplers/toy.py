@@ -67,18 +67,33 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def exact_joint(table, prompt, steps: int,
-                dist: Callable[[np.ndarray], np.ndarray] = softmax) -> np.ndarray:
+                dist: Callable[[np.ndarray], np.ndarray] = softmax,
+                eos_id: int | None = None, pad_id: int = 0) -> np.ndarray:
   """Probabilities [V] * steps of every continuation of `prompt` (1-D tokens), by enumeration.
 
   `dist` maps next-token logits [V] to the sampling distribution (e.g. with temperature/top-k).
+  With `eos_id`, a continuation ends at its first eos and its remaining tokens are `pad_id`.
   """
   table = np.asarray(table, np.float64)
   prompt = list(prompt)
+  vocab = table.shape[-1]
+
+  def padding(depth):
+    tail = np.zeros((vocab,) * depth)
+    tail[(pad_id,) * depth] = 1.0
+    return tail
 
   def joint(previous, current, depth):
     p = np.asarray(dist(table[previous, current]), np.float64)
     if depth == 1:
       return p
-    return np.stack([p[x] * joint(current, x, depth - 1) for x in range(len(p))])
+    return np.stack([p[x] * (padding(depth - 1) if x == eos_id else joint(current, x, depth - 1))
+                     for x in range(len(p))])
 
   return joint(prompt[-2] if len(prompt) > 1 else 0, prompt[-1], steps)
+
+
+def context_free(logits) -> jax.Array:
+  """A [V, V, V] table whose next-token logits are `logits` [V] whatever the context."""
+  logits = jnp.asarray(logits, jnp.float32)
+  return jnp.broadcast_to(logits, (logits.shape[0],) * 3)

@@ -1,0 +1,32 @@
+"""Exactness oracle: sampled continuations against the exact joint of a toy model.
+
+Samples are the [R, N] token arrays of R rows; their empirical joint over the V^N continuations
+is compared with the exact joint (`toy.exact_joint`) by Pearson's chi-square, with cells of
+expected count < 5 pooled into one (`stats.chi_square`), and a p-value from scipy's chi-square
+distribution. Seeds are fixed, so each test is deterministic; the thresholds say how surprising a
+result would have to be for a correct sampler (SIGNIFICANCE) and how clearly a broken verifier
+must be caught (POWER).
+"""
+
+import jax.numpy as jnp
+import numpy as np
+from scipy.stats import chi2
+
+from samplers.logits import SamplingParams, probs
+from tests.samplers.stats import chi_square
+
+SIGNIFICANCE = 1e-3  # a correct sampler must give p > SIGNIFICANCE
+POWER = 1e-9  # a deliberately broken verifier must give p < POWER
+
+
+def distribution(sampling: SamplingParams):
+  """logits [V] -> the sampling distribution [V] float64, computed as the samplers do."""
+  return lambda logits: np.asarray(probs(jnp.asarray(logits, jnp.float32), sampling), np.float64)
+
+
+def p_value(tokens, joint) -> tuple[float, float, int]:
+  """(p-value, chi-square statistic, degrees of freedom) of tokens [R, N] against joint [V]*N."""
+  tokens = np.asarray(tokens)
+  counts = np.bincount(np.ravel_multi_index(tokens.T, joint.shape), minlength=joint.size)
+  stat, dof = chi_square(counts, joint)
+  return float(chi2.sf(stat, dof)), stat, dof
