@@ -118,7 +118,18 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
-  """Decoding for `--mode=sample` (and the sample printed after training)."""
+  """Decoding for `--mode=sample` (and the sample printed after training).
+
+  Attributes:
+    kind: "ar" (autoregressive), "speculative" (draft-then-verify) or "spectr" (k drafts,
+      k-sequential selection).
+    draft_workdir: a trained run used as the draft model ("" = this workdir's companion `draft/`).
+    draft_experiment: a registered experiment trained after this one, by distillation from it, as
+      its companion draft in `WORKDIR/draft` ("" = none).
+    num_draft_tokens: gamma, tokens the draft proposes per target call.
+    num_drafts: k, draft sequences per row for "spectr".
+    without_replacement: "spectr" drafts sampled without replacement (recursive rejection).
+  """
 
   kind: str = "ar"
   max_new_tokens: int = 128
@@ -127,6 +138,11 @@ class SamplerConfig:
   top_p: float = 0.95
   seed: int = 0
   prompt: str = "def "
+  draft_workdir: str = ""
+  draft_experiment: str = ""
+  num_draft_tokens: int = 4
+  num_drafts: int = 2
+  without_replacement: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +184,7 @@ TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "tr
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
+SAMPLER_KINDS = ("ar", "speculative", "spectr")
 
 
 def validate(exp: Experiment) -> Experiment:
@@ -190,7 +207,13 @@ def validate(exp: Experiment) -> Experiment:
        f"checkpoint.every_steps must be positive, got {exp.checkpoint.every_steps}"),
       (exp.checkpoint.keep > 0, f"checkpoint.keep must be positive, got {exp.checkpoint.keep}"),
       (exp.run.log_every > 0, f"run.log_every must be positive, got {exp.run.log_every}"),
-      (exp.sampler.kind == "ar", f"sampler.kind={exp.sampler.kind!r} is unknown; valid: 'ar'"),
+      (exp.sampler.kind in SAMPLER_KINDS,
+       f"sampler.kind={exp.sampler.kind!r} is unknown; valid: {', '.join(SAMPLER_KINDS)}"),
+      (exp.sampler.num_draft_tokens >= 1,
+       f"sampler.num_draft_tokens must be >= 1, got {exp.sampler.num_draft_tokens}"),
+      (exp.sampler.num_drafts >= 1, f"sampler.num_drafts must be >= 1, got {exp.sampler.num_drafts}"),
+      (exp.sampler.max_new_tokens >= 1,
+       f"sampler.max_new_tokens must be >= 1, got {exp.sampler.max_new_tokens}"),
       (exp.sampler.temperature >= 0, f"sampler.temperature must be >= 0, got {exp.sampler.temperature}"),
       (0.0 < exp.sampler.top_p <= 1.0, f"sampler.top_p must be in (0, 1], got {exp.sampler.top_p}"),
   ]

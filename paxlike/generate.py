@@ -1,7 +1,8 @@
 """Text in, text out: encode prompts, run a compiled sampler, decode, and measure it.
 
 Prompts start with the eos id (the training stream separates documents with eos, so eos means
-"start of a document"), are right-padded into one batch and decoded by `samplers.ar`.
+"start of a document"), are right-padded into one batch and decoded by the sampler named by
+`sampler.kind` (`samplers.ar`, `samplers.speculative`, `samplers.spectr`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import numpy as np
 from paxlike import tokenizer
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
-from samplers import ar
+from samplers import ar, spectr, speculative
 from samplers.logits import SamplingParams
+
+DRAFTED_KINDS = ("speculative", "spectr")
 
 
 def encode_prompts(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -31,42 +34,58 @@ def encode_prompts(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.nda
   return ar.pad_prompts(encoded, tokenizer.PAD_ID)
 
 
-def ar_config(cfg: SamplerConfig, max_new_tokens: int) -> ar.ARConfig:
-  return ar.ARConfig(
-      max_new_tokens=max_new_tokens,
-      sampling=SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p),
-      eos_id=tokenizer.EOS_ID, pad_id=tokenizer.PAD_ID)
+def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_params):
+  """(jitted sample function, its leading arguments, its static config) for `cfg.kind`."""
+  common = dict(max_new_tokens=max_new, eos_id=tokenizer.EOS_ID, pad_id=tokenizer.PAD_ID,
+                sampling=SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k,
+                                        top_p=cfg.top_p))
+  if cfg.kind == "ar":
+    return ar.sample, (model, params), ar.ARConfig(**common)
+  if draft is None:
+    raise UserError(f"sampler.kind={cfg.kind} needs a draft model: --set sampler.draft_workdir=DIR "
+                    "(a trained run with the same vocabulary)")
+  if cfg.kind == "speculative":
+    config = speculative.SpeculativeConfig(num_draft_tokens=cfg.num_draft_tokens, **common)
+    return speculative.sample, (model, params, draft, draft_params), config
+  config = spectr.SpecTrConfig(num_drafts=cfg.num_drafts, num_draft_tokens=cfg.num_draft_tokens,
+                               without_replacement=cfg.without_replacement, **common)
+  return spectr.sample, (model, params, draft, draft_params), config
 
 
-def generate(model: Any, params: Any, prompts: list[str],
-             cfg: SamplerConfig) -> tuple[list[str], dict[str, Any]]:
-  """Continuations of `prompts` and statistics (tokens, tokens/s, model calls, times).
+def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, draft: Any = None,
+             draft_params: Any = None) -> tuple[list[str], dict[str, Any]]:
+  """Continuations of `prompts` and statistics (tokens, tokens/s, model calls, acceptance, times).
 
-  Generation stops at eos or at `cfg.max_new_tokens`, shortened so prompt + generation fits in
-  `model.max_len`. The sampler is compiled ahead of time; compile time is reported apart.
+  Generation stops at eos or at `cfg.max_new_tokens`, shortened so prompt + generation (+ the
+  draft window) fits in the models' max_len. The sampler is compiled ahead of time; compile time
+  is reported apart from the decode's wall time.
   """
-  prompt, lengths = encode_prompts(prompts, model.max_len)
-  max_new = min(cfg.max_new_tokens, model.max_len - prompt.shape[1])
-  config = ar_config(cfg, max_new)
-  key = jax.random.key(cfg.seed)
-  args = (params, jnp.asarray(prompt), jnp.asarray(lengths), key)
-  start = time.perf_counter()
-  compiled = ar.sample.lower(model, *args, config).compile()
+  max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
+  prompt, lengths = encode_prompts(prompts, max_len)
+  slack = cfg.num_draft_tokens if cfg.kind in DRAFTED_KINDS else 0
+  max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)
+  if max_new < 1:
+    raise UserError(f"the prompts ({prompt.shape[1]} tokens) leave no room to generate within "
+                    f"model.max_len={max_len}")
+  try:
+    fn, leading, config = _sampler(cfg, max_new, model, params, draft, draft_params)
+    args = (*leading, jnp.asarray(prompt), jnp.asarray(lengths), jax.random.key(cfg.seed))
+    start = time.perf_counter()
+    compiled = fn.lower(*args, config).compile()
+  except ValueError as e:  # the samplers' own checks (vocabularies, lengths, settings)
+    raise UserError(str(e)) from None
   compile_s = time.perf_counter() - start
+  dynamic = (*leading[1::2], *args[len(leading):])  # models (even places) are static
   start = time.perf_counter()
-  out = jax.block_until_ready(compiled(*args))
+  out = jax.block_until_ready(compiled(*dynamic))
   wall_s = time.perf_counter() - start
-  tokens = np.asarray(out.tokens)
-  counts = np.asarray(out.lengths)
+  tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
   texts = [tokenizer.decode(tokens[i, :counts[i]]) for i in range(len(prompts))]
   generated = int(counts.sum())
-  stats = {
-      "sampler": cfg.kind,
-      "batch": len(prompts),
-      "tokens": generated,
-      "tokens_per_s": round(generated / wall_s, 1),
-      "model_calls": int(out.stats["model_calls"]),
-      "wall_s": round(wall_s, 4),
-      "compile_s": round(compile_s, 3),
-  }
+  stats = {"sampler": cfg.kind, "batch": len(prompts), "tokens": generated,
+           "tokens_per_s": round(generated / wall_s, 1), "wall_s": round(wall_s, 4),
+           "compile_s": round(compile_s, 3)}
+  for name, value in out.stats.items():
+    value = np.asarray(value)
+    stats[name] = round(float(value), 4) if value.dtype.kind == "f" else int(value)
   return texts, stats

@@ -11,7 +11,6 @@ All logic lives in importable modules; this file only parses flags and reports e
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -49,12 +48,6 @@ def _ensure_writable(workdir: Path) -> None:
   except OSError as e:
     raise UserError(f"workdir {str(workdir)!r} is not writable ({e.strerror}); "
                     "pass a writable --workdir") from None
-
-
-def _write_config(workdir: Path, exp: config_lib.Experiment) -> None:
-  tmp = workdir / "config.json.tmp"
-  tmp.write_text(config_lib.to_json(exp) + "\n")
-  os.replace(tmp, workdir / "config.json")
 
 
 def _stored_config(workdir: Path) -> config_lib.Experiment | None:
@@ -116,9 +109,7 @@ def run(mode: str, exp_name: str, overrides: list[str], prompts: list[str]) -> i
   except ValueError as e:
     raise UserError(str(e)) from None
   if mode == "train":
-    import jax
-    if jax.process_index() == 0:
-      _write_config(workdir, exp)
+    workflows.write_config(workdir, exp)
     return workflows.train(exp, workdir)
   if mode == "eval":
     return workflows.evaluate(exp, workdir)

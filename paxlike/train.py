@@ -152,24 +152,32 @@ class Trainer:
 
   # ------------------------------------------------------------------ distillation teacher
 
+  @classmethod
+  def from_workdir(cls, workdir: Path | str, mesh: config_lib.MeshConfig,
+                   log: Callable[[str], None] = print) -> "Trainer":
+    """The trained run in `workdir` (its stored config), on the given mesh, without its teacher."""
+    config_file = Path(workdir) / "config.json"
+    if not config_file.exists():
+      raise UserError(f"{str(workdir)!r} has no trained run (no config.json)")
+    exp = config_lib.from_dict(config_lib.Experiment, json.loads(config_file.read_text()))
+    exp = dataclasses.replace(exp, mesh=mesh,
+                              train=dataclasses.replace(exp.train, teacher_workdir=""))
+    return cls(exp, Path(workdir), log=log)
+
   def _teacher_trainer(self) -> "Trainer | None":
     """The trained model named by train.teacher_workdir, on this run's mesh (or None)."""
     path = self.exp.train.teacher_workdir
     if not path:
       return None
-    config_file = Path(path) / "config.json"
-    if not config_file.exists():
-      raise UserError(f"train.teacher_workdir={path!r} has no trained run (no config.json)")
-    teacher_exp = config_lib.from_dict(config_lib.Experiment, json.loads(config_file.read_text()))
-    teacher_exp = dataclasses.replace(teacher_exp, mesh=self.exp.mesh, train=dataclasses.replace(
-        teacher_exp.train, teacher_workdir=""))
-    if teacher_exp.model.vocab_size != self.exp.model.vocab_size:
-      raise UserError(f"the teacher's model.vocab_size={teacher_exp.model.vocab_size} differs from "
-                      f"this model's {self.exp.model.vocab_size}; distillation needs one vocabulary")
-    if teacher_exp.model.max_len < self.exp.data.seq_len:
-      raise UserError(f"the teacher's model.max_len={teacher_exp.model.max_len} is shorter than "
+    teacher = Trainer.from_workdir(path, self.exp.mesh, self.log)
+    if teacher.exp.model.vocab_size != self.exp.model.vocab_size:
+      raise UserError(f"the teacher's model.vocab_size={teacher.exp.model.vocab_size} differs "
+                      f"from this model's {self.exp.model.vocab_size}; distillation needs one "
+                      "vocabulary")
+    if teacher.exp.model.max_len < self.exp.data.seq_len:
+      raise UserError(f"the teacher's model.max_len={teacher.exp.model.max_len} is shorter than "
                       f"data.seq_len={self.exp.data.seq_len}")
-    return Trainer(teacher_exp, Path(path), log=self.log)
+    return teacher
 
   @functools.cached_property
   def teacher_params(self) -> Any:

@@ -5,14 +5,21 @@ Each returns a process exit code; the last line printed by eval and sample is on
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import jax
 
-from paxlike import generate
+from paxlike import config as config_lib
+from paxlike import generate, registry
 from paxlike.config import Experiment
-from paxlike.train import Trainer
+from paxlike.errors import UserError
+from paxlike.train import Trainer, TrainResult
+
+COMPANION_DRAFT = "draft"  # WORKDIR/draft holds the draft trained by `sampler.draft_experiment`
 
 
 def _print(text: str) -> None:
@@ -21,12 +28,70 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
-def _show_samples(trainer: Trainer, params, prompts: list[str]) -> dict:
-  texts, stats = generate.generate(trainer.model, params, prompts, trainer.exp.sampler)
+def write_config(workdir: Path, exp: Experiment) -> None:
+  """DIR/config.json, written atomically by process 0."""
+  if jax.process_index() == 0:
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(config_lib.to_json(exp) + "\n")
+    os.replace(tmp, workdir / "config.json")
+
+
+def _load_draft(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
+  """(draft model, its params) for the drafted sampler kinds, else (None, None)."""
+  if exp.sampler.kind not in generate.DRAFTED_KINDS:
+    return None, None
+  path = Path(exp.sampler.draft_workdir) if exp.sampler.draft_workdir else workdir / COMPANION_DRAFT
+  if not (path / "config.json").exists():
+    raise UserError(f"sampler.kind={exp.sampler.kind} needs a trained draft model: "
+                    f"{str(path)!r} has none; pass --set sampler.draft_workdir=DIR")
+  drafter = Trainer.from_workdir(path, exp.mesh, log=_print)
+  return drafter.model, drafter.restore_params()[0]
+
+
+def _train_companion_draft(exp: Experiment, workdir: Path) -> TrainResult:
+  """Trains `sampler.draft_experiment` in WORKDIR/draft by distillation from this run's model."""
+  draft_exp = registry.get(exp.sampler.draft_experiment)
+  draft_exp = dataclasses.replace(draft_exp, mesh=exp.mesh, train=dataclasses.replace(
+      draft_exp.train, teacher_workdir=str(workdir)))
+  config_lib.validate(draft_exp)
+  draft_dir = workdir / COMPANION_DRAFT
+  draft_dir.mkdir(exist_ok=True)
+  stored = draft_dir / "config.json"
+  if stored.exists():
+    old = config_lib.from_dict(Experiment, json.loads(stored.read_text()))
+    changes = config_lib.diff(old, draft_exp, config_lib.TRAINING_IDENTITY)
+    if changes and not exp.run.allow_config_change:
+      raise UserError(f"the companion draft in {str(draft_dir)!r} was trained differently:\n"
+                      + "\n".join(changes) + "\nuse a new --workdir")
+  write_config(draft_dir, draft_exp)
+  _print(f"training the draft model ({draft_exp.name}) by distillation from {exp.name}")
+  return Trainer(draft_exp, draft_dir, log=_print).run()
+
+
+def _show_samples(trainer: Trainer, params, prompts: list[str], draft=None, draft_params=None,
+                  cfg: config_lib.SamplerConfig | None = None) -> tuple[list[str], dict]:
+  cfg = cfg or trainer.exp.sampler
+  texts, stats = generate.generate(trainer.model, params, prompts, cfg, draft, draft_params)
   for prompt, text in zip(prompts, texts):
-    _print(f"--- sample ({trainer.exp.sampler.kind}, temperature "
-           f"{trainer.exp.sampler.temperature}) ---\n{prompt}{text}\n---")
-  return stats
+    _print(f"--- sample ({cfg.kind}, temperature {cfg.temperature}) ---\n{prompt}{text}\n---")
+  return texts, stats
+
+
+def _side_by_side(trainer: Trainer, params, draft, draft_params) -> dict:
+  """AR and the configured drafted sampler on the same prompt: speed, calls, equal text."""
+  cfg = trainer.exp.sampler
+  prompts = [cfg.prompt]
+  ar_texts, ar_stats = generate.generate(trainer.model, params, prompts,
+                                         dataclasses.replace(cfg, kind="ar"))
+  texts, stats = _show_samples(trainer, params, prompts, draft, draft_params)
+  same = texts == ar_texts
+  _print(f"{'sampler':<12} {'tokens/s':>9} {'tokens/target call':>19} {'acceptance':>10}  same text as AR")
+  _print(f"{'ar':<12} {ar_stats['tokens_per_s']:>9,.0f} {1.0:>19.2f} {'-':>10}  -")
+  _print(f"{cfg.kind:<12} {stats['tokens_per_s']:>9,.0f} {stats['tokens_per_target_call']:>19.2f} "
+         f"{stats['acceptance']:>10.2f}  {same}")
+  return {"ar_tokens_per_s": ar_stats["tokens_per_s"], f"{cfg.kind}_tokens_per_s":
+          stats["tokens_per_s"], "speedup": round(stats["tokens_per_s"] / ar_stats["tokens_per_s"], 2),
+          "acceptance": stats["acceptance"], "same_text_as_ar": same}
 
 
 def train(exp: Experiment, workdir: Path) -> int:
@@ -36,9 +101,19 @@ def train(exp: Experiment, workdir: Path) -> int:
     return 0
   summary = {"steps": result.step, "eval_loss": result.eval_loss, "eval_bpb": result.eval_bpb,
              "train_tokens_per_s": round(result.tokens_per_s, 1)}
+  draft = draft_params = None
+  if exp.sampler.draft_experiment:
+    draft_result = _train_companion_draft(exp, workdir)
+    if draft_result.interrupted:
+      return 0
+    summary["draft_eval_bpb"] = draft_result.eval_bpb
+    draft, draft_params = _load_draft(exp, workdir)
   if exp.run.sample_after_train and jax.process_count() == 1:
-    stats = _show_samples(trainer, result.params, [exp.sampler.prompt])
-    summary["sample_tokens_per_s"] = stats["tokens_per_s"]
+    if draft is not None:
+      summary.update(_side_by_side(trainer, result.params, draft, draft_params))
+    else:
+      _, stats = _show_samples(trainer, result.params, [exp.sampler.prompt])
+      summary["sample_tokens_per_s"] = stats["tokens_per_s"]
   bpb = f"{result.eval_bpb:.3f}" if result.eval_bpb is not None else "n/a"
   _print(f"done: {result.step} steps, held-out {bpb} bits/byte, "
          f"{result.tokens_per_s:,.0f} train tokens/s; checkpoints in {workdir / 'checkpoints'}")
@@ -57,6 +132,7 @@ def evaluate(exp: Experiment, workdir: Path) -> int:
 def sample(exp: Experiment, workdir: Path, prompts: list[str]) -> int:
   trainer = Trainer(exp, workdir, log=_print)
   params, step = trainer.restore_params()
-  stats = _show_samples(trainer, params, prompts)
+  draft, draft_params = _load_draft(exp, workdir)
+  _, stats = _show_samples(trainer, params, prompts, draft, draft_params)
   _print(json.dumps({"step": step, **stats}))
   return 0
