@@ -195,3 +195,27 @@ def test_checkpoint_from_another_model_shape_is_refused_untouched(trained, tmp_p
                         "saved (128, 64), model expects (96, 64)")
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["10", "20"]
   assert not (workdir / "checkpoints_unreadable").exists()
+
+
+@pytest.mark.parametrize("kind", ["speculative", "spectr"])
+def test_drafted_sampling_from_the_cli_matches_greedy_ar(trained, kind):
+  common = (f"--workdir={trained}", "--mode=sample", "--prompt=ROMEO:", "--set",
+            "sampler.max_new_tokens=20", "--set", "sampler.temperature=0")
+  ar = cli.run(*common)
+  drafted = cli.run(*common, "--set", f"sampler.kind={kind}", "--set",
+                    f"sampler.draft_workdir={trained}", "--set", "sampler.num_draft_tokens=3")
+  assert drafted.returncode == 0, drafted.stderr
+  stats = cli.last_json(drafted.stdout)
+  assert stats["sampler"] == kind and stats["acceptance"] == 1.0  # the draft is the target
+  assert stats["draft_calls"] > 1 and stats["target_calls"] < stats["tokens"]
+  text = lambda out: out[out.index("---"):out.rindex("---")].split("\n", 1)[1]
+  assert text(drafted.stdout) == text(ar.stdout)
+
+
+def test_drafted_sampling_without_a_draft(trained):
+  cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--set",
+                                "sampler.kind=speculative"),
+                        "sampler.kind=speculative needs a trained draft model",
+                        "sampler.draft_workdir")
+  cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--set",
+                                "sampler.num_draft_tokens=0"), "num_draft_tokens must be >= 1")
