@@ -6,11 +6,11 @@ token). This module owns the rest: checking the model pair, the per-row randomne
 first token from the target's prefill, and a `lax.while_loop` that appends each row's tokens at
 its own pointer, cuts rows at eos / max_new_tokens, and counts statistics.
 
-Randomness: a row's token at absolute position t is proposed with
-fold_in(fold_in(row_key, t), DRAFT) and verified (accepted, or drawn from a residual or bonus
-distribution) with fold_in(fold_in(row_key, t), VERIFY). A position's keys are used again in a
-later round only if everything drawn with them before was discarded, so every round sees fresh
-randomness, and a row's samples do not depend on the rest of the batch.
+Randomness: everything a round draws for a row's absolute position t (the draft token(s) at t,
+then the uniforms that verify t or draw its bonus token) comes from one vector
+`verify.uniforms(fold_in(row_key, t), (n,))` (`position_uniforms`). A position's uniforms are used
+again in a later round only if everything drawn from them before was discarded, so every round
+sees fresh randomness, and a row's samples do not depend on the rest of the batch.
 """
 
 from __future__ import annotations
@@ -25,21 +25,20 @@ from samplers import verify
 from samplers.logits import probs
 from samplers.protocol import CausalModel, SampleOutput
 
-DRAFT, VERIFY = 0, 1
-
 # (caches, seq [B, S] prompt + generated tokens, context_lengths [B]) ->
 #   (caches, emitted [B, gamma + 1] int32, accepted [B] int32): row b emits
 #   emitted[b, :accepted[b] + 1] (its accepted drafts, then one target token).
 Round = Callable[[Any, jax.Array, jax.Array], tuple[Any, jax.Array, jax.Array]]
 
 
-def stream_keys(keys: jax.Array, positions: jax.Array, stream: int) -> jax.Array:
-  """keys [B] typed, positions [B, ...] int32 -> [B, ...] keys for that stream."""
+def position_uniforms(keys: jax.Array, positions: jax.Array, size: int) -> jax.Array:
+  """keys [B] typed, positions [B, W] int32 -> [B, W, size] uniforms for those positions."""
   def one(key, position):
-    return jax.random.fold_in(jax.random.fold_in(key, position), stream)
+    return verify.uniforms(jax.random.fold_in(key, position), (size,))
 
-  flat = positions.reshape(positions.shape[0], -1)
-  return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(keys, flat).reshape(positions.shape)
+  batch, width = positions.shape
+  flat = jax.vmap(one)(jnp.repeat(keys, width), positions.reshape(-1))  # one vmap compiles faster
+  return flat.reshape(batch, width, size)
 
 
 def check_pair(target: CausalModel, draft: CausalModel, prompt_len: int, config) -> int:
@@ -110,8 +109,9 @@ def decode(round_fn: Round, caches: Any, first_logits: jax.Array, prompt: jax.Ar
   """
   batch, prompt_len = prompt.shape
   gamma, steps = config.num_draft_tokens, config.max_new_tokens
-  first_keys = stream_keys(keys, prompt_lengths, VERIFY)
-  first = jax.vmap(verify.draw)(first_keys, probs(first_logits, config.sampling))
+  vocab = first_logits.shape[-1]
+  noise = position_uniforms(keys, prompt_lengths[:, None], vocab)[:, 0]
+  first = jax.vmap(verify.draw)(noise, probs(first_logits, config.sampling))
   seq = jnp.zeros((batch, prompt_len + steps + gamma), jnp.int32).at[:, :prompt_len].set(prompt)
   none = jnp.zeros((batch,), bool)
   seq, n, done = _commit(seq, prompt_lengths, jnp.zeros((batch,), jnp.int32), none,

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 
 from samplers import draft_verify, rng, rows, verify
-from samplers.draft_verify import DRAFT, VERIFY, stream_keys
 from samplers.logits import SamplingParams, probs
 from samplers.protocol import CausalModel, SampleOutput
 
@@ -60,26 +59,25 @@ class SpecTrConfig:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-def _first_tokens(key: jax.Array, q: jax.Array, config: SpecTrConfig):
-  """The k drafts' first tokens [k] from q [V], and which are valid [k] bool.
+def _first_tokens(noise: jax.Array, q: jax.Array, without_replacement: bool):
+  """The k drafts' first tokens [k] from q [V] with uniforms noise [k, V], and which are valid.
 
-  I.i.d.: draw j uses fold_in(key, j), like later positions. Without replacement: Gumbel top-k
-  (sequential sampling without replacement, Kool et al. 2019); draws past q's support are invalid.
+  I.i.d.: draft j uses noise[j], like later positions. Without replacement: Gumbel top-k over
+  noise[0] (sequential sampling without replacement, Kool et al. 2019); draws past q's support
+  are invalid.
   """
-  copies = config.num_drafts
-  if not config.without_replacement:
-    tokens = jax.vmap(lambda j: verify.draw(jax.random.fold_in(key, j), q))(jnp.arange(copies))
-    return tokens, jnp.ones((copies,), bool)
-  scores = jnp.log(q) + jax.random.gumbel(key, q.shape, jnp.float32)
-  values, tokens = jax.lax.top_k(scores, copies)
+  copies = noise.shape[0]
+  if not without_replacement:
+    return jax.vmap(verify.draw, in_axes=(0, None))(noise, q), jnp.ones((copies,), bool)
+  values, tokens = jax.lax.top_k(jnp.log(q) - jnp.log(-jnp.log(noise[0])), copies)
   return tokens.astype(jnp.int32), values > -jnp.inf
 
 
-def _verify_row(keys, p, q, drafts, valid, without_replacement: bool):
+def _verify_row(u, p, q, drafts, valid, without_replacement: bool):
   """One row's round: runs the per-position rule over the drafts agreeing with the prefix.
 
   Args:
-    keys: [gamma + 1] VERIFY keys of the positions p decides.
+    u: [gamma + 1, k + V] uniforms of the positions p decides.
     p: [k, gamma + 1, V] target distributions per draft; q: [k, gamma, V] draft distributions.
     drafts: [k, gamma] int32; valid: [k] bool drafts taking part.
   Returns:
@@ -90,25 +88,25 @@ def _verify_row(keys, p, q, drafts, valid, without_replacement: bool):
 
   def position(carry, inputs):
     active, alive, count, last = carry
-    key, i, p_i, q_i, tokens = inputs  # p_i, q_i [k, V]; tokens [k]
+    u_i, i, p_i, q_i, tokens = inputs  # p_i, q_i [k, V]; tokens [k]
     ref = jnp.argmax(active)  # active drafts share the prefix, hence p_i and q_i
     if without_replacement:
       wor = verify.without_replacement(q_i[ref], tokens, active)
       qs = jnp.where(i == 0, wor, jnp.broadcast_to(q_i[ref], q_i.shape))
-      index, token = verify.recursive_rejection(key, p_i[ref], qs, tokens, active)
+      index, token = verify.recursive_rejection(u_i, p_i[ref], qs, tokens, active)
     else:
-      index, token = verify.k_sequential(key, p_i[ref], q_i[ref], tokens, active)
+      index, token = verify.k_sequential(u_i, p_i[ref], q_i[ref], tokens, active)
     accepted = alive & (index >= 0)
     last = jnp.where(alive & (index < 0), token, last)
     active = jnp.where(accepted, active & (tokens == token), active)
     return (active, accepted, count + accepted, last), None
 
-  inputs = (keys[:gamma], jnp.arange(gamma), jnp.moveaxis(p[:, :gamma], 1, 0),
+  inputs = (u[:gamma], jnp.arange(gamma), jnp.moveaxis(p[:, :gamma], 1, 0),
             jnp.moveaxis(q, 1, 0), drafts.T)
   start = (valid, jnp.bool_(True), jnp.int32(0), jnp.int32(0))
   (active, alive, count, last), _ = jax.lax.scan(position, start, inputs)
   ref = jnp.argmax(active).astype(jnp.int32)
-  last = jnp.where(alive, verify.draw(keys[gamma], p[ref, gamma]), last)
+  last = jnp.where(alive, verify.draw(u[gamma, drafts.shape[0]:], p[ref, gamma]), last)
   return count, last, ref
 
 
@@ -124,15 +122,16 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
            config: SpecTrConfig) -> SampleOutput:
   """Generates up to N tokens per row after right-padded prompts, with k drafts per round.
 
-  Args and randomness as in `speculative.sample` (draft j of a row at position t uses
-  fold_in(DRAFT key of t, j)). `drafted_tokens` counts positions (gamma per row per round),
-  whatever k.
+  Args as in `speculative.sample`. Position t of a row draws draft j's token there from
+  uniforms [j V, (j + 1) V) of its `draft_verify.position_uniforms` (without replacement: the
+  first tokens by Gumbel top-k over the first V), and is verified with the next k + V.
+  `drafted_tokens` counts positions (gamma per row per round), whatever k.
   Raises:
     ValueError: vocabularies differ, P + N + gamma - 1 exceeds either model's max_len, or
       without_replacement with more drafts than tokens.
   """
   batch, prompt_len = prompt.shape
-  copies, gamma = config.num_drafts, config.num_draft_tokens
+  copies, gamma, vocab = config.num_drafts, config.num_draft_tokens, target.vocab_size
   slots = draft_verify.check_pair(target, draft, prompt_len, config)
   if config.without_replacement and copies > target.vocab_size:
     raise ValueError(f"without_replacement needs num_drafts <= vocab_size; got num_drafts "
@@ -143,32 +142,36 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
   def round_fn(caches, seq, context):
     """Same cache invariant as `speculative`; row b's copy j is row b * k + j."""
     target_rows, draft_rows = caches
+    window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
+    u = draft_verify.position_uniforms(keys, window + 1, copies * vocab + copies + vocab)
+    noise = u[:, :gamma, :copies * vocab].reshape(batch, gamma, copies, vocab)
+    verify_u = u[..., copies * vocab:]  # [B, gamma + 1, k + V]
     last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
     logits, draft_rows = rows.call(draft.apply, draft_params,
                                    jnp.take_along_axis(seq, last_two, axis=1), last_two,
                                    rows.set_lengths(draft_rows, context - 2))
     q_first = probs(logits[:, 1], config.sampling)  # [B, V]
     first, valid = jax.vmap(_first_tokens, in_axes=(0, 0, None))(
-        stream_keys(keys, context, DRAFT), q_first, config)  # [B, k]
+        noise[:, 0], q_first, config.without_replacement)  # [B, k]
     copy_context = jnp.repeat(context, copies)  # [B * k]
 
-    def draft_step(carry, i):  # feeds draft token i of every copy, draws token i + 1
+    def draft_step(carry, inputs):  # feeds draft token i of every copy, draws token i + 1
       token, cache = carry
+      i, step_noise = inputs  # step_noise [B * k, V]
       logits, cache = rows.call(draft.apply, draft_params, token[:, None],
                                 (copy_context + i - 1)[:, None], cache)
       q = probs(logits[:, 0], config.sampling)
-      position_keys = jnp.repeat(stream_keys(keys, context + i, DRAFT), copies)
-      copy_keys = jax.vmap(jax.random.fold_in)(position_keys, jnp.tile(jnp.arange(copies), batch))
-      token = jax.vmap(verify.draw)(copy_keys, q)
+      token = jax.vmap(verify.draw)(step_noise, q)
       return (token, cache), (token, q)
 
+    step_noise = jnp.moveaxis(noise[:, 1:], 1, 0).reshape(gamma - 1, batch * copies, vocab)
     (_, draft_rows), (rest, q_rest) = jax.lax.scan(
-        draft_step, (first.reshape(-1), rows.repeat(draft_rows, copies)), jnp.arange(1, gamma))
+        draft_step, (first.reshape(-1), rows.repeat(draft_rows, copies)),
+        (jnp.arange(1, gamma), step_noise))
     drafts = jnp.concatenate([first[..., None], rest.T.reshape(batch, copies, gamma - 1)], axis=2)
     q = jnp.concatenate([jnp.broadcast_to(q_first[:, None, None], (batch, copies, 1) + q_first.shape[1:]),
                          jnp.moveaxis(q_rest, 0, 1).reshape(batch, copies, gamma - 1, -1)], axis=2)
 
-    window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
     last_token = jnp.take_along_axis(seq, window[:, :1], axis=1)  # [B, 1]
     scored = jnp.concatenate([jnp.broadcast_to(last_token[:, None], (batch, copies, 1)), drafts],
                              axis=2).reshape(batch * copies, gamma + 1)
@@ -177,9 +180,8 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
                                     rows.repeat(rows.set_lengths(target_rows, context - 1), copies))
     p = probs(logits, config.sampling).reshape(batch, copies, gamma + 1, -1)
 
-    verify_keys = stream_keys(keys, window + 1, VERIFY)  # [B, gamma + 1]
     count, last, chosen = jax.vmap(_verify_row, in_axes=(0, 0, 0, 0, 0, None))(
-        verify_keys, p, q, drafts, valid, config.without_replacement)
+        verify_u, p, q, drafts, valid, config.without_replacement)
     keep = jnp.arange(batch) * copies + chosen
     path = jnp.take_along_axis(drafts, chosen[:, None, None], axis=1)[:, 0]  # [B, gamma]
     index = jnp.arange(gamma + 1)[None, :]

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from samplers import draft_verify, rng, verify
-from samplers.draft_verify import DRAFT, VERIFY, stream_keys
 from samplers.logits import SamplingParams, probs
 from samplers.protocol import CausalModel, SampleOutput
 
@@ -70,7 +69,9 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     target_params, draft_params: their parameters.
     prompt: [B, P] int32, row b's prompt is prompt[b, :prompt_lengths[b]]; the rest is padding.
     prompt_lengths: [B] int32, each in [1, P].
-    key: one key, or one per row (see `rng.row_keys`); see `draft_verify` for the streams.
+    key: one key, or one per row (see `rng.row_keys`). Position t of a row draws its draft token
+      from the first V of its uniforms (`draft_verify.position_uniforms`), and is verified with
+      the next 1 + V (`verify.single_draft`; a bonus token uses the last V).
     config: static `SpeculativeConfig`.
   Returns:
     SampleOutput with tokens [B, N] and the statistics of `draft_verify.decode`.
@@ -78,7 +79,7 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     ValueError: vocabularies differ, or P + N + gamma - 1 exceeds either model's max_len.
   """
   batch, prompt_len = prompt.shape
-  gamma = config.num_draft_tokens
+  gamma, vocab = config.num_draft_tokens, target.vocab_size
   slots = draft_verify.check_pair(target, draft, prompt_len, config)
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
@@ -89,35 +90,37 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     but the last, the draft all but the last two (it re-reads the second-to-last, which it
     lacks after a round whose gamma drafts were all accepted)."""
     target_cache, draft_cache = caches
+    window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
+    u = draft_verify.position_uniforms(keys, window + 1, 1 + 2 * vocab)  # position p_i decides
+    noise, verify_u = u[:, :gamma, :vocab], u[..., vocab:]
     last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
     logits, draft_cache = draft.apply(draft_params, jnp.take_along_axis(seq, last_two, axis=1),
                                       last_two, draft_cache.replace(lengths=context - 2))
     q_first = probs(logits[:, 1], config.sampling)
-    first = draw_rows(stream_keys(keys, context, DRAFT), q_first)
+    first = draw_rows(noise[:, 0], q_first)
 
-    def draft_step(carry, i):  # feeds draft i (at position context + i - 1), draws draft i + 1
+    def draft_step(carry, inputs):  # feeds draft i (at position context + i - 1), draws draft i + 1
       token, cache = carry
+      i, step_noise = inputs
       logits, cache = draft.apply(draft_params, token[:, None], (context + i - 1)[:, None], cache)
       q = probs(logits[:, 0], config.sampling)
-      token = draw_rows(stream_keys(keys, context + i, DRAFT), q)
+      token = draw_rows(step_noise, q)
       return (token, cache), (token, q)
 
-    (_, draft_cache), (rest, q_rest) = jax.lax.scan(draft_step, (first, draft_cache),
-                                                    jnp.arange(1, gamma))
+    (_, draft_cache), (rest, q_rest) = jax.lax.scan(
+        draft_step, (first, draft_cache), (jnp.arange(1, gamma), jnp.moveaxis(noise[:, 1:], 1, 0)))
     drafts = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, gamma]
     q = jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)], axis=1)  # [B, gamma, V]
 
-    window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
     logits, target_cache = target.apply(target_params, scored, window,
                                         target_cache.replace(lengths=context - 1))
     p = probs(logits, config.sampling)  # [B, gamma + 1, V]
 
-    verify_keys = stream_keys(keys, window + 1, VERIFY)  # the position each p_i decides
-    accepted, tokens = jax.vmap(jax.vmap(verify.single_draft))(verify_keys[:, :gamma],
+    accepted, tokens = jax.vmap(jax.vmap(verify.single_draft))(verify_u[:, :gamma],
                                                                p[:, :gamma], q, drafts)
     count = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1, dtype=jnp.int32)  # [B] in [0, gamma]
-    bonus = draw_rows(verify_keys[:, gamma], p[:, gamma])
+    bonus = draw_rows(verify_u[:, gamma, 1:], p[:, gamma])
     at_rejection = jnp.take_along_axis(tokens, jnp.minimum(count, gamma - 1)[:, None], axis=1)[:, 0]
     last = jnp.where(count < gamma, at_rejection, bonus)
     index = jnp.arange(gamma + 1)[None, :]

@@ -1,12 +1,15 @@
 """Per-position verification rules of draft-then-verify samplers, as small pure functions.
 
 A rule sees one position of one row: the target's sampling distribution p [V], the distribution
-the proposals were drawn from, the proposed tokens and one key. It returns which proposal was
+the proposals were drawn from, the proposed tokens and uniforms. It returns which proposal was
 accepted (or that none was) and the emitted token. Guarantee (algorithms.md): the emitted token
 is distributed exactly as p, provided the proposals were drawn as the rule assumes. Sequence-level
 samplers scan a rule over positions and vmap it over rows; token-tree samplers apply it per node.
 
-Each rule splits its key into an acceptance key and an emission key. Probabilities are float32.
+Randomness comes in as uniforms in (0, 1) (`uniforms`), not keys: a sampler draws all of a
+position's uniforms in one call, since every separate random draw site costs XLA:CPU a second or
+more of compile time. A rule over K proposals takes K acceptance uniforms followed by V more for
+its Gumbel-max emission. Probabilities are float32.
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ import jax.numpy as jnp
 _BISECTION_STEPS = 32
 
 
-def draw(key: jax.Array, dist: jax.Array) -> jax.Array:
-  """A token id ([] int32) drawn from probabilities dist [V] (zeros never drawn)."""
-  return jax.random.categorical(key, jnp.log(dist)).astype(jnp.int32)
+def uniforms(key: jax.Array, shape) -> jax.Array:
+  """float32 uniforms in (0, 1) of the given shape, the randomness every rule consumes."""
+  return jax.random.uniform(key, shape, jnp.float32, minval=jnp.finfo(jnp.float32).tiny)
+
+
+def draw(u: jax.Array, dist: jax.Array) -> jax.Array:
+  """A token id ([] int32) ~ probabilities dist [V] by Gumbel-max with uniforms u [V]; zeros in
+  dist are never drawn."""
+  return jnp.argmax(jnp.log(dist) - jnp.log(-jnp.log(u))).astype(jnp.int32)
 
 
 def _normalise(mass: jax.Array, fallback: jax.Array) -> jax.Array:
@@ -39,7 +48,7 @@ def residual(p: jax.Array, q: jax.Array) -> jax.Array:
   return _normalise(jnp.maximum(p - q, 0.0), p)
 
 
-def single_draft(key: jax.Array, p: jax.Array, q: jax.Array,
+def single_draft(u: jax.Array, p: jax.Array, q: jax.Array,
                  draft: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Speculative sampling at one position (Leviathan et al. 2023; Chen et al. 2023).
 
@@ -47,12 +56,13 @@ def single_draft(key: jax.Array, p: jax.Array, q: jax.Array,
   otherwise emits a token from `residual(p, q)`. The emitted token is exactly ~ p. With one-hot p
   and q (greedy) it accepts iff draft == argmax p and otherwise emits argmax p.
 
+  Args:
+    u: [1 + V] uniforms.
   Returns:
     (accepted [] bool, token [] int32).
   """
-  accept_key, emit_key = jax.random.split(key)
-  accepted = jax.random.uniform(accept_key) * q[draft] < p[draft]
-  return accepted, jnp.where(accepted, draft, draw(emit_key, residual(p, q)))
+  accepted = u[0] * q[draft] < p[draft]
+  return accepted, jnp.where(accepted, draft, draw(u[1:], residual(p, q)))
 
 
 def _geometric(ratio: jax.Array, count: jax.Array, max_count: int) -> jax.Array:
@@ -100,7 +110,7 @@ def k_sequential_residual(p: jax.Array, q: jax.Array, rho: jax.Array, k,
   return _normalise(jnp.maximum(p - accept * scale, 0.0), p)
 
 
-def k_sequential(key: jax.Array, p: jax.Array, q: jax.Array, drafts: jax.Array,
+def k_sequential(u: jax.Array, p: jax.Array, q: jax.Array, drafts: jax.Array,
                  active: jax.Array) -> tuple[jax.Array, jax.Array]:
   """SpecTr k-sequential selection at one position (Sun et al. 2023).
 
@@ -110,6 +120,7 @@ def k_sequential(key: jax.Array, p: jax.Array, q: jax.Array, drafts: jax.Array,
   ~ p; with k = 1 this is `single_draft`.
 
   Args:
+    u: [K + V] uniforms.
     drafts: [K] int32 proposed tokens; active: [K] bool which of them take part.
   Returns:
     (index [] int32 of the accepted draft or -1, token [] int32).
@@ -117,11 +128,9 @@ def k_sequential(key: jax.Array, p: jax.Array, q: jax.Array, drafts: jax.Array,
   max_k = drafts.shape[0]
   count = jnp.sum(active)
   rho = division_factor(p, q, count, max_k)
-  accept_key, emit_key = jax.random.split(key)
-  u = jax.random.uniform(accept_key, (max_k,))
-  accepted = active & (u * rho * q[drafts] < p[drafts])
+  accepted = active & (u[:max_k] * rho * q[drafts] < p[drafts])
   index = jnp.where(jnp.any(accepted), jnp.argmax(accepted), -1).astype(jnp.int32)
-  fallback = draw(emit_key, k_sequential_residual(p, q, rho, count, max_k))
+  fallback = draw(u[max_k:], k_sequential_residual(p, q, rho, count, max_k))
   return index, jnp.where(index >= 0, drafts[index], fallback)
 
 
@@ -134,7 +143,7 @@ def without_replacement(q: jax.Array, children: jax.Array, active: jax.Array) ->
   return jax.vmap(_normalise, in_axes=(0, None))(q * (1.0 - earlier), q)
 
 
-def recursive_rejection(key: jax.Array, p: jax.Array, qs: jax.Array, children: jax.Array,
+def recursive_rejection(u: jax.Array, p: jax.Array, qs: jax.Array, children: jax.Array,
                         active: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Recursive rejection sampling over siblings (SpecInfer, Miao et al. 2024; EAGLE).
 
@@ -145,12 +154,12 @@ def recursive_rejection(key: jax.Array, p: jax.Array, qs: jax.Array, children: j
   sampling without replacement, one-hot for deterministic children. The token is exactly ~ p.
 
   Args:
+    u: [K + V] uniforms.
     qs: [K, V]; children: [K] int32; active: [K] bool.
   Returns:
     (index [] int32 of the accepted child or -1, token [] int32).
   """
-  accept_key, emit_key = jax.random.split(key)
-  u = jax.random.uniform(accept_key, children.shape)
+  count = children.shape[0]
 
   def try_child(carry, child):
     p_cur, index = carry
@@ -160,6 +169,7 @@ def recursive_rejection(key: jax.Array, p: jax.Array, qs: jax.Array, children: j
     p_cur = jnp.where(tried & ~accepted, residual(p_cur, q_j), p_cur)
     return (p_cur, jnp.where(accepted, j, index)), None
 
-  order = jnp.arange(children.shape[0], dtype=jnp.int32)
-  (p_cur, index), _ = jax.lax.scan(try_child, (p, jnp.int32(-1)), (order, children, qs, u, active))
-  return index, jnp.where(index >= 0, children[index], draw(emit_key, p_cur))
+  order = jnp.arange(count, dtype=jnp.int32)
+  (p_cur, index), _ = jax.lax.scan(try_child, (p, jnp.int32(-1)),
+                                   (order, children, qs, u[:count], active))
+  return index, jnp.where(index >= 0, children[index], draw(u[count:], p_cur))

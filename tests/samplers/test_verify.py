@@ -25,7 +25,8 @@ P_SPARSE, Q_SPARSE = _dist(2, zeros=(0, 3)), _dist(3, zeros=(1,))  # disjoint-is
 
 
 def _run(trial, seed=0):
-  """trial(key) -> (accepted or index, token), vmapped over TRIALS keys."""
+  """trial(key) -> (accepted or index, token), vmapped over TRIALS keys (drafts drawn with
+  jax.random.categorical, independently of the rules' own Gumbel-max)."""
   keys = jax.random.split(jax.random.key(seed), TRIALS)
   return jax.tree.map(np.asarray, jax.jit(jax.vmap(trial))(keys))
 
@@ -38,7 +39,7 @@ def _single_draft_trial(p, q):
   def trial(key):
     draft_key, verify_key = jax.random.split(key)
     draft = jax.random.categorical(draft_key, jnp.log(q)).astype(jnp.int32)
-    return verify.single_draft(verify_key, p, q, draft)
+    return verify.single_draft(verify.uniforms(verify_key, (1 + VOCAB,)), p, q, draft)
   return trial
 
 
@@ -51,7 +52,8 @@ def _k_sequential_trial(p, q, active):
 
   def trial(key):
     draft_key, verify_key = jax.random.split(key)
-    return verify.k_sequential(verify_key, p, q, _iid(q, active.shape[0])(draft_key), active)
+    u = verify.uniforms(verify_key, (active.shape[0] + VOCAB,))
+    return verify.k_sequential(u, p, q, _iid(q, active.shape[0])(draft_key), active)
   return trial
 
 
@@ -66,7 +68,8 @@ def _recursive_trial(p, q, children, proposals):
     draft_key, verify_key = jax.random.split(key)
     drawn = children(draft_key)
     active = jnp.ones(drawn.shape, bool)
-    return verify.recursive_rejection(verify_key, p, proposals(q, drawn), drawn, active)
+    u = verify.uniforms(verify_key, (drawn.shape[0] + VOCAB,))
+    return verify.recursive_rejection(u, p, proposals(q, drawn), drawn, active)
   return trial
 
 
@@ -103,8 +106,8 @@ def test_single_draft_with_p_as_residual_is_caught(monkeypatch):
 def test_single_draft_greedy_accepts_exactly_the_argmax():
   p = jax.nn.one_hot(2, VOCAB)
   for draft in range(VOCAB):
-    accepted, token = verify.single_draft(jax.random.key(draft), p, jax.nn.one_hot(draft, VOCAB),
-                                          jnp.int32(draft))
+    u = verify.uniforms(jax.random.key(draft), (1 + VOCAB,))
+    accepted, token = verify.single_draft(u, p, jax.nn.one_hot(draft, VOCAB), jnp.int32(draft))
     assert bool(accepted) == (draft == 2) and int(token) == 2
 
 
@@ -171,9 +174,9 @@ def test_k_sequential_without_its_residual_correction_is_caught(monkeypatch):
 
 def test_k_sequential_with_one_draft_is_single_draft():
   for seed in range(8):
-    key, draft = jax.random.key(seed), jnp.int32(seed % VOCAB)
-    index, token = verify.k_sequential(key, P, Q, draft[None], jnp.ones((1,), bool))
-    accepted, single_token = verify.single_draft(key, P, Q, draft)
+    u, draft = verify.uniforms(jax.random.key(seed), (1 + VOCAB,)), jnp.int32(seed % VOCAB)
+    index, token = verify.k_sequential(u, P, Q, draft[None], jnp.ones((1,), bool))
+    accepted, single_token = verify.single_draft(u, P, Q, draft)
     assert bool(index == 0) == bool(accepted) and int(token) == int(single_token)
 
 
