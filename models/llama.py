@@ -223,7 +223,7 @@ class Transformer(nn.Module):
 
   def _causal(self, tokens: jax.Array,
               positions: jax.Array) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
-    """Cache-free causal blocks: ([B, T, E] final residual, per-layer keys, values [B, T, KVH, D])."""
+    """Cache-free causal blocks: ([B, T, E] residual, per-layer keys and values [B, T, KVH, D])."""
     x = self._embed(tokens)
     keys, values = [], []
     for block in self.blocks:

@@ -23,7 +23,10 @@ def _block_size(steps: int, block: int) -> int:
 
 
 def _split(x: jax.Array, size: int, axis: int) -> jax.Array:
-  """Cuts `axis` into blocks of `size`, block index first: [..., T, ...] -> [T/size, ..., size, ...]."""
+  """Cuts `axis` into blocks of `size`, block index first.
+
+  [..., T, ...] -> [T / size, ..., size, ...].
+  """
   shape = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:]
   return jnp.moveaxis(x.reshape(shape), axis, 0)
 

@@ -71,8 +71,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kind: str, causal: bo
   size, tensor = _axis_size(mesh, SEQUENCE), _axis_size(mesh, TENSOR)
   if size == 1:
     steps = q.shape[1]
-    return local_attention.dense(q, k, v, jnp.tril(jnp.ones((steps, steps), bool)) if causal else None)
+    mask = jnp.tril(jnp.ones((steps, steps), bool)) if causal else None
+    return local_attention.dense(q, k, v, mask)
   _check(kind, causal, q.shape, k.shape, size, tensor)
+  # KV heads that 'tensor' does not divide are repeated (each still serves its query heads);
+  # a batch that ('data', 'fsdp') does not divide is replicated over them (redundant, correct).
   repeats = local_attention.kv_repeats(k.shape[2], q.shape[2], tensor)
   k, v = (jnp.repeat(x, repeats, axis=2) for x in (k, v))
   batch_axes = tuple(a for a in BATCH if _axis_size(mesh, a) > 1)

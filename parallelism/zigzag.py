@@ -25,7 +25,7 @@ def _moves(size: int, parity: int) -> list[tuple[int, int]]:
 
 
 def to_zigzag(x: jax.Array, axis: str, size: int) -> jax.Array:
-  """Natural -> zig-zag: [B, 2c, ...] holding chunks (2i, 2i+1) -> chunks (i, 2n-1-i) on device i."""
+  """Natural -> zig-zag: device i's [B, 2c, ...] of chunks (2i, 2i+1) -> chunks (i, 2n-1-i)."""
   first, second = jnp.split(x, 2, axis=1)
   even = lax.ppermute(first, axis, _moves(size, 0))
   odd = lax.ppermute(second, axis, _moves(size, 1))
