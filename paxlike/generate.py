@@ -52,16 +52,14 @@ def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_param
   return spectr.sample, (model, params, draft, draft_params), config
 
 
-def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, draft: Any = None,
-             draft_params: Any = None) -> tuple[list[str], dict[str, Any]]:
-  """Continuations of `prompts` and statistics (tokens, tokens/s, model calls, acceptance, times).
+def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg: SamplerConfig,
+           draft: Any = None, draft_params: Any = None,
+           repeats: int = 1) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """Runs the sampler of `cfg.kind` on token prompts; returns (tokens [B, N], lengths [B], stats).
 
-  Generation stops at eos or at `cfg.max_new_tokens`, shortened so prompt + generation (+ the
-  draft window) fits in the models' max_len. The sampler is compiled ahead of time; compile time
-  is reported apart from the decode's wall time.
+  The sampler is compiled ahead of time (`compile_s`); `wall_s` is the median of `repeats` runs.
   """
   max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
-  prompt, lengths = encode_prompts(prompts, max_len)
   slack = cfg.num_draft_tokens if cfg.kind in DRAFTED_KINDS else 0
   max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)
   if max_new < 1:
@@ -76,16 +74,32 @@ def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, dr
     raise UserError(str(e)) from None
   compile_s = time.perf_counter() - start
   dynamic = (*leading[1::2], *args[len(leading):])  # models (even places) are static
-  start = time.perf_counter()
-  out = jax.block_until_ready(compiled(*dynamic))
-  wall_s = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*dynamic))
+    times.append(time.perf_counter() - start)
+  wall_s = sorted(times)[len(times) // 2]
   tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
-  texts = [tokenizer.decode(tokens[i, :counts[i]]) for i in range(len(prompts))]
   generated = int(counts.sum())
-  stats = {"sampler": cfg.kind, "batch": len(prompts), "tokens": generated,
+  stats = {"sampler": cfg.kind, "batch": len(prompt), "tokens": generated,
            "tokens_per_s": round(generated / wall_s, 1), "wall_s": round(wall_s, 4),
            "compile_s": round(compile_s, 3)}
   for name, value in out.stats.items():
     value = np.asarray(value)
     stats[name] = round(float(value), 4) if value.dtype.kind == "f" else int(value)
+  return tokens, counts, stats
+
+
+def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, draft: Any = None,
+             draft_params: Any = None) -> tuple[list[str], dict[str, Any]]:
+  """Continuations of `prompts` and statistics (tokens, tokens/s, model calls, acceptance, times).
+
+  Generation stops at eos or at `cfg.max_new_tokens`, shortened so prompt + generation (+ the
+  draft window) fits in the models' max_len.
+  """
+  max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
+  prompt, lengths = encode_prompts(prompts, max_len)
+  tokens, counts, stats = decode(model, params, prompt, lengths, cfg, draft, draft_params)
+  texts = [tokenizer.decode(tokens[i, :counts[i]]) for i in range(len(prompts))]
   return texts, stats

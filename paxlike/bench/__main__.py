@@ -1,4 +1,4 @@
-"""`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train, parallelism."""
+"""`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train, parallelism, decode."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ flags.DEFINE_list("seq_lens", ["2048", "4096", "8192", "16384", "32768"],
 flags.DEFINE_integer("timed_up_to", 8192, "Longest sequence that is also timed (parallelism "
                      "suite); longer ones are only compiled for their memory.")
 
-SUITES = ("train", "parallelism")
+flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per row (decode suite).")
+flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (decode suite).")
+
+SUITES = ("train", "parallelism", "decode")
 SIMULATED_DEVICES = "--xla_force_host_platform_device_count"
 
 
@@ -30,12 +33,15 @@ def main(argv: list[str]) -> int:
   if argv[1] == "parallelism" and SIMULATED_DEVICES not in os.environ.get("XLA_FLAGS", ""):
     # Before jax is first imported: 8 simulated CPU devices for the 'sequence' axis.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SIMULATED_DEVICES}=8".strip()
-  from paxlike.bench import parallelism_suite, train_suite
+  from paxlike.bench import decode_suite, parallelism_suite, train_suite
   from paxlike.checkpointing import quiet_orbax_logging
   from paxlike.errors import UserError
   quiet_orbax_logging()
   try:
-    if argv[1] == "parallelism":
+    if argv[1] == "decode":
+      decode_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.max_new_tokens,
+                       tuple(int(b) for b in FLAGS.batches))
+    elif argv[1] == "parallelism":
       parallelism_suite.run(FLAGS.out, [int(n) for n in FLAGS.seq_lens], FLAGS.timed_up_to)
     else:
       train_suite.run(FLAGS.experiments, FLAGS.steps, FLAGS.out)

@@ -1,0 +1,115 @@
+"""The `decode` suite: every sampler against the compiled KV-cache AR sampler on the same target.
+
+Trains (or loads from `--workdir`) the `pair_target` / `pair_draft` experiments — the draft
+distilled from the target — then decodes the same prompts at batch 1 and 8, greedy and at
+temperature 1, and reports tokens/s, speedup over AR, tokens per target call and acceptance.
+Greedy rows compare their tokens with AR's from the same run (positions after a near-tie of the
+target's top-two logits, < 1e-4, are counted rather than failed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paxlike import config as config_lib
+from paxlike import generate, registry, tokenizer
+from paxlike.bench import harness
+from paxlike.checkpointing import Checkpointer
+from paxlike.data import load_corpus
+from paxlike.train import Trainer
+from paxlike.workflows import write_config
+
+NEAR_TIE = 1e-4
+
+SAMPLERS = ("speculative", "spectr")
+
+
+def trained(name: str, workdir: Path, overrides: list[str] = ()) -> Trainer:
+  """The experiment's Trainer in `workdir`, trained there first unless its last step is saved."""
+  exp = config_lib.validate(config_lib.apply_overrides(registry.get(name), list(overrides)))
+  workdir.mkdir(parents=True, exist_ok=True)
+  trainer = Trainer(exp, workdir)
+  write_config(workdir, exp)
+  checkpointer = Checkpointer(workdir, exp.checkpoint)
+  done = checkpointer.latest_step() == exp.train.steps
+  checkpointer.close()
+  if not done:
+    print(f"training {name} in {workdir} (cached for later runs)")
+    trainer.run()
+  return trainer
+
+
+def near_ties(model, params, prompt: np.ndarray, tokens: np.ndarray) -> int:
+  """Greedy steps whose top-two target logits differ by less than NEAR_TIE (equal-length prompts)."""
+  sequence = jnp.asarray(np.concatenate([prompt, tokens], axis=1))
+  logits = jax.jit(model.logits)(params, sequence)[:, prompt.shape[1] - 1:-1]
+  top2 = jax.lax.top_k(logits, 2)[0]
+  return int(jnp.sum(top2[..., 0] - top2[..., 1] < NEAR_TIE))
+
+
+def prompts(batch: int, length: int = 32) -> tuple[np.ndarray, np.ndarray]:
+  """`batch` held-out tinyshakespeare snippets of `length` bytes as token prompts."""
+  held_out = load_corpus(registry.get("pair_target").data).held_out
+  starts = np.linspace(0, len(held_out) - length - 1, batch).astype(int)
+  rows = [np.concatenate([[tokenizer.EOS_ID], held_out[s:s + length]]) for s in starts]
+  return np.stack(rows).astype(np.int32), np.full([batch], length + 1, np.int32)
+
+
+def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
+        batches: tuple[int, ...] = (1, 8), repeats: int = 3,
+        train_steps: tuple[int, int] | None = None) -> dict[str, Any]:
+  """Runs the suite; `train_steps` (target, draft) shortens training (tests, smoke runs)."""
+  registry.load_modules()
+  root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
+  short = lambda n: [f"train.steps={n}", f"checkpoint.every_steps={n}"] if n else []
+  target_steps, draft_steps = train_steps or (0, 0)
+  target = trained("pair_target", root / "pair_target", short(target_steps))
+  draft = trained("pair_draft", root / "pair_draft",
+                  [f"train.teacher_workdir={root / 'pair_target'}", *short(draft_steps)])
+  target_params, _ = target.restore_params()
+  draft_params, _ = draft.restore_params()
+  base = dataclasses.replace(target.exp.sampler, max_new_tokens=max_new_tokens, top_p=1.0, top_k=0)
+  rows = []
+  for batch in batches:
+    prompt, lengths = prompts(batch)
+    for temperature in (0.0, 1.0):
+      cfg = dataclasses.replace(base, temperature=temperature)
+      ar_tokens, _, ar = generate.decode(target.model, target_params, prompt, lengths,
+                                         dataclasses.replace(cfg, kind="ar"), repeats=repeats)
+      ties = near_ties(target.model, target_params, prompt, ar_tokens) if temperature == 0 else None
+      rows.append(_row(ar, temperature, ar) | {"near_ties": ties})
+      for kind in SAMPLERS:
+        tokens, _, stats = generate.decode(
+            target.model, target_params, prompt, lengths, dataclasses.replace(cfg, kind=kind),
+            draft.model, draft_params, repeats=repeats)
+        row = _row(stats, temperature, ar) | {"near_ties": ties}
+        if temperature == 0.0:
+          row["greedy_equal_ar"] = bool(np.array_equal(tokens, ar_tokens))
+          row["mismatched_rows"] = int(np.sum(np.any(tokens != ar_tokens, axis=1)))
+        rows.append(row)
+  harness.print_table(rows, ["sampler", "batch", "temperature", "tokens_per_s", "speedup_vs_ar",
+                             "tokens_per_target_call", "acceptance", "greedy_equal_ar"])
+  config = {"target": config_lib.to_dict(target.exp.model), "draft": config_lib.to_dict(draft.exp.model),
+            "max_new_tokens": max_new_tokens, "num_draft_tokens": base.num_draft_tokens,
+            "num_drafts": base.num_drafts, "repeats": repeats}
+  return harness.write_report(out, "decode", config, rows)
+
+
+def _row(stats: dict[str, Any], temperature: float, ar: dict[str, Any]) -> dict[str, Any]:
+  return {
+      "sampler": stats["sampler"], "batch": stats["batch"], "temperature": temperature,
+      "tokens_per_s": stats["tokens_per_s"],
+      "speedup_vs_ar": round(stats["tokens_per_s"] / ar["tokens_per_s"], 3),
+      "tokens_per_target_call": stats.get("tokens_per_target_call", 1.0),
+      "acceptance": stats.get("acceptance"), "target_calls": stats.get("target_calls",
+                                                                       stats["model_calls"]),
+      "draft_calls": stats.get("draft_calls", 0), "wall_s": stats["wall_s"],
+      "compile_s": stats["compile_s"], "greedy_equal_ar": True if stats["sampler"] == "ar" else None,
+      "near_ties": None,
+  }

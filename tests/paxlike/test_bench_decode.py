@@ -1,0 +1,26 @@
+"""`python -m paxlike.bench decode`: trains the pair (shortened here), writes its rows."""
+
+import json
+
+import pytest
+
+from paxlike.bench import decode_suite
+
+
+@pytest.mark.slow
+def test_decode_suite_rows(tmp_path):
+  out = tmp_path / "decode.json"
+  report = decode_suite.run(str(tmp_path / "cache"), str(out), max_new_tokens=12, batches=(1, 3),
+                            repeats=1, train_steps=(3, 2))
+  assert json.loads(out.read_text())["suite"] == "decode"
+  rows = report["rows"]
+  assert {r["sampler"] for r in rows} == {"ar", *decode_suite.SAMPLERS}
+  assert {(r["batch"], r["temperature"]) for r in rows} == {(1, 0.0), (1, 1.0), (3, 0.0), (3, 1.0)}
+  for row in rows:
+    for key in ("tokens_per_s", "tokens_per_target_call", "speedup_vs_ar", "near_ties"):
+      assert key in row
+    if row["temperature"] == 0.0:
+      assert row["greedy_equal_ar"] or row["near_ties"] > 0, row
+  cached = decode_suite.run(str(tmp_path / "cache"), None, max_new_tokens=4, batches=(1,),
+                            repeats=1, train_steps=(3, 2))  # reuses the trained pair
+  assert cached["rows"]
