@@ -22,11 +22,17 @@ MESHES = {
     "fsdp": dict(data=1, fsdp=8),
     "tensor": dict(data=2, tensor=4),
     "mixed": dict(data=2, fsdp=2, tensor=2),
+    "sequence-ring": dict(data=2, sequence=4, attention="ring"),
+    "sequence-allgather": dict(data=2, sequence=4, attention="allgather"),
+    "sequence-ulysses": dict(data=2, sequence=4, attention="ulysses"),
+    "all-axes-ring": dict(data=1, fsdp=2, sequence=2, tensor=2, attention="ring"),
 }
 
 
 def _trainer(tmp_path, mesh: dict) -> Trainer:
-  exp = config_lib.apply_overrides(registry.get("tiny"), [f"mesh.{k}={v}" for k, v in mesh.items()])
+  overrides = [f"mesh.{k}={v}" for k, v in mesh.items() if k != "attention"]
+  overrides.append(f"model.attention={mesh.get('attention', 'dense')}")
+  exp = config_lib.apply_overrides(registry.get("tiny"), overrides)
   return Trainer(exp, tmp_path, log=lambda _: None)
 
 
