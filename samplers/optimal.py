@@ -29,7 +29,8 @@ def brute_force(p: jax.Array, q: jax.Array, k: int) -> jax.Array:
   """alpha* [] by minimising over all 2^V subsets; p, q [V] with V <= BRUTE_FORCE_MAX_VOCAB."""
   vocab = p.shape[-1]
   if vocab > BRUTE_FORCE_MAX_VOCAB:
-    raise ValueError(f"brute force over subsets is for vocab <= {BRUTE_FORCE_MAX_VOCAB}, got {vocab}")
+    raise ValueError(
+        f"brute force over subsets is for vocab <= {BRUTE_FORCE_MAX_VOCAB}, got {vocab}")
   subsets = (jnp.arange(2 ** vocab)[:, None] >> jnp.arange(vocab)[None, :]) & 1  # [2^V, V]
   subsets = subsets.astype(p.dtype)
   return jnp.min(_cut(subsets @ p, subsets @ q, k))

@@ -168,9 +168,11 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     (_, draft_rows), (rest, q_rest) = jax.lax.scan(
         draft_step, (first.reshape(-1), rows.repeat(draft_rows, copies)),
         (jnp.arange(1, gamma), step_noise))
-    drafts = jnp.concatenate([first[..., None], rest.T.reshape(batch, copies, gamma - 1)], axis=2)
-    q = jnp.concatenate([jnp.broadcast_to(q_first[:, None, None], (batch, copies, 1) + q_first.shape[1:]),
-                         jnp.moveaxis(q_rest, 0, 1).reshape(batch, copies, gamma - 1, -1)], axis=2)
+    rest = jnp.moveaxis(rest.reshape(gamma - 1, batch, copies), 0, 2)  # [B, k, gamma - 1]
+    q_rest = jnp.moveaxis(q_rest.reshape(gamma - 1, batch, copies, vocab), 0, 2)
+    drafts = jnp.concatenate([first[..., None], rest], axis=2)  # [B, k, gamma]
+    q_shared = jnp.broadcast_to(q_first[:, None, None], (batch, copies, 1, vocab))
+    q = jnp.concatenate([q_shared, q_rest], axis=2)  # [B, k, gamma, V]
 
     last_token = jnp.take_along_axis(seq, window[:, :1], axis=1)  # [B, 1]
     scored = jnp.concatenate([jnp.broadcast_to(last_token[:, None], (batch, copies, 1)), drafts],
@@ -178,7 +180,7 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     logits, target_rows = rows.call(target.apply, target_params, scored,
                                     jnp.repeat(window, copies, axis=0),
                                     rows.repeat(rows.set_lengths(target_rows, context - 1), copies))
-    p = probs(logits, config.sampling).reshape(batch, copies, gamma + 1, -1)
+    p = probs(logits, config.sampling).reshape(batch, copies, gamma + 1, vocab)
 
     count, last, chosen = jax.vmap(_verify_row, in_axes=(0, 0, 0, 0, 0, None))(
         verify_u, p, q, drafts, valid, config.without_replacement)

@@ -104,7 +104,7 @@ def division_factor(p: jax.Array, q: jax.Array, k, max_k: int | None = None) -> 
 
 def k_sequential_residual(p: jax.Array, q: jax.Array, rho: jax.Array, k,
                           max_k: int) -> jax.Array:
-  """p_res [V] of k-sequential selection: (p - min(q, p/rho) (1 - (1-beta)^k) / beta)^+, normalised."""
+  """p_res [V] of k-sequential selection: norm((p - min(q, p/rho) (1 - (1-beta)^k) / beta)^+)."""
   accept = jnp.minimum(q, p / rho)
   scale = _geometric(1.0 - jnp.sum(accept), jnp.maximum(k, 1), max_k)
   return _normalise(jnp.maximum(p - accept * scale, 0.0), p)

@@ -112,8 +112,8 @@ def test_single_draft_greedy_accepts_exactly_the_argmax():
 
 
 def test_residual_is_the_normalised_positive_part():
-  np.testing.assert_allclose(verify.residual(jnp.array([0.5, 0.3, 0.2]), jnp.array([0.2, 0.6, 0.2])),
-                             [1.0, 0.0, 0.0], atol=1e-7)
+  p, q = jnp.array([0.5, 0.3, 0.2]), jnp.array([0.2, 0.6, 0.2])
+  np.testing.assert_allclose(verify.residual(p, q), [1.0, 0.0, 0.0], atol=1e-7)
   np.testing.assert_allclose(verify.residual(P, P), P)  # nothing to correct: p itself
 
 

@@ -1,0 +1,187 @@
+"""SpecTr k-sequential selection and drafts without replacement: exact target joint (oracle, with
+broken verifiers caught), acceptance between single-draft and alpha*, greedy equality with AR on
+a Llama pair, batching, randomness, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.causal_lm import CausalLM
+from models.config import ModelConfig
+from samplers import ar, optimal, spectr, verify
+from samplers.logits import SamplingParams
+from tests.models.random_params import random_params
+from tests.samplers import toy
+from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, p_value
+
+GREEDY = SamplingParams(temperature=0.0)
+VOCAB = 5
+TOY = toy.TrigramLM(vocab_size=VOCAB, max_len=16)
+TARGET = TOY.init(jax.random.key(1))
+DRAFT = TARGET + TOY.init(jax.random.key(2), scale=1.0)  # related, so acceptance is mixed
+
+ORACLE_PROMPTS = [[1, 2], [3]]  # ragged: the second row is right-padded, and of length 1
+ORACLE_ROWS = 200_000  # per prompt
+ORACLE_STEPS = 4  # 5^4 = 625 continuations per prompt
+
+
+def _oracle_p_values(config, prompts=ORACLE_PROMPTS, seed=0):
+  """p-value per prompt of ORACLE_ROWS samples each (one batch) against the exact joint."""
+  prompt, lengths = ar.pad_prompts([p for p in prompts for _ in range(ORACLE_ROWS)])
+  out = spectr.sample(TOY, TARGET, TOY, DRAFT, prompt, lengths, jax.random.key(seed), config)
+  tokens = np.asarray(out.tokens).reshape(len(prompts), ORACLE_ROWS, ORACLE_STEPS)
+  return [p_value(rows, toy.exact_joint(TARGET, prompt_tokens, ORACLE_STEPS,
+                                        distribution(config.sampling), config.eos_id,
+                                        config.pad_id))[0]
+          for prompt_tokens, rows in zip(prompts, tokens)]
+
+
+K_SEQUENTIAL = spectr.SpecTrConfig(num_drafts=3, num_draft_tokens=2, max_new_tokens=ORACLE_STEPS)
+WITHOUT_REPLACEMENT = spectr.SpecTrConfig(num_drafts=3, num_draft_tokens=2,
+                                          max_new_tokens=ORACLE_STEPS, without_replacement=True)
+ORACLE_CONFIGS = [
+    K_SEQUENTIAL,
+    spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=2, max_new_tokens=ORACLE_STEPS, eos_id=0,
+                        sampling=SamplingParams(temperature=0.7, top_k=3, top_p=0.9)),
+    WITHOUT_REPLACEMENT,
+    spectr.SpecTrConfig(num_drafts=3, num_draft_tokens=2, max_new_tokens=ORACLE_STEPS,
+                        without_replacement=True,
+                        sampling=SamplingParams(temperature=1.3, top_k=2)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ORACLE_CONFIGS, ids=["kseq-k3-g2", "kseq-k2-g2-t0.7-k3-p0.9-eos",
+                                                        "wor-k3-g2", "wor-k3-g2-t1.3-k2"])
+def test_joint_matches_the_exact_target_joint(config):
+  """200k samples per prompt; Pearson chi-square over the 625 continuations (pooled below 5
+  expected); a correct sampler gives p > 1e-3 (fixed seed). With top-k 2, the third draft
+  without replacement falls outside the draft's support (an invalid draft)."""
+  assert min(_oracle_p_values(config)) > SIGNIFICANCE
+
+
+@pytest.fixture
+def fresh_trace(monkeypatch):
+  """A monkeypatch whose patches reach jitted samplers: compiled caches cleared around the test."""
+  jax.clear_caches()
+  yield monkeypatch
+  monkeypatch.undo()
+  jax.clear_caches()
+
+
+@pytest.mark.slow
+def test_k_sequential_without_its_residual_correction_fails_the_oracle(fresh_trace):
+  """Power: drawing from p instead of p_res after k rejections is caught."""
+  fresh_trace.setattr(verify, "k_sequential_residual", lambda p, q, rho, k, max_k: p)
+  assert _oracle_p_values(K_SEQUENTIAL, ORACLE_PROMPTS[:1])[0] < POWER
+
+
+@pytest.mark.slow
+def test_drafts_without_replacement_verified_as_iid_fail_the_oracle(fresh_trace):
+  """Power: recursive rejection with the plain q (as if the drafts were i.i.d.) is caught."""
+  as_iid = lambda q, children, active: jnp.broadcast_to(q, (children.shape[0],) + q.shape)
+  fresh_trace.setattr(verify, "without_replacement", as_iid)
+  assert _oracle_p_values(WITHOUT_REPLACEMENT, ORACLE_PROMPTS[:1])[0] < POWER
+
+
+def test_acceptance_lies_between_single_draft_and_alpha_star_on_context_free_tables():
+  """Acceptance of 3 i.i.d. one-token drafts = 1 - (1 - beta(rho))^3 within 5 standard errors,
+  which lies between sum(min(p, q)) and alpha*(p, q, 3). (With gamma > 1, later positions have
+  fewer drafts left: only those agreeing with the emitted prefix.)"""
+  rng = np.random.default_rng(0)
+  target, draft = (toy.context_free(rng.normal(0, 1.0, VOCAB)) for _ in range(2))
+  p, q = (jax.nn.softmax(table[0, 0]) for table in (target, draft))
+  beta = float(jnp.sum(jnp.minimum(q, p / verify.division_factor(p, q, 3))))
+  expected = 1 - (1 - beta) ** 3
+  single, best = float(jnp.sum(jnp.minimum(p, q))), float(optimal.optimal_acceptance(p, q, 3))
+  assert single < expected < best
+  prompt, lengths = ar.pad_prompts([[1]] * 2000)
+  config = spectr.SpecTrConfig(num_drafts=3, num_draft_tokens=1, max_new_tokens=12)
+  stats = spectr.sample(TOY, target, TOY, draft, prompt, lengths, jax.random.key(3), config).stats
+  accepted, rejections = int(stats["accepted_tokens"]), int(stats["rejections"])
+  tried = accepted + rejections
+  assert abs(accepted / tried - expected) < 5 * np.sqrt(expected * (1 - expected) / tried)
+  assert int(stats["draft_calls"]) == int(stats["target_calls"])  # prefill, then 1 per round
+
+
+LLAMA = dict(vocab_size=32, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=40,
+             init_std=0.5, tie_embeddings=False)
+LLAMA_TARGET = CausalLM(ModelConfig(num_layers=2, **LLAMA))
+LLAMA_DRAFT = CausalLM(ModelConfig(num_layers=1, **LLAMA))
+LLAMA_PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [31]]
+LLAMA_STEPS = 12
+
+
+def test_greedy_equals_greedy_ar_on_a_llama_pair():
+  """A one-layer draft made of the target's embedding, first block and head (the target's second
+  block damped): mixed acceptance. Mismatches allowed only from a near-tie (top-two within 1e-4)."""
+  params = random_params(LLAMA_TARGET)
+  block = jax.tree.map(lambda x: x, params["blocks_1"])
+  block["attention"]["out"]["kernel"] = 0.3 * block["attention"]["out"]["kernel"]
+  block["mlp"]["down"]["kernel"] = 0.3 * block["mlp"]["down"]["kernel"]
+  target = {**params, "blocks_1": block}
+  draft = {name: value for name, value in target.items() if name != "blocks_1"}
+  prompt, lengths = ar.pad_prompts(LLAMA_PROMPTS)
+  expected = np.asarray(ar.sample(LLAMA_TARGET, target, prompt, lengths, jax.random.key(0),
+                                  ar.ARConfig(max_new_tokens=LLAMA_STEPS, sampling=GREEDY)).tokens)
+  config = spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=3, max_new_tokens=LLAMA_STEPS,
+                               sampling=GREEDY)
+  out = spectr.sample(LLAMA_TARGET, target, LLAMA_DRAFT, draft, prompt, lengths,
+                      jax.random.key(0), config)
+  ties = 0
+  for row in np.flatnonzero(np.any(np.asarray(out.tokens) != expected, axis=1)):
+    t = int(np.argmax(np.asarray(out.tokens[row]) != expected[row]))
+    context = LLAMA_PROMPTS[row] + list(expected[row, :t])
+    logits = np.asarray(LLAMA_TARGET.logits(target, jnp.asarray([context])))[0, -1]
+    best, runner_up = np.sort(logits)[::-1][:2]
+    assert best - runner_up < 1e-4, (row, t, best - runner_up)
+    ties += 1
+  assert ties <= 1, f"{ties} near-ties"
+  assert 0 < float(out.stats["acceptance"]) < 1 and int(out.stats["rejections"]) > 0
+  assert int(out.stats["target_calls"]) < LLAMA_STEPS
+
+
+def test_rows_follow_their_keys_whatever_the_batch_order_and_under_vmap():
+  prompt, lengths = ar.pad_prompts([[1, 2], [3], [0, 1, 2], [2, 2]])
+  keys = jax.random.split(jax.random.key(4), 4)
+  config = spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=2, max_new_tokens=6, eos_id=0)
+  run = lambda order, row_keys: spectr.sample(TOY, TARGET, TOY, DRAFT, prompt[order],
+                                              lengths[order], row_keys, config)
+  forward = run(np.arange(4), keys)
+  backward = run(np.arange(4)[::-1], keys[::-1])
+  np.testing.assert_array_equal(forward.tokens, backward.tokens[::-1])
+  np.testing.assert_array_equal(forward.lengths, backward.lengths[::-1])
+  other_keys = jax.random.split(jax.random.key(5), 4)
+  many = jax.vmap(lambda k: run(np.arange(4), k))(jnp.stack([keys, other_keys]))
+  np.testing.assert_array_equal(many.tokens[0], forward.tokens)
+  np.testing.assert_array_equal(many.lengths[0], forward.lengths)
+  assert int(many.stats["target_calls"][0]) == int(forward.stats["target_calls"])
+  assert np.any(np.asarray(many.tokens[1]) != np.asarray(forward.tokens))
+
+
+def test_bad_input_is_a_clear_error():
+  prompt, lengths = ar.pad_prompts([[1] * 10])
+  with pytest.raises(ValueError, match=r"num_drafts \(k\) must be >= 1, got 0"):
+    spectr.SpecTrConfig(num_drafts=0, num_draft_tokens=2, max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"num_draft_tokens \(gamma\) must be >= 1, got 0"):
+    spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=0, max_new_tokens=4)
+  with pytest.raises(ValueError, match="temperature must be >= 0"):
+    spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=2, max_new_tokens=4,
+                        sampling=SamplingParams(temperature=-1.0))
+  with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+    spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=2, max_new_tokens=4,
+                        sampling=SamplingParams(top_p=0.0))
+  config = spectr.SpecTrConfig(num_drafts=6, num_draft_tokens=2, max_new_tokens=4,
+                               without_replacement=True)
+  with pytest.raises(ValueError, match="without_replacement needs num_drafts <= vocab_size; got "
+                                       "num_drafts 6 for vocab_size 5"):
+    spectr.sample(TOY, TARGET, TOY, DRAFT, prompt, lengths, jax.random.key(0), config)
+  config = spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=4, max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"= 17 exceeds the target's max_len 16"):
+    spectr.sample(TOY, TARGET, TOY, DRAFT, prompt, lengths, jax.random.key(0), config)
+  with pytest.raises(ValueError, match="draft's vocab_size 6 differs from the target's "
+                                       "vocab_size 5"):
+    other = toy.TrigramLM(vocab_size=6, max_len=16)
+    spectr.sample(TOY, TARGET, other, other.init(jax.random.key(0)), prompt, lengths,
+                  jax.random.key(0), config)
