@@ -121,14 +121,15 @@ class SamplerConfig:
   """Decoding for `--mode=sample` (and the sample printed after training).
 
   Attributes:
-    kind: "ar" (autoregressive), "speculative" (draft-then-verify) or "spectr" (k drafts,
-      k-sequential selection).
+    kind: "ar" (autoregressive), "speculative" (draft-then-verify), "spectr" (k drafts,
+      k-sequential selection) or "jacobi" (greedy fixed-point iteration, no draft).
     draft_workdir: a trained run used as the draft model ("" = this workdir's companion `draft/`).
     draft_experiment: a registered experiment trained after this one, by distillation from it, as
       its companion draft in `WORKDIR/draft` ("" = none).
     num_draft_tokens: gamma, tokens the draft proposes per target call.
     num_drafts: k, draft sequences per row for "spectr".
     without_replacement: "spectr" drafts sampled without replacement (recursive rejection).
+    jacobi_block: n, tokens per Jacobi iteration.
   """
 
   kind: str = "ar"
@@ -143,6 +144,7 @@ class SamplerConfig:
   num_draft_tokens: int = 4
   num_drafts: int = 2
   without_replacement: bool = False
+  jacobi_block: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +186,7 @@ TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "tr
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
-SAMPLER_KINDS = ("ar", "speculative", "spectr")
+SAMPLER_KINDS = ("ar", "speculative", "spectr", "jacobi")
 
 
 def validate(exp: Experiment) -> Experiment:
@@ -212,6 +214,8 @@ def validate(exp: Experiment) -> Experiment:
       (exp.sampler.num_draft_tokens >= 1,
        f"sampler.num_draft_tokens must be >= 1, got {exp.sampler.num_draft_tokens}"),
       (exp.sampler.num_drafts >= 1, f"sampler.num_drafts must be >= 1, got {exp.sampler.num_drafts}"),
+      (exp.sampler.jacobi_block >= 2,
+       f"sampler.jacobi_block must be >= 2, got {exp.sampler.jacobi_block}"),
       (exp.sampler.max_new_tokens >= 1,
        f"sampler.max_new_tokens must be >= 1, got {exp.sampler.max_new_tokens}"),
       (exp.sampler.temperature >= 0, f"sampler.temperature must be >= 0, got {exp.sampler.temperature}"),

@@ -2,7 +2,7 @@
 
 Prompts start with the eos id (the training stream separates documents with eos, so eos means
 "start of a document"), are right-padded into one batch and decoded by the sampler named by
-`sampler.kind` (`samplers.ar`, `samplers.speculative`, `samplers.spectr`).
+`sampler.kind` (`samplers.ar`, `samplers.speculative`, `samplers.spectr`, `samplers.jacobi`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from paxlike import tokenizer
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
-from samplers import ar, spectr, speculative
+from samplers import ar, jacobi, spectr, speculative
 from samplers.logits import SamplingParams
 
 DRAFTED_KINDS = ("speculative", "spectr")
@@ -41,6 +41,13 @@ def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_param
                                         top_p=cfg.top_p))
   if cfg.kind == "ar":
     return ar.sample, (model, params), ar.ARConfig(**common)
+  if cfg.kind == "jacobi":
+    if cfg.temperature != 0:
+      raise UserError(f"sampler.kind=jacobi decodes greedily; set sampler.temperature=0 "
+                      f"(got {cfg.temperature})")
+    config = jacobi.JacobiConfig(block_size=cfg.jacobi_block, max_new_tokens=max_new,
+                                 eos_id=tokenizer.EOS_ID, pad_id=tokenizer.PAD_ID)
+    return jacobi.sample, (model, params), config
   if draft is None:
     raise UserError(f"sampler.kind={cfg.kind} needs a draft model: --set sampler.draft_workdir=DIR "
                     "(a trained run with the same vocabulary)")
@@ -60,7 +67,8 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
   The sampler is compiled ahead of time (`compile_s`); `wall_s` is the median of `repeats` runs.
   """
   max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
-  slack = cfg.num_draft_tokens if cfg.kind in DRAFTED_KINDS else 0
+  slack = {"speculative": cfg.num_draft_tokens, "spectr": cfg.num_draft_tokens,
+           "jacobi": cfg.jacobi_block}.get(cfg.kind, 0)
   max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)
   if max_new < 1:
     raise UserError(f"the prompts ({prompt.shape[1]} tokens) leave no room to generate within "

@@ -27,7 +27,8 @@ from paxlike.workflows import write_config
 
 NEAR_TIE = 1e-4
 
-SAMPLERS = ("speculative", "spectr")
+SAMPLERS = ("speculative", "spectr", "jacobi")
+GREEDY_ONLY = ("jacobi",)
 
 
 def trained(name: str, workdir: Path, overrides: list[str] = ()) -> Trainer:
@@ -85,6 +86,8 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
       ties = near_ties(target.model, target_params, prompt, ar_tokens) if temperature == 0 else None
       rows.append(_row(ar, temperature, ar) | {"near_ties": ties})
       for kind in SAMPLERS:
+        if temperature and kind in GREEDY_ONLY:
+          continue
         tokens, _, stats = generate.decode(
             target.model, target_params, prompt, lengths, dataclasses.replace(cfg, kind=kind),
             draft.model, draft_params, repeats=repeats)

@@ -16,6 +16,7 @@ def test_decode_suite_rows(tmp_path):
   rows = report["rows"]
   assert {r["sampler"] for r in rows} == {"ar", *decode_suite.SAMPLERS}
   assert {(r["batch"], r["temperature"]) for r in rows} == {(1, 0.0), (1, 1.0), (3, 0.0), (3, 1.0)}
+  assert all(r["temperature"] == 0.0 for r in rows if r["sampler"] in decode_suite.GREEDY_ONLY)
   for row in rows:
     for key in ("tokens_per_s", "tokens_per_target_call", "speedup_vs_ar", "near_ties"):
       assert key in row

@@ -212,6 +212,21 @@ def test_drafted_sampling_from_the_cli_matches_greedy_ar(trained, kind):
   assert text(drafted.stdout) == text(ar.stdout)
 
 
+def test_jacobi_from_the_cli_matches_greedy_ar(trained):
+  common = (f"--workdir={trained}", "--mode=sample", "--prompt=ROMEO:", "--set",
+            "sampler.max_new_tokens=20", "--set", "sampler.temperature=0")
+  ar = cli.run(*common)
+  result = cli.run(*common, "--set", "sampler.kind=jacobi", "--set", "sampler.jacobi_block=4")
+  assert result.returncode == 0, result.stderr
+  stats = cli.last_json(result.stdout)
+  assert stats["sampler"] == "jacobi" and stats["iterations_per_block"] > 0
+  text = lambda out: out[out.index("---"):out.rindex("---")].split("\n", 1)[1]
+  assert text(result.stdout) == text(ar.stdout)
+  cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--set",
+                                "sampler.kind=jacobi", "--set", "sampler.temperature=0.5"),
+                        "jacobi decodes greedily")
+
+
 def test_drafted_sampling_without_a_draft(trained):
   cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--set",
                                 "sampler.kind=speculative"),
