@@ -1,7 +1,7 @@
 """Text corpora to packed, fixed-length token sequences through a checkpointable Grain pipeline.
 
 The corpus (files -> one byte-token stream per split, documents separated by eos) is cut into
-non-overlapping windows of `seq_len + 1` tokens. Training windows are shuffled per epoch under a
+windows of `seq_len + 1` tokens that share one token with the next (inputs and shifted targets). Training windows are shuffled per epoch under a
 seed, repeated forever and batched by Grain; the iterator's state (the next index) is saved with
 the model so a resumed run sees exactly the batches an uninterrupted one would. No prefetch
 threads are used, so the saved state never runs ahead of the batches consumed.
@@ -117,7 +117,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
 
 
 class Windows:
-  """Random-access view of a token stream as non-overlapping windows of `length` tokens.
+  """Random-access view of a token stream as windows of `length` tokens.
 
   Consecutive windows overlap by one token so that window i gives inputs and targets for the
   positions [i * (length - 1), (i + 1) * (length - 1)).
