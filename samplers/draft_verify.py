@@ -2,7 +2,7 @@
 
 A sampler supplies one *round*: draft gamma tokens after each row's context, verify them in one
 target pass, and return the tokens the row emits (accepted drafts, then one residual or bonus
-token). This module owns the rest: checking the model pair, the per-row randomness streams, the
+token). This module owns the rest: checking the model pair, the per-position randomness, the
 first token from the target's prefill, and a `lax.while_loop` that appends each row's tokens at
 its own pointer, cuts rows at eos / max_new_tokens, and counts statistics.
 
