@@ -1,0 +1,382 @@
+"""Token-tree speculative sampling: static trees (SpecInfer, Miao et al. 2024, "SpecInfer:
+Accelerating Large Language Model Serving with Tree-based Speculative Inference and
+Verification"; EAGLE, Li et al. 2024) and dynamic trees grown greedily by draft probability under
+a node budget (DySpec, Xiong et al. 2024, "DySpec: Faster Speculative Decoding with Dynamic Token
+Tree Structure").
+
+Each round the draft grows a tree of N candidate tokens below the row's last committed token (the
+root), one draft call per depth; each call re-feeds the tree so far from the committed prefix with
+a tree attention mask (each node sees the prefix and its ancestors), since a cache cannot hide
+stale siblings from later calls. The target scores the root and all N nodes in ONE call with the
+same mask; a node's position id is the root's plus its depth (slot index and position differ).
+From the root, the verifier walks down: at each node it runs recursive rejection over the
+children (`verify.recursive_rejection`: accept c_j with probability min(1, p_cur(c_j) /
+q_j(c_j)), else p_cur <- norm(max(0, p_cur - q_j))), descends into an accepted child, and ends
+with a token from p_cur at the first node whose children are all rejected (or a leaf). Children:
+
+- static, "iid": b i.i.d. draws from the draft's q at the parent (q_j = q);
+- static, "without_replacement": b distinct draws (Gumbel top-b; q_j = q without the earlier
+  siblings, renormalised);
+- static, "top", every greedy tree, and every dynamic tree: deterministic children (top-b by
+  draft probability, or DySpec's growth), verified as point masses (accept c_j with
+  probability p_cur(c_j), else remove it from p_cur).
+
+Guarantee: every row's output has exactly the target's distribution (`samplers.ar`), since the
+tree's randomness is the draft's own and each q_j is exactly the law c_j was drawn from given
+what was tried before. Greedy output equals greedy AR token for token (up to numerical near-ties
+between batched and single-token calls).
+
+Caches: at a round's start with context c, the target holds tokens 0..c-2 and the draft
+0..c-3 (it re-reads the last two, as in `speculative`). The verify call writes the root at slot
+c-1 and node j at slot c+j; the accepted path's nodes are then copied to slots c, c+1, ...
+(`slots.compact`, generic over the cache pytree), in the target's and in the draft's cache (whose
+last call held every node above the deepest level), so neither model is called again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samplers import draft_verify, rng, slots, tree_spec, verify
+from samplers.logits import SamplingParams, probs, process_logits
+from samplers.protocol import CausalModel, SampleOutput
+
+CHILDREN = ("iid", "without_replacement", "top")
+
+
+def _check_common(max_new_tokens: int):
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeConfig:
+  """A static tree.
+
+  Attributes:
+    branching: children per node at each depth, e.g. (2, 2, 1) (see `tree_spec`); D = its length.
+    max_new_tokens: N, tokens generated per row at most.
+    sampling: how tokens are drawn; applied identically to target and draft.
+    children: "iid", "without_replacement" or "top" (see the module docstring); greedy sampling
+      always uses "top".
+    eos_id: a row stops after emitting it; None never stops early.
+    pad_id: fills `SampleOutput.tokens` after a row's end.
+  """
+
+  branching: tuple[int, ...]
+  max_new_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  children: str = "iid"
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  def __post_init__(self):
+    object.__setattr__(self, "branching", tree_spec.validate(self.branching))
+    if self.children not in CHILDREN:
+      raise ValueError(f"children must be one of {CHILDREN}, got {self.children!r}")
+    _check_common(self.max_new_tokens)
+
+  @property
+  def num_draft_tokens(self) -> int:
+    """D, the most drafts a round accepts (`draft_verify.decode`'s gamma; D draft calls)."""
+    return len(self.branching)
+
+  @property
+  def num_nodes(self) -> int:
+    return tree_spec.static_tree(self.branching).num_nodes
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTreeConfig:
+  """A dynamic tree (DySpec): the node_budget draft sequences of highest draft path probability
+  among those of at most max_depth tokens, grown one depth per draft call.
+
+  Attributes:
+    node_budget: N >= 1 tree nodes per round.
+    max_depth: D >= 1.
+    max_new_tokens, sampling, eos_id, pad_id: as in `TreeConfig`.
+    max_children: candidate children per expanded node (0: up to N), capped by the vocabulary.
+  """
+
+  node_budget: int
+  max_depth: int
+  max_new_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  eos_id: int | None = None
+  pad_id: int = 0
+  max_children: int = 0
+
+  def __post_init__(self):
+    if self.node_budget < 1:
+      raise ValueError(f"tree spec malformed: node_budget must be >= 1, got {self.node_budget}")
+    if self.max_depth < 1:
+      raise ValueError(f"tree spec malformed: max_depth must be >= 1, got {self.max_depth}")
+    if self.max_children < 0:
+      raise ValueError(f"tree spec malformed: max_children must be >= 0 (0 = up to node_budget), "
+                       f"got {self.max_children}")
+    _check_common(self.max_new_tokens)
+
+  @property
+  def num_draft_tokens(self) -> int:
+    return self.max_depth
+
+  @property
+  def num_nodes(self) -> int:
+    return self.node_budget
+
+
+def _check(target: CausalModel, draft: CausalModel, prompt_len: int, config) -> int:
+  """Cache slots per row a decode needs (P + N - 1 + nodes); ValueError if the pair can't."""
+  if target.vocab_size != draft.vocab_size:
+    raise ValueError(f"the draft's vocab_size {draft.vocab_size} differs from the target's "
+                     f"vocab_size {target.vocab_size}; draft and target must share one vocabulary")
+  if isinstance(config, TreeConfig) and (config.children != "iid" or config.sampling.greedy):
+    widest = max(config.branching)
+    if widest > target.vocab_size:
+      raise ValueError(f"tree spec malformed: branching factor {widest} exceeds vocab_size "
+                       f"{target.vocab_size}; distinct children need branching <= vocab_size")
+  need = prompt_len + config.max_new_tokens - 1 + config.num_nodes
+  for name, model in (("target", target), ("draft", draft)):
+    if need > model.max_len:
+      raise ValueError(
+          f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} - 1 + tree nodes "
+          f"{config.num_nodes} = {need} exceeds the {name}'s max_len {model.max_len} (target "
+          f"max_len {target.max_len}, draft max_len {draft.max_len}); shorten the prompt or lower "
+          f"max_new_tokens or the tree size")
+  return need
+
+
+def _gumbel(q: jax.Array, u: jax.Array) -> jax.Array:
+  """log q + Gumbel noise from uniforms u (same shape [..., V]); argmax is a draw from q."""
+  return jnp.log(q) - jnp.log(-jnp.log(u))
+
+
+def _children(logits: jax.Array, b: int, noise: jax.Array, config: TreeConfig):
+  """b children of each of n parents from the draft's logits [B, n, V] at the parents.
+
+  Args:
+    noise: [B, W] the depth's draft uniforms (n b V for "iid", n V for "without_replacement").
+  Returns:
+    (tokens [B, n b] int32, qs [B, n b, V] the law each was drawn from given its earlier
+    siblings, valid [B, n b] bool); parent-major order.
+  """
+  batch, n, vocab = logits.shape
+  q = probs(logits, config.sampling)
+  mode = "top" if config.sampling.greedy else config.children
+  if mode == "iid":
+    u = noise[:, :n * b * vocab].reshape(batch, n, b, vocab)
+    tokens = jnp.argmax(_gumbel(q[:, :, None], u), axis=-1)
+    qs, valid = jnp.broadcast_to(q[:, :, None], (batch, n, b, vocab)), jnp.ones(tokens.shape, bool)
+  elif mode == "without_replacement":
+    values, tokens = jax.lax.top_k(_gumbel(q, noise[:, :n * vocab].reshape(batch, n, vocab)), b)
+    valid = values > -jnp.inf
+    qs = jax.vmap(jax.vmap(verify.without_replacement))(q, tokens, valid)
+  else:
+    scores = logits.astype(jnp.float32) if config.sampling.greedy else process_logits(
+        logits, config.sampling)
+    values, tokens = jax.lax.top_k(scores, b)
+    valid = values > -jnp.inf
+    qs = jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)
+  return (tokens.reshape(batch, n * b).astype(jnp.int32), qs.reshape(batch, n * b, vocab),
+          valid.reshape(batch, n * b))
+
+
+def _noise_width(config, vocab: int) -> int:
+  """Draft uniforms per position (depth) a static tree consumes; 0 for deterministic trees."""
+  if isinstance(config, DynamicTreeConfig) or config.sampling.greedy or config.children == "top":
+    return 0
+  tree = tree_spec.static_tree(config.branching)
+  parents = (1,) + tree.level_sizes[:-1]
+  per_depth = tree.level_sizes if config.children == "iid" else parents
+  return max(per_depth) * vocab
+
+
+def _draft_call(draft, draft_params, cache, last_two, context, tokens, depth, ancestors):
+  """Feeds the last two committed tokens and tree nodes tokens [B, M] (depth [B, M] or [M],
+  ancestors [B, M, M] or [M, M]) from slot context - 2; returns (logits [B, 2 + M, V], cache)."""
+  batch, m = tokens.shape
+  positions = jnp.concatenate([context[:, None] + jnp.arange(-2, 0),
+                               context[:, None] - 1 + jnp.broadcast_to(depth, (batch, m))], axis=1)
+  mask = jnp.broadcast_to(tree_spec.feed_mask(ancestors, 2), (batch, 2 + m, 2 + m))
+  return draft.apply(draft_params, jnp.concatenate([last_two, tokens], axis=1),
+                     positions.astype(jnp.int32), cache.replace(lengths=context - 2), mask)
+
+
+def _grow_static(draft, draft_params, config: TreeConfig, cache, last_two, context, noise):
+  """The static tree: one draft call per depth. noise [B, D + 1, W]. Returns (tokens [B, N],
+  parent [N], depth [N], ancestors [N, N], valid [B, N], qs [B, N, V], draft cache)."""
+  tree = tree_spec.static_tree(config.branching)
+  batch = last_two.shape[0]
+  tokens, qs, valid = [], [], []
+  for d, b in enumerate(tree.branching, start=1):  # static: the tree's structure is fixed
+    fed = sum(tree.level_sizes[:d - 1])
+    nodes = jnp.concatenate(tokens, axis=1) if tokens else jnp.zeros((batch, 0), jnp.int32)
+    logits, grown = _draft_call(draft, draft_params, cache, last_two, context, nodes,
+                                tree.depth[:fed], tree.ancestors[:fed, :fed])
+    at_parents = logits[:, 1:2] if d == 1 else logits[:, 2 + tree.level(d - 1).start:
+                                                      2 + tree.level(d - 1).stop]
+    level = _children(at_parents, b, noise[:, d - 1], config)
+    for out, new in zip((tokens, qs, valid), level):
+      out.append(new)
+  return (jnp.concatenate(tokens, axis=1), tree.parent, tree.depth, tree.ancestors,
+          jnp.concatenate(valid, axis=1), jnp.concatenate(qs, axis=1), grown)
+
+
+def _ranking(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
+  """Draft probabilities [..., V] that rank children: q, or softmax of the raw logits (greedy)."""
+  if sampling.greedy:
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  return probs(logits, sampling)
+
+
+def _merge(value, token, parent, depth, c_value, c_token, c_parent, c_depth):
+  """One row: keeps the N best of the tree's N slots [N] and C candidates [C] by path
+  probability (ties: shallower first, so the kept set stays closed under parents). Kept nodes
+  stay in their slots (their parent indices stay valid); new ones fill the freed slots."""
+  size = value.shape[0]
+  all_value = jnp.concatenate([value, c_value])
+  order = jnp.lexsort((jnp.concatenate([depth, c_depth]), -all_value))[:size]
+  chosen = jnp.zeros(all_value.shape, bool).at[order].set(True) & (all_value > 0)
+  keep, new = chosen[:size], chosen[size:]
+  free = jnp.argsort(keep, stable=True)  # freed slots first, in slot order
+  dest = jnp.where(new, free[jnp.clip(jnp.cumsum(new) - 1, 0, size - 1)], size)
+
+  def put(old, cand, empty):
+    return jnp.where(keep, old, empty).at[dest].set(cand, mode="drop")
+
+  return (put(value, c_value, -1.0), put(token, c_token, 0), put(parent, c_parent, -1),
+          put(depth, c_depth, 0))
+
+
+def _grow_dynamic(draft, draft_params, config: DynamicTreeConfig, cache, last_two, context):
+  """DySpec's greedy tree: after depth d the N slots hold the N best sequences of <= d tokens by
+  draft path probability (the best of <= d + 1 tokens are among them and their children, so
+  expanding the depth-d nodes is enough). Same returns as `_grow_static`, per row."""
+  batch, size, depth_max = last_two.shape[0], config.node_budget, config.max_depth
+  vocab = draft.vocab_size
+  fan = min(config.max_children or size, vocab)
+  value = jnp.full((batch, size), -1.0, jnp.float32)
+  token = jnp.zeros((batch, size), jnp.int32)
+  parent = jnp.full((batch, size), -1, jnp.int32)
+  depth = jnp.zeros((batch, size), jnp.int32)
+  grown = cache
+  for d in range(1, depth_max + 1):  # static: D draft calls
+    if d == 1:
+      logits, grown = _draft_call(draft, draft_params, cache, last_two, context,
+                                  jnp.zeros((batch, 0), jnp.int32), jnp.zeros((0,), jnp.int32),
+                                  np.zeros((0, 0), bool))
+      top, c_token = jax.lax.top_k(_ranking(logits[:, 1], config.sampling), fan)  # [B, fan]
+      c_value, c_parent = top, jnp.full((batch, fan), -1, jnp.int32)
+    else:
+      ancestors = tree_spec.ancestor_mask(parent, depth_max)
+      logits, grown = _draft_call(draft, draft_params, cache, last_two, context, token, depth,
+                                  ancestors)
+      top, c_token = jax.lax.top_k(_ranking(logits[:, 2:], config.sampling), fan)  # [B, N, fan]
+      expand = (value > 0) & (depth == d - 1)
+      c_value = jnp.where(expand[..., None] & (top > 0), value[..., None] * top, -1.0)
+      c_parent = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32)[None, :, None], top.shape)
+      c_value, c_token, c_parent = (x.reshape(batch, -1) for x in (c_value, c_token, c_parent))
+    c_depth = jnp.full(c_value.shape, d, jnp.int32)
+    value, token, parent, depth = jax.vmap(_merge)(value, token, parent, depth, c_value,
+                                                   c_token.astype(jnp.int32), c_parent, c_depth)
+  qs = jax.nn.one_hot(token, vocab, dtype=jnp.float32)  # deterministic children: point masses
+  return (token, parent, depth, tree_spec.ancestor_mask(parent, depth_max), value > 0, qs, grown)
+
+
+def _walk(u, p, qs, tokens, parent, valid):
+  """One row's verification from the root down.
+
+  Args:
+    u: [D + 1, N + V] uniforms of the positions decided at depths 1..D and the bonus position.
+    p: [1 + N, V] target distributions after the root and after each node.
+    qs: [N, V]; tokens, parent (-1: root), valid: [N].
+  Returns:
+    (accepted count [] int32, the round's last token [] int32, path [D] int32 accepted nodes).
+  """
+  depth_max, size = u.shape[0] - 1, tokens.shape[0]
+
+  def step(carry, u_d):
+    current, alive, count, last = carry
+    active = alive & valid & (parent == current)
+    index, token = verify.recursive_rejection(u_d, p[current + 1], qs, tokens, active)
+    accepted = alive & (index >= 0)
+    last = jnp.where(alive & ~accepted, token, last)
+    return ((jnp.where(accepted, index, current), accepted, count + accepted, last),
+            jnp.where(accepted, index, 0))
+
+  start = (jnp.int32(-1), jnp.bool_(True), jnp.int32(0), jnp.int32(0))
+  (current, alive, count, last), path = jax.lax.scan(step, start, u[:depth_max])
+  last = jnp.where(alive, verify.draw(u[depth_max, size:], p[current + 1]), last)
+  return count, last, path.astype(jnp.int32)
+
+
+def _prefill(model: CausalModel, params, prompt: jax.Array, size: int):
+  positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
+  run = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
+  return run(params, prompt, positions, model.init_cache(prompt.shape[0], size))
+
+
+@functools.partial(jax.jit, static_argnames=("target", "draft", "config"))
+def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
+           prompt: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
+           config: TreeConfig | DynamicTreeConfig) -> SampleOutput:
+  """Generates up to N tokens per row after right-padded prompts with a draft token tree.
+
+  Args as in `speculative.sample`; `config` is a `TreeConfig` (static) or `DynamicTreeConfig`.
+  Randomness: the position decided at depth d draws that depth's children from the first W of
+  its `draft_verify.position_uniforms` and is verified with the next N + V; the bonus position
+  uses its last V.
+  Returns:
+    SampleOutput with the statistics of `draft_verify.decode` (gamma = D: `draft_calls` counts
+    D per round, `acceptance` is accepted tokens per depth offered).
+  Raises:
+    ValueError: vocabularies differ, a distinct-children branching factor exceeds the
+      vocabulary, or P + N - 1 + nodes exceeds either model's max_len.
+  """
+  batch, prompt_len = prompt.shape
+  vocab, depth_max, size = target.vocab_size, config.num_draft_tokens, config.num_nodes
+  cache_slots = _check(target, draft, prompt_len, config)
+  width = _noise_width(config, vocab)
+  keys = rng.row_keys(key, batch)
+  prompt_lengths = prompt_lengths.astype(jnp.int32)
+
+  def round_fn(caches, seq, context):
+    target_cache, draft_cache = caches
+    decided = context[:, None] + jnp.arange(depth_max + 1)  # [B, D + 1] positions
+    u = draft_verify.position_uniforms(keys, decided, width + size + vocab)
+    last_two = jnp.take_along_axis(seq, context[:, None] + jnp.arange(-2, 0), axis=1)
+    if isinstance(config, TreeConfig):
+      grown = _grow_static(draft, draft_params, config, draft_cache, last_two, context,
+                           u[..., :width])
+    else:
+      grown = _grow_dynamic(draft, draft_params, config, draft_cache, last_two, context)
+    tokens, parent, depth, ancestors, valid, qs, draft_cache = grown
+    positions = jnp.concatenate([context[:, None] - 1,
+                                 context[:, None] + jnp.broadcast_to(depth, (batch, size)) - 1], 1)
+    mask = jnp.broadcast_to(tree_spec.feed_mask(ancestors, 1), (batch, 1 + size, 1 + size))
+    logits, target_cache = target.apply(
+        target_params, jnp.concatenate([last_two[:, 1:], tokens], axis=1), positions,
+        target_cache.replace(lengths=context - 1), mask)
+    p = probs(logits, config.sampling)  # [B, 1 + N, V]
+    parent = jnp.broadcast_to(parent, (batch, size))
+    count, last, path = jax.vmap(_walk)(u[..., width:], p, qs, tokens, parent, valid)
+    path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [B, D]
+    index = jnp.arange(depth_max + 1)[None, :]
+    emitted = jnp.where(index < count[:, None],
+                        jnp.concatenate([path_tokens, path_tokens[:, :1]], axis=1), last[:, None])
+    source = context[:, None] + path  # node j sits at slot context + j
+    target_cache = slots.compact(target, target_cache, cache_slots, source, context)
+    if depth_max > 1:  # the draft's last call held the nodes above depth D
+      draft_cache = slots.compact(draft, draft_cache, cache_slots, source[:, :-1], context)
+    return (target_cache, draft_cache), emitted, count
+
+  target_logits, target_cache = _prefill(target, target_params, prompt, cache_slots)
+  _, draft_cache = _prefill(draft, draft_params, prompt, cache_slots)
+  first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
+  return draft_verify.decode(round_fn, (target_cache, draft_cache), first_logits[:, 0], prompt,
+                             prompt_lengths, keys, config)
