@@ -254,3 +254,21 @@ def test_malformed_tree_spec_and_bad_input_are_clear_errors():
     other = toy.TrigramLM(vocab_size=6, max_len=16)
     tree.sample(TOY, TARGET, other, other.init(jax.random.key(0)), prompt, lengths,
                 jax.random.key(0), tree.TreeConfig(branching=(2,), max_new_tokens=4))
+
+
+@pytest.mark.parametrize("config", [
+    tree.TreeConfig(branching=(2, 2, 1), max_new_tokens=LLAMA_STEPS, sampling=GREEDY),
+    tree.DynamicTreeConfig(node_budget=3, max_depth=3, max_new_tokens=LLAMA_STEPS,
+                           sampling=GREEDY, max_children=1)], ids=["static-221", "dynamic-chain"])
+def test_a_draft_equal_to_the_target_is_always_accepted(llama_pair, config):
+  """Greedy with draft = target (the Llama target): every round accepts all D = 3 levels, which
+  needs the draft's cache to hold the accepted path after compaction (the static tree's path
+  moves slots, and without the draft's compaction acceptance drops; the dynamic chain's does
+  not move)."""
+  target, _, expected = llama_pair
+  prompt, lengths = ar.pad_prompts(LLAMA_PROMPTS)
+  out = tree.sample(LLAMA_TARGET, target, LLAMA_TARGET, target, prompt, lengths,
+                    jax.random.key(0), config)
+  assert _ties(np.asarray(out.tokens), expected, target, LLAMA_PROMPTS) == 0
+  assert float(out.stats["acceptance"]) == 1.0
+  assert int(out.stats["target_calls"]) == 1 + 3  # prefill, then 11 tokens in rounds of 4
