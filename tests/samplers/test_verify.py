@@ -1,6 +1,8 @@
 """Per-position verification rules: the emitted token is exactly ~ p (Monte Carlo, chi-square),
 acceptance matches its closed form, and a broken rule is caught by the same test."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,53 +26,53 @@ P, Q = _dist(0), _dist(1)
 P_SPARSE, Q_SPARSE = _dist(2, zeros=(0, 3)), _dist(3, zeros=(1,))  # disjoint-ish supports
 
 
-def _run(trial, seed=0):
-  """trial(key) -> (accepted or index, token), vmapped over TRIALS keys (drafts drawn with
-  jax.random.categorical, independently of the rules' own Gumbel-max)."""
+@functools.partial(jax.jit, static_argnums=0)
+def _trials(trial, keys, p, q, active):
+  return jax.vmap(trial, in_axes=(0, None, None, None))(keys, p, q, active)
+
+
+def _run(trial, p, q, active=(True,), seed=0):
+  """trial(key, p, q, active [K]) -> (accepted or index, token), vmapped over TRIALS keys; one
+  compile per trial and shape, whatever p and q. Drafts are drawn with jax.random, independently
+  of the rules' own Gumbel-max."""
   keys = jax.random.split(jax.random.key(seed), TRIALS)
-  return jax.tree.map(np.asarray, jax.jit(jax.vmap(trial))(keys))
+  return jax.tree.map(np.asarray, _trials(trial, keys, p, q, jnp.asarray(active)))
 
 
 def _exact(tokens, p) -> float:
   return p_value(np.asarray(tokens)[:, None], np.asarray(p, np.float64))[0]
 
 
-def _single_draft_trial(p, q):
-  def trial(key):
-    draft_key, verify_key = jax.random.split(key)
-    draft = jax.random.categorical(draft_key, jnp.log(q)).astype(jnp.int32)
-    return verify.single_draft(verify.uniforms(verify_key, (1 + VOCAB,)), p, q, draft)
-  return trial
+def _split(key, active):
+  """(draft key, uniforms [K + V] for the rule) for K = len(active) proposals."""
+  draft_key, verify_key = jax.random.split(key)
+  return draft_key, verify.uniforms(verify_key, (active.shape[0] + VOCAB,))
 
 
-def _iid(q, count):
-  return lambda key: jax.random.categorical(key, jnp.log(q), shape=(count,)).astype(jnp.int32)
+def _single_draft_trial(key, p, q, active):
+  draft_key, u = _split(key, active)
+  draft = jax.random.categorical(draft_key, jnp.log(q)).astype(jnp.int32)
+  return verify.single_draft(u, p, q, draft)
 
 
-def _k_sequential_trial(p, q, active):
-  active = jnp.asarray(active)
-
-  def trial(key):
-    draft_key, verify_key = jax.random.split(key)
-    u = verify.uniforms(verify_key, (active.shape[0] + VOCAB,))
-    return verify.k_sequential(u, p, q, _iid(q, active.shape[0])(draft_key), active)
-  return trial
+def _iid(key, q, count):
+  return jax.random.categorical(key, jnp.log(q), shape=(count,)).astype(jnp.int32)
 
 
-def _wor_children(key, q, count):
+def _k_sequential_trial(key, p, q, active):
+  draft_key, u = _split(key, active)
+  return verify.k_sequential(u, p, q, _iid(draft_key, q, active.shape[0]), active)
+
+
+def _wor(key, q, count):
   """count children drawn from q without replacement (Gumbel top-k)."""
   return jax.lax.top_k(jnp.log(q) + jax.random.gumbel(key, q.shape), count)[1].astype(jnp.int32)
 
 
-def _recursive_trial(p, q, children, proposals):
-  """children(key) -> [k] tokens; proposals(q, children) -> qs [k, V]."""
-  def trial(key):
-    draft_key, verify_key = jax.random.split(key)
-    drawn = children(draft_key)
-    active = jnp.ones(drawn.shape, bool)
-    u = verify.uniforms(verify_key, (drawn.shape[0] + VOCAB,))
-    return verify.recursive_rejection(u, p, proposals(q, drawn), drawn, active)
-  return trial
+def _top(key, q, count):
+  """The count most likely tokens of q: deterministic children."""
+  del key
+  return jax.lax.top_k(q, count)[1].astype(jnp.int32)
 
 
 def _iid_proposals(q, children):
@@ -85,13 +87,27 @@ def _point_masses(q, children):
   return jax.nn.one_hot(children, q.shape[0])
 
 
+def _recursive(children, proposals):
+  """A recursive-rejection trial: children(key, q, k) -> [k] tokens, proposals(q, children)."""
+  def trial(key, p, q, active):
+    draft_key, u = _split(key, active)
+    drawn = children(draft_key, q, active.shape[0])
+    return verify.recursive_rejection(u, p, proposals(q, drawn), drawn, active)
+  return trial
+
+
+RECURSIVE = {"iid": _recursive(_iid, _iid_proposals),
+             "without_replacement": _recursive(_wor, _wor_proposals),
+             "deterministic": _recursive(_top, _point_masses)}
+
+
 def _beta(p, q, rho):
   return float(jnp.sum(jnp.minimum(q, p / rho)))
 
 
 @pytest.mark.parametrize("p, q", [(P, Q), (P_SPARSE, Q_SPARSE)])
 def test_single_draft_emits_p_and_accepts_sum_min(p, q):
-  accepted, tokens = _run(_single_draft_trial(p, q))
+  accepted, tokens = _run(_single_draft_trial, p, q)
   assert _exact(tokens, p) > SIGNIFICANCE
   rate = float(jnp.sum(jnp.minimum(p, q)))
   assert abs(accepted.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / TRIALS)
@@ -99,7 +115,7 @@ def test_single_draft_emits_p_and_accepts_sum_min(p, q):
 
 def test_single_draft_with_p_as_residual_is_caught(monkeypatch):
   monkeypatch.setattr(verify, "residual", lambda p, q: p)
-  _, tokens = _run(_single_draft_trial(P, Q))
+  _, tokens = _run(lambda *args: _single_draft_trial(*args), P, Q)  # a fresh trace
   assert _exact(tokens, P) < POWER
 
 
@@ -157,7 +173,7 @@ def test_division_factor_is_one_for_one_draft_or_equal_distributions():
                                           (P, Q, [True, False, True, True]),
                                           (P_SPARSE, Q_SPARSE, [True] * 3)])
 def test_k_sequential_emits_p_and_accepts_as_derived(p, q, active):
-  index, tokens = _run(_k_sequential_trial(p, q, active))
+  index, tokens = _run(_k_sequential_trial, p, q, active)
   assert _exact(tokens, p) > SIGNIFICANCE
   k = sum(active)
   beta = _beta(p, q, float(verify.division_factor(p, q, k)))
@@ -168,7 +184,7 @@ def test_k_sequential_emits_p_and_accepts_as_derived(p, q, active):
 
 def test_k_sequential_without_its_residual_correction_is_caught(monkeypatch):
   monkeypatch.setattr(verify, "k_sequential_residual", lambda p, q, rho, k, max_k: p)
-  _, tokens = _run(_k_sequential_trial(P, Q, [True] * 3))
+  _, tokens = _run(lambda *args: _k_sequential_trial(*args), P, Q, [True] * 3)
   assert _exact(tokens, P) < POWER
 
 
@@ -180,19 +196,15 @@ def test_k_sequential_with_one_draft_is_single_draft():
     assert bool(index == 0) == bool(accepted) and int(token) == int(single_token)
 
 
-@pytest.mark.parametrize("children, proposals", [
-    (lambda q: _iid(q, 3), _iid_proposals),
-    (lambda q: lambda key: _wor_children(key, q, 3), _wor_proposals),
-    (lambda q: lambda key: jax.lax.top_k(q, 3)[1].astype(jnp.int32), _point_masses),
-], ids=["iid", "without_replacement", "deterministic"])
-def test_recursive_rejection_emits_p(children, proposals):
+@pytest.mark.parametrize("kind", list(RECURSIVE))
+def test_recursive_rejection_emits_p(kind):
   for p, q in [(P, Q), (P_SPARSE, Q_SPARSE)]:
-    _, tokens = _run(_recursive_trial(p, q, children(q), proposals))
+    _, tokens = _run(RECURSIVE[kind], p, q, [True] * 3)
     assert _exact(tokens, p) > SIGNIFICANCE
 
 
 def test_recursive_rejection_of_drafts_without_replacement_treated_as_iid_is_caught():
-  _, tokens = _run(_recursive_trial(P, Q, lambda key: _wor_children(key, Q, 3), _iid_proposals))
+  _, tokens = _run(_recursive(_wor, _iid_proposals), P, Q, [True] * 3)
   assert _exact(tokens, P) < POWER
 
 
