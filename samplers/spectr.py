@@ -111,6 +111,7 @@ def _verify_row(u, p, q, drafts, valid, without_replacement: bool):
 
 
 def _prefill(model: CausalModel, params, prompt: jax.Array, slots: int):
+  """Prompt logits [B, P, V] and B row caches holding the prompt (see `samplers.rows`)."""
   positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
   run = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
   return rows.call(run, params, prompt, positions, rows.init(model, prompt.shape[0], slots))
