@@ -122,13 +122,18 @@ class SamplerConfig:
 
   Attributes:
     kind: "ar" (autoregressive), "speculative" (draft-then-verify), "spectr" (k drafts,
-      k-sequential selection) or "jacobi" (greedy fixed-point iteration, no draft).
+      k-sequential selection), "tree" (a static token tree), "dynamic_tree" (DySpec: grown by
+      draft probability under a node budget) or "jacobi" (greedy fixed-point iteration, no draft).
     draft_workdir: a trained run used as the draft model ("" = this workdir's companion `draft/`).
     draft_experiment: a registered experiment trained after this one, by distillation from it, as
       its companion draft in `WORKDIR/draft` ("" = none).
     num_draft_tokens: gamma, tokens the draft proposes per target call.
     num_drafts: k, draft sequences per row for "spectr".
     without_replacement: "spectr" drafts sampled without replacement (recursive rejection).
+    tree_branching: children per node at each depth of the static tree, e.g. "2,2,1".
+    tree_children: how a static tree's children are drafted: "iid", "without_replacement" or
+      "top" (the draft's most probable; greedy decoding always uses "top").
+    tree_node_budget, tree_max_depth: size and depth limits of the dynamic tree.
     jacobi_block: n, tokens per Jacobi iteration.
   """
 
@@ -144,6 +149,10 @@ class SamplerConfig:
   num_draft_tokens: int = 4
   num_drafts: int = 2
   without_replacement: bool = False
+  tree_branching: tuple[int, ...] = (2, 2, 1)
+  tree_children: str = "iid"
+  tree_node_budget: int = 8
+  tree_max_depth: int = 4
   jacobi_block: int = 8
 
 
@@ -186,7 +195,7 @@ TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "tr
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
-SAMPLER_KINDS = ("ar", "speculative", "spectr", "jacobi")
+SAMPLER_KINDS = ("ar", "speculative", "spectr", "tree", "dynamic_tree", "jacobi")
 
 
 def validate(exp: Experiment) -> Experiment:

@@ -2,7 +2,7 @@
 
 Prompts start with the eos id (the training stream separates documents with eos, so eos means
 "start of a document"), are right-padded into one batch and decoded by the sampler named by
-`sampler.kind` (`samplers.ar`, `samplers.speculative`, `samplers.spectr`, `samplers.jacobi`).
+`sampler.kind` (`samplers.ar`, `.speculative`, `.spectr`, `.tree`, `.jacobi`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 from paxlike import tokenizer
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
-from samplers import ar, jacobi, spectr, speculative
+from samplers import ar, jacobi, spectr, speculative, tree
 from samplers.logits import SamplingParams
 
-DRAFTED_KINDS = ("speculative", "spectr")
+DRAFTED_KINDS = ("speculative", "spectr", "tree", "dynamic_tree")
 
 
 def encode_prompts(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,12 +51,21 @@ def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_param
   if draft is None:
     raise UserError(f"sampler.kind={cfg.kind} needs a draft model: --set sampler.draft_workdir=DIR "
                     "(a trained run with the same vocabulary)")
+  pair = (model, params, draft, draft_params)
   if cfg.kind == "speculative":
     config = speculative.SpeculativeConfig(num_draft_tokens=cfg.num_draft_tokens, **common)
-    return speculative.sample, (model, params, draft, draft_params), config
+    return speculative.sample, pair, config
+  if cfg.kind == "tree":
+    config = tree.TreeConfig(branching=tuple(cfg.tree_branching), children=cfg.tree_children,
+                             **common)
+    return tree.sample, pair, config
+  if cfg.kind == "dynamic_tree":
+    config = tree.DynamicTreeConfig(node_budget=cfg.tree_node_budget,
+                                    max_depth=cfg.tree_max_depth, **common)
+    return tree.sample, pair, config
   config = spectr.SpecTrConfig(num_drafts=cfg.num_drafts, num_draft_tokens=cfg.num_draft_tokens,
                                without_replacement=cfg.without_replacement, **common)
-  return spectr.sample, (model, params, draft, draft_params), config
+  return spectr.sample, pair, config
 
 
 def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg: SamplerConfig,
@@ -68,6 +77,7 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
   """
   max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
   slack = {"speculative": cfg.num_draft_tokens, "spectr": cfg.num_draft_tokens,
+           "tree": len(cfg.tree_branching), "dynamic_tree": cfg.tree_max_depth,
            "jacobi": cfg.jacobi_block}.get(cfg.kind, 0)
   max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)
   if max_new < 1:

@@ -27,7 +27,7 @@ from paxlike.workflows import write_config
 
 NEAR_TIE = 1e-4
 
-SAMPLERS = ("speculative", "spectr", "jacobi")
+SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "jacobi")
 GREEDY_ONLY = ("jacobi",)
 
 
@@ -100,7 +100,10 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
                              "tokens_per_target_call", "acceptance", "greedy_equal_ar"])
   config = {"target": config_lib.to_dict(target.exp.model), "draft": config_lib.to_dict(draft.exp.model),
             "max_new_tokens": max_new_tokens, "num_draft_tokens": base.num_draft_tokens,
-            "num_drafts": base.num_drafts, "repeats": repeats}
+            "num_drafts": base.num_drafts, "tree_branching": list(base.tree_branching),
+            "tree_children": base.tree_children, "tree_node_budget": base.tree_node_budget,
+            "tree_max_depth": base.tree_max_depth, "jacobi_block": base.jacobi_block,
+            "repeats": repeats}
   return harness.write_report(out, "decode", config, rows)
 
 

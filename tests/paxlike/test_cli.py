@@ -197,7 +197,7 @@ def test_checkpoint_from_another_model_shape_is_refused_untouched(trained, tmp_p
   assert not (workdir / "checkpoints_unreadable").exists()
 
 
-@pytest.mark.parametrize("kind", ["speculative", "spectr"])
+@pytest.mark.parametrize("kind", ["speculative", "spectr", "tree", "dynamic_tree"])
 def test_drafted_sampling_from_the_cli_matches_greedy_ar(trained, kind):
   common = (f"--workdir={trained}", "--mode=sample", "--prompt=ROMEO:", "--set",
             "sampler.max_new_tokens=20", "--set", "sampler.temperature=0")
@@ -206,7 +206,9 @@ def test_drafted_sampling_from_the_cli_matches_greedy_ar(trained, kind):
                     f"sampler.draft_workdir={trained}", "--set", "sampler.num_draft_tokens=3")
   assert drafted.returncode == 0, drafted.stderr
   stats = cli.last_json(drafted.stdout)
-  assert stats["sampler"] == kind and stats["acceptance"] == 1.0  # the draft is the target
+  assert stats["sampler"] == kind
+  if kind != "dynamic_tree":  # a budgeted tree need not hold the whole greedy path
+    assert stats["acceptance"] == 1.0  # the draft is the target
   assert stats["draft_calls"] > 1 and stats["target_calls"] < stats["tokens"]
   text = lambda out: out[out.index("---"):out.rindex("---")].split("\n", 1)[1]
   assert text(drafted.stdout) == text(ar.stdout)
