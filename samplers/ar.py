@@ -17,7 +17,7 @@ import numpy as np
 
 from samplers import rng
 from samplers.logits import SamplingParams, sample_token
-from samplers.protocol import CausalModel, SampleOutput
+from samplers.protocol import CausalModel, SampleOutput, prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +75,7 @@ def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Ar
   def finished(token, done):
     return done if config.eos_id is None else done | (token == config.eos_id)
 
-  cache = model.init_cache(batch, prompt_len + steps)
-  positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), prompt.shape)
-  prefill = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
-  logits, cache = prefill(params, prompt, positions, cache)
+  logits, cache = prefill(model, params, prompt, model.init_cache(batch, prompt_len + steps))
   cache = cache.replace(lengths=prompt_lengths)
   last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
 

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers.protocol import CausalModel, SampleOutput
+from samplers.protocol import CausalModel, SampleOutput, prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +44,6 @@ class JacobiConfig:
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
-
-def _prefill(model: CausalModel, params, prompt: jax.Array, slots: int):
-  positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
-  run = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
-  return run(params, prompt, positions, model.init_cache(prompt.shape[0], slots))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
@@ -77,7 +72,7 @@ def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Ar
                      f"= {slots} exceeds the model's max_len {model.max_len}")
   prompt_lengths = prompt_lengths.astype(jnp.int32)
   rows = jnp.arange(batch)
-  logits, cache = _prefill(model, params, prompt, slots)
+  logits, cache = prefill(model, params, prompt, model.init_cache(batch, slots))
   last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
   first = jnp.argmax(last, axis=-1).astype(jnp.int32)
   tokens = jnp.full((batch, steps + n), config.pad_id, jnp.int32).at[:, 0].set(first)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 
 class Cache(Protocol):
@@ -56,6 +57,25 @@ class CausalModel(Protocol):
     Returns:
       ([B, T, V] float32 logits of the next token after each new token, cache with lengths + T).
     """
+
+
+def prefill_method(model: CausalModel):
+  """The model's optional `prefill` (e.g. sequence-parallel) when it has one, else `apply`."""
+  return getattr(model, "prefill", model.apply)
+
+
+def prompt_positions(prompt: jax.Array) -> jax.Array:
+  """[B, P] int32 positions 0..P-1 of right-padded prompts."""
+  return jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
+
+
+def prefill(model: CausalModel, params: Any, prompt: jax.Array,
+            cache: Any) -> tuple[jax.Array, Any]:
+  """Scores right-padded prompts [B, P] from position 0 into an empty cache.
+
+  Returns ([B, P, V] logits, the cache; its pointer is for the caller to set).
+  """
+  return prefill_method(model)(params, prompt, prompt_positions(prompt), cache)
 
 
 @flax.struct.dataclass

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from samplers import draft_verify, rng, rows, verify
 from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput
+from samplers.protocol import CausalModel, SampleOutput, prefill_method, prompt_positions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,12 +110,6 @@ def _verify_row(u, p, q, drafts, valid, without_replacement: bool):
   return count, last, ref
 
 
-def _prefill(model: CausalModel, params, prompt: jax.Array, slots: int):
-  """Prompt logits [B, P, V] and B row caches holding the prompt (see `samplers.rows`)."""
-  positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
-  run = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
-  return rows.call(run, params, prompt, positions, rows.init(model, prompt.shape[0], slots))
-
 
 @functools.partial(jax.jit, static_argnames=("target", "draft", "config"))
 def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
@@ -192,8 +186,11 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     emitted = jnp.where(index < count[:, None], padded, last[:, None])
     return (rows.take(target_rows, keep), rows.take(draft_rows, keep)), emitted, count
 
-  target_logits, target_rows = _prefill(target, target_params, prompt, slots)
-  _, draft_rows = _prefill(draft, draft_params, prompt, slots)
+  positions = prompt_positions(prompt)
+  target_logits, target_rows = rows.call(prefill_method(target), target_params, prompt, positions,
+                                         rows.init(target, batch, slots))
+  _, draft_rows = rows.call(prefill_method(draft), draft_params, prompt, positions,
+                            rows.init(draft, batch, slots))
   first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
   return draft_verify.decode(round_fn, (target_rows, draft_rows), first_logits[:, 0], prompt,
                              prompt_lengths, keys, config)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from samplers import draft_verify, rng, verify
 from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput
+from samplers.protocol import CausalModel, SampleOutput, prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +50,6 @@ class SpeculativeConfig:
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
-
-def _prefill(model: CausalModel, params, prompt: jax.Array, slots: int):
-  """Prompt logits [B, P, V] and a cache holding the prompt (pointer set later by the round)."""
-  positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
-  run = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
-  return run(params, prompt, positions, model.init_cache(prompt.shape[0], slots))
 
 
 @functools.partial(jax.jit, static_argnames=("target", "draft", "config"))
@@ -128,8 +122,9 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     emitted = jnp.where(index < count[:, None], padded, last[:, None])
     return (target_cache, draft_cache), emitted, count
 
-  target_logits, target_cache = _prefill(target, target_params, prompt, slots)
-  _, draft_cache = _prefill(draft, draft_params, prompt, slots)
+  target_logits, target_cache = prefill(target, target_params, prompt,
+                                        target.init_cache(batch, slots))
+  _, draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(batch, slots))
   first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
   return draft_verify.decode(round_fn, (target_cache, draft_cache), first_logits[:, 0], prompt,
                              prompt_lengths, keys, config)

@@ -44,7 +44,7 @@ import numpy as np
 
 from samplers import draft_verify, rng, slots, tree_spec, verify
 from samplers.logits import SamplingParams, probs, process_logits
-from samplers.protocol import CausalModel, SampleOutput
+from samplers.protocol import CausalModel, SampleOutput, prefill
 
 CHILDREN = ("iid", "without_replacement", "top")
 
@@ -315,11 +315,6 @@ def _walk(u, p, qs, tokens, parent, valid):
   return count, last, path.astype(jnp.int32)
 
 
-def _prefill(model: CausalModel, params, prompt: jax.Array, size: int):
-  positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
-  run = getattr(model, "prefill", model.apply)  # optional; see protocol.CausalModel
-  return run(params, prompt, positions, model.init_cache(prompt.shape[0], size))
-
 
 @functools.partial(jax.jit, static_argnames=("target", "draft", "config"))
 def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
@@ -375,8 +370,9 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
       draft_cache = slots.compact(draft, draft_cache, cache_slots, source[:, :-1], context)
     return (target_cache, draft_cache), emitted, count
 
-  target_logits, target_cache = _prefill(target, target_params, prompt, cache_slots)
-  _, draft_cache = _prefill(draft, draft_params, prompt, cache_slots)
+  target_logits, target_cache = prefill(target, target_params, prompt,
+                                        target.init_cache(batch, cache_slots))
+  _, draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(batch, cache_slots))
   first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
   return draft_verify.decode(round_fn, (target_cache, draft_cache), first_logits[:, 0], prompt,
                              prompt_lengths, keys, config)
