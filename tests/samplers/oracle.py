@@ -8,6 +8,7 @@ result would have to be for a correct sampler (SIGNIFICANCE) and how clearly a b
 must be caught (POWER).
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.stats import chi2
@@ -30,3 +31,19 @@ def p_value(tokens, joint) -> tuple[float, float, int]:
   counts = np.bincount(np.ravel_multi_index(tokens.T, joint.shape), minlength=joint.size)
   stat, dof = chi_square(counts, joint)
   return float(chi2.sf(stat, dof)), stat, dof
+
+
+def assert_rows_follow_their_keys(run) -> None:
+  """`run(order, keys)` samples 4 prompts in `order` with per-row `keys`: each row's output must
+  follow its key whatever the batch order, and `jax.vmap` over key sets must equal separate runs."""
+  keys = jax.random.split(jax.random.key(4), 4)
+  forward = run(np.arange(4), keys)
+  backward = run(np.arange(4)[::-1], keys[::-1])
+  np.testing.assert_array_equal(forward.tokens, backward.tokens[::-1])
+  np.testing.assert_array_equal(forward.lengths, backward.lengths[::-1])
+  other_keys = jax.random.split(jax.random.key(5), 4)
+  many = jax.vmap(lambda k: run(np.arange(4), k))(jnp.stack([keys, other_keys]))
+  np.testing.assert_array_equal(many.tokens[0], forward.tokens)
+  np.testing.assert_array_equal(many.lengths[0], forward.lengths)
+  assert int(many.stats["target_calls"][0]) == int(forward.stats["target_calls"])
+  assert np.any(np.asarray(many.tokens[1]) != np.asarray(forward.tokens))

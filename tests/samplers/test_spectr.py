@@ -9,7 +9,7 @@ import pytest
 
 from samplers import ar, optimal, spectr, verify
 from samplers.logits import SamplingParams
-from tests.samplers import llama_pair, toy
+from tests.samplers import llama_pair, oracle, toy
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, p_value
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -124,20 +124,10 @@ def test_greedy_equals_greedy_ar_on_a_llama_pair():
 
 def test_rows_follow_their_keys_whatever_the_batch_order_and_under_vmap():
   prompt, lengths = ar.pad_prompts([[1, 2], [3], [0, 1, 2], [2, 2]])
-  keys = jax.random.split(jax.random.key(4), 4)
   config = spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=2, max_new_tokens=6, eos_id=0)
   run = lambda order, row_keys: spectr.sample(TOY, TARGET, TOY, DRAFT, prompt[order],
                                               lengths[order], row_keys, config)
-  forward = run(np.arange(4), keys)
-  backward = run(np.arange(4)[::-1], keys[::-1])
-  np.testing.assert_array_equal(forward.tokens, backward.tokens[::-1])
-  np.testing.assert_array_equal(forward.lengths, backward.lengths[::-1])
-  other_keys = jax.random.split(jax.random.key(5), 4)
-  many = jax.vmap(lambda k: run(np.arange(4), k))(jnp.stack([keys, other_keys]))
-  np.testing.assert_array_equal(many.tokens[0], forward.tokens)
-  np.testing.assert_array_equal(many.lengths[0], forward.lengths)
-  assert int(many.stats["target_calls"][0]) == int(forward.stats["target_calls"])
-  assert np.any(np.asarray(many.tokens[1]) != np.asarray(forward.tokens))
+  oracle.assert_rows_follow_their_keys(run)
 
 
 def test_bad_input_is_a_clear_error():
