@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from samplers import verify
 from samplers.logits import probs
-from samplers.protocol import CausalModel, SampleOutput
+from samplers.protocol import CausalModel, SampleOutput, prefill
 
 # (caches, seq [B, S] prompt + generated tokens, context_lengths [B]) ->
 #   (caches, emitted [B, gamma + 1] int32, accepted [B] int32): row b emits
@@ -149,3 +149,17 @@ def decode(round_fn: Round, caches: Any, first_logits: jax.Array, prompt: jax.Ar
       "tokens_per_target_call": generated_tokens / (batch + s["row_rounds"]).astype(jnp.float32),
   }
   return SampleOutput(tokens=tokens, lengths=s["n"], stats=stats)
+
+
+def prefill_and_decode(round_fn: Round, target: CausalModel, target_params, draft: CausalModel,
+                       draft_params, prompt: jax.Array, prompt_lengths: jax.Array, slots: int,
+                       keys: jax.Array, config) -> SampleOutput:
+  """Prefills both models' caches ([B, slots]) with the prompts, then runs `decode` from the
+  target's logits after each row's last prompt token."""
+  batch = prompt.shape[0]
+  target_logits, target_cache = prefill(target, target_params, prompt,
+                                        target.init_cache(batch, slots))
+  _, draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(batch, slots))
+  first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
+  return decode(round_fn, (target_cache, draft_cache), first_logits[:, 0], prompt,
+                prompt_lengths, keys, config)

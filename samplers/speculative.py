@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from samplers import draft_verify, rng, verify
 from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput, prefill
+from samplers.protocol import CausalModel, SampleOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,9 +122,5 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     emitted = jnp.where(index < count[:, None], padded, last[:, None])
     return (target_cache, draft_cache), emitted, count
 
-  target_logits, target_cache = prefill(target, target_params, prompt,
-                                        target.init_cache(batch, slots))
-  _, draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(batch, slots))
-  first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
-  return draft_verify.decode(round_fn, (target_cache, draft_cache), first_logits[:, 0], prompt,
-                             prompt_lengths, keys, config)
+  return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,
+                                         prompt, prompt_lengths, slots, keys, config)

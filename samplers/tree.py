@@ -44,7 +44,7 @@ import numpy as np
 
 from samplers import draft_verify, rng, slots, tree_spec, verify
 from samplers.logits import SamplingParams, probs, process_logits
-from samplers.protocol import CausalModel, SampleOutput, prefill
+from samplers.protocol import CausalModel, SampleOutput
 
 CHILDREN = ("iid", "without_replacement", "top")
 
@@ -370,9 +370,5 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
       draft_cache = slots.compact(draft, draft_cache, cache_slots, source[:, :-1], context)
     return (target_cache, draft_cache), emitted, count
 
-  target_logits, target_cache = prefill(target, target_params, prompt,
-                                        target.init_cache(batch, cache_slots))
-  _, draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(batch, cache_slots))
-  first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
-  return draft_verify.decode(round_fn, (target_cache, draft_cache), first_logits[:, 0], prompt,
-                             prompt_lengths, keys, config)
+  return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,
+                                         prompt, prompt_lengths, cache_slots, keys, config)

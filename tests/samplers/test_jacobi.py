@@ -7,10 +7,7 @@ import pytest
 
 from samplers import ar, jacobi
 from samplers.logits import SamplingParams
-from tests.samplers import toy
 from tests.samplers.test_ar import GREEDY_PROMPTS, LLAMA, TOY, llama_params  # noqa: F401
-
-GREEDY = ar.ARConfig(max_new_tokens=10, sampling=SamplingParams(temperature=0.0), eos_id=None)
 
 
 def _ar(model, params, prompts, steps=10, eos=None):

@@ -58,15 +58,6 @@ def test_joint_matches_the_exact_target_joint(config):
   assert min(_oracle_p_values(config)) > SIGNIFICANCE
 
 
-@pytest.fixture
-def fresh_trace(monkeypatch):
-  """A monkeypatch whose patches reach jitted samplers: compiled caches cleared around the test."""
-  jax.clear_caches()
-  yield monkeypatch
-  monkeypatch.undo()
-  jax.clear_caches()
-
-
 @pytest.mark.slow
 def test_k_sequential_without_its_residual_correction_fails_the_oracle(fresh_trace):
   """Power: drawing from p instead of p_res after k rejections is caught."""

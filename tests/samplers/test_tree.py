@@ -68,15 +68,6 @@ def test_joint_matches_the_exact_target_joint(config, prompts):
   assert min(_oracle_p_values(config, prompts)) > SIGNIFICANCE
 
 
-@pytest.fixture
-def fresh_trace(monkeypatch):
-  """A monkeypatch whose patches reach jitted samplers: compiled caches cleared around the test."""
-  jax.clear_caches()
-  yield monkeypatch
-  monkeypatch.undo()
-  jax.clear_caches()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [STATIC_IID, DYNAMIC], ids=["static-iid", "dynamic"])
 def test_no_residual_update_between_siblings_fails_the_oracle(fresh_trace, config):
