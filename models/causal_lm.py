@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.kv_cache import KVCache
+from models.losses import distillation_kl, next_token_nll
 from models.llama import Transformer
 
 
@@ -70,3 +71,29 @@ class CausalLM:
   def logits(self, params, tokens: jax.Array) -> jax.Array:
     """Full causal forward at positions 0..T-1: tokens [B, T] int32 -> [B, T, V] float32."""
     return self.module.apply({"params": params}, tokens)
+
+  # ------------------------------------------------------------------ training interface
+
+  def loss(self, params, batch: jax.Array, key: jax.Array, teacher_logits: jax.Array | None = None,
+           distill_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Next-token cross-entropy on batch [B, L + 1]; with `teacher_logits` [B, L, V]
+    (distillation, e.g. a draft for speculative decoding) (1 - w) * cross-entropy + w *
+    KL(teacher || student), with `nll` and `kl` as extra metrics. `key` is unused."""
+    del key
+    logits = self.logits(params, batch[:, :-1])
+    nll = next_token_nll(logits, batch[:, 1:]).mean()
+    if teacher_logits is None:
+      return nll, {}
+    kl = distillation_kl(logits, teacher_logits).mean()
+    return (1.0 - distill_weight) * nll + distill_weight * kl, {"nll": nll, "kl": kl}
+
+  def eval_nll(self, params, batch: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed next-token nll, token count) over batch [B, L + 1], float32 scalars."""
+    del key
+    nll = next_token_nll(self.logits(params, batch[:, :-1]), batch[:, 1:])
+    return nll.sum(), jnp.asarray(nll.size, jnp.float32)
+
+  @staticmethod
+  def teacher_inputs(batch: jax.Array) -> jax.Array:
+    """The tokens a distillation teacher scores: all but the last of each row."""
+    return batch[:, :-1]

@@ -12,6 +12,7 @@ from parallelism.sequence_attention import VARIANTS
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("dense",) + VARIANTS
+KINDS = ("llama",)  # extend with models.build._KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +62,8 @@ class ModelConfig:
 
   def validate(self) -> None:
     """Raises ValueError naming the first inconsistent field and what would be valid."""
-    if self.kind != "llama":
-      raise ValueError(f"model.kind={self.kind!r} is unknown; valid kinds: 'llama'")
+    if self.kind not in KINDS:
+      raise ValueError(f"model.kind={self.kind!r} is unknown; valid kinds: {', '.join(KINDS)}")
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "mlp_dim", "max_len"):
       if getattr(self, name) <= 0:
         raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")

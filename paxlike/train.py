@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from models.causal_lm import CausalLM
+from models.build import build_model
 from parallelism import rules
 from parallelism.mesh import make_mesh
 from paxlike import data as data_lib
@@ -46,39 +46,26 @@ class TrainState:
   rng: jax.Array  # [2] uint32 raw key; folded with the step for any per-step randomness
 
 
-def next_token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-token negative log-likelihood. logits [B, T, V], targets [B, T] -> [B, T] float32."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-
-
-def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array) -> jax.Array:
-  """KL(teacher || student) per position, [B, T, V] logits -> [B, T] float32 (DistillSpec)."""
-  teacher_logp = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
-  student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(jnp.exp(teacher_logp) * (teacher_logp - student_logp), axis=-1)
-
-
-def make_train_step(model: CausalLM, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    teacher: CausalLM | None = None, distill_weight: float = 1.0) -> Callable:
+def make_train_step(model: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    teacher: Any = None, distill_weight: float = 1.0) -> Callable:
   """(state, batch [B, L + 1] int32, teacher_params=None) -> (state, metrics).
 
-  Without a teacher the loss is next-token cross-entropy. With one (distillation, e.g. a draft
-  model for speculative decoding) it is (1 - w) * cross-entropy + w * KL(teacher || student), and
-  the metrics also carry `nll` and `kl`.
+  The loss is the model's own objective (`model.loss`, see `models.build`), given a key folded
+  from the state's RNG and the step; with a teacher its logits on the batch are passed along for
+  distillation.
   """
 
-  def loss_fn(params, batch, teacher_params):
-    logits = model.logits(params, batch[:, :-1])
-    nll = next_token_nll(logits, batch[:, 1:]).mean()
-    if teacher is None:
-      return nll, {}
-    teacher_logits = jax.lax.stop_gradient(teacher.logits(teacher_params, batch[:, :-1]))
-    kl = distillation_kl(logits, teacher_logits).mean()
-    return (1.0 - distill_weight) * nll + distill_weight * kl, {"nll": nll, "kl": kl}
+  def loss_fn(params, batch, teacher_params, key):
+    teacher_logits = None
+    if teacher is not None:
+      teacher_logits = jax.lax.stop_gradient(
+          teacher.logits(teacher_params, model.teacher_inputs(batch)))
+    return model.loss(params, batch, key, teacher_logits, distill_weight)
 
   def train_step(state: TrainState, batch: jax.Array, teacher_params: Any = None):
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
-                                                                     teacher_params)
+                                                                     teacher_params, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
@@ -88,12 +75,12 @@ def make_train_step(model: CausalLM, tx: optax.GradientTransformation, schedule:
   return train_step
 
 
-def make_eval_step(model: CausalLM) -> Callable:
-  """(params, batch [B, L + 1]) -> summed nll and token count (float32 scalars)."""
+def make_eval_step(model: Any) -> Callable:
+  """(params, batch [B, L + 1], index) -> summed nll and token count (float32 scalars); the
+  index seeds any randomness of the objective, so evaluation is deterministic."""
 
-  def eval_step(params, batch):
-    nll = next_token_nll(model.logits(params, batch[:, :-1]), batch[:, 1:])
-    return nll.sum(), jnp.asarray(nll.size, jnp.float32)
+  def eval_step(params, batch, index):
+    return model.eval_nll(params, batch, jax.random.fold_in(jax.random.key(0), index))
 
   return eval_step
 
@@ -144,7 +131,10 @@ class Trainer:
                             dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_sequence, m.dcn_tensor))
     except ValueError as e:
       raise UserError(str(e)) from None
-    self.model = CausalLM(exp.model)
+    try:
+      self.model = build_model(exp.model)
+    except ValueError as e:
+      raise UserError(str(e)) from None
     self.teacher = self._teacher_trainer()
     self.schedule = learning_rate_schedule(exp.optimizer, exp.schedule, exp.train.steps)
     self.tx = make_optimizer(exp.optimizer, exp.schedule, exp.train.steps)
@@ -245,7 +235,8 @@ class Trainer:
         in_shardings=(self.state_shardings, self.batch_sharding, teacher_shardings),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
     self._eval_step = jax.jit(
-        make_eval_step(self.model), in_shardings=(self.state_shardings.params, self.batch_sharding),
+        make_eval_step(self.model),
+        in_shardings=(self.state_shardings.params, self.batch_sharding, None),
         out_shardings=replicated)
 
   _MODEL_FIELDS = {"heads": "model.num_heads", "kv_heads": "model.num_kv_heads",
@@ -290,8 +281,8 @@ class Trainer:
     """Mean held-out loss (nats/token) and bits per byte (tokens are bytes)."""
     total, count = 0.0, 0.0
     with rules.activate(self.mesh):
-      for batch in self.eval_data:
-        nll, n = self._eval_step(params, self.to_global_batch(self.local_rows(batch)))
+      for index, batch in enumerate(self.eval_data):
+        nll, n = self._eval_step(params, self.to_global_batch(self.local_rows(batch)), index)
         total, count = total + float(nll), count + float(n)
     loss = total / count
     return loss, loss / math.log(2)

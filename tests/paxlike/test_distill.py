@@ -9,7 +9,8 @@ from paxlike import config as config_lib
 from paxlike import registry
 from paxlike.errors import UserError
 from paxlike.metrics import read_metrics
-from paxlike.train import Trainer, distillation_kl
+from models.losses import distillation_kl
+from paxlike.train import Trainer
 
 registry.load_modules()
 
