@@ -32,10 +32,12 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
 def logical_shardings(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
   """NamedShardings for a pytree whose leaves may be `nn.LogicallyPartitioned` boxes.
 
-  Unannotated leaves are replicated.
+  Unannotated leaves are replicated. Empty pytree nodes (e.g. optax's `MaskedNode` for frozen
+  parameters) stay empty, so the result has the tree's own structure.
   """
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return jax.tree.map(lambda spec: nn.logical_to_mesh_sharding(spec, mesh, rules), specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def check_divisible(boxed_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> None:

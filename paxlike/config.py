@@ -7,6 +7,7 @@ name; unknown keys and wrong types raise `UserError` naming the key and the near
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import json
 import types
@@ -99,6 +100,12 @@ class TrainConfig:
     teacher_workdir: a trained run whose model this one is distilled from (e.g. a draft model
       for speculative decoding): the loss becomes (1 - distill_weight) * cross-entropy +
       distill_weight * KL(teacher || student). "" trains on the data alone.
+    init_from: a trained paxlike workdir to start from: at step 0 every parameter whose path and
+      shape match one in its latest checkpoint is copied; the others (e.g. a new head) keep their
+      fresh initialisation. "" starts from scratch. Ignored when resuming.
+    trainable: a regular expression over '/'-joined parameter paths (e.g.
+      "acceptance_head|parscale"); parameters it does not match (re.search) are frozen: zero
+      updates, no weight decay, not counted in the clipped gradient norm. "" trains everything.
   """
 
   steps: int = 200
@@ -106,6 +113,8 @@ class TrainConfig:
   batch_size: int = 8
   teacher_workdir: str = ""
   distill_weight: float = 1.0
+  init_from: str = ""
+  trainable: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +199,7 @@ class Experiment:
 
 # Sections (or single fields) that define the trained model; a restart may not change them silently.
 TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "train.batch_size",
-                     "train.distill_weight")
+                     "train.distill_weight", "train.init_from", "train.trainable")
 # What sampling and eval from a workdir may change freely.
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
@@ -233,6 +242,11 @@ def validate(exp: Experiment) -> Experiment:
   for ok, message in checks:
     if not ok:
       raise UserError(message)
+  try:
+    re.compile(exp.train.trainable)
+  except re.error as e:
+    raise UserError(f"train.trainable={exp.train.trainable!r} is not a valid regular expression "
+                    f"({e}); e.g. 'acceptance_head' or 'parscale|lm_head'") from None
   return exp
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import flax.linen as nn
 import jax
 import optax
 
@@ -35,11 +38,32 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def make_optimizer(opt: OptimizerConfig, sched: ScheduleConfig,
-                   total_steps: int) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping and the configured schedule."""
-  return optax.chain(
+def param_path(path) -> str:
+  """'/'-joined names of a pytree key path, e.g. 'layer_0/attention/query/kernel'."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def trainable_labels(params, pattern: str):
+  """'train' / 'freeze' per parameter: trained when `pattern` (re.search) matches its path."""
+  regex = re.compile(pattern)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "train" if regex.search(param_path(path)) else "freeze", params,
+      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))  # one label per (boxed) parameter
+
+
+def make_optimizer(opt: OptimizerConfig, sched: ScheduleConfig, total_steps: int,
+                   trainable: str = "") -> optax.GradientTransformation:
+  """AdamW with global-norm clipping and the configured schedule.
+
+  With `trainable` (a regex over parameter paths) only the matching parameters are updated;
+  the others get zero updates and no optimizer state beyond optax's empty one.
+  """
+  adamw = optax.chain(
       optax.clip_by_global_norm(opt.clip_norm),
       optax.adamw(learning_rate_schedule(opt, sched, total_steps), b1=opt.b1, b2=opt.b2,
                   eps=opt.eps, weight_decay=opt.weight_decay, mask=_decay_mask),
   )
+  if not trainable:
+    return adamw
+  return optax.multi_transform({"train": adamw, "freeze": optax.set_to_zero()},
+                               lambda params: trainable_labels(params, trainable))

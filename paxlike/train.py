@@ -33,7 +33,7 @@ from paxlike import config as config_lib
 from paxlike.config import Experiment
 from paxlike.errors import UserError
 from paxlike.metrics import MetricsLog, Progress
-from paxlike.optim import learning_rate_schedule, make_optimizer
+from paxlike.optim import learning_rate_schedule, make_optimizer, param_path
 
 
 @flax.struct.dataclass
@@ -137,7 +137,7 @@ class Trainer:
       raise UserError(str(e)) from None
     self.teacher = self._teacher_trainer()
     self.schedule = learning_rate_schedule(exp.optimizer, exp.schedule, exp.train.steps)
-    self.tx = make_optimizer(exp.optimizer, exp.schedule, exp.train.steps)
+    self.tx = make_optimizer(exp.optimizer, exp.schedule, exp.train.steps, exp.train.trainable)
     self._build_state_functions()
 
   # ------------------------------------------------------------------ distillation teacher
@@ -151,7 +151,8 @@ class Trainer:
       raise UserError(f"{str(workdir)!r} has no trained run (no config.json)")
     exp = config_lib.from_dict(config_lib.Experiment, json.loads(config_file.read_text()))
     exp = dataclasses.replace(exp, mesh=mesh,
-                              train=dataclasses.replace(exp.train, teacher_workdir=""))
+                              train=dataclasses.replace(exp.train, teacher_workdir="",
+                                                        init_from=""))
     return cls(exp, Path(workdir), log=log)
 
   def _teacher_trainer(self) -> "Trainer | None":
@@ -260,8 +261,41 @@ class Trainer:
       raise UserError(f"{e}{hint}") from None
 
   def init_state(self) -> TrainState:
+    """Fresh state from train.seed; parameters copied from train.init_from where they match."""
     with rules.activate(self.mesh):
-      return self._init(jax.random.key(self.exp.train.seed))
+      state = self._init(jax.random.key(self.exp.train.seed))
+    if self.exp.train.init_from:
+      state = state.replace(params=self._params_from(self.exp.train.init_from, state.params))
+    return state
+
+  def _params_from(self, workdir: str, params: Any) -> Any:
+    """`params` with every leaf whose path and shape match one in `workdir`'s latest checkpoint
+    replaced by that value (placed with this run's sharding); refuses a shape mismatch."""
+    source = Trainer.from_workdir(workdir, self.exp.mesh, self.log)
+    loaded = {param_path(p): v for p, v in
+              jax.tree_util.tree_flatten_with_path(source.restore_params()[0])[0]}
+    copied, fresh, mismatched = [], [], []
+
+    def take(path, leaf):
+      name = param_path(path)
+      if name not in loaded:
+        fresh.append(name)
+        return leaf
+      value = loaded[name]
+      if value.shape != leaf.shape:
+        mismatched.append(f"{name}: {value.shape} there, {leaf.shape} here")
+        return leaf
+      copied.append(name)
+      return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
+    params = jax.tree_util.tree_map_with_path(take, params)
+    if mismatched or not copied:
+      raise UserError(f"train.init_from={workdir!r} does not fit this model: "
+                      + ("; ".join(mismatched[:5]) if mismatched else "no parameter path matches")
+                      + "; use a run with the same shapes for the shared parameters")
+    self.log(f"initialised {len(copied)} parameter arrays from {workdir}"
+             + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+    return params
 
   def to_global_batch(self, local_batch: np.ndarray) -> jax.Array:
     """This process's rows -> one global array sharded over ('data', 'fsdp')."""
