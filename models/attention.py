@@ -76,6 +76,19 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   return out.reshape(batch, steps, heads, head_dim).astype(q.dtype)
 
 
+def block_causal_mask(positions: jax.Array, block_size: int) -> jax.Array:
+  """Who may attend to whom in a denoiser: [B, T] int32 position ids -> [B, T, T] bool.
+
+  Token i sees token j when j's block (position // block_size) is not later than i's: its own
+  block and every earlier one (block diffusion). block_size 0 means one block: all-true
+  (bidirectional).
+  """
+  if block_size == 0:
+    return jnp.ones(positions.shape + positions.shape[-1:], bool)
+  blocks = positions // block_size
+  return blocks[:, None, :] <= blocks[:, :, None]
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, kind: str) -> jax.Array:
   """Cache-free causal self-attention with the implementation named by `ModelConfig.attention`.
 

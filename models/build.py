@@ -11,10 +11,14 @@ classes. Every model object offers the training interface the trainer uses:
 
 from __future__ import annotations
 
+from models.asarm import AnySubsetARM
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
+from models.diffusion import MaskedDiffusionLM
+from models.learn2pd import Learn2PD
 
-_KINDS = {"llama": CausalLM}
+_KINDS = {"llama": CausalLM, "mdlm": MaskedDiffusionLM, "asarm": AnySubsetARM,
+          "learn2pd": Learn2PD}
 
 
 def build_model(config: ModelConfig):

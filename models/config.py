@@ -12,7 +12,8 @@ from parallelism.sequence_attention import VARIANTS
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("dense",) + VARIANTS
-KINDS = ("llama",)  # extend with models.build._KINDS
+KINDS = ("llama", "mdlm", "asarm", "learn2pd")  # extend with models.build._KINDS
+DIFFUSION_SCHEDULES = ("loglinear", "cosine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,7 +21,9 @@ class ModelConfig:
   """Shape and numerics of a Llama-style decoder.
 
   Attributes:
-    kind: model family; "llama" is the causal decoder.
+    kind: model family: "llama" the causal decoder; "mdlm" a masked-diffusion denoiser
+      (`models.diffusion`); "asarm" an any-subset autoregressive model (`models.asarm`);
+      "learn2pd" an mdlm denoiser with a learned unmasking-policy head (`models.learn2pd`).
     vocab_size: number of token ids (the byte tokenizer uses 260).
     num_layers: transformer blocks.
     d_model: residual width.
@@ -38,6 +41,14 @@ class ModelConfig:
       "dense", or a sequence-parallel variant over the mesh's 'sequence' axis: "ring",
       "allgather" or "ulysses" (see `parallelism.sequence_attention`). Cached decode steps are
       always dense.
+    mask_id: the mask token of "mdlm", "asarm" and "learn2pd" (the byte tokenizer's MASK, 259).
+    block_size: "mdlm"/"learn2pd" attention: 0 bidirectional; B > 0 block-causal (a position sees
+      its own block of B positions and every earlier block; trained as block diffusion). Must
+      divide max_len.
+    diffusion_schedule: the masking schedule alpha_t of "mdlm"/"learn2pd": "loglinear"
+      (alpha_t = 1 - t) or "cosine" (alpha_t = cos(pi t / 2)).
+    finality_dim: hidden width of the "learn2pd" filter head.
+    finality_steps: greedy decoding steps of the "learn2pd" training trajectories.
   """
 
   kind: str = "llama"
@@ -55,6 +66,11 @@ class ModelConfig:
   dtype: str = "float32"
   init_std: float = 0.02
   attention: str = "dense"
+  mask_id: int = 259
+  block_size: int = 0
+  diffusion_schedule: str = "loglinear"
+  finality_dim: int = 64
+  finality_steps: int = 8
 
   @property
   def resolved_head_dim(self) -> int:
@@ -81,3 +97,24 @@ class ModelConfig:
     if self.attention not in ATTENTION:
       raise ValueError(
           f"model.attention={self.attention!r} is unknown; valid: {', '.join(ATTENTION)}")
+    self._validate_diffusion()
+
+  def _validate_diffusion(self) -> None:
+    if self.kind in ("mdlm", "asarm", "learn2pd") and not 0 <= self.mask_id < self.vocab_size:
+      raise ValueError(f"model.mask_id={self.mask_id} is not a token id of model.vocab_size="
+                       f"{self.vocab_size}; the byte tokenizer's mask is 259 (vocab 260)")
+    if self.diffusion_schedule not in DIFFUSION_SCHEDULES:
+      raise ValueError(f"model.diffusion_schedule={self.diffusion_schedule!r} is unknown; valid: "
+                       f"{', '.join(DIFFUSION_SCHEDULES)}")
+    if self.block_size < 0 or (self.block_size and self.max_len % self.block_size):
+      raise ValueError(f"model.block_size={self.block_size} must be 0 (bidirectional) or a "
+                       f"positive divisor of model.max_len={self.max_len}")
+    if self.block_size and self.kind not in ("mdlm", "learn2pd"):
+      raise ValueError(f"model.block_size={self.block_size} applies to kinds mdlm and learn2pd, "
+                       f"not {self.kind!r}; set it to 0")
+    if self.kind in ("mdlm", "asarm", "learn2pd") and self.attention != "dense":
+      raise ValueError(f"model.kind={self.kind!r} needs model.attention='dense' (its masks are "
+                       f"not causal), got {self.attention!r}")
+    if self.kind == "learn2pd" and (self.finality_dim < 1 or self.finality_steps < 1):
+      raise ValueError(f"model.finality_dim and model.finality_steps must be >= 1, got "
+                       f"{self.finality_dim} and {self.finality_steps}")

@@ -2,8 +2,9 @@
 
 Three entry points share the same parameters:
 
-* `Transformer.__call__(tokens)`: the training/eval forward, causal over the whole sequence, with
-  the attention implementation of `ModelConfig.attention` (dense or sequence-parallel).
+* `Transformer.__call__(tokens, positions=None, mask=None)`: the training/eval forward, causal over
+  the whole sequence with the attention implementation of `ModelConfig.attention` (dense or
+  sequence-parallel), or dense under an explicit mask (bidirectional, block-causal, two-stream).
 * `Transformer.prefill(tokens, positions, cache)`: the same cache-free forward for a prompt, which
   also fills an empty cache; samplers use it for their first call.
 * `Transformer.decode(tokens, positions, cache, attention_mask)`: the cached call used by samplers
@@ -160,16 +161,22 @@ class Transformer(nn.Module):
     if not cfg.tie_embeddings:
       self.head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"))
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    """Causal forward over whole sequences at positions 0..T-1.
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               mask: jax.Array | None = None) -> jax.Array:
+    """Cache-free forward over whole sequences.
 
     Args:
       tokens: [B, T] int32.
+      positions: [B, T] int32 position ids; None means 0..T-1.
+      mask: [B or 1, T, T] bool, mask[b, i, j] = token i may attend to token j (dense attention;
+        the non-causal models of `models.diffusion` and `models.asarm` pass their own); None
+        means causal with the implementation of `config.attention`.
     Returns:
       [B, T, V] float32 logits.
     """
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    return self._logits(self._causal(tokens, positions)[0])
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return self._logits(self._causal(tokens, positions, mask)[0])
 
   def prefill(self, tokens: jax.Array, positions: jax.Array,
               cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -221,13 +228,14 @@ class Transformer(nn.Module):
       new_v.append(v)
     return self._logits(x), self._append(cache, new_k, new_v)
 
-  def _causal(self, tokens: jax.Array,
-              positions: jax.Array) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
-    """Cache-free causal blocks: ([B, T, E] residual, per-layer keys and values [B, T, KVH, D])."""
+  def _causal(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array | None = None
+              ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+    """Cache-free blocks, causal unless `mask` [B or 1, T, T] is given: ([B, T, E] residual,
+    per-layer keys and values [B, T, KVH, D])."""
     x = self._embed(tokens)
     keys, values = [], []
     for block in self.blocks:
-      x, (k, v) = block(x, positions)
+      x, (k, v) = block(x, positions, mask)
       keys.append(k)
       values.append(v)
     return x, keys, values

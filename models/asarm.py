@@ -1,0 +1,135 @@
+"""`AnySubsetARM`: an any-subset autoregressive model (AS-ARM) on the Llama blocks.
+
+Two-stream attention (XLNet, Yang et al. 2019; sigma-GPT, Pannatier et al. 2024), written as one
+pass of the unchanged `models.llama.Transformer` over 2T tokens under a custom mask, with shared
+weights for both streams:
+
+- content stream (tokens 0..T-1): the tokens themselves; position j sees content k when
+  rank[k] <= rank[j] (visible positions have rank -1 and see each other);
+- query stream (tokens T..2T-1): the mask token at the same positions (it carries no token);
+  query i sees content k when rank[k] < rank[i], and itself (so that a query with nothing to see
+  still has one key, which holds no token).
+
+Query i's logits therefore depend only on the tokens of rank < rank[i]: one pass gives the
+independent predictions of every masked position (all ranks 0) or the exact chain-rule factors of
+a proposal (ranks 0..g-1), as `samplers.denoiser_protocol.AnySubsetModel` requires. Nothing can
+leak: a content state at rank r mixes only tokens of rank <= r, and a query of rank r only reads
+content states of rank < r.
+
+Training (`loss`): per row a uniformly random order of the L positions and a uniformly random
+number c in [0, L) of visible ones (the first c of the order, rank -1); the rest get ranks 0..L-c-1
+in that order, and the loss is the mean cross-entropy of those L - c tokens (one pass).
+`eval_nll` uses c = 0: the exact nll of the sequence under a random order's chain rule (a proper
+distribution for each order, so not a bound), averaged over rows and orders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.diffusion import reject_teacher, sequence_positions
+from models.llama import Transformer
+from models.losses import next_token_nll
+
+
+def two_stream_mask(ranks: jax.Array) -> jax.Array:
+  """ranks [B, T] int32 (-1 visible) -> [B, 2T, 2T] bool over [content (T), query (T)]."""
+  steps = ranks.shape[1]
+  content = ranks[:, None, :] <= ranks[:, :, None]
+  query = ranks[:, None, :] < ranks[:, :, None]
+  itself = jnp.broadcast_to(jnp.eye(steps, dtype=bool), content.shape)
+  top = jnp.concatenate([content, jnp.zeros_like(content)], axis=2)
+  bottom = jnp.concatenate([query, itself], axis=2)
+  return jnp.concatenate([top, bottom], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnySubsetARM:
+  """Any-subset AR model (`config.kind` "asarm") meeting `AnySubsetModel`."""
+
+  config: ModelConfig
+
+  def __post_init__(self):
+    self.config.validate()
+
+  @property
+  def vocab_size(self) -> int:
+    return self.config.vocab_size
+
+  @property
+  def max_len(self) -> int:
+    return self.config.max_len
+
+  @property
+  def mask_id(self) -> int:
+    return self.config.mask_id
+
+  @property
+  def module(self) -> Transformer:
+    return Transformer(self.config)
+
+  def init(self, key: jax.Array) -> dict:
+    """Fresh float32 parameters, unboxed."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return nn.meta.unbox(jax.jit(self.module.init)(key, tokens)["params"])
+
+  def conditionals(self, params, tokens: jax.Array, ranks: jax.Array) -> jax.Array:
+    """tokens, ranks [B, T] int32 -> [B, T, V] float32 log-probabilities; at a position with
+    rank r >= 0, log p(x_i | x_j for rank[j] < r), the mask token excluded. Positions of equal
+    rank do not see each other. Rows at visible positions are unspecified."""
+    positions = sequence_positions(tokens)
+    both = jnp.concatenate([tokens, jnp.full_like(tokens, self.mask_id)], axis=1)
+    logits = self.module.apply({"params": params}, both,
+                               jnp.concatenate([positions, positions], axis=1),
+                               two_stream_mask(ranks))[:, tokens.shape[1]:]
+    logits = jnp.where(jnp.arange(self.vocab_size) == self.mask_id, -jnp.inf, logits)
+    return jax.nn.log_softmax(logits)
+
+  # ------------------------------------------------------------------ training interface
+
+  @staticmethod
+  def random_ranks(key: jax.Array, batch: int, length: int, visible: bool) -> jax.Array:
+    """[B, L] ranks of a uniformly random order per row; with `visible`, the first c ~ U{0..L-1}
+    positions of the order are visible (-1) and the rest ranked 0, 1, ... after them."""
+    order_key, count_key = jax.random.split(key)
+    keys = jax.random.split(order_key, batch)
+    order = jax.vmap(lambda k: jax.random.permutation(k, length))(keys)  # position of each step
+    steps = jnp.argsort(order, axis=-1).astype(jnp.int32)  # step of each position
+    if not visible:
+      return steps
+    count = jax.random.randint(count_key, (batch, 1), 0, length)
+    return jnp.where(steps < count, -1, steps - count)
+
+  def _nll(self, params, tokens: jax.Array, ranks: jax.Array) -> jax.Array:
+    """[B, L] cross-entropy of every token under `ranks` (meaningful where rank >= 0)."""
+    return next_token_nll(self.conditionals(params, tokens, ranks), tokens)
+
+  def loss(self, params, batch: jax.Array, key: jax.Array, teacher_logits: jax.Array | None = None,
+           distill_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean cross-entropy of the ranked tokens of the first L tokens of batch [B, L + 1] under a
+    random visible subset and order per row."""
+    del distill_weight
+    reject_teacher(teacher_logits)
+    tokens = batch[:, :-1]
+    ranks = self.random_ranks(key, *tokens.shape, visible=True)
+    ranked = ranks >= 0
+    nll = self._nll(params, tokens, ranks)
+    loss = jnp.sum(jnp.where(ranked, nll, 0.0)) / jnp.sum(ranked)
+    return loss, {"visible_rate": 1.0 - jnp.mean(ranked.astype(jnp.float32))}
+
+  def eval_nll(self, params, batch: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(summed nll in nats, token count) of the first L tokens of batch [B, L + 1], each row
+    factorised in a random order (exact for that order)."""
+    tokens = batch[:, :-1]
+    nll = self._nll(params, tokens, self.random_ranks(key, *tokens.shape, visible=False))
+    return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+
+  @staticmethod
+  def teacher_inputs(batch: jax.Array) -> jax.Array:
+    """Distillation is for causal models; `loss` rejects teacher logits."""
+    return batch[:, :-1]
