@@ -16,18 +16,21 @@ from parallelism import sequence_attention
 _MASKED = -1e30
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, theta: float,
+         inv_freq: jax.Array | None = None) -> jax.Array:
   """Rotates feature pairs (i, i + D/2) by angle `position * theta**(-2i/D)` (Llama/NeoX layout).
 
   Args:
     x: [B, T, H, D] queries or keys, any float dtype.
     positions: [B, T] int32 position ids.
     theta: rotary base.
+    inv_freq: [D/2] float32 frequencies replacing `theta**(-2i/D)` (scaled RoPE), or None.
   Returns:
     [B, T, H, D] in x's dtype; the rotation itself is computed in float32.
   """
   half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if inv_freq is None:
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

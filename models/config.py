@@ -14,6 +14,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION = ("dense",) + VARIANTS
 KINDS = ("llama", "mdlm", "asarm", "learn2pd")  # extend with models.build._KINDS
 DIFFUSION_SCHEDULES = ("loglinear", "cosine")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,10 @@ class ModelConfig:
     mlp_dim: hidden width of the SwiGLU MLP.
     max_len: longest sequence (prompt + generation) the model and its KV cache accept.
     rope_theta: rotary embedding base.
+    rope_scaling: how rotary frequencies are stretched for long contexts, as in Hugging Face
+      Llama: "none"; "linear" (every frequency divided by rope_factor); "llama3" (low
+      frequencies divided by rope_factor, high ones kept, a smooth ramp between, set by
+      rope_low_freq_factor, rope_high_freq_factor and rope_original_max_len).
     norm_eps: RMSNorm epsilon.
     tie_embeddings: reuse the token embedding as the output projection.
     dtype: compute dtype ("float32" or "bfloat16"); parameters are always float32.
@@ -41,6 +46,11 @@ class ModelConfig:
       "dense", or a sequence-parallel variant over the mesh's 'sequence' axis: "ring",
       "allgather" or "ulysses" (see `parallelism.sequence_attention`). Cached decode steps are
       always dense.
+    parscale_streams: P parallel streams of the model (ParScale, `models/parscale.py`); they
+      share every weight, differ by learnable per-layer key/value prefixes and are combined by a
+      learned dynamic aggregation before the output head. 1 = no ParScale.
+    parscale_prefix_len: prefix slots per layer and stream (0 = none; needed when P > 1).
+    parscale_smoothing: eps of the aggregation weights, (1 - eps) * w + eps / P.
     mask_id: the mask token of "mdlm", "asarm" and "learn2pd" (the byte tokenizer's MASK, 259).
     block_size: "mdlm"/"learn2pd" attention: 0 bidirectional; B > 0 block-causal (a position sees
       its own block of B positions and every earlier block; trained as block diffusion). Must
@@ -49,6 +59,12 @@ class ModelConfig:
       (alpha_t = 1 - t) or "cosine" (alpha_t = cos(pi t / 2)).
     finality_dim: hidden width of the "learn2pd" filter head.
     finality_steps: greedy decoding steps of the "learn2pd" training trajectories.
+    acceptance_head: a "llama" draft with a SpecDec++ acceptance head
+      (`models.acceptance_head`), trained against a target and used by the adaptive sampler's
+      rule "head" to stop drafting.
+    init_from: a Hugging Face Llama checkpoint directory (config.json + *.safetensors) whose
+      weights initialise the model; its config.json decides the shape fields (see
+      `paxlike.interchange`). "" means random initialisation.
   """
 
   kind: str = "llama"
@@ -61,16 +77,26 @@ class ModelConfig:
   mlp_dim: int = 128
   max_len: int = 256
   rope_theta: float = 10000.0
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   dtype: str = "float32"
   init_std: float = 0.02
   attention: str = "dense"
+  parscale_streams: int = 1
+  parscale_prefix_len: int = 0
+  parscale_smoothing: float = 0.01
+  init_from: str = ""
   mask_id: int = 259
   block_size: int = 0
   diffusion_schedule: str = "loglinear"
   finality_dim: int = 64
   finality_steps: int = 8
+  acceptance_head: bool = False
 
   @property
   def resolved_head_dim(self) -> int:
@@ -92,12 +118,25 @@ class ModelConfig:
           "set model.head_dim explicitly")
     if self.resolved_head_dim % 2:
       raise ValueError(f"rotary embeddings need an even head_dim, got {self.resolved_head_dim}")
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"model.rope_scaling={self.rope_scaling!r} is unknown; valid: "
+                       f"{', '.join(ROPE_SCALINGS)}")
+    if self.rope_scaling != "none" and self.rope_factor <= 0:
+      raise ValueError(f"model.rope_factor must be positive, got {self.rope_factor}")
+    if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise ValueError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                       f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
     if self.dtype not in DTYPES:
       raise ValueError(f"model.dtype={self.dtype!r} is unknown; valid: {', '.join(DTYPES)}")
     if self.attention not in ATTENTION:
       raise ValueError(
           f"model.attention={self.attention!r} is unknown; valid: {', '.join(ATTENTION)}")
+    self._validate_parscale()
     self._validate_diffusion()
+    if self.acceptance_head and (self.kind != "llama" or self.parscale_streams > 1):
+      raise ValueError(f"model.acceptance_head=true needs a plain causal draft "
+                       f"(model.kind='llama', model.parscale_streams=1), got kind {self.kind!r} "
+                       f"with {self.parscale_streams} streams")
 
   def _validate_diffusion(self) -> None:
     if self.kind in ("mdlm", "asarm", "learn2pd") and not 0 <= self.mask_id < self.vocab_size:
@@ -118,3 +157,18 @@ class ModelConfig:
     if self.kind == "learn2pd" and (self.finality_dim < 1 or self.finality_steps < 1):
       raise ValueError(f"model.finality_dim and model.finality_steps must be >= 1, got "
                        f"{self.finality_dim} and {self.finality_steps}")
+
+  def _validate_parscale(self) -> None:
+    if self.parscale_streams < 1:
+      raise ValueError(f"model.parscale_streams must be >= 1 (1 = no ParScale), "
+                       f"got {self.parscale_streams}")
+    if self.parscale_prefix_len < 0:
+      raise ValueError(f"model.parscale_prefix_len must be >= 0, got {self.parscale_prefix_len}")
+    if self.parscale_streams > 1 and not self.parscale_prefix_len:
+      raise ValueError(f"model.parscale_streams={self.parscale_streams} needs "
+                       "model.parscale_prefix_len >= 1: the streams differ only by their prefixes")
+    if not 0.0 <= self.parscale_smoothing <= 1.0:
+      raise ValueError(f"model.parscale_smoothing must be in [0, 1], got {self.parscale_smoothing}")
+    if self.parscale_prefix_len and self.attention != "dense":
+      raise ValueError(f"model.parscale_prefix_len > 0 needs model.attention='dense', got "
+                       f"{self.attention!r}")

@@ -22,8 +22,9 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from models import attention
+from models import attention, parscale
 from models.config import ModelConfig
 from models.kv_cache import KVCache, write_rows
 
@@ -80,6 +81,30 @@ class RMSNorm(nn.Module):
     return (x * scale).astype(self.dtype)
 
 
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray | None:
+  """[D/2] float32 rotary frequencies of a scaled RoPE (`cfg.rope_scaling`), or None (unscaled).
+
+  Follows Hugging Face transformers' "linear" and "llama3" rope types (Llama 3.1), computed in
+  float32 as there, so imported checkpoints see the same angles.
+  """
+  if cfg.rope_scaling == "none":
+    return None
+  dim = cfg.resolved_head_dim
+  inv_freq = (1.0 / (np.float32(cfg.rope_theta)
+                     ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+  factor = np.float32(cfg.rope_factor)
+  if cfg.rope_scaling == "linear":
+    return (inv_freq / factor).astype(np.float32)
+  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_len
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with rotary positions, optionally reading a per-layer cache."""
 
@@ -101,12 +126,16 @@ class Attention(nn.Module):
     q = _dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
     k = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x)
     v = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x)
-    q = nn.with_logical_constraint(attention.rope(q, positions, cfg.rope_theta),
+    inv_freq = rope_frequencies(cfg)
+    q = nn.with_logical_constraint(attention.rope(q, positions, cfg.rope_theta, inv_freq),
                                    ("batch", "length", "heads", "head_dim"))
-    k = nn.with_logical_constraint(attention.rope(k, positions, cfg.rope_theta),
+    k = nn.with_logical_constraint(attention.rope(k, positions, cfg.rope_theta, inv_freq),
                                    ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
-    if mask is None:
+    if cfg.parscale_prefix_len:
+      prefix = parscale.Prefix(cfg, name="prefix")(x.shape[0])
+      out = parscale.attend_with_prefix(q, k, v, mask, cache, prefix)
+    elif mask is None:
       out = attention.causal_attention(q, k, v, cfg.attention)
     else:
       out = attention.attend(q, k, v, mask, *(cache or ()))
@@ -160,6 +189,8 @@ class Transformer(nn.Module):
     self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype))
     if not cfg.tie_embeddings:
       self.head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"))
+    if cfg.parscale_streams > 1:
+      self.aggregator = parscale.Aggregator(cfg)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                mask: jax.Array | None = None) -> jax.Array:
@@ -197,8 +228,9 @@ class Transformer(nn.Module):
     steps = tokens.shape[1]
     pad = ((0, 0), (0, -steps % attention.length_multiple(self.config.attention)))
     x, keys, values = self._causal(jnp.pad(tokens, pad), jnp.pad(positions, pad, mode="edge"))
-    cache = self._append(cache, [k[:, :steps] for k in keys], [v[:, :steps] for v in values])
-    return self._logits(x[:, :steps]), cache
+    rows = self._append(parscale.fold_cache(cache), [k[:, :steps] for k in keys],
+                        [v[:, :steps] for v in values])
+    return self._logits(x[:, :steps]), parscale.unfold_cache(rows, cache)
 
   def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
              attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -210,7 +242,7 @@ class Transformer(nn.Module):
     Args:
       tokens: [B, T] int32 new tokens.
       positions: [B, T] int32 their position ids (independent of slots).
-      cache: KVCache with S slots per row.
+      cache: KVCache with S slots per row (a `parscale.StreamCache` when P > 1).
       attention_mask: [B, T, T] bool over the new tokens; None means causal (j <= i).
     Returns:
       ([B, T, V] float32 logits, cache with the new tokens written and lengths + T).
@@ -218,21 +250,25 @@ class Transformer(nn.Module):
     steps = tokens.shape[1]
     if attention_mask is None:
       attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
-    valid = jnp.arange(cache.max_len)[None, :] < cache.lengths[:, None]  # [B, S]
-    x = self._embed(tokens)
+    attention_mask = parscale.fold_mask(attention_mask, self.config.parscale_streams)
+    rows = parscale.fold_cache(cache)  # ParScale: one row per stream
+    valid = jnp.arange(rows.max_len)[None, :] < rows.lengths[:, None]  # [B, S]
+    x, positions = self._embed(tokens), self._streams(positions)
     new_k, new_v = [], []
     for layer, block in enumerate(self.blocks):
-      layer_cache = (cache.keys[layer], cache.values[layer], valid)
+      layer_cache = (rows.keys[layer], rows.values[layer], valid)
       x, (k, v) = block(x, positions, attention_mask, layer_cache)
       new_k.append(k)
       new_v.append(v)
-    return self._logits(x), self._append(cache, new_k, new_v)
+    return self._logits(x), parscale.unfold_cache(self._append(rows, new_k, new_v), cache)
 
   def _causal(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array | None = None
               ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
     """Cache-free blocks, causal unless `mask` [B or 1, T, T] is given: ([B, T, E] residual,
     per-layer keys and values [B, T, KVH, D])."""
-    x = self._embed(tokens)
+    x, positions = self._embed(tokens), self._streams(positions)
+    if mask is not None:
+      mask = parscale.fold_mask(mask, self.config.parscale_streams)
     keys, values = [], []
     for block in self.blocks:
       x, (k, v) = block(x, positions, mask)
@@ -248,10 +284,19 @@ class Transformer(nn.Module):
                          values=write(cache.values, jnp.stack(values), cache.lengths),
                          lengths=cache.lengths + keys[0].shape[1])
 
+  def _streams(self, x: jax.Array) -> jax.Array:
+    """[B, ...] -> [B * P, ...]: one row per ParScale stream (identity when P = 1)."""
+    return parscale.fold(x, self.config.parscale_streams)
+
   def _embed(self, tokens: jax.Array) -> jax.Array:
-    return nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "embed"))
+    """[B, T] -> [B * P, T, E], the embeddings repeated for each ParScale stream."""
+    return nn.with_logical_constraint(self._streams(self.embed(tokens)),
+                                      ("batch", "length", "embed"))
 
   def _logits(self, x: jax.Array) -> jax.Array:
+    """[B * P, T, E] final residual streams -> [B, T, V] float32 logits."""
     x = self.final_norm(x)
+    if self.config.parscale_streams > 1:
+      x = self.aggregator(x)
     logits = self.embed.attend(x) if self.config.tie_embeddings else self.head(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
