@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from models.config import ModelConfig
 from models.kv_cache import KVCache
+from models.parscale import StreamCache
 from models.losses import distillation_kl, next_token_nll
 from models.llama import Transformer
 
@@ -46,11 +47,15 @@ class CausalLM:
     tokens = jnp.zeros((1, 1), jnp.int32)
     return nn.meta.unbox(jax.jit(self.module.init)(key, tokens)["params"])
 
-  def init_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-    """An empty cache of `max_len` slots per row (default: config.max_len), compute dtype."""
+  def init_cache(self, batch: int, max_len: int | None = None) -> KVCache | StreamCache:
+    """An empty cache of `max_len` slots per row (default: config.max_len), compute dtype; with
+    ParScale streams (P > 1) one cache per stream under one pointer per row."""
     cfg = self.config
-    return KVCache.zeros(cfg.num_layers, batch, max_len or cfg.max_len, cfg.num_kv_heads,
-                         cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
+    shape = (cfg.num_layers, batch, max_len or cfg.max_len, cfg.num_kv_heads,
+             cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
+    if cfg.parscale_streams > 1:
+      return StreamCache.zeros(*shape[:2], cfg.parscale_streams, *shape[2:])
+    return KVCache.zeros(*shape)
 
   def apply(self, params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
             attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
