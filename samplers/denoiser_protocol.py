@@ -76,3 +76,19 @@ class AnySubsetModel(Protocol):
       independent per-position predictions and ranks 0..g-1 give the exact joint of a proposal
       under that order. Logits at visible positions are unspecified.
     """
+
+
+class FinalityDenoiser(Denoiser, Protocol):
+  """Optional: a denoiser with a learned unmasking policy (Learn2PD, Bao et al. 2025), met by
+  `models.learn2pd.Learn2PD` (model kind "learn2pd"). Implementations must be hashable.
+
+  The finality head predicts, per position, whether the denoiser's current argmax there already
+  equals the token greedy decoding would end with; a "learned" rule commits every masked position
+  whose sigmoid(finality) passes a threshold (at least the most confident one, for progress). The
+  end-of-text stop (EoTP) is the sampler's part: a row is finished as soon as an end-of-text token
+  is committed and every position before it is committed.
+  """
+
+  def denoise_with_finality(self, params: Any, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """tokens [B, T] int32 -> ([B, T, V] float32 logits exactly as `denoise`, [B, T] float32
+    finality logits), in one pass. Finality at unmasked positions is unspecified."""
