@@ -16,6 +16,7 @@ import pytest
 from models import noise_schedule
 from models.config import ModelConfig
 from models.diffusion import MaskedDiffusionLM, subs_log_probs
+from models.learn2pd import Learn2PD
 from tests.models.diffusion_training import train
 from tests.models.random_params import random_params
 from tests.paxlike import cli
@@ -195,3 +196,28 @@ def test_trainer_lowers_the_elbo_and_resumes_bit_exactly(tmp_path):
   result = trainer.run()
   assert result.step == 8 and math.isfinite(result.eval_bpb)
   assert cli.losses(resumed) == losses  # exact float equality, every step
+
+
+@pytest.mark.slow
+def test_learn2pd_trajectory_labels_and_frozen_denoiser():
+  config = dataclasses.replace(BLOCK, kind="learn2pd", block_size=0, finality_dim=8,
+                               finality_steps=3)
+  model = Learn2PD(config)
+  params = random_params(model)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 11, (2, 9)), jnp.int32)
+  state = tokens[:, :8].at[:, 3:].set(11)
+  log_probs, finality = jax.jit(model.denoise_with_finality)(params, state)
+  assert finality.shape == (2, 8)
+  np.testing.assert_allclose(log_probs, jax.jit(model.denoise)(params, state), atol=1e-6)
+
+  _, predictions, masked = jax.jit(model.trajectory)(params, tokens[:, :8])
+  np.testing.assert_array_equal(masked.sum(-1), [[6, 6], [4, 4], [2, 2]])  # 2 prompt tokens
+  assert not masked[:, :, :2].any()
+  np.testing.assert_array_equal(predictions[:, :, :2], np.broadcast_to(tokens[:, :2], (3, 2, 2)))
+
+  (loss, parts), grads = jax.jit(jax.value_and_grad(model.loss, has_aux=True))(
+      params, tokens, jax.random.key(0))
+  assert math.isfinite(float(loss)) and 0 < float(parts["final_rate"]) <= 1
+  for path, grad in jax.tree_util.tree_leaves_with_path(grads):
+    trained = path[0].key == "filter"
+    assert (float(jnp.abs(grad).max()) > 0) == trained, path
