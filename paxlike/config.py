@@ -144,6 +144,16 @@ class SamplerConfig:
       "top" (the draft's most probable; greedy decoding always uses "top").
     tree_node_budget, tree_max_depth: size and depth limits of the dynamic tree.
     jacobi_block: n, tokens per Jacobi iteration.
+    num_samples: n >= 1 samples per prompt (`samplers.repeated`: vmapped, prefill shared).
+    selection: how one of the n is picked: "none" (print all n), "best_of_n" (model
+      log-likelihood), "majority" (self-consistency over the completions), "mbr" (token F1),
+      "first_finish" (the first to emit eos) or "reward_pruned" (speculative rejection, pruning
+      every prune_every tokens to prune_keep of the survivors); see `paxlike.parallel_sampling`.
+    contrastive_alpha, amateur_temperature: kind "contrastive" (expert = this model, amateur =
+      the draft model): plausibility cut-off alpha and the amateur's temperature.
+    switch_threshold, switch_window, switch_sync_every: kind "entropy_switch" (large = this model,
+      small = the draft model): rolling-entropy threshold in nats, its window, and the most tokens
+      the large model's cache may lag.
   """
 
   kind: str = "ar"
@@ -163,6 +173,15 @@ class SamplerConfig:
   tree_node_budget: int = 8
   tree_max_depth: int = 4
   jacobi_block: int = 8
+  num_samples: int = 1
+  selection: str = "none"
+  prune_every: int = 8
+  prune_keep: float = 0.5
+  contrastive_alpha: float = 0.1
+  amateur_temperature: float = 1.0
+  switch_threshold: float = 1.0
+  switch_window: int = 4
+  switch_sync_every: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +223,9 @@ TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "tr
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
-SAMPLER_KINDS = ("ar", "speculative", "spectr", "tree", "dynamic_tree", "jacobi")
+SAMPLER_KINDS = ("ar", "speculative", "spectr", "tree", "dynamic_tree", "jacobi",
+                 "contrastive", "entropy_switch")
+SELECTIONS = ("none", "best_of_n", "majority", "mbr", "first_finish", "reward_pruned")
 
 
 def validate(exp: Experiment) -> Experiment:
@@ -232,6 +253,22 @@ def validate(exp: Experiment) -> Experiment:
       (exp.sampler.num_draft_tokens >= 1,
        f"sampler.num_draft_tokens must be >= 1, got {exp.sampler.num_draft_tokens}"),
       (exp.sampler.num_drafts >= 1, f"sampler.num_drafts must be >= 1, got {exp.sampler.num_drafts}"),
+      (exp.sampler.num_samples >= 1,
+       f"sampler.num_samples must be >= 1, got {exp.sampler.num_samples}"),
+      (exp.sampler.selection in SELECTIONS,
+       f"sampler.selection={exp.sampler.selection!r} is unknown; valid: {', '.join(SELECTIONS)}"),
+      (exp.sampler.prune_every >= 1,
+       f"sampler.prune_every must be >= 1, got {exp.sampler.prune_every}"),
+      (0.0 < exp.sampler.prune_keep <= 1.0,
+       f"sampler.prune_keep must be in (0, 1], got {exp.sampler.prune_keep}"),
+      (0.0 < exp.sampler.contrastive_alpha <= 1.0,
+       f"sampler.contrastive_alpha must be in (0, 1], got {exp.sampler.contrastive_alpha}"),
+      (exp.sampler.amateur_temperature > 0,
+       f"sampler.amateur_temperature must be > 0, got {exp.sampler.amateur_temperature}"),
+      (exp.sampler.switch_window >= 1,
+       f"sampler.switch_window must be >= 1, got {exp.sampler.switch_window}"),
+      (exp.sampler.switch_sync_every >= 1,
+       f"sampler.switch_sync_every must be >= 1, got {exp.sampler.switch_sync_every}"),
       (exp.sampler.jacobi_block >= 2,
        f"sampler.jacobi_block must be >= 2, got {exp.sampler.jacobi_block}"),
       (exp.sampler.max_new_tokens >= 1,

@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxlike import tokenizer
+from paxlike import parallel_sampling, tokenizer
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
-from samplers import ar, jacobi, spectr, speculative, tree
+from samplers import ar, contrastive, entropy_switch, jacobi, spectr, speculative, tree
 from samplers.logits import SamplingParams
 
-DRAFTED_KINDS = ("speculative", "spectr", "tree", "dynamic_tree")
+DRAFTED_KINDS = ("speculative", "spectr", "tree", "dynamic_tree",
+                 "contrastive", "entropy_switch")  # second model: the draft
 
 
 def encode_prompts(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +53,15 @@ def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_param
     raise UserError(f"sampler.kind={cfg.kind} needs a draft model: --set sampler.draft_workdir=DIR "
                     "(a trained run with the same vocabulary)")
   pair = (model, params, draft, draft_params)
+  if cfg.kind == "contrastive":  # this model is the expert, the draft the amateur
+    config = contrastive.ContrastiveConfig(alpha=cfg.contrastive_alpha,
+                                           amateur_temperature=cfg.amateur_temperature, **common)
+    return contrastive.sample, pair, config
+  if cfg.kind == "entropy_switch":  # the draft decodes; this (large) model where it is unsure
+    config = entropy_switch.EntropySwitchConfig(
+        threshold=cfg.switch_threshold, window=cfg.switch_window,
+        sync_every=cfg.switch_sync_every, **common)
+    return entropy_switch.sample, (draft, draft_params, model, params), config
   if cfg.kind == "speculative":
     config = speculative.SpeculativeConfig(num_draft_tokens=cfg.num_draft_tokens, **common)
     return speculative.sample, pair, config
@@ -78,13 +88,15 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
   max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
   slack = {"speculative": cfg.num_draft_tokens, "spectr": cfg.num_draft_tokens,
            "tree": len(cfg.tree_branching), "dynamic_tree": cfg.tree_max_depth,
-           "jacobi": cfg.jacobi_block}.get(cfg.kind, 0)
+           "jacobi": cfg.jacobi_block, "entropy_switch": cfg.switch_sync_every}.get(cfg.kind, 0)
   max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)
   if max_new < 1:
     raise UserError(f"the prompts ({prompt.shape[1]} tokens) leave no room to generate within "
                     f"model.max_len={max_len}")
   try:
     fn, leading, config = _sampler(cfg, max_new, model, params, draft, draft_params)
+    if cfg.num_samples > 1 or cfg.selection != "none":
+      return parallel_sampling.decode(fn, leading, config, prompt, lengths, cfg, model, params)
     args = (*leading, jnp.asarray(prompt), jnp.asarray(lengths), jax.random.key(cfg.seed))
     start = time.perf_counter()
     compiled = fn.lower(*args, config).compile()
@@ -119,5 +131,5 @@ def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, dr
   max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
   prompt, lengths = encode_prompts(prompts, max_len)
   tokens, counts, stats = decode(model, params, prompt, lengths, cfg, draft, draft_params)
-  texts = [tokenizer.decode(tokens[i, :counts[i]]) for i in range(len(prompts))]
+  texts = [tokenizer.decode(tokens[i, :counts[i]]) for i in range(len(tokens))]
   return texts, stats

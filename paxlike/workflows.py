@@ -72,7 +72,8 @@ def _show_samples(trainer: Trainer, params, prompts: list[str], draft=None, draf
                   cfg: config_lib.SamplerConfig | None = None) -> tuple[list[str], dict]:
   cfg = cfg or trainer.exp.sampler
   texts, stats = generate.generate(trainer.model, params, prompts, cfg, draft, draft_params)
-  for prompt, text in zip(prompts, texts):
+  for i, text in enumerate(texts):  # n texts per prompt with sampler.selection=none
+    prompt = prompts[i * len(prompts) // len(texts)]
     _print(f"--- sample ({cfg.kind}, temperature {cfg.temperature}) ---\n{prompt}{text}\n---")
   return texts, stats
 

@@ -1,0 +1,110 @@
+"""`sampler.num_samples` and `sampler.selection` for the CLI: n samples per prompt, then one pick.
+
+- none: all n samples are returned (prompt-major rows [B * n, N]).
+- best_of_n: the sample with the highest total log-likelihood under the (target) model.
+- majority: self-consistency over the decoded completions (the text up to eos, stripped).
+- mbr: minimum Bayes risk with bag-of-tokens F1 as the utility.
+- first_finish: decode the n samples and stop once each prompt has one that emitted eos
+  (`samplers.pruned.first_finish`; sampler.kind=ar).
+- reward_pruned: speculative rejection (`samplers.pruned.reward_pruned`; sampler.kind=ar),
+  scored every `sampler.prune_every` tokens by mean token log-likelihood, keeping
+  `sampler.prune_keep` of the survivors.
+
+The other selections sample with `samplers.repeated.sample` around the sampler of `sampler.kind`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from paxlike import tokenizer
+from paxlike.config import SELECTIONS, SamplerConfig
+from paxlike.errors import UserError
+from samplers import pruned, repeated, selection
+
+AR_ONLY = ("first_finish", "reward_pruned")
+
+
+def _answers(tokens: np.ndarray, lengths: np.ndarray) -> list[list[str | None]]:
+  return [[tokenizer.decode(seq).strip() or None for seq in row]
+          for row in selection.completions(tokens, lengths, tokenizer.EOS_ID)]
+
+
+def choose(rule: str, tokens: np.ndarray, lengths: np.ndarray, scorer) -> np.ndarray:
+  """index [B] of the sample `rule` picks among tokens [B, n, N] (scorer: log-likelihood)."""
+  if rule == "best_of_n":
+    return selection.best_of_n(selection.score(scorer, tokens, lengths))
+  if rule == "majority":
+    return selection.majority_vote(_answers(tokens, lengths))
+  if rule == "mbr":
+    return selection.mbr(selection.completions(tokens, lengths, tokenizer.EOS_ID),
+                         selection.token_f1)
+  if rule == "first_finish":
+    return selection.first_finish(tokens, lengths, tokenizer.EOS_ID)
+  raise UserError(f"sampler.selection={rule!r} is unknown; valid: {', '.join(SELECTIONS)}")
+
+
+def mean_log_likelihood(model, params, prompt, prompt_lengths):
+  """A scorer: mean token log-likelihood of each (partial) sample under the model."""
+  total = selection.log_likelihood(model, params, prompt, prompt_lengths)
+  return lambda tokens, lengths: total(tokens, lengths) / np.maximum(lengths, 1)
+
+
+def decode(fn, leading: tuple, config, prompt: np.ndarray, lengths: np.ndarray,
+           cfg: SamplerConfig, model, params) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """n samples per prompt and the selection of `cfg`; returns (tokens, lengths, stats).
+
+  `fn(*leading, prompt, lengths, key, config)` is the sampler of `cfg.kind`; `model` / `params`
+  score samples (best_of_n, reward_pruned) and decode first_finish / reward_pruned. tokens are
+  [B, N] (one pick per prompt), or [B * n, N] with selection none; `wall_s` includes compiling.
+  """
+  n, rule = cfg.num_samples, cfg.selection
+  if n < 1:
+    raise UserError(f"sampler.num_samples must be >= 1, got {n}")
+  if rule not in SELECTIONS:
+    raise UserError(f"sampler.selection={rule!r} is unknown; valid: {', '.join(SELECTIONS)}")
+  if rule in AR_ONLY and cfg.kind != "ar":
+    raise UserError(f"sampler.selection={rule} decodes with its own AR loop; set sampler.kind=ar "
+                    f"(got {cfg.kind})")
+  prompt_j, lengths_j = jnp.asarray(prompt), jnp.asarray(lengths)
+  key = jax.random.key(cfg.seed)
+  start = time.perf_counter()
+  if rule in AR_ONLY:
+    pcfg = pruned.PrunedConfig(num_samples=n, max_new_tokens=config.max_new_tokens,
+                               score_every=cfg.prune_every, keep_fraction=cfg.prune_keep,
+                               sampling=config.sampling, eos_id=config.eos_id,
+                               pad_id=config.pad_id)
+    try:
+      if rule == "first_finish":
+        out = pruned.first_finish(model, params, prompt_j, lengths_j, key, pcfg)
+      else:
+        out = pruned.reward_pruned(model, params, prompt_j, lengths_j, key, pcfg,
+                                   mean_log_likelihood(model, params, prompt, lengths))
+    except ValueError as e:
+      raise UserError(str(e)) from None
+    tokens, counts, raw_stats = out.tokens, out.lengths, dict(out.stats)
+    raw_stats["sample_index"] = out.sample_index.tolist()
+  else:
+    try:
+      out = jax.block_until_ready(repeated.sample(fn, tuple(leading[0::2]), tuple(leading[1::2]),
+                                                  prompt_j, lengths_j, key, config, n))
+    except ValueError as e:
+      raise UserError(str(e)) from None
+    all_tokens, all_counts = np.asarray(out.tokens), np.asarray(out.lengths)
+    raw_stats = {name: int(value) for name, value in out.stats.items()}
+    if rule == "none":
+      tokens, counts = all_tokens.reshape(-1, all_tokens.shape[2]), all_counts.reshape(-1)
+    else:
+      index = choose(rule, all_tokens, all_counts,
+                     selection.log_likelihood(model, params, prompt, lengths))
+      tokens, counts = selection.take(all_tokens, all_counts, index)
+      raw_stats["sample_index"] = index.tolist()
+  wall_s = time.perf_counter() - start
+  stats = {"sampler": cfg.kind, "selection": rule, "num_samples": n, "batch": len(prompt),
+           "tokens": int(np.sum(counts)), "wall_s": round(wall_s, 4), **raw_stats}
+  return np.asarray(tokens), np.asarray(counts), stats
