@@ -2,10 +2,13 @@
 
 The draft is much narrower than the target and is distilled from it (KL to the target's
 distributions), which is what raises acceptance; `python -m paxlike.bench decode` trains both
-(draft with train.teacher_workdir set to the target's run) and caches them.
+(draft with train.teacher_workdir set to the target's run) and caches them, and the draft's
+acceptance head (`pair_draft_head`) for adaptive draft lengths.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from configs.lm import SHARED_DATA
 from models.config import ModelConfig
@@ -46,4 +49,22 @@ def pair_draft() -> Experiment:
       train=TrainConfig(steps=150, batch_size=16),
       eval=EvalConfig(every_steps=0, batches=8),
       run=RunConfig(log_every=25, sample_after_train=False),
+  )
+
+
+@register
+def pair_draft_head() -> Experiment:
+  """pair_draft with a SpecDec++ acceptance head for `sampler.adaptive_rule=head`. The draft's
+  weights are copied from train.init_from (pair_draft's run; default runs/pair_draft) and frozen,
+  only the head learns, against the target in train.teacher_workdir (default runs/pair_target),
+  with labels 1 - TV(target, draft)."""
+  draft = pair_draft()
+  return dataclasses.replace(
+      draft,
+      model=dataclasses.replace(draft.model, acceptance_head=True),
+      optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
+      schedule=ScheduleConfig(kind="cosine", warmup_steps=10),
+      checkpoint=CheckpointConfig(every_steps=100, keep=1),
+      train=TrainConfig(steps=100, batch_size=16, init_from="runs/pair_draft",
+                        teacher_workdir="runs/pair_target", trainable="acceptance_head"),
   )

@@ -11,6 +11,7 @@ classes. Every model object offers the training interface the trainer uses:
 
 from __future__ import annotations
 
+from models.acceptance_head import AcceptanceDraftLM
 from models.asarm import AnySubsetARM
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
@@ -24,4 +25,6 @@ _KINDS = {"llama": CausalLM, "mdlm": MaskedDiffusionLM, "asarm": AnySubsetARM,
 def build_model(config: ModelConfig):
   """The model object of `config.kind` (validated)."""
   config.validate()
+  if config.acceptance_head:
+    return AcceptanceDraftLM(config)
   return _KINDS[config.kind](config)

@@ -132,7 +132,9 @@ class SamplerConfig:
   Attributes:
     kind: "ar" (autoregressive), "speculative" (draft-then-verify), "spectr" (k drafts,
       k-sequential selection), "tree" (a static token tree), "dynamic_tree" (DySpec: grown by
-      draft probability under a node budget) or "jacobi" (greedy fixed-point iteration, no draft).
+      draft probability under a node budget), "adaptive" (speculative with a per-row draft
+      length: up to num_draft_tokens, stopped by `adaptive_rule`) or "jacobi" (greedy
+      fixed-point iteration, no draft).
     draft_workdir: a trained run used as the draft model ("" = this workdir's companion `draft/`).
     draft_experiment: a registered experiment trained after this one, by distillation from it, as
       its companion draft in `WORKDIR/draft` ("" = none).
@@ -154,6 +156,11 @@ class SamplerConfig:
     switch_threshold, switch_window, switch_sync_every: kind "entropy_switch" (large = this model,
       small = the draft model): rolling-entropy threshold in nats, its window, and the most tokens
       the large model's cache may lag.
+    adaptive_rule: how "adaptive" stops a row's drafting: "confidence" (after a position where
+      the draft's max probability is under confidence_threshold) or "head" (SpecDec++: once the
+      draft's acceptance head predicts a rejection with probability over stop_threshold; needs a
+      draft trained with model.acceptance_head=true, e.g. the pair_draft_head experiment).
+    confidence_threshold, stop_threshold: in [0, 1]; see `samplers.adaptive`.
   """
 
   kind: str = "ar"
@@ -182,6 +189,9 @@ class SamplerConfig:
   switch_threshold: float = 1.0
   switch_window: int = 4
   switch_sync_every: int = 8
+  adaptive_rule: str = "confidence"
+  confidence_threshold: float = 0.5
+  stop_threshold: float = 0.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,9 +233,10 @@ TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "tr
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
-SAMPLER_KINDS = ("ar", "speculative", "spectr", "tree", "dynamic_tree", "jacobi",
+SAMPLER_KINDS = ("ar", "speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi",
                  "contrastive", "entropy_switch")
 SELECTIONS = ("none", "best_of_n", "majority", "mbr", "first_finish", "reward_pruned")
+ADAPTIVE_RULES = ("confidence", "head")
 
 
 def validate(exp: Experiment) -> Experiment:
@@ -275,6 +286,19 @@ def validate(exp: Experiment) -> Experiment:
        f"sampler.max_new_tokens must be >= 1, got {exp.sampler.max_new_tokens}"),
       (exp.sampler.temperature >= 0, f"sampler.temperature must be >= 0, got {exp.sampler.temperature}"),
       (0.0 < exp.sampler.top_p <= 1.0, f"sampler.top_p must be in (0, 1], got {exp.sampler.top_p}"),
+      (exp.sampler.adaptive_rule in ADAPTIVE_RULES,
+       f"sampler.adaptive_rule={exp.sampler.adaptive_rule!r} is unknown; valid: "
+       f"{', '.join(ADAPTIVE_RULES)}"),
+      (0.0 <= exp.sampler.confidence_threshold <= 1.0,
+       f"sampler.confidence_threshold must be in [0, 1], got {exp.sampler.confidence_threshold}"),
+      (0.0 <= exp.sampler.stop_threshold <= 1.0,
+       f"sampler.stop_threshold must be in [0, 1], got {exp.sampler.stop_threshold}"),
+      (not exp.model.acceptance_head or not exp.train.steps or exp.train.teacher_workdir,
+       "model.acceptance_head=true trains the acceptance head against a target: set "
+       "train.teacher_workdir=<the target's run>"),
+      (not exp.model.acceptance_head or not exp.train.steps or exp.train.trainable,
+       "model.acceptance_head=true trains only the head: set train.trainable=acceptance_head "
+       "(and train.init_from=<the trained draft's run>) so the draft's weights stay as trained"),
   ]
   for ok, message in checks:
     if not ok:

@@ -2,7 +2,7 @@
 
 Prompts start with the eos id (the training stream separates documents with eos, so eos means
 "start of a document"), are right-padded into one batch and decoded by the sampler named by
-`sampler.kind` (`samplers.ar`, `.speculative`, `.spectr`, `.tree`, `.jacobi`).
+`sampler.kind` (`samplers.ar`, `.speculative`, `.spectr`, `.tree`, `.adaptive`, `.jacobi`).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 from paxlike import parallel_sampling, tokenizer
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
-from samplers import ar, contrastive, entropy_switch, jacobi, spectr, speculative, tree
+from samplers import adaptive, ar, contrastive, entropy_switch, jacobi, spectr, speculative, tree
 from samplers.logits import SamplingParams
 
-DRAFTED_KINDS = ("speculative", "spectr", "tree", "dynamic_tree",
+DRAFTED_KINDS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive",
                  "contrastive", "entropy_switch")  # second model: the draft
 
 
@@ -65,6 +65,11 @@ def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_param
   if cfg.kind == "speculative":
     config = speculative.SpeculativeConfig(num_draft_tokens=cfg.num_draft_tokens, **common)
     return speculative.sample, pair, config
+  if cfg.kind == "adaptive":
+    config = adaptive.AdaptiveConfig(num_draft_tokens=cfg.num_draft_tokens, rule=cfg.adaptive_rule,
+                                     confidence_threshold=cfg.confidence_threshold,
+                                     stop_threshold=cfg.stop_threshold, **common)
+    return adaptive.sample, pair, config
   if cfg.kind == "tree":
     config = tree.TreeConfig(branching=tuple(cfg.tree_branching), children=cfg.tree_children,
                              **common)
@@ -87,6 +92,7 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
   """
   max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
   slack = {"speculative": cfg.num_draft_tokens, "spectr": cfg.num_draft_tokens,
+           "adaptive": cfg.num_draft_tokens,
            "tree": len(cfg.tree_branching), "dynamic_tree": cfg.tree_max_depth,
            "jacobi": cfg.jacobi_block, "entropy_switch": cfg.switch_sync_every}.get(cfg.kind, 0)
   max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)

@@ -1,4 +1,4 @@
-"""The compiled loop shared by draft-then-verify samplers (speculative, SpecTr).
+"""The compiled loop shared by draft-then-verify samplers (speculative, SpecTr, tree, adaptive).
 
 A sampler supplies one *round*: draft gamma tokens after each row's context, verify them in one
 target pass, and return the tokens the row emits (accepted drafts, then one residual or bonus
@@ -29,6 +29,12 @@ from samplers.protocol import CausalModel, SampleOutput, prefill
 #   (caches, emitted [B, gamma + 1] int32, accepted [B] int32): row b emits
 #   emitted[b, :accepted[b] + 1] (its accepted drafts, then one target token).
 Round = Callable[[Any, jax.Array, jax.Array], tuple[Any, jax.Array, jax.Array]]
+# A round whose rows draft different numbers of tokens (`decode(..., ragged_drafts=True)`):
+# (caches, seq, context_lengths, active [B] bool: rows not yet finished) ->
+#   (caches, emitted, accepted, drafted [B] int32 in [1, gamma]: drafts row b proposed,
+#    draft_calls [] int32: draft calls the round made).
+RaggedRound = Callable[[Any, jax.Array, jax.Array, jax.Array],
+                       tuple[Any, jax.Array, jax.Array, jax.Array, jax.Array]]
 
 
 def position_uniforms(keys: jax.Array, positions: jax.Array, size: int) -> jax.Array:
@@ -87,25 +93,31 @@ def _commit(seq, prompt_lengths, n, done, new, count, config):
   return seq, n, done | hit_eos | (n >= config.max_new_tokens)
 
 
-def decode(round_fn: Round, caches: Any, first_logits: jax.Array, prompt: jax.Array,
-           prompt_lengths: jax.Array, keys: jax.Array, config) -> SampleOutput:
+def decode(round_fn: Round | RaggedRound, caches: Any, first_logits: jax.Array,
+           prompt: jax.Array, prompt_lengths: jax.Array, keys: jax.Array, config, *,
+           ragged_drafts: bool = False) -> SampleOutput:
   """Runs rounds until every row is done; returns the `SampleOutput` with statistics.
 
   Args:
-    round_fn: the sampler's round (see `Round`).
+    round_fn: the sampler's round (see `Round`; a `RaggedRound` with ragged_drafts).
     caches: the models' caches after prefilling the prompts (passed through to round_fn).
     first_logits: [B, V] the target's logits after each row's last prompt token; the first
       generated token is drawn from them (so the prefill is the first target call).
     prompt: [B, P] int32 right-padded prompts; prompt_lengths: [B] int32.
     keys: [B] per-row keys.
     config: a config with num_draft_tokens, max_new_tokens, sampling, eos_id, pad_id.
+    ragged_drafts: round_fn is a `RaggedRound`: rows draft up to gamma tokens each, and the
+      round reports how many it drafted and how many draft calls it made.
   Returns:
     SampleOutput; stats (int32 unless noted): `target_calls` (prefill included) = `model_calls`,
     `draft_calls` (prefill included; a round makes gamma), `generated_tokens`, `accepted_tokens`
     (drafts the verifier accepted), `drafted_tokens` (gamma per row per round it took part in),
     `rejections` (row-rounds that ended in a residual draw rather than a bonus token),
     `acceptance` (float32 accepted / drafted) and `tokens_per_target_call` (float32 generated
-    tokens per row per target call that row took part in).
+    tokens per row per target call that row took part in). With ragged_drafts, `draft_calls`
+    and `drafted_tokens` count what the rounds reported, and two more: `mean_draft_length`
+    (float32 drafted tokens per row-round) and `draft_calls_saved` (gamma per round minus the
+    draft calls made: what drafting gamma tokens in every one of these rounds would have added).
   """
   batch, prompt_len = prompt.shape
   gamma, steps = config.num_draft_tokens, config.max_new_tokens
@@ -118,29 +130,36 @@ def decode(round_fn: Round, caches: Any, first_logits: jax.Array, prompt: jax.Ar
                          first[:, None], jnp.ones((batch,), jnp.int32), config)
   zero = jnp.int32(0)
   state = dict(seq=seq, n=n, done=done, caches=caches, rounds=zero, row_rounds=zero,
-               accepted=zero, rejections=zero)
+               accepted=zero, rejections=zero, drafted=zero, draft_calls=zero)
 
   def body(s):
     active = ~s["done"]
     # Finished rows still run (static shapes) from a context inside their data; they take nothing.
     context = prompt_lengths + jnp.minimum(s["n"], steps - 1)
-    caches, new, accepted = round_fn(s["caches"], s["seq"], context)
+    if ragged_drafts:
+      caches, new, accepted, drafted, calls = round_fn(s["caches"], s["seq"], context, active)
+    else:
+      caches, new, accepted = round_fn(s["caches"], s["seq"], context)
+      drafted, calls = jnp.full_like(accepted, gamma), jnp.int32(gamma)
     seq, n, done = _commit(s["seq"], prompt_lengths, s["n"], s["done"], new, accepted + 1, config)
     return dict(seq=seq, n=n, done=done, caches=caches, rounds=s["rounds"] + 1,
                 row_rounds=s["row_rounds"] + jnp.sum(active, dtype=jnp.int32),
                 accepted=s["accepted"] + jnp.sum(jnp.where(active, accepted, 0)),
-                rejections=s["rejections"] + jnp.sum(active & (accepted < gamma), dtype=jnp.int32))
+                rejections=s["rejections"] + jnp.sum(active & (accepted < drafted),
+                                                     dtype=jnp.int32),
+                drafted=s["drafted"] + jnp.sum(jnp.where(active, drafted, 0)),
+                draft_calls=s["draft_calls"] + calls)
 
   s = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
   index = jnp.arange(steps)[None, :]
   generated = jnp.take_along_axis(s["seq"], prompt_lengths[:, None] + index, axis=1)
   tokens = jnp.where(index < s["n"][:, None], generated, config.pad_id)
   generated_tokens = jnp.sum(s["n"])
-  drafted = gamma * s["row_rounds"]
+  drafted = s["drafted"]
   stats = {
       "model_calls": 1 + s["rounds"],
       "target_calls": 1 + s["rounds"],
-      "draft_calls": 1 + gamma * s["rounds"],
+      "draft_calls": 1 + s["draft_calls"],
       "generated_tokens": generated_tokens,
       "accepted_tokens": s["accepted"],
       "drafted_tokens": drafted,
@@ -148,12 +167,16 @@ def decode(round_fn: Round, caches: Any, first_logits: jax.Array, prompt: jax.Ar
       "acceptance": s["accepted"] / jnp.maximum(drafted, 1).astype(jnp.float32),
       "tokens_per_target_call": generated_tokens / (batch + s["row_rounds"]).astype(jnp.float32),
   }
+  if ragged_drafts:
+    stats["mean_draft_length"] = drafted / jnp.maximum(s["row_rounds"], 1).astype(jnp.float32)
+    stats["draft_calls_saved"] = gamma * s["rounds"] - s["draft_calls"]
   return SampleOutput(tokens=tokens, lengths=s["n"], stats=stats)
 
 
-def prefill_and_decode(round_fn: Round, target: CausalModel, target_params, draft: CausalModel,
-                       draft_params, prompt: jax.Array, prompt_lengths: jax.Array, slots: int,
-                       keys: jax.Array, config) -> SampleOutput:
+def prefill_and_decode(round_fn: Round | RaggedRound, target: CausalModel, target_params,
+                       draft: CausalModel, draft_params, prompt: jax.Array,
+                       prompt_lengths: jax.Array, slots: int, keys: jax.Array, config, *,
+                       ragged_drafts: bool = False) -> SampleOutput:
   """Prefills both models' caches ([B, slots]) with the prompts, then runs `decode` from the
   target's logits after each row's last prompt token."""
   batch = prompt.shape[0]
@@ -162,4 +185,4 @@ def prefill_and_decode(round_fn: Round, target: CausalModel, target_params, draf
   _, draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(batch, slots))
   first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
   return decode(round_fn, (target_cache, draft_cache), first_logits[:, 0], prompt,
-                prompt_lengths, keys, config)
+                prompt_lengths, keys, config, ragged_drafts=ragged_drafts)

@@ -35,6 +35,7 @@ class CausalModel(Protocol):
   A model may also define `prefill(params, tokens, positions, cache) -> (logits, cache)`: the
   result of `apply` with a causal mask on an empty cache, computed however suits the model (the
   Llama decoder runs it sequence-parallel). Samplers use it, when present, for the first call.
+  A draft may define `apply_with_acceptance` (an acceptance head, see `samplers.adaptive`).
   """
 
   vocab_size: int

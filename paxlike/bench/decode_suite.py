@@ -4,7 +4,10 @@ Trains (or loads from `--workdir`) the `pair_target` / `pair_draft` experiments 
 distilled from the target — then decodes the same prompts at batch 1 and 8, greedy and at
 temperature 1, and reports tokens/s, speedup over AR, tokens per target call and acceptance.
 Greedy rows compare their tokens with AR's from the same run (positions after a near-tie of the
-target's top-two logits, < 1e-4, are counted rather than failed).
+target's top-two logits, < 1e-4, are counted rather than failed). Adaptive draft length runs
+with both stopping rules, the head rule on `pair_draft_head` (the draft plus an acceptance head,
+trained and cached like the pair), and reports its draft calls against the fixed-length
+speculative row of the same batch and temperature.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from paxlike.workflows import write_config
 
 NEAR_TIE = 1e-4
 
-SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "jacobi")
+SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi")
+ADAPTIVE_RULES = ("confidence", "head")  # one "adaptive" row each, after "speculative"
 GREEDY_ONLY = ("jacobi",)
 
 
@@ -73,9 +77,16 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   target = trained("pair_target", root / "pair_target", short(target_steps))
   draft = trained("pair_draft", root / "pair_draft",
                   [f"train.teacher_workdir={root / 'pair_target'}", *short(draft_steps)])
+  head = trained("pair_draft_head", root / "pair_draft_head",
+                 [f"train.init_from={root / 'pair_draft'}",
+                  f"train.teacher_workdir={root / 'pair_target'}", *short(draft_steps)])
   target_params, _ = target.restore_params()
   draft_params, _ = draft.restore_params()
+  drafts = {"confidence": (draft.model, draft_params),
+            "head": (head.model, head.restore_params()[0])}
   base = dataclasses.replace(target.exp.sampler, max_new_tokens=max_new_tokens, top_p=1.0, top_k=0)
+  variants = [(kind, rule) for kind in SAMPLERS
+              for rule in (ADAPTIVE_RULES if kind == "adaptive" else (None,))]
   rows = []
   for batch in batches:
     prompt, lengths = prompts(batch)
@@ -85,25 +96,33 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
                                          dataclasses.replace(cfg, kind="ar"), repeats=repeats)
       ties = near_ties(target.model, target_params, prompt, ar_tokens) if temperature == 0 else None
       rows.append(_row(ar, temperature, ar) | {"near_ties": ties})
-      for kind in SAMPLERS:
+      for kind, rule in variants:
         if temperature and kind in GREEDY_ONLY:
           continue
-        tokens, _, stats = generate.decode(
-            target.model, target_params, prompt, lengths, dataclasses.replace(cfg, kind=kind),
-            draft.model, draft_params, repeats=repeats)
+        variant = dataclasses.replace(cfg, kind=kind, adaptive_rule=rule or cfg.adaptive_rule)
+        tokens, _, stats = generate.decode(target.model, target_params, prompt, lengths, variant,
+                                           *drafts[rule or "confidence"], repeats=repeats)
         row = _row(stats, temperature, ar) | {"near_ties": ties}
+        if kind == "speculative":
+          fixed = stats
+        if rule:  # draft calls saved against fixed-length speculative, measured in this run
+          row |= {"adaptive_rule": rule, "mean_draft_length": stats["mean_draft_length"],
+                  "draft_calls_saved": fixed["draft_calls"] - stats["draft_calls"],
+                  "target_calls_added": stats["target_calls"] - fixed["target_calls"]}
         if temperature == 0.0:
           row["greedy_equal_ar"] = bool(np.array_equal(tokens, ar_tokens))
           row["mismatched_rows"] = int(np.sum(np.any(tokens != ar_tokens, axis=1)))
         rows.append(row)
-  harness.print_table(rows, ["sampler", "batch", "temperature", "tokens_per_s", "speedup_vs_ar",
-                             "tokens_per_target_call", "acceptance", "greedy_equal_ar"])
+  harness.print_table(rows, ["sampler", "adaptive_rule", "batch", "temperature", "tokens_per_s",
+                             "speedup_vs_ar", "tokens_per_target_call", "acceptance",
+                             "draft_calls", "draft_calls_saved", "greedy_equal_ar"])
   config = {"target": config_lib.to_dict(target.exp.model), "draft": config_lib.to_dict(draft.exp.model),
             "max_new_tokens": max_new_tokens, "num_draft_tokens": base.num_draft_tokens,
             "num_drafts": base.num_drafts, "tree_branching": list(base.tree_branching),
             "tree_children": base.tree_children, "tree_node_budget": base.tree_node_budget,
             "tree_max_depth": base.tree_max_depth, "jacobi_block": base.jacobi_block,
-            "repeats": repeats}
+            "confidence_threshold": base.confidence_threshold,
+            "stop_threshold": base.stop_threshold, "repeats": repeats}
   return harness.write_report(out, "decode", config, rows)
 
 
