@@ -1,0 +1,259 @@
+"""Diffusion-style samplers against tabular perfect models whose exact joint is enumerable.
+
+Statistical tests draw 200k vmapped samples of a length-4 canvas over 3 tokens (81 cells) and
+compare them with the exact output distribution by Pearson chi-square with pooled cells
+(`oracle.p_value`): a correct sampler must give p > SIGNIFICANCE (1e-3), a biased or broken one
+p < POWER (1e-9).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from samplers import assd, block_diffusion, edlm, mdlm, unmask, verify
+from samplers.logits import SamplingParams
+from tests.samplers import toy
+from tests.samplers import toy_denoiser as td
+from tests.samplers.oracle import POWER, SIGNIFICANCE, p_value
+
+VOCAB, LENGTH = 3, 4
+SAMPLES, CHUNK = 200_000, 50_000
+JOINT = td.random_joint(0, VOCAB, LENGTH)
+MASKS = jnp.full((1, LENGTH), VOCAB, jnp.int32)
+T1 = SamplingParams(temperature=1.0)
+
+
+def draw(sample_row, samples: int = SAMPLES) -> tuple[np.ndarray, dict]:
+  """[samples, L] outputs of `sample_row(key) -> SampleOutput` (one row), vmapped in chunks."""
+  run = jax.jit(jax.vmap(sample_row))
+  outs, stats = [], []
+  for start in range(0, samples, CHUNK):
+    out = run(jax.random.split(jax.random.key(start), CHUNK))
+    outs.append(np.asarray(out.tokens[:, 0]))
+    stats.append({k: np.asarray(v) for k, v in out.stats.items()})
+  return np.concatenate(outs), {k: np.concatenate([s[k] for s in stats]) for k in stats[0]}
+
+
+def unmask_row(config, model=td.TabularDenoiser(VOCAB, LENGTH), joint=JOINT):
+  params = model.params(joint)
+  return lambda key: unmask.sample(model, params, MASKS, key, config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["left_to_right", "random", "max_prob"])
+def test_one_token_per_step_reproduces_the_joint(order):
+  """A position chosen without looking at its sampled token (fixed, random, or by the
+  distribution's confidence) and sampled from its conditional: the joint exactly."""
+  tokens, stats = draw(unmask_row(unmask.UnmaskConfig(k=1, confidence=order, sampling=T1)))
+  assert p_value(tokens, JOINT)[0] > SIGNIFICANCE
+  assert np.all(stats["model_calls"] == LENGTH)
+  assert np.all(tokens < VOCAB)
+
+
+@pytest.mark.slow
+def test_confidence_of_the_sampled_token_is_biased():
+  """LLaDA's low-confidence remasking looks at the sampled token: measurably not the joint."""
+  tokens, _ = draw(unmask_row(unmask.UnmaskConfig(k=1, confidence="sampled", sampling=T1)))
+  distance = td.tv(td.empirical(tokens, VOCAB, LENGTH), JOINT)
+  print(f"sampled-token confidence: TV to the joint {distance:.3f}")
+  assert p_value(tokens, JOINT)[0] < POWER
+  assert distance > 0.05
+
+
+@pytest.mark.slow
+def test_two_tokens_per_step_give_the_product_of_conditionals():
+  tokens, stats = draw(unmask_row(unmask.UnmaskConfig(k=2, confidence="left_to_right",
+                                                      sampling=T1)))
+  product = td.grouped_joint(JOINT, [[0, 1], [2, 3]])
+  print(f"k=2: TV(product of conditionals, joint) = {td.tv(product, JOINT):.3f}")
+  assert p_value(tokens, product)[0] > SIGNIFICANCE
+  assert p_value(tokens, JOINT)[0] < POWER
+  assert np.all(stats["model_calls"] == 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule,steps", [("loglinear", 2), ("cosine", 3)])
+def test_ancestral_sampler_matches_its_exact_transition(schedule, steps):
+  model = td.TabularDenoiser(VOCAB, LENGTH)
+  params, config = model.params(JOINT), mdlm.AncestralConfig(steps, schedule, T1)
+  tokens, stats = draw(lambda key: mdlm.sample(model, params, MASKS, key, config))
+  probs = [float(mdlm.unmask_probability(schedule, jnp.int32(k), steps)) for k in range(steps)]
+  exact = td.ancestral_joint(JOINT, probs)
+  assert p_value(tokens, exact)[0] > SIGNIFICANCE
+  assert p_value(tokens, JOINT)[0] < POWER  # parallel steps are not the joint
+  # a step that unmasked nothing is followed by a reused denoiser output, not a call
+  assert np.all(stats["model_calls"] <= steps) and np.any(stats["model_calls"] < steps)
+
+
+def test_ancestral_reuses_the_denoiser_when_nothing_changed():
+  model = td.TabularDenoiser(VOCAB, LENGTH)
+  out = jax.vmap(lambda key: mdlm.sample(model, model.params(JOINT), MASKS, key,
+                                         mdlm.AncestralConfig(LENGTH, sampling=T1)))(
+      jax.random.split(jax.random.key(0), 256))
+  calls = np.asarray(out.stats["model_calls"])
+  assert calls.min() >= 1 and calls.max() <= LENGTH and calls.min() < LENGTH
+  assert np.all(np.asarray(out.tokens) < VOCAB)
+
+
+def test_greedy_safe_threshold_equals_sequential_greedy():
+  """Enumeration over 1000 random joints: committing every max-prob >= 1 - 1/(N + 1) gives the
+  sequential greedy result; a looser fixed threshold (0.5) does not (the check has power)."""
+  model = td.TabularDenoiser(VOCAB, LENGTH)
+  joints = jnp.asarray(np.stack([td.random_joint(s, VOCAB, LENGTH, 2.5).ravel()
+                                 for s in range(1000)]), jnp.float32)
+
+  def run(config):
+    one = lambda joint: unmask.sample(model, {"joint": joint}, MASKS, jax.random.key(0), config)
+    out = jax.jit(jax.vmap(one))(joints)
+    return np.asarray(out.tokens[:, 0]), np.asarray(out.stats["model_calls"])
+
+  sequential, _ = run(unmask.UnmaskConfig(k=1))
+  safe, calls = run(unmask.UnmaskConfig(rule="greedy_safe"))
+  loose, _ = run(unmask.UnmaskConfig(rule="threshold", threshold=0.5))
+  np.testing.assert_array_equal(safe, sequential)
+  assert np.mean(calls) < LENGTH  # it does decode in parallel
+  assert np.any(np.any(loose != sequential, axis=1))
+
+
+@pytest.mark.parametrize("rule", ["threshold", "factor"])
+def test_threshold_rules_commit_at_least_one_token_per_call(rule):
+  config = unmask.UnmaskConfig(rule=rule, threshold=0.99, factor=0.01, sampling=T1)
+  out = jax.vmap(unmask_row(config))(jax.random.split(jax.random.key(1), 64))
+  assert np.all(np.asarray(out.stats["model_calls"]) <= LENGTH)
+  assert np.all(np.asarray(out.tokens) < VOCAB)
+
+
+class MaskLovingDenoiser:
+  """Breaks the protocol on purpose: favours the mask id and rewrites visible tokens."""
+
+  vocab_size, max_len, mask_id, block_size = 4, 6, 3, 0
+
+  def denoise(self, params, tokens):
+    logits = jax.random.normal(jax.random.key(0), tokens.shape + (4,))
+    return logits.at[..., 3].set(10.0)
+
+
+@pytest.mark.parametrize("sampler", ["unmask", "ancestral", "block"])
+def test_committed_tokens_never_change_and_no_mask_remains(sampler):
+  model = MaskLovingDenoiser()
+  canvas = jnp.array([[0, 3, 3, 1, 3, 2], [3, 3, 3, 3, 3, 3]], jnp.int32)
+  config = {"unmask": unmask.UnmaskConfig(k=2, sampling=T1),
+            "ancestral": mdlm.AncestralConfig(3, sampling=T1),
+            "block": block_diffusion.BlockConfig(3, cached=False)}[sampler]
+  fn = {"unmask": unmask.sample, "ancestral": mdlm.sample, "block": block_diffusion.sample}
+  out = fn[sampler](model, None, canvas, jax.random.key(2), config)
+  tokens = np.asarray(out.tokens)
+  visible = np.asarray(canvas) != 3
+  np.testing.assert_array_equal(tokens[visible], np.asarray(canvas)[visible])
+  assert np.all(tokens != 3)
+  np.testing.assert_array_equal(out.lengths, [3, 6])
+
+
+def test_rows_follow_their_keys():
+  """Same per-row keys, reversed batch: reversed rows; vmap over key sets equals separate runs."""
+  model = td.TabularDenoiser(VOCAB, LENGTH)
+  params = model.params(JOINT)
+  canvas = jnp.array([[0, 3, 3, 3], [3, 1, 3, 3], [3, 3, 3, 3], [2, 2, 3, 3]], jnp.int32)
+  config = unmask.UnmaskConfig(rule="threshold", threshold=0.6, sampling=T1)
+  keys = jax.random.split(jax.random.key(4), 4)
+  forward = unmask.sample(model, params, canvas, keys, config)
+  backward = unmask.sample(model, params, canvas[::-1], keys[::-1], config)
+  np.testing.assert_array_equal(forward.tokens, backward.tokens[::-1])
+  many = jax.vmap(lambda k: unmask.sample(model, params, canvas, k, config))(
+      jnp.stack([keys, jax.random.split(jax.random.key(5), 4)]))
+  np.testing.assert_array_equal(many.tokens[0], forward.tokens)
+
+
+def test_block_causal_cache_equals_cache_free():
+  model = td.TabularDenoiser(VOCAB, LENGTH, block_size=2)
+  params = model.params(JOINT)
+  canvas = jnp.array([[1, 3, 3, 3], [3, 3, 3, 3]], jnp.int32)
+  keys = jax.random.split(jax.random.key(3), 256)
+  rule = unmask.UnmaskConfig(rule="threshold", threshold=0.5, sampling=T1)
+  outs = [jax.vmap(lambda k: block_diffusion.sample(
+      model, params, canvas, k, block_diffusion.BlockConfig(2, rule, cached)))(keys)
+          for cached in (True, False)]
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  steps = np.asarray(outs[1].stats["denoise_steps"])
+  np.testing.assert_array_equal(outs[1].stats["model_calls"], steps)
+  np.testing.assert_array_equal(outs[0].stats["model_calls"], steps + 1)  # one block write
+
+
+@pytest.mark.slow
+def test_assd_follows_the_joint_and_a_missing_residual_is_caught(fresh_trace):
+  model = td.TabularAnySubset(VOCAB, LENGTH)
+  params = model.params(JOINT)
+  for order in ("left_to_right", "random"):
+    config = assd.ASSDConfig(num_draft_tokens=3, order=order, sampling=T1)
+    tokens, stats = draw(lambda key: assd.sample(model, params, MASKS, key, config))
+    assert p_value(tokens, JOINT)[0] > SIGNIFICANCE
+    assert np.all(stats["model_calls"] <= LENGTH)
+    assert np.mean(stats["model_calls"]) < LENGTH  # more than one token per call on average
+  fresh_trace.setattr(verify, "residual", lambda p, q: p)  # resample from p after a rejection
+  jax.clear_caches()  # the sampler was traced above with the same static config
+  config = assd.ASSDConfig(num_draft_tokens=3, sampling=T1)
+  tokens, _ = draw(lambda key: assd.sample(model, params, MASKS, key, config))
+  assert p_value(tokens, JOINT)[0] < POWER
+
+
+def test_greedy_assd_equals_greedy_left_to_right():
+  model = td.TabularAnySubset(VOCAB, LENGTH)
+  joints = [td.random_joint(s, VOCAB, LENGTH, 2.5) for s in range(20)]
+  for joint in joints:
+    fixed = {}
+    for i in range(LENGTH):
+      fixed[i] = int(np.argmax(td.conditional(joint, fixed, i)))
+    out = assd.sample(model, model.params(joint), MASKS, jax.random.key(0),
+                      assd.ASSDConfig(num_draft_tokens=3, sampling=SamplingParams(0.0)))
+    np.testing.assert_array_equal(out.tokens[0], [fixed[i] for i in range(LENGTH)])
+
+
+@pytest.mark.slow
+def test_edlm_moves_toward_the_ar_distribution_as_k_grows():
+  """One step, so the output is self-normalised importance sampling from the product of the
+  denoiser's marginals towards the AR joint: its TV to the AR joint shrinks with K."""
+  table = np.array(toy.TrigramLM(VOCAB + 1, LENGTH).init(jax.random.key(7), 2.0))
+  table[..., VOCAB] = -1e9  # the AR model never emits the mask id
+  ar_model = toy.TrigramLM(VOCAB + 1, LENGTH)
+  ar_joint = toy.exact_joint(table, [0], LENGTH - 1)[:VOCAB, :VOCAB, :VOCAB]
+  joint = np.zeros((VOCAB,) * LENGTH)
+  joint[0] = ar_joint / ar_joint.sum()  # the denoiser's joint: the AR's, prompt token 0
+  model = td.TabularDenoiser(VOCAB, LENGTH)
+  params = model.params(joint)
+  canvas = jnp.array([[0, 3, 3, 3]], jnp.int32)
+  product = td.grouped_joint(joint, [[1, 2, 3]])[0]
+  distances = []
+  for count in (1, 4, 16):
+    config = edlm.EDLMConfig(steps=1, num_candidates=count, sampling=T1)
+    tokens, stats = draw(lambda key: edlm.sample(model, params, ar_model, jnp.asarray(table),
+                                                 canvas, key, config), samples=100_000)
+    distances.append(td.tv(td.empirical(tokens[:, 1:], VOCAB, LENGTH - 1), joint[0]))
+    assert np.all(stats["energy_calls"] == 1)
+  print(f"EDLM TV to the AR joint for K = 1, 4, 16: {np.round(distances, 3)}; product of "
+        f"marginals {td.tv(product, joint[0]):.3f}")
+  assert abs(distances[0] - td.tv(product, joint[0])) < 0.01  # K = 1: the plain denoiser
+  assert distances[0] > distances[1] > distances[2]
+  assert distances[2] < 0.5 * distances[0]
+
+
+def test_bad_input_is_a_clear_error():
+  model = td.TabularDenoiser(VOCAB, LENGTH)
+  params = model.params(JOINT)
+  with pytest.raises(ValueError, match="not divisible by block_length"):
+    block_diffusion.sample(model, params, MASKS, jax.random.key(0),
+                           block_diffusion.BlockConfig(3, cached=False))
+  with pytest.raises(ValueError, match="steps must be >= 1"):
+    mdlm.AncestralConfig(0)
+  with pytest.raises(ValueError, match="exceeds the 4 canvas positions"):
+    mdlm.sample(model, params, MASKS, jax.random.key(0), mdlm.AncestralConfig(5))
+  with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
+    unmask.UnmaskConfig(rule="threshold", threshold=1.5)
+  with pytest.raises(ValueError, match="greedy_safe' needs confidence 'max_prob'"):
+    unmask.UnmaskConfig(rule="greedy_safe", confidence="margin")
+  with pytest.raises(ValueError, match="vocabulary"):
+    edlm.sample(model, params, toy.TrigramLM(VOCAB, LENGTH), jnp.zeros((3, 3, 3)), MASKS,
+                jax.random.key(0), edlm.EDLMConfig(1))
+  with pytest.raises(ValueError, match="needs a CachedDenoiser"):
+    block_diffusion.sample(MaskLovingDenoiser(), None, jnp.zeros((1, 6), jnp.int32),
+                           jax.random.key(0), block_diffusion.BlockConfig(3))
