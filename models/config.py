@@ -164,6 +164,8 @@ class ModelConfig:
                        f"got {self.parscale_streams}")
     if self.parscale_prefix_len < 0:
       raise ValueError(f"model.parscale_prefix_len must be >= 0, got {self.parscale_prefix_len}")
+    if (self.parscale_streams > 1 or self.parscale_prefix_len) and self.kind != "llama":
+      raise ValueError(f"ParScale (model.parscale_*) is a llama option; model.kind={self.kind!r}")
     if self.parscale_streams > 1 and not self.parscale_prefix_len:
       raise ValueError(f"model.parscale_streams={self.parscale_streams} needs "
                        "model.parscale_prefix_len >= 1: the streams differ only by their prefixes")
