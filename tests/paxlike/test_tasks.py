@@ -1,0 +1,64 @@
+"""The task suite: generators, checkers, corpus lines and exact chance levels (by enumeration)."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from paxlike import tasks
+from paxlike.errors import UserError
+
+
+@pytest.mark.parametrize("task", tasks.get(), ids=lambda t: t.name)
+def test_generated_answers_are_correct_and_perturbed_ones_are_not(task):
+  for prompt, answer in task.examples(50, seed=0):
+    assert len(answer) == task.answer_length and set(answer) <= set(task.alphabet)
+    assert task.check(prompt, answer)
+    assert not task.check(prompt, answer[:-1])
+    if task.name != "perm":  # changing the last character breaks every other task's answer
+      wrong = answer[:-1] + next(c for c in task.alphabet if c != answer[-1])
+      assert not task.check(prompt, wrong)
+  assert task.examples(5, seed=1) == task.examples(5, seed=1)
+  assert task.examples(5, seed=1) != task.examples(5, seed=2)
+
+
+@pytest.mark.parametrize("task", tasks.get(), ids=lambda t: t.name)
+def test_chance_level_equals_enumeration(task):
+  """Fraction of all alphabet^length answers that are correct, for one prompt."""
+  prompt, _ = task.examples(1, seed=3)[0]
+  answers = itertools.product(task.alphabet, repeat=task.answer_length)
+  correct = sum(task.check(prompt, "".join(a)) for a in answers)
+  assert correct / len(task.alphabet) ** task.answer_length == pytest.approx(task.chance, rel=1e-12)
+
+
+def test_independent_chance():
+  """Unique answers: 1. Permutations of n distinct items: n!/n^n. Dyck words of length 8:
+  enumeration, and a Monte Carlo check of the product-of-marginals decoder."""
+  for name in ("copy", "rev", "sort", "add"):
+    assert tasks.TASKS[name].independent_chance == 1.0
+  perm = tasks.TASKS["perm"]
+  assert perm.independent_chance == pytest.approx(math.factorial(4) / 4 ** 4)
+  dyck = tasks.TASKS["dyck"]
+  answers = [a for _, a in dyck.examples(20_000, seed=0)]
+  rng = np.random.default_rng(0)
+  opens = np.mean([[c == "(" for c in a] for a in answers], axis=0)
+  draws = rng.random((20_000, 8)) < opens
+  rate = np.mean([tasks.balanced("".join("(" if o else ")" for o in row)) for row in draws])
+  assert rate == pytest.approx(dyck.independent_chance, abs=0.015)
+  assert dyck.independent_chance < 0.5 < 1.0 and dyck.chance == 14 / 256
+
+
+def test_corpus_lines_have_one_width_and_canvas_parts_rebuild_them(tmp_path):
+  text = tasks.corpus(200, seed=0)
+  lines = text.splitlines(keepends=True)
+  assert len(lines) == 200 and all(len(l) == tasks.LINE_WIDTH for l in lines)
+  assert {l.split(" ", 1)[0] for l in lines} == set(tasks.TASKS)
+  for task in tasks.get():
+    prompt, answer = task.examples(1, seed=0)[0]
+    before, count, after = tasks.canvas_parts(task, prompt)
+    assert before + answer + after == tasks.line(prompt, answer) and count == len(answer)
+  path = tasks.write_corpus(tmp_path / "c.txt", 10, seed=1, names=["add", "dyck"])
+  assert all(l.startswith(("add ", "dyck ")) for l in path.read_text().splitlines())
+  with pytest.raises(UserError, match="unknown task"):
+    tasks.get(["nope"])
