@@ -161,6 +161,23 @@ class SamplerConfig:
       draft's acceptance head predicts a rejection with probability over stop_threshold; needs a
       draft trained with model.acceptance_head=true, e.g. the pair_draft_head experiment).
     confidence_threshold, stop_threshold: in [0, 1]; see `samplers.adaptive`.
+    Diffusion-style kinds (a masked-diffusion model, model.kind=mdlm, except "assd"), which fill
+    max_new_tokens masks after the prompt: "mdlm" (ancestral, `diffusion_steps` steps of
+    `noise_schedule`), "unmask" (confidence-based parallel unmasking by `unmask_rule`), "block"
+    (blocks of `block_length`, `unmask_rule` inside each, finished blocks KV-cached when
+    `block_cached`), "edlm" (ancestral steps with `num_candidates` candidates importance-weighted
+    by the AR model in `draft_workdir`) and "assd" (an any-subset AR model, model.kind=asarm:
+    `num_draft_tokens` positions drafted and verified per round in `assd_order`).
+    diffusion_steps: S, denoising steps of "mdlm" and "edlm" (1 <= S <= tokens generated).
+    noise_schedule: "loglinear" or "cosine" ("mdlm", "edlm").
+    unmask_rule: "topk" (unmask_k per step), "threshold" (confidence >= unmask_threshold, at
+      least one), "factor" (Fast-dLLM's factor rule with unmask_factor) or "greedy_safe"
+      (threshold 1 - 1/(N + 1): equals one-token-at-a-time greedy).
+    unmask_confidence: "max_prob", "margin", "entropy", "sampled", "random" or "left_to_right".
+    unmask_k, unmask_threshold, unmask_factor: the rules' parameters.
+    block_length, block_cached: "block" decoding's block and whether finished blocks are cached.
+    num_candidates: K, candidates per "edlm" step.
+    assd_order: "left_to_right" or "random", the generation order of "assd".
   """
 
   kind: str = "ar"
@@ -192,6 +209,17 @@ class SamplerConfig:
   adaptive_rule: str = "confidence"
   confidence_threshold: float = 0.5
   stop_threshold: float = 0.7
+  diffusion_steps: int = 32
+  noise_schedule: str = "loglinear"
+  unmask_rule: str = "threshold"
+  unmask_confidence: str = "max_prob"
+  unmask_k: int = 1
+  unmask_threshold: float = 0.9
+  unmask_factor: float = 1.0
+  block_length: int = 16
+  block_cached: bool = True
+  num_candidates: int = 4
+  assd_order: str = "left_to_right"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +262,7 @@ SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
 SAMPLER_KINDS = ("ar", "speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi",
-                 "contrastive", "entropy_switch")
+                 "contrastive", "entropy_switch", "mdlm", "unmask", "block", "edlm", "assd")
 SELECTIONS = ("none", "best_of_n", "majority", "mbr", "first_finish", "reward_pruned")
 ADAPTIVE_RULES = ("confidence", "head")
 
@@ -280,6 +308,14 @@ def validate(exp: Experiment) -> Experiment:
        f"sampler.switch_window must be >= 1, got {exp.sampler.switch_window}"),
       (exp.sampler.switch_sync_every >= 1,
        f"sampler.switch_sync_every must be >= 1, got {exp.sampler.switch_sync_every}"),
+      (exp.sampler.diffusion_steps >= 1,
+       f"sampler.diffusion_steps must be >= 1, got {exp.sampler.diffusion_steps}"),
+      (0.0 < exp.sampler.unmask_threshold <= 1.0,
+       f"sampler.unmask_threshold must be in (0, 1], got {exp.sampler.unmask_threshold}"),
+      (exp.sampler.block_length >= 1,
+       f"sampler.block_length must be >= 1, got {exp.sampler.block_length}"),
+      (exp.sampler.num_candidates >= 1,
+       f"sampler.num_candidates must be >= 1, got {exp.sampler.num_candidates}"),
       (exp.sampler.jacobi_block >= 2,
        f"sampler.jacobi_block must be >= 2, got {exp.sampler.jacobi_block}"),
       (exp.sampler.max_new_tokens >= 1,

@@ -1,8 +1,12 @@
 """Text in, text out: encode prompts, run a compiled sampler, decode, and measure it.
 
 Prompts start with the eos id (the training stream separates documents with eos, so eos means
-"start of a document"), are right-padded into one batch and decoded by the sampler named by
+"start of a document"; a model imported from Hugging Face uses its bos id and tokenizer.json, see
+`interchange.text_codec`), are right-padded into one batch and decoded by the sampler named by
 `sampler.kind` (`samplers.ar`, `.speculative`, `.spectr`, `.tree`, `.adaptive`, `.jacobi`).
+The diffusion-style kinds (`DIFFUSION_KINDS`: `samplers.mdlm`, `.unmask`, `.block_diffusion`,
+`.edlm`, `.assd`) fill a canvas of the prompt and max_new_tokens masks instead; their text ends at
+the first eos they produced.
 """
 
 from __future__ import annotations
@@ -14,30 +18,77 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxlike import parallel_sampling, tokenizer
+from paxlike import interchange, parallel_sampling
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
-from samplers import adaptive, ar, contrastive, entropy_switch, jacobi, spectr, speculative, tree
+from samplers import adaptive, ar, assd, block_diffusion, canvas, contrastive, edlm, entropy_switch
+from samplers import jacobi, mdlm, spectr, speculative, tree, unmask
 from samplers.logits import SamplingParams
 
 DRAFTED_KINDS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive",
-                 "contrastive", "entropy_switch")  # second model: the draft
+                 "contrastive", "entropy_switch", "edlm")  # second model: the draft (edlm: energy)
+DIFFUSION_KINDS = ("mdlm", "unmask", "block", "edlm", "assd")
 
 
-def encode_prompts(prompts: list[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded [B, P] int32 prompt ids (eos first) and their lengths [B]."""
-  encoded = [np.concatenate([[tokenizer.EOS_ID], tokenizer.encode(p)]) for p in prompts]
+def encode_prompts(prompts: list[str], max_len: int,
+                   codec: interchange.TextCodec = interchange.BYTES) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded [B, P] int32 prompt ids (the codec's start id first) and their lengths [B]."""
+  encoded = [np.concatenate([[codec.start_id], codec.encode(p)]) for p in prompts]
   for i, ids in enumerate(encoded):
     if len(ids) >= max_len:
       raise UserError(
           f"prompt {i} is {len(ids)} tokens long (with its start token) but model.max_len is "
           f"{max_len}; shorten the prompt to at most {max_len - 2} bytes")
-  return ar.pad_prompts(encoded, tokenizer.PAD_ID)
+  return ar.pad_prompts(encoded, codec.pad_id)
+
+
+def _check_model_kind(cfg: SamplerConfig, model) -> None:
+  """UserError when the sampler kind does not fit the model (causal, denoiser or AS-ARM)."""
+  denoiser, any_subset = hasattr(model, "denoise"), hasattr(model, "conditionals")
+  if cfg.kind == "assd" and not any_subset:
+    raise UserError("sampler.kind=assd needs an any-subset AR model (model.kind=asarm)")
+  if cfg.kind in DIFFUSION_KINDS and cfg.kind != "assd" and not denoiser:
+    raise UserError(f"sampler.kind={cfg.kind} needs a masked-diffusion model (model.kind=mdlm)")
+  if cfg.kind not in DIFFUSION_KINDS and (denoiser or any_subset):
+    raise UserError(f"sampler.kind={cfg.kind} needs a causal model; this run's model is a "
+                    f"{'masked-diffusion' if denoiser else 'any-subset AR'} model: use "
+                    f"sampler.kind={'unmask, block, mdlm or edlm' if denoiser else 'assd'}")
+
+
+def _diffusion_sampler(cfg: SamplerConfig, max_new: int, sampling: SamplingParams, model,
+                       params, draft, draft_params):
+  """(sample function, leading arguments, static config) of a diffusion-style kind."""
+  if cfg.kind in ("mdlm", "edlm") and cfg.diffusion_steps > max_new:
+    raise UserError(f"sampler.diffusion_steps={cfg.diffusion_steps} exceeds the {max_new} tokens "
+                    f"generated; use at most one step per token")
+  rule = unmask.UnmaskConfig(rule=cfg.unmask_rule, k=cfg.unmask_k, threshold=cfg.unmask_threshold,
+                             factor=cfg.unmask_factor, confidence=cfg.unmask_confidence,
+                             sampling=sampling)
+  if cfg.kind == "mdlm":
+    return mdlm.sample, (model, params), mdlm.AncestralConfig(cfg.diffusion_steps,
+                                                              cfg.noise_schedule, sampling)
+  if cfg.kind == "unmask":
+    return unmask.sample, (model, params), rule
+  if cfg.kind == "block":
+    return block_diffusion.sample, (model, params), block_diffusion.BlockConfig(
+        cfg.block_length, rule, cfg.block_cached)
+  if cfg.kind == "assd":
+    return assd.sample, (model, params), assd.ASSDConfig(cfg.num_draft_tokens, cfg.assd_order,
+                                                         sampling)
+  if draft is None:
+    raise UserError("sampler.kind=edlm needs an autoregressive energy model: --set "
+                    "sampler.draft_workdir=DIR (a trained causal run with the same vocabulary)")
+  config = edlm.EDLMConfig(cfg.diffusion_steps, cfg.num_candidates, cfg.noise_schedule, sampling)
+  return edlm.sample, (model, params, draft, draft_params), config
 
 
 def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_params):
   """(jitted sample function, its leading arguments, its static config) for `cfg.kind`."""
-  common = dict(max_new_tokens=max_new, eos_id=tokenizer.EOS_ID, pad_id=tokenizer.PAD_ID,
+  if cfg.kind in DIFFUSION_KINDS:
+    sampling = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+    return _diffusion_sampler(cfg, max_new, sampling, model, params, draft, draft_params)
+  codec = interchange.text_codec(model.config)  # eos and pad of the model's tokenizer
+  common = dict(max_new_tokens=max_new, eos_id=codec.eos_id, pad_id=codec.pad_id,
                 sampling=SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k,
                                         top_p=cfg.top_p))
   if cfg.kind == "ar":
@@ -47,7 +98,7 @@ def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_param
       raise UserError(f"sampler.kind=jacobi decodes greedily; set sampler.temperature=0 "
                       f"(got {cfg.temperature})")
     config = jacobi.JacobiConfig(block_size=cfg.jacobi_block, max_new_tokens=max_new,
-                                 eos_id=tokenizer.EOS_ID, pad_id=tokenizer.PAD_ID)
+                                 eos_id=codec.eos_id, pad_id=codec.pad_id)
     return jacobi.sample, (model, params), config
   if draft is None:
     raise UserError(f"sampler.kind={cfg.kind} needs a draft model: --set sampler.draft_workdir=DIR "
@@ -96,14 +147,29 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
            "tree": len(cfg.tree_branching), "dynamic_tree": cfg.tree_max_depth,
            "jacobi": cfg.jacobi_block, "entropy_switch": cfg.switch_sync_every}.get(cfg.kind, 0)
   max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)
+  diffusion = cfg.kind in DIFFUSION_KINDS
+  if diffusion and cfg.kind == "block":  # whole blocks: shorten the generation to fit them
+    max_new -= (prompt.shape[1] + max_new) % cfg.block_length
   if max_new < 1:
     raise UserError(f"the prompts ({prompt.shape[1]} tokens) leave no room to generate within "
                     f"model.max_len={max_len}")
+  _check_model_kind(cfg, model)
   try:
     fn, leading, config = _sampler(cfg, max_new, model, params, draft, draft_params)
     if cfg.num_samples > 1 or cfg.selection != "none":
+      if diffusion:
+        raise UserError(f"sampler.num_samples and sampler.selection are for the autoregressive "
+                        f"kinds, not sampler.kind={cfg.kind}")
       return parallel_sampling.decode(fn, leading, config, prompt, lengths, cfg, model, params)
-    args = (*leading, jnp.asarray(prompt), jnp.asarray(lengths), jax.random.key(cfg.seed))
+    if diffusion:
+      if np.any(prompt == model.mask_id):
+        raise UserError(f"the prompts contain the mask id {model.mask_id}; a diffusion sampler "
+                        "would generate there: remove it from the prompt")
+      data = (canvas.from_prompts(jnp.asarray(prompt), jnp.asarray(lengths), max_new,
+                                  model.mask_id, interchange.text_codec(model.config).pad_id),)
+    else:
+      data = (jnp.asarray(prompt), jnp.asarray(lengths))
+    args = (*leading, *data, jax.random.key(cfg.seed))
     start = time.perf_counter()
     compiled = fn.lower(*args, config).compile()
   except ValueError as e:  # the samplers' own checks (vocabularies, lengths, settings)
@@ -118,6 +184,9 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
   wall_s = sorted(times)[len(times) // 2]
   tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
   generated = int(counts.sum())
+  if diffusion:
+    tokens, counts = _until_eos(np.asarray(canvas.generated(out.tokens, lengths, max_new)),
+                                interchange.text_codec(model.config))
   stats = {"sampler": cfg.kind, "batch": len(prompt), "tokens": generated,
            "tokens_per_s": round(generated / wall_s, 1), "wall_s": round(wall_s, 4),
            "compile_s": round(compile_s, 3)}
@@ -125,6 +194,15 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
     value = np.asarray(value)
     stats[name] = round(float(value), 4) if value.dtype.kind == "f" else int(value)
   return tokens, counts, stats
+
+
+def _until_eos(tokens: np.ndarray,
+               codec: interchange.TextCodec) -> tuple[np.ndarray, np.ndarray]:
+  """Generated tokens [B, N] cut after each row's first eos (pad after it) and their lengths."""
+  eos = tokens == codec.eos_id
+  counts = np.where(eos.any(axis=1), eos.argmax(axis=1) + 1, tokens.shape[1]).astype(np.int32)
+  keep = np.arange(tokens.shape[1])[None, :] < counts[:, None]
+  return np.where(keep, tokens, codec.pad_id), counts
 
 
 def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, draft: Any = None,
@@ -135,7 +213,8 @@ def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, dr
   draft window) fits in the models' max_len.
   """
   max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
-  prompt, lengths = encode_prompts(prompts, max_len)
+  codec = interchange.text_codec(model.config)
+  prompt, lengths = encode_prompts(prompts, max_len, codec)
   tokens, counts, stats = decode(model, params, prompt, lengths, cfg, draft, draft_params)
-  texts = [tokenizer.decode(tokens[i, :counts[i]]) for i in range(len(tokens))]
+  texts = [codec.decode(tokens[i, :counts[i]]) for i in range(len(tokens))]
   return texts, stats
