@@ -102,26 +102,42 @@ def hf_config(cfg: ModelConfig, token_ids: Mapping[str, int] | None = None) -> d
       **dict(token_ids or {})}
 
 
-def _layer(i: int) -> str:
-  return f"model.layers.{i}."
+def _table(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...], tuple[str, ...], tuple[int, ...]]]:
+  """(HF name, HF shape, paxlike path, paxlike shape) of every tensor of `cfg`.
+
+  A 2-D HF weight [out, in] maps to a paxlike kernel by transposing and splitting heads out
+  (`w.T.reshape(paxlike shape)`); the embedding and norm scales are taken as they are.
+  """
+  e, h, kvh, d, m, v = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
+                        cfg.mlp_dim, cfg.vocab_size)
+  rows = [("model.embed_tokens.weight", (v, e), ("embed", "embedding"), (v, e)),
+          ("model.norm.weight", (e,), ("final_norm", "scale"), (e,))]
+  for i in range(cfg.num_layers):
+    p, b = f"model.layers.{i}.", f"blocks_{i}"
+    rows += [
+        (p + "self_attn.q_proj.weight", (h * d, e), (b, "attention", "query", "kernel"), (e, h, d)),
+        (p + "self_attn.k_proj.weight", (kvh * d, e), (b, "attention", "key", "kernel"),
+         (e, kvh, d)),
+        (p + "self_attn.v_proj.weight", (kvh * d, e), (b, "attention", "value", "kernel"),
+         (e, kvh, d)),
+        (p + "self_attn.o_proj.weight", (e, h * d), (b, "attention", "out", "kernel"), (h, d, e)),
+        (p + "mlp.gate_proj.weight", (m, e), (b, "mlp", "gate", "kernel"), (e, m)),
+        (p + "mlp.up_proj.weight", (m, e), (b, "mlp", "up", "kernel"), (e, m)),
+        (p + "mlp.down_proj.weight", (e, m), (b, "mlp", "down", "kernel"), (m, e)),
+        (p + "input_layernorm.weight", (e,), (b, "attention_norm", "scale"), (e,)),
+        (p + "post_attention_layernorm.weight", (e,), (b, "mlp_norm", "scale"), (e,))]
+  if not cfg.tie_embeddings:
+    rows.append(("lm_head.weight", (v, e), ("head", "kernel"), (e, v)))
+  return rows
+
+
+def _transposed(hf_name: str) -> bool:
+  return hf_name.endswith("proj.weight") or hf_name == "lm_head.weight"
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """Every tensor name a Hugging Face checkpoint of `cfg` has, with its shape."""
-  e, h, kvh, d, m = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
-                     cfg.mlp_dim)
-  shapes = {"model.embed_tokens.weight": (cfg.vocab_size, e), "model.norm.weight": (e,)}
-  for i in range(cfg.num_layers):
-    p = _layer(i)
-    shapes.update({
-        p + "self_attn.q_proj.weight": (h * d, e), p + "self_attn.k_proj.weight": (kvh * d, e),
-        p + "self_attn.v_proj.weight": (kvh * d, e), p + "self_attn.o_proj.weight": (e, h * d),
-        p + "mlp.gate_proj.weight": (m, e), p + "mlp.up_proj.weight": (m, e),
-        p + "mlp.down_proj.weight": (e, m), p + "input_layernorm.weight": (e,),
-        p + "post_attention_layernorm.weight": (e,)})
-  if not cfg.tie_embeddings:
-    shapes["lm_head.weight"] = (cfg.vocab_size, e)
-  return shapes
+  return {name: shape for name, shape, _, _ in _table(cfg)}
 
 
 def unused_names(cfg: ModelConfig, names) -> list[str]:
@@ -132,63 +148,45 @@ def unused_names(cfg: ModelConfig, names) -> list[str]:
 
 
 def params_from_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """paxlike float32 params of `cfg` from Hugging Face tensors (shapes as `hf_shapes`)."""
-  e, h, kvh, d = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-  get = lambda name: np.asarray(tensors[name], np.float32)
-  params: dict[str, Any] = {"embed": {"embedding": get("model.embed_tokens.weight")},
-                            "final_norm": {"scale": get("model.norm.weight")}}
-  for i in range(cfg.num_layers):
-    p = _layer(i)
-    params[f"blocks_{i}"] = {
-        "attention": {
-            "query": {"kernel": get(p + "self_attn.q_proj.weight").T.reshape(e, h, d)},
-            "key": {"kernel": get(p + "self_attn.k_proj.weight").T.reshape(e, kvh, d)},
-            "value": {"kernel": get(p + "self_attn.v_proj.weight").T.reshape(e, kvh, d)},
-            "out": {"kernel": get(p + "self_attn.o_proj.weight").T.reshape(h, d, e)}},
-        "attention_norm": {"scale": get(p + "input_layernorm.weight")},
-        "mlp": {"gate": {"kernel": get(p + "mlp.gate_proj.weight").T},
-                "up": {"kernel": get(p + "mlp.up_proj.weight").T},
-                "down": {"kernel": get(p + "mlp.down_proj.weight").T}},
-        "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight")}}
-  if not cfg.tie_embeddings:
-    params["head"] = {"kernel": get("lm_head.weight").T}
-  return _contiguous(params)
+  """paxlike float32 params (nested dict of numpy) of `cfg` from Hugging Face tensors, whose
+  names and shapes must be those of `hf_shapes(cfg)`."""
+  params: dict[str, Any] = {}
+  for name, _, path, shape in _table(cfg):
+    value = np.asarray(tensors[name], np.float32)
+    value = value.T.reshape(shape) if _transposed(name) else value
+    node = params
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = np.ascontiguousarray(value)
+  return params
 
 
 def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """Hugging Face float32 tensors (contiguous numpy) of paxlike `params` of `cfg`."""
-  e, h, d = cfg.d_model, cfg.num_heads, cfg.resolved_head_dim
-  get = lambda *path: _lookup(params, path)
-  out = {"model.embed_tokens.weight": get("embed", "embedding"),
-         "model.norm.weight": get("final_norm", "scale")}
-  for i in range(cfg.num_layers):
-    p, b = _layer(i), f"blocks_{i}"
-    kv = cfg.num_kv_heads * d
-    out.update({
-        p + "self_attn.q_proj.weight": get(b, "attention", "query", "kernel").reshape(e, h * d).T,
-        p + "self_attn.k_proj.weight": get(b, "attention", "key", "kernel").reshape(e, kv).T,
-        p + "self_attn.v_proj.weight": get(b, "attention", "value", "kernel").reshape(e, kv).T,
-        p + "self_attn.o_proj.weight": get(b, "attention", "out", "kernel").reshape(h * d, e).T,
-        p + "mlp.gate_proj.weight": get(b, "mlp", "gate", "kernel").T,
-        p + "mlp.up_proj.weight": get(b, "mlp", "up", "kernel").T,
-        p + "mlp.down_proj.weight": get(b, "mlp", "down", "kernel").T,
-        p + "input_layernorm.weight": get(b, "attention_norm", "scale"),
-        p + "post_attention_layernorm.weight": get(b, "mlp_norm", "scale")})
-  if not cfg.tie_embeddings:
-    out["lm_head.weight"] = get("head", "kernel").T
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+  """Hugging Face float32 tensors (contiguous numpy) of paxlike `params` of `cfg`.
+
+  Raises ValueError if a parameter is missing, has another shape, or has no HF counterpart.
+  """
+  table = _table(cfg)
+  extra = sorted(set(_paths(params)) - {"/".join(path) for _, _, path, _ in table})
+  if extra:
+    raise ValueError(f"params hold {', '.join(extra[:3])}, which a Hugging Face Llama has no "
+                     "place for (e.g. ParScale or an acceptance head); export a plain Llama")
+  out = {}
+  for name, hf_shape, path, shape in table:
+    node: Any = params
+    for key in path:
+      if key not in node:
+        raise ValueError(f"params have no {'/'.join(path)}; expected a paxlike Llama of {cfg}")
+      node = node[key]
+    value = np.asarray(node, np.float32)
+    if value.shape != shape:
+      raise ValueError(f"params {'/'.join(path)} has shape {list(value.shape)}, the config "
+                       f"implies {list(shape)}")
+    value = value.reshape(hf_shape[::-1]).T if _transposed(name) else value
+    out[name] = np.ascontiguousarray(value)
+  return out
 
 
-def _lookup(params: Mapping[str, Any], path: tuple[str, ...]) -> np.ndarray:
-  node: Any = params
-  for key in path:
-    if key not in node:
-      raise ValueError(f"params have no {'/'.join(path)}; expected a paxlike Llama parameter tree")
-    node = node[key]
-  return np.asarray(node, np.float32)
-
-
-def _contiguous(tree: dict[str, Any]) -> dict[str, Any]:
-  """Nested dict of contiguous float32 numpy arrays (transposes become real copies)."""
-  return {k: _contiguous(v) if isinstance(v, dict) else np.ascontiguousarray(v, np.float32)
-          for k, v in tree.items()}
+def _paths(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+  return [p for k, v in tree.items()
+          for p in (_paths(v, f"{prefix}{k}/") if isinstance(v, Mapping) else [prefix + k])]

@@ -20,7 +20,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from paxlike import tokenizer
+from paxlike import interchange
 from paxlike.config import DataConfig
 from paxlike.errors import UserError
 
@@ -80,14 +80,16 @@ def _is_held_out(file: Path, root: Path, fraction: float) -> bool:
   return zlib.crc32(key.encode()) % 10_000 < fraction * 10_000
 
 
-def _stream(texts: list[str]) -> np.ndarray:
+def _stream(texts: list[str], codec: interchange.TextCodec) -> np.ndarray:
   if not texts:
     return np.zeros([0], np.int32)
-  return np.concatenate([tokenizer.encode(t, eos=True) for t in texts])
+  return np.concatenate([np.append(codec.encode(t), codec.eos_id).astype(np.int32)
+                         for t in texts])
 
 
-def load_corpus(cfg: DataConfig) -> Corpus:
-  """Reads and splits the corpus named by `cfg.path` (or the default corpus)."""
+def load_corpus(cfg: DataConfig, codec: interchange.TextCodec = interchange.BYTES) -> Corpus:
+  """Reads and splits the corpus named by `cfg.path` (or the default corpus), tokenized by
+  `codec` (the byte tokenizer, or an imported model's tokenizer.json)."""
   if cfg.path:
     files = resolve_files(cfg.path)
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
@@ -102,11 +104,11 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     raise UserError(f"the corpus {description!r} is empty: its files contain no text")
   held = [t for f, t in texts.items() if _is_held_out(f, root, cfg.eval_fraction)]
   train = [t for f, t in texts.items() if not _is_held_out(f, root, cfg.eval_fraction)]
-  train_stream, held_stream = _stream(train), _stream(held)
+  train_stream, held_stream = _stream(train, codec), _stream(held, codec)
   min_len = 2 * (cfg.seq_len + 1)
   if len(held_stream) < cfg.seq_len + 1 or len(train_stream) < min_len:
     # Too few files to split by file (e.g. a single file): hold out the tail of the stream.
-    stream = _stream(list(texts.values()))
+    stream = _stream(list(texts.values()), codec)
     cut = int(len(stream) * (1.0 - cfg.eval_fraction))
     train_stream, held_stream = stream[:cut], stream[cut:]
   if len(train_stream) < min_len or len(held_stream) < cfg.seq_len + 1:

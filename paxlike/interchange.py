@@ -15,6 +15,7 @@ checks that name the offending file, the sharded placement, and the text codec (
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -67,9 +68,23 @@ def model_config(directory: str | Path, base: ModelConfig = ModelConfig()) -> Mo
     raise UserError(f"{path}: {e}") from None
 
 
-def resolve_model(model: ModelConfig) -> ModelConfig:
-  """`model` with its shape fields taken from `model.init_from`'s config.json (if set)."""
-  return model_config(model.init_from, model) if model.init_from else model
+def resolve_model(model: ModelConfig, explicit: Sequence[str] = ()) -> ModelConfig:
+  """`model` with its shape fields taken from `model.init_from`'s config.json (if set).
+
+  explicit: field names the user set (e.g. by --set); one that disagrees with config.json is an
+  error listing every such field, rather than silently replaced.
+  """
+  if not model.init_from:
+    return model
+  derived = model_config(model.init_from, model)
+  clashes = [f"model.{name}={getattr(model, name)!r} (config.json: {getattr(derived, name)!r})"
+             for name in hf_llama.SHAPE_FIELDS
+             if name in explicit and getattr(model, name) != getattr(derived, name)]
+  if clashes:
+    raise UserError(f"model.init_from={model.init_from!r} fixes the model's shape; these settings "
+                    f"disagree with {Path(model.init_from) / CONFIG}: {'; '.join(clashes)}; "
+                    "drop them")
+  return derived
 
 
 def weight_files(directory: str | Path) -> dict[str, Path]:
@@ -237,18 +252,21 @@ BYTES = TextCodec(byte_tokenizer.encode, byte_tokenizer.decode, byte_tokenizer.E
                   byte_tokenizer.EOS_ID, byte_tokenizer.PAD_ID, "bytes")
 
 
+@functools.lru_cache(maxsize=8)
 def text_codec(model: ModelConfig) -> TextCodec:
   """The codec of a model: `init_from`'s tokenizer.json if it has one, else the byte tokenizer.
 
-  The byte tokenizer needs vocab_size >= 260; an imported model without tokenizer.json and a
-  smaller vocabulary is refused.
+  An imported model without tokenizer.json gets the byte tokenizer only if its vocabulary holds
+  the 260 byte-tokenizer ids; otherwise it is refused.
   """
-  source = Path(model.init_from) if model.init_from else None
-  if source is None or not (source / TOKENIZER).is_file():
+  if not model.init_from:
+    return BYTES
+  source = Path(model.init_from)
+  if not (source / TOKENIZER).is_file():
     if model.vocab_size < byte_tokenizer.VOCAB_SIZE:
-      raise UserError(f"{source / TOKENIZER if source else 'the model'} is missing and "
-                      f"model.vocab_size={model.vocab_size} is too small for the byte tokenizer "
-                      f"({byte_tokenizer.VOCAB_SIZE} ids); add the model's tokenizer.json")
+      raise UserError(f"{source / TOKENIZER} is missing and model.vocab_size={model.vocab_size} "
+                      f"is too small for the byte tokenizer ({byte_tokenizer.VOCAB_SIZE} ids); "
+                      "add the model's tokenizer.json")
     return BYTES
   from tokenizers import Tokenizer
   try:

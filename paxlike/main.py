@@ -4,12 +4,15 @@ r"""The paxlike command line: train, evaluate or sample an experiment in a workd
   python -m paxlike.main --exp=tiny --workdir=/tmp/t --set train.steps=50
   python -m paxlike.main --workdir=/tmp/t --mode=sample --prompt="ROMEO:" --set sampler.temperature=0
   python -m paxlike.main --workdir=/tmp/t --mode=eval
+  python -m paxlike.main --workdir=/tmp/hf --mode=sample --set model.init_from=LLAMA_DIR
+  python -m paxlike.main --workdir=/tmp/t --mode=export --export_dir=/tmp/t-hf
 
 All logic lives in importable modules; this file only parses flags and reports errors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,10 +27,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("exp", "demo", "Registered experiment name.")
 flags.DEFINE_string("workdir", None, "Run directory (config, metrics, checkpoints). "
                     "Default: runs/<exp>.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample", "export"], "What to do.")
 flags.DEFINE_multi_string("set", [], "Config override section.field=value (repeatable).")
 flags.DEFINE_multi_string("prompt", [], "Prompt text for --mode=sample (repeat for a batch). "
                           "Default: sampler.prompt.")
+flags.DEFINE_string("export_dir", None, "--mode=export: write the trained model here as a "
+                    "Hugging Face Llama directory (config.json + model.safetensors).")
 flags.DEFINE_list("experiments", list(registry.DEFAULT_MODULES),
                   "Python modules that register experiments.")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
@@ -65,7 +70,7 @@ def resolve_experiment(mode: str, exp_name: str, workdir: Path,
   """The experiment to run, checked against what the workdir was trained with."""
   stored = _stored_config(workdir)
   if mode == "train":
-    exp = config_lib.validate(config_lib.apply_overrides(registry.get(exp_name), overrides))
+    exp = _fresh_experiment(exp_name, overrides)
     if stored is not None and not exp.run.allow_config_change:
       changes = config_lib.diff(stored, exp, config_lib.TRAINING_IDENTITY)
       if changes:
@@ -74,6 +79,9 @@ def resolve_experiment(mode: str, exp_name: str, workdir: Path,
             + "\n".join(changes)
             + "\nuse a new --workdir, or pass --set run.allow_config_change=true to continue anyway")
     return exp
+  if stored is None and mode in ("eval", "sample") and any(
+      o.strip().startswith("model.init_from=") for o in overrides):
+    return _fresh_experiment(exp_name, overrides)  # the imported weights, untrained here
   if stored is None:
     raise UserError(f"workdir {str(workdir)!r} has no trained run (no config.json); "
                     f"train first with --mode=train --workdir={workdir}")
@@ -86,6 +94,17 @@ def resolve_experiment(mode: str, exp_name: str, workdir: Path,
         f"--mode={mode} may only change {', '.join(s + '.*' for s in config_lib.SAMPLE_MUTABLE)}; "
         "these would change the trained model:\n" + "\n".join(changes))
   return exp
+
+
+def _fresh_experiment(exp_name: str, overrides: list[str]) -> config_lib.Experiment:
+  """The registered experiment with overrides; with model.init_from its model shape fields come
+  from that Hugging Face directory's config.json (`interchange.resolve_model`)."""
+  exp = config_lib.apply_overrides(registry.get(exp_name), overrides)
+  if exp.model.init_from:
+    from paxlike import interchange
+    explicit = [o.split("=", 1)[0].strip().removeprefix("model.") for o in overrides]
+    exp = dataclasses.replace(exp, model=interchange.resolve_model(exp.model, explicit))
+  return config_lib.validate(exp)
 
 
 def run(mode: str, exp_name: str, overrides: list[str], prompts: list[str]) -> int:
@@ -113,6 +132,11 @@ def run(mode: str, exp_name: str, overrides: list[str], prompts: list[str]) -> i
     return workflows.train(exp, workdir)
   if mode == "eval":
     return workflows.evaluate(exp, workdir)
+  if mode == "export":
+    if not FLAGS.export_dir:
+      raise UserError("--mode=export needs --export_dir=DIR (where config.json and "
+                      "model.safetensors are written)")
+    return workflows.export(exp, workdir, Path(FLAGS.export_dir))
   return workflows.sample(exp, workdir, prompts or [exp.sampler.prompt])
 
 

@@ -28,6 +28,7 @@ from models.build import build_model
 from parallelism import rules
 from parallelism.mesh import make_mesh
 from paxlike import data as data_lib
+from paxlike import interchange
 from paxlike.checkpointing import Checkpointer
 from paxlike import config as config_lib
 from paxlike.config import Experiment
@@ -176,12 +177,17 @@ class Trainer:
     return self.teacher.restore_params()[0] if self.teacher else None
 
   def restore_params(self) -> tuple[Any, int]:
-    """Parameters of the latest readable checkpoint in the workdir and its step."""
+    """Parameters of the latest readable checkpoint in the workdir and its step; without one,
+    the Hugging Face weights of model.init_from (step 0) if set."""
+    if self.exp.model.init_from and not (self.workdir / "checkpoints").is_dir():
+      return self._hf_params(), 0
     checkpointer = Checkpointer(self.workdir, self.exp.checkpoint, log=self.log)
     try:
       restored = checkpointer.restore_latest(self.abstract_state, None)
     finally:
       checkpointer.close()
+    if restored is None and self.exp.model.init_from:
+      return self._hf_params(), 0
     if restored is None:
       raise UserError(f"workdir {str(self.workdir)!r} has no checkpoint; train it first "
                       "with --mode=train")
@@ -192,7 +198,7 @@ class Trainer:
 
   @functools.cached_property
   def corpus(self) -> data_lib.Corpus:
-    return data_lib.load_corpus(self.exp.data)
+    return data_lib.load_corpus(self.exp.data, interchange.text_codec(self.exp.model))
 
   @functools.cached_property
   def eval_data(self) -> list[np.ndarray]:
@@ -261,12 +267,26 @@ class Trainer:
       raise UserError(f"{e}{hint}") from None
 
   def init_state(self) -> TrainState:
-    """Fresh state from train.seed; parameters copied from train.init_from where they match."""
+    """Fresh state from train.seed; parameters from model.init_from (Hugging Face weights), then
+    copied from train.init_from where they match."""
     with rules.activate(self.mesh):
       state = self._init(jax.random.key(self.exp.train.seed))
+    if self.exp.model.init_from:
+      state = state.replace(params=self._hf_params())
     if self.exp.train.init_from:
       state = state.replace(params=self._params_from(self.exp.train.init_from, state.params))
     return state
+
+  def _hf_params(self) -> Any:
+    """model.init_from's weights (a Hugging Face Llama directory) with this run's sharding."""
+    source = self.exp.model.init_from
+    host = interchange.read_params(source, self.exp.model)
+    if jax.tree.structure(host) != jax.tree.structure(self.abstract_state.params):
+      raise UserError(f"model.init_from={source!r} holds a plain Llama, but this model has other "
+                      "parameters (model.kind, ParScale or an acceptance head); use a plain "
+                      "model.kind=llama")
+    self.log(f"initialised the model from {source}")
+    return jax.tree.map(jax.device_put, host, self.state_shardings.params)
 
   def _params_from(self, workdir: str, params: Any) -> Any:
     """`params` with every leaf whose path and shape match one in `workdir`'s latest checkpoint

@@ -1,4 +1,4 @@
-"""What each CLI mode does: train (then sample and summarise), evaluate, sample.
+"""What each CLI mode does: train (then sample and summarise), evaluate, sample, export.
 
 Each returns a process exit code; the last line printed by eval and sample is one JSON object.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from paxlike import config as config_lib
-from paxlike import generate, registry
+from paxlike import generate, interchange, registry
 from paxlike.config import Experiment
 from paxlike.errors import UserError
 from paxlike.train import Trainer, TrainResult
@@ -136,4 +136,21 @@ def sample(exp: Experiment, workdir: Path, prompts: list[str]) -> int:
   draft, draft_params = _load_draft(exp, workdir)
   _, stats = _show_samples(trainer, params, prompts, draft, draft_params)
   _print(json.dumps({"step": step, **stats}))
+  return 0
+
+
+def export(exp: Experiment, workdir: Path, out_dir: Path) -> int:
+  """Writes the workdir's latest parameters as a Hugging Face Llama directory (config.json,
+  model.safetensors, and the tokenizer files of model.init_from if it has them)."""
+  if exp.model.kind != "llama":
+    raise UserError(f"--mode=export writes Llama checkpoints; model.kind={exp.model.kind!r} has "
+                    "no Hugging Face counterpart")
+  trainer = Trainer(exp, workdir, log=_print)
+  params, step = trainer.restore_params()
+  if jax.process_index() == 0:
+    try:
+      interchange.save_hf(out_dir, exp.model, params)
+    except ValueError as e:
+      raise UserError(str(e)) from None
+  _print(json.dumps({"step": step, "exported": str(out_dir)}))
   return 0

@@ -1,4 +1,5 @@
-"""`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train, parallelism, decode."""
+"""`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train, parallelism, decode,
+compare-hf."""
 
 from __future__ import annotations
 
@@ -19,9 +20,12 @@ flags.DEFINE_integer("timed_up_to", 8192, "Longest sequence that is also timed (
                      "suite); longer ones are only compiled for their memory.")
 
 flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per row (decode suite).")
-flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (decode suite).")
+flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (decode and compare-hf suites).")
+flags.DEFINE_list("sizes", ["10M", "50M"], "Target sizes (compare-hf suite).")
+flags.DEFINE_integer("threads", 2, "CPU threads for both systems (compare-hf suite): the process "
+                     "is pinned to this many cores and torch.set_num_threads is set to it.")
 
-SUITES = ("train", "parallelism", "decode")
+SUITES = ("train", "parallelism", "decode", "compare-hf")
 SIMULATED_DEVICES = "--xla_force_host_platform_device_count"
 
 
@@ -33,12 +37,17 @@ def main(argv: list[str]) -> int:
   if argv[1] == "parallelism" and SIMULATED_DEVICES not in os.environ.get("XLA_FLAGS", ""):
     # Before jax is first imported: 8 simulated CPU devices for the 'sequence' axis.
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SIMULATED_DEVICES}=8".strip()
-  from paxlike.bench import decode_suite, parallelism_suite, train_suite
+  if argv[1] == "compare-hf":  # before jax starts its thread pool
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:max(1, FLAGS.threads)])
+  from paxlike.bench import compare_hf_suite, decode_suite, parallelism_suite, train_suite
   from paxlike.checkpointing import quiet_orbax_logging
   from paxlike.errors import UserError
   quiet_orbax_logging()
   try:
-    if argv[1] == "decode":
+    if argv[1] == "compare-hf":
+      compare_hf_suite.run(FLAGS.out, tuple(FLAGS.sizes), tuple(int(b) for b in FLAGS.batches),
+                           FLAGS.max_new_tokens, threads=FLAGS.threads)
+    elif argv[1] == "decode":
       decode_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.max_new_tokens,
                        tuple(int(b) for b in FLAGS.batches))
     elif argv[1] == "parallelism":

@@ -207,3 +207,59 @@ def test_tokenizer_json_is_used_when_present(good_dir, tmp_path):
   assert codec.encode("hello world").tolist() == [3, 4]
   assert (codec.start_id, codec.eos_id, codec.decode([3, 4])) == (1, 2, "hello world")
   assert interchange.text_codec(ModelConfig()) is interchange.BYTES
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _word_model(directory):
+  """A tiny HF Llama over a 64-word WordLevel tokenizer.json (ids 1/2 = <s>/</s>)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, 64)]
+  hf_tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  hf_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  model = _hf_model("gqa_untied_llama3")
+  model.save_pretrained(directory, safe_serialization=True)
+  hf_tokenizer.save(str(directory / "tokenizer.json"))
+  return model, words
+
+
+@pytest.mark.slow
+def test_cli_sample_finetune_and_export(tmp_path):
+  from tests.paxlike import cli
+  source = tmp_path / "llama"
+  hf, words = _word_model(source)
+  prompt = "w5 w17 w9"
+  result = cli.run("--exp=tiny", f"--workdir={tmp_path / 'run'}", "--mode=sample",
+                   f"--prompt={prompt}", f"--set=model.init_from={source}",
+                   "--set=sampler.temperature=0", "--set=sampler.max_new_tokens=12")
+  assert result.returncode == 0, result.stderr
+  with torch.no_grad():  # the same greedy continuation from transformers (bos, then the prompt)
+    ids = torch.tensor([[1, 5, 17, 9]])
+    hf.generation_config.eos_token_id = 2
+    expected = hf.generate(ids, do_sample=False, max_new_tokens=12, pad_token_id=2)[0, 4:]
+  expected = [int(t) for t in expected if t != 2][:12]
+  assert f"{prompt}{' '.join(words[t] for t in expected)}\n" in result.stdout, result.stdout
+
+  corpus = tmp_path / "words.txt"
+  rng = np.random.default_rng(0)
+  corpus.write_text("\n".join(" ".join(rng.choice(words[3:], 30)) for _ in range(60)))
+  run_dir = tmp_path / "finetune"
+  result = cli.run("--exp=tiny", f"--workdir={run_dir}", f"--set=model.init_from={source}",
+                   f"--set=data.path={corpus}", "--set=data.seq_len=16", "--set=train.steps=2",
+                   "--set=checkpoint.every_steps=2")
+  assert result.returncode == 0, result.stderr
+  stored = json.loads((run_dir / "config.json").read_text())["model"]
+  assert (stored["vocab_size"], stored["num_kv_heads"], stored["rope_scaling"]) == (64, 2, "llama3")
+  clash = cli.run("--exp=tiny", f"--workdir={tmp_path / 'x'}", f"--set=model.init_from={source}",
+                  "--set=model.d_model=48")
+  cli.assert_user_error(clash, "model.d_model=48", "config.json: 32")
+
+  out = tmp_path / "exported"
+  result = cli.run(f"--workdir={run_dir}", "--mode=export", f"--export_dir={out}")
+  assert result.returncode == 0, result.stderr
+  assert (out / "tokenizer.json").is_file()
+  tuned = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+  delta = (tuned.state_dict()["model.embed_tokens.weight"]
+           - hf.state_dict()["model.embed_tokens.weight"]).abs().max()
+  assert 0 < float(delta) < 1.0  # fine-tuned from the imported weights, not from scratch
