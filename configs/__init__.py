@@ -1,3 +1,3 @@
 """Registered experiments, one small module per family. Importing this package registers them."""
 
-from configs import diffusion, lm, pair, parscale  # noqa: F401
+from configs import diffusion, lm, pair, parscale, tasks  # noqa: F401
