@@ -178,6 +178,11 @@ class SamplerConfig:
     block_length, block_cached: "block" decoding's block and whether finished blocks are cached.
     num_candidates: K, candidates per "edlm" step.
     assd_order: "left_to_right" or "random", the generation order of "assd".
+    finality_threshold: kind "learned_unmask" (Learn2PD, a model.kind=learn2pd model) commits
+      every masked position whose learned finality probability is >= it, and at least the most
+      confident one by unmask_confidence (1.0: one token per step); see `samplers.learned_unmask`.
+    eos_stop: "learned_unmask" stops a row once it has committed eos with nothing masked before
+      it; the rest of the row becomes padding without model calls.
   """
 
   kind: str = "ar"
@@ -220,6 +225,8 @@ class SamplerConfig:
   block_cached: bool = True
   num_candidates: int = 4
   assd_order: str = "left_to_right"
+  finality_threshold: float = 0.9
+  eos_stop: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +269,8 @@ SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
 SAMPLER_KINDS = ("ar", "speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi",
-                 "contrastive", "entropy_switch", "mdlm", "unmask", "block", "edlm", "assd")
+                 "contrastive", "entropy_switch", "mdlm", "unmask", "block", "edlm", "assd",
+                 "learned_unmask")
 SELECTIONS = ("none", "best_of_n", "majority", "mbr", "first_finish", "reward_pruned")
 ADAPTIVE_RULES = ("confidence", "head")
 
@@ -312,6 +320,8 @@ def validate(exp: Experiment) -> Experiment:
        f"sampler.diffusion_steps must be >= 1, got {exp.sampler.diffusion_steps}"),
       (0.0 < exp.sampler.unmask_threshold <= 1.0,
        f"sampler.unmask_threshold must be in (0, 1], got {exp.sampler.unmask_threshold}"),
+      (0.0 < exp.sampler.finality_threshold <= 1.0,
+       f"sampler.finality_threshold must be in (0, 1], got {exp.sampler.finality_threshold}"),
       (exp.sampler.block_length >= 1,
        f"sampler.block_length must be >= 1, got {exp.sampler.block_length}"),
       (exp.sampler.num_candidates >= 1,

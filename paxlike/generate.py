@@ -5,7 +5,7 @@ Prompts start with the eos id (the training stream separates documents with eos,
 `interchange.text_codec`), are right-padded into one batch and decoded by the sampler named by
 `sampler.kind` (`samplers.ar`, `.speculative`, `.spectr`, `.tree`, `.adaptive`, `.jacobi`).
 The diffusion-style kinds (`DIFFUSION_KINDS`: `samplers.mdlm`, `.unmask`, `.block_diffusion`,
-`.edlm`, `.assd`) fill a canvas of the prompt and max_new_tokens masks instead; their text ends at
+`.edlm`, `.assd`, `.learned_unmask`) fill a canvas of the prompt and max_new_tokens masks instead; their text ends at
 the first eos they produced.
 """
 
@@ -22,12 +22,12 @@ from paxlike import interchange, parallel_sampling
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
 from samplers import adaptive, ar, assd, block_diffusion, canvas, contrastive, edlm, entropy_switch
-from samplers import jacobi, mdlm, spectr, speculative, tree, unmask
+from samplers import jacobi, learned_unmask, mdlm, spectr, speculative, tree, unmask
 from samplers.logits import SamplingParams
 
 DRAFTED_KINDS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive",
                  "contrastive", "entropy_switch", "edlm")  # second model: the draft (edlm: energy)
-DIFFUSION_KINDS = ("mdlm", "unmask", "block", "edlm", "assd")
+DIFFUSION_KINDS = ("mdlm", "unmask", "block", "edlm", "assd", "learned_unmask")
 
 
 def encode_prompts(prompts: list[str], max_len: int,
@@ -47,6 +47,9 @@ def _check_model_kind(cfg: SamplerConfig, model) -> None:
   denoiser, any_subset = hasattr(model, "denoise"), hasattr(model, "conditionals")
   if cfg.kind == "assd" and not any_subset:
     raise UserError("sampler.kind=assd needs an any-subset AR model (model.kind=asarm)")
+  if cfg.kind == "learned_unmask" and not hasattr(model, "denoise_with_finality"):
+    raise UserError("sampler.kind=learned_unmask needs a denoiser with a finality head "
+                    "(model.kind=learn2pd)")
   if cfg.kind in DIFFUSION_KINDS and cfg.kind != "assd" and not denoiser:
     raise UserError(f"sampler.kind={cfg.kind} needs a masked-diffusion model (model.kind=mdlm)")
   if cfg.kind not in DIFFUSION_KINDS and (denoiser or any_subset):
@@ -69,6 +72,11 @@ def _diffusion_sampler(cfg: SamplerConfig, max_new: int, sampling: SamplingParam
                                                               cfg.noise_schedule, sampling)
   if cfg.kind == "unmask":
     return unmask.sample, (model, params), rule
+  if cfg.kind == "learned_unmask":
+    codec = interchange.text_codec(model.config)
+    return learned_unmask.sample, (model, params), learned_unmask.LearnedUnmaskConfig(
+        cfg.finality_threshold, cfg.unmask_confidence, sampling,
+        codec.eos_id if cfg.eos_stop else None, codec.pad_id)
   if cfg.kind == "block":
     return block_diffusion.sample, (model, params), block_diffusion.BlockConfig(
         cfg.block_length, rule, cfg.block_cached)

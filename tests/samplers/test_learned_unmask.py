@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 
 from models.config import ModelConfig
+from models.diffusion import MaskedDiffusionLM
 from models.learn2pd import Learn2PD
 from paxlike import generate
 from paxlike.config import SamplerConfig
+from paxlike.errors import UserError
 from samplers import canvas as canvas_lib
 from samplers import learned_unmask, unmask
 from samplers.learned_unmask import LearnedUnmaskConfig
@@ -228,23 +230,59 @@ TINY = ModelConfig(kind="learn2pd", vocab_size=12, mask_id=11, num_layers=1, d_m
 
 def test_learn2pd_model_end_to_end():
   """The real model (random weights): prompts kept, no mask left, at most one call per token;
-  threshold 1.0 equals unmask top-1 on it too; the stop at eos id 10 pads after an eos."""
+  threshold 1.0 equals unmask top-1 on it too. Taking as "eos" the token row 0 commits right
+  after its prompt makes the stop fire there: pads after it and fewer calls."""
   model = Learn2PD(TINY)
   params = random_params(model, seed=1)
   prompt = jnp.array([[1, 2, 3], [4, 5, 0]], jnp.int32)
   canvas = canvas_lib.from_prompts(prompt, jnp.array([3, 2]), 8, TINY.mask_id, pad_id=9)
-  out = learned_unmask.sample(model, params, canvas, jax.random.key(0),
-                              LearnedUnmaskConfig(finality_threshold=0.5, eos_id=10, pad_id=9))
-  tokens = np.asarray(out.tokens)
+  config = LearnedUnmaskConfig(finality_threshold=0.5)
+  full = learned_unmask.sample(model, params, canvas, jax.random.key(0), config)
+  tokens = np.asarray(full.tokens)
   visible = np.asarray(canvas) != TINY.mask_id
   np.testing.assert_array_equal(tokens[visible], np.asarray(canvas)[visible])
   assert not np.any(tokens == TINY.mask_id)
-  assert 1 <= int(out.stats["model_calls"]) <= 8
-  assert int(out.stats["generated_tokens"]) + int(out.stats["eos_padded_tokens"]) == 16
+  assert 1 <= int(full.stats["model_calls"]) <= 8
+  assert int(full.stats["generated_tokens"]) == 16
+
   one = LearnedUnmaskConfig(finality_threshold=1.0)
+  single = learned_unmask.sample(model, params, canvas, jax.random.key(0), one)
   np.testing.assert_array_equal(
-      learned_unmask.sample(model, params, canvas, jax.random.key(0), one).tokens,
+      single.tokens,
       unmask.sample(model, params, canvas, jax.random.key(0), unmask.UnmaskConfig(k=1)).tokens)
+
+  eos = int(single.tokens[0, 3])
+  stop = learned_unmask.sample(model, params, canvas, jax.random.key(0),
+                               dataclasses.replace(one, eos_id=eos, pad_id=9))
+  padded = int(stop.stats["eos_padded_tokens"])
+  print(f"learn2pd random weights: {int(full.stats['model_calls'])} call(s) at threshold 0.5; "
+        f"at 1.0 the eos stop spends {int(stop.stats['row_model_calls'])} row calls instead of "
+        f"{int(single.stats['row_model_calls'])}, {padded} pads")
+  assert padded > 0  # one token per step: each pad is a call saved
+  assert stop.stats["row_model_calls"] + padded == single.stats["row_model_calls"]
+  assert int(stop.stats["generated_tokens"]) + padded == 16
+  stopped = np.asarray(stop.tokens)
+  np.testing.assert_array_equal(stopped[0, :4], np.asarray(single.tokens)[0, :4])
+  assert np.all(stopped != TINY.mask_id)
+
+
+BYTE_MODEL = dataclasses.replace(TINY, vocab_size=260, mask_id=259, max_len=16)
+
+
+def test_generate_decode_runs_learned_unmask():
+  """Through the CLI's decode path: a learn2pd model decodes text; an mdlm model is refused."""
+  model = Learn2PD(BYTE_MODEL)
+  params = random_params(model, seed=2)
+  prompt, lengths = generate.encode_prompts(["ab", "c"], BYTE_MODEL.max_len)
+  cfg = SamplerConfig(kind="learned_unmask", max_new_tokens=6, temperature=0.0,
+                      finality_threshold=0.5)
+  tokens, counts, stats = generate.decode(model, params, prompt, lengths, cfg)
+  assert tokens.shape == (2, 6) and np.all(counts >= 1) and np.all(counts <= 6)
+  assert stats["sampler"] == "learned_unmask" and 1 <= stats["model_calls"] <= 6
+  assert stats["generated_tokens"] + stats["eos_padded_tokens"] == 12
+  with pytest.raises(UserError, match="needs a denoiser with a finality head"):
+    generate.decode(MaskedDiffusionLM(dataclasses.replace(BYTE_MODEL, kind="mdlm")), params,
+                    prompt, lengths, cfg)
 
 
 def test_bad_input_is_a_clear_error():
