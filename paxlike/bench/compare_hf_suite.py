@@ -83,7 +83,9 @@ def _time(fn, repeats: int) -> tuple[Any, float]:
 def _hf_runs(torch, hf_target, hf_draft, prompts: np.ndarray, new_tokens: int, gamma: int,
              repeats: int, assisted: bool) -> dict[str, tuple[np.ndarray, float]]:
   ids = torch.tensor(prompts, dtype=torch.long)
-  common = dict(do_sample=False, max_new_tokens=new_tokens, pad_token_id=0)  # no eos: N tokens
+  # No eos: N tokens per row. An explicit mask, else transformers masks prompt tokens equal to pad.
+  common = dict(do_sample=False, max_new_tokens=new_tokens, pad_token_id=0,
+                attention_mask=torch.ones_like(ids))
 
   def greedy():
     with torch.inference_mode():
@@ -188,7 +190,7 @@ COLUMNS = ("target", "params", "system", "method", "batch", "tokens_per_s", "rat
 
 
 def run(out: str | None, sizes: tuple[str, ...] = ("10M", "50M"), batches: tuple[int, ...] = (1, 8),
-        new_tokens: int = 64, gamma: int = 4, draft_layers: int = 2, damping: float = 0.3,
+        new_tokens: int = 64, gamma: int = 4, draft_layers: int = 2, damping: float = 0.05,
         repeats: int = 3, threads: int = 2) -> dict[str, Any]:
   """Measures every size, prints the table and writes the JSON report."""
   try:
