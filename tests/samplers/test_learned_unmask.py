@@ -21,6 +21,7 @@ import pytest
 from models.config import ModelConfig
 from models.diffusion import MaskedDiffusionLM
 from models.learn2pd import Learn2PD
+from paxlike import config as config_lib
 from paxlike import generate
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
@@ -297,3 +298,6 @@ def test_bad_input_is_a_clear_error():
   with pytest.raises(ValueError, match="eos_id=3 is the model's mask id"):
     learned_unmask.sample(MODEL, MODEL.params(td.random_joint(0, VOCAB, LENGTH)), MASKS,
                           jax.random.key(0), LearnedUnmaskConfig(eos_id=MASK))
+  with pytest.raises(UserError, match=r"sampler.finality_threshold must be in \(0, 1\]"):
+    config_lib.validate(config_lib.Experiment(
+        sampler=SamplerConfig(kind="learned_unmask", finality_threshold=1.5)))
