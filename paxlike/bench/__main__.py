@@ -1,5 +1,5 @@
 """`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train, parallelism, decode,
-compare-hf, scaling."""
+compare-hf, diffusion, scaling."""
 
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ flags.DEFINE_integer("timed_up_to", 8192, "Longest sequence that is also timed (
 flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per row (decode suite).")
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (decode and compare-hf suites).")
 flags.DEFINE_list("sizes", ["10M", "50M"], "Target sizes (compare-hf suite).")
+flags.DEFINE_integer("train_steps", 400, "Training steps of each model (diffusion suite).")
+flags.DEFINE_integer("examples", 64, "Held-out prompts per task (diffusion suite).")
 flags.DEFINE_integer("prompts_per_task", 8, "Held-out prompts per task, 64 samples each (scaling "
                      "suite).")
 flags.DEFINE_integer("threads", 2, "CPU threads for both systems (compare-hf suite): the process "
                      "is pinned to this many cores and torch.set_num_threads is set to it.")
 
-SUITES = ("train", "parallelism", "decode", "compare-hf", "scaling")
+SUITES = ("train", "parallelism", "decode", "compare-hf", "diffusion", "scaling")
 SIMULATED_DEVICES = "--xla_force_host_platform_device_count"
 
 
@@ -41,8 +43,8 @@ def main(argv: list[str]) -> int:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SIMULATED_DEVICES}=8".strip()
   if argv[1] == "compare-hf":  # before jax starts its thread pool
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:max(1, FLAGS.threads)])
-  from paxlike.bench import compare_hf_suite, decode_suite, parallelism_suite, scaling_suite
-  from paxlike.bench import train_suite
+  from paxlike.bench import compare_hf_suite, decode_suite, diffusion_suite, parallelism_suite
+  from paxlike.bench import scaling_suite, train_suite
   from paxlike.checkpointing import quiet_orbax_logging
   from paxlike.errors import UserError
   quiet_orbax_logging()
@@ -53,6 +55,8 @@ def main(argv: list[str]) -> int:
     elif argv[1] == "decode":
       decode_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.max_new_tokens,
                        tuple(int(b) for b in FLAGS.batches))
+    elif argv[1] == "diffusion":
+      diffusion_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.examples, FLAGS.train_steps)
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":

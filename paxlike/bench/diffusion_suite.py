@@ -1,0 +1,243 @@
+"""The `diffusion` suite: diffusion-style samplers on the parallel-decoding task suite.
+
+Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) four small models
+on it: a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model and a
+causal Llama (the EDLM energy and the judge of generative perplexity). Every sampler then answers
+the same held-out prompts of every task, decoding one corpus line per row (prompt, masked answer,
+known padding), and a row per sampler and task (and `all`) reports model calls per generated
+token, tokens/s (median of 3 after a compile warm-up), task accuracy beside the task's chance
+levels, the AR model's perplexity of the answers, and for block decoding the cached result's
+deviation from the cache-free one (exact for the block-causal model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import ModelConfig
+from paxlike import config as config_lib
+from paxlike import tasks, tokenizer
+from paxlike.bench import harness
+from paxlike.checkpointing import Checkpointer
+from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment,
+                            OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig)
+from paxlike.train import Trainer
+from paxlike.workflows import write_config
+from samplers import assd, block_diffusion, edlm, mdlm, unmask
+from samplers.logits import SamplingParams
+
+BLOCK = 8  # block length of block decoding and of the block-causal model; divides LINE_WIDTH
+SEQ_LEN = 2 * tasks.LINE_WIDTH  # training windows of 2 whole lines, aligned with line starts
+GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
+
+
+def experiment(name: str, kind: str, corpus: Path, steps: int, **model: Any) -> Experiment:
+  """A ~0.3M-parameter model of the task corpus (a few minutes on 2 CPU cores)."""
+  return Experiment(
+      name=name,
+      model=ModelConfig(kind=kind, num_layers=2, d_model=128, num_heads=4, num_kv_heads=4,
+                        mlp_dim=256, max_len=SEQ_LEN, **model),
+      data=DataConfig(path=str(corpus), seq_len=SEQ_LEN, eval_fraction=0.02),
+      optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
+      schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
+      checkpoint=CheckpointConfig(every_steps=steps, keep=1),
+      train=TrainConfig(steps=steps, batch_size=32),
+      eval=EvalConfig(every_steps=0, batches=2),
+      run=RunConfig(log_every=100, sample_after_train=False),
+  )
+
+
+def trained(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
+  """(model, params) of `exp`, trained in `workdir` first unless its last step is saved there."""
+  exp = config_lib.validate(exp)
+  workdir.mkdir(parents=True, exist_ok=True)
+  trainer = Trainer(exp, workdir)
+  write_config(workdir, exp)
+  checkpointer = Checkpointer(workdir, exp.checkpoint)
+  done = checkpointer.latest_step() == exp.train.steps
+  checkpointer.close()
+  if not done:
+    print(f"training {exp.name} in {workdir} (cached for later runs)", flush=True)
+    trainer.run()
+  return trainer.model, trainer.restore_params()[0]
+
+
+def canvases(task: tasks.Task, count: int, mask_id: int) -> tuple[np.ndarray, list[str]]:
+  """[count, LINE_WIDTH] canvases of held-out prompts (answers masked) and the prompts."""
+  prompts = [p for p, _ in task.examples(count, seed=10_000)]
+  rows = []
+  for prompt in prompts:
+    before, length, after = tasks.canvas_parts(task, prompt)
+    rows.append(np.concatenate([tokenizer.encode(before), np.full([length], mask_id, np.int32),
+                                tokenizer.encode(after)]))
+  return np.stack(rows).astype(np.int32), prompts
+
+
+def answers(tokens: np.ndarray, canvas: np.ndarray, mask_id: int) -> list[str]:
+  """The generated answer text of each row (the positions that were masked)."""
+  return [tokenizer.decode(row[c == mask_id]) for row, c in zip(tokens, canvas)]
+
+
+def answer_nll(ar_model, ar_params, tokens: np.ndarray, canvas: np.ndarray, mask_id: int):
+  """(summed AR nll of the generated tokens, their count): for generative perplexity."""
+  logits = jax.jit(ar_model.logits)(ar_params, jnp.asarray(tokens))[:, :-1]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], -1)[..., 0])
+  generated = canvas[:, 1:] == mask_id
+  return float(nll[generated].sum()), int(generated.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """One benchmarked decoder: a row label, its sample function, leading args and config."""
+
+  name: str
+  setting: str
+  fn: Any
+  leading: tuple
+  config: Any
+  exact: bool = False
+
+
+class Timed:
+  """One sampler compiled once for a canvas shape, then run on any canvas of that shape."""
+
+  def __init__(self, s: Sampler, canvas: np.ndarray):
+    self.sampler = s
+    args = (*s.leading, jnp.asarray(canvas), jax.random.key(0))
+    start = time.perf_counter()
+    self.compiled = s.fn.lower(*args, s.config).compile()
+    self.compile_s = time.perf_counter() - start
+
+  def __call__(self, canvas: np.ndarray, repeats: int) -> tuple[np.ndarray, dict]:
+    """(tokens [B, L], stats) on `canvas`, wall time the median of `repeats` runs."""
+    dynamic = (*self.sampler.leading[1::2], jnp.asarray(canvas), jax.random.key(0))
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      out = jax.block_until_ready(self.compiled(*dynamic))
+      times.append(time.perf_counter() - start)
+    stats = {k: float(np.asarray(v)) for k, v in out.stats.items()}
+    stats.update(wall_s=sorted(times)[len(times) // 2], compile_s=self.compile_s)
+    return np.asarray(out.tokens), stats
+
+
+def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair) -> list[Sampler]:
+  model, params = mdlm_pair
+  pair = (model, params)
+  rule = unmask.UnmaskConfig
+  out = [
+      Sampler("ancestral", "S=4", mdlm.sample, pair, mdlm.AncestralConfig(4, sampling=GREEDY)),
+      Sampler("ancestral", "S=8", mdlm.sample, pair, mdlm.AncestralConfig(8, sampling=GREEDY)),
+      Sampler("topk", "k=1", unmask.sample, pair, rule(k=1), exact=True),
+      Sampler("topk", "k=2", unmask.sample, pair, rule(k=2)),
+      Sampler("topk", "k=4", unmask.sample, pair, rule(k=4)),
+      Sampler("topk", "k=8 (one call)", unmask.sample, pair, rule(k=8)),
+      Sampler("threshold", "tau=0.9", unmask.sample, pair, rule("threshold", threshold=0.9)),
+      Sampler("threshold", "tau=0.7", unmask.sample, pair, rule("threshold", threshold=0.7)),
+      Sampler("factor", "f=1", unmask.sample, pair, rule("factor", factor=1.0)),
+      Sampler("greedy_safe", "1-1/(N+1)", unmask.sample, pair, rule("greedy_safe")),
+      Sampler("block", f"bidirectional, cached, L={BLOCK}, k=1", block_diffusion.sample, pair,
+              block_diffusion.BlockConfig(BLOCK, rule(k=1), cached=True)),
+      Sampler("block", f"block-causal, cached, L={BLOCK}, k=1", block_diffusion.sample,
+              block_pair, block_diffusion.BlockConfig(BLOCK, rule(k=1), cached=True)),
+      Sampler("block", f"block-causal, cached, L={BLOCK}, tau=0.9", block_diffusion.sample,
+              block_pair, block_diffusion.BlockConfig(BLOCK, rule("threshold"), cached=True)),
+  ]
+  for count in (1, 8):
+    out.append(Sampler("edlm", f"S=4, K={count}, T=1", edlm.sample, (*pair, *ar_pair),
+                       edlm.EDLMConfig(4, count, sampling=T1)))
+  for temperature, sampling in (("T=0", GREEDY), ("T=1", T1)):
+    out.append(Sampler("assd", f"g=4, {temperature}", assd.sample, asarm_pair,
+                       assd.ASSDConfig(4, sampling=sampling), exact=True))
+  return out
+
+
+def cache_free(s: Sampler) -> Sampler:
+  """The same block sampler without the prefix cache."""
+  return dataclasses.replace(s, config=dataclasses.replace(s.config, cached=False))
+
+
+def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 400,
+        repeats: int = 3) -> dict[str, Any]:
+  """Runs the suite; `examples` prompts per task, `train_steps` per model (tests: fewer)."""
+  root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser() / "diffusion"
+  corpus = root / "tasks.txt"
+  if not corpus.exists():
+    tasks.write_corpus(corpus, 40_000, seed=0)
+  steps = train_steps
+  mdlm_pair = trained(experiment("tasks_mdlm", "mdlm", corpus, steps), root / "tasks_mdlm")
+  block_pair = trained(experiment("tasks_mdlm_block", "mdlm", corpus, steps, block_size=BLOCK),
+                       root / "tasks_mdlm_block")
+  asarm_pair = trained(experiment("tasks_asarm", "asarm", corpus, steps), root / "tasks_asarm")
+  ar_pair = trained(experiment("tasks_ar", "llama", corpus, steps), root / "tasks_ar")
+  mask_id = mdlm_pair[0].mask_id
+  suite = tasks.get()
+  batches = {t.name: canvases(t, examples, mask_id) for t in suite}
+  rows = []
+  shape = next(iter(batches.values()))[0]
+  for s in samplers(mdlm_pair, block_pair, asarm_pair, ar_pair):
+    timed = Timed(s, shape)
+    reference = Timed(cache_free(s), shape) if s.name == "block" else None
+    totals = dict(correct=0, count=0, generated=0, calls=0.0, wall=0.0, nll=0.0, scored=0,
+                  deviating=0, chance=0.0, independent=0.0)
+    for task in suite:
+      canvas, prompts = batches[task.name]
+      tokens, stats = timed(canvas, repeats)
+      correct = sum(task.check(p, a) for p, a in zip(prompts, answers(tokens, canvas, mask_id)))
+      nll, scored = answer_nll(*ar_pair, tokens, canvas, mask_id)
+      row = _row(s, task.name, correct, len(prompts), stats, nll, scored, task.chance,
+                 task.independent_chance)
+      if reference is not None:
+        differs = np.any(reference(canvas, 1)[0] != tokens, axis=1)
+        row["cache_deviation"] = round(float(np.mean(differs)), 4)
+        totals["deviating"] += int(np.sum(differs))
+      rows.append(row)
+      totals.update(correct=totals["correct"] + correct, count=totals["count"] + len(prompts),
+                    generated=totals["generated"] + stats["generated_tokens"],
+                    calls=totals["calls"] + stats["model_calls"] * len(prompts),
+                    wall=totals["wall"] + stats["wall_s"], nll=totals["nll"] + nll,
+                    scored=totals["scored"] + scored,
+                    chance=totals["chance"] + task.chance / len(suite),
+                    independent=totals["independent"] + task.independent_chance / len(suite))
+    stats = {"generated_tokens": totals["generated"], "model_calls": totals["calls"] / totals["count"],
+             "wall_s": totals["wall"], "compile_s": 0.0}
+    row = _row(s, "all", totals["correct"], totals["count"], stats, totals["nll"],
+               totals["scored"], totals["chance"], totals["independent"])
+    if s.name == "block":
+      row["cache_deviation"] = round(totals["deviating"] / totals["count"], 4)
+    rows.append(row)
+  summary = [r for r in rows if r["task"] == "all"]
+  harness.print_table(summary, ["sampler", "setting", "model_calls_per_token", "tokens_per_call",
+                                "task_accuracy", "chance_accuracy", "independent_chance",
+                                "gen_ppl", "tokens_per_s", "exact", "cache_deviation"])
+  models = (("mdlm", mdlm_pair), ("mdlm_block", block_pair), ("asarm", asarm_pair),
+            ("ar", ar_pair))
+  config = {"models": {name: config_lib.to_dict(pair[0].config) for name, pair in models},
+            "train_steps": steps, "examples_per_task": examples, "block": BLOCK,
+            "line_width": tasks.LINE_WIDTH, "repeats": repeats}
+  return harness.write_report(out, "diffusion", config, rows)
+
+
+def _row(s: Sampler, task: str, correct: int, count: int, stats: dict, nll: float, scored: int,
+         chance: float, independent: float) -> dict[str, Any]:
+  generated = stats["generated_tokens"]
+  calls_per_row = stats["model_calls"]  # batch calls (all rows decoded together)
+  tokens_per_call = generated / count / calls_per_row
+  return {
+      "sampler": s.name, "setting": s.setting, "task": task, "steps": round(calls_per_row, 2),
+      "tokens_per_call": round(tokens_per_call, 3),
+      "model_calls_per_token": round(1.0 / tokens_per_call, 3),
+      "task_accuracy": round(correct / count, 4), "chance_accuracy": float(f"{chance:.4g}"),
+      "independent_chance": round(independent, 4),
+      "gen_ppl": round(float(np.exp(nll / max(scored, 1))), 3),
+      "tokens_per_s": round(generated / stats["wall_s"], 1), "wall_s": round(stats["wall_s"], 4),
+      "compile_s": round(stats["compile_s"], 3), "exact": s.exact, "cache_deviation": None,
+  }
