@@ -212,8 +212,8 @@ class SamplerConfig:
   switch_window: int = 4
   switch_sync_every: int = 8
   adaptive_rule: str = "confidence"
-  confidence_threshold: float = 0.5
-  stop_threshold: float = 0.7
+  confidence_threshold: float = 0.2
+  stop_threshold: float = 0.8
   diffusion_steps: int = 32
   noise_schedule: str = "loglinear"
   unmask_rule: str = "threshold"

@@ -70,8 +70,8 @@ class AdaptiveConfig:
   num_draft_tokens: int
   max_new_tokens: int
   rule: str = "confidence"
-  confidence_threshold: float = 0.5
-  stop_threshold: float = 0.5
+  confidence_threshold: float = 0.2
+  stop_threshold: float = 0.8
   sampling: SamplingParams = SamplingParams()
   eos_id: int | None = None
   pad_id: int = 0

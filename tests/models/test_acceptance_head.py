@@ -49,6 +49,21 @@ def test_build_model_gives_the_head_and_its_gradient_reaches_only_the_head():
     model.loss(params, batch, None)
 
 
+def test_bad_adaptive_settings_are_named():
+  tiny = registry.get("tiny")
+  for override, message in (("sampler.stop_threshold=2", r"stop_threshold must be in \[0, 1\]"),
+                            ("sampler.confidence_threshold=-1", "confidence_threshold must be in"),
+                            ("sampler.adaptive_rule=length", "adaptive_rule='length' is unknown; "
+                                                             "valid: confidence, head")):
+    with pytest.raises(UserError, match=message):
+      config_lib.validate(config_lib.apply_overrides(tiny, [override]))
+  with pytest.raises(UserError, match="set train.teacher_workdir"):
+    config_lib.validate(config_lib.apply_overrides(tiny, ["model.acceptance_head=true"]))
+  with pytest.raises(UserError, match="set train.trainable=acceptance_head"):
+    config_lib.validate(config_lib.apply_overrides(tiny, ["model.acceptance_head=true",
+                                                          "train.teacher_workdir=runs/t"]))
+
+
 def _train(workdir, *overrides):
   exp = config_lib.validate(config_lib.apply_overrides(registry.get("tiny"), [
       "model.num_layers=1", "eval.batches=1", *overrides]))
@@ -101,6 +116,3 @@ def test_the_trainer_fits_the_head_on_a_frozen_draft_and_samplers_use_it(tmp_pat
   assert result.returncode == 0, result.stderr
   stats = cli.last_json(result.stdout)
   assert stats["sampler"] == "adaptive" and stats["draft_calls"] + stats["draft_calls_saved"] > 1
-  cli.assert_user_error(cli.run(f"--workdir={tmp_path / 'teacher'}", "--mode=sample", "--set",
-                                "sampler.kind=adaptive", "--set", "sampler.stop_threshold=2"),
-                        "sampler.stop_threshold must be in [0, 1], got 2.0")

@@ -85,7 +85,7 @@ def test_joint_matches_the_exact_target_joint_whatever_the_rule(name):
 def test_a_verifier_that_resamples_from_p_after_a_rejection_fails_the_oracle(fresh_trace):
   """Power: drawing from p instead of norm(max(0, p - q)) after a rejection is caught."""
   fresh_trace.setattr(verify, "residual", lambda p, q: p)
-  assert max(_oracle(ORACLE_CONFIGS["head-t0.7-k3-p0.9-eos-g3"])[0]) < POWER
+  assert max(_oracle(ORACLE_CONFIGS["confidence-t1-g3"])[0]) < POWER
 
 
 def test_a_rule_that_never_stops_is_speculative_sampling_token_for_token():
