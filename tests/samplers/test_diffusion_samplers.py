@@ -86,16 +86,6 @@ def test_ancestral_sampler_matches_its_exact_transition(schedule, steps):
   assert np.all(stats["model_calls"] <= steps) and np.any(stats["model_calls"] < steps)
 
 
-def test_ancestral_reuses_the_denoiser_when_nothing_changed():
-  model = td.TabularDenoiser(VOCAB, LENGTH)
-  out = jax.vmap(lambda key: mdlm.sample(model, model.params(JOINT), MASKS, key,
-                                         mdlm.AncestralConfig(LENGTH, sampling=T1)))(
-      jax.random.split(jax.random.key(0), 256))
-  calls = np.asarray(out.stats["model_calls"])
-  assert calls.min() >= 1 and calls.max() <= LENGTH and calls.min() < LENGTH
-  assert np.all(np.asarray(out.tokens) < VOCAB)
-
-
 def test_greedy_safe_threshold_equals_sequential_greedy():
   """Enumeration over 1000 random joints: committing every max-prob >= 1 - 1/(N + 1) gives the
   sequential greedy result; a looser fixed threshold (0.5) does not (the check has power)."""

@@ -1,0 +1,59 @@
+"""generate.decode with the diffusion-style sampler kinds on small untrained models (the samplers'
+exactness is tested on tabular models in tests/samplers/test_diffusion_samplers.py)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from models.build import build_model
+from models.config import ModelConfig
+from paxlike import generate
+from paxlike.config import SamplerConfig
+from paxlike.errors import UserError
+
+SMALL = dict(num_layers=1, d_model=32, num_heads=2, num_kv_heads=2, mlp_dim=64, max_len=32)
+
+
+def built(kind: str, **extra):
+  model = build_model(ModelConfig(kind=kind, **SMALL, **extra))
+  return model, model.init(jax.random.key(0))
+
+
+def test_unmask_and_block_kinds_fill_the_generation_after_the_prompt():
+  model, params = built("mdlm", block_size=8)
+  prompts = ["ab", "abcdef"]
+  cfg = SamplerConfig(kind="unmask", unmask_rule="topk", unmask_k=2, max_new_tokens=10,
+                      temperature=0.0)
+  texts, stats = generate.generate(model, params, prompts, cfg)
+  assert len(texts) == 2 and stats["model_calls"] == 5 and stats["tokens_per_call"] == 2.0
+  block = dataclasses.replace(cfg, kind="block", block_length=8)
+  texts, stats = generate.generate(model, params, prompts, block)
+  # canvas: 7 prompt positions (start token + 6 bytes, padded) + 9 tokens = 16, two whole blocks
+  assert stats["generated_tokens"] == 2 * 9
+
+
+def test_assd_kind_on_an_any_subset_model():
+  model, params = built("asarm")
+  cfg = SamplerConfig(kind="assd", num_draft_tokens=3, max_new_tokens=8, temperature=1.0)
+  _, stats = generate.generate(model, params, ["x"], cfg)
+  assert stats["generated_tokens"] == 8 and stats["model_calls"] <= 8
+
+
+def test_bad_diffusion_input_is_a_clear_error():
+  model, params = built("mdlm")
+  prompt, lengths = np.array([[258, 97]], np.int32), np.array([2], np.int32)
+  with pytest.raises(UserError, match="exceeds the 8 tokens generated"):
+    generate.decode(model, params, prompt, lengths,
+                    SamplerConfig(kind="mdlm", diffusion_steps=9, max_new_tokens=8))
+  with pytest.raises(UserError, match="contain the mask id 259"):
+    generate.decode(model, params, np.array([[258, 259]], np.int32), lengths,
+                    SamplerConfig(kind="unmask", max_new_tokens=8))
+  with pytest.raises(UserError, match="needs a causal model"):
+    generate.decode(model, params, prompt, lengths, SamplerConfig(kind="ar"))
+  with pytest.raises(UserError, match="needs an any-subset AR model"):
+    generate.decode(model, params, prompt, lengths, SamplerConfig(kind="assd"))
+  with pytest.raises(UserError, match="needs an autoregressive energy model"):
+    generate.decode(model, params, prompt, lengths, SamplerConfig(kind="edlm", diffusion_steps=4,
+                                                                  max_new_tokens=8))
