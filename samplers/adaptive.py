@@ -6,7 +6,7 @@ two stopping rules that look only at the draft:
 * "confidence": stop after the first drafted position where the draft model's confidence
   max_x softmax(draft logits)(x) is under `confidence_threshold` (the draft's raw distribution,
   whatever the sampling settings, so one threshold means the same greedy and at any temperature;
-  the dynamic-length heuristic of e.g. Hugging Face's assisted generation).
+  a common dynamic draft-length heuristic).
 * "head": SpecDec++ (Huang et al. 2024, "SpecDec++: Boosting Speculative Decoding via Adaptive
   Candidate Lengths"): an acceptance head on the draft predicts, at each drafted position i, the
   probability a_i that the token drafted there is accepted; the row stops after position k as soon
