@@ -16,7 +16,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @register
 def demo() -> Experiment:
   """The main job: a ~1.6M-parameter model on the default corpus, then a distilled draft, then
-  greedy AR and speculative decoding side by side; under 5 minutes on 2 cores."""
+  greedy AR and speculative decoding side by side, then a small masked-diffusion model
+  (`demo_diffusion`) and its parallel decoding; under 5 minutes on 2 cores."""
   return Experiment(
       model=ModelConfig(num_layers=4, d_model=192, num_heads=6, num_kv_heads=2, mlp_dim=512,
                         max_len=512),
@@ -28,7 +29,7 @@ def demo() -> Experiment:
       eval=EvalConfig(every_steps=100, batches=8),
       sampler=SamplerConfig(prompt="def ", max_new_tokens=160, temperature=0.0,
                             kind="speculative", draft_experiment="demo_draft",
-                            num_draft_tokens=4),
+                            num_draft_tokens=4, diffusion_experiment="demo_diffusion"),
       run=RunConfig(log_every=10, sample_after_train=True),
   )
 

@@ -183,6 +183,8 @@ class SamplerConfig:
       confident one by unmask_confidence (1.0: one token per step); see `samplers.learned_unmask`.
     eos_stop: "learned_unmask" stops a row once it has committed eos with nothing masked before
       it; the rest of the row becomes padding without model calls.
+    diffusion_experiment: a registered masked-diffusion experiment trained after this one in
+      `WORKDIR/diffusion`, whose parallel decoding is printed beside this model's ("" = none).
   """
 
   kind: str = "ar"
@@ -227,6 +229,7 @@ class SamplerConfig:
   assd_order: str = "left_to_right"
   finality_threshold: float = 0.9
   eos_stop: bool = True
+  diffusion_experiment: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

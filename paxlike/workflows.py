@@ -20,6 +20,7 @@ from paxlike.errors import UserError
 from paxlike.train import Trainer, TrainResult
 
 COMPANION_DRAFT = "draft"  # WORKDIR/draft holds the draft trained by `sampler.draft_experiment`
+COMPANION_DIFFUSION = "diffusion"  # WORKDIR/diffusion: `sampler.diffusion_experiment`'s model
 
 
 def _print(text: str) -> None:
@@ -68,6 +69,53 @@ def _train_companion_draft(exp: Experiment, workdir: Path) -> TrainResult:
   return Trainer(draft_exp, draft_dir, log=_print).run()
 
 
+def _train_companion_diffusion(exp: Experiment, workdir: Path) -> tuple[Trainer, TrainResult]:
+  """Trains `sampler.diffusion_experiment` in WORKDIR/diffusion (a restart resumes it)."""
+  diffusion_exp = dataclasses.replace(registry.get(exp.sampler.diffusion_experiment), mesh=exp.mesh)
+  config_lib.validate(diffusion_exp)
+  directory = workdir / COMPANION_DIFFUSION
+  directory.mkdir(exist_ok=True)
+  stored = directory / "config.json"
+  if stored.exists():
+    old = config_lib.from_dict(Experiment, json.loads(stored.read_text()))
+    changes = config_lib.diff(old, diffusion_exp, config_lib.TRAINING_IDENTITY)
+    if changes and not exp.run.allow_config_change:
+      raise UserError(f"the companion diffusion model in {str(directory)!r} was trained "
+                      "differently:\n" + "\n".join(changes) + "\nuse a new --workdir")
+  write_config(directory, diffusion_exp)
+  _print(f"training the masked-diffusion model ({diffusion_exp.name})")
+  trainer = Trainer(diffusion_exp, directory, log=_print)
+  return trainer, trainer.run()
+
+
+# The demo's parallel decodings of the companion diffusion model: (label, sampler overrides).
+DIFFUSION_ROWS = (
+    ("unmask_threshold", dict(kind="unmask", unmask_rule="threshold", unmask_threshold=0.9,
+                              temperature=0.0)),
+    ("ancestral_16_steps", dict(kind="mdlm", diffusion_steps=16, temperature=0.8)),
+)
+
+
+def _diffusion_rows(trainer: Trainer, params, prompt: str) -> dict:
+  """Parallel decoding of the diffusion model on `prompt`: text, tokens, calls, speed."""
+  summary, lines = {}, []
+  for label, overrides in DIFFUSION_ROWS:
+    cfg = dataclasses.replace(trainer.exp.sampler, prompt=prompt, **overrides)
+    texts, stats = generate.generate(trainer.model, params, [prompt], cfg)
+    _print(f"--- sample (diffusion {label}, temperature {cfg.temperature}) ---\n"
+           f"{prompt}{texts[0]}\n---")
+    per_token = stats["model_calls"] / max(stats["tokens"], 1)
+    lines.append(f"{label:<20} {stats['tokens']:>6} {per_token:>17.3f} "
+                 f"{stats['tokens_per_s']:>9,.0f}")
+    summary[f"diffusion_{label}"] = {"tokens": stats["tokens"], "tokens_per_s":
+                                     stats["tokens_per_s"],
+                                     "model_calls_per_token": round(per_token, 4)}
+  _print(f"{'diffusion sampler':<20} {'tokens':>6} {'model calls/token':>17} {'tokens/s':>9}")
+  for line in lines:
+    _print(line)
+  return summary
+
+
 def _show_samples(trainer: Trainer, params, prompts: list[str], draft=None, draft_params=None,
                   cfg: config_lib.SamplerConfig | None = None) -> tuple[list[str], dict]:
   cfg = cfg or trainer.exp.sampler
@@ -109,12 +157,20 @@ def train(exp: Experiment, workdir: Path) -> int:
       return 0
     summary["draft_eval_bpb"] = draft_result.eval_bpb
     draft, draft_params = _load_draft(exp, workdir)
+  diffusion = None
+  if exp.sampler.diffusion_experiment:
+    diffusion, diffusion_result = _train_companion_diffusion(exp, workdir)
+    if diffusion_result.interrupted:
+      return 0
+    summary["diffusion_eval_bpb"] = diffusion_result.eval_bpb
   if exp.run.sample_after_train and jax.process_count() == 1:
     if draft is not None:
       summary.update(_side_by_side(trainer, result.params, draft, draft_params))
     else:
       _, stats = _show_samples(trainer, result.params, [exp.sampler.prompt])
       summary["sample_tokens_per_s"] = stats["tokens_per_s"]
+    if diffusion is not None:
+      summary.update(_diffusion_rows(diffusion, diffusion_result.params, exp.sampler.prompt))
   bpb = f"{result.eval_bpb:.3f}" if result.eval_bpb is not None else "n/a"
   _print(f"done: {result.step} steps, held-out {bpb} bits/byte, "
          f"{result.tokens_per_s:,.0f} train tokens/s; checkpoints in {workdir / 'checkpoints'}")
