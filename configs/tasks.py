@@ -4,7 +4,7 @@
 lines of all six tasks, seed 0) into its cache, trains `tasks_lm` on it and measures accuracy,
 pass@k and selection rules for n = 1..64 samples per held-out prompt. To train it by hand:
 
-  python -m paxlike.tasks --out runs/tasks_corpus.txt --lines 60000 --tasks copy,rev,sort,add,perm,dyck
+  python -m paxlike.tasks --out runs/tasks_corpus.txt --lines 60000
   python -m paxlike.main --exp=tasks_lm --workdir=runs/tasks_lm
 """
 
@@ -27,7 +27,7 @@ def tasks_lm() -> Experiment:
       optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
       checkpoint=CheckpointConfig(every_steps=100, keep=1),
-      train=TrainConfig(steps=400, batch_size=32),
+      train=TrainConfig(steps=700, batch_size=32),
       eval=EvalConfig(every_steps=0, batches=4),
       sampler=SamplerConfig(prompt="add 12+34=", max_new_tokens=14, temperature=1.0),
       run=RunConfig(log_every=50, sample_after_train=False),

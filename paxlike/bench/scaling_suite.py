@@ -2,8 +2,10 @@
 
 Trains (or loads from `--workdir`) `tasks_lm`, a small byte model of `paxlike.tasks` lines
 (copy, rev, sort, add, perm, dyck; corpus written into the cache), then, on held-out prompts of
-each task (prompts that do not occur in the training corpus; dyck has a single prompt), samples
-at temperature 1 and reports for n = 1, 2, 4, ..., 64 samples per prompt:
+each task (prompts that do not occur in the training corpus, where the task has any left: the
+60k-line corpus holds all 1,680 perm prompts and dyck's single prompt, so those two rows say
+`held_out_prompts: false`), samples at temperature 1 and reports for n = 1, 2, 4, ..., 64 samples
+per prompt:
 
 - `pass_at_k`: the unbiased pass@k (Chen et al. 2021) from 64 samples per prompt, i.e. the
   accuracy of a perfect verifier choosing among k samples; at k = 1 it is the accuracy of a single
@@ -106,14 +108,10 @@ class _Counted:
     return self.scorer(tokens, lengths)
 
 
-def _utility(a: str, b: str) -> float:
-  """Bag-of-tokens F1 of two answers (MBR's utility), memoised: answers repeat a lot."""
-  return _f1(a, b)
-
-
 @functools.lru_cache(maxsize=1 << 16)
-def _f1(a: str, b: str) -> float:
-  return selection.token_f1(tokenizer.encode(a), tokenizer.encode(b))
+def _f1(a: str | None, b: str | None) -> float:
+  """Bag-of-tokens F1 of two answers (MBR's utility; None is empty), memoised: answers repeat."""
+  return selection.token_f1(tokenizer.encode(a or ""), tokenizer.encode(b or ""))
 
 
 def evaluate(model, params, task_list: Sequence[tasks.Task], prompts_per_task: int,
@@ -170,7 +168,7 @@ def evaluate(model, params, task_list: Sequence[tasks.Task], prompts_per_task: i
     picks["majority_vote"] = selection.majority_vote(found_n)
     walls["majority_vote"] = time.perf_counter() - start
     start = time.perf_counter()
-    picks["mbr"] = selection.mbr(found_n, lambda a, b: _utility(a or "", b or ""))
+    picks["mbr"] = selection.mbr(found_n, _f1)
     walls["mbr"] = time.perf_counter() - start
     start = time.perf_counter()
     picks["best_of_n"] = selection.best_of_n(group(log_likelihoods))
@@ -262,7 +260,8 @@ def coverage_fits(rows: list[dict[str, Any]]) -> dict[str, Any]:
   """Per task, the fit C(k) = exp(a k^b) of its pass@k curve (None where a value is 0)."""
   fits = {}
   for name in dict.fromkeys(r["task"] for r in rows):
-    curve = {r["n"]: r["pass_at_k"] for r in rows if r["task"] == name and r["method"] == "pass_at_k"}
+    curve = {r["n"]: r["pass_at_k"] for r in rows
+             if r["task"] == name and r["method"] == "pass_at_k"}
     if min(curve.values()) > 0 and len(curve) > 1:
       fit = coverage.fit_power_law(curve)
       fits[name] = {"a": round(fit.a, 4), "b": round(fit.b, 4), "rmse": round(fit.rmse, 4)}
@@ -291,7 +290,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 
 
 def prepare(root: Path, train_steps: int | None = None, corpus_lines: int = CORPUS_LINES):
-  """(trainer, corpus path): the corpus written into `root` and `tasks_lm` trained on it (cached)."""
+  """(trainer, corpus path): the corpus written into `root`, `tasks_lm` trained on it (cached)."""
   corpus = root / "tasks_corpus.txt"
   if not corpus.exists():
     tasks.write_corpus(corpus, corpus_lines, CORPUS_SEED, CORPUS_TASKS)
