@@ -3,12 +3,12 @@
 Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) four small models
 on it: a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model and a
 causal Llama (the EDLM energy and the judge of generative perplexity). Every sampler then answers
-the same held-out prompts of every task, decoding one corpus line per row (prompt, masked answer,
-known padding), and a row per sampler and task (and `all`) reports model calls per generated
-token, tokens/s (median of 3 after a compile warm-up), task accuracy beside the task's chance
-levels, the AR model's perplexity of the answers, and for block decoding the cached result's
-deviation from the cache-free one (exact for the block-causal model).
-"""
+the same held-out prompts of every task, each row a canvas of two corpus lines: a solved example
+of the task, then the prompt with its answer masked and the line's known padding. A row per
+sampler and task (and `all`) reports model calls per generated token, tokens/s (median of 3 after
+a compile warm-up), task accuracy beside the task's chance levels, the AR model's perplexity of
+the answers, and for block decoding the cached result's deviation from the cache-free one (exact
+for the block-causal model)."""
 
 from __future__ import annotations
 
@@ -70,13 +70,17 @@ def trained(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
 
 
 def canvases(task: tasks.Task, count: int, mask_id: int) -> tuple[np.ndarray, list[str]]:
-  """[count, LINE_WIDTH] canvases of held-out prompts (answers masked) and the prompts."""
+  """[count, 2 * LINE_WIDTH] canvases and their held-out prompts: a solved example line of the
+  task (another held-out example), then the prompt's line with the answer masked. Two whole
+  lines, like the training windows, so a bidirectional model sees the context it was trained
+  with."""
   prompts = [p for p, _ in task.examples(count, seed=10_000)]
+  solved = task.examples(count, seed=20_000)
   rows = []
-  for prompt in prompts:
+  for prompt, example in zip(prompts, solved):
     before, length, after = tasks.canvas_parts(task, prompt)
-    rows.append(np.concatenate([tokenizer.encode(before), np.full([length], mask_id, np.int32),
-                                tokenizer.encode(after)]))
+    rows.append(np.concatenate([tokenizer.encode(tasks.line(*example) + before),
+                                np.full([length], mask_id, np.int32), tokenizer.encode(after)]))
   return np.stack(rows).astype(np.int32), prompts
 
 
