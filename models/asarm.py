@@ -27,13 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.config import ModelConfig
+from models.base import TransformerModel
 from models.diffusion import reject_teacher, sequence_positions
-from models.llama import Transformer
 from models.losses import next_token_nll
 
 
@@ -49,34 +47,8 @@ def two_stream_mask(ranks: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class AnySubsetARM:
+class AnySubsetARM(TransformerModel):
   """Any-subset AR model (`config.kind` "asarm") meeting `AnySubsetModel`."""
-
-  config: ModelConfig
-
-  def __post_init__(self):
-    self.config.validate()
-
-  @property
-  def vocab_size(self) -> int:
-    return self.config.vocab_size
-
-  @property
-  def max_len(self) -> int:
-    return self.config.max_len
-
-  @property
-  def mask_id(self) -> int:
-    return self.config.mask_id
-
-  @property
-  def module(self) -> Transformer:
-    return Transformer(self.config)
-
-  def init(self, key: jax.Array) -> dict:
-    """Fresh float32 parameters, unboxed."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return nn.meta.unbox(jax.jit(self.module.init)(key, tokens)["params"])
 
   def conditionals(self, params, tokens: jax.Array, ranks: jax.Array) -> jax.Array:
     """tokens, ranks [B, T] int32 -> [B, T, V] float32 log-probabilities; at a position with

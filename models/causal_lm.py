@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models.config import ModelConfig
+from models.base import TransformerModel
 from models.kv_cache import KVCache
 from models.parscale import StreamCache
 from models.losses import distillation_kl, next_token_nll
@@ -20,32 +19,8 @@ from models.llama import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
-class CausalLM:
+class CausalLM(TransformerModel):
   """A causal language model meeting `samplers.protocol.CausalModel`."""
-
-  config: ModelConfig
-
-  def __post_init__(self):
-    self.config.validate()
-
-  @property
-  def vocab_size(self) -> int:
-    return self.config.vocab_size
-
-  @property
-  def max_len(self) -> int:
-    """Longest sequence (prompt + generation) a sampler may ask for."""
-    return self.config.max_len
-
-  @property
-  def module(self) -> Transformer:
-    return Transformer(self.config)
-
-  def init(self, key: jax.Array) -> dict:
-    """Fresh float32 parameters, unboxed (plain arrays). For the logical axis names, use
-    `self.module.init(key, tokens)['params']` and `nn.get_partition_spec`."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return nn.meta.unbox(jax.jit(self.module.init)(key, tokens)["params"])
 
   def init_cache(self, batch: int, max_len: int | None = None) -> KVCache | StreamCache:
     """An empty cache of `max_len` slots per row (default: config.max_len), compute dtype; with

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from models import noise_schedule
 from models.attention import block_causal_mask
-from models.config import ModelConfig
+from models.base import TransformerModel
 from models.kv_cache import KVCache
 from models.llama import Transformer
 from models.losses import next_token_nll
@@ -66,38 +65,12 @@ def block_diffusion_mask(positions: jax.Array, block_size: int) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class MaskedDiffusionLM:
+class MaskedDiffusionLM(TransformerModel):
   """Masked-diffusion denoiser (`config.kind` "mdlm") meeting `CachedDenoiser`."""
-
-  config: ModelConfig
-
-  def __post_init__(self):
-    self.config.validate()
-
-  @property
-  def vocab_size(self) -> int:
-    return self.config.vocab_size
-
-  @property
-  def max_len(self) -> int:
-    return self.config.max_len
-
-  @property
-  def mask_id(self) -> int:
-    return self.config.mask_id
 
   @property
   def block_size(self) -> int:
     return self.config.block_size
-
-  @property
-  def module(self) -> nn.Module:
-    return Transformer(self.config)
-
-  def init(self, key: jax.Array) -> dict:
-    """Fresh float32 parameters, unboxed."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return nn.meta.unbox(jax.jit(self.module.init)(key, tokens)["params"])
 
   def network(self, params, tokens: jax.Array, positions: jax.Array,
               mask: jax.Array) -> jax.Array:

@@ -194,8 +194,8 @@ def run(out: str | None, sizes: tuple[str, ...] = ("10M", "50M"), batches: tuple
         repeats: int = 3, threads: int = 2) -> dict[str, Any]:
   """Measures every size, prints the table and writes the JSON report."""
   try:
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
+    import torch
+    import transformers
   except ImportError as e:
     raise UserError(f"compare-hf needs the hf extra ({e}); pip install -e '.[hf]'") from None
   unknown = [s for s in sizes if s not in TARGETS]
@@ -206,8 +206,6 @@ def run(out: str | None, sizes: tuple[str, ...] = ("10M", "50M"), batches: tuple
     rows += measure(size, TARGETS[size], batches, new_tokens, gamma, draft_layers, damping,
                     repeats, threads)
     harness.print_table(rows, COLUMNS)
-  import torch
-  import transformers
   config = {"threads": threads, "torch_threads": torch.get_num_threads(),
             "cpu_affinity": len(os.sched_getaffinity(0)), "new_tokens": new_tokens,
             "prompt_len": PROMPT_LEN, "gamma": gamma, "draft_layers": draft_layers,

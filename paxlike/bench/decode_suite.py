@@ -23,10 +23,8 @@ import numpy as np
 from paxlike import config as config_lib
 from paxlike import generate, registry, tokenizer
 from paxlike.bench import harness
-from paxlike.checkpointing import Checkpointer
 from paxlike.data import load_corpus
 from paxlike.train import Trainer
-from paxlike.workflows import write_config
 
 NEAR_TIE = 1e-4
 
@@ -36,18 +34,8 @@ GREEDY_ONLY = ("jacobi",)
 
 
 def trained(name: str, workdir: Path, overrides: list[str] = ()) -> Trainer:
-  """The experiment's Trainer in `workdir`, trained there first unless its last step is saved."""
-  exp = config_lib.validate(config_lib.apply_overrides(registry.get(name), list(overrides)))
-  workdir.mkdir(parents=True, exist_ok=True)
-  trainer = Trainer(exp, workdir)
-  write_config(workdir, exp)
-  checkpointer = Checkpointer(workdir, exp.checkpoint)
-  done = checkpointer.latest_step() == exp.train.steps
-  checkpointer.close()
-  if not done:
-    print(f"training {name} in {workdir} (cached for later runs)")
-    trainer.run()
-  return trainer
+  """The registered experiment `name` with `overrides`, trained in `workdir` unless cached."""
+  return harness.trained(config_lib.apply_overrides(registry.get(name), list(overrides)), workdir)
 
 
 def near_ties(model, params, prompt: np.ndarray, tokens: np.ndarray) -> int:

@@ -25,11 +25,8 @@ from models.config import ModelConfig
 from paxlike import config as config_lib
 from paxlike import tasks, tokenizer
 from paxlike.bench import harness
-from paxlike.checkpointing import Checkpointer
 from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment,
                             OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig)
-from paxlike.train import Trainer
-from paxlike.workflows import write_config
 from samplers import assd, block_diffusion, edlm, mdlm, unmask
 from samplers.logits import SamplingParams
 
@@ -56,16 +53,7 @@ def experiment(name: str, kind: str, corpus: Path, steps: int, **model: Any) -> 
 
 def trained(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
   """(model, params) of `exp`, trained in `workdir` first unless its last step is saved there."""
-  exp = config_lib.validate(exp)
-  workdir.mkdir(parents=True, exist_ok=True)
-  trainer = Trainer(exp, workdir)
-  write_config(workdir, exp)
-  checkpointer = Checkpointer(workdir, exp.checkpoint)
-  done = checkpointer.latest_step() == exp.train.steps
-  checkpointer.close()
-  if not done:
-    print(f"training {exp.name} in {workdir} (cached for later runs)", flush=True)
-    trainer.run()
+  trainer = harness.trained(exp, workdir)
   return trainer.model, trainer.restore_params()[0]
 
 

@@ -14,6 +14,12 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from paxlike import config as config_lib
+from paxlike.checkpointing import Checkpointer
+from paxlike.config import Experiment
+from paxlike.train import Trainer
+from paxlike.workflows import write_config
+
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 
@@ -84,3 +90,19 @@ def write_report(out: str | None, suite: str, config: dict[str, Any],
     Path(out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
   return report
+
+
+def trained(exp: Experiment, workdir: Path) -> Trainer:
+  """The Trainer of experiment `exp` in `workdir`, trained there first unless its last step is
+  already saved (the suites' model cache)."""
+  exp = config_lib.validate(exp)
+  workdir.mkdir(parents=True, exist_ok=True)
+  trainer = Trainer(exp, workdir)
+  write_config(workdir, exp)
+  checkpointer = Checkpointer(workdir, exp.checkpoint)
+  done = checkpointer.latest_step() == exp.train.steps
+  checkpointer.close()
+  if not done:
+    print(f"training {exp.name} in {workdir} (cached for later runs)", flush=True)
+    trainer.run()
+  return trainer
