@@ -15,9 +15,9 @@ from samplers.logits import SamplingParams
 from tests.models.random_params import random_params
 from tests.samplers import llama_pair, oracle, toy
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, p_value
+from tests.samplers.toy import DRAFT, ORACLE_PROMPTS, ORACLE_ROWS, ORACLE_STEPS, TARGET, TOY, VOCAB
 
 GREEDY = SamplingParams(temperature=0.0)
-VOCAB = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,15 +36,9 @@ class HeadTrigramLM(toy.TrigramLM):
     return logits, acceptance[..., 0], cache
 
 
-TOY = toy.TrigramLM(vocab_size=VOCAB, max_len=16)
 HEAD_TOY = HeadTrigramLM(vocab_size=VOCAB, max_len=16)
-TARGET = TOY.init(jax.random.key(1))
-DRAFT = TARGET + TOY.init(jax.random.key(2), scale=1.0)  # related, so acceptance is mixed
 HEAD_DRAFT = (DRAFT, 1.5 * jax.random.normal(jax.random.key(3), (VOCAB, VOCAB)))
 
-ORACLE_PROMPTS = [[1, 2], [3]]  # ragged: the second row is right-padded, and of length 1
-ORACLE_ROWS = 200_000  # per prompt
-ORACLE_STEPS = 4  # 5^4 = 625 continuations per prompt
 ORACLE_CONFIGS = {
     "confidence-t1-g3": adaptive.AdaptiveConfig(num_draft_tokens=3, max_new_tokens=ORACLE_STEPS,
                                                 rule="confidence", confidence_threshold=0.5),

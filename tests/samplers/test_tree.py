@@ -15,16 +15,10 @@ from samplers.logits import SamplingParams
 from tests.models.random_params import random_params
 from tests.samplers import toy
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, p_value
+from tests.samplers.toy import DRAFT, ORACLE_PROMPTS, ORACLE_ROWS, ORACLE_STEPS, TARGET, TOY
 
 GREEDY = SamplingParams(temperature=0.0)
-VOCAB = 5
-TOY = toy.TrigramLM(vocab_size=VOCAB, max_len=16)
-TARGET = TOY.init(jax.random.key(1))
-DRAFT = TARGET + TOY.init(jax.random.key(2), scale=1.0)  # related, so acceptance is mixed
 
-ORACLE_PROMPTS = [[1, 2], [3]]  # ragged: the second row is right-padded, and of length 1
-ORACLE_ROWS = 200_000  # per prompt
-ORACLE_STEPS = 4  # 5^4 = 625 continuations per prompt
 FILTERED = SamplingParams(temperature=0.8, top_k=3, top_p=0.9)
 
 

@@ -97,3 +97,14 @@ def context_free(logits) -> jax.Array:
   """A [V, V, V] table whose next-token logits are `logits` [V] whatever the context."""
   logits = jnp.asarray(logits, jnp.float32)
   return jnp.broadcast_to(logits, (logits.shape[0],) * 3)
+
+
+# The target/draft pair and oracle sizes shared by the drafted samplers' exactness tests
+# (speculative, adaptive, SpecTr, tree): context-dependent trigram tables over 5 tokens.
+VOCAB = 5
+TOY = TrigramLM(vocab_size=VOCAB, max_len=16)
+TARGET = TOY.init(jax.random.key(1))
+DRAFT = TARGET + TOY.init(jax.random.key(2), scale=1.0)  # related, so acceptance is mixed
+ORACLE_PROMPTS = [[1, 2], [3]]  # ragged: the second row is right-padded, and of length 1
+ORACLE_ROWS = 200_000  # per prompt
+ORACLE_STEPS = 4  # 5^4 = 625 continuations per prompt

@@ -66,20 +66,12 @@ class TokenCache:
 
 
 @dataclasses.dataclass(frozen=True)
-class TabularDenoiser:
-  """A perfect denoiser (and `CachedDenoiser`) of a joint over `length` positions.
-
-  Attributes:
-    vocab: V real tokens; the mask id is V and vocab_size is V + 1.
-    length: T, the canvas length (= max_len).
-    block_size: 0: a position sees every visible token; B > 0: only those in its own and earlier
-      blocks of B positions (block-causal).
-  Params: `params(joint)`.
-  """
+class TabularJoint:
+  """Sizes and parameters shared by the tabular models of a joint over `length` positions of
+  `vocab` real tokens (the mask id is `vocab`); `params(joint)` flattens the joint table."""
 
   vocab: int
   length: int
-  block_size: int = 0
 
   @property
   def vocab_size(self) -> int:
@@ -95,6 +87,21 @@ class TabularDenoiser:
 
   def params(self, joint) -> dict:
     return {"joint": jnp.asarray(np.asarray(joint).ravel(), jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TabularDenoiser(TabularJoint):
+  """A perfect denoiser (and `CachedDenoiser`) of a joint over `length` positions.
+
+  Attributes:
+    vocab: V real tokens; the mask id is V and vocab_size is V + 1.
+    length: T, the canvas length (= max_len).
+    block_size: 0: a position sees every visible token; B > 0: only those in its own and earlier
+      blocks of B positions (block-causal).
+  Params: `params(joint)`.
+  """
+
+  block_size: int = 0
 
   def denoise(self, params, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] -> [B, T, V + 1] logits (SUBS: visible positions one-hot on themselves)."""
@@ -128,26 +135,8 @@ class TabularDenoiser:
 
 
 @dataclasses.dataclass(frozen=True)
-class TabularAnySubset:
+class TabularAnySubset(TabularJoint):
   """An exact any-subset AR model (`AnySubsetModel`) of a joint over `length` positions."""
-
-  vocab: int
-  length: int
-
-  @property
-  def vocab_size(self) -> int:
-    return self.vocab + 1
-
-  @property
-  def max_len(self) -> int:
-    return self.length
-
-  @property
-  def mask_id(self) -> int:
-    return self.vocab
-
-  def params(self, joint) -> dict:
-    return {"joint": jnp.asarray(np.asarray(joint).ravel(), jnp.float32)}
 
   def conditionals(self, params, tokens: jax.Array, ranks: jax.Array) -> jax.Array:
     """[B, T, V + 1] logits of log p(x_i | visible, x_j with ranks[j] < ranks[i])."""
