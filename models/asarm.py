@@ -20,7 +20,9 @@ Training (`loss`): per row a uniformly random order of the L positions and a uni
 number c in [0, L) of visible ones (the first c of the order, rank -1); the rest get ranks 0..L-c-1
 in that order, and the loss is the mean cross-entropy of those L - c tokens (one pass).
 `eval_nll` uses c = 0: the exact nll of the sequence under a random order's chain rule (a proper
-distribution for each order, so not a bound), averaged over rows and orders.
+distribution for each order, so not a bound), averaged over rows and orders. With
+`model.response_after` (`models.conditioning`) the prompt positions are always visible and only
+the response positions are ordered (and counted): a model of the response given its prompt.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from models import conditioning
 from models.base import TransformerModel
 from models.diffusion import reject_teacher, sequence_positions
 from models.losses import next_token_nll
@@ -65,16 +68,18 @@ class AnySubsetARM(TransformerModel):
   # ------------------------------------------------------------------ training interface
 
   @staticmethod
-  def random_ranks(key: jax.Array, batch: int, length: int, visible: bool) -> jax.Array:
-    """[B, L] ranks of a uniformly random order per row; with `visible`, the first c ~ U{0..L-1}
-    positions of the order are visible (-1) and the rest ranked 0, 1, ... after them."""
+  def random_ranks(key: jax.Array, orderable: jax.Array, visible: bool) -> jax.Array:
+    """[B, L] ranks: per row, the positions not `orderable` ([B, L] bool) are visible (-1) and
+    the orderable ones take a uniformly random order; with `visible`, the first c ~ U{0..R-1} of
+    the R orderable positions are visible too, and the rest are ranked 0, 1, ... after them."""
     order_key, count_key = jax.random.split(key)
-    keys = jax.random.split(order_key, batch)
-    order = jax.vmap(lambda k: jax.random.permutation(k, length))(keys)  # position of each step
-    steps = jnp.argsort(order, axis=-1).astype(jnp.int32)  # step of each position
-    if not visible:
-      return steps
-    count = jax.random.randint(count_key, (batch, 1), 0, length)
+    score = jax.random.uniform(order_key, orderable.shape) - 2.0 * ~orderable  # fixed ones first
+    steps = jnp.argsort(jnp.argsort(score, axis=-1), axis=-1).astype(jnp.int32)
+    fixed = jnp.sum(~orderable, axis=-1, keepdims=True, dtype=jnp.int32)
+    count = fixed
+    if visible:
+      free = orderable.shape[1] - fixed
+      count += jnp.floor(jax.random.uniform(count_key, fixed.shape) * free).astype(jnp.int32)
     return jnp.where(steps < count, -1, steps - count)
 
   def _nll(self, params, tokens: jax.Array, ranks: jax.Array) -> jax.Array:
@@ -88,18 +93,23 @@ class AnySubsetARM(TransformerModel):
     del distill_weight
     reject_teacher(teacher_logits)
     tokens = batch[:, :-1]
-    ranks = self.random_ranks(key, *tokens.shape, visible=True)
+    ranks = self.random_ranks(key, self._orderable(tokens), visible=True)
     ranked = ranks >= 0
     nll = self._nll(params, tokens, ranks)
-    loss = jnp.sum(jnp.where(ranked, nll, 0.0)) / jnp.sum(ranked)
+    loss = jnp.sum(jnp.where(ranked, nll, 0.0)) / jnp.maximum(jnp.sum(ranked), 1)
     return loss, {"visible_rate": 1.0 - jnp.mean(ranked.astype(jnp.float32))}
 
   def eval_nll(self, params, batch: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(summed nll in nats, token count) of the first L tokens of batch [B, L + 1], each row
-    factorised in a random order (exact for that order)."""
+    """(summed nll in nats, token count) of the first L tokens of batch [B, L + 1] (of their
+    responses given the prompts, when conditional), each row factorised in a random order (exact
+    for that order)."""
     tokens = batch[:, :-1]
-    nll = self._nll(params, tokens, self.random_ranks(key, *tokens.shape, visible=False))
-    return jnp.sum(nll), jnp.asarray(nll.size, jnp.float32)
+    orderable = self._orderable(tokens)
+    nll = self._nll(params, tokens, self.random_ranks(key, orderable, visible=False))
+    return jnp.sum(jnp.where(orderable, nll, 0.0)), jnp.sum(orderable).astype(jnp.float32)
+
+  def _orderable(self, tokens: jax.Array) -> jax.Array:
+    return conditioning.noisable(tokens, self.config.response_after)
 
   @staticmethod
   def teacher_inputs(batch: jax.Array) -> jax.Array:

@@ -57,6 +57,10 @@ class ModelConfig:
       divide max_len.
     diffusion_schedule: the masking schedule alpha_t of "mdlm"/"learn2pd": "loglinear"
       (alpha_t = 1 - t) or "cosine" (alpha_t = cos(pi t / 2)).
+    response_after: "mdlm"/"asarm"/"learn2pd" conditional training (`models.conditioning`): one
+      ASCII character; on each line the tokens after it are the response, the only ones noised,
+      ordered or generated in training; the rest is the always-clean prompt. "" trains the
+      unconditional model of whole sequences.
     finality_dim: hidden width of the "learn2pd" filter head.
     finality_steps: greedy decoding steps of the "learn2pd" training trajectories.
     acceptance_head: a "llama" draft with a SpecDec++ acceptance head
@@ -94,6 +98,7 @@ class ModelConfig:
   mask_id: int = 259
   block_size: int = 0
   diffusion_schedule: str = "loglinear"
+  response_after: str = ""
   finality_dim: int = 64
   finality_steps: int = 8
   acceptance_head: bool = False
@@ -154,6 +159,13 @@ class ModelConfig:
     if self.kind in ("mdlm", "asarm", "learn2pd") and self.attention != "dense":
       raise ValueError(f"model.kind={self.kind!r} needs model.attention='dense' (its masks are "
                        f"not causal), got {self.attention!r}")
+    if self.response_after and (len(self.response_after) != 1 or not self.response_after.isascii()
+                                or self.response_after == "\n"):
+      raise ValueError(f"model.response_after={self.response_after!r} must be one ASCII character "
+                       "other than a newline (the prompt/response separator, e.g. '='), or ''")
+    if self.response_after and self.kind not in ("mdlm", "asarm", "learn2pd"):
+      raise ValueError(f"model.response_after applies to kinds mdlm, asarm and learn2pd, not "
+                       f"{self.kind!r}; set it to ''")
     if self.kind == "learn2pd" and (self.finality_dim < 1 or self.finality_steps < 1):
       raise ValueError(f"model.finality_dim and model.finality_steps must be >= 1, got "
                        f"{self.finality_dim} and {self.finality_steps}")

@@ -11,6 +11,9 @@ copy their input) this bounds -log p of the sequence under the model's reverse p
 so the trainer's held-out loss / bits per byte (`eval_nll`, one draw of t and the mask per row, from
 the eval step's fixed key) is an upper bound, not a likelihood.
 
+With `model.response_after` set, only response positions are noised (`models.conditioning`): the
+loss and bound are those of the response given its clean prompt, per response token.
+
 A block-causal model is trained as block diffusion: each block has its own t and is denoised given
 the *clean* earlier blocks, in one pass over the 2L tokens [noisy x_t, clean x] (the noisy block b
 sees itself and clean blocks < b; clean block b sees clean blocks <= b). The bound is then the sum
@@ -28,7 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from models import noise_schedule
+from models import conditioning, noise_schedule
 from models.attention import block_causal_mask
 from models.base import TransformerModel
 from models.kv_cache import KVCache
@@ -113,7 +116,8 @@ class MaskedDiffusionLM(TransformerModel):
               floor: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Forward process: tokens [B, L] -> (noisy [B, L], masked [B, L] bool, per-token t [B, L]).
 
-    One stratified t per row (per row and block when block-causal)."""
+    One stratified t per row (per row and block when block-causal); only `conditioning.noisable`
+    positions are ever masked."""
     batch, length = tokens.shape
     time_key, mask_key = jax.random.split(key)
     if self.block_size:
@@ -125,6 +129,7 @@ class MaskedDiffusionLM(TransformerModel):
                            (batch, length))
     prob = noise_schedule.mask_probability(self.config.diffusion_schedule, t)
     masked = jax.random.uniform(mask_key, (batch, length)) < prob
+    masked &= conditioning.noisable(tokens, self.config.response_after)
     return jnp.where(masked, self.mask_id, tokens), masked, t
 
   def clean_logits(self, params, noisy: jax.Array, clean: jax.Array) -> jax.Array:
@@ -153,21 +158,28 @@ class MaskedDiffusionLM(TransformerModel):
                "mask_rate": jnp.mean(masked.astype(jnp.float32))}
     return rows, metrics
 
+  def _noisable_count(self, tokens: jax.Array) -> jax.Array:
+    """How many tokens the bound covers: all, or the response tokens (at least 1)."""
+    count = jnp.sum(conditioning.noisable(tokens, self.config.response_after))
+    return jnp.maximum(count, 1).astype(jnp.float32)
+
   def loss(self, params, batch: jax.Array, key: jax.Array, teacher_logits: jax.Array | None = None,
            distill_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """ELBO per token (nats) of the first L tokens of batch [B, L + 1], t from (T_FLOOR, 1]."""
+    """ELBO per (noisable) token, nats, of the first L tokens of batch [B, L + 1], t from
+    (T_FLOOR, 1]."""
     del distill_weight
     reject_teacher(teacher_logits)
     tokens = batch[:, :-1]
     rows, metrics = self.elbo(params, tokens, key, T_FLOOR)
-    return jnp.mean(rows) / tokens.shape[1], metrics
+    return jnp.sum(rows) / self._noisable_count(tokens), metrics
 
   def eval_nll(self, params, batch: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(summed ELBO in nats, token count) over the first L tokens of batch [B, L + 1]: an
-    unbiased one-sample estimate of an upper bound on the model's nll."""
+    """(summed ELBO in nats, noisable token count) over the first L tokens of batch [B, L + 1]: an
+    unbiased one-sample estimate of an upper bound on the model's nll (of the responses given
+    their prompts, when conditional)."""
     tokens = batch[:, :-1]
     rows, _ = self.elbo(params, tokens, key)
-    return jnp.sum(rows), jnp.asarray(tokens.size, jnp.float32)
+    return jnp.sum(rows), self._noisable_count(tokens)
 
   @staticmethod
   def teacher_inputs(batch: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from models import conditioning
 from models.attention import block_causal_mask
 from models.diffusion import MaskedDiffusionLM, reject_teacher, sequence_positions, subs_log_probs
 from models.llama import Transformer
@@ -102,17 +103,21 @@ class Learn2PD(MaskedDiffusionLM):
     return self.module.apply({"params": params}, tokens)
 
   def trajectory(self, params, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Greedy confidence decoding of tokens [B, L] from its first L // 4 (at least one) tokens.
+    """Greedy confidence decoding of tokens [B, L] from its first L // 4 (at least one) tokens,
+    or, when conditional (`model.response_after`), from its prompts with the responses masked.
 
     Returns (features [K, B, L, F] of the K states, their argmax [K, B, L], masked [K, B, L]
     bool) with K = config.finality_steps; step k commits the most confident masked positions so
     that ceil(N (k + 1) / K) of the N initially masked ones are committed after it, so the last
     state is complete. Gradient-free."""
     batch, length = tokens.shape
-    prompt = max(1, length // 4)
-    masked_total = length - prompt
+    if self.config.response_after:
+      generated = conditioning.response_positions(tokens, self.config.response_after)
+    else:
+      generated = jnp.broadcast_to(jnp.arange(length) >= max(1, length // 4), tokens.shape)
+    masked_total = jnp.sum(generated, axis=-1, keepdims=True)
     steps = self.config.finality_steps
-    start = jnp.where(jnp.arange(length) < prompt, tokens, self.mask_id)
+    start = jnp.where(generated, self.mask_id, tokens)
 
     def step(state, k):
       log_probs, features = self.module.apply({"params": params}, state,
@@ -121,7 +126,7 @@ class Learn2PD(MaskedDiffusionLM):
       masked = state == self.mask_id
       confidence = jnp.where(masked, jnp.max(log_probs, axis=-1), -jnp.inf)
       target = -(-masked_total * (k + 1) // steps)
-      quota = target - (masked_total - jnp.sum(masked, axis=-1, keepdims=True))
+      quota = target - (masked_total - jnp.sum(masked, axis=-1, keepdims=True))  # per row
       order = jnp.argsort(jnp.argsort(-confidence, axis=-1), axis=-1)
       commit = masked & (order < quota)
       return jnp.where(commit, prediction, state), (features, prediction, masked)

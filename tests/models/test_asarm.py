@@ -84,16 +84,25 @@ def test_equal_ranks_give_the_first_conditional_of_every_order(asarm):
 
 
 def test_training_orders_are_permutations_after_a_visible_prefix():
-  random_ranks = jax.jit(AnySubsetARM.random_ranks, static_argnums=(1, 2, 3))
-  ranks = np.asarray(random_ranks(jax.random.key(0), 64, 8, True))
+  random_ranks = jax.jit(AnySubsetARM.random_ranks, static_argnums=(2,))
+  ranks = np.asarray(random_ranks(jax.random.key(0), jnp.ones((64, 8), bool), True))
   for row in ranks:
     ranked = np.sort(row[row >= 0])
     np.testing.assert_array_equal(ranked, np.arange(len(ranked)))
     assert 1 <= len(ranked) <= 8
   visible_counts = (ranks < 0).sum(-1)
   assert visible_counts.min() == 0 and visible_counts.max() >= 6
-  full = np.asarray(random_ranks(jax.random.key(1), 4, 8, False))
+  full = np.asarray(random_ranks(jax.random.key(1), jnp.ones((4, 8), bool), False))
   np.testing.assert_array_equal(np.sort(full, axis=-1), np.tile(np.arange(8), (4, 1)))
+  # Conditional: positions 0..2 are prompt, always visible; the responses are ordered after them.
+  orderable = jnp.broadcast_to(jnp.arange(8) >= 3, (64, 8))
+  ranks = np.asarray(random_ranks(jax.random.key(2), orderable, True))
+  assert np.all(ranks[:, :3] == -1)
+  for row in ranks:
+    np.testing.assert_array_equal(np.sort(row[row >= 0]), np.arange(np.sum(row >= 0)))
+  assert (ranks[:, 3:] < 0).sum(-1).min() == 0 and (ranks[:, 3:] >= 0).sum(-1).min() >= 1
+  full = np.asarray(random_ranks(jax.random.key(3), orderable, False))
+  np.testing.assert_array_equal(np.sort(full[:, 3:], axis=-1), np.tile(np.arange(5), (64, 1)))
 
 
 @pytest.mark.slow
