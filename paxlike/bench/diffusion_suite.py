@@ -1,8 +1,9 @@
 """The `diffusion` suite: diffusion-style samplers on the parallel-decoding task suite.
 
-Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) four small models
-on it: a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model and a
-causal Llama (the EDLM energy and the judge of generative perplexity). Every sampler then answers
+Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) five small models
+on it: a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model, a
+causal Llama (the EDLM energy and the judge of generative perplexity) and the Learn2PD finality
+head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head). Every sampler then answers
 the same held-out prompts of every task, each row a canvas of two corpus lines: a solved example
 of the task, then the prompt with its answer masked and the line's known padding. A row per
 sampler and task (and `all`) reports model calls per generated token, tokens/s (median of 3 after
@@ -27,28 +28,52 @@ from paxlike import tasks, tokenizer
 from paxlike.bench import harness
 from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment,
                             OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig)
-from samplers import assd, block_diffusion, edlm, mdlm, unmask
+from samplers import assd, block_diffusion, edlm, learned_unmask, mdlm, unmask
 from samplers.logits import SamplingParams
 
+CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
 BLOCK = 8  # block length of block decoding and of the block-causal model; divides LINE_WIDTH
 SEQ_LEN = 2 * tasks.LINE_WIDTH  # training windows of 2 whole lines, aligned with line starts
 GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 
-def experiment(name: str, kind: str, corpus: Path, steps: int, **model: Any) -> Experiment:
-  """A ~0.3M-parameter model of the task corpus (a few minutes on 2 CPU cores)."""
+def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path | None = None,
+               **model: Any) -> Experiment:
+  """A ~0.7M-parameter model of the task corpus. The diffusion-style kinds are conditional
+  (`model.response_after` '='): trained to fill answers given their prompts. `init_from`
+  fine-tunes from another run of the same shape (every parameter copied)."""
+  conditional = {} if kind == "llama" else {"response_after": "="}
   return Experiment(
       name=name,
-      model=ModelConfig(kind=kind, num_layers=2, d_model=128, num_heads=4, num_kv_heads=4,
-                        mlp_dim=256, max_len=SEQ_LEN, **model),
+      model=ModelConfig(kind=kind, num_layers=4, d_model=128, num_heads=4, num_kv_heads=4,
+                        mlp_dim=256, max_len=SEQ_LEN, **conditional, **model),
       data=DataConfig(path=str(corpus), seq_len=SEQ_LEN, eval_fraction=0.02),
       optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
       checkpoint=CheckpointConfig(every_steps=steps, keep=1),
-      train=TrainConfig(steps=steps, batch_size=32),
+      train=TrainConfig(steps=steps, batch_size=32,
+                        init_from=str(init_from) if init_from else ""),
       eval=EvalConfig(every_steps=0, batches=2),
-      run=RunConfig(log_every=100, sample_after_train=False),
+      run=RunConfig(log_every=250, sample_after_train=False),
   )
+
+
+def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
+  """The suite's five (model, params), trained in `root` unless cached there. The bidirectional
+  MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
+  shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
+  too) for steps // 4, the AR judge trains for steps // 2, the Learn2PD head for steps // 8."""
+  mdlm_dir = root / "tasks_mdlm"
+  part = lambda n: max(1, steps // n)
+  specs = {
+      "mdlm": experiment("tasks_mdlm", "mdlm", corpus, steps),
+      "mdlm_block": experiment("tasks_mdlm_block", "mdlm", corpus, part(4), mdlm_dir,
+                               block_size=BLOCK),
+      "asarm": experiment("tasks_asarm", "asarm", corpus, part(4), mdlm_dir),
+      "ar": experiment("tasks_ar", "llama", corpus, part(2)),
+      "learn2pd": finality_experiment(corpus, part(8), mdlm_dir),
+  }
+  return {name: trained(exp, root / exp.name) for name, exp in specs.items()}
 
 
 def trained(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
@@ -121,7 +146,14 @@ class Timed:
     return np.asarray(out.tokens), stats
 
 
-def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair) -> list[Sampler]:
+def finality_experiment(corpus: Path, steps: int, denoiser_workdir: Path) -> Experiment:
+  """The Learn2PD head on the frozen denoiser trained in `denoiser_workdir` (same shape)."""
+  exp = experiment("tasks_learn2pd", "learn2pd", corpus, steps, denoiser_workdir,
+                   finality_dim=64, finality_steps=8)
+  return dataclasses.replace(exp, train=dataclasses.replace(exp.train, trainable="^filter/"))
+
+
+def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair) -> list[Sampler]:
   model, params = mdlm_pair
   pair = (model, params)
   rule = unmask.UnmaskConfig
@@ -143,6 +175,9 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair) -> list[Sampler]:
       Sampler("block", f"block-causal, cached, L={BLOCK}, tau=0.9", block_diffusion.sample,
               block_pair, block_diffusion.BlockConfig(BLOCK, rule("threshold"), cached=True)),
   ]
+  for tau in (0.9, 0.7):
+    out.append(Sampler("learned", f"tau={tau}", learned_unmask.sample, learned_pair,
+                       learned_unmask.LearnedUnmaskConfig(tau)))
   for count in (1, 8):
     out.append(Sampler("edlm", f"S=4, K={count}, T=1", edlm.sample, (*pair, *ar_pair),
                        edlm.EDLMConfig(4, count, sampling=T1)))
@@ -157,25 +192,23 @@ def cache_free(s: Sampler) -> Sampler:
   return dataclasses.replace(s, config=dataclasses.replace(s.config, cached=False))
 
 
-def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 400,
+def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 6000,
         repeats: int = 3) -> dict[str, Any]:
-  """Runs the suite; `examples` prompts per task, `train_steps` per model (tests: fewer)."""
+  """Runs the suite; `examples` prompts per task, `train_steps` of the MDLM (`models`; tests:
+  fewer)."""
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser() / "diffusion"
-  corpus = root / "tasks.txt"
+  corpus = root / f"tasks_{CORPUS_LINES}.txt"
   if not corpus.exists():
-    tasks.write_corpus(corpus, 40_000, seed=0)
+    tasks.write_corpus(corpus, CORPUS_LINES, seed=0)
   steps = train_steps
-  mdlm_pair = trained(experiment("tasks_mdlm", "mdlm", corpus, steps), root / "tasks_mdlm")
-  block_pair = trained(experiment("tasks_mdlm_block", "mdlm", corpus, steps, block_size=BLOCK),
-                       root / "tasks_mdlm_block")
-  asarm_pair = trained(experiment("tasks_asarm", "asarm", corpus, steps), root / "tasks_asarm")
-  ar_pair = trained(experiment("tasks_ar", "llama", corpus, steps), root / "tasks_ar")
+  trained_models = models(root, corpus, steps)
+  mdlm_pair, ar_pair = trained_models["mdlm"], trained_models["ar"]
   mask_id = mdlm_pair[0].mask_id
   suite = tasks.get()
   batches = {t.name: canvases(t, examples, mask_id) for t in suite}
   rows = []
   shape = next(iter(batches.values()))[0]
-  for s in samplers(mdlm_pair, block_pair, asarm_pair, ar_pair):
+  for s in samplers(*(trained_models[k] for k in ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd"))):
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if s.name == "block" else None
     totals = dict(correct=0, count=0, generated=0, calls=0.0, wall=0.0, nll=0.0, scored=0,
@@ -210,9 +243,8 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   harness.print_table(summary, ["sampler", "setting", "model_calls_per_token", "tokens_per_call",
                                 "task_accuracy", "chance_accuracy", "independent_chance",
                                 "gen_ppl", "tokens_per_s", "exact", "cache_deviation"])
-  models = (("mdlm", mdlm_pair), ("mdlm_block", block_pair), ("asarm", asarm_pair),
-            ("ar", ar_pair))
-  config = {"models": {name: config_lib.to_dict(pair[0].config) for name, pair in models},
+  config = {"models": {name: config_lib.to_dict(pair[0].config)
+                       for name, pair in trained_models.items()},
             "train_steps": steps, "examples_per_task": examples, "block": BLOCK,
             "line_width": tasks.LINE_WIDTH, "repeats": repeats}
   return harness.write_report(out, "diffusion", config, rows)
