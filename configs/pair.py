@@ -42,7 +42,9 @@ def pair_draft() -> Experiment:
   """A 2-layer d128 draft (~0.4M parameters, ~2.5% of the target's cost per token; two layers
   can hold an induction head, which predicts the repetitions greedy decoding falls into). Train
   it with --set train.teacher_workdir=<pair_target's run>: 1200 steps of KL to the target's
-  distributions, about 10 minutes on 2 cores (the target's forward pass dominates)."""
+  distributions, about 10 minutes on 2 cores (the target's forward pass dominates). For
+  speculative decoding, distil it on the target's own continuations (`paxlike.teacher_text`;
+  --set data.path=<that file>), as the decode bench does."""
   return Experiment(
       model=ModelConfig(num_layers=2, d_model=128, num_heads=4, num_kv_heads=4, mlp_dim=384,
                         max_len=512),

@@ -1,7 +1,8 @@
 """The `decode` suite: every sampler against the compiled KV-cache AR sampler on the same target.
 
 Trains (or loads from `--workdir`) the `pair_target` / `pair_draft` experiments — the draft
-distilled from the target — then decodes the same prompts at batch 1 and 8, greedy and at
+distilled from the target on the target's own continuations (`paxlike.teacher_text`, greedy and
+T = 1, written once into the target's cache) — then decodes the same prompts at batch 1 and 8, greedy and at
 temperature 1, and reports tokens/s, speedup over AR, tokens per target call and acceptance.
 Greedy rows compare their tokens with AR's from the same run (positions after a near-tie of the
 target's top-two logits, < 1e-4, are counted rather than failed). Adaptive draft length runs
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paxlike import config as config_lib
-from paxlike import generate, registry, tokenizer
+from paxlike import generate, registry, teacher_text, tokenizer
 from paxlike.bench import harness
 from paxlike.data import load_corpus
 from paxlike.train import Trainer
@@ -63,11 +64,15 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   short = lambda n: [f"train.steps={n}", f"checkpoint.every_steps={n}"] if n else []
   target_steps, draft_steps = train_steps or (0, 0)
   target = trained("pair_target", root / "pair_target", short(target_steps))
-  draft = trained("pair_draft", root / "pair_draft",
-                  [f"train.teacher_workdir={root / 'pair_target'}", *short(draft_steps)])
+  text = root / "pair_target" / "teacher_text.txt"
+  if not text.exists():
+    print(f"writing the target's continuations to {text} (cached for later runs)", flush=True)
+    sizes = dict(prompts=16, new_tokens=64) if train_steps else {}
+    teacher_text.write(root / "pair_target", text, **sizes)
+  on_target = [f"train.teacher_workdir={root / 'pair_target'}", f"data.path={text}"]
+  draft = trained("pair_draft", root / "pair_draft", [*on_target, *short(draft_steps)])
   head = trained("pair_draft_head", root / "pair_draft_head",
-                 [f"train.init_from={root / 'pair_draft'}",
-                  f"train.teacher_workdir={root / 'pair_target'}", *short(draft_steps)])
+                 [f"train.init_from={root / 'pair_draft'}", *on_target, *short(draft_steps)])
   target_params, _ = target.restore_params()
   draft_params, _ = draft.restore_params()
   drafts = {"confidence": (draft.model, draft_params),
@@ -110,7 +115,8 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
             "tree_children": base.tree_children, "tree_node_budget": base.tree_node_budget,
             "tree_max_depth": base.tree_max_depth, "jacobi_block": base.jacobi_block,
             "confidence_threshold": base.confidence_threshold,
-            "stop_threshold": base.stop_threshold, "repeats": repeats}
+            "stop_threshold": base.stop_threshold, "repeats": repeats,
+            "draft_data": str(text)}
   return harness.write_report(out, "decode", config, rows)
 
 

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from paxlike import config as config_lib
-from paxlike import registry
+from paxlike import registry, teacher_text
 from paxlike.errors import UserError
 from paxlike.metrics import read_metrics
 from models.losses import distillation_kl
 from paxlike.train import Trainer
+from samplers import ar
+from samplers.logits import SamplingParams
 
 registry.load_modules()
 
@@ -51,3 +53,31 @@ def test_teacher_problems_are_named(tmp_path):
   (tmp_path / "t" / "config.json").write_text(config_lib.to_json(teacher))
   with pytest.raises(UserError, match="teacher's model.vocab_size=300 differs from this model's 260"):
     Trainer(_exp(f"train.teacher_workdir={tmp_path / 't'}"), tmp_path / "s", log=lambda _: None)
+
+
+@pytest.mark.slow
+def test_teacher_text_continues_training_windows_and_trains_a_draft(tmp_path):
+  result = _train(_exp("train.steps=2", "checkpoint.every_steps=2"), tmp_path / "teacher")
+  assert result.step == 2
+  teacher = Trainer.from_workdir(tmp_path / "teacher", config_lib.MeshConfig(), log=lambda _: None)
+  params, _ = teacher.restore_params()
+  corpus = teacher.corpus.train
+  rows = teacher_text.continuations(teacher.model, params, corpus, prompts=3, prompt_len=8,
+                                    new_tokens=5, temperature=0.0, seed=0, batch=2)
+  assert len(rows) == 3 and all(r.shape == (13,) for r in rows)
+  windows = {tuple(corpus[s:s + 8]) for s in range(len(corpus) - 8)}
+  for row in rows:  # a training window, then the teacher's greedy continuation of it alone
+    assert tuple(row[:8]) in windows
+    alone = ar.sample(teacher.model, params, jnp.asarray(row[None, :8]), jnp.array([8]),
+                      jax.random.key(1), ar.ARConfig(max_new_tokens=5,
+                                                     sampling=SamplingParams(temperature=0.0)))
+    np.testing.assert_array_equal(np.asarray(alone.tokens)[0], row[8:])
+  out = teacher_text.write(tmp_path / "teacher", tmp_path / "text.txt", prompts=4, prompt_len=16,
+                           new_tokens=24, temperatures=(0.0, 1.0), batch=4)
+  assert out.read_text().count(teacher_text.SEPARATOR) >= 7
+  draft = _exp("train.steps=2", "checkpoint.every_steps=2", "model.num_layers=1",
+               "data.seq_len=32", "data.eval_fraction=0.25", f"data.path={out}",
+               f"train.teacher_workdir={tmp_path / 'teacher'}")
+  assert _train(draft, tmp_path / "draft").step == 2
+  with pytest.raises(UserError, match="exceeds the model's max_len"):
+    teacher_text.write(tmp_path / "teacher", tmp_path / "x.txt", prompt_len=8, new_tokens=10**4)
