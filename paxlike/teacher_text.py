@@ -7,7 +7,9 @@ but on only 69% of the target's greedy continuations. DistillSpec (Zhou et al. 2
 Improving Speculative Decoding via Knowledge Distillation") distils on model-generated data for
 this reason. This module writes that data: continuations of random training-split prompts by the
 target, at each of several temperatures (0 = greedy), each sample its real prompt followed by the
-generated text, samples separated by a blank line. Train the draft on it with the target as the
+generated text, samples separated by a blank line. Keep prompt_len + new_tokens within the
+target's training length (`data.seq_len`): past it a model's text degrades, and nobody will ask
+the draft to predict that. Train the draft on it with the target as the
 teacher:
 
   python -m paxlike.teacher_text --workdir=runs/pair_target --out=runs/pair_target/teacher_text.txt
@@ -56,8 +58,8 @@ def continuations(model, params, tokens: np.ndarray, *, prompts: int, prompt_len
   return out
 
 
-def write(workdir: str | Path, out: str | Path, prompts: int = 1024, prompt_len: int = 64,
-          new_tokens: int = 192, temperatures: Sequence[float] = (0.0, 1.0), seed: int = 0,
+def write(workdir: str | Path, out: str | Path, prompts: int = 1536, prompt_len: int = 32,
+          new_tokens: int = 96, temperatures: Sequence[float] = (0.0, 1.0), seed: int = 0,
           batch: int = 128) -> Path:
   """Writes the continuations of the causal model trained in `workdir` (its latest checkpoint,
   prompts from its own training split) at each temperature to `out`, atomically."""
@@ -106,9 +108,9 @@ if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "The trained causal model's run.", required=True)
   flags.DEFINE_string("out", None, "Text file to write.", required=True)
-  flags.DEFINE_integer("prompts", 1024, "Prompts per temperature.")
-  flags.DEFINE_integer("prompt_len", 64, "Prompt tokens (a window of the training split).")
-  flags.DEFINE_integer("new_tokens", 192, "Generated tokens per prompt.")
+  flags.DEFINE_integer("prompts", 1536, "Prompts per temperature.")
+  flags.DEFINE_integer("prompt_len", 32, "Prompt tokens (a window of the training split).")
+  flags.DEFINE_integer("new_tokens", 96, "Generated tokens per prompt.")
   flags.DEFINE_list("temperatures", ["0", "1"], "Sampling temperatures (0 = greedy).")
   flags.DEFINE_integer("seed", 0, "Seed of the prompt windows and the sampling.")
   flags.DEFINE_integer("batch", 128, "Rows per compiled sampler call.")
