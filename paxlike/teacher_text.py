@@ -81,7 +81,9 @@ def write(workdir: str | Path, out: str | Path, prompts: int = 1536, prompt_len:
     rows = continuations(trainer.model, params, trainer.corpus.train, prompts=prompts,
                          prompt_len=prompt_len, new_tokens=new_tokens, temperature=temperature,
                          seed=seed + index, batch=min(batch, prompts))
-    texts.extend(codec.decode(row) for row in rows)
+    # NUL bytes (an untrained model emits any byte) would make the file binary to the data
+    # loader; invalid UTF-8 is already replaced by the codec.
+    texts.extend(codec.decode(row).replace("\x00", "") for row in rows)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_name(out.name + ".tmp")
