@@ -32,7 +32,7 @@ def pair_target() -> Experiment:
       checkpoint=CheckpointConfig(every_steps=100, keep=2),
       train=TrainConfig(steps=1000, batch_size=16),
       eval=EvalConfig(every_steps=100, batches=8),
-      sampler=SamplerConfig(prompt="ROMEO:\n", temperature=0.0),
+      sampler=SamplerConfig(prompt="ROMEO:\n", temperature=0.0, num_draft_tokens=6),
       run=RunConfig(log_every=20, sample_after_train=False),
   )
 
