@@ -2,8 +2,8 @@
 
 Trains (or loads from `--workdir`) the `pair_target` / `pair_draft` experiments — the draft
 distilled from the target on the target's own continuations (`paxlike.teacher_text`, greedy and
-T = 1, written once into the target's cache) — then decodes the same prompts at batch 1 and 8, greedy and at
-temperature 1, and reports tokens/s, speedup over AR, tokens per target call and acceptance.
+T = 1, written once into the target's cache) — then decodes the same prompts at batch 1 and 8,
+greedy and at temperature 1, and reports tokens/s, speedup over AR, tokens per target call and acceptance.
 Greedy rows compare their tokens with AR's from the same run (positions after a near-tie of the
 target's top-two logits, < 1e-4, are counted rather than failed). Adaptive draft length runs
 with both stopping rules, the head rule on `pair_draft_head` (the draft plus an acceptance head,

@@ -3,8 +3,8 @@
 Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) five small models
 on it: a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model, a
 causal Llama (the EDLM energy and the judge of generative perplexity) and the Learn2PD finality
-head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head). Every sampler then answers
-the same held-out prompts of every task, each row a canvas of two corpus lines: a solved example
+head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head). Every sampler
+then answers the same held-out prompts of every task, each row a canvas of two corpus lines: a solved example
 of the task, then the prompt with its answer masked and the line's known padding. A row per
 sampler and task (and `all`) reports model calls per generated token, tokens/s (median of 3 after
 a compile warm-up), task accuracy beside the task's chance levels, the AR model's perplexity of
