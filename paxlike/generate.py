@@ -142,34 +142,15 @@ def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_param
   return spectr.sample, pair, config
 
 
-def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg: SamplerConfig,
-           draft: Any = None, draft_params: Any = None,
-           repeats: int = 1) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-  """Runs the sampler of `cfg.kind` on token prompts; returns (tokens [B, N], lengths [B], stats).
+class CompiledDecoder:
+  """A sampler compiled ahead of time for one batch of prompts: `run()` decodes it once and
+  blocks until done; `result(out, wall_s)` turns one run's output into (tokens, lengths, stats).
+  Benchmarks that time several decoders interleaved hold one of these per decoder."""
 
-  The sampler is compiled ahead of time (`compile_s`); `wall_s` is the median of `repeats` runs.
-  """
-  max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
-  slack = {"speculative": cfg.num_draft_tokens, "spectr": cfg.num_draft_tokens,
-           "adaptive": cfg.num_draft_tokens,
-           "tree": len(cfg.tree_branching), "dynamic_tree": cfg.tree_max_depth,
-           "jacobi": cfg.jacobi_block, "entropy_switch": cfg.switch_sync_every}.get(cfg.kind, 0)
-  max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)
-  diffusion = cfg.kind in DIFFUSION_KINDS
-  if diffusion and cfg.kind == "block":  # whole blocks: shorten the generation to fit them
-    max_new -= (prompt.shape[1] + max_new) % cfg.block_length
-  if max_new < 1:
-    raise UserError(f"the prompts ({prompt.shape[1]} tokens) leave no room to generate within "
-                    f"model.max_len={max_len}")
-  _check_model_kind(cfg, model)
-  try:
-    fn, leading, config = _sampler(cfg, max_new, model, params, draft, draft_params)
-    if cfg.num_samples > 1 or cfg.selection != "none":
-      if diffusion:
-        raise UserError(f"sampler.num_samples and sampler.selection are for the autoregressive "
-                        f"kinds, not sampler.kind={cfg.kind}")
-      return parallel_sampling.decode(fn, leading, config, prompt, lengths, cfg, model, params)
-    if diffusion:
+  def __init__(self, model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray,
+               cfg: SamplerConfig, draft: Any = None, draft_params: Any = None):
+    fn, leading, config, max_new = _prepare(cfg, model, params, prompt, draft, draft_params)
+    if cfg.kind in DIFFUSION_KINDS:
       if np.any(prompt == model.mask_id):
         raise UserError(f"the prompts contain the mask id {model.mask_id}; a diffusion sampler "
                         "would generate there: remove it from the prompt")
@@ -179,29 +160,76 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
       data = (jnp.asarray(prompt), jnp.asarray(lengths))
     args = (*leading, *data, jax.random.key(cfg.seed))
     start = time.perf_counter()
-    compiled = fn.lower(*args, config).compile()
+    try:
+      self._compiled = fn.lower(*args, config).compile()
+    except ValueError as e:  # the samplers' own checks (vocabularies, lengths, settings)
+      raise UserError(str(e)) from None
+    self.compile_s = time.perf_counter() - start
+    self._dynamic = (*leading[1::2], *args[len(leading):])  # models (even places) are static
+    self._cfg, self._model, self._lengths, self._max_new = cfg, model, lengths, max_new
+
+  def run(self) -> Any:
+    """One decode of the batch (the sampler's output, ready)."""
+    return jax.block_until_ready(self._compiled(*self._dynamic))
+
+  def result(self, out: Any, wall_s: float) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(tokens [B, N], lengths [B], stats) of one run's output, timed at `wall_s` seconds."""
+    tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
+    generated = int(counts.sum())
+    if self._cfg.kind in DIFFUSION_KINDS:
+      tokens, counts = _until_eos(
+          np.asarray(canvas.generated(out.tokens, self._lengths, self._max_new)),
+          interchange.text_codec(self._model.config))
+    stats = {"sampler": self._cfg.kind, "batch": len(self._lengths), "tokens": generated,
+             "tokens_per_s": round(generated / wall_s, 1), "wall_s": round(wall_s, 4),
+             "compile_s": round(self.compile_s, 3)}
+    for name, value in out.stats.items():
+      value = np.asarray(value)
+      stats[name] = round(float(value), 4) if value.dtype.kind == "f" else int(value)
+    return tokens, counts, stats
+
+
+def _prepare(cfg: SamplerConfig, model, params, prompt: np.ndarray, draft, draft_params):
+  """(sample function, leading arguments, static config, tokens to generate) for `cfg`, after
+  checking that the prompts leave room and the sampler fits the model."""
+  max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
+  slack = {"speculative": cfg.num_draft_tokens, "spectr": cfg.num_draft_tokens,
+           "adaptive": cfg.num_draft_tokens,
+           "tree": len(cfg.tree_branching), "dynamic_tree": cfg.tree_max_depth,
+           "jacobi": cfg.jacobi_block, "entropy_switch": cfg.switch_sync_every}.get(cfg.kind, 0)
+  max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)
+  if cfg.kind == "block":  # whole blocks: shorten the generation to fit them
+    max_new -= (prompt.shape[1] + max_new) % cfg.block_length
+  if max_new < 1:
+    raise UserError(f"the prompts ({prompt.shape[1]} tokens) leave no room to generate within "
+                    f"model.max_len={max_len}")
+  _check_model_kind(cfg, model)
+  try:
+    return (*_sampler(cfg, max_new, model, params, draft, draft_params), max_new)
   except ValueError as e:  # the samplers' own checks (vocabularies, lengths, settings)
     raise UserError(str(e)) from None
-  compile_s = time.perf_counter() - start
-  dynamic = (*leading[1::2], *args[len(leading):])  # models (even places) are static
+
+
+def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg: SamplerConfig,
+           draft: Any = None, draft_params: Any = None,
+           repeats: int = 1) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """Runs the sampler of `cfg.kind` on token prompts; returns (tokens [B, N], lengths [B], stats).
+
+  The sampler is compiled ahead of time (`compile_s`); `wall_s` is the median of `repeats` runs.
+  """
+  if cfg.num_samples > 1 or cfg.selection != "none":
+    if cfg.kind in DIFFUSION_KINDS:
+      raise UserError(f"sampler.num_samples and sampler.selection are for the autoregressive "
+                      f"kinds, not sampler.kind={cfg.kind}")
+    fn, leading, config, _ = _prepare(cfg, model, params, prompt, draft, draft_params)
+    return parallel_sampling.decode(fn, leading, config, prompt, lengths, cfg, model, params)
+  decoder = CompiledDecoder(model, params, prompt, lengths, cfg, draft, draft_params)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    out = jax.block_until_ready(compiled(*dynamic))
+    out = decoder.run()
     times.append(time.perf_counter() - start)
-  wall_s = sorted(times)[len(times) // 2]
-  tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
-  generated = int(counts.sum())
-  if diffusion:
-    tokens, counts = _until_eos(np.asarray(canvas.generated(out.tokens, lengths, max_new)),
-                                interchange.text_codec(model.config))
-  stats = {"sampler": cfg.kind, "batch": len(prompt), "tokens": generated,
-           "tokens_per_s": round(generated / wall_s, 1), "wall_s": round(wall_s, 4),
-           "compile_s": round(compile_s, 3)}
-  for name, value in out.stats.items():
-    value = np.asarray(value)
-    stats[name] = round(float(value), 4) if value.dtype.kind == "f" else int(value)
-  return tokens, counts, stats
+  return decoder.result(out, sorted(times)[len(times) // 2])
 
 
 def _until_eos(tokens: np.ndarray,

@@ -3,7 +3,11 @@
 Trains (or loads from `--workdir`) the `pair_target` / `pair_draft` experiments — the draft
 distilled from the target on the target's own continuations (`paxlike.teacher_text`, greedy and
 T = 1, written once into the target's cache) — then decodes the same prompts at batch 1 and 8,
-greedy and at temperature 1, and reports tokens/s, speedup over AR, tokens per target call and acceptance.
+greedy and at temperature 1, and reports tokens/s, speedup over AR, tokens per target call and
+acceptance. Each sampler is timed interleaved with AR: `repeats` back-to-back (AR, sampler) pairs
+after a warm-up; `speedup_vs_ar` is the median of the pairs' time ratios (`speedup_range` their
+min and max), which background load on a shared machine barely moves, and `tokens_per_s` the
+median of the sampler's own runs (AR's over all its pairs).
 Greedy rows compare their tokens with AR's from the same run (positions after a near-tie of the
 target's top-two logits, < 1e-4, are counted rather than failed). Adaptive draft length runs
 with both stopping rules, the head rule on `pair_draft_head` (the draft plus an acceptance head,
@@ -14,6 +18,7 @@ speculative row of the same batch and temperature.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +61,7 @@ def prompts(batch: int, length: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
-        batches: tuple[int, ...] = (1, 8), repeats: int = 3,
+        batches: tuple[int, ...] = (1, 8), repeats: int = 9,
         train_steps: tuple[int, int] | None = None) -> dict[str, Any]:
   """Runs the suite; `train_steps` (target, draft) shortens training (tests, smoke runs)."""
   registry.load_modules()
@@ -85,17 +90,24 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
     prompt, lengths = prompts(batch)
     for temperature in (0.0, 1.0):
       cfg = dataclasses.replace(base, temperature=temperature)
-      ar_tokens, _, ar = generate.decode(target.model, target_params, prompt, lengths,
-                                         dataclasses.replace(cfg, kind="ar"), repeats=repeats)
+      compiled = lambda c, *draft: generate.CompiledDecoder(target.model, target_params, prompt,
+                                                            lengths, c, *draft)
+      ar = compiled(dataclasses.replace(cfg, kind="ar"))
+      ar_out = ar.run()  # warm-up; every run of a sampler is the same (same key)
+      ar_tokens = ar.result(ar_out, 1.0)[0]
       ties = near_ties(target.model, target_params, prompt, ar_tokens) if temperature == 0 else None
-      rows.append(_row(ar, temperature, ar) | {"near_ties": ties})
+      group, ar_times = [], []
       for kind, rule in variants:
         if temperature and kind in GREEDY_ONLY:
           continue
         variant = dataclasses.replace(cfg, kind=kind, adaptive_rule=rule or cfg.adaptive_rule)
-        tokens, _, stats = generate.decode(target.model, target_params, prompt, lengths, variant,
-                                           *drafts[rule or "confidence"], repeats=repeats)
-        row = _row(stats, temperature, ar) | {"near_ties": ties}
+        decoder = compiled(variant, *drafts[rule or "confidence"])
+        first = decoder.run()
+        ar_t, variant_t = harness.paired_times(ar.run, decoder.run, repeats)
+        ar_times += ar_t
+        tokens, _, stats = decoder.result(first, statistics.median(variant_t))
+        row = _row(stats, temperature, [a / v for a, v in zip(ar_t, variant_t)]) | {
+            "near_ties": ties}
         if kind == "speculative":
           fixed = stats
         if rule:  # draft calls saved against fixed-length speculative, measured in this run
@@ -105,7 +117,9 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
         if temperature == 0.0:
           row["greedy_equal_ar"] = bool(np.array_equal(tokens, ar_tokens))
           row["mismatched_rows"] = int(np.sum(np.any(tokens != ar_tokens, axis=1)))
-        rows.append(row)
+        group.append(row)
+      ar_stats = ar.result(ar_out, statistics.median(ar_times))[2]
+      rows += [_row(ar_stats, temperature, [1.0]) | {"near_ties": ties}, *group]
   harness.print_table(rows, ["sampler", "adaptive_rule", "batch", "temperature", "tokens_per_s",
                              "speedup_vs_ar", "tokens_per_target_call", "acceptance",
                              "draft_calls", "draft_calls_saved", "greedy_equal_ar"])
@@ -120,11 +134,13 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   return harness.write_report(out, "decode", config, rows)
 
 
-def _row(stats: dict[str, Any], temperature: float, ar: dict[str, Any]) -> dict[str, Any]:
+def _row(stats: dict[str, Any], temperature: float, ratios: list[float]) -> dict[str, Any]:
+  """A table row; `ratios` are AR's wall time over this sampler's, one per interleaved pair."""
   return {
       "sampler": stats["sampler"], "batch": stats["batch"], "temperature": temperature,
       "tokens_per_s": stats["tokens_per_s"],
-      "speedup_vs_ar": round(stats["tokens_per_s"] / ar["tokens_per_s"], 3),
+      "speedup_vs_ar": round(statistics.median(ratios), 3),
+      "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
       "tokens_per_target_call": stats.get("tokens_per_target_call", 1.0),
       "acceptance": stats.get("acceptance"), "target_calls": stats.get("target_calls",
                                                                        stats["model_calls"]),

@@ -59,10 +59,12 @@ def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path |
 
 
 def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
-  """The suite's five (model, params), trained in `root` unless cached there. The bidirectional
+  """The suite's five (model, params), trained in `root`/<steps>_steps unless cached there (a
+  new step count trains afresh instead of resuming under another schedule). The bidirectional
   MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
   too) for steps // 4, the AR judge trains for steps // 2, the Learn2PD head for steps // 8."""
+  root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
   specs = {

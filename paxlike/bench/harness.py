@@ -57,6 +57,22 @@ def time_calls(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
+def paired_times(baseline: Callable[[], Any], other: Callable[[], Any],
+                 repeats: int) -> tuple[list[float], list[float]]:
+  """Wall seconds of `repeats` (baseline, other) pairs run back to back. Each pair shares the
+  machine's state at that moment, so the pairs' time ratios are steady under background load and
+  clock drift that move sequential medians by 20% on a shared VM."""
+  pairs = []
+  for _ in range(repeats):
+    pair = []
+    for fn in (baseline, other):
+      start = time.perf_counter()
+      fn()
+      pair.append(time.perf_counter() - start)
+    pairs.append(pair)
+  return [a for a, _ in pairs], [b for _, b in pairs]
+
+
 def matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
   """This machine's measured float32 matmul throughput (FLOP/s) on the default device."""
   a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)

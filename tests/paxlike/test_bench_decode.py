@@ -11,7 +11,7 @@ from paxlike.bench import decode_suite
 def test_decode_suite_rows(tmp_path, capsys):
   out = tmp_path / "decode.json"
   report = decode_suite.run(str(tmp_path / "cache"), str(out), max_new_tokens=12, batches=(3,),
-                            repeats=1, train_steps=(3, 2))
+                            repeats=2, train_steps=(3, 2))
   assert json.loads(out.read_text())["suite"] == "decode"
   rows = report["rows"]
   assert {r["sampler"] for r in rows} == {"ar", *decode_suite.SAMPLERS}
@@ -20,6 +20,8 @@ def test_decode_suite_rows(tmp_path, capsys):
   for row in rows:
     for key in ("tokens_per_s", "tokens_per_target_call", "speedup_vs_ar", "near_ties"):
       assert key in row
+    low, high = row["speedup_range"]  # over the interleaved (AR, sampler) pairs
+    assert 0 < low <= row["speedup_vs_ar"] <= high
     if row["temperature"] == 0.0:
       assert row["greedy_equal_ar"] or row["near_ties"] > 0, row
   capsys.readouterr()
