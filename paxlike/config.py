@@ -178,6 +178,8 @@ class SamplerConfig:
     block_length, block_cached: "block" decoding's block and whether finished blocks are cached.
     num_candidates: K, candidates per "edlm" step.
     assd_order: "left_to_right" or "random", the generation order of "assd".
+    assd_reuse_drafts: "assd" drafts each round from the previous round's verification pass
+      (one model call per round instead of two; still exact, see `samplers.assd`).
     finality_threshold: kind "learned_unmask" (Learn2PD, a model.kind=learn2pd model) commits
       every masked position whose learned finality probability is >= it, and at least the most
       confident one by unmask_confidence (1.0: one token per step); see `samplers.learned_unmask`.
@@ -227,6 +229,7 @@ class SamplerConfig:
   block_cached: bool = True
   num_candidates: int = 4
   assd_order: str = "left_to_right"
+  assd_reuse_drafts: bool = False
   finality_threshold: float = 0.9
   eos_stop: bool = True
   diffusion_experiment: str = ""

@@ -82,7 +82,7 @@ def _diffusion_sampler(cfg: SamplerConfig, max_new: int, sampling: SamplingParam
         cfg.block_length, rule, cfg.block_cached)
   if cfg.kind == "assd":
     return assd.sample, (model, params), assd.ASSDConfig(cfg.num_draft_tokens, cfg.assd_order,
-                                                         sampling)
+                                                         sampling, cfg.assd_reuse_drafts)
   if draft is None:
     raise UserError("sampler.kind=edlm needs an autoregressive energy model: --set "
                     "sampler.draft_workdir=DIR (a trained causal run with the same vocabulary)")

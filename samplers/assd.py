@@ -10,10 +10,20 @@ speculative rule (`samplers.verify.single_draft`) accepts drafts until the first
 emits a token from the residual norm(max(0, p_j - q_j)); when all g are accepted the bonus token
 is drawn from p_{g+1}.
 
+With `reuse_drafts` a round makes one model call instead of two: the verification pass also
+ranks every masked position outside the window after the whole window, and the next round drafts
+from these conditionals (and, for window positions left after a rejection, from their verify
+conditionals) instead of from a fresh equal-rank pass. The drafts then condition on the previous
+round's drafts, which may have been rejected, so q_1 = p_1 no longer holds; when the model is
+confident the drafts are right and each call commits up to g + 1 tokens.
+
 Guarantee (algorithms.md): the output follows the model's joint under the order s exactly, for
-any model meeting `AnySubsetModel`. Since q_1 = p_1 the first draft is always accepted, so a round
-(two model calls) commits at least two tokens while two or more remain: model calls never exceed
-tokens generated.
+any model meeting `AnySubsetModel`, whatever the drafts (speculative verification is exact for
+any proposal fixed before its draw, here one computed from earlier rounds). Without reuse, since
+q_1 = p_1 the first draft is always accepted, so a round (two model calls) commits at least two
+tokens while two or more remain; with reuse a round (one call, plus one call to start) commits
+at least one. Either way model calls never exceed tokens generated + 1, and without reuse they
+never exceed tokens generated.
 """
 
 from __future__ import annotations
@@ -40,11 +50,14 @@ class ASSDConfig:
     num_draft_tokens: g >= 1 positions drafted per round.
     order: one of ORDERS, the generation order over the masked positions.
     sampling: the sampling transform applied to both the drafts and the exact conditionals.
+    reuse_drafts: draft each round from the previous round's verification pass (one model call
+      per round) instead of a fresh equal-rank pass (two calls per round).
   """
 
   num_draft_tokens: int = 4
   order: str = "left_to_right"
   sampling: SamplingParams = SamplingParams()
+  reuse_drafts: bool = False
 
   def __post_init__(self):
     if self.num_draft_tokens < 1:
@@ -76,9 +89,10 @@ def sample(model: AnySubsetModel, params, canvas: jax.Array, key: jax.Array,
       fold_in(row_key, n); a random order uses fold_in(row_key, ORDER_STREAM).
     config: static `ASSDConfig`.
   Returns:
-    SampleOutput with the completed canvas; stats `model_calls` (2 per round), `rounds`,
-    `generated_tokens`, `tokens_per_call`, `acceptance` (accepted drafts / drafts verified after
-    the first of each round).
+    SampleOutput with the completed canvas; stats `model_calls` (2 per round; with reuse 1 per
+    round + 1), `rounds`,
+    `generated_tokens`, `tokens_per_call`, `acceptance` (accepted drafts / drafts verified,
+    without reuse after the first of each round).
   """
   canvas_lib.check_model(model, canvas)
   batch, length = canvas.shape
@@ -93,24 +107,31 @@ def sample(model: AnySubsetModel, params, canvas: jax.Array, key: jax.Array,
   def dist(logits):
     return probs(logits.astype(jnp.float32).at[..., model.mask_id].set(-jnp.inf), config.sampling)
 
+  def draft_pass(tokens, positions, target):
+    """Draft distributions [B, g + 1, V] of the window: each given only the visible tokens."""
+    unseen = jnp.int32(g + 1)  # ranks of masked positions outside the window: nobody sees them
+    ranks = jnp.where(tokens == model.mask_id, unseen, -1).at[rows, target].set(0, mode="drop")
+    return jnp.take_along_axis(dist(model.conditionals(params, tokens, ranks)),
+                               positions[..., None], axis=1)
+
   def body(state):
-    tokens, done, rounds, accepted, tried = state
+    tokens, done, rounds, accepted, tried, drafts_from = state
     slots = done[:, None] + window  # [B, g + 1] indices into the order
     live = slots < total[:, None]  # window entries that exist (the last one is the bonus)
     positions = jnp.take_along_axis(order, jnp.minimum(slots, length - 1), axis=1)
     u = canvas_lib.step_uniforms(keys, done, (g + 1, 2 * vocab + 1))
-    unseen = jnp.int32(g + 1)  # ranks of masked positions outside the window: nobody sees them
-    base = jnp.where(tokens == model.mask_id, unseen, -1)
     target = jnp.where(live, positions, length)  # scatter index; non-live entries are dropped
-    drafts_rank = base.at[rows, target].set(0, mode="drop")
-    q = jnp.take_along_axis(dist(model.conditionals(params, tokens, drafts_rank)),
-                            positions[..., None], axis=1)  # [B, g + 1, V]
+    if config.reuse_drafts:
+      q = jnp.take_along_axis(drafts_from, positions[..., None], axis=1)  # [B, g + 1, V]
+    else:
+      q = draft_pass(tokens, positions, target)
     drafts = canvas_lib.draw_tokens(u[..., :vocab], q, config.sampling)
     proposal = tokens.at[rows, target].set(drafts, mode="drop")
-    verify_rank = base.at[rows, target].set(jnp.broadcast_to(window, positions.shape),
-                                            mode="drop")
-    p = jnp.take_along_axis(dist(model.conditionals(params, proposal, verify_rank)),
-                            positions[..., None], axis=1)
+    # window ranks 0..g; every other masked position ranks after the window (sees all of it)
+    verify_rank = jnp.where(tokens == model.mask_id, g + 1, -1).at[rows, target].set(
+        jnp.broadcast_to(window, positions.shape), mode="drop")
+    p_all = dist(model.conditionals(params, proposal, verify_rank))  # [B, L, V]
+    p = jnp.take_along_axis(p_all, positions[..., None], axis=1)
     ok, emitted = jax.vmap(jax.vmap(verify.single_draft))(u[..., vocab:], p, q, drafts)
     checked = live[:, :g]
     lead = jnp.sum(jnp.cumprod(ok[:, :g] & checked, axis=1), axis=1)  # accepted drafts
@@ -124,13 +145,21 @@ def sample(model: AnySubsetModel, params, canvas: jax.Array, key: jax.Array,
     values = jnp.where(window < lead[:, None], proposal[rows, positions], last[:, None])
     write = (window < take[:, None]) & live
     tokens = tokens.at[rows, jnp.where(write, positions, length)].set(values, mode="drop")
-    # the first draft of a round is always accepted (q_1 = p_1); count the others
-    verified = jnp.minimum(jnp.sum(checked, axis=1), lead + 1) - 1
-    return (tokens, done + take, rounds + 1, accepted + jnp.sum(jnp.maximum(lead - 1, 0)),
-            tried + jnp.sum(jnp.maximum(verified, 0)))
+    # without reuse the first draft of a round is always accepted (q_1 = p_1): count the others
+    free = 0 if config.reuse_drafts else 1
+    verified = jnp.minimum(jnp.sum(checked, axis=1), lead + 1) - free
+    return (tokens, done + take, rounds + 1, accepted + jnp.sum(jnp.maximum(lead - free, 0)),
+            tried + jnp.sum(jnp.maximum(verified, 0)), p_all if config.reuse_drafts else drafts_from)
 
-  state = (canvas, jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.int32(0), jnp.int32(0))
-  tokens, _, rounds, accepted, tried = jax.lax.while_loop(
+  done = jnp.zeros((batch,), jnp.int32)
+  if config.reuse_drafts:  # the first round's drafts: one equal-rank pass over every mask
+    everything = jnp.where(canvas == model.mask_id, 0, -1)
+    first = dist(model.conditionals(params, canvas, everything))
+  else:
+    first = jnp.zeros((batch, 0, vocab), jnp.float32)  # unused
+  state = (canvas, done, jnp.int32(0), jnp.int32(0), jnp.int32(0), first)
+  tokens, _, rounds, accepted, tried, _ = jax.lax.while_loop(
       lambda s: jnp.any(s[1] < total), body, state)
-  return canvas_lib.output(canvas, tokens, model.mask_id, 2 * rounds, rounds=rounds,
+  calls = rounds + 1 if config.reuse_drafts else 2 * rounds
+  return canvas_lib.output(canvas, tokens, model.mask_id, calls, rounds=rounds,
                            acceptance=accepted / jnp.maximum(tried, 1).astype(jnp.float32))

@@ -34,6 +34,7 @@ from samplers.logits import SamplingParams
 CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
 BLOCK = 8  # block length of block decoding and of the block-causal model; divides LINE_WIDTH
 SEQ_LEN = 2 * tasks.LINE_WIDTH  # training windows of 2 whole lines, aligned with line starts
+AR_STEPS = 3000  # the causal judge and EDLM energy; a 2-layer one solves sort by 700 steps
 GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 
@@ -63,7 +64,8 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   new step count trains afresh instead of resuming under another schedule). The bidirectional
   MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
-  too) for steps // 4, the AR judge trains for steps // 2, the Learn2PD head for steps // 8."""
+  too) for steps // 4, the AR judge trains for steps // 2 (at most AR_STEPS: it learns the
+  task lines far sooner), the Learn2PD head for steps // 8."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
@@ -72,7 +74,7 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
       "mdlm_block": experiment("tasks_mdlm_block", "mdlm", corpus, part(4), mdlm_dir,
                                block_size=BLOCK),
       "asarm": experiment("tasks_asarm", "asarm", corpus, part(4), mdlm_dir),
-      "ar": experiment("tasks_ar", "llama", corpus, part(2)),
+      "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS)),
       "learn2pd": finality_experiment(corpus, part(8), mdlm_dir),
   }
   return {name: trained(exp, root / exp.name) for name, exp in specs.items()}
@@ -183,9 +185,11 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair) -> list[S
   for count in (1, 8):
     out.append(Sampler("edlm", f"S=4, K={count}, T=1", edlm.sample, (*pair, *ar_pair),
                        edlm.EDLMConfig(4, count, sampling=T1)))
-  for temperature, sampling in (("T=0", GREEDY), ("T=1", T1)):
-    out.append(Sampler("assd", f"g=4, {temperature}", assd.sample, asarm_pair,
-                       assd.ASSDConfig(4, sampling=sampling), exact=True))
+  for g, reuse in ((4, False), (4, True), (8, True)):
+    for temperature, sampling in (("T=0", GREEDY), ("T=1", T1)):
+      out.append(Sampler("assd", f"g={g}{', reuse' if reuse else ''}, {temperature}", assd.sample,
+                         asarm_pair, assd.ASSDConfig(g, sampling=sampling, reuse_drafts=reuse),
+                         exact=True))
   return out
 
 

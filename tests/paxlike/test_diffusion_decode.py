@@ -39,6 +39,9 @@ def test_assd_kind_on_an_any_subset_model():
   cfg = SamplerConfig(kind="assd", num_draft_tokens=3, max_new_tokens=8, temperature=1.0)
   _, stats = generate.generate(model, params, ["x"], cfg)
   assert stats["generated_tokens"] == 8 and stats["model_calls"] <= 8
+  reuse = dataclasses.replace(cfg, assd_reuse_drafts=True)  # one call per round, one to start
+  _, stats = generate.generate(model, params, ["x"], reuse)
+  assert stats["generated_tokens"] == 8 and stats["model_calls"] == stats["rounds"] + 1
 
 
 def test_bad_diffusion_input_is_a_clear_error():

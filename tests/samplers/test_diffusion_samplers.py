@@ -174,17 +174,18 @@ def test_block_causal_cache_equals_cache_free():
 def test_assd_follows_the_joint_and_a_missing_residual_is_caught(fresh_trace):
   model = td.TabularAnySubset(VOCAB, LENGTH)
   params = model.params(JOINT)
-  for order in ("left_to_right", "random"):
-    config = assd.ASSDConfig(num_draft_tokens=3, order=order, sampling=T1)
+  for order, reuse in (("left_to_right", False), ("random", False), ("random", True)):
+    config = assd.ASSDConfig(num_draft_tokens=3, order=order, sampling=T1, reuse_drafts=reuse)
     tokens, stats = draw(lambda key: assd.sample(model, params, MASKS, key, config))
     assert p_value(tokens, JOINT)[0] > SIGNIFICANCE
-    assert np.all(stats["model_calls"] <= LENGTH)
+    assert np.all(stats["model_calls"] <= LENGTH + reuse)  # reuse: one call to start
     assert np.mean(stats["model_calls"]) < LENGTH  # more than one token per call on average
   fresh_trace.setattr(verify, "residual", lambda p, q: p)  # resample from p after a rejection
   jax.clear_caches()  # the sampler was traced above with the same static config
-  config = assd.ASSDConfig(num_draft_tokens=3, sampling=T1)
-  tokens, _ = draw(lambda key: assd.sample(model, params, MASKS, key, config))
-  assert p_value(tokens, JOINT)[0] < POWER
+  for reuse in (False, True):
+    config = assd.ASSDConfig(num_draft_tokens=3, sampling=T1, reuse_drafts=reuse)
+    tokens, _ = draw(lambda key: assd.sample(model, params, MASKS, key, config))
+    assert p_value(tokens, JOINT)[0] < POWER
 
 
 def test_greedy_assd_equals_greedy_left_to_right():
@@ -194,9 +195,10 @@ def test_greedy_assd_equals_greedy_left_to_right():
     fixed = {}
     for i in range(LENGTH):
       fixed[i] = int(np.argmax(td.conditional(joint, fixed, i)))
-    out = assd.sample(model, model.params(joint), MASKS, jax.random.key(0),
-                      assd.ASSDConfig(num_draft_tokens=3, sampling=SamplingParams(0.0)))
-    np.testing.assert_array_equal(out.tokens[0], [fixed[i] for i in range(LENGTH)])
+    for reuse in (False, True):
+      out = assd.sample(model, model.params(joint), MASKS, jax.random.key(0),
+                        assd.ASSDConfig(3, sampling=SamplingParams(0.0), reuse_drafts=reuse))
+      np.testing.assert_array_equal(out.tokens[0], [fixed[i] for i in range(LENGTH)])
 
 
 @pytest.mark.slow
