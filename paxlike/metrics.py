@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from paxlike import atomic
+
 
 class MetricsLog:
   """Appends JSON lines to `DIR/metrics.jsonl` (floats at full precision), flushed per line.
@@ -28,9 +30,7 @@ class MetricsLog:
       return
     kept = [line for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, self.path)
+    atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:

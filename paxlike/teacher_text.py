@@ -19,7 +19,6 @@ teacher:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paxlike import atomic
 from paxlike import config as config_lib
 from paxlike import interchange
 from paxlike.errors import UserError
@@ -86,9 +86,7 @@ def write(workdir: str | Path, out: str | Path, prompts: int = 1536, prompt_len:
     texts.extend(codec.decode(row).replace("\x00", "") for row in rows)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_name(out.name + ".tmp")
-  tmp.write_text(SEPARATOR.join(texts) + "\n", encoding="utf-8")
-  os.replace(tmp, out)
+  atomic.write_text(out, SEPARATOR.join(texts) + "\n")
   return out
 
 

@@ -27,6 +27,7 @@ import optax
 from models.build import build_model
 from parallelism import rules
 from parallelism.mesh import make_mesh
+from paxlike import atomic
 from paxlike import data as data_lib
 from paxlike import interchange
 from paxlike.checkpointing import Checkpointer
@@ -427,9 +428,8 @@ class Trainer:
 
   def write_sharding_report(self) -> None:
     if jax.process_index() == 0:
-      tmp = self.workdir / "sharding.json.tmp"
-      tmp.write_text(json.dumps(self.sharding_report(), indent=1) + "\n")
-      tmp.replace(self.workdir / "sharding.json")
+      atomic.write_text(self.workdir / "sharding.json",
+                        json.dumps(self.sharding_report(), indent=1) + "\n")
 
   @staticmethod
   def param_count(params: Any) -> int:

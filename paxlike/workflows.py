@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import jax
 
+from paxlike import atomic
 from paxlike import config as config_lib
 from paxlike import generate, interchange, registry
 from paxlike.config import Experiment
@@ -32,9 +32,7 @@ def _print(text: str) -> None:
 def write_config(workdir: Path, exp: Experiment) -> None:
   """DIR/config.json, written atomically by process 0."""
   if jax.process_index() == 0:
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(config_lib.to_json(exp) + "\n")
-    os.replace(tmp, workdir / "config.json")
+    atomic.write_text(workdir / "config.json", config_lib.to_json(exp) + "\n")
 
 
 def _load_draft(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
