@@ -199,9 +199,9 @@ def cache_free(s: Sampler) -> Sampler:
 
 
 def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 6000,
-        repeats: int = 3) -> dict[str, Any]:
+        repeats: int = 3, only: tuple[str, ...] = ()) -> dict[str, Any]:
   """Runs the suite; `examples` prompts per task, `train_steps` of the MDLM (`models`; tests:
-  fewer)."""
+  fewer); `only` keeps the samplers of these names (all when empty)."""
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser() / "diffusion"
   corpus = root / f"tasks_{CORPUS_LINES}.txt"
   if not corpus.exists():
@@ -214,7 +214,8 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   batches = {t.name: canvases(t, examples, mask_id) for t in suite}
   rows = []
   shape = next(iter(batches.values()))[0]
-  for s in samplers(*(trained_models[k] for k in ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd"))):
+  chosen = samplers(*(trained_models[k] for k in ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd")))
+  for s in [s for s in chosen if not only or s.name in only]:
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if s.name == "block" else None
     totals = dict(correct=0, count=0, generated=0, calls=0.0, wall=0.0, nll=0.0, scored=0,
