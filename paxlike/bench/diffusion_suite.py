@@ -182,9 +182,9 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair) -> list[S
   for tau in (0.9, 0.7):
     out.append(Sampler("learned", f"tau={tau}", learned_unmask.sample, learned_pair,
                        learned_unmask.LearnedUnmaskConfig(tau)))
-  for count in (1, 8):
-    out.append(Sampler("edlm", f"S=4, K={count}, T=1", edlm.sample, (*pair, *ar_pair),
-                       edlm.EDLMConfig(4, count, sampling=T1)))
+  for steps, count in ((4, 1), (4, 8), (1, 8), (1, 32)):
+    out.append(Sampler("edlm", f"S={steps}, K={count}, T=1", edlm.sample, (*pair, *ar_pair),
+                       edlm.EDLMConfig(steps, count, sampling=T1)))
   for g, reuse in ((4, False), (4, True), (8, True)):
     for temperature, sampling in (("T=0", GREEDY), ("T=1", T1)):
       out.append(Sampler("assd", f"g={g}{', reuse' if reuse else ''}, {temperature}", assd.sample,
@@ -218,7 +218,7 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   for s in [s for s in chosen if not only or s.name in only]:
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if s.name == "block" else None
-    totals = dict(correct=0, count=0, generated=0, calls=0.0, wall=0.0, nll=0.0, scored=0,
+    totals = dict(correct=0, count=0, generated=0, calls=0.0, energy=0.0, wall=0.0, nll=0.0, scored=0,
                   deviating=0, chance=0.0, independent=0.0)
     for task in suite:
       canvas, prompts = batches[task.name]
@@ -235,12 +235,14 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
       totals.update(correct=totals["correct"] + correct, count=totals["count"] + len(prompts),
                     generated=totals["generated"] + stats["generated_tokens"],
                     calls=totals["calls"] + stats["model_calls"] * len(prompts),
+                    energy=totals["energy"] + stats.get("energy_calls", 0) * len(prompts),
                     wall=totals["wall"] + stats["wall_s"], nll=totals["nll"] + nll,
                     scored=totals["scored"] + scored,
                     chance=totals["chance"] + task.chance / len(suite),
                     independent=totals["independent"] + task.independent_chance / len(suite))
     stats = {"generated_tokens": totals["generated"], "model_calls": totals["calls"] / totals["count"],
-             "wall_s": totals["wall"], "compile_s": 0.0}
+             "energy_calls": totals["energy"] / totals["count"], "wall_s": totals["wall"],
+             "compile_s": 0.0}
     row = _row(s, "all", totals["correct"], totals["count"], stats, totals["nll"],
                totals["scored"], totals["chance"], totals["independent"])
     if s.name == "block":
@@ -248,7 +250,7 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
     rows.append(row)
   summary = [r for r in rows if r["task"] == "all"]
   harness.print_table(summary, ["sampler", "setting", "model_calls_per_token", "tokens_per_call",
-                                "task_accuracy", "chance_accuracy", "independent_chance",
+                                "tokens_per_call_with_energy", "task_accuracy", "chance_accuracy", "independent_chance",
                                 "gen_ppl", "tokens_per_s", "exact", "cache_deviation"])
   config = {"models": {name: config_lib.to_dict(pair[0].config)
                        for name, pair in trained_models.items()},
@@ -262,10 +264,12 @@ def _row(s: Sampler, task: str, correct: int, count: int, stats: dict, nll: floa
   generated = stats["generated_tokens"]
   calls_per_row = stats["model_calls"]  # batch calls (all rows decoded together)
   tokens_per_call = generated / count / calls_per_row
+  energy_calls = stats.get("energy_calls", 0)  # EDLM's AR passes over its candidates
   return {
       "sampler": s.name, "setting": s.setting, "task": task, "steps": round(calls_per_row, 2),
       "tokens_per_call": round(tokens_per_call, 3),
       "model_calls_per_token": round(1.0 / tokens_per_call, 3),
+      "tokens_per_call_with_energy": round(generated / count / (calls_per_row + energy_calls), 3),
       "task_accuracy": round(correct / count, 4), "chance_accuracy": float(f"{chance:.4g}"),
       "independent_chance": round(independent, 4),
       "gen_ppl": round(float(np.exp(nll / max(scored, 1))), 3),

@@ -12,11 +12,11 @@ from paxlike.bench import diffusion_suite
 def test_diffusion_suite_rows(tmp_path, capsys):
   out = tmp_path / "diffusion.json"
   report = diffusion_suite.run(str(tmp_path), str(out), examples=2, train_steps=8, repeats=1,
-                               only=("topk", "block", "learned", "assd"))
+                               only=("topk", "block", "learned", "assd", "edlm"))
   assert json.loads(out.read_text())["suite"] == "diffusion"
   rows = report["rows"]
   names = {t.name for t in tasks.get()} | {"all"}
-  assert {r["sampler"] for r in rows} == {"topk", "block", "learned", "assd"}
+  assert {r["sampler"] for r in rows} == {"topk", "block", "learned", "assd", "edlm"}
   assert {r["task"] for r in rows} == names
   for row in rows:
     assert 0.0 <= row["task_accuracy"] <= 1.0 and row["tokens_per_call"] > 0, row
@@ -25,6 +25,10 @@ def test_diffusion_suite_rows(tmp_path, capsys):
     assert row["chance_accuracy"] > 0 and row["gen_ppl"] > 0
     if row["sampler"] == "block" and row["setting"].startswith("block-causal"):
       assert row["cache_deviation"] == 0.0  # the block-causal model's cache is exact
+    if row["sampler"] == "edlm" and row["setting"].startswith("S=1,"):  # + one AR energy call
+      assert row["tokens_per_call_with_energy"] == pytest.approx(row["tokens_per_call"] / 2, abs=2e-3)
+    elif row["sampler"] != "edlm":
+      assert row["tokens_per_call_with_energy"] == row["tokens_per_call"]
   reuse = [r for r in rows if r["sampler"] == "assd" and "reuse" in r["setting"]]
   assert reuse and all(r["exact"] for r in reuse)
   config = report["config"]["models"]
