@@ -3,6 +3,7 @@ which positions are responses, and that the MDLM noise, the AS-ARM orders and th
 trajectories touch only those, with bounds counted per response token."""
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -45,6 +46,32 @@ def test_mdlm_noises_only_responses_and_counts_them():
   batch = jnp.concatenate([tokens[:4], tokens[:4, :1]], axis=1)
   total, count = jax.jit(model.eval_nll)(params, batch, jax.random.key(1))
   assert float(count) == 4 * response.sum() and math.isfinite(float(total))
+
+
+def test_conditional_elbo_is_its_enumeration_over_response_masks():
+  """The Monte-Carlo conditional ELBO is unbiased for its exact value: the sum over the mask
+  patterns of the R response positions (the prompt always visible) of B(m, R - m + 1) times the
+  masked responses' cross-entropy, the unconditional bound of test_diffusion with L -> R."""
+  model = MaskedDiffusionLM(CONFIG)
+  params = random_params(model)
+  x = np.frombuffer(b"k=bad", np.uint8).astype(np.int32)
+  response = [2, 3, 4]
+  denoise = jax.jit(model.denoise)
+  exact = 0.0
+  for pattern in itertools.product([False, True], repeat=len(response)):
+    hidden = [i for i, hide in zip(response, pattern) if hide]
+    if not hidden:
+      continue
+    z = x.copy()
+    z[hidden] = model.mask_id
+    logp = np.asarray(denoise(params, jnp.asarray(z[None])))[0]
+    m, r = len(hidden), len(response)
+    weight = math.factorial(m - 1) * math.factorial(r - m) / math.factorial(r)
+    exact += weight * -sum(logp[i, x[i]] for i in hidden)
+  rows = 8192
+  per_row, _ = jax.jit(model.elbo)(params, jnp.tile(jnp.asarray(x), (rows, 1)), jax.random.key(3))
+  per_row = np.asarray(per_row, np.float64)
+  assert abs(per_row.mean() - exact) < 4 * per_row.std() / math.sqrt(rows) + 1e-3
 
 
 def test_asarm_orders_only_responses_and_counts_them():
