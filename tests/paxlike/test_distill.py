@@ -56,7 +56,7 @@ def test_teacher_problems_are_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_teacher_text_continues_training_windows_and_trains_a_draft(tmp_path):
+def test_teacher_text_continues_training_windows_and_trains_a_draft(tmp_path, monkeypatch):
   result = _train(_exp("train.steps=2", "checkpoint.every_steps=2"), tmp_path / "teacher")
   assert result.step == 2
   teacher = Trainer.from_workdir(tmp_path / "teacher", config_lib.MeshConfig(), log=lambda _: None)
@@ -81,3 +81,10 @@ def test_teacher_text_continues_training_windows_and_trains_a_draft(tmp_path):
   assert _train(draft, tmp_path / "draft").step == 2
   with pytest.raises(UserError, match="exceeds the model's max_len"):
     teacher_text.write(tmp_path / "teacher", tmp_path / "x.txt", prompt_len=8, new_tokens=10**4)
+  # NUL bytes (any byte an untrained model emits) are dropped: the data loader would take the
+  # file for binary
+  monkeypatch.setattr(teacher_text, "continuations",
+                      lambda *_, **__: [np.frombuffer(b"h\x00i", np.uint8).astype(np.int32)])
+  nul = teacher_text.write(tmp_path / "teacher", tmp_path / "nul.txt", prompts=1, prompt_len=8,
+                           new_tokens=3, temperatures=(0.0,))
+  assert nul.read_text() == "hi\n"
