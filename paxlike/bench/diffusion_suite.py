@@ -64,7 +64,7 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   new step count trains afresh instead of resuming under another schedule). The bidirectional
   MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
-  too) for steps // 4, the AR judge trains for steps // 2 (at most AR_STEPS: it learns the
+  too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much), the AR judge trains for steps // 2 (at most AR_STEPS: it learns the
   task lines far sooner), the Learn2PD head for steps // 8."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
@@ -73,7 +73,7 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
       "mdlm": experiment("tasks_mdlm", "mdlm", corpus, steps),
       "mdlm_block": experiment("tasks_mdlm_block", "mdlm", corpus, part(4), mdlm_dir,
                                block_size=BLOCK),
-      "asarm": experiment("tasks_asarm", "asarm", corpus, part(4), mdlm_dir),
+      "asarm": experiment("tasks_asarm", "asarm", corpus, part(8), mdlm_dir),
       "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS)),
       "learn2pd": finality_experiment(corpus, part(8), mdlm_dir),
   }
