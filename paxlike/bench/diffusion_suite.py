@@ -64,8 +64,9 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   new step count trains afresh instead of resuming under another schedule). The bidirectional
   MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
-  too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much), the AR judge trains for steps // 2 (at most AR_STEPS: it learns the
-  task lines far sooner), the Learn2PD head for steps // 8."""
+  too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much); the AR judge
+  trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), the Learn2PD
+  head for steps // 8."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
