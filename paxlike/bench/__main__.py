@@ -22,7 +22,7 @@ flags.DEFINE_integer("timed_up_to", 8192, "Longest sequence that is also timed (
 flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per row (decode suite).")
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (decode and compare-hf suites).")
 flags.DEFINE_list("sizes", ["10M", "50M"], "Target sizes (compare-hf suite).")
-flags.DEFINE_integer("train_steps", 6000, "Training steps of the masked-diffusion model; the "
+flags.DEFINE_integer("train_steps", 24000, "Training steps of the masked-diffusion model; the "
                      "others train for a fraction of them (diffusion suite).")
 flags.DEFINE_integer("examples", 64, "Held-out prompts per task (diffusion suite).")
 flags.DEFINE_integer("prompts_per_task", 8, "Held-out prompts per task, 64 samples each (scaling "

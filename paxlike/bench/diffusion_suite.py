@@ -199,7 +199,7 @@ def cache_free(s: Sampler) -> Sampler:
   return dataclasses.replace(s, config=dataclasses.replace(s.config, cached=False))
 
 
-def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 6000,
+def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 24000,
         repeats: int = 3, only: tuple[str, ...] = ()) -> dict[str, Any]:
   """Runs the suite; `examples` prompts per task, `train_steps` of the MDLM (`models`; tests:
   fewer); `only` keeps the samplers of these names (all when empty)."""
