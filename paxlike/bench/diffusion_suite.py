@@ -66,7 +66,7 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
   too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much); the AR judge
   trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), the Learn2PD
-  head for steps // 8."""
+  head for steps // 16."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
@@ -76,7 +76,7 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
                                block_size=BLOCK),
       "asarm": experiment("tasks_asarm", "asarm", corpus, part(8), mdlm_dir),
       "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS)),
-      "learn2pd": finality_experiment(corpus, part(8), mdlm_dir),
+      "learn2pd": finality_experiment(corpus, part(16), mdlm_dir),
   }
   return {name: trained(exp, root / exp.name) for name, exp in specs.items()}
 
