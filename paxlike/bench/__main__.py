@@ -24,6 +24,8 @@ flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (decode and compare-hf sui
 flags.DEFINE_list("sizes", ["10M", "50M"], "Target sizes (compare-hf suite).")
 flags.DEFINE_integer("train_steps", 24000, "Training steps of the masked-diffusion model; the "
                      "others train for a fraction of them (diffusion suite).")
+flags.DEFINE_list("samplers", [], "Sampler names to run, e.g. topk,distilled (diffusion suite; "
+                  "default all).")
 flags.DEFINE_integer("examples", 64, "Held-out prompts per task (diffusion suite).")
 flags.DEFINE_integer("prompts_per_task", 8, "Held-out prompts per task, 64 samples each (scaling "
                      "suite).")
@@ -57,7 +59,8 @@ def main(argv: list[str]) -> int:
       decode_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.max_new_tokens,
                        tuple(int(b) for b in FLAGS.batches))
     elif argv[1] == "diffusion":
-      diffusion_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.examples, FLAGS.train_steps)
+      diffusion_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.examples, FLAGS.train_steps,
+                          only=tuple(FLAGS.samplers))
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":

@@ -1,9 +1,11 @@
 """The `diffusion` suite: diffusion-style samplers on the parallel-decoding task suite.
 
-Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) five small models
+Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) six small models
 on it: a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model, a
-causal Llama (the EDLM energy and the judge of generative perplexity) and the Learn2PD finality
-head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head). Every sampler
+causal Llama (the EDLM energy and the judge of generative perplexity), the Learn2PD finality
+head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head) and a student
+MDLM self-distilled on the MDLM's own one-token-per-call answers (`paxlike.diffusion_teacher`),
+which decodes in one call. Every sampler
 then answers the same held-out prompts of every task, each row a canvas of two corpus lines: a solved example
 of the task, then the prompt with its answer masked and the line's known padding. A row per
 sampler and task (and `all`) reports model calls per generated token, tokens/s (median of 3 after
@@ -24,17 +26,21 @@ import numpy as np
 
 from models.config import ModelConfig
 from paxlike import config as config_lib
-from paxlike import tasks, tokenizer
+from paxlike import diffusion_teacher, tasks, tokenizer
 from paxlike.bench import harness
 from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment,
                             OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig)
+from paxlike.errors import UserError
 from samplers import assd, block_diffusion, edlm, learned_unmask, mdlm, unmask
 from samplers.logits import SamplingParams
 
 CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
 BLOCK = 8  # block length of block decoding and of the block-causal model; divides LINE_WIDTH
 SEQ_LEN = 2 * tasks.LINE_WIDTH  # training windows of 2 whole lines, aligned with line starts
+STUDENT_WINDOWS = 50_000  # the most teacher-answered windows (2 lines each) the student sees
 AR_STEPS = 3000  # the causal judge and EDLM energy; a 2-layer one solves sort by 700 steps
+SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block", "distilled",
+                 "learned", "edlm", "assd")  # the `sampler` of the rows (`samplers`)
 GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 
@@ -60,13 +66,15 @@ def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path |
 
 
 def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
-  """The suite's five (model, params), trained in `root`/<steps>_steps unless cached there (a
+  """The suite's six (model, params), trained in `root`/<steps>_steps unless cached there (a
   new step count trains afresh instead of resuming under another schedule). The bidirectional
   MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
   too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much); the AR judge
   trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), the Learn2PD
-  head for steps // 16."""
+  head for steps // 16. The student is fine-tuned from the MDLM for steps // 8 on the MDLM's
+  greedy top-1 answers to the second line of 2 * student steps * batch training windows (at
+  most STUDENT_WINDOWS; written once to `root`/<steps>_steps/self_answers.txt)."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
@@ -78,7 +86,15 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
       "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS)),
       "learn2pd": finality_experiment(corpus, part(16), mdlm_dir),
   }
-  return {name: trained(exp, root / exp.name) for name, exp in specs.items()}
+  pairs = {name: trained(exp, root / exp.name) for name, exp in specs.items()}
+  answers_path = root / "self_answers.txt"
+  student = experiment("tasks_mdlm_student", "mdlm", answers_path, part(8), mdlm_dir)
+  if not answers_path.exists():
+    windows = min(STUDENT_WINDOWS, 2 * part(8) * student.train.batch_size)
+    print(f"writing the MDLM's own answers to {windows} training windows", flush=True)
+    diffusion_teacher.write(mdlm_dir, answers_path, windows)
+  pairs["mdlm_student"] = trained(student, root / student.name)
+  return pairs
 
 
 def trained(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
@@ -158,7 +174,8 @@ def finality_experiment(corpus: Path, steps: int, denoiser_workdir: Path) -> Exp
   return dataclasses.replace(exp, train=dataclasses.replace(exp.train, trainable="^filter/"))
 
 
-def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair) -> list[Sampler]:
+def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair,
+             student_pair) -> list[Sampler]:
   model, params = mdlm_pair
   pair = (model, params)
   rule = unmask.UnmaskConfig
@@ -180,6 +197,9 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair) -> list[S
       Sampler("block", f"block-causal, cached, L={BLOCK}, tau=0.9", block_diffusion.sample,
               block_pair, block_diffusion.BlockConfig(BLOCK, rule("threshold"), cached=True)),
   ]
+  out += [Sampler("distilled", "k=8 (one call)", unmask.sample, student_pair, rule(k=8)),
+          Sampler("distilled", "k=1", unmask.sample, student_pair, rule(k=1)),
+          Sampler("distilled", "tau=0.9", unmask.sample, student_pair, rule("threshold"))]
   for tau in (0.9, 0.7):
     out.append(Sampler("learned", f"tau={tau}", learned_unmask.sample, learned_pair,
                        learned_unmask.LearnedUnmaskConfig(tau)))
@@ -203,6 +223,9 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
         repeats: int = 3, only: tuple[str, ...] = ()) -> dict[str, Any]:
   """Runs the suite; `examples` prompts per task, `train_steps` of the MDLM (`models`; tests:
   fewer); `only` keeps the samplers of these names (all when empty)."""
+  if set(only) - set(SAMPLER_NAMES):
+    raise UserError(f"unknown sampler(s) {', '.join(sorted(set(only) - set(SAMPLER_NAMES)))}; "
+                    f"valid: {', '.join(SAMPLER_NAMES)}")
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser() / "diffusion"
   corpus = root / f"tasks_{CORPUS_LINES}.txt"
   if not corpus.exists():
@@ -215,8 +238,9 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   batches = {t.name: canvases(t, examples, mask_id) for t in suite}
   rows = []
   shape = next(iter(batches.values()))[0]
-  chosen = samplers(*(trained_models[k] for k in ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd")))
-  for s in [s for s in chosen if not only or s.name in only]:
+  chosen = samplers(*(trained_models[k] for k in ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd",
+                                                  "mdlm_student")))
+  for s in [s for s in chosen if not only or s.name in only]:  # names checked before training
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if s.name == "block" else None
     totals = dict(correct=0, count=0, generated=0, calls=0.0, energy=0.0, wall=0.0, nll=0.0, scored=0,
