@@ -71,12 +71,8 @@ def make_pair(config: ModelConfig, draft_layers: int, damping: float,
 
 def _time(fn, repeats: int) -> tuple[Any, float]:
   """(last result, median wall seconds) of `repeats` calls of `fn` after one warm-up call."""
-  out = fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - start)
+  fn()
+  (times,), (out,) = harness.interleaved_times([fn], repeats)
   return out, float(np.median(times))
 
 

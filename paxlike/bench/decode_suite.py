@@ -103,7 +103,7 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
         variant = dataclasses.replace(cfg, kind=kind, adaptive_rule=rule or cfg.adaptive_rule)
         decoder = compiled(variant, *drafts[rule or "confidence"])
         first = decoder.run()
-        ar_t, variant_t = harness.paired_times(ar.run, decoder.run, repeats)
+        (ar_t, variant_t), _ = harness.interleaved_times([ar.run, decoder.run], repeats)
         ar_times += ar_t
         tokens, _, stats = decoder.result(first, statistics.median(variant_t))
         row = _row(stats, temperature, [a / v for a, v in zip(ar_t, variant_t)]) | {

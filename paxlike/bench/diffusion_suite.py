@@ -157,11 +157,8 @@ class Timed:
   def __call__(self, canvas: np.ndarray, repeats: int) -> tuple[np.ndarray, dict]:
     """(tokens [B, L], stats) on `canvas`, wall time the median of `repeats` runs."""
     dynamic = (*self.sampler.leading[1::2], jnp.asarray(canvas), jax.random.key(0))
-    times = []
-    for _ in range(repeats):
-      start = time.perf_counter()
-      out = jax.block_until_ready(self.compiled(*dynamic))
-      times.append(time.perf_counter() - start)
+    (times,), (out,) = harness.interleaved_times(
+        [lambda: jax.block_until_ready(self.compiled(*dynamic))], repeats)
     stats = {k: float(np.asarray(v)) for k, v in out.stats.items()}
     stats.update(wall_s=sorted(times)[len(times) // 2], compile_s=self.compile_s)
     return np.asarray(out.tokens), stats

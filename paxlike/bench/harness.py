@@ -47,30 +47,26 @@ def versions() -> dict[str, str]:
   return out
 
 
+def interleaved_times(fns: Sequence[Callable[[], Any]],
+                      repeats: int) -> tuple[list[list[float]], list[Any]]:
+  """(wall seconds of each fn's calls, each fn's last result) of `repeats` rounds that call every
+  fn once, back to back (each fn must block until its result is ready). The fns of one round share
+  the machine's state at that moment, so ratios between them are steady under background load and
+  clock drift that move sequential medians by 20% on a shared VM."""
+  times: list[list[float]] = [[] for _ in fns]
+  last: list[Any] = [None] * len(fns)
+  for _ in range(repeats):
+    for i, fn in enumerate(fns):
+      start = time.perf_counter()
+      last[i] = fn()
+      times[i].append(time.perf_counter() - start)
+  return times, last
+
+
 def time_calls(fn: Callable[[], Any], repeats: int) -> dict[str, float]:
   """Median, min and max wall seconds of `fn()` (which must block until its result is ready)."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
+  (times,), _ = interleaved_times([fn], repeats)
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
-
-
-def paired_times(baseline: Callable[[], Any], other: Callable[[], Any],
-                 repeats: int) -> tuple[list[float], list[float]]:
-  """Wall seconds of `repeats` (baseline, other) pairs run back to back. Each pair shares the
-  machine's state at that moment, so the pairs' time ratios are steady under background load and
-  clock drift that move sequential medians by 20% on a shared VM."""
-  pairs = []
-  for _ in range(repeats):
-    pair = []
-    for fn in (baseline, other):
-      start = time.perf_counter()
-      fn()
-      pair.append(time.perf_counter() - start)
-    pairs.append(pair)
-  return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:

@@ -2,6 +2,7 @@
 
 import json
 
+from paxlike.bench import harness
 from paxlike.bench.train_suite import train_flops_per_token
 from models.config import ModelConfig
 from tests.paxlike import cli
@@ -28,3 +29,12 @@ def test_train_suite_writes_json(tmp_path):
 def test_unknown_suite_is_a_clear_error():
   result = cli.run("nope", module="paxlike.bench")
   assert result.returncode != 0 and "suites: train" in result.stderr
+
+
+def test_interleaved_times_alternate_the_calls_round_by_round():
+  calls = []
+  fns = [lambda: calls.append("ar") or len(calls), lambda: calls.append("spec") or -len(calls)]
+  (ar_times, spec_times), last = harness.interleaved_times(fns, 3)
+  assert calls == ["ar", "spec"] * 3  # each pair shares the machine's state at that moment
+  assert len(ar_times) == len(spec_times) == 3 and min(ar_times + spec_times) >= 0
+  assert last == [5, -6]

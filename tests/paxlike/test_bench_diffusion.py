@@ -1,4 +1,4 @@
-"""`python -m paxlike.bench diffusion`: trains its five models (a few steps here) and writes rows."""
+"""`python -m paxlike.bench diffusion`: trains its six models (a few steps here) and writes rows."""
 
 import json
 
@@ -6,22 +6,25 @@ import pytest
 
 from paxlike import tasks
 from paxlike.bench import diffusion_suite
+from paxlike.errors import UserError
 
 
 @pytest.mark.slow
 def test_diffusion_suite_rows(tmp_path, capsys):
   out = tmp_path / "diffusion.json"
   report = diffusion_suite.run(str(tmp_path), str(out), examples=2, train_steps=8, repeats=1,
-                               only=("topk", "block", "learned", "assd", "edlm"))
+                               only=("topk", "block", "learned", "assd", "edlm", "distilled"))
   assert json.loads(out.read_text())["suite"] == "diffusion"
   rows = report["rows"]
   names = {t.name for t in tasks.get()} | {"all"}
-  assert {r["sampler"] for r in rows} == {"topk", "block", "learned", "assd", "edlm"}
+  assert {r["sampler"] for r in rows} == {"topk", "block", "learned", "assd", "edlm", "distilled"}
   assert {r["task"] for r in rows} == names
   for row in rows:
     assert 0.0 <= row["task_accuracy"] <= 1.0 and row["tokens_per_call"] > 0, row
-    if row["sampler"] == "topk" and row["setting"] == "k=1":
+    if row["sampler"] in ("topk", "distilled") and row["setting"] == "k=1":
       assert row["tokens_per_call"] == 1.0
+    if row["sampler"] == "distilled" and row["setting"] == "k=8 (one call)":
+      assert row["steps"] == 1.0
     assert row["chance_accuracy"] > 0 and row["gen_ppl"] > 0
     if row["sampler"] == "block" and row["setting"].startswith("block-causal"):
       assert row["cache_deviation"] == 0.0  # the block-causal model's cache is exact
@@ -33,6 +36,10 @@ def test_diffusion_suite_rows(tmp_path, capsys):
   assert reuse and all(r["exact"] for r in reuse)
   config = report["config"]["models"]
   assert config["asarm"]["response_after"] == "=" and config["mdlm_block"]["block_size"] == 8
+  student = (tmp_path / "diffusion" / "8_steps" / "self_answers.txt").read_bytes()
+  assert len(student) % diffusion_suite.SEQ_LEN == 0  # whole windows of the teacher's answers
+  with pytest.raises(UserError, match="unknown sampler"):
+    diffusion_suite.run(str(tmp_path), None, only=("topk", "nope"))
   capsys.readouterr()
   diffusion_suite.models(tmp_path / "diffusion", tmp_path / "diffusion" / "tasks_200000.txt", 8)
   assert "training" not in capsys.readouterr().out  # the suite's model cache is reused
