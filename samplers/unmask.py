@@ -153,7 +153,9 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
     config: static `UnmaskConfig`.
   Returns:
     SampleOutput with tokens [B, L] (the completed canvas, no mask left), lengths [B] (masks
-    filled per row); stats `model_calls` (= steps), `generated_tokens`, `tokens_per_call`.
+    filled per row); stats `model_calls` (= steps), `generated_tokens`, `tokens_per_call` and
+    `row_model_calls` (steps summed over rows, each row counted until its last mask is filled:
+    what decoding each row alone, at batch 1, would cost).
   """
   canvas_lib.check_model(model, canvas)
   batch, length = canvas.shape
@@ -161,13 +163,16 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
   shape = (length, model.vocab_size + 1)
 
   def body(state):
-    tokens, steps = state
+    tokens, steps, row_calls = state
     eligible = tokens == model.mask_id
     u = canvas_lib.step_uniforms(keys, steps, shape)
     logits = model.denoise(params, tokens)
-    return step(config, logits, tokens, eligible, model.mask_id, u), steps + 1
+    row_calls += jnp.any(eligible, axis=1).astype(jnp.int32)
+    return step(config, logits, tokens, eligible, model.mask_id, u), steps + 1, row_calls
 
-  tokens, steps = jax.lax.while_loop(lambda s: jnp.any(s[0] == model.mask_id), body,
-                                     (canvas.astype(jnp.int32), jnp.int32(0)))
-  return canvas_lib.output(canvas, tokens, model.mask_id, steps)
+  tokens, steps, row_calls = jax.lax.while_loop(
+      lambda s: jnp.any(s[0] == model.mask_id), body,
+      (canvas.astype(jnp.int32), jnp.int32(0), jnp.zeros([batch], jnp.int32)))
+  return canvas_lib.output(canvas, tokens, model.mask_id, steps,
+                           row_model_calls=jnp.sum(row_calls))
 

@@ -45,7 +45,7 @@ GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 
 def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path | None = None,
-               **model: Any) -> Experiment:
+               learning_rate: float = 3e-3, **model: Any) -> Experiment:
   """A ~0.7M-parameter model of the task corpus. The diffusion-style kinds are conditional
   (`model.response_after` '='): trained to fill answers given their prompts. `init_from`
   fine-tunes from another run of the same shape (every parameter copied)."""
@@ -55,7 +55,7 @@ def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path |
       model=ModelConfig(kind=kind, num_layers=4, d_model=128, num_heads=4, num_kv_heads=4,
                         mlp_dim=256, max_len=SEQ_LEN, **conditional, **model),
       data=DataConfig(path=str(corpus), seq_len=SEQ_LEN, eval_fraction=0.02),
-      optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
+      optimizer=OptimizerConfig(learning_rate=learning_rate, weight_decay=0.0),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
       checkpoint=CheckpointConfig(every_steps=steps, keep=1),
       train=TrainConfig(steps=steps, batch_size=32,
@@ -72,9 +72,10 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
   too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much); the AR judge
   trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), the Learn2PD
-  head for steps // 16. The student is fine-tuned from the MDLM for steps // 8 on the MDLM's
-  greedy top-1 answers to the second line of 2 * student steps * batch training windows (at
-  most STUDENT_WINDOWS; written once to `root`/<steps>_steps/self_answers.txt)."""
+  head for steps // 16. The student is fine-tuned from the MDLM for steps // 4 at a tenth of the
+  learning rate on the MDLM's greedy top-1 answers to the second line of 2 * student steps *
+  batch training windows (at most STUDENT_WINDOWS; written once to
+  `root`/<steps>_steps/self_answers.txt)."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
@@ -88,9 +89,10 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   }
   pairs = {name: trained(exp, root / exp.name) for name, exp in specs.items()}
   answers_path = root / "self_answers.txt"
-  student = experiment("tasks_mdlm_student", "mdlm", answers_path, part(8), mdlm_dir)
+  student = experiment("tasks_mdlm_student", "mdlm", answers_path, part(4), mdlm_dir,
+                       learning_rate=3e-4)  # the MDLM's final rate: a fine-tune, not a restart
   if not answers_path.exists():
-    windows = min(STUDENT_WINDOWS, 2 * part(8) * student.train.batch_size)
+    windows = min(STUDENT_WINDOWS, 2 * student.train.steps * student.train.batch_size)
     print(f"writing the MDLM's own answers to {windows} training windows", flush=True)
     diffusion_teacher.write(mdlm_dir, answers_path, windows)
   pairs["mdlm_student"] = trained(student, root / student.name)
@@ -240,8 +242,8 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   for s in [s for s in chosen if not only or s.name in only]:  # names checked before training
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if s.name == "block" else None
-    totals = dict(correct=0, count=0, generated=0, calls=0.0, energy=0.0, wall=0.0, nll=0.0, scored=0,
-                  deviating=0, chance=0.0, independent=0.0)
+    totals = dict(correct=0, count=0, generated=0, calls=0.0, energy=0.0, wall=0.0, nll=0.0,
+                  scored=0, deviating=0, chance=0.0, independent=0.0, row_calls=0.0)
     for task in suite:
       canvas, prompts = batches[task.name]
       tokens, stats = timed(canvas, repeats)
@@ -262,9 +264,14 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
                     scored=totals["scored"] + scored,
                     chance=totals["chance"] + task.chance / len(suite),
                     independent=totals["independent"] + task.independent_chance / len(suite))
+      if totals["row_calls"] is not None:  # None once a task's sampler does not count them
+        totals["row_calls"] = (totals["row_calls"] + stats["row_model_calls"]
+                               if "row_model_calls" in stats else None)
     stats = {"generated_tokens": totals["generated"], "model_calls": totals["calls"] / totals["count"],
              "energy_calls": totals["energy"] / totals["count"], "wall_s": totals["wall"],
              "compile_s": 0.0}
+    if totals["row_calls"] is not None:
+      stats["row_model_calls"] = totals["row_calls"]
     row = _row(s, "all", totals["correct"], totals["count"], stats, totals["nll"],
                totals["scored"], totals["chance"], totals["independent"])
     if s.name == "block":
@@ -272,7 +279,8 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
     rows.append(row)
   summary = [r for r in rows if r["task"] == "all"]
   harness.print_table(summary, ["sampler", "setting", "model_calls_per_token", "tokens_per_call",
-                                "tokens_per_call_with_energy", "task_accuracy", "chance_accuracy", "independent_chance",
+                                "tokens_per_call_with_energy", "row_tokens_per_call",
+                                "task_accuracy", "chance_accuracy", "independent_chance",
                                 "gen_ppl", "tokens_per_s", "exact", "cache_deviation"])
   config = {"models": {name: config_lib.to_dict(pair[0].config)
                        for name, pair in trained_models.items()},
@@ -287,11 +295,13 @@ def _row(s: Sampler, task: str, correct: int, count: int, stats: dict, nll: floa
   calls_per_row = stats["model_calls"]  # batch calls (all rows decoded together)
   tokens_per_call = generated / count / calls_per_row
   energy_calls = stats.get("energy_calls", 0)  # EDLM's AR passes over its candidates
+  row_calls = stats.get("row_model_calls")  # summed over rows, each until it finished
   return {
       "sampler": s.name, "setting": s.setting, "task": task, "steps": round(calls_per_row, 2),
       "tokens_per_call": round(tokens_per_call, 3),
       "model_calls_per_token": round(1.0 / tokens_per_call, 3),
       "tokens_per_call_with_energy": round(generated / count / (calls_per_row + energy_calls), 3),
+      "row_tokens_per_call": round(generated / row_calls, 3) if row_calls else None,
       "task_accuracy": round(correct / count, 4), "chance_accuracy": float(f"{chance:.4g}"),
       "independent_chance": round(independent, 4),
       "gen_ppl": round(float(np.exp(nll / max(scored, 1))), 3),

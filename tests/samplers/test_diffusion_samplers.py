@@ -153,6 +153,10 @@ def test_rows_follow_their_keys():
   many = jax.vmap(lambda k: unmask.sample(model, params, canvas, k, config))(
       jnp.stack([keys, jax.random.split(jax.random.key(5), 4)]))
   np.testing.assert_array_equal(many.tokens[0], forward.tokens)
+  # row_model_calls: what decoding each row alone (batch 1) costs
+  alone = [unmask.sample(model, params, canvas[i:i + 1], keys[i:i + 1], config) for i in range(4)]
+  assert int(forward.stats["row_model_calls"]) == sum(int(a.stats["model_calls"]) for a in alone)
+  assert int(forward.stats["row_model_calls"]) < 4 * int(forward.stats["model_calls"])
 
 
 def test_block_causal_cache_equals_cache_free():
