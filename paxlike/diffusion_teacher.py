@@ -10,14 +10,15 @@ are sharp and one call reproduces what took the teacher one call per token (the 
 certainty-forcing distillation, dParallel, Chen et al. 2025, and of self-distillation through
 time, Deschenaux & Gulcehre 2024).
 
-This module writes the student's corpus: the teacher's training windows (`data.seq_len` tokens,
-the windows its trainer reads), each with its generated positions on every line after its first
-re-answered by the teacher's greedy top-1 unmasking given the rest of the window. The first line
-keeps the corpus's own text: it is the context (e.g. a solved example) the student will be given.
-Generated positions are the response positions of a conditional model (`model.response_after`),
-otherwise every position. Windows whose answers are not clean text (a NUL byte, invalid UTF-8)
-are dropped whole, so the student's windows stay aligned with lines. Fine-tune the student from
-the teacher on it:
+This module writes the student's corpus: the teacher's training split with the response of every
+line (`model.response_after`: the part after the separator) re-answered by the teacher's greedy
+one-token-per-call unmasking, given that line alone. Given the line alone, not the lines around
+it, so that an answer is a function of its prompt: re-answered inside its training window, the
+same permutation prompt got different answers beside different neighbours (21% of them on the
+task suite), and a one-call student cannot be sharp on targets that vary. Everything else is kept
+byte for byte (a line keeps its own answer where the teacher's is not clean text: a NUL, a
+newline, invalid UTF-8), so line lengths and window alignment do not change. Fine-tune the
+student from the teacher on it:
 
   python -m paxlike.diffusion_teacher --workdir=runs/mdlm --out=runs/mdlm/self_answers.txt
   python -m paxlike.main --exp=... --workdir=runs/mdlm_student \
@@ -44,21 +45,13 @@ from samplers import unmask
 DENOISERS = ("mdlm", "learn2pd")  # kinds whose models `unmask.sample` decodes
 
 
-def regenerated(windows: np.ndarray, separator: str) -> np.ndarray:
-  """windows [N, T] int32 -> [N, T] bool: the generated positions (response positions, or all
-  when `separator` is "") that lie after each window's first newline."""
-  tokens = jnp.asarray(windows)
-  newline = tokens == conditioning.NEWLINE_ID
-  after_first_line = jnp.cumsum(newline, axis=1) - newline >= 1  # newlines strictly before
-  return np.asarray(conditioning.noisable(tokens, separator) & after_first_line)
-
-
-def relabel(model, params, windows: np.ndarray, batch: int, seed: int = 0) -> np.ndarray:
-  """windows [N, T] int32 -> [N, T] int32 with the `regenerated` positions re-answered by the
-  model's greedy one-token-per-call unmasking (exact-order top-1), `batch` rows per compiled
-  call."""
-  redo = regenerated(windows, model.config.response_after)
-  canvas = np.where(redo, model.mask_id, windows).astype(np.int32)
+def relabel(model, params, lines: np.ndarray, batch: int, seed: int = 0) -> np.ndarray:
+  """lines [N, W] int32 (corpus lines of one length) -> [N, W] with each line's response
+  positions re-answered by the model's greedy exact-order top-1 unmasking given that line alone,
+  `batch` rows per compiled call."""
+  redo = np.asarray(conditioning.response_positions(jnp.asarray(lines),
+                                                    model.config.response_after))
+  canvas = np.where(redo, model.mask_id, lines).astype(np.int32)
   config = unmask.UnmaskConfig(k=1)
   out = []
   for first in range(0, len(canvas), batch):
@@ -70,33 +63,65 @@ def relabel(model, params, windows: np.ndarray, batch: int, seed: int = 0) -> np
   return np.concatenate(out)
 
 
-def write(workdir: str | Path, out: str | Path, windows: int = 0, batch: int = 256,
+def split_lines(stream: np.ndarray) -> list[np.ndarray]:
+  """A token stream -> its lines, each ending with its newline (the rest after the last newline
+  is a last piece of its own); concatenated they give the stream back."""
+  ends = np.flatnonzero(stream == conditioning.NEWLINE_ID) + 1
+  return [piece for piece in np.split(stream, ends) if len(piece)]
+
+
+def answer_lines(model, params, stream: np.ndarray, codec: interchange.TextCodec, batch: int,
+                 seed: int = 0) -> tuple[np.ndarray, int, int]:
+  """(the stream with every line's response re-answered by `relabel`, lines re-answered, lines
+  that kept their own answer because the teacher's was not clean text). Lines of equal length
+  are decoded together (one compile per length); lines without a response, or longer than the
+  model's max_len, are kept as they are."""
+  lines = split_lines(stream)
+  separator = ord(model.config.response_after)
+  by_length: dict[int, list[int]] = {}
+  for i, line in enumerate(lines):
+    if line[-1] == conditioning.NEWLINE_ID and separator in line[:-2].tolist() and (
+        len(line) <= model.config.max_len):
+      by_length.setdefault(len(line), []).append(i)
+  answered = kept = 0
+  for width, indices in by_length.items():
+    new = relabel(model, params, np.stack([lines[i] for i in indices]), min(batch, len(indices)),
+                  seed + width)
+    for i, row in zip(indices, new):
+      text = codec.decode(row)
+      if "\x00" in text or "\n" in text[:-1] or not np.array_equal(codec.encode(text), row):
+        kept += 1
+      else:
+        lines[i], answered = row, answered + 1
+  return np.concatenate(lines), answered, kept
+
+
+def write(workdir: str | Path, out: str | Path, lines: int = 0, batch: int = 256,
           seed: int = 0) -> tuple[Path, int, int]:
-  """Writes the relabelled training windows of the denoiser trained in `workdir` (its latest
-  checkpoint; the first `windows` of its training split, all when 0) to `out`, atomically.
-  Returns (path, windows written, windows dropped as unclean text)."""
+  """Writes the first `lines` lines (all when 0) of the training split of the conditional
+  masked-diffusion model trained in `workdir` (its latest checkpoint), their responses
+  re-answered by it (`answer_lines`), to `out`, atomically. Returns (path, lines re-answered,
+  lines that kept their own answer)."""
   trainer = Trainer.from_workdir(workdir, config_lib.MeshConfig(), log=lambda _: None)
-  if trainer.exp.model.kind not in DENOISERS:
-    raise UserError(f"self-distillation answers need a masked-diffusion model (model.kind one of "
-                    f"{', '.join(DENOISERS)}); {str(workdir)!r} holds a "
-                    f"{trainer.exp.model.kind!r} model")
-  if windows < 0 or batch < 1:
-    raise UserError(f"windows must be >= 0 (0: all) and batch >= 1, got {windows} and {batch}")
-  seq_len = trainer.exp.data.seq_len
+  model_config = trainer.exp.model
+  if model_config.kind not in DENOISERS or not model_config.response_after:
+    raise UserError(f"self-distillation answers need a conditional masked-diffusion model "
+                    f"(model.kind one of {', '.join(DENOISERS)} with model.response_after set); "
+                    f"{str(workdir)!r} holds a {model_config.kind!r} model with response_after "
+                    f"{model_config.response_after!r}")
+  if lines < 0 or batch < 1:
+    raise UserError(f"lines must be >= 0 (0: all) and batch >= 1, got {lines} and {batch}")
   stream = trainer.corpus.train
-  available = len(stream) // seq_len
-  count = min(windows or available, available)
-  rows = stream[:count * seq_len].reshape(count, seq_len).astype(np.int32)
+  if lines:
+    ends = np.flatnonzero(stream == conditioning.NEWLINE_ID)
+    stream = stream[:ends[lines - 1] + 1] if len(ends) >= lines else stream
   params, _ = trainer.restore_params()
-  answered = relabel(trainer.model, params, rows, min(batch, count), seed)
-  codec = interchange.text_codec(trainer.exp.model)
-  texts = [codec.decode(row) for row in answered]
-  clean = [t for t, row in zip(texts, answered)
-           if "\x00" not in t and np.array_equal(codec.encode(t), row)]
+  codec = interchange.text_codec(model_config)
+  answered_stream, answered, kept = answer_lines(trainer.model, params, stream, codec, batch, seed)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  atomic.write_text(out, "".join(clean))
-  return out, len(clean), count - len(clean)
+  atomic.write_text(out, codec.decode(answered_stream))
+  return out, answered, kept
 
 
 def main(argv: Sequence[str]) -> int:
@@ -104,11 +129,12 @@ def main(argv: Sequence[str]) -> int:
   from absl import flags
   f = flags.FLAGS
   try:
-    path, written, dropped = write(f.workdir, f.out, f.windows, f.batch, f.seed)
+    path, answered, kept = write(f.workdir, f.out, f.lines, f.batch, f.seed)
   except UserError as e:
     print(f"error: {e}", flush=True)
     return 2
-  print(f"wrote {path}: {written} windows ({dropped} dropped as unclean text)")
+  print(f"wrote {path}: {answered} lines re-answered, {kept} kept their own answer (the "
+        f"teacher's was not clean text)")
   return 0
 
 
@@ -116,7 +142,7 @@ if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "The trained masked-diffusion model's run.", required=True)
   flags.DEFINE_string("out", None, "Text file to write.", required=True)
-  flags.DEFINE_integer("windows", 0, "Training windows to relabel (0: all).")
+  flags.DEFINE_integer("lines", 0, "Lines of the training split to re-answer (0: all).")
   flags.DEFINE_integer("batch", 256, "Rows per compiled sampler call.")
   flags.DEFINE_integer("seed", 0, "Seed of the sampler (greedy: only ties).")
   app.run(main)

@@ -37,7 +37,7 @@ from samplers.logits import SamplingParams
 CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
 BLOCK = 8  # block length of block decoding and of the block-causal model; divides LINE_WIDTH
 SEQ_LEN = 2 * tasks.LINE_WIDTH  # training windows of 2 whole lines, aligned with line starts
-STUDENT_WINDOWS = 50_000  # the most teacher-answered windows (2 lines each) the student sees
+STUDENT_LINES = 100_000  # the most teacher-answered lines the student trains on
 AR_STEPS = 3000  # the causal judge and EDLM energy; a 2-layer one solves sort by 700 steps
 SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block", "distilled",
                  "learned", "edlm", "assd")  # the `sampler` of the rows (`samplers`)
@@ -72,10 +72,10 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
   too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much); the AR judge
   trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), the Learn2PD
-  head for steps // 16. The student is fine-tuned from the MDLM for steps // 4 at a tenth of the
-  learning rate on the MDLM's greedy top-1 answers to the second line of 2 * student steps *
-  batch training windows (at most STUDENT_WINDOWS; written once to
-  `root`/<steps>_steps/self_answers.txt)."""
+  head for steps // 16. The student is fine-tuned from the MDLM for steps // 4 at a third of its
+  learning rate on the first 4 * student steps * batch lines of the corpus (at most
+  STUDENT_LINES), each answered by the MDLM's greedy top-1 unmasking given its prompt alone
+  (`diffusion_teacher`; written once to `root`/<steps>_steps/self_answers.txt)."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
@@ -90,11 +90,11 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   pairs = {name: trained(exp, root / exp.name) for name, exp in specs.items()}
   answers_path = root / "self_answers.txt"
   student = experiment("tasks_mdlm_student", "mdlm", answers_path, part(4), mdlm_dir,
-                       learning_rate=3e-4)  # the MDLM's final rate: a fine-tune, not a restart
+                       learning_rate=1e-3)  # a third of the MDLM's: a fine-tune, not a restart
   if not answers_path.exists():
-    windows = min(STUDENT_WINDOWS, 2 * student.train.steps * student.train.batch_size)
-    print(f"writing the MDLM's own answers to {windows} training windows", flush=True)
-    diffusion_teacher.write(mdlm_dir, answers_path, windows)
+    lines = min(STUDENT_LINES, 4 * student.train.steps * student.train.batch_size)
+    print(f"writing the MDLM's own answers to {lines} training lines", flush=True)
+    diffusion_teacher.write(mdlm_dir, answers_path, lines)
   pairs["mdlm_student"] = trained(student, root / student.name)
   return pairs
 

@@ -1,5 +1,5 @@
-"""paxlike.diffusion_teacher: a masked-diffusion model's own answers, the self-distilled student's
-corpus."""
+"""paxlike.diffusion_teacher: a conditional masked-diffusion model's own answers, the
+self-distilled student's corpus."""
 
 import dataclasses
 
@@ -10,74 +10,74 @@ import pytest
 
 from models.build import build_model
 from models.config import ModelConfig
-from paxlike import diffusion_teacher, tasks, tokenizer
+from paxlike import diffusion_teacher, interchange, tasks, tokenizer
 from paxlike.bench import diffusion_suite, harness
 from paxlike.errors import UserError
 from samplers import unmask
 
 
-def _windows(*texts: str) -> np.ndarray:
-  return np.stack([tokenizer.encode(t) for t in texts]).astype(np.int32)
+def _lines(count: int) -> list[str]:
+  return [tasks.line(*t.examples(1, seed=i)[0]) for i, t in enumerate(tasks.get() * 3)][:count]
 
 
-def test_regenerated_marks_the_responses_after_the_first_line():
-  windows = _windows("add 1+2=3 \nadd 4+5=9 \n", "x=1\nab=cd\n=e\nabcdefghi")
-  marked = diffusion_teacher.regenerated(windows, "=")
-  text = lambda row, keep: "".join(c if k else "." for c, k in zip(tokenizer.decode(row), keep))
-  assert text(windows[0], marked[0]) == "..........." + "........9 ."
-  assert text(windows[1], marked[1]) == "...." + "...cd." + ".e." + "." * 9
-  everything = diffusion_teacher.regenerated(windows, "")  # unconditional: all after line 1
-  assert everything[0].tolist() == [False] * 11 + [True] * 11
+def test_split_lines_gives_the_stream_back():
+  stream = tokenizer.encode("ab=c\nd=ef\n\nxyz").astype(np.int32)
+  pieces = diffusion_teacher.split_lines(stream)
+  assert [tokenizer.decode(p) for p in pieces] == ["ab=c\n", "d=ef\n", "\n", "xyz"]
+  np.testing.assert_array_equal(np.concatenate(pieces), stream)
 
 
-def test_relabel_answers_each_window_by_greedy_top1_in_any_batch():
+def test_answers_depend_on_their_own_line_alone_and_keep_the_prompts():
   model = build_model(ModelConfig(kind="mdlm", num_layers=1, d_model=32, num_heads=2,
                                   num_kv_heads=2, mlp_dim=64, max_len=48, response_after="="))
   params = model.init(jax.random.key(0))
-  lines = [tasks.line(*t.examples(1, seed=i)[0]) for i, t in enumerate(tasks.get() * 2)][:10]
-  windows = _windows(*(a + b for a, b in zip(lines[::2], lines[1::2])))
-  answered = diffusion_teacher.relabel(model, params, windows, batch=2)  # 5 rows: one padded
-  redo = diffusion_teacher.regenerated(windows, "=")
-  np.testing.assert_array_equal(answered[~redo], windows[~redo])  # context and prompts kept
-  assert not np.any(answered == model.mask_id)
-  for row, window in zip(answered, windows):  # each row alone, greedy one token per call
-    canvas = np.where(diffusion_teacher.regenerated(window[None], "="), model.mask_id,
-                      window[None])
-    alone = unmask.sample(model, params, jnp.asarray(canvas, jnp.int32), jax.random.key(5),
-                          unmask.UnmaskConfig(k=1))
-    np.testing.assert_array_equal(np.asarray(alone.tokens)[0], row)
+  text = "".join(_lines(7)) + "no answer here\n"
+  stream = tokenizer.encode(text).astype(np.int32)
+  out, answered, kept = diffusion_teacher.answer_lines(model, params, stream, interchange.BYTES,
+                                                       batch=3)  # 7 lines of 24: one padded batch
+  assert answered + kept == 7 and len(out) == len(stream)
+  for old, new in zip(diffusion_teacher.split_lines(stream), diffusion_teacher.split_lines(out)):
+    prompt = tokenizer.decode(old).split("=")[0]
+    assert tokenizer.decode(new).startswith(prompt) and len(new) == len(old)
+    if "=" not in tokenizer.decode(old):
+      np.testing.assert_array_equal(new, old)
+      continue
+    canvas = np.where(np.asarray(diffusion_teacher.conditioning.response_positions(
+        jnp.asarray(old[None]), "=")), model.mask_id, old[None])
+    alone = unmask.sample(model, params, jnp.asarray(canvas, jnp.int32), jax.random.key(9),
+                          unmask.UnmaskConfig(k=1))  # greedy top-1, this line alone
+    if np.array_equal(new, old) and not np.array_equal(np.asarray(alone.tokens)[0], old):
+      continue  # kept its own answer: the teacher's was not clean text
+    np.testing.assert_array_equal(np.asarray(alone.tokens)[0], new)
 
 
 @pytest.mark.slow
-def test_write_relabels_training_windows_and_drops_unclean_ones(tmp_path, monkeypatch):
+def test_write_reanswers_training_lines_and_keeps_unclean_answers(tmp_path, monkeypatch):
   corpus = tasks.write_corpus(tmp_path / "tasks.txt", 400, seed=0)
   exp = diffusion_suite.experiment("teacher", "mdlm", corpus, steps=2)
   harness.trained(exp, tmp_path / "teacher")
-  path, written, dropped = diffusion_teacher.write(tmp_path / "teacher", tmp_path / "out.txt",
-                                                   windows=6, batch=4)
-  assert written + dropped == 6
-  data = path.read_bytes()
-  assert len(data) == written * exp.data.seq_len  # whole windows: the student's stay aligned
-  source = corpus.read_bytes()
-  first_lines = {source[i:i + tasks.LINE_WIDTH] for i in range(0, 12 * tasks.LINE_WIDTH,
-                                                               2 * tasks.LINE_WIDTH)}
-  for start in range(0, len(data), exp.data.seq_len):
-    assert data[start:start + tasks.LINE_WIDTH] in first_lines
-  # a NUL byte or invalid UTF-8 in an answer drops its window
-  clean = _windows(tasks.line("copy ab=", "ab") * 2)
-  nul = clean.copy()
-  nul[0, -3] = 0
-  bad = clean.copy()
-  bad[0, -3] = 0xFF
-  monkeypatch.setattr(diffusion_teacher, "relabel",
-                      lambda *_: np.concatenate([clean, nul, bad]))
-  path, written, dropped = diffusion_teacher.write(tmp_path / "teacher", tmp_path / "x.txt",
-                                                   windows=3)
-  assert (written, dropped) == (1, 2) and path.read_text() == tasks.line("copy ab=", "ab") * 2
-  with pytest.raises(UserError, match="windows must be >= 0"):
-    diffusion_teacher.write(tmp_path / "teacher", tmp_path / "y.txt", windows=-1)
-  ar = dataclasses.replace(exp, model=dataclasses.replace(exp.model, kind="llama",
-                                                          response_after=""))
-  harness.trained(dataclasses.replace(ar, name="ar"), tmp_path / "ar")
-  with pytest.raises(UserError, match="need a masked-diffusion model"):
+  path, answered, kept = diffusion_teacher.write(tmp_path / "teacher", tmp_path / "out.txt",
+                                                 lines=10, batch=4)
+  assert answered + kept == 10
+  source = corpus.read_text().splitlines(keepends=True)[:10]
+  written = path.read_text().splitlines(keepends=True)
+  assert [len(w) for w in written] == [len(s) for s in source]  # lines and windows stay aligned
+  assert [w.split("=")[0] for w in written] == [s.split("=")[0] for s in source]
+  # a NUL, a newline or invalid UTF-8 in an answer: the line keeps its own answer
+  def unclean(model, params, lines, batch, seed):
+    lines = lines.copy()
+    lines[0, -3], lines[1, -3], lines[2, -3], lines[3, -3] = 0, ord("\n"), 0xFF, ord("z")
+    return lines
+  monkeypatch.setattr(diffusion_teacher, "relabel", unclean)
+  path, answered, kept = diffusion_teacher.write(tmp_path / "teacher", tmp_path / "x.txt",
+                                                 lines=4)
+  written = path.read_text().splitlines(keepends=True)
+  assert (answered, kept) == (1, 3) and written[:3] == source[:3]
+  assert written[3] == source[3][:-3] + "z" + source[3][-2:]
+  with pytest.raises(UserError, match="lines must be >= 0"):
+    diffusion_teacher.write(tmp_path / "teacher", tmp_path / "y.txt", lines=-1)
+  ar = dataclasses.replace(exp, name="ar", model=dataclasses.replace(
+      exp.model, kind="llama", response_after=""))
+  harness.trained(ar, tmp_path / "ar")
+  with pytest.raises(UserError, match="need a conditional masked-diffusion model"):
     diffusion_teacher.write(tmp_path / "ar", tmp_path / "z.txt")
