@@ -27,6 +27,7 @@ student from the teacher on it:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def main(argv: Sequence[str]) -> int:
   try:
     path, answered, kept = write(f.workdir, f.out, f.lines, f.batch, f.seed)
   except UserError as e:
-    print(f"error: {e}", flush=True)
+    print(f"error: {e}", file=sys.stderr, flush=True)
     return 2
   print(f"wrote {path}: {answered} lines re-answered, {kept} kept their own answer (the "
         f"teacher's was not clean text)")

@@ -14,6 +14,7 @@ from paxlike import diffusion_teacher, interchange, tasks, tokenizer
 from paxlike.bench import diffusion_suite, harness
 from paxlike.errors import UserError
 from samplers import unmask
+from tests.paxlike import cli
 
 
 def _lines(count: int) -> list[str]:
@@ -63,6 +64,12 @@ def test_write_reanswers_training_lines_and_keeps_unclean_answers(tmp_path, monk
   written = path.read_text().splitlines(keepends=True)
   assert [len(w) for w in written] == [len(s) for s in source]  # lines and windows stay aligned
   assert [w.split("=")[0] for w in written] == [s.split("=")[0] for s in source]
+  result = cli.run(f"--workdir={tmp_path / 'teacher'}", f"--out={tmp_path / 'cli.txt'}",
+                   "--lines=10", module="paxlike.diffusion_teacher")
+  assert result.returncode == 0 and f"{answered} lines re-answered" in result.stdout, result.stderr
+  assert (tmp_path / "cli.txt").read_text() == path.read_text()  # greedy: the same answers
+  cli.assert_user_error(cli.run(f"--workdir={tmp_path / 'teacher'}", f"--out={tmp_path / 'e.txt'}",
+                                "--lines=-2", module="paxlike.diffusion_teacher"), "lines")
   # a NUL, a newline or invalid UTF-8 in an answer: the line keeps its own answer
   def unclean(model, params, lines, batch, seed):
     lines = lines.copy()
