@@ -27,7 +27,6 @@ student from the teacher on it:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from models import conditioning
 from paxlike import atomic
 from paxlike import config as config_lib
 from paxlike import interchange
-from paxlike.errors import UserError
+from paxlike.errors import UserError, run_cli
 from paxlike.train import Trainer
 from samplers import unmask
 
@@ -129,14 +128,12 @@ def main(argv: Sequence[str]) -> int:
   del argv
   from absl import flags
   f = flags.FLAGS
-  try:
+
+  def job() -> str:
     path, answered, kept = write(f.workdir, f.out, f.lines, f.batch, f.seed)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    return 2
-  print(f"wrote {path}: {answered} lines re-answered, {kept} kept their own answer (the "
-        f"teacher's was not clean text)")
-  return 0
+    return (f"wrote {path}: {answered} lines re-answered, {kept} kept their own answer (the "
+            f"teacher's was not clean text)")
+  return run_cli(job)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import numpy as np
 from paxlike import atomic
 from paxlike import config as config_lib
 from paxlike import interchange
-from paxlike.errors import UserError
+from paxlike.errors import UserError, run_cli
 from paxlike.train import Trainer
 from samplers import ar
 from samplers.logits import SamplingParams
@@ -94,14 +94,12 @@ def main(argv: Sequence[str]) -> int:
   del argv
   from absl import flags
   f = flags.FLAGS
-  try:
+
+  def job() -> str:
     path = write(f.workdir, f.out, f.prompts, f.prompt_len, f.new_tokens,
                  [float(t) for t in f.temperatures], f.seed, f.batch)
-  except UserError as e:
-    print(f"error: {e}", flush=True)
-    return 2
-  print(f"wrote {path} ({path.stat().st_size:,} bytes)")
-  return 0
+    return f"wrote {path} ({path.stat().st_size:,} bytes)"
+  return run_cli(job)
 
 
 if __name__ == "__main__":
