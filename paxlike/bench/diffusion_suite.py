@@ -72,7 +72,7 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
   too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much); the AR judge
   trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), the Learn2PD
-  head for steps // 16. The student is fine-tuned from the MDLM for steps // 4 at a third of its
+  head for steps // 16. The student is fine-tuned from the MDLM for steps // 2 at a third of its
   learning rate on the first 4 * student steps * batch lines of the corpus (at most
   STUDENT_LINES), each answered by the MDLM's greedy top-1 unmasking given its prompt alone
   (`diffusion_teacher`; written once to `root`/<steps>_steps/self_answers.txt)."""
@@ -89,7 +89,7 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   }
   pairs = {name: trained(exp, root / exp.name) for name, exp in specs.items()}
   answers_path = root / "self_answers.txt"
-  student = experiment("tasks_mdlm_student", "mdlm", answers_path, part(4), mdlm_dir,
+  student = experiment("tasks_mdlm_student", "mdlm", answers_path, part(2), mdlm_dir,
                        learning_rate=1e-3)  # a third of the MDLM's: a fine-tune, not a restart
   if not answers_path.exists():
     lines = min(STUDENT_LINES, 4 * student.train.steps * student.train.batch_size)
@@ -196,9 +196,10 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair,
       Sampler("block", f"block-causal, cached, L={BLOCK}, tau=0.9", block_diffusion.sample,
               block_pair, block_diffusion.BlockConfig(BLOCK, rule("threshold"), cached=True)),
   ]
-  out += [Sampler("distilled", "k=8 (one call)", unmask.sample, student_pair, rule(k=8)),
-          Sampler("distilled", "k=1", unmask.sample, student_pair, rule(k=1)),
-          Sampler("distilled", "tau=0.9", unmask.sample, student_pair, rule("threshold"))]
+  out += [Sampler("distilled", "k=1", unmask.sample, student_pair, rule(k=1)),
+          Sampler("distilled", "k=8 (one call)", unmask.sample, student_pair, rule(k=8))]
+  out += [Sampler("distilled", f"tau={tau}", unmask.sample, student_pair,
+                  rule("threshold", threshold=tau)) for tau in (0.9, 0.7, 0.5)]
   for tau in (0.9, 0.7):
     out.append(Sampler("learned", f"tau={tau}", learned_unmask.sample, learned_pair,
                        learned_unmask.LearnedUnmaskConfig(tau)))
