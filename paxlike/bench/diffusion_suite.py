@@ -4,8 +4,8 @@ Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) 
 on it: a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model, a
 causal Llama (the EDLM energy and the judge of generative perplexity), the Learn2PD finality
 head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head) and a student
-MDLM self-distilled on the MDLM's own one-token-per-call answers (`paxlike.diffusion_teacher`),
-which decodes in one call. Every sampler
+MDLM self-distilled on the MDLM's own one-token-per-call answers (`paxlike.diffusion_teacher`)
+so that it decodes in fewer calls. Every sampler
 then answers the same held-out prompts of every task, each row a canvas of two corpus lines: a solved example
 of the task, then the prompt with its answer masked and the line's known padding. A row per
 sampler and task (and `all`) reports model calls per generated token, tokens/s (median of 3 after
