@@ -1,4 +1,4 @@
-"""A diffusion model's own answers, for self-distillation into a one-call decoder.
+"""A diffusion model's own answers, for self-distillation into a decoder that needs fewer calls.
 
 Unmasking every response position in one model call draws each position from its own marginal.
 On prompts with many correct answers (any permutation, any balanced bracket string) the marginals
