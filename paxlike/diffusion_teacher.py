@@ -39,6 +39,7 @@ from paxlike import atomic
 from paxlike import config as config_lib
 from paxlike import interchange
 from paxlike.errors import UserError, run_cli
+from paxlike.teacher_text import in_batches
 from paxlike.train import Trainer
 from samplers import unmask
 
@@ -53,14 +54,9 @@ def relabel(model, params, lines: np.ndarray, batch: int, seed: int = 0) -> np.n
                                                     model.config.response_after))
   canvas = np.where(redo, model.mask_id, lines).astype(np.int32)
   config = unmask.UnmaskConfig(k=1)
-  out = []
-  for first in range(0, len(canvas), batch):
-    chunk = canvas[first:first + batch]
-    padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])  # one shape
-    key = jax.random.fold_in(jax.random.key(seed), first)
-    tokens = unmask.sample(model, params, jnp.asarray(padded), key, config).tokens
-    out.append(np.asarray(tokens)[:len(chunk)])
-  return np.concatenate(out)
+  return in_batches(canvas, batch, lambda padded, first: unmask.sample(
+      model, params, jnp.asarray(padded), jax.random.fold_in(jax.random.key(seed), first),
+      config).tokens)
 
 
 def split_lines(stream: np.ndarray) -> list[np.ndarray]:

@@ -19,7 +19,8 @@ teacher:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 import jax
@@ -47,15 +48,24 @@ def continuations(model, params, tokens: np.ndarray, *, prompts: int, prompt_len
   starts = np.random.default_rng(seed).integers(0, len(tokens) - prompt_len, prompts)
   config = ar.ARConfig(max_new_tokens=new_tokens, sampling=SamplingParams(temperature=temperature))
   lengths = jnp.full([batch], prompt_len, jnp.int32)
+  windows = np.stack([tokens[s:s + prompt_len] for s in starts]).astype(np.int32)
+  generated = in_batches(windows, batch, lambda padded, first: ar.sample(
+      model, params, jnp.asarray(padded), lengths, jax.random.fold_in(jax.random.key(seed), first),
+      config).tokens)
+  return list(np.concatenate([windows, generated], axis=1))
+
+
+def in_batches(rows: np.ndarray, batch: int,
+               decode: Callable[[np.ndarray, int], Any]) -> np.ndarray:
+  """`decode(padded [batch, ...], first row index)` over `rows` in chunks of `batch` rows, the
+  last chunk padded with copies of its first row (one compiled shape); the results, unpadded,
+  concatenated."""
   out = []
-  for first in range(0, prompts, batch):
-    chunk = np.stack([tokens[s:s + prompt_len] for s in starts[first:first + batch]])
-    rows = len(chunk)
-    padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - rows, axis=0)])  # one shape
-    key = jax.random.fold_in(jax.random.key(seed), first)
-    generated = ar.sample(model, params, jnp.asarray(padded, jnp.int32), lengths, key, config)
-    out.extend(np.concatenate([chunk, np.asarray(generated.tokens)[:rows]], axis=1))
-  return out
+  for first in range(0, len(rows), batch):
+    chunk = rows[first:first + batch]
+    padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), axis=0)])
+    out.append(np.asarray(decode(padded, first))[:len(chunk)])
+  return np.concatenate(out)
 
 
 def write(workdir: str | Path, out: str | Path, prompts: int = 1536, prompt_len: int = 32,
