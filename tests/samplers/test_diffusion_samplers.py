@@ -178,7 +178,8 @@ def test_block_causal_cache_equals_cache_free():
 def test_assd_follows_the_joint_and_a_missing_residual_is_caught(fresh_trace):
   model = td.TabularAnySubset(VOCAB, LENGTH)
   params = model.params(JOINT)
-  for order, reuse in (("left_to_right", False), ("random", False), ("random", True)):
+  for order, reuse in (("left_to_right", False), ("left_to_right", True), ("random", False),
+                       ("random", True)):
     config = assd.ASSDConfig(num_draft_tokens=3, order=order, sampling=T1, reuse_drafts=reuse)
     tokens, stats = draw(lambda key: assd.sample(model, params, MASKS, key, config))
     assert p_value(tokens, JOINT)[0] > SIGNIFICANCE
