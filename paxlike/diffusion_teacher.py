@@ -27,10 +27,8 @@ student from the teacher on it:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,50 +46,13 @@ from samplers import unmask
 DENOISERS = ("mdlm", "learn2pd")  # kinds whose models `unmask.sample` decodes
 
 
-ACCEPT = 0.2  # a draft token stands where the teacher gives it at least this probability
-
-
-@functools.partial(jax.jit, static_argnames=("model", "draft_model"))
-def anchored_greedy(model, params, draft_model, draft_params, canvas: jax.Array,
-                    accept: float = ACCEPT) -> jax.Array:
-  """canvas [B, L] int32 -> [B, L] with every mask filled by the teacher (`model`) one token per
-  call, most confident first like greedy top-1 unmasking, except that a position's candidate is
-  the draft model's one-call argmax wherever the teacher, given what is committed so far, gives
-  it probability >= `accept` (else the teacher's argmax).
-
-  The answer is the teacher's (each token plausible to it given the ones before) and as near as
-  it can be to what the draft already says in one call, so a student trained on it has less to
-  learn than from the teacher's own arbitrary choice among equally good answers (which
-  permutation, which bracket string).
-  """
-  mask = model.mask_id
-  no_mask = lambda logits: logits.astype(jnp.float32).at[..., mask].set(-jnp.inf)
-  draft = jnp.argmax(no_mask(draft_model.denoise(draft_params, canvas)), axis=-1)
-  one = unmask.UnmaskConfig(k=1)
-
-  def body(tokens):
-    dist = jax.nn.softmax(no_mask(model.denoise(params, tokens)), axis=-1)
-    draft_prob = jnp.take_along_axis(dist, draft[..., None], axis=-1)[..., 0]
-    candidates = jnp.where(draft_prob >= accept, draft, jnp.argmax(dist, axis=-1))
-    conf = jnp.take_along_axis(dist, candidates[..., None], axis=-1)[..., 0]
-    eligible = tokens == mask
-    return jnp.where(unmask.commit_mask(one, conf, eligible), candidates, tokens)
-
-  return jax.lax.while_loop(lambda t: jnp.any(t == mask), body, canvas.astype(jnp.int32))
-
-
-def relabel(model, params, lines: np.ndarray, batch: int, seed: int = 0,
-            draft: tuple[Any, Any] | None = None, accept: float = ACCEPT) -> np.ndarray:
+def relabel(model, params, lines: np.ndarray, batch: int, seed: int = 0) -> np.ndarray:
   """lines [N, W] int32 (corpus lines of one length) -> [N, W] with each line's response
-  positions re-answered by the model given that line alone, `batch` rows per compiled call: its
-  greedy exact-order top-1 unmasking, or with `draft` = (model, params) of a student its
-  `anchored_greedy` answer near the student's one-call draft."""
+  positions re-answered by the model's greedy exact-order top-1 unmasking given that line alone,
+  `batch` rows per compiled call."""
   redo = np.asarray(conditioning.response_positions(jnp.asarray(lines),
                                                     model.config.response_after))
   canvas = np.where(redo, model.mask_id, lines).astype(np.int32)
-  if draft is not None:
-    return in_batches(canvas, batch, lambda padded, _: anchored_greedy(
-        model, params, draft[0], draft[1], jnp.asarray(padded), accept))
   config = unmask.UnmaskConfig(k=1)
   return in_batches(canvas, batch, lambda padded, first: unmask.sample(
       model, params, jnp.asarray(padded), jax.random.fold_in(jax.random.key(seed), first),
@@ -106,8 +67,7 @@ def split_lines(stream: np.ndarray) -> list[np.ndarray]:
 
 
 def answer_lines(model, params, stream: np.ndarray, codec: interchange.TextCodec, batch: int,
-                 seed: int = 0, draft: tuple[Any, Any] | None = None,
-                 accept: float = ACCEPT) -> tuple[np.ndarray, int, int]:
+                 seed: int = 0) -> tuple[np.ndarray, int, int]:
   """(the stream with every line's response re-answered by `relabel`, lines re-answered, lines
   that kept their own answer because the teacher's was not clean text). Lines of equal length
   are decoded together (one compile per length); lines without a response, or longer than the
@@ -122,7 +82,7 @@ def answer_lines(model, params, stream: np.ndarray, codec: interchange.TextCodec
   answered = kept = 0
   for width, indices in by_length.items():
     new = relabel(model, params, np.stack([lines[i] for i in indices]), min(batch, len(indices)),
-                  seed + width, draft, accept)
+                  seed + width)
     for i, row in zip(indices, new):
       text = codec.decode(row)
       if "\x00" in text or "\n" in text[:-1] or not np.array_equal(codec.encode(text), row):
@@ -132,50 +92,28 @@ def answer_lines(model, params, stream: np.ndarray, codec: interchange.TextCodec
   return np.concatenate(lines), answered, kept
 
 
-def _denoiser(workdir: str | Path, role: str) -> Trainer:
-  """The trainer of the conditional masked-diffusion run in `workdir`, or a clear error."""
+def write(workdir: str | Path, out: str | Path, lines: int = 0, batch: int = 256,
+          seed: int = 0) -> tuple[Path, int, int]:
+  """Writes the first `lines` lines (all when 0) of the training split of the conditional
+  masked-diffusion model trained in `workdir` (its latest checkpoint), their responses
+  re-answered by it (`answer_lines`), to `out`, atomically. Returns (path, lines re-answered,
+  lines that kept their own answer)."""
   trainer = Trainer.from_workdir(workdir, config_lib.MeshConfig(), log=lambda _: None)
   model_config = trainer.exp.model
   if model_config.kind not in DENOISERS or not model_config.response_after:
-    raise UserError(f"self-distillation needs a conditional masked-diffusion {role} (model.kind "
-                    f"one of {', '.join(DENOISERS)} with model.response_after set); "
+    raise UserError(f"self-distillation answers need a conditional masked-diffusion model "
+                    f"(model.kind one of {', '.join(DENOISERS)} with model.response_after set); "
                     f"{str(workdir)!r} holds a {model_config.kind!r} model with response_after "
                     f"{model_config.response_after!r}")
-  return trainer
-
-
-def write(workdir: str | Path, out: str | Path, lines: int = 0, batch: int = 256,
-          seed: int = 0, draft_workdir: str | Path | None = None,
-          accept: float = ACCEPT) -> tuple[Path, int, int]:
-  """Writes the first `lines` lines (all when 0) of the training split of the conditional
-  masked-diffusion model trained in `workdir` (its latest checkpoint), their responses
-  re-answered by it (`answer_lines`), to `out`, atomically. With `draft_workdir` (a student
-  fine-tuned from it, same vocabulary) each answer is the teacher's anchored on the student's
-  one-call draft (`anchored_greedy`, draft tokens kept at teacher probability >= `accept`): the
-  corpus of a second round of distillation. Returns (path, lines re-answered, lines that kept
-  their own answer)."""
-  trainer = _denoiser(workdir, "teacher")
-  if lines < 0 or batch < 1 or not 0 < accept <= 1:
-    raise UserError(f"lines must be >= 0 (0: all), batch >= 1 and accept in (0, 1], got "
-                    f"{lines}, {batch} and {accept}")
-  draft = None
-  if draft_workdir:
-    student = _denoiser(draft_workdir, "draft")
-    if (student.model.vocab_size, student.model.mask_id) != (trainer.model.vocab_size,
-                                                             trainer.model.mask_id):
-      raise UserError(f"the draft in {str(draft_workdir)!r} has vocabulary "
-                      f"{student.model.vocab_size} (mask {student.model.mask_id}), the teacher "
-                      f"{trainer.model.vocab_size} (mask {trainer.model.mask_id}); use a student "
-                      f"fine-tuned from the teacher")
-    draft = (student.model, student.restore_params()[0])
+  if lines < 0 or batch < 1:
+    raise UserError(f"lines must be >= 0 (0: all) and batch >= 1, got {lines} and {batch}")
   stream = trainer.corpus.train
   if lines:
     ends = np.flatnonzero(stream == conditioning.NEWLINE_ID)
     stream = stream[:ends[lines - 1] + 1] if len(ends) >= lines else stream
   params, _ = trainer.restore_params()
-  codec = interchange.text_codec(trainer.exp.model)
-  answered_stream, answered, kept = answer_lines(trainer.model, params, stream, codec, batch, seed,
-                                                 draft, accept)
+  codec = interchange.text_codec(model_config)
+  answered_stream, answered, kept = answer_lines(trainer.model, params, stream, codec, batch, seed)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   atomic.write_text(out, codec.decode(answered_stream))
@@ -188,8 +126,7 @@ def main(argv: Sequence[str]) -> int:
   f = flags.FLAGS
 
   def job() -> str:
-    path, answered, kept = write(f.workdir, f.out, f.lines, f.batch, f.seed, f.draft_workdir,
-                                 f.accept)
+    path, answered, kept = write(f.workdir, f.out, f.lines, f.batch, f.seed)
     return (f"wrote {path}: {answered} lines re-answered, {kept} kept their own answer (the "
             f"teacher's was not clean text)")
   return run_cli(job)
@@ -202,8 +139,4 @@ if __name__ == "__main__":
   flags.DEFINE_integer("lines", 0, "Lines of the training split to re-answer (0: all).")
   flags.DEFINE_integer("batch", 256, "Rows per compiled sampler call.")
   flags.DEFINE_integer("seed", 0, "Seed of the sampler (greedy: only ties).")
-  flags.DEFINE_string("draft_workdir", None, "A student fine-tuned from the teacher: anchor each "
-                      "answer on its one-call draft (a second round of distillation).")
-  flags.DEFINE_float("accept", ACCEPT, "Keep a draft token where the teacher gives it at least "
-                     "this probability.")
   app.run(main)

@@ -91,18 +91,11 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   answers_path = root / "self_answers.txt"
   student = experiment("tasks_mdlm_student", "mdlm", answers_path, part(2), mdlm_dir,
                        learning_rate=1e-3)  # a third of the MDLM's: a fine-tune, not a restart
-  lines = min(STUDENT_LINES, 4 * student.train.steps * student.train.batch_size)
   if not answers_path.exists():
+    lines = min(STUDENT_LINES, 4 * student.train.steps * student.train.batch_size)
     print(f"writing the MDLM's own answers to {lines} training lines", flush=True)
     diffusion_teacher.write(mdlm_dir, answers_path, lines)
-  trained(student, root / student.name)
-  anchored_path = root / "anchored_answers.txt"
-  if not anchored_path.exists():
-    print("writing the MDLM's answers anchored on the student's one-call drafts", flush=True)
-    diffusion_teacher.write(mdlm_dir, anchored_path, lines, draft_workdir=root / student.name)
-  second = experiment("tasks_mdlm_student2", "mdlm", anchored_path, part(4), root / student.name,
-                      learning_rate=1e-3)
-  pairs["mdlm_student"] = trained(second, root / second.name)
+  pairs["mdlm_student"] = trained(student, root / student.name)
   return pairs
 
 
