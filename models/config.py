@@ -57,6 +57,10 @@ class ModelConfig:
       divide max_len.
     diffusion_schedule: the masking schedule alpha_t of "mdlm"/"learn2pd": "loglinear"
       (alpha_t = 1 - t) or "cosine" (alpha_t = cos(pi t / 2)).
+    diffusion_min_t: "mdlm" training draws t from (diffusion_min_t, 1]. The default, 1e-3, keeps
+      the loss the continuous-time ELBO bar the rare, heavily weighted t near 0. A student for
+      few-call decoding raises it (0.9: responses nearly all masked, the state one-call
+      unmasking starts from) and trades the bound for more training on that state.
     response_after: "mdlm"/"asarm"/"learn2pd" conditional training (`models.conditioning`): one
       ASCII character; on each line the tokens after it are the response, the only ones noised,
       ordered or generated in training; the rest is the always-clean prompt. "" trains the
@@ -98,6 +102,7 @@ class ModelConfig:
   mask_id: int = 259
   block_size: int = 0
   diffusion_schedule: str = "loglinear"
+  diffusion_min_t: float = 1e-3
   response_after: str = ""
   finality_dim: int = 64
   finality_steps: int = 8
@@ -150,6 +155,9 @@ class ModelConfig:
     if self.diffusion_schedule not in DIFFUSION_SCHEDULES:
       raise ValueError(f"model.diffusion_schedule={self.diffusion_schedule!r} is unknown; valid: "
                        f"{', '.join(DIFFUSION_SCHEDULES)}")
+    if not 0 <= self.diffusion_min_t < 1:
+      raise ValueError(f"model.diffusion_min_t={self.diffusion_min_t} must be in [0, 1): training "
+                       f"draws t from (diffusion_min_t, 1]")
     if self.block_size < 0 or (self.block_size and self.max_len % self.block_size):
       raise ValueError(f"model.block_size={self.block_size} must be 0 (bidirectional) or a "
                        f"positive divisor of model.max_len={self.max_len}")

@@ -38,9 +38,9 @@ from models.kv_cache import KVCache
 from models.llama import Transformer
 from models.losses import next_token_nll
 
-# Training draws t from (T_FLOOR, 1]: near t = 0 almost nothing is masked while w(t) ~ 1/t, a rare
-# huge-weight term that only adds gradient variance (MDLM's sampling eps). Eval uses (0, 1].
-T_FLOOR = 1e-3
+# Training draws t from (model.diffusion_min_t, 1], default 1e-3: near t = 0 almost nothing is
+# masked while w(t) ~ 1/t, a rare huge-weight term that only adds gradient variance (MDLM's
+# sampling eps). Eval uses (0, 1].
 
 
 def subs_log_probs(logits: jax.Array, tokens: jax.Array, mask_id: int) -> jax.Array:
@@ -166,11 +166,11 @@ class MaskedDiffusionLM(TransformerModel):
   def loss(self, params, batch: jax.Array, key: jax.Array, teacher_logits: jax.Array | None = None,
            distill_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """ELBO per (noisable) token, nats, of the first L tokens of batch [B, L + 1], t from
-    (T_FLOOR, 1]."""
+    (model.diffusion_min_t, 1]."""
     del distill_weight
     reject_teacher(teacher_logits)
     tokens = batch[:, :-1]
-    rows, metrics = self.elbo(params, tokens, key, T_FLOOR)
+    rows, metrics = self.elbo(params, tokens, key, self.config.diffusion_min_t)
     return jnp.sum(rows) / self._noisable_count(tokens), metrics
 
   def eval_nll(self, params, batch: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:

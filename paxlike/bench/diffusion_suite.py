@@ -4,10 +4,10 @@ Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) 
 on it: a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model, a
 causal Llama (the EDLM energy and the judge of generative perplexity), the Learn2PD finality
 head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head) and a student
-MDLM self-distilled on the MDLM's own one-token-per-call answers (`paxlike.diffusion_teacher`)
-so that it decodes in fewer calls. Every sampler
-then answers the same held-out prompts of every task, each row a canvas of two corpus lines: a solved example
-of the task, then the prompt with its answer masked and the line's known padding. A row per
+MDLM self-distilled on the MDLM's own one-token-per-call answers (`paxlike.diffusion_teacher`),
+then on nearly fully masked answers, so that it decodes in fewer calls. Every sampler then
+answers the same held-out prompts of every task, each row a canvas of two corpus lines: a solved
+example of the task, then the prompt with its answer masked and the line's known padding. A row per
 sampler and task (and `all`) reports model calls per generated token, tokens/s (median of 3 after
 a compile warm-up), task accuracy beside the task's chance levels, the AR model's perplexity of
 the answers, and for block decoding the cached result's deviation from the cache-free one (exact
@@ -38,6 +38,7 @@ CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
 BLOCK = 8  # block length of block decoding and of the block-causal model; divides LINE_WIDTH
 SEQ_LEN = 2 * tasks.LINE_WIDTH  # training windows of 2 whole lines, aligned with line starts
 STUDENT_LINES = 100_000  # the most teacher-answered lines the student trains on
+ONE_CALL_MIN_T = 0.9  # the student's second stage: responses >= 90% masked (one-call states)
 AR_STEPS = 3000  # the causal judge and EDLM energy; a 2-layer one solves sort by 700 steps
 SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block", "distilled",
                  "learned", "edlm", "assd")  # the `sampler` of the rows (`samplers`)
@@ -75,7 +76,10 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   head for steps // 16. The student is fine-tuned from the MDLM for steps // 2 at a third of its
   learning rate on the first 4 * student steps * batch lines of the corpus (at most
   STUDENT_LINES), each answered by the MDLM's greedy top-1 unmasking given its prompt alone
-  (`diffusion_teacher`; written once to `root`/<steps>_steps/self_answers.txt)."""
+  (`diffusion_teacher`; written once to `root`/<steps>_steps/self_answers.txt), then for steps // 4
+  more on the same answers with t drawn from (ONE_CALL_MIN_T, 1] (`model.diffusion_min_t`): the
+  nearly fully masked responses that few-call decoding starts from, which plain MDLM training
+  visits rarely (all 4 positions of an answer masked: 20% of rows at t ~ U(0, 1))."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
@@ -95,7 +99,10 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
     lines = min(STUDENT_LINES, 4 * student.train.steps * student.train.batch_size)
     print(f"writing the MDLM's own answers to {lines} training lines", flush=True)
     diffusion_teacher.write(mdlm_dir, answers_path, lines)
-  pairs["mdlm_student"] = trained(student, root / student.name)
+  trained(student, root / student.name)
+  focused = experiment("tasks_mdlm_student_onecall", "mdlm", answers_path, part(4),
+                       root / student.name, learning_rate=1e-3, diffusion_min_t=ONE_CALL_MIN_T)
+  pairs["mdlm_student"] = trained(focused, root / focused.name)
   return pairs
 
 
@@ -200,6 +207,8 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair,
           Sampler("distilled", "k=8 (one call)", unmask.sample, student_pair, rule(k=8))]
   out += [Sampler("distilled", f"tau={tau}", unmask.sample, student_pair,
                   rule("threshold", threshold=tau)) for tau in (0.9, 0.7, 0.5)]
+  out.append(Sampler("distilled", "margin >= 0.2", unmask.sample, student_pair,
+                     rule("threshold", threshold=0.2, confidence="margin")))
   for tau in (0.9, 0.7):
     out.append(Sampler("learned", f"tau={tau}", learned_unmask.sample, learned_pair,
                        learned_unmask.LearnedUnmaskConfig(tau)))

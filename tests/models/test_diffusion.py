@@ -173,10 +173,21 @@ def test_bidirectional_denoiser_sees_the_whole_sequence():
     ("block_size", 3, "block_size=3 must be 0 .* divisor of model.max_len=8"),
     ("mask_id", 5, "mask_id=5 is not a token id"),
     ("attention", "ring", "needs model.attention='dense'"),
+    ("diffusion_min_t", 1.0, "diffusion_min_t=1.0 must be in \\[0, 1\\)"),
 ])
 def test_bad_config_is_named(field, value, message):
   with pytest.raises(ValueError, match=message):
     MaskedDiffusionLM(dataclasses.replace(TINY, **{field: value}))
+
+
+def test_min_t_trains_on_nearly_fully_masked_rows():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, MASK, (256, 9)), jnp.int32)
+  rates = {}
+  for min_t in (1e-3, 0.9):
+    model = MaskedDiffusionLM(dataclasses.replace(TINY, diffusion_min_t=min_t))
+    _, metrics = model.loss(random_params(model), tokens, jax.random.key(0))
+    rates[min_t] = float(metrics["mask_rate"])
+  assert abs(rates[1e-3] - 0.5) < 0.05 and rates[0.9] > 0.93  # t uniform on (min_t, 1]
 
 
 def test_teacher_distillation_is_refused():
