@@ -23,6 +23,10 @@ student from the teacher on it:
   python -m paxlike.diffusion_teacher --workdir=runs/mdlm --out=runs/mdlm/self_answers.txt
   python -m paxlike.main --exp=... --workdir=runs/mdlm_student \
     --set data.path=runs/mdlm/self_answers.txt --set train.init_from=runs/mdlm
+
+and then, for the fewest calls, once more on the same file from that student with
+`--set model.diffusion_min_t=0.9` (training on nearly fully masked answers, the state one-call
+decoding starts from; `paxlike.bench diffusion` measures both stages).
 """
 
 from __future__ import annotations

@@ -38,6 +38,8 @@ def test_diffusion_suite_rows(tmp_path, capsys):
   assert reuse and all(r["exact"] for r in reuse)
   config = report["config"]["models"]
   assert config["asarm"]["response_after"] == "=" and config["mdlm_block"]["block_size"] == 8
+  assert config["mdlm_student"]["diffusion_min_t"] == diffusion_suite.ONE_CALL_MIN_T  # stage 2
+  assert config["mdlm_student_stage1"]["diffusion_min_t"] == config["mdlm"]["diffusion_min_t"]
   student = (tmp_path / "diffusion" / "8_steps" / "self_answers.txt").read_bytes()
   assert len(student) % diffusion_suite.SEQ_LEN == 0  # whole windows of the teacher's answers
   with pytest.raises(UserError, match="unknown sampler"):
@@ -45,3 +47,11 @@ def test_diffusion_suite_rows(tmp_path, capsys):
   capsys.readouterr()
   diffusion_suite.models(tmp_path / "diffusion", tmp_path / "diffusion" / "tasks_200000.txt", 8)
   assert "training" not in capsys.readouterr().out  # the suite's model cache is reused
+
+
+def test_prompt_seed_draws_other_prompts_of_the_same_shape():
+  task = tasks.get(["perm"])[0]
+  canvas, prompts = diffusion_suite.canvases(task, 8, mask_id=259)
+  other, other_prompts = diffusion_suite.canvases(task, 8, mask_id=259, seed=30_000)
+  assert canvas.shape == other.shape and set(prompts) != set(other_prompts)
+  assert prompts == [p for p, _ in task.examples(8, seed=diffusion_suite.PROMPT_SEED)]
