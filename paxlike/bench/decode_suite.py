@@ -62,13 +62,16 @@ def prompts(batch: int, length: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
 def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
         batches: tuple[int, ...] = (1, 8), repeats: int = 9,
-        train_steps: tuple[int, int] | None = None) -> dict[str, Any]:
-  """Runs the suite; `train_steps` (target, draft) shortens training (tests, smoke runs)."""
+        train_steps: tuple[int, int] | None = None,
+        target_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Runs the suite; `train_steps` (target, draft) shortens training and `target_overrides`
+  (`--set`-style, e.g. a smaller model.d_model) reshape the target (tests, smoke runs)."""
   registry.load_modules()
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
   short = lambda n: [f"train.steps={n}", f"checkpoint.every_steps={n}"] if n else []
   target_steps, draft_steps = train_steps or (0, 0)
-  target = trained("pair_target", root / "pair_target", short(target_steps))
+  target = trained("pair_target", root / "pair_target",
+                   [*short(target_steps), *target_overrides])
   text = root / "pair_target" / "teacher_text.txt"
   if not text.exists():
     print(f"writing the target's continuations to {text} (cached for later runs)", flush=True)

@@ -231,6 +231,18 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair, student_p
   return out
 
 
+def selection(only: tuple[str, ...]) -> Any:
+  """A filter of `Sampler`s: every one when `only` is empty, else those whose name or
+  "name/setting" (`--samplers "distilled/margin >= 0.25"`: one row) is in `only`; UserError
+  naming the valid choices when one matches nothing."""
+  unbound = samplers(*[(None, None)] * 7)  # names and settings only: no model is needed
+  valid = set(SAMPLER_NAMES) | {f"{s.name}/{s.setting}" for s in unbound}
+  if set(only) - valid:
+    raise UserError(f"unknown sampler(s) {', '.join(sorted(set(only) - valid))}; valid: a name "
+                    f"({', '.join(SAMPLER_NAMES)}) or name/setting, e.g. topk/k=1")
+  return lambda s: not only or s.name in only or f"{s.name}/{s.setting}" in only
+
+
 def cache_free(s: Sampler) -> Sampler:
   """The same block sampler without the prefix cache."""
   return dataclasses.replace(s, config=dataclasses.replace(s.config, cached=False))
@@ -242,9 +254,7 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   """Runs the suite; `examples` prompts per task drawn with `prompt_seed` (another seed: other
   prompts, to choose settings on without touching the reported ones), `train_steps` of the MDLM
   (`models`; tests: fewer); `only` keeps the samplers of these names (all when empty)."""
-  if set(only) - set(SAMPLER_NAMES):
-    raise UserError(f"unknown sampler(s) {', '.join(sorted(set(only) - set(SAMPLER_NAMES)))}; "
-                    f"valid: {', '.join(SAMPLER_NAMES)}")
+  keep = selection(only)  # checked before any training
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser() / "diffusion"
   corpus = root / f"tasks_{CORPUS_LINES}.txt"
   if not corpus.exists():
@@ -259,7 +269,7 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   shape = next(iter(batches.values()))[0]
   chosen = samplers(*(trained_models[k] for k in ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd",
                                                   "mdlm_student", "mdlm_student_stage1")))
-  for s in [s for s in chosen if not only or s.name in only]:  # names checked before training
+  for s in [s for s in chosen if keep(s)]:
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if s.name == "block" else None
     totals = dict(correct=0, count=0, generated=0, calls=0.0, energy=0.0, wall=0.0, nll=0.0,

@@ -10,8 +10,9 @@ from paxlike.bench import decode_suite
 @pytest.mark.slow
 def test_decode_suite_rows(tmp_path, capsys):
   out = tmp_path / "decode.json"
+  small = ("model.num_layers=2", "model.d_model=128", "model.num_heads=4", "model.mlp_dim=256")
   report = decode_suite.run(str(tmp_path / "cache"), str(out), max_new_tokens=12, batches=(3,),
-                            repeats=2, train_steps=(3, 2))
+                            repeats=2, train_steps=(3, 2), target_overrides=small)
   assert json.loads(out.read_text())["suite"] == "decode"
   rows = report["rows"]
   assert {r["sampler"] for r in rows} == {"ar", *decode_suite.SAMPLERS}
@@ -25,7 +26,7 @@ def test_decode_suite_rows(tmp_path, capsys):
     if row["temperature"] == 0.0:
       assert row["greedy_equal_ar"] or row["near_ties"] > 0, row
   capsys.readouterr()
-  overrides = ["train.steps=3", "checkpoint.every_steps=3"]
+  overrides = ["train.steps=3", "checkpoint.every_steps=3", *small]
   cached = decode_suite.trained("pair_target", tmp_path / "cache" / "pair_target", overrides)
   assert "training" not in capsys.readouterr().out  # the suite's model cache is reused
   assert cached.restore_params()[1] == 3

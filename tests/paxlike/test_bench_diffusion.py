@@ -12,12 +12,15 @@ from paxlike.errors import UserError
 @pytest.mark.slow
 def test_diffusion_suite_rows(tmp_path, capsys):
   out = tmp_path / "diffusion.json"
+  chosen = ("topk/k=1", "topk/k=8 (one call)", "block/block-causal, cached, L=8, k=1",
+            "learned/tau=0.9", "assd/g=4, reuse, T=1", "edlm/S=1, K=8, T=1", "distilled/k=1",
+            "distilled/k=8 (one call)", "distilled/margin >= 0.25")  # one row per property
   report = diffusion_suite.run(str(tmp_path), str(out), examples=2, train_steps=8, repeats=1,
-                               only=("topk", "block", "learned", "assd", "edlm", "distilled"))
+                               only=chosen)
   assert json.loads(out.read_text())["suite"] == "diffusion"
   rows = report["rows"]
   names = {t.name for t in tasks.get()} | {"all"}
-  assert {r["sampler"] for r in rows} == {"topk", "block", "learned", "assd", "edlm", "distilled"}
+  assert {f"{r['sampler']}/{r['setting']}" for r in rows} == set(chosen)
   assert {r["task"] for r in rows} == names
   for row in rows:
     assert 0.0 <= row["task_accuracy"] <= 1.0 and row["tokens_per_call"] > 0, row
