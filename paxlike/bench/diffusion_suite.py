@@ -38,6 +38,8 @@ CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
 BLOCK = 8  # block length of block decoding and of the block-causal model; divides LINE_WIDTH
 SEQ_LEN = 2 * tasks.LINE_WIDTH  # training windows of 2 whole lines, aligned with line starts
 STUDENT_LINES = 100_000  # the most teacher-answered lines the student trains on
+SAMPLER_MODELS = ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd", "mdlm_student",
+                  "mdlm_student_stage1")  # the `models` that `samplers` takes, in order
 PROMPT_SEED = 10_000  # the held-out prompts of the rows (the corpus is drawn with seed 0)
 ONE_CALL_MIN_T = 0.9  # the student's second stage: responses >= 90% masked (one-call states)
 AR_STEPS = 3000  # the causal judge and EDLM energy; a 2-layer one solves sort by 700 steps
@@ -235,7 +237,7 @@ def selection(only: tuple[str, ...]) -> Any:
   """A filter of `Sampler`s: every one when `only` is empty, else those whose name or
   "name/setting" (`--samplers "distilled/margin >= 0.25"`: one row) is in `only`; UserError
   naming the valid choices when one matches nothing."""
-  unbound = samplers(*[(None, None)] * 7)  # names and settings only: no model is needed
+  unbound = samplers(*[(None, None)] * len(SAMPLER_MODELS))  # names and settings: no model
   valid = set(SAMPLER_NAMES) | {f"{s.name}/{s.setting}" for s in unbound}
   if set(only) - valid:
     raise UserError(f"unknown sampler(s) {', '.join(sorted(set(only) - valid))}; valid: a name "
@@ -253,7 +255,7 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
         prompt_seed: int = PROMPT_SEED) -> dict[str, Any]:
   """Runs the suite; `examples` prompts per task drawn with `prompt_seed` (another seed: other
   prompts, to choose settings on without touching the reported ones), `train_steps` of the MDLM
-  (`models`; tests: fewer); `only` keeps the samplers of these names (all when empty)."""
+  (`models`; tests: fewer); `only` keeps some samplers (`selection`; all when empty)."""
   keep = selection(only)  # checked before any training
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser() / "diffusion"
   corpus = root / f"tasks_{CORPUS_LINES}.txt"
@@ -267,8 +269,7 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   batches = {t.name: canvases(t, examples, mask_id, prompt_seed) for t in suite}
   rows = []
   shape = next(iter(batches.values()))[0]
-  chosen = samplers(*(trained_models[k] for k in ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd",
-                                                  "mdlm_student", "mdlm_student_stage1")))
+  chosen = samplers(*(trained_models[k] for k in SAMPLER_MODELS))
   for s in [s for s in chosen if keep(s)]:
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if s.name == "block" else None
