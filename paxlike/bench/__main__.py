@@ -27,8 +27,8 @@ flags.DEFINE_integer("train_steps", 24000, "Training steps of the masked-diffusi
 flags.DEFINE_list("samplers", [], "Sampler names to run, e.g. topk,distilled (diffusion suite; "
                   "default all).")
 flags.DEFINE_integer("examples", 64, "Held-out prompts per task (diffusion suite).")
-flags.DEFINE_integer("prompt_seed", 10_000, "Seed of the held-out prompts (diffusion suite); "
-                     "another seed gives other prompts to choose settings on.")
+flags.DEFINE_integer("prompt_seed", None, "Seed of the held-out prompts (diffusion suite; default "
+                     "the reported ones); another seed gives other prompts to choose settings on.")
 flags.DEFINE_integer("prompts_per_task", 8, "Held-out prompts per task, 64 samples each (scaling "
                      "suite).")
 flags.DEFINE_integer("threads", 2, "CPU threads for both systems (compare-hf suite): the process "
@@ -62,7 +62,9 @@ def main(argv: list[str]) -> int:
                        tuple(int(b) for b in FLAGS.batches))
     elif argv[1] == "diffusion":
       diffusion_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.examples, FLAGS.train_steps,
-                          only=tuple(FLAGS.samplers), prompt_seed=FLAGS.prompt_seed)
+                          only=tuple(FLAGS.samplers),
+                          prompt_seed=diffusion_suite.PROMPT_SEED if FLAGS.prompt_seed is None
+                          else FLAGS.prompt_seed)
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":
