@@ -175,6 +175,8 @@ class SamplerConfig:
       (threshold 1 - 1/(N + 1): equals one-token-at-a-time greedy).
     unmask_confidence: "max_prob", "margin", "entropy", "sampled", "random" or "left_to_right".
     unmask_k, unmask_threshold, unmask_factor: the rules' parameters.
+    unmask_slots: "unmask" only: prompts per model call with continuous batching (a finished
+      row's slot takes the next prompt; `samplers.refill`); 0: all prompts in one batch.
     block_length, block_cached: "block" decoding's block and whether finished blocks are cached.
     num_candidates: K, candidates per "edlm" step.
     assd_order: "left_to_right" or "random", the generation order of "assd".
@@ -225,6 +227,7 @@ class SamplerConfig:
   unmask_k: int = 1
   unmask_threshold: float = 0.9
   unmask_factor: float = 1.0
+  unmask_slots: int = 0
   block_length: int = 16
   block_cached: bool = True
   num_candidates: int = 4
@@ -326,6 +329,9 @@ def validate(exp: Experiment) -> Experiment:
        f"sampler.diffusion_steps must be >= 1, got {exp.sampler.diffusion_steps}"),
       (0.0 < exp.sampler.unmask_threshold <= 1.0,
        f"sampler.unmask_threshold must be in (0, 1], got {exp.sampler.unmask_threshold}"),
+      (exp.sampler.unmask_slots >= 0,
+       f"sampler.unmask_slots must be >= 1, or 0 for all prompts at once; got "
+       f"{exp.sampler.unmask_slots}"),
       (0.0 < exp.sampler.finality_threshold <= 1.0,
        f"sampler.finality_threshold must be in (0, 1], got {exp.sampler.finality_threshold}"),
       (exp.sampler.block_length >= 1,

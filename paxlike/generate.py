@@ -11,6 +11,8 @@ the first eos they produced.
 
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from typing import Any
 
@@ -71,7 +73,8 @@ def _diffusion_sampler(cfg: SamplerConfig, max_new: int, sampling: SamplingParam
     return mdlm.sample, (model, params), mdlm.AncestralConfig(cfg.diffusion_steps,
                                                               cfg.noise_schedule, sampling)
   if cfg.kind == "unmask":
-    return unmask.sample, (model, params), rule
+    return unmask.sample, (model, params), dataclasses.replace(rule,
+                                                               slots=cfg.unmask_slots or None)
   if cfg.kind == "learned_unmask":
     codec = interchange.text_codec(model.config)
     return learned_unmask.sample, (model, params), learned_unmask.LearnedUnmaskConfig(

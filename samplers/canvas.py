@@ -64,11 +64,14 @@ def check_model(model, canvas: jax.Array) -> None:
 
 
 def output(canvas: jax.Array, tokens: jax.Array, mask_id: int, calls: jax.Array,
-           **extra: jax.Array) -> SampleOutput:
-  """The SampleOutput of a diffusion sampler: the completed canvas and its statistics."""
+           rows_per_call: int | None = None, **extra: jax.Array) -> SampleOutput:
+  """The SampleOutput of a diffusion sampler: the completed canvas and its statistics.
+
+  `calls` model calls of `rows_per_call` rows each (default: the whole batch, B)."""
   lengths = jnp.sum(canvas == mask_id, axis=1).astype(jnp.int32)
   generated = jnp.sum(lengths)
-  stats = {"model_calls": calls, "generated_tokens": generated,
-           "tokens_per_call": generated / jnp.maximum(canvas.shape[0] * calls, 1).astype(
-               jnp.float32), **extra}
+  rows = canvas.shape[0] if rows_per_call is None else rows_per_call
+  stats = {"model_calls": calls, "rows_per_call": jnp.int32(rows), "generated_tokens": generated,
+           "tokens_per_call": generated / jnp.maximum(rows * calls, 1).astype(jnp.float32),
+           **extra}
   return SampleOutput(tokens=tokens, lengths=lengths, stats=stats)

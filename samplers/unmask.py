@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from samplers import canvas as canvas_lib
-from samplers import rng
+from samplers import refill, rng
 from samplers.denoiser_protocol import Denoiser
 from samplers.logits import SamplingParams, probs
 from samplers.protocol import SampleOutput
@@ -51,6 +51,9 @@ class UnmaskConfig:
     confidence: one of CONFIDENCES; the threshold rules need a probability ("max_prob", "margin"
       or "sampled"), "greedy_safe" needs "max_prob".
     sampling: how candidates are drawn (temperature 0: argmax).
+    slots: rows per model call (continuous batching, `samplers.refill`): a finished row's slot
+      takes the next waiting canvas, so calls follow each row's own count rather than the
+      batch's slowest row. None: every row in one batch. Rows get the same tokens either way.
   """
 
   rule: str = "topk"
@@ -59,6 +62,7 @@ class UnmaskConfig:
   factor: float = 1.0
   confidence: str = "max_prob"
   sampling: SamplingParams = SamplingParams(temperature=0.0)
+  slots: int | None = None
 
   def __post_init__(self):
     if self.rule not in RULES:
@@ -70,6 +74,9 @@ class UnmaskConfig:
       raise ValueError(f"k (tokens per step) must be >= 1, got {self.k}")
     if not 0 < self.threshold <= 1:
       raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+    if self.slots is not None and self.slots < 1:
+      raise ValueError(f"slots (rows per model call) must be >= 1 or None (all rows), got "
+                       f"{self.slots}")
     if self.factor <= 0:
       raise ValueError(f"factor must be > 0, got {self.factor}")
     if self.rule != "topk" and self.confidence not in _PROBABILITY_LIKE:
@@ -153,26 +160,21 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
     config: static `UnmaskConfig`.
   Returns:
     SampleOutput with tokens [B, L] (the completed canvas, no mask left), lengths [B] (masks
-    filled per row); stats `model_calls` (= steps), `generated_tokens`, `tokens_per_call` and
-    `row_model_calls` (steps summed over rows, each row counted until its last mask is filled:
-    what decoding each row alone, at batch 1, would cost).
+    filled per row); stats `model_calls` (calls of the batch: the steps, or with `slots` the
+    passes over them), `rows_per_call` (B, or the slots), `generated_tokens`, `tokens_per_call`
+    (generated / (rows_per_call * model_calls)) and `row_model_calls` (calls summed over rows,
+    each row counted until its last mask is filled: what decoding each row alone, at batch 1,
+    would cost).
   """
   canvas_lib.check_model(model, canvas)
   batch, length = canvas.shape
-  keys = rng.row_keys(key, batch)
-  shape = (length, model.vocab_size + 1)
+  slots = min(config.slots or batch, batch)
 
-  def body(state):
-    tokens, steps, row_calls = state
-    eligible = tokens == model.mask_id
-    u = canvas_lib.step_uniforms(keys, steps, shape)
-    logits = model.denoise(params, tokens)
-    row_calls += jnp.any(eligible, axis=1).astype(jnp.int32)
-    return step(config, logits, tokens, eligible, model.mask_id, u), steps + 1, row_calls
+  def one_call(tokens, eligible, u):
+    return step(config, model.denoise(params, tokens), tokens, eligible, model.mask_id, u)
 
-  tokens, steps, row_calls = jax.lax.while_loop(
-      lambda s: jnp.any(s[0] == model.mask_id), body,
-      (canvas.astype(jnp.int32), jnp.int32(0), jnp.zeros([batch], jnp.int32)))
-  return canvas_lib.output(canvas, tokens, model.mask_id, steps,
-                           row_model_calls=jnp.sum(row_calls))
-
+  tokens, calls, row_calls = refill.decode(canvas.astype(jnp.int32), rng.row_keys(key, batch),
+                                           slots, model.mask_id, one_call,
+                                           (length, model.vocab_size + 1))
+  return canvas_lib.output(canvas, tokens, model.mask_id, calls, rows_per_call=slots,
+                           row_model_calls=row_calls)

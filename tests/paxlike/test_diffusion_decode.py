@@ -28,6 +28,9 @@ def test_unmask_and_block_kinds_fill_the_generation_after_the_prompt():
                       temperature=0.0)
   texts, stats = generate.generate(model, params, prompts, cfg)
   assert len(texts) == 2 and stats["model_calls"] == 5 and stats["tokens_per_call"] == 2.0
+  one_slot = dataclasses.replace(cfg, unmask_slots=1)  # continuous batching, a prompt per call
+  slotted, slot_stats = generate.generate(model, params, prompts, one_slot)
+  assert slotted == texts and slot_stats["model_calls"] == 10
   block = dataclasses.replace(cfg, kind="block", block_length=8)
   texts, stats = generate.generate(model, params, prompts, block)
   # canvas: 7 prompt positions (start token + 6 bytes, padded) + 9 tokens = 16, two whole blocks

@@ -6,6 +6,8 @@ compare them with the exact output distribution by Pearson chi-square with poole
 p < POWER (1e-9).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,6 +161,30 @@ def test_rows_follow_their_keys():
   assert int(forward.stats["row_model_calls"]) < 4 * int(forward.stats["model_calls"])
 
 
+@pytest.mark.parametrize("slots", [1, 3, 5])
+def test_continuous_batching_gives_each_row_its_tokens_in_its_own_calls(slots):
+  """slots < B (`samplers.refill`): every row's tokens and calls equal the one-batch run's, and
+  the passes lie between the rows' own calls spread over the slots and one pass per row call."""
+  model = td.TabularDenoiser(VOCAB, LENGTH)
+  params = model.params(JOINT)
+  rows = jnp.array([[3, 3, 3, 3], [0, 3, 3, 3], [1, 2, 0, 1], [3, 1, 3, 3], [3, 3, 3, 3],
+                    [2, 2, 3, 3], [3, 3, 3, 3]], jnp.int32)
+  config = unmask.UnmaskConfig(rule="threshold", threshold=0.6, sampling=T1)
+  keys = jax.random.split(jax.random.key(6), len(rows))
+  together = unmask.sample(model, params, rows, keys, config)
+  streamed = unmask.sample(model, params, rows, keys, dataclasses.replace(config, slots=slots))
+  np.testing.assert_array_equal(streamed.tokens, together.tokens)
+  row_calls = int(together.stats["row_model_calls"])
+  assert int(streamed.stats["row_model_calls"]) == row_calls
+  passes = int(streamed.stats["model_calls"])
+  assert int(streamed.stats["rows_per_call"]) == min(slots, len(rows))
+  # one row per call: exactly the rows' own calls, plus one for the refilled row without masks
+  assert passes == row_calls + 1 if slots == 1 else row_calls / slots <= passes < row_calls
+  generated = int(streamed.stats["generated_tokens"])
+  assert float(streamed.stats["tokens_per_call"]) == pytest.approx(
+      generated / (min(slots, len(rows)) * passes))
+
+
 def test_block_causal_cache_equals_cache_free():
   model = td.TabularDenoiser(VOCAB, LENGTH, block_size=2)
   params = model.params(JOINT)
@@ -248,6 +274,8 @@ def test_bad_input_is_a_clear_error():
     unmask.UnmaskConfig(rule="threshold", threshold=1.5)
   with pytest.raises(ValueError, match="greedy_safe' needs confidence 'max_prob'"):
     unmask.UnmaskConfig(rule="greedy_safe", confidence="margin")
+  with pytest.raises(ValueError, match=r"slots \(rows per model call\) must be >= 1 or None"):
+    unmask.UnmaskConfig(slots=0)
   with pytest.raises(ValueError, match="vocabulary"):
     edlm.sample(model, params, toy.TrigramLM(VOCAB, LENGTH), jnp.zeros((3, 3, 3)), MASKS,
                 jax.random.key(0), edlm.EDLMConfig(1))
