@@ -61,6 +61,10 @@ class ModelConfig:
       the loss the continuous-time ELBO bar the rare, heavily weighted t near 0. A student for
       few-call decoding raises it (0.9: responses nearly all masked, the state one-call
       unmasking starts from) and trades the bound for more training on that state.
+    diffusion_min_t_rows: the fraction of each training batch's rows (interleaved) whose t comes
+      from (diffusion_min_t, 1]; the others draw from the default (1e-3, 1]. Below 1, a student
+      trains on nearly fully masked responses without forgetting the partly masked states that
+      its later calls see.
     response_after: "mdlm"/"asarm"/"learn2pd" conditional training (`models.conditioning`): one
       ASCII character; on each line the tokens after it are the response, the only ones noised,
       ordered or generated in training; the rest is the always-clean prompt. "" trains the
@@ -103,6 +107,7 @@ class ModelConfig:
   block_size: int = 0
   diffusion_schedule: str = "loglinear"
   diffusion_min_t: float = 1e-3
+  diffusion_min_t_rows: float = 1.0
   response_after: str = ""
   finality_dim: int = 64
   finality_steps: int = 8
@@ -158,6 +163,9 @@ class ModelConfig:
     if not 0 <= self.diffusion_min_t < 1:
       raise ValueError(f"model.diffusion_min_t={self.diffusion_min_t} must be in [0, 1): training "
                        f"draws t from (diffusion_min_t, 1]")
+    if not 0 <= self.diffusion_min_t_rows <= 1:
+      raise ValueError(f"model.diffusion_min_t_rows={self.diffusion_min_t_rows} must be in [0, 1]: "
+                       f"the fraction of rows whose t comes from (diffusion_min_t, 1]")
     if self.block_size < 0 or (self.block_size and self.max_len % self.block_size):
       raise ValueError(f"model.block_size={self.block_size} must be 0 (bidirectional) or a "
                        f"positive divisor of model.max_len={self.max_len}")

@@ -38,9 +38,18 @@ from models.kv_cache import KVCache
 from models.llama import Transformer
 from models.losses import next_token_nll
 
-# Training draws t from (model.diffusion_min_t, 1], default 1e-3: near t = 0 almost nothing is
-# masked while w(t) ~ 1/t, a rare huge-weight term that only adds gradient variance (MDLM's
-# sampling eps). Eval uses (0, 1].
+# Training draws t from (model.diffusion_min_t, 1], default DEFAULT_MIN_T: near t = 0 almost
+# nothing is masked while w(t) ~ 1/t, a rare huge-weight term that only adds gradient variance
+# (MDLM's sampling eps). Eval uses (0, 1].
+DEFAULT_MIN_T = 1e-3
+
+
+def row_floors(batch: int, min_t: float, fraction: float) -> jax.Array:
+  """[B, 1] the lower end of each row's t: min_t on a `fraction` of the rows, spread evenly
+  (row r when floor((r + 1) q) > floor(r q)), DEFAULT_MIN_T on the others."""
+  rows = jnp.arange(batch, dtype=jnp.float32)
+  chosen = jnp.floor((rows + 1) * fraction) > jnp.floor(rows * fraction)
+  return jnp.where(chosen, min_t, min(min_t, DEFAULT_MIN_T))[:, None]
 
 
 def subs_log_probs(logits: jax.Array, tokens: jax.Array, mask_id: int) -> jax.Array:
@@ -113,8 +122,9 @@ class MaskedDiffusionLM(TransformerModel):
   # ------------------------------------------------------------------ training interface
 
   def corrupt(self, tokens: jax.Array, key: jax.Array,
-              floor: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Forward process: tokens [B, L] -> (noisy [B, L], masked [B, L] bool, per-token t [B, L]).
+              floor: float | jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Forward process: tokens [B, L] -> (noisy [B, L], masked [B, L] bool, per-token t [B, L]),
+    t from (floor, 1] (floor: a float or [B, 1] per row).
 
     One stratified t per row (per row and block when block-causal); only `conditioning.noisable`
     positions are ever masked."""
@@ -144,7 +154,7 @@ class MaskedDiffusionLM(TransformerModel):
                         mask)[:, :noisy.shape[1]]
 
   def elbo(self, params, tokens: jax.Array, key: jax.Array,
-           floor: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+           floor: float | jax.Array = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One-sample ELBO estimate per row: tokens [B, L] -> ([B] nats, metrics). Unbiased for the
     continuous-time bound when floor = 0."""
     noisy, masked, t = self.corrupt(tokens, key, floor)
@@ -166,11 +176,13 @@ class MaskedDiffusionLM(TransformerModel):
   def loss(self, params, batch: jax.Array, key: jax.Array, teacher_logits: jax.Array | None = None,
            distill_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """ELBO per (noisable) token, nats, of the first L tokens of batch [B, L + 1], t from
-    (model.diffusion_min_t, 1]."""
+    (model.diffusion_min_t, 1] on `model.diffusion_min_t_rows` of the rows (`row_floors`)."""
     del distill_weight
     reject_teacher(teacher_logits)
     tokens = batch[:, :-1]
-    rows, metrics = self.elbo(params, tokens, key, self.config.diffusion_min_t)
+    floors = row_floors(tokens.shape[0], self.config.diffusion_min_t,
+                        self.config.diffusion_min_t_rows)
+    rows, metrics = self.elbo(params, tokens, key, floors)
     return jnp.sum(rows) / self._noisable_count(tokens), metrics
 
   def eval_nll(self, params, batch: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:

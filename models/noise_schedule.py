@@ -52,12 +52,14 @@ def loss_weight(schedule: str, t: jax.Array) -> jax.Array:
   return 0.5 * math.pi * jnp.cos(quarter) / jnp.sin(quarter)
 
 
-def stratified_times(key: jax.Array, shape: tuple[int, ...], floor: float = 0.0) -> jax.Array:
+def stratified_times(key: jax.Array, shape: tuple[int, ...],
+                     floor: float | jax.Array = 0.0) -> jax.Array:
   """Low-discrepancy times in (floor, 1]: one uniform offset u, t_k = 1 - ((u + k / n) mod 1) over
   the n = prod(shape) entries, mapped to floor + (1 - floor) t. Each entry is marginally uniform
   (so the ELBO estimate stays unbiased for floor 0) and the batch covers (0, 1] evenly, which
-  lowers the variance of the loss (MDLM's antithetic sampling)."""
+  lowers the variance of the loss (MDLM's antithetic sampling). `floor`: a float, or an array
+  that broadcasts to `shape` (per-row floors)."""
   count = math.prod(shape)
   u = jax.random.uniform(key, (), jnp.float32)
   t = 1.0 - jnp.mod(u + jnp.arange(count, dtype=jnp.float32) / count, 1.0)
-  return (floor + (1.0 - floor) * t).reshape(shape)
+  return floor + (1.0 - floor) * t.reshape(shape)

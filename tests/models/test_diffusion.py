@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import noise_schedule
+from models import diffusion, noise_schedule
 from models.config import ModelConfig
 from models.diffusion import MaskedDiffusionLM, subs_log_probs
 from models.learn2pd import Learn2PD
@@ -174,6 +174,7 @@ def test_bidirectional_denoiser_sees_the_whole_sequence():
     ("mask_id", 5, "mask_id=5 is not a token id"),
     ("attention", "ring", "needs model.attention='dense'"),
     ("diffusion_min_t", 1.0, "diffusion_min_t=1.0 must be in \\[0, 1\\)"),
+    ("diffusion_min_t_rows", 1.5, "diffusion_min_t_rows=1.5 must be in \\[0, 1\\]"),
 ])
 def test_bad_config_is_named(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -183,11 +184,15 @@ def test_bad_config_is_named(field, value, message):
 def test_min_t_trains_on_nearly_fully_masked_rows():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, MASK, (256, 9)), jnp.int32)
   rates = {}
-  for min_t in (1e-3, 0.9):
-    model = MaskedDiffusionLM(dataclasses.replace(TINY, diffusion_min_t=min_t))
+  for min_t, fraction in ((1e-3, 1.0), (0.9, 1.0), (0.9, 0.5)):
+    model = MaskedDiffusionLM(dataclasses.replace(TINY, diffusion_min_t=min_t,
+                                                  diffusion_min_t_rows=fraction))
     _, metrics = model.loss(random_params(model), tokens, jax.random.key(0))
-    rates[min_t] = float(metrics["mask_rate"])
-  assert abs(rates[1e-3] - 0.5) < 0.05 and rates[0.9] > 0.93  # t uniform on (min_t, 1]
+    rates[min_t, fraction] = float(metrics["mask_rate"])
+  assert abs(rates[1e-3, 1.0] - 0.5) < 0.05 and rates[0.9, 1.0] > 0.93  # t uniform on (min_t, 1]
+  assert abs(rates[0.9, 0.5] - (0.5 + 0.95) / 2) < 0.05  # half the rows each way
+  floors = diffusion.row_floors(8, 0.9, 0.25)
+  np.testing.assert_allclose(floors[:, 0], [1e-3, 1e-3, 1e-3, 0.9] * 2)  # spread evenly
 
 
 def test_teacher_distillation_is_refused():
