@@ -58,3 +58,10 @@ def test_prompt_seed_draws_other_prompts_of_the_same_shape():
   other, other_prompts = diffusion_suite.canvases(task, 8, mask_id=259, seed=30_000)
   assert canvas.shape == other.shape and set(prompts) != set(other_prompts)
   assert prompts == [p for p, _ in task.examples(8, seed=diffusion_suite.PROMPT_SEED)]
+
+
+def test_an_unknown_setting_is_named_before_any_training():
+  keep = diffusion_suite.selection(("distilled/margin >= 0.25 (4 slots)",))
+  assert keep(diffusion_suite.Sampler("distilled", "margin >= 0.25 (4 slots)", None, (), None))
+  with pytest.raises(UserError, match="unknown sampler.*distilled/nope.*name/setting"):
+    diffusion_suite.selection(("distilled/nope",))
