@@ -14,7 +14,7 @@ def test_diffusion_suite_rows(tmp_path, capsys):
   out = tmp_path / "diffusion.json"
   chosen = ("topk/k=1", "topk/k=8 (one call)", "block/block-causal, cached, L=8, k=1",
             "learned/tau=0.9", "assd/g=4, reuse, T=1", "edlm/S=1, K=8, T=1", "distilled/k=1",
-            "distilled/k=8 (one call)", "distilled/margin >= 0.25")  # one row per property
+            "distilled/k=8 (one call)", "distilled/margin >= 0.2 (4 slots)")  # one row per property
   report = diffusion_suite.run(str(tmp_path), str(out), examples=2, train_steps=8, repeats=1,
                                only=chosen)
   assert json.loads(out.read_text())["suite"] == "diffusion"
@@ -42,6 +42,7 @@ def test_diffusion_suite_rows(tmp_path, capsys):
   config = report["config"]["models"]
   assert config["asarm"]["response_after"] == "=" and config["mdlm_block"]["block_size"] == 8
   assert config["mdlm_student"]["diffusion_min_t"] == diffusion_suite.ONE_CALL_MIN_T  # stage 2
+  assert config["mdlm_student"]["diffusion_min_t_rows"] == diffusion_suite.ONE_CALL_ROWS
   assert config["mdlm_student_stage1"]["diffusion_min_t"] == config["mdlm"]["diffusion_min_t"]
   student = (tmp_path / "diffusion" / "8_steps" / "self_answers.txt").read_bytes()
   assert len(student) % diffusion_suite.SEQ_LEN == 0  # whole windows of the teacher's answers
@@ -61,7 +62,7 @@ def test_prompt_seed_draws_other_prompts_of_the_same_shape():
 
 
 def test_an_unknown_setting_is_named_before_any_training():
-  keep = diffusion_suite.selection(("distilled/margin >= 0.25 (4 slots)",))
-  assert keep(diffusion_suite.Sampler("distilled", "margin >= 0.25 (4 slots)", None, (), None))
+  keep = diffusion_suite.selection(("distilled/margin >= 0.2 (4 slots)",))
+  assert keep(diffusion_suite.Sampler("distilled", "margin >= 0.2 (4 slots)", None, (), None))
   with pytest.raises(UserError, match="unknown sampler.*distilled/nope.*name/setting"):
     diffusion_suite.selection(("distilled/nope",))
