@@ -25,8 +25,9 @@ student from the teacher on it:
     --set data.path=runs/mdlm/self_answers.txt --set train.init_from=runs/mdlm
 
 and then, for the fewest calls, once more on the same file from that student with
-`--set model.diffusion_min_t=0.9` (training on nearly fully masked answers, the state one-call
-decoding starts from; `paxlike.bench diffusion` measures both stages).
+`--set model.diffusion_min_t=0.9 --set model.diffusion_min_t_rows=0.5` (half of the rows on
+nearly fully masked answers, the state one-call decoding starts from, half on the partly masked
+states of later calls; `paxlike.bench diffusion` runs that stage twice and measures the result).
 """
 
 from __future__ import annotations
