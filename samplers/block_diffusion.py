@@ -42,6 +42,9 @@ class BlockConfig:
   def __post_init__(self):
     if self.block_length < 1:
       raise ValueError(f"block_length must be >= 1, got {self.block_length}")
+    if self.rule.slots is not None:
+      raise ValueError(f"rule.slots={self.rule.slots}: continuous batching is for unmask.sample; "
+                       f"block decoding runs all rows together, so leave rule.slots None")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))

@@ -276,6 +276,8 @@ def test_bad_input_is_a_clear_error():
     unmask.UnmaskConfig(rule="greedy_safe", confidence="margin")
   with pytest.raises(ValueError, match=r"slots \(rows per model call\) must be >= 1 or None"):
     unmask.UnmaskConfig(slots=0)
+  with pytest.raises(ValueError, match="continuous batching is for unmask.sample"):
+    block_diffusion.BlockConfig(4, unmask.UnmaskConfig(slots=2))
   with pytest.raises(ValueError, match="vocabulary"):
     edlm.sample(model, params, toy.TrigramLM(VOCAB, LENGTH), jnp.zeros((3, 3, 3)), MASKS,
                 jax.random.key(0), edlm.EDLMConfig(1))
