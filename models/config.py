@@ -10,6 +10,8 @@ import dataclasses
 
 from parallelism.sequence_attention import VARIANTS
 
+DIFFUSION_MIN_T = 1e-3  # default lower end of MDLM training times (see `diffusion_min_t`)
+
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("dense",) + VARIANTS
 KINDS = ("llama", "mdlm", "asarm", "learn2pd")  # extend with models.build._KINDS
@@ -106,7 +108,7 @@ class ModelConfig:
   mask_id: int = 259
   block_size: int = 0
   diffusion_schedule: str = "loglinear"
-  diffusion_min_t: float = 1e-3
+  diffusion_min_t: float = DIFFUSION_MIN_T
   diffusion_min_t_rows: float = 1.0
   response_after: str = ""
   finality_dim: int = 64

@@ -33,23 +33,23 @@ import jax.numpy as jnp
 
 from models import conditioning, noise_schedule
 from models.attention import block_causal_mask
+from models.config import DIFFUSION_MIN_T
 from models.base import TransformerModel
 from models.kv_cache import KVCache
 from models.llama import Transformer
 from models.losses import next_token_nll
 
-# Training draws t from (model.diffusion_min_t, 1], default DEFAULT_MIN_T: near t = 0 almost
+# Training draws t from (model.diffusion_min_t, 1], default DIFFUSION_MIN_T: near t = 0 almost
 # nothing is masked while w(t) ~ 1/t, a rare huge-weight term that only adds gradient variance
 # (MDLM's sampling eps). Eval uses (0, 1].
-DEFAULT_MIN_T = 1e-3
 
 
 def row_floors(batch: int, min_t: float, fraction: float) -> jax.Array:
   """[B, 1] the lower end of each row's t: min_t on a `fraction` of the rows, spread evenly
-  (row r when floor((r + 1) q) > floor(r q)), DEFAULT_MIN_T on the others."""
+  (row r when floor((r + 1) q) > floor(r q)), DIFFUSION_MIN_T on the others."""
   rows = jnp.arange(batch, dtype=jnp.float32)
   chosen = jnp.floor((rows + 1) * fraction) > jnp.floor(rows * fraction)
-  return jnp.where(chosen, min_t, min(min_t, DEFAULT_MIN_T))[:, None]
+  return jnp.where(chosen, min_t, min(min_t, DIFFUSION_MIN_T))[:, None]
 
 
 def subs_log_probs(logits: jax.Array, tokens: jax.Array, mask_id: int) -> jax.Array:
