@@ -12,7 +12,6 @@ the first eos they produced.
 from __future__ import annotations
 
 import dataclasses
-
 import time
 from typing import Any
 

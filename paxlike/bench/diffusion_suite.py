@@ -8,11 +8,12 @@ MDLM self-distilled on the MDLM's own one-token-per-call answers (`paxlike.diffu
 then with half of its rows on nearly fully masked answers, so that it decodes in fewer calls.
 Every sampler then answers the same held-out prompts of every task, each row a canvas of two
 corpus lines: a solved example of the task, then the prompt with its answer masked and the
-line's known padding. A row per sampler and task (and `all`) reports model calls per generated token, tokens/s (median of 3 after
-a compile warm-up), task accuracy beside the task's chance levels, the AR model's perplexity of
-the answers, and for block decoding the cached result's deviation from the cache-free one (exact
-for the block-causal model). Rows with "(S slots)" decode by continuous batching
-(`samplers.refill`): calls of S rows are counted as S / (prompts per task) of a batch call."""
+line's known padding. A row per sampler and task (and `all`) reports model calls per generated
+token, tokens/s (median of 3 after a compile warm-up), task accuracy beside the task's chance
+levels, the AR model's perplexity of the answers, and for block decoding the cached result's
+deviation from the cache-free one (exact for the block-causal model). Rows with "(S slots)"
+decode by continuous batching (`samplers.refill`): calls of S rows are counted as
+S / (prompts per task) of a batch call."""
 
 from __future__ import annotations
 

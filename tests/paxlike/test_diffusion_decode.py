@@ -9,6 +9,7 @@ import pytest
 
 from models.build import build_model
 from models.config import ModelConfig
+from paxlike import config as config_lib
 from paxlike import generate
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
@@ -63,3 +64,9 @@ def test_bad_diffusion_input_is_a_clear_error():
   with pytest.raises(UserError, match="needs an autoregressive energy model"):
     generate.decode(model, params, prompt, lengths, SamplerConfig(kind="edlm", diffusion_steps=4,
                                                                   max_new_tokens=8))
+
+
+def test_a_negative_unmask_slots_is_a_clear_error():
+  with pytest.raises(UserError, match="sampler.unmask_slots must be >= 1, or 0 for all prompts"):
+    config_lib.validate(config_lib.Experiment(sampler=SamplerConfig(kind="unmask",
+                                                                    unmask_slots=-1)))
