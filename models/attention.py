@@ -50,8 +50,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     k: [B, T, KVH, D] rotated keys of the new tokens; KVH divides H (grouped-query attention).
     v: [B, T, KVH, D] values of the new tokens.
     mask: [B or 1, T, T] bool, mask[b, i, j] = new query i may attend to new key j.
-    cache_k: [B, S, KVH, D] cached keys, or None for a cache-free call.
-    cache_v: [B, S, KVH, D] cached values.
+    cache_k: [B, KVH, S, D] cached keys (the `KVCache` layout), or None for a cache-free call.
+    cache_v: [B, KVH, S, D] cached values.
     cache_mask: [B, S] bool, which cache slots are valid.
   Returns:
     [B, T, H, D] in q's dtype; scores and softmax are computed in float32.
@@ -69,6 +69,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                       preferred_element_type=jnp.float32)
 
   new_scores = scores(k, mask)
+  if cache_k is not None:  # [B, KVH, S, D] buffers -> [B, S, KVH, D]
+    cache_k, cache_v = jnp.swapaxes(cache_k, 1, 2), jnp.swapaxes(cache_v, 1, 2)
   if cache_k is None:
     out = mix(jax.nn.softmax(new_scores, axis=-1), v)
   else:
@@ -76,6 +78,55 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     probs = jax.nn.softmax(jnp.concatenate([cached_scores, new_scores], axis=-1), axis=-1)
     slots = cache_k.shape[1]
     out = mix(probs[..., :slots], cache_v) + mix(probs[..., slots:], v)
+  return out.reshape(batch, steps, heads, head_dim).astype(q.dtype)
+
+
+def visible_slots(lengths: jax.Array, mask: jax.Array, slots: int) -> jax.Array:
+  """Which cache slots each new token sees once the T new tokens are written at `lengths`.
+
+  Args:
+    lengths: [B] int32 valid slots per row before the new tokens.
+    mask: [B or 1, T, T] bool, new token i may see new token j (written at lengths + j).
+    slots: S.
+  Returns:
+    [B, T, S] bool: slot s is visible to new token i when s < lengths[b], or when s holds new
+    token j = s - lengths[b] and mask[b, i, j].
+  """
+  steps = mask.shape[-1]
+  relative = jnp.arange(slots)[None, :] - lengths[:, None]  # [B, S]: which new token, if any
+  earlier = (relative < 0)[:, None, :]
+  if steps == 1:
+    return earlier | ((relative == 0)[:, None, :] & mask)
+  is_new = relative[:, None, :] == jnp.arange(steps)[None, :, None]  # [B, T(j), S]
+  return earlier | jnp.any(mask[:, :, :, None] & is_new[:, None, :, :], axis=2)
+
+
+def attend_slots(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
+                 visible: jax.Array) -> jax.Array:
+  """Softmax attention of T new queries over a layer's cache buffers, new tokens already written.
+
+  The decode step's attention: one batched matmul over (row, kv head) against the slots, the
+  query heads of a kv head and the new tokens folded into its rows, so nothing in the cache is
+  transposed or copied.
+
+  Args:
+    q: [B, T, H, D] rotated queries.
+    cache_k, cache_v: [B, KVH, S, D] the layer's keys and values (`KVCache` layout).
+    visible: [B, T, S] bool (`visible_slots`).
+  Returns:
+    [B, T, H, D] in q's dtype; scores and softmax in float32.
+  """
+  batch, steps, heads, head_dim = q.shape
+  kv_heads, slots = cache_k.shape[1], cache_k.shape[2]
+  group = heads // kv_heads
+  rows = (q * head_dim**-0.5).reshape(batch, steps, kv_heads, group, head_dim)
+  rows = rows.transpose(0, 2, 3, 1, 4).reshape(batch, kv_heads, group * steps, head_dim)
+  s = jnp.einsum("bkqd,bksd->bkqs", rows, cache_k, preferred_element_type=jnp.float32)
+  keep = jnp.broadcast_to(visible[:, None, None], (batch, 1, group, steps, slots))
+  s = jnp.where(keep.reshape(batch, 1, group * steps, slots), s, _MASKED)
+  probs = jax.nn.softmax(s, axis=-1).astype(cache_v.dtype)
+  out = jnp.einsum("bkqs,bksd->bkqd", probs, cache_v, preferred_element_type=jnp.float32)
+  out = out.reshape(batch, kv_heads, group, steps, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, steps, heads, head_dim).astype(q.dtype)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from models import attention, parscale
 from models.config import ModelConfig
-from models.kv_cache import KVCache, write_rows
+from models.kv_cache import KVCache, write_slots
 
 
 def _normal(std: float, names: tuple[str, ...]):
@@ -117,9 +117,11 @@ class Attention(nn.Module):
       positions: [B, T] int32 position ids.
       mask: [B or 1, T, T] bool over the new tokens, or None for causal attention with the
         implementation of `config.attention` (then cache must be None).
-      cache: None, or (keys [B, S, KVH, D], values [B, S, KVH, D], valid [B, S] bool).
+      cache: None, or the layer's (keys [B, KVH, S, D], values [B, KVH, S, D], lengths [B]):
+        the new keys/values are written at slots lengths + i, then attended to with the cache.
     Returns:
-      ([B, T, E] output, (k, v)) with the new tokens' rotated keys and values [B, T, KVH, D].
+      ([B, T, E] output, kv): without a cache kv is the new tokens' rotated keys and values
+      [B, T, KVH, D]; with one, the layer's updated (keys, values) buffers.
     """
     cfg = self.config
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -132,17 +134,26 @@ class Attention(nn.Module):
     k = nn.with_logical_constraint(attention.rope(k, positions, cfg.rope_theta, inv_freq),
                                    ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+    kv = (k, v)
+    if cache is not None:
+      cache_k, cache_v, lengths = cache
+      kv = (write_slots(cache_k, k, lengths), write_slots(cache_v, v, lengths))
     if cfg.parscale_prefix_len:
       prefix = parscale.Prefix(cfg, name="prefix")(x.shape[0])
-      out = parscale.attend_with_prefix(q, k, v, mask, cache, prefix)
+      before = None if cache is None else (
+          cache_k, cache_v, jnp.arange(cache_k.shape[2])[None, :] < lengths[:, None])
+      out = parscale.attend_with_prefix(q, k, v, mask, before, prefix)
+    elif cache is not None:
+      out = attention.attend_slots(q, *kv, attention.visible_slots(lengths, mask,
+                                                                   cache_k.shape[2]))
     elif mask is None:
       out = attention.causal_attention(q, k, v, cfg.attention)
     else:
-      out = attention.attend(q, k, v, mask, *(cache or ()))
+      out = attention.attend(q, k, v, mask)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), contract=2,
                  std=_residual_std(cfg), name="out")(out)
-    return out, (k, v)
+    return out, kv
 
 
 class Mlp(nn.Module):
@@ -252,15 +263,15 @@ class Transformer(nn.Module):
       attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
     attention_mask = parscale.fold_mask(attention_mask, self.config.parscale_streams)
     rows = parscale.fold_cache(cache)  # ParScale: one row per stream
-    valid = jnp.arange(rows.max_len)[None, :] < rows.lengths[:, None]  # [B, S]
     x, positions = self._embed(tokens), self._streams(positions)
-    new_k, new_v = [], []
+    keys, values = [], []
     for layer, block in enumerate(self.blocks):
-      layer_cache = (rows.keys[layer], rows.values[layer], valid)
+      layer_cache = (rows.keys[layer], rows.values[layer], rows.lengths)
       x, (k, v) = block(x, positions, attention_mask, layer_cache)
-      new_k.append(k)
-      new_v.append(v)
-    return self._logits(x), parscale.unfold_cache(self._append(rows, new_k, new_v), cache)
+      keys.append(k)
+      values.append(v)
+    rows = rows.replace(keys=tuple(keys), values=tuple(values), lengths=rows.lengths + steps)
+    return self._logits(x), parscale.unfold_cache(rows, cache)
 
   def _causal(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array | None = None
               ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
@@ -279,9 +290,9 @@ class Transformer(nn.Module):
   @staticmethod
   def _append(cache: KVCache, keys: list[jax.Array], values: list[jax.Array]) -> KVCache:
     """Writes per-layer [B, T, KVH, D] keys/values at each row's length and advances it by T."""
-    write = jax.vmap(write_rows, in_axes=(0, 0, None))
-    return cache.replace(keys=write(cache.keys, jnp.stack(keys), cache.lengths),
-                         values=write(cache.values, jnp.stack(values), cache.lengths),
+    write = lambda buffers, new: tuple(write_slots(b, n, cache.lengths)
+                                       for b, n in zip(buffers, new))
+    return cache.replace(keys=write(cache.keys, keys), values=write(cache.values, values),
                          lengths=cache.lengths + keys[0].shape[1])
 
   def _streams(self, x: jax.Array) -> jax.Array:

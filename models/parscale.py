@@ -11,7 +11,7 @@ Language Models"), the pieces the Llama decoder (`models/llama.py`) adds when
 * The P final normalised hidden states h_j of a position are combined by a learned dynamic
   aggregation (`Aggregator`): w = softmax(MLP([h_1; ...; h_P])), smoothed to
   (1 - eps) w + eps / P, and sum_j w_j h_j goes through the shared output head.
-* The KV cache holds one cache per stream (`StreamCache`: [L, B, P, S, KVH, D]) with one write
+* The KV cache holds one cache per stream (`StreamCache`: per layer [B, P, KVH, S, D]) with one write
   pointer per row b, shared by its P streams, so samplers see an ordinary per-row cache.
 
 With P = 1 and M = 0 none of this exists: the model, its parameters and its cache are the base
@@ -46,46 +46,49 @@ class StreamCache:
   """One key/value cache per stream, with one write pointer per row (shared by its streams).
 
   Attributes:
-    keys: [L, B, P, S, KVH, D] rotated keys of every layer and stream, compute dtype.
-    values: [L, B, P, S, KVH, D] values.
+    keys: L buffers [B, P, KVH, S, D] of rotated keys, one per layer, compute dtype.
+    values: L buffers [B, P, KVH, S, D] of values.
     lengths: [B] int32 number of valid slots per row (the same in each of its streams).
   """
 
-  keys: jax.Array
-  values: jax.Array
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
   lengths: jax.Array
 
   @property
   def max_len(self) -> int:
     """S, the number of slots per row and stream."""
-    return self.keys.shape[3]
+    return self.keys[0].shape[3]
 
   @classmethod
   def zeros(cls, num_layers: int, batch: int, streams: int, max_len: int, num_kv_heads: int,
             head_dim: int, dtype) -> StreamCache:
     """An empty cache: all rows at length 0."""
-    shape = (num_layers, batch, streams, max_len, num_kv_heads, head_dim)
-    return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+    shape = (batch, streams, num_kv_heads, max_len, head_dim)
+    return cls(keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+               values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
                lengths=jnp.zeros((batch,), jnp.int32))
 
   @staticmethod
-  def logical_axes() -> StreamCache:
+  def logical_axes(num_layers: int) -> StreamCache:
     """Logical axis names of each field, as a StreamCache of PartitionSpecs (for jit shardings)."""
-    kv = PartitionSpec(None, "batch", "streams", "cache_length", "kv_heads", "head_dim")
+    kv = tuple(PartitionSpec("batch", "streams", "kv_heads", "cache_length", "head_dim")
+               for _ in range(num_layers))
     return StreamCache(keys=kv, values=kv, lengths=PartitionSpec("batch"))
 
   def folded(self) -> KVCache:
     """The same cache as a KVCache over B * P stream rows (a reshape, no copy)."""
-    layers, batch, streams = self.keys.shape[:3]
-    rows = lambda a: a.reshape((layers, batch * streams) + a.shape[3:])
-    return KVCache(keys=rows(self.keys), values=rows(self.values),
+    rows = lambda a: a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+    streams = self.keys[0].shape[1]
+    return KVCache(keys=tuple(map(rows, self.keys)), values=tuple(map(rows, self.values)),
                    lengths=fold(self.lengths, streams))
 
   def unfolded(self, rows: KVCache) -> StreamCache:
     """`rows` (a `folded()` cache after a call) back in this cache's layout."""
-    shape = self.keys.shape[:3] + rows.keys.shape[2:]
-    streams = shape[2]
-    return StreamCache(keys=rows.keys.reshape(shape), values=rows.values.reshape(shape),
+    shape = self.keys[0].shape
+    streams = shape[1]
+    back = lambda a: a.reshape(shape)
+    return StreamCache(keys=tuple(map(back, rows.keys)), values=tuple(map(back, rows.values)),
                        lengths=rows.lengths[::streams])
 
 
@@ -127,7 +130,7 @@ def attend_with_prefix(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
   Args:
     q: [R, T, H, D]; k, v: [R, T, KVH, D] the new tokens' (rotated) keys and values.
     mask: [R or 1, T, T] bool over the new tokens, or None for causal.
-    cache: None or (keys [R, S, KVH, D], values, valid [R, S]) as in `attention.attend`.
+    cache: None or (keys [R, KVH, S, D], values, valid [R, S]) as in `attention.attend`.
     prefix: ([R, M, KVH, D] keys, values) from `Prefix`.
   Returns:
     [R, T, H, D] in q's dtype.

@@ -175,45 +175,55 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
   draft_call = _draft_call(draft, draft_params, config.rule)
-  draw_rows = jax.vmap(verify.draw)
+  greedy = config.sampling.greedy
 
   def round_fn(caches, seq, context, active):
     """The cache invariant of `samplers.speculative`: the target holds all of the context but the
     last token, the draft all but the last two."""
     target_cache, draft_cache = caches
     window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
-    u = draft_verify.position_uniforms(keys, window + 1, 1 + 2 * vocab)  # position p_i decides
-    noise, verify_u = u[:, :gamma, :vocab], u[..., vocab:]
+    if greedy:  # one-hot p and q: argmaxes, no randomness (`verify.greedy_chain`)
+      noise = jnp.zeros((batch, gamma, 0), jnp.float32)
+    else:
+      u = draft_verify.position_uniforms(keys, window + 1, 1 + 2 * vocab)  # position p_i decides
+      noise, verify_u = u[:, :gamma, :vocab], u[..., vocab:]
     last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
     logits, score, draft_cache = draft_call(jnp.take_along_axis(seq, last_two, axis=1), last_two,
                                             draft_cache.replace(lengths=context - 2))
-    q_first = probs(logits[:, 1], config.sampling)
+    first, q_first = draft_verify.draw_draft(noise[:, 0], logits[:, 1], config.sampling)
     stop, survival = _stops(config, score[:, 1], jnp.ones((batch,), jnp.float32))
     state = dict(i=jnp.int32(1), cache=draft_cache, survival=survival,
                  drafting=active & ~stop, lengths=jnp.ones((batch,), jnp.int32),
-                 drafts=jnp.zeros((batch, gamma), jnp.int32).at[:, 0].set(
-                     draw_rows(noise[:, 0], q_first)),
-                 q=jnp.zeros((batch, gamma, vocab), jnp.float32).at[:, 0].set(q_first))
+                 drafts=jnp.zeros((batch, gamma), jnp.int32).at[:, 0].set(first))
+    if not greedy:
+      state["q"] = jnp.zeros((batch, gamma, vocab), jnp.float32).at[:, 0].set(q_first)
 
     def draft_step(s):  # feeds draft i (at position context + i - 1), drafts position i + 1
       i = s["i"]
       fed = jax.lax.dynamic_index_in_dim(s["drafts"], i - 1, axis=1)  # [B, 1]
       logits, score, cache = draft_call(fed, (context + i - 1)[:, None], s["cache"])
-      q = probs(logits[:, 0], config.sampling)
-      token = draw_rows(jax.lax.dynamic_index_in_dim(noise, i, axis=1, keepdims=False), q)
+      token, q = draft_verify.draw_draft(
+          jax.lax.dynamic_index_in_dim(noise, i, axis=1, keepdims=False), logits[:, 0],
+          config.sampling)
       stop, survival = _stops(config, score[:, 0], s["survival"])
       drafting = s["drafting"]
-      return dict(i=i + 1, cache=cache, survival=jnp.where(drafting, survival, s["survival"]),
-                  drafting=drafting & ~stop, lengths=s["lengths"] + drafting.astype(jnp.int32),
-                  drafts=s["drafts"].at[:, i].set(token), q=s["q"].at[:, i].set(q))
+      out = dict(i=i + 1, cache=cache, survival=jnp.where(drafting, survival, s["survival"]),
+                 drafting=drafting & ~stop, lengths=s["lengths"] + drafting.astype(jnp.int32),
+                 drafts=s["drafts"].at[:, i].set(token))
+      if not greedy:
+        out["q"] = s["q"].at[:, i].set(q)
+      return out
 
     s = jax.lax.while_loop(lambda s: (s["i"] < gamma) & jnp.any(s["drafting"]), draft_step, state)
 
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), s["drafts"]], axis=1)
     logits, target_cache = target.apply(target_params, scored, window,
                                         target_cache.replace(lengths=context - 1))
-    p = probs(logits, config.sampling)  # [B, gamma + 1, V]
-    emitted, count = _verify(verify_u, p, s["q"], s["drafts"], s["lengths"])
+    if greedy:
+      emitted, count = verify.greedy_chain(s["drafts"], logits, s["lengths"])
+    else:
+      p = probs(logits, config.sampling)  # [B, gamma + 1, V]
+      emitted, count = _verify(verify_u, p, s["q"], s["drafts"], s["lengths"])
     return (target_cache, s["cache"]), emitted, count, s["lengths"], s["i"]
 
   return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,

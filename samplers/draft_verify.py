@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from samplers import verify
-from samplers.logits import probs
+from samplers.logits import SamplingParams, probs
 from samplers.protocol import CausalModel, SampleOutput, prefill
 
 # (caches, seq [B, S] prompt + generated tokens, context_lengths [B]) ->
@@ -45,6 +45,23 @@ def position_uniforms(keys: jax.Array, positions: jax.Array, size: int) -> jax.A
   batch, width = positions.shape
   flat = jax.vmap(one)(jnp.repeat(keys, width), positions.reshape(-1))  # one vmap compiles faster
   return flat.reshape(batch, width, size)
+
+
+def draw_draft(noise: jax.Array, logits: jax.Array,
+               sampling: SamplingParams) -> tuple[jax.Array, jax.Array | None]:
+  """A draft token per row and the distribution it was drawn from.
+
+  Args:
+    noise: [B, V] uniforms (unused when greedy, may then be [B, 0]).
+    logits: [B, V] the draft's logits.
+  Returns:
+    (tokens [B] int32, q [B, V] float32); greedy: (the argmax, None), since greedy verification
+    (`verify.greedy_chain`) needs no draft distribution.
+  """
+  if sampling.greedy:
+    return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32), None
+  q = probs(logits, sampling)
+  return jax.vmap(verify.draw)(noise, q), q
 
 
 def check_pair(target: CausalModel, draft: CausalModel, prompt_len: int, config) -> int:
@@ -122,8 +139,11 @@ def decode(round_fn: Round | RaggedRound, caches: Any, first_logits: jax.Array,
   batch, prompt_len = prompt.shape
   gamma, steps = config.num_draft_tokens, config.max_new_tokens
   vocab = first_logits.shape[-1]
-  noise = position_uniforms(keys, prompt_lengths[:, None], vocab)[:, 0]
-  first = jax.vmap(verify.draw)(noise, probs(first_logits, config.sampling))
+  if config.sampling.greedy:
+    first = draw_draft(None, first_logits, config.sampling)[0]
+  else:
+    noise = position_uniforms(keys, prompt_lengths[:, None], vocab)[:, 0]
+    first = jax.vmap(verify.draw)(noise, probs(first_logits, config.sampling))
   seq = jnp.zeros((batch, prompt_len + steps + gamma), jnp.int32).at[:, :prompt_len].set(prompt)
   none = jnp.zeros((batch,), bool)
   seq, n, done = _commit(seq, prompt_lengths, jnp.zeros((batch,), jnp.int32), none,

@@ -55,8 +55,12 @@ def compact(model: CausalModel, cache: Cache, slots: int, slot_index: jax.Array,
     if a is None:
       out.append(leaf)
       continue
-    moved = jnp.moveaxis(leaf, a, (0, 1))  # [B, S, ...]
-    picked = moved[rows, jnp.clip(slot_index, 0, moved.shape[1] - 1)]  # [B, K, ...]
-    moved = moved.at[rows, dest].set(picked, mode="drop")
-    out.append(jnp.moveaxis(moved, (0, 1), a))
+    row_axis, slot_axis = a
+    def at(row_index, slot_index_):  # indexes rows and slots in place, no transpose of the cache
+      index = [slice(None)] * leaf.ndim
+      index[row_axis], index[slot_axis] = row_index, slot_index_
+      return tuple(index)
+    # Both index arrays are [B, K], so the picked entries are [B, K, <other axes>] either way.
+    picked = leaf[at(rows, jnp.clip(slot_index, 0, leaf.shape[slot_axis] - 1))]
+    out.append(leaf.at[at(rows, dest)].set(picked, mode="drop"))
   return jax.tree.unflatten(treedef, out)

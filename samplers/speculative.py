@@ -78,6 +78,7 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
   draw_rows = jax.vmap(verify.draw)
+  greedy = config.sampling.greedy
 
   def round_fn(caches, seq, context):
     """Cache invariant at a round's start: the target holds all of the row's `context` tokens
@@ -85,30 +86,34 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     lacks after a round whose gamma drafts were all accepted)."""
     target_cache, draft_cache = caches
     window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
-    u = draft_verify.position_uniforms(keys, window + 1, 1 + 2 * vocab)  # position p_i decides
-    noise, verify_u = u[:, :gamma, :vocab], u[..., vocab:]
+    if greedy:  # one-hot p and q: argmaxes, no randomness (`verify.greedy_chain`)
+      noise = jnp.zeros((batch, gamma, 0), jnp.float32)
+    else:
+      u = draft_verify.position_uniforms(keys, window + 1, 1 + 2 * vocab)  # position p_i decides
+      noise, verify_u = u[:, :gamma, :vocab], u[..., vocab:]
     last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
     logits, draft_cache = draft.apply(draft_params, jnp.take_along_axis(seq, last_two, axis=1),
                                       last_two, draft_cache.replace(lengths=context - 2))
-    q_first = probs(logits[:, 1], config.sampling)
-    first = draw_rows(noise[:, 0], q_first)
+    first, q_first = draft_verify.draw_draft(noise[:, 0], logits[:, 1], config.sampling)
 
     def draft_step(carry, inputs):  # feeds draft i (at position context + i - 1), draws draft i + 1
       token, cache = carry
       i, step_noise = inputs
       logits, cache = draft.apply(draft_params, token[:, None], (context + i - 1)[:, None], cache)
-      q = probs(logits[:, 0], config.sampling)
-      token = draw_rows(step_noise, q)
+      token, q = draft_verify.draw_draft(step_noise, logits[:, 0], config.sampling)
       return (token, cache), (token, q)
 
     (_, draft_cache), (rest, q_rest) = jax.lax.scan(
         draft_step, (first, draft_cache), (jnp.arange(1, gamma), jnp.moveaxis(noise[:, 1:], 1, 0)))
     drafts = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, gamma]
-    q = jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)], axis=1)  # [B, gamma, V]
 
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
     logits, target_cache = target.apply(target_params, scored, window,
                                         target_cache.replace(lengths=context - 1))
+    if greedy:
+      emitted, count = verify.greedy_chain(drafts, logits)
+      return (target_cache, draft_cache), emitted, count
+    q = jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)], axis=1)  # [B, gamma, V]
     p = probs(logits, config.sampling)  # [B, gamma + 1, V]
 
     accepted, tokens = jax.vmap(jax.vmap(verify.single_draft))(verify_u[:, :gamma],

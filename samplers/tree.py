@@ -315,6 +315,30 @@ def _walk(u, p, qs, tokens, parent, valid):
   return count, last, path.astype(jnp.int32)
 
 
+def _greedy_walk(top, tokens, parent, valid, depth_max: int):
+  """`_walk` with one-hot p and qs, in closed form: from the root, follow the first child whose
+  token is the target's argmax; emit the argmax where no child matches (or after depth D).
+
+  Args:
+    top: [1 + N] int32 the target's argmax after the root and after each node.
+    tokens, parent (-1: root), valid: [N].
+    depth_max: D, the tree's depth (static).
+  Returns:
+    (accepted count [] int32, last token [] int32, path [D] int32) as `_walk`.
+  """
+
+  def step(carry, _):
+    current, alive, count = carry
+    match = alive & valid & (parent == current) & (tokens == top[current + 1])
+    accepted = jnp.any(match)
+    index = jnp.argmax(match).astype(jnp.int32)
+    return ((jnp.where(accepted, index, current), accepted, count + accepted),
+            jnp.where(accepted, index, 0))
+
+  (current, _, count), path = jax.lax.scan(step, (jnp.int32(-1), jnp.bool_(True), jnp.int32(0)),
+                                           None, length=depth_max)
+  return count, top[current + 1], path.astype(jnp.int32)
+
 
 @functools.partial(jax.jit, static_argnames=("target", "draft", "config"))
 def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
@@ -337,13 +361,17 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
   vocab, depth_max, size = target.vocab_size, config.num_draft_tokens, config.num_nodes
   cache_slots = _check(target, draft, prompt_len, config)
   width = _noise_width(config, vocab)
+  greedy = config.sampling.greedy
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
 
   def round_fn(caches, seq, context):
     target_cache, draft_cache = caches
     decided = context[:, None] + jnp.arange(depth_max + 1)  # [B, D + 1] positions
-    u = draft_verify.position_uniforms(keys, decided, width + size + vocab)
+    if greedy:  # one-hot p and qs: argmaxes, no randomness (`_greedy_walk`)
+      u = jnp.zeros((batch, depth_max + 1, 0), jnp.float32)
+    else:
+      u = draft_verify.position_uniforms(keys, decided, width + size + vocab)
     last_two = jnp.take_along_axis(seq, context[:, None] + jnp.arange(-2, 0), axis=1)
     if isinstance(config, TreeConfig):
       grown = _grow_static(draft, draft_params, config, draft_cache, last_two, context,
@@ -357,9 +385,14 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     logits, target_cache = target.apply(
         target_params, jnp.concatenate([last_two[:, 1:], tokens], axis=1), positions,
         target_cache.replace(lengths=context - 1), mask)
-    p = probs(logits, config.sampling)  # [B, 1 + N, V]
     parent = jnp.broadcast_to(parent, (batch, size))
-    count, last, path = jax.vmap(_walk)(u[..., width:], p, qs, tokens, parent, valid)
+    if greedy:
+      top = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)  # [B, 1 + N]
+      walk = functools.partial(_greedy_walk, depth_max=depth_max)
+      count, last, path = jax.vmap(walk)(top, tokens, parent, valid)
+    else:
+      p = probs(logits, config.sampling)  # [B, 1 + N, V]
+      count, last, path = jax.vmap(_walk)(u[..., width:], p, qs, tokens, parent, valid)
     path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [B, D]
     index = jnp.arange(depth_max + 1)[None, :]
     emitted = jnp.where(index < count[:, None],

@@ -109,7 +109,7 @@ def test_cached_decode_matches_full_forward(streams):
   expected = LOGITS(model, params, tokens)
   apply = jax.jit(CausalLM.apply, static_argnums=0)
   cache = model.init_cache(2, 16)
-  assert cache.keys.shape == (2, 2, streams, 16, 2, 8)
+  assert len(cache.keys) == 2 and cache.keys[0].shape == (2, streams, 2, 16, 8)
   logits, cache = jax.jit(CausalLM.prefill, static_argnums=0)(
       model, params, tokens[:, :4], _positions([0, 0], 4), cache)
   chunks, start = [logits], 4
@@ -193,7 +193,7 @@ def test_new_parameters_and_cache_carry_logical_axes():
       "streams", "prefix", "kv_heads", "head_dim")
   assert specs["aggregator"]["hidden"] == jax.sharding.PartitionSpec("streams", "embed", "mlp")
   assert specs["aggregator"]["out"] == jax.sharding.PartitionSpec("mlp", "streams")
-  cache, axes = model.init_cache(2, 4), parscale.StreamCache.logical_axes()
+  cache, axes = model.init_cache(2, 4), parscale.StreamCache.logical_axes(model.config.num_layers)
   for spec, leaf in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
                         jax.tree.leaves(cache)):
     assert len(spec) == leaf.ndim

@@ -131,8 +131,8 @@ def test_compact_equals_the_kv_caches_gather_slots():
                                mlp_dim=8, max_len=12))
   cache = model.init_cache(3, 12)
   rng = np.random.default_rng(0)
-  cache = cache.replace(keys=jnp.asarray(rng.normal(size=cache.keys.shape), cache.keys.dtype),
-                        values=jnp.asarray(rng.normal(size=cache.values.shape), cache.keys.dtype),
+  noise = lambda buffers: tuple(jnp.asarray(rng.normal(size=b.shape), b.dtype) for b in buffers)
+  cache = cache.replace(keys=noise(cache.keys), values=noise(cache.values),
                         lengths=jnp.asarray([4, 5, 6], jnp.int32))
   index, start = jnp.asarray([[6, 8], [5, 9], [7, 7]], jnp.int32), jnp.asarray([5, 5, 6], jnp.int32)
   got = slots.compact(model, cache, 12, index, start)
