@@ -12,6 +12,7 @@ the first eos they produced.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from typing import Any
 
@@ -170,6 +171,10 @@ class CompiledDecoder:
     self._dynamic = (*leading[1::2], *args[len(leading):])  # models (even places) are static
     self._cfg, self._model, self._lengths, self._max_new = cfg, model, lengths, max_new
 
+  def hlo_text(self) -> str:
+    """The compiled program's optimised HLO (for per-op profiles, `paxlike.bench.op_profile`)."""
+    return self._compiled.as_text()
+
   def run(self) -> Any:
     """One decode of the batch (the sampler's output, ready)."""
     return jax.block_until_ready(self._compiled(*self._dynamic))
@@ -256,3 +261,34 @@ def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, dr
   tokens, counts, stats = decode(model, params, prompt, lengths, cfg, draft, draft_params)
   texts = [codec.decode(tokens[i, :counts[i]]) for i in range(len(tokens))]
   return texts, stats
+
+
+def side_by_side(model: Any, params: Any, prompts: list[str], cfgs: list[SamplerConfig],
+                 draft: Any = None, draft_params: Any = None,
+                 repeats: int = 5) -> list[tuple[list[str], dict[str, Any]]]:
+  """Several samplers on the same prompts, timed fairly: each compiled ahead of time and warmed
+  up, then `repeats` rounds that run every sampler once, back to back. Each sampler's `wall_s` is
+  the median of its runs and `speedup_vs_first` the median over the rounds of the first
+  sampler's time over its own (the rounds share the machine's state, so the ratio is steady
+  under background load). Returns (texts, stats) per sampler, in the order of `cfgs`."""
+  max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
+  codec = interchange.text_codec(model.config)
+  prompt, lengths = encode_prompts(prompts, max_len, codec)
+  decoders = [CompiledDecoder(model, params, prompt, lengths, cfg,
+                              *((draft, draft_params) if cfg.kind in DRAFTED_KINDS else ()))
+              for cfg in cfgs]
+  outs = [decoder.run() for decoder in decoders]
+  times: list[list[float]] = [[] for _ in decoders]
+  for _ in range(repeats):
+    for decoder, own in zip(decoders, times):
+      start = time.perf_counter()
+      decoder.run()
+      own.append(time.perf_counter() - start)
+  results = []
+  for decoder, out, own in zip(decoders, outs, times):
+    tokens, counts, stats = decoder.result(out, statistics.median(own))
+    stats["speedup_vs_first"] = round(statistics.median(
+        [first / mine for first, mine in zip(times[0], own)]), 3)
+    texts = [codec.decode(tokens[i, :counts[i]]) for i in range(len(tokens))]
+    results.append((texts, stats))
+  return results

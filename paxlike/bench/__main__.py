@@ -1,5 +1,5 @@
 """`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train, parallelism, decode,
-compare-hf, diffusion, scaling."""
+engine, compare-hf, diffusion, scaling."""
 
 from __future__ import annotations
 
@@ -31,10 +31,17 @@ flags.DEFINE_integer("prompt_seed", None, "Seed of the held-out prompts (diffusi
                      "the reported ones); another seed gives other prompts to choose settings on.")
 flags.DEFINE_integer("prompts_per_task", 8, "Held-out prompts per task, 64 samples each (scaling "
                      "suite).")
+flags.DEFINE_list("shapes", ["0.07M", "1.6M", "9.5M", "51M"], "Model shapes whose AR step is "
+                  "measured against its floors (engine suite).")
+flags.DEFINE_list("engine_batches", ["1", "8", "32"], "Batch sizes of the AR rows (engine suite).")
+flags.DEFINE_list("targets", ["1.6M", "9.5M"], "Target shapes of the drafted samplers' overhead "
+                  "rows, drafted by the 0.07M shape (engine suite).")
+flags.DEFINE_string("dtype", "float32", "Compute dtype of the models (engine suite); bfloat16 on "
+                    "accelerators.")
 flags.DEFINE_integer("threads", 2, "CPU threads for both systems (compare-hf suite): the process "
                      "is pinned to this many cores and torch.set_num_threads is set to it.")
 
-SUITES = ("train", "parallelism", "decode", "compare-hf", "diffusion", "scaling")
+SUITES = ("train", "parallelism", "decode", "engine", "compare-hf", "diffusion", "scaling")
 SIMULATED_DEVICES = "--xla_force_host_platform_device_count"
 
 
@@ -48,7 +55,8 @@ def main(argv: list[str]) -> int:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SIMULATED_DEVICES}=8".strip()
   if argv[1] == "compare-hf":  # before jax starts its thread pool
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:max(1, FLAGS.threads)])
-  from paxlike.bench import compare_hf_suite, decode_suite, diffusion_suite, parallelism_suite
+  from paxlike.bench import compare_hf_suite, decode_suite, diffusion_suite, engine_suite
+  from paxlike.bench import parallelism_suite
   from paxlike.bench import scaling_suite, train_suite
   from paxlike.checkpointing import quiet_orbax_logging
   from paxlike.errors import UserError
@@ -60,6 +68,10 @@ def main(argv: list[str]) -> int:
     elif argv[1] == "decode":
       decode_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.max_new_tokens,
                        tuple(int(b) for b in FLAGS.batches))
+    elif argv[1] == "engine":
+      engine_suite.run(FLAGS.out, tuple(FLAGS.shapes), tuple(int(b) for b in FLAGS.engine_batches),
+                       tuple(FLAGS.targets), tuple(int(b) for b in FLAGS.batches),
+                       new_tokens=FLAGS.max_new_tokens, dtype=FLAGS.dtype)
     elif argv[1] == "diffusion":
       diffusion_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.examples, FLAGS.train_steps,
                           only=tuple(FLAGS.samplers),

@@ -98,10 +98,15 @@ def write_report(out: str | None, suite: str, config: dict[str, Any],
   report = {"suite": suite, "machine": machine(), "versions": versions(), "config": config,
             "rows": rows}
   if out:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json(out, report)
   return report
+
+
+def write_json(out: str, report: dict[str, Any]) -> None:
+  """Writes a report as indented JSON (creating the folder) and says where."""
+  Path(out).parent.mkdir(parents=True, exist_ok=True)
+  Path(out).write_text(json.dumps(report, indent=2) + "\n")
+  print(f"wrote {out}")
 
 
 def trained(exp: Experiment, workdir: Path) -> Trainer:

@@ -7,9 +7,11 @@ Transformer.decode/blocks_0/mlp/up/dot_general"}`), so each event can be charged
 program was doing: a model call (a scope under the model's module, `Transformer.`) or the decode
 engine around it (sampling, verification, bookkeeping, loop control).
 
-The time between two events (the executor dispatching the next thunk) is charged to the later
-event, so the categories add up to the profiled wall time. Profiling adds a little time per
-event; shares are what to read, not absolute times.
+XLA's CPU runtime runs independent thunks concurrently on its thread pool, so events from every
+thread are merged: time when several thunks run is split among them, and time when none runs
+(the executor dispatching the next one) is charged to the next, so the categories add up to the
+profiled wall time. Profiling adds a little time per event; shares are what to read, not
+absolute times.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ from typing import Any, Callable
 
 import jax
 
-_OP_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]+)\"")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+_SCOPE = re.compile(r"op_name=\"([^\"]+)\"")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
+_OPERAND = re.compile(r"%([\w.\-]+)")
 # Thunks that only run other thunks (their events enclose their bodies' events).
 _CONTAINERS = ("while", "conditional", "call")
 MODEL_SCOPE = "Transformer."
@@ -40,12 +46,43 @@ class OpTime:
 
 
 def hlo_scopes(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> op_name scope, from a compiled program's HLO text."""
-  scopes = {}
+  """Instruction name -> op_name scope, from a compiled program's HLO text.
+
+  XLA's passes drop the metadata of some instructions they create (a fusion's wrapper, a copy
+  they insert, a rewritten dot); those take the scope of the instructions their fused computation
+  holds, else of their operands, so that every thunk is charged somewhere sensible.
+  """
+  scopes, operands, calls, members = {}, {}, {}, {}
+  computation = None
   for line in hlo_text.splitlines():
-    match = _OP_NAME.match(line)
-    if match:
-      scopes.setdefault(match.group(1), match.group(2))
+    instruction = _INSTRUCTION.match(line)
+    if instruction is None:
+      header = _COMPUTATION.match(line)
+      if header:
+        computation = header.group(1)
+      continue
+    name, body = instruction.groups()
+    members.setdefault(computation, []).append(name)
+    scope = _SCOPE.search(body)
+    if scope:
+      scopes[name] = scope.group(1)
+    called = _CALLS.search(body)
+    if called:
+      calls[name] = called.group(1)
+    head = body.split("metadata=")[0]
+    operands[name] = _OPERAND.findall(head[head.find("("):]) if "(" in head else []
+  for _ in range(8):  # propagate to a fixed point (operand chains are short)
+    changed = False
+    for name, args in operands.items():
+      if name in scopes:
+        continue
+      inner = [scopes[m] for m in members.get(calls.get(name), []) if m in scopes]
+      found = inner[-1] if inner else next((scopes[a] for a in args if a in scopes), None)
+      if found is not None:
+        scopes[name] = found
+        changed = True
+    if not changed:
+      break
   return scopes
 
 
@@ -56,22 +93,55 @@ def _short(scope: str) -> str:
   return "/".join(parts) or scope
 
 
-def _executor_line(planes) -> list[Any]:
-  """The thunk events of the line that ran the most of them (the executor's thread)."""
-  best: list[Any] = []
+def _thunk_events(planes) -> list[tuple[float, float, str]]:
+  """(start ns, end ns, instruction) of every thunk event on every thread: XLA's CPU runtime
+  runs independent thunks of one program concurrently on its thread pool."""
+  out = []
   for plane in planes:
     for line in plane.lines:
-      events = [e for e in line.events if dict(e.stats).get("hlo_op") is not None]
-      if len(events) > len(best):
-        best = events
-  return best
+      for event in line.events:
+        op = dict(event.stats).get("hlo_op")
+        if op is not None and not op.startswith(_CONTAINERS):
+          out.append((event.start_ns, event.start_ns + event.duration_ns, op))
+  return sorted(out)
+
+
+def _charge(events: list[tuple[float, float, str]]) -> dict[str, float]:
+  """Seconds charged to each instruction: every instant between the first start and the last end
+  is split equally among the thunks running then; an instant when none runs (dispatch) goes to
+  the next thunk to start. So the charges add up to the profiled wall time."""
+  charged: dict[str, float] = collections.defaultdict(float)
+  if not events:
+    return charged
+  points = sorted({t for start, end, _ in events for t in (start, end)})
+  starts = collections.defaultdict(list)
+  ends = collections.defaultdict(list)
+  for index, (start, end, _) in enumerate(events):
+    starts[start].append(index)
+    ends[end].append(index)
+  active: set[int] = set()
+  pending_gap = 0.0
+  for left, right in zip(points, points[1:]):
+    active -= set(ends[left])
+    new = starts[left]
+    if new and pending_gap:
+      charged[events[new[0]][2]] += pending_gap
+      pending_gap = 0.0
+    active |= set(new)
+    width = (right - left) * 1e-9
+    if not active:
+      pending_gap += width
+      continue
+    for index in active:
+      charged[events[index][2]] += width / len(active)
+  return charged
 
 
 def profile(run: Callable[[], Any], hlo_text: str) -> list[OpTime]:
   """Runs `run()` once (already compiled and warm) under the profiler; per-instruction times.
 
-  Returns the instructions sorted by time, each with its scope and category; the dispatch gap
-  before a thunk is part of its time.
+  Returns the instructions sorted by time, each with its scope and category; time when no thunk
+  runs (dispatch) is charged to the next thunk, time when several run is split among them.
   """
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
   scopes = hlo_scopes(hlo_text)
@@ -81,19 +151,10 @@ def profile(run: Callable[[], Any], hlo_text: str) -> list[OpTime]:
     files = sorted(Path(folder).rglob("*.xplane.pb"))
     if not files:
       raise RuntimeError(f"the profiler wrote no trace under {folder}")
-    events = _executor_line(ProfileData.from_file(str(files[0])).planes)
-  leaves = sorted(((e.start_ns, e.duration_ns, dict(e.stats)["hlo_op"]) for e in events
-                   if not dict(e.stats)["hlo_op"].startswith(_CONTAINERS)), key=lambda t: t[0])
-  totals: dict[str, float] = collections.defaultdict(float)
-  counts: collections.Counter = collections.Counter()
-  previous_end = leaves[0][0] if leaves else 0.0
-  for start, duration, op in leaves:
-    end = start + duration
-    totals[op] += max(end - previous_end, duration) * 1e-9
-    counts[op] += 1
-    previous_end = max(previous_end, end)
+    events = _thunk_events(ProfileData.from_file(str(files[0])).planes)
+  counts = collections.Counter(op for _, _, op in events)
   out = []
-  for op, seconds in totals.items():
+  for op, seconds in _charge(events).items():
     scope = scopes.get(op, op)
     category = "model" if MODEL_SCOPE in scope else "engine"
     out.append(OpTime(op, _short(scope), category, seconds, counts[op]))
