@@ -44,7 +44,7 @@ def demo_draft() -> Experiment:
       optimizer=OptimizerConfig(learning_rate=5e-3),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=10),
       checkpoint=CheckpointConfig(every_steps=100, keep=1),
-      train=TrainConfig(steps=100, batch_size=16),
+      train=TrainConfig(steps=200, batch_size=16),
       eval=EvalConfig(every_steps=0, batches=8),
       run=RunConfig(log_every=20, sample_after_train=False),
   )
