@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from paxlike.bench import harness
 from paxlike.bench.train_suite import train_flops_per_token
 from models.config import ModelConfig
@@ -38,3 +40,19 @@ def test_interleaved_times_alternate_the_calls_round_by_round():
   assert calls == ["ar", "spec"] * 3  # each pair shares the machine's state at that moment
   assert len(ar_times) == len(spec_times) == 3 and min(ar_times + spec_times) >= 0
   assert last == [5, -6]
+
+
+@pytest.mark.slow
+def test_engine_suite_writes_floors_overheads_and_profiles(tmp_path):
+  out = tmp_path / "engine.json"
+  result = cli.run("engine", "--shapes=0.07M", "--engine_batches=1,2", "--targets=0.07M",
+                   "--batches=1", "--max_new_tokens=8", f"--out={out}", module="paxlike.bench")
+  assert result.returncode == 0, result.stderr
+  report = json.loads(out.read_text())
+  ar = [r for r in report["rows"] if "shape" in r]
+  assert [r["batch"] for r in ar] == [1, 2] and ar[0]["vs_batch_1"] == 1.0
+  assert all(r["ar_ms"] > 0 and r["chain_ms"] > 0 and r["of_chain"] > 0 for r in ar)
+  drafted = {r["sampler"]: r for r in report["rows"] if "sampler" in r}
+  assert set(drafted) == {"ar", "speculative", "spectr", "tree", "dynamic_tree", "adaptive"}
+  assert all(0 < r["model_share"] <= 1 and r["overhead_ratio"] >= 1 for r in drafted.values())
+  assert set(report["profiles"]) == {"ar 0.07M batch 1", "speculative 0.07M batch 1"}
