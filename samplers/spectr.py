@@ -133,21 +133,30 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
                      f"{copies} for vocab_size {target.vocab_size}")
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
+  greedy = config.sampling.greedy
 
   def round_fn(caches, seq, context):
     """Same cache invariant as `speculative`; row b's copy j is row b * k + j."""
     target_rows, draft_rows = caches
     window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
-    u = draft_verify.position_uniforms(keys, window + 1, copies * vocab + copies + vocab)
-    noise = u[:, :gamma, :copies * vocab].reshape(batch, gamma, copies, vocab)
-    verify_u = u[..., copies * vocab:]  # [B, gamma + 1, k + V]
+    width = 0 if greedy else vocab  # greedy: argmaxes, no uniforms
+    if not greedy:
+      u = draft_verify.position_uniforms(keys, window + 1, copies * vocab + copies + vocab)
+      verify_u = u[..., copies * vocab:]  # [B, gamma + 1, k + V]
+    noise = (jnp.zeros((batch, gamma, copies, 0), jnp.float32) if greedy
+             else u[:, :gamma, :copies * vocab].reshape(batch, gamma, copies, vocab))
     last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
     logits, draft_rows = rows.call(draft.apply, draft_params,
                                    jnp.take_along_axis(seq, last_two, axis=1), last_two,
                                    rows.set_lengths(draft_rows, context - 2))
-    q_first = probs(logits[:, 1], config.sampling)  # [B, V]
-    first, valid = jax.vmap(_first_tokens, in_axes=(0, 0, None))(
-        noise[:, 0], q_first, config.without_replacement)  # [B, k]
+    if greedy:  # i.i.d. draws from a one-hot q all take its argmax (without replacement only
+      # copy 0 does; the others fall outside q's support and are never verified)
+      top = draft_verify.draw_draft(None, logits[:, 1], config.sampling)[0]
+      first = jnp.broadcast_to(top[:, None], (batch, copies))
+    else:
+      q_first = probs(logits[:, 1], config.sampling)  # [B, V]
+      first, valid = jax.vmap(_first_tokens, in_axes=(0, 0, None))(
+          noise[:, 0], q_first, config.without_replacement)  # [B, k]
     copy_context = jnp.repeat(context, copies)  # [B * k]
 
     def draft_step(carry, inputs):  # feeds draft token i of every copy, draws token i + 1
@@ -155,19 +164,15 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
       i, step_noise = inputs  # step_noise [B * k, V]
       logits, cache = rows.call(draft.apply, draft_params, token[:, None],
                                 (copy_context + i - 1)[:, None], cache)
-      q = probs(logits[:, 0], config.sampling)
-      token = jax.vmap(verify.draw)(step_noise, q)
+      token, q = draft_verify.draw_draft(step_noise, logits[:, 0], config.sampling)
       return (token, cache), (token, q)
 
-    step_noise = jnp.moveaxis(noise[:, 1:], 1, 0).reshape(gamma - 1, batch * copies, vocab)
+    step_noise = jnp.moveaxis(noise[:, 1:], 1, 0).reshape(gamma - 1, batch * copies, width)
     (_, draft_rows), (rest, q_rest) = jax.lax.scan(
         draft_step, (first.reshape(-1), rows.repeat(draft_rows, copies)),
         (jnp.arange(1, gamma), step_noise))
     rest = jnp.moveaxis(rest.reshape(gamma - 1, batch, copies), 0, 2)  # [B, k, gamma - 1]
-    q_rest = jnp.moveaxis(q_rest.reshape(gamma - 1, batch, copies, vocab), 0, 2)
     drafts = jnp.concatenate([first[..., None], rest], axis=2)  # [B, k, gamma]
-    q_shared = jnp.broadcast_to(q_first[:, None, None], (batch, copies, 1, vocab))
-    q = jnp.concatenate([q_shared, q_rest], axis=2)  # [B, k, gamma, V]
 
     last_token = jnp.take_along_axis(seq, window[:, :1], axis=1)  # [B, 1]
     scored = jnp.concatenate([jnp.broadcast_to(last_token[:, None], (batch, copies, 1)), drafts],
@@ -175,6 +180,14 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     logits, target_rows = rows.call(target.apply, target_params, scored,
                                     jnp.repeat(window, copies, axis=0),
                                     rows.repeat(rows.set_lengths(target_rows, context - 1), copies))
+    if greedy:  # every valid copy is copy 0's argmax chain: `verify.greedy_chain` on it
+      emitted, count = verify.greedy_chain(
+          drafts[:, 0], logits.reshape(batch, copies, gamma + 1, vocab)[:, 0])
+      keep = jnp.arange(batch) * copies
+      return (rows.take(target_rows, keep), rows.take(draft_rows, keep)), emitted, count
+    q_rest = jnp.moveaxis(q_rest.reshape(gamma - 1, batch, copies, vocab), 0, 2)
+    q_shared = jnp.broadcast_to(q_first[:, None, None], (batch, copies, 1, vocab))
+    q = jnp.concatenate([q_shared, q_rest], axis=2)  # [B, k, gamma, V]
     p = probs(logits, config.sampling).reshape(batch, copies, gamma + 1, vocab)
 
     count, last, chosen = jax.vmap(_verify_row, in_axes=(0, 0, 0, 0, 0, None))(

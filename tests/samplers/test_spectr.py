@@ -90,14 +90,15 @@ LLAMA_PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [31]]
 LLAMA_STEPS = 12
 
 
-def test_greedy_equals_greedy_ar_on_a_llama_pair():
+@pytest.mark.parametrize("without_replacement", [False, True])
+def test_greedy_equals_greedy_ar_on_a_llama_pair(without_replacement):
   """Mixed acceptance; mismatches only from a near-tie (at most one)."""
   target, draft = llama_pair.params()
   prompt, lengths = ar.pad_prompts(LLAMA_PROMPTS)
   expected = ar.sample(llama_pair.TARGET, target, prompt, lengths, jax.random.key(0),
                        ar.ARConfig(max_new_tokens=LLAMA_STEPS, sampling=GREEDY)).tokens
   config = spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=3, max_new_tokens=LLAMA_STEPS,
-                               sampling=GREEDY)
+                               sampling=GREEDY, without_replacement=without_replacement)
   out = spectr.sample(llama_pair.TARGET, target, llama_pair.DRAFT, draft, prompt, lengths,
                       jax.random.key(0), config)
   ties = llama_pair.near_ties(target, LLAMA_PROMPTS, expected, out.tokens)
