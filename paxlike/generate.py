@@ -265,7 +265,7 @@ def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, dr
 
 def side_by_side(model: Any, params: Any, prompts: list[str], cfgs: list[SamplerConfig],
                  draft: Any = None, draft_params: Any = None,
-                 repeats: int = 5) -> list[tuple[list[str], dict[str, Any]]]:
+                 repeats: int = 9) -> list[tuple[list[str], dict[str, Any]]]:
   """Several samplers on the same prompts, timed fairly: each compiled ahead of time and warmed
   up, then `repeats` rounds that run every sampler once, back to back. Each sampler's `wall_s` is
   the median of its runs and `speedup_vs_first` the median over the rounds of the first

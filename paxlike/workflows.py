@@ -125,7 +125,7 @@ def _show_samples(trainer: Trainer, params, prompts: list[str], draft=None, draf
 
 
 def _side_by_side(trainer: Trainer, params, draft, draft_params) -> dict:
-  """AR and the configured drafted sampler on the same prompt, timed interleaved (medians of 5
+  """AR and the configured drafted sampler on the same prompt, timed interleaved (medians of 9
   runs each): speed, calls, equal text."""
   cfg = trainer.exp.sampler
   (ar_texts, ar_stats), (texts, stats) = generate.side_by_side(
