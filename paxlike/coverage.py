@@ -3,7 +3,7 @@
 pass@k is the chance that at least one of k samples is correct. From n >= k samples of which c
 are correct, the unbiased estimator (Chen et al. 2021, "Evaluating Large Language Models Trained
 on Code") is 1 - C(n-c, k) / C(n, k), computed in the stable product form
-1 - prod_{i=n-c+1}^{n} (1 - k/i) (algorithms.md), which is exactly 1 when n - c < k.
+1 - prod_{i=n-c+1}^{n} (1 - k/i) (Chen et al. 2021, the unbiased pass@k estimator), which is exactly 1 when n - c < k.
 
 Coverage over a set of problems is the mean pass@k. Large Language Monkeys (Brown et al. 2024)
 observe that coverage grows with the number of samples k roughly as an exponentiated power law,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paxlike import interchange, parallel_sampling
+from paxlike import interchange, parallel_sampling, timing
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
 from samplers import adaptive, ar, assd, block_diffusion, canvas, contrastive, edlm, entropy_switch
@@ -278,12 +278,7 @@ def side_by_side(model: Any, params: Any, prompts: list[str], cfgs: list[Sampler
                               *((draft, draft_params) if cfg.kind in DRAFTED_KINDS else ()))
               for cfg in cfgs]
   outs = [decoder.run() for decoder in decoders]
-  times: list[list[float]] = [[] for _ in decoders]
-  for _ in range(repeats):
-    for decoder, own in zip(decoders, times):
-      start = time.perf_counter()
-      decoder.run()
-      own.append(time.perf_counter() - start)
+  times, _ = timing.interleaved_times([decoder.run for decoder in decoders], repeats)
   results = []
   for decoder, out, own in zip(decoders, outs, times):
     tokens, counts, stats = decoder.result(out, statistics.median(own))

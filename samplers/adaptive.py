@@ -22,7 +22,7 @@ the positions after a row's k-th draft ignored) with `verify.single_draft`, and 
 token from p_{k+1} when all k are accepted.
 
 Guarantee: every row's output has exactly the distribution of sampling from the target alone
-(`samplers.ar`), whatever the rule and thresholds (algorithms.md): whether position i is drafted
+(`samplers.ar`), whatever the rule and thresholds: whether position i is drafted
 depends only on the draft's distributions and head outputs at positions before i, never on the
 target, so given the accepted prefix the next emitted token is ~ p either by speculative
 verification of a draft from q or as the bonus token. Greedy output is the target's greedy

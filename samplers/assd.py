@@ -17,7 +17,7 @@ conditionals) instead of from a fresh equal-rank pass. The drafts then condition
 round's drafts, which may have been rejected, so q_1 = p_1 no longer holds; when the model is
 confident the drafts are right and each call commits up to g + 1 tokens.
 
-Guarantee (algorithms.md): the output follows the model's joint under the order s exactly, for
+Guarantee (Guo and Ermon 2025, any-subset speculative decoding): the output follows the model's joint under the order s exactly, for
 any model meeting `AnySubsetModel`, whatever the drafts (speculative verification is exact for
 any proposal fixed before its draw, here one computed from earlier rounds). Without reuse, since
 q_1 = p_1 the first draft is always accepted, so a round (two model calls) commits at least two

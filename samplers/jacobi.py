@@ -9,7 +9,7 @@ plus one token, and refills the block from the remaining outputs.
 
 Guarantee: the output equals greedy autoregressive decoding token for token (at least one token is
 committed per call, and every committed token is the target's argmax given the committed prefix),
-up to numerical near-ties between a one-token and an n-token call (DESIGN.md, Numerics).
+up to numerical near-ties between a one-token and an n-token call (float32 matmuls over 1 and n rows can differ in the last bits).
 """
 
 from __future__ import annotations

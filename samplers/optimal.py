@@ -3,7 +3,7 @@ Multi-draft Speculative Decoding"; Sun et al. 2023 cast it as optimal transport)
 
 The best acceptance probability any exact verifier can reach, with the emitted token ~ p and k
 drafts i.i.d. ~ q, is a max-flow between y ~ p and draft tuples ~ q^k (edge when y is in the
-tuple); by max-flow/min-cut (algorithms.md)
+tuple); by max-flow/min-cut (Sun et al. 2023, SpecTr)
 
   alpha*(p, q, k) = min over H subset of V of [1 - p(H) + 1 - (1 - q(H))^k].
 

@@ -2,7 +2,7 @@
 
 Each step scores the canvas once, proposes a candidate token at every masked position (argmax,
 or a sample at temperature > 0) with a confidence, and commits some of them; committed tokens
-never change and the loop runs until no mask remains. Rules (algorithms.md):
+never change and the loop runs until no mask remains. Rules:
 
 - "topk": the k most confident per step (NFE = ceil(masked / k) per row).
 - "threshold": every confidence >= tau, and at least the most confident (Fast-dLLM, Wu et al.

@@ -2,7 +2,7 @@
 
 A rule sees one position of one row: the target's sampling distribution p [V], the distribution
 the proposals were drawn from, the proposed tokens and uniforms. It returns which proposal was
-accepted (or that none was) and the emitted token. Guarantee (algorithms.md): the emitted token
+accepted (or that none was) and the emitted token. Guarantee (the papers cited per rule): the emitted token
 is distributed exactly as p, provided the proposals were drawn as the rule assumes. Sequence-level
 samplers scan a rule over positions and vmap it over rows; token-tree samplers apply it per node.
 
@@ -100,7 +100,7 @@ def division_factor(p: jax.Array, q: jax.Array, k, max_k: int | None = None) -> 
   """SpecTr's division factor rho ([] float32) for k i.i.d. candidates (Sun et al. 2023).
 
   With beta(rho) = sum_x min(q(x), p(x) / rho), the k-sequential residual is non-negative iff
-  rho >= (1 - (1 - beta)^k) / beta (algorithms.md). rho = k always satisfies it; this returns 1
+  rho >= (1 - (1 - beta)^k) / beta (Sun et al. 2023). rho = k always satisfies it; this returns 1
   when 1 does, else the feasible end of a bisection on [1, k] (to float32 resolution), so the
   result is always feasible up to rounding (which `k_sequential_residual` clips).
 

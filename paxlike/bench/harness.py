@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import statistics
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 
 from paxlike import config as config_lib
 from paxlike.checkpointing import Checkpointer
+from paxlike.timing import interleaved_times  # re-exported for the suites
 from paxlike.config import Experiment
 from paxlike.train import Trainer
 from paxlike.workflows import write_config
@@ -45,22 +45,6 @@ def versions() -> dict[str, str]:
     except metadata.PackageNotFoundError:
       out[name] = "not installed"
   return out
-
-
-def interleaved_times(fns: Sequence[Callable[[], Any]],
-                      repeats: int) -> tuple[list[list[float]], list[Any]]:
-  """(wall seconds of each fn's calls, each fn's last result) of `repeats` rounds that call every
-  fn once, back to back (each fn must block until its result is ready). The fns of one round share
-  the machine's state at that moment, so ratios between them are steady under background load and
-  clock drift that move sequential medians by 20% on a shared VM."""
-  times: list[list[float]] = [[] for _ in fns]
-  last: list[Any] = [None] * len(fns)
-  for _ in range(repeats):
-    for i, fn in enumerate(fns):
-      start = time.perf_counter()
-      last[i] = fn()
-      times[i].append(time.perf_counter() - start)
-  return times, last
 
 
 def time_calls(fn: Callable[[], Any], repeats: int) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 Tolerance: float32 logits agree within 1e-4 absolute (observed ~1e-7; the models differ only in
 summation order and in how rotary frequencies are rounded). Greedy generations agree token for
-token except after a near-tie (top-two logits within 1e-4, DESIGN.md Numerics), which is counted.
+token except after a near-tie (top-two logits within 1e-4), which is counted.
 """
 
 from __future__ import annotations

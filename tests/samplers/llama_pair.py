@@ -31,7 +31,7 @@ def params() -> tuple[dict, dict]:
 
 def near_ties(target_params, prompts, expected, got) -> int:
   """Checks decoded tokens `got` [B, N] against greedy AR's `expected` [B, N]: a row may differ
-  only from a near-tie on (target top-two logits within 1e-4, DESIGN.md Numerics), where the
+  only from a near-tie on (target top-two logits within 1e-4), where the
   continuations part. Returns the number of such rows."""
   expected, got = np.asarray(expected), np.asarray(got)
   ties = 0

@@ -85,7 +85,7 @@ def test_large_vocabularies_use_the_sorted_prefix():
 
 
 def test_k_sequential_and_recursive_rejection_lie_between_single_draft_and_alpha_star():
-  """The V = 5, k = 3 style of algorithms.md's example (there: 0.445 <= 0.670 <= 0.7112)."""
+  """A V = 5, k = 3 example in the style of SpecTr's (there: 0.445 <= 0.670 <= 0.7112)."""
   for seed in range(6):
     p, q = _pair(200 + seed, 5)
     single = float(jnp.sum(jnp.minimum(p, q)))

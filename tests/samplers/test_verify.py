@@ -157,7 +157,7 @@ def test_division_factor_is_the_smallest_feasible_root(k):
     rho = float(verify.division_factor(p, q, k))
     np.testing.assert_allclose(rho, _bisect64(p, q, k), rtol=1e-5)
     assert 1.0 < rho <= k
-    # A rho 3% below the root leaves negative residual mass (algorithms.md).
+    # A rho 3% below the root leaves negative residual mass (Sun et al. 2023).
     below = 0.97 * rho
     scale = (1 - (1 - _beta(p, q, below)) ** k) / _beta(p, q, below)
     assert np.min(np.asarray(p) - np.minimum(q, p / below) * scale) < 0
