@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from configs.lm import SHARED_DATA
-from models.config import ModelConfig
+from configs.lm import DATA_DIR
+from models.config import DiffusionConfig, FinalityConfig, ModelConfig
 from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment, OptimizerConfig,
                             RunConfig, SamplerConfig, ScheduleConfig, TrainConfig)
 from paxlike.registry import register
 
-_SHAKESPEARE = DataConfig(path=str(SHARED_DATA / "tinyshakespeare.txt"), seq_len=128)
+_SHAKESPEARE = DataConfig(path=str(DATA_DIR / "tinyshakespeare.txt"), seq_len=128)
 
 
 def _experiment(kind: str, data: DataConfig, prompt: str, **model) -> Experiment:
@@ -47,7 +47,7 @@ def mdlm_shakespeare() -> Experiment:
 @register
 def mdlm_block_shakespeare() -> Experiment:
   """Block-causal masked diffusion (blocks of 16) on tinyshakespeare: exact block KV caching."""
-  return _experiment("mdlm", _SHAKESPEARE, "ROMEO:\n", block_size=16)
+  return _experiment("mdlm", _SHAKESPEARE, "ROMEO:\n", diffusion=DiffusionConfig(block_size=16))
 
 
 @register
@@ -69,7 +69,8 @@ def learn2pd_shakespeare() -> Experiment:
   base = mdlm_shakespeare()
   return dataclasses.replace(
       base,
-      model=dataclasses.replace(base.model, kind="learn2pd", finality_dim=64, finality_steps=8),
+      model=dataclasses.replace(base.model, kind="learn2pd",
+                                finality=FinalityConfig(dim=64, steps=8)),
       data=dataclasses.replace(base.data, seq_len=64),
       optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=10),

@@ -9,8 +9,8 @@ from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment
                             OptimizerConfig, RunConfig, SamplerConfig, ScheduleConfig, TrainConfig)
 from paxlike.registry import register
 
-# ../shared/data beside the repository (tests and benchmarks read tinyshakespeare from there).
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Data shipped with the registered experiments: tinyshakespeare (public domain, 1.1 MB).
+DATA_DIR = Path(__file__).resolve().parent / "data"
 
 
 @register
@@ -56,7 +56,7 @@ def tiny() -> Experiment:
   return Experiment(
       model=ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=4, mlp_dim=128,
                         max_len=128),
-      data=DataConfig(path=str(SHARED_DATA / "tinyshakespeare.txt"), seq_len=64),
+      data=DataConfig(path=str(DATA_DIR / "tinyshakespeare.txt"), seq_len=64),
       optimizer=OptimizerConfig(learning_rate=3e-3),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=5),
       mesh=MeshConfig(data=-1),
@@ -74,7 +74,7 @@ def shakespeare() -> Experiment:
   return Experiment(
       model=ModelConfig(num_layers=4, d_model=128, num_heads=4, num_kv_heads=4, mlp_dim=384,
                         max_len=512),
-      data=DataConfig(path=str(SHARED_DATA / "tinyshakespeare.txt"), seq_len=128),
+      data=DataConfig(path=str(DATA_DIR / "tinyshakespeare.txt"), seq_len=128),
       schedule=ScheduleConfig(kind="wsd", warmup_steps=30),
       train=TrainConfig(steps=600, batch_size=16),
       eval=EvalConfig(every_steps=200, batches=8),

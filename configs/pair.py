@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from configs.lm import SHARED_DATA
+from configs.lm import DATA_DIR
 from models.config import ModelConfig
 from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment, OptimizerConfig,
                             RunConfig, SamplerConfig, ScheduleConfig, TrainConfig)
 from paxlike.registry import register
 
-_DATA = DataConfig(path=str(SHARED_DATA / "tinyshakespeare.txt"), seq_len=128)
+_DATA = DataConfig(path=str(DATA_DIR / "tinyshakespeare.txt"), seq_len=128)
 
 
 @register
@@ -32,7 +32,7 @@ def pair_target() -> Experiment:
       checkpoint=CheckpointConfig(every_steps=100, keep=2),
       train=TrainConfig(steps=1000, batch_size=16),
       eval=EvalConfig(every_steps=100, batches=8),
-      sampler=SamplerConfig(prompt="ROMEO:\n", temperature=0.0, num_draft_tokens=6),
+      sampler=SamplerConfig(prompt="ROMEO:\n", temperature=0.0),
       run=RunConfig(log_every=20, sample_after_train=False),
   )
 
@@ -60,7 +60,7 @@ def pair_draft() -> Experiment:
 
 @register
 def pair_draft_head() -> Experiment:
-  """pair_draft with a SpecDec++ acceptance head for `sampler.adaptive_rule=head`. The draft's
+  """pair_draft with a SpecDec++ acceptance head for `sampler.kind=adaptive` with `sampler.rule=head`. The draft's
   weights are copied from train.init_from (pair_draft's run; default runs/pair_draft) and frozen,
   only the head learns, against the target in train.teacher_workdir (default runs/pair_target),
   with labels 1 - TV(target, draft)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from configs.lm import SHARED_DATA
-from models.config import ModelConfig
+from configs.lm import DATA_DIR
+from models.config import ModelConfig, ParScaleConfig
 from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment, OptimizerConfig,
                             RunConfig, SamplerConfig, ScheduleConfig, TrainConfig)
 from paxlike.registry import register
@@ -24,9 +24,10 @@ def _streams(streams: int) -> Experiment:
   """A ~0.1M-parameter model, 300 steps of 16 x 128 bytes (P = 1: about a minute on 2 cores)."""
   return Experiment(
       model=ModelConfig(num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, mlp_dim=192,
-                        max_len=256, parscale_streams=streams,
-                        parscale_prefix_len=PREFIX_LEN if streams > 1 else 0),
-      data=DataConfig(path=str(SHARED_DATA / "tinyshakespeare.txt"), seq_len=128),
+                        max_len=256,
+                        parscale=ParScaleConfig(streams=streams,
+                                                prefix_len=PREFIX_LEN if streams > 1 else 0)),
+      data=DataConfig(path=str(DATA_DIR / "tinyshakespeare.txt"), seq_len=128),
       optimizer=OptimizerConfig(learning_rate=3e-3),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=20),
       checkpoint=CheckpointConfig(every_steps=100, keep=1),

@@ -21,8 +21,9 @@ number c in [0, L) of visible ones (the first c of the order, rank -1); the rest
 in that order, and the loss is the mean cross-entropy of those L - c tokens (one pass).
 `eval_nll` uses c = 0: the exact nll of the sequence under a random order's chain rule (a proper
 distribution for each order, so not a bound), averaged over rows and orders. With
-`model.response_after` (`models.conditioning`) the prompt positions are always visible and only
-the response positions are ordered (and counted): a model of the response given its prompt.
+`model.diffusion.response_after` (`models.conditioning`) the prompt positions are always visible
+and only the response positions are ordered (and counted): a model of the response given its
+prompt.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class AnySubsetARM(TransformerModel):
     return jnp.sum(jnp.where(orderable, nll, 0.0)), jnp.sum(orderable).astype(jnp.float32)
 
   def _orderable(self, tokens: jax.Array) -> jax.Array:
-    return conditioning.noisable(tokens, self.config.response_after)
+    return conditioning.noisable(tokens, self.config.diffusion.response_after)
 
   @staticmethod
   def teacher_inputs(batch: jax.Array) -> jax.Array:

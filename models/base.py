@@ -39,7 +39,7 @@ class TransformerModel:
   @property
   def mask_id(self) -> int:
     """The mask token of the diffusion-style models (unused by causal ones)."""
-    return self.config.mask_id
+    return self.config.diffusion.mask_id
 
   @property
   def module(self) -> nn.Module:

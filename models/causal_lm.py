@@ -28,8 +28,8 @@ class CausalLM(TransformerModel):
     cfg = self.config
     shape = (cfg.num_layers, batch, max_len or cfg.max_len, cfg.num_kv_heads,
              cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
-    if cfg.parscale_streams > 1:
-      return StreamCache.zeros(*shape[:2], cfg.parscale_streams, *shape[2:])
+    if cfg.parscale.streams > 1:
+      return StreamCache.zeros(*shape[:2], cfg.parscale.streams, *shape[2:])
     return KVCache.zeros(*shape)
 
   def apply(self, params, tokens: jax.Array, positions: jax.Array, cache: KVCache,

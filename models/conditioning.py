@@ -3,11 +3,11 @@
 A corpus of lines `prompt<SEP>response` (e.g. the task suite's `add 12+34=046`) can be learned as
 a conditional model, as LLaDA's supervised fine-tuning does: the prompt is never noised and only
 the response is generated, so every gradient is about answering and none about the unpredictable
-prompt. With `model.response_after` set to the separator character, a position is a *response*
-position when that character occurs earlier on its line (lines end at a newline, which is never a
-response position); the MDLM masks only response positions (its ELBO then bounds -log p(response
-| prompt)), the AS-ARM keeps every prompt position visible and orders only the responses, and the
-Learn2PD trajectories start from clean prompts and masked responses.
+prompt. With `model.diffusion.response_after` set to the separator character, a position is a
+*response* position when that character occurs earlier on its line (lines end at a newline, which
+is never a response position); the MDLM masks only response positions (its ELBO then bounds
+-log p(response | prompt)), the AS-ARM keeps every prompt position visible and orders only the
+responses, and the Learn2PD trajectories start from clean prompts and masked responses.
 """
 
 from __future__ import annotations

@@ -1,27 +1,148 @@
 """The model section of an experiment: one frozen dataclass shared by every model family.
 
 It lives in `models/` (not `paxlike/`) so that models stay importable without the framework;
-`paxlike.config` uses it as the `model` section of the experiment schema.
+`paxlike.config` uses it as the `model` section of the experiment schema. Settings of one model
+family live in a nested section of it: `model.parscale.*` (ParScale streams of a llama),
+`model.diffusion.*` (the masked-diffusion kinds) and `model.finality.*` (Learn2PD's filter head).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from parallelism.sequence_attention import VARIANTS
 
-DIFFUSION_MIN_T = 1e-3  # default lower end of MDLM training times (see `diffusion_min_t`)
+DIFFUSION_MIN_T = 1e-3  # default lower end of MDLM training times (see `DiffusionConfig.min_t`)
 
 DTYPES = ("float32", "bfloat16")
 ATTENTION = ("dense",) + VARIANTS
 KINDS = ("llama", "mdlm", "asarm", "learn2pd")  # extend with models.build._KINDS
+DENOISER_KINDS = ("mdlm", "asarm", "learn2pd")  # the kinds with a mask token
 DIFFUSION_SCHEDULES = ("loglinear", "cosine")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
+class ParScaleConfig:
+  """ParScale (`models/parscale.py`) of a "llama" model: `model.parscale.*`.
+
+  Attributes:
+    streams: P parallel streams of the model; they share every weight, differ by learnable
+      per-layer key/value prefixes and are combined by a learned dynamic aggregation before the
+      output head. 1 = no ParScale.
+    prefix_len: prefix slots per layer and stream (0 = none; needed when P > 1).
+    smoothing: eps of the aggregation weights, (1 - eps) * w + eps / P.
+  """
+
+  streams: int = 1
+  prefix_len: int = 0
+  smoothing: float = 0.01
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first invalid field (`ModelConfig` checks the kind)."""
+    if self.streams < 1:
+      raise ValueError(f"model.parscale.streams must be >= 1 (1 = no ParScale), got {self.streams}")
+    if self.prefix_len < 0:
+      raise ValueError(f"model.parscale.prefix_len must be >= 0, got {self.prefix_len}")
+    if self.streams > 1 and not self.prefix_len:
+      raise ValueError(f"model.parscale.streams={self.streams} needs model.parscale.prefix_len "
+                       ">= 1: the streams differ only by their prefixes")
+    if not 0.0 <= self.smoothing <= 1.0:
+      raise ValueError(f"model.parscale.smoothing must be in [0, 1], got {self.smoothing}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+  """The masked-diffusion kinds "mdlm", "asarm" and "learn2pd": `model.diffusion.*`.
+
+  Attributes:
+    mask_id: the mask token (the byte tokenizer's MASK, 259).
+    block_size: "mdlm"/"learn2pd" attention: 0 bidirectional; B > 0 block-causal (a position sees
+      its own block of B positions and every earlier block; trained as block diffusion). Must
+      divide model.max_len.
+    schedule: the masking schedule alpha_t of "mdlm"/"learn2pd": "loglinear" (alpha_t = 1 - t)
+      or "cosine" (alpha_t = cos(pi t / 2)).
+    min_t: "mdlm" training draws t from (min_t, 1]. The default, 1e-3, keeps the loss the
+      continuous-time ELBO bar the rare, heavily weighted t near 0. A student for few-call
+      decoding raises it (0.9: responses nearly all masked, the state one-call unmasking starts
+      from) and trades the bound for more training on that state.
+    min_t_rows: the fraction of each training batch's rows (interleaved) whose t comes from
+      (min_t, 1]; the others draw from the default (1e-3, 1]. Below 1, a student trains on nearly
+      fully masked responses without forgetting the partly masked states that its later calls see.
+    response_after: conditional training (`models.conditioning`): one ASCII character; on each
+      line the tokens after it are the response, the only ones noised, ordered or generated in
+      training; the rest is the always-clean prompt. "" trains the unconditional model of whole
+      sequences.
+  """
+
+  mask_id: int = 259
+  block_size: int = 0
+  schedule: str = "loglinear"
+  min_t: float = DIFFUSION_MIN_T
+  min_t_rows: float = 1.0
+  response_after: str = ""
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first invalid field (`ModelConfig` checks the kind, the
+    mask id against the vocabulary and the block size against max_len)."""
+    if self.schedule not in DIFFUSION_SCHEDULES:
+      raise ValueError(f"model.diffusion.schedule={self.schedule!r} is unknown; valid: "
+                       f"{', '.join(DIFFUSION_SCHEDULES)}")
+    if not 0 <= self.min_t < 1:
+      raise ValueError(f"model.diffusion.min_t={self.min_t} must be in [0, 1): training draws t "
+                       f"from (min_t, 1]")
+    if not 0 <= self.min_t_rows <= 1:
+      raise ValueError(f"model.diffusion.min_t_rows={self.min_t_rows} must be in [0, 1]: the "
+                       f"fraction of rows whose t comes from (min_t, 1]")
+    if self.block_size < 0:
+      raise ValueError(f"model.diffusion.block_size={self.block_size} must be 0 (bidirectional) "
+                       "or a positive divisor of model.max_len")
+    if self.response_after and (len(self.response_after) != 1 or not self.response_after.isascii()
+                                or self.response_after == "\n"):
+      raise ValueError(f"model.diffusion.response_after={self.response_after!r} must be one ASCII "
+                       "character other than a newline (the prompt/response separator, e.g. "
+                       "'='), or ''")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalityConfig:
+  """The learned unmasking policy of a "learn2pd" model (`models.learn2pd`): `model.finality.*`.
+
+  Attributes:
+    dim: hidden width of the filter head.
+    steps: greedy decoding steps of the training trajectories.
+  """
+
+  dim: int = 64
+  steps: int = 8
+
+  def validate(self) -> None:
+    """Raises ValueError unless both fields are >= 1 (checked for kind "learn2pd" only)."""
+    if self.dim < 1 or self.steps < 1:
+      raise ValueError(f"model.finality.dim and model.finality.steps must be >= 1, got "
+                       f"{self.dim} and {self.steps}")
+
+
+# Flat field names of configs stored before the family sections: old name -> (section, field).
+LEGACY_FIELDS = {
+    "parscale_streams": ("parscale", "streams"),
+    "parscale_prefix_len": ("parscale", "prefix_len"),
+    "parscale_smoothing": ("parscale", "smoothing"),
+    "mask_id": ("diffusion", "mask_id"),
+    "block_size": ("diffusion", "block_size"),
+    "diffusion_schedule": ("diffusion", "schedule"),
+    "diffusion_min_t": ("diffusion", "min_t"),
+    "diffusion_min_t_rows": ("diffusion", "min_t_rows"),
+    "response_after": ("diffusion", "response_after"),
+    "finality_dim": ("finality", "dim"),
+    "finality_steps": ("finality", "steps"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape and numerics of a Llama-style decoder.
+  """Shape and numerics of a Llama-style decoder, with one section per model family.
 
   Attributes:
     kind: model family: "llama" the causal decoder; "mdlm" a masked-diffusion denoiser
@@ -48,37 +169,16 @@ class ModelConfig:
       "dense", or a sequence-parallel variant over the mesh's 'sequence' axis: "ring",
       "allgather" or "ulysses" (see `parallelism.sequence_attention`). Cached decode steps are
       always dense.
-    parscale_streams: P parallel streams of the model (ParScale, `models/parscale.py`); they
-      share every weight, differ by learnable per-layer key/value prefixes and are combined by a
-      learned dynamic aggregation before the output head. 1 = no ParScale.
-    parscale_prefix_len: prefix slots per layer and stream (0 = none; needed when P > 1).
-    parscale_smoothing: eps of the aggregation weights, (1 - eps) * w + eps / P.
-    mask_id: the mask token of "mdlm", "asarm" and "learn2pd" (the byte tokenizer's MASK, 259).
-    block_size: "mdlm"/"learn2pd" attention: 0 bidirectional; B > 0 block-causal (a position sees
-      its own block of B positions and every earlier block; trained as block diffusion). Must
-      divide max_len.
-    diffusion_schedule: the masking schedule alpha_t of "mdlm"/"learn2pd": "loglinear"
-      (alpha_t = 1 - t) or "cosine" (alpha_t = cos(pi t / 2)).
-    diffusion_min_t: "mdlm" training draws t from (diffusion_min_t, 1]. The default, 1e-3, keeps
-      the loss the continuous-time ELBO bar the rare, heavily weighted t near 0. A student for
-      few-call decoding raises it (0.9: responses nearly all masked, the state one-call
-      unmasking starts from) and trades the bound for more training on that state.
-    diffusion_min_t_rows: the fraction of each training batch's rows (interleaved) whose t comes
-      from (diffusion_min_t, 1]; the others draw from the default (1e-3, 1]. Below 1, a student
-      trains on nearly fully masked responses without forgetting the partly masked states that
-      its later calls see.
-    response_after: "mdlm"/"asarm"/"learn2pd" conditional training (`models.conditioning`): one
-      ASCII character; on each line the tokens after it are the response, the only ones noised,
-      ordered or generated in training; the rest is the always-clean prompt. "" trains the
-      unconditional model of whole sequences.
-    finality_dim: hidden width of the "learn2pd" filter head.
-    finality_steps: greedy decoding steps of the "learn2pd" training trajectories.
-    acceptance_head: a "llama" draft with a SpecDec++ acceptance head
-      (`models.acceptance_head`), trained against a target and used by the adaptive sampler's
-      rule "head" to stop drafting.
+    parscale: ParScale streams of a "llama" model (`ParScaleConfig`).
     init_from: a Hugging Face Llama checkpoint directory (config.json + *.safetensors) whose
       weights initialise the model; its config.json decides the shape fields (see
       `paxlike.interchange`). "" means random initialisation.
+    diffusion: mask token, attention blocks, masking schedule and conditioning of "mdlm",
+      "asarm" and "learn2pd" (`DiffusionConfig`).
+    finality: the filter head and training trajectories of "learn2pd" (`FinalityConfig`).
+    acceptance_head: a "llama" draft with a SpecDec++ acceptance head
+      (`models.acceptance_head`), trained against a target and used by the adaptive sampler's
+      rule "head" to stop drafting.
   """
 
   kind: str = "llama"
@@ -101,23 +201,35 @@ class ModelConfig:
   dtype: str = "float32"
   init_std: float = 0.02
   attention: str = "dense"
-  parscale_streams: int = 1
-  parscale_prefix_len: int = 0
-  parscale_smoothing: float = 0.01
+  parscale: ParScaleConfig = ParScaleConfig()
   init_from: str = ""
-  mask_id: int = 259
-  block_size: int = 0
-  diffusion_schedule: str = "loglinear"
-  diffusion_min_t: float = DIFFUSION_MIN_T
-  diffusion_min_t_rows: float = 1.0
-  response_after: str = ""
-  finality_dim: int = 64
-  finality_steps: int = 8
+  diffusion: DiffusionConfig = DiffusionConfig()
+  finality: FinalityConfig = FinalityConfig()
   acceptance_head: bool = False
 
   @property
   def resolved_head_dim(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+  @staticmethod
+  def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored model dict with the flat family fields of older configs (`parscale_streams`,
+    `mask_id`, `diffusion_schedule`, `finality_dim`, ... see LEGACY_FIELDS) moved into their
+    sections; `data` itself is returned when it has none. Called by `paxlike.config.from_dict`."""
+    if not any(name in data for name in LEGACY_FIELDS):
+      return data
+    data = dict(data)
+    for old, (section, name) in LEGACY_FIELDS.items():
+      if old not in data:
+        continue
+      value = data.pop(old)
+      fields = dict(data.get(section) or {})
+      if name in fields and fields[name] != value:
+        raise ValueError(f"stored model config sets both {old}={value!r} (old layout) and "
+                         f"{section}.{name}={fields[name]!r}; keep one")
+      fields[name] = value
+      data[section] = fields
+    return data
 
   def validate(self) -> None:
     """Raises ValueError naming the first inconsistent field and what would be valid."""
@@ -150,57 +262,40 @@ class ModelConfig:
           f"model.attention={self.attention!r} is unknown; valid: {', '.join(ATTENTION)}")
     self._validate_parscale()
     self._validate_diffusion()
-    if self.acceptance_head and (self.kind != "llama" or self.parscale_streams > 1):
+    if self.kind == "learn2pd":
+      self.finality.validate()
+    if self.acceptance_head and (self.kind != "llama" or self.parscale.streams > 1):
       raise ValueError(f"model.acceptance_head=true needs a plain causal draft "
-                       f"(model.kind='llama', model.parscale_streams=1), got kind {self.kind!r} "
-                       f"with {self.parscale_streams} streams")
+                       f"(model.kind='llama', model.parscale.streams=1), got kind {self.kind!r} "
+                       f"with {self.parscale.streams} streams")
 
   def _validate_diffusion(self) -> None:
-    if self.kind in ("mdlm", "asarm", "learn2pd") and not 0 <= self.mask_id < self.vocab_size:
-      raise ValueError(f"model.mask_id={self.mask_id} is not a token id of model.vocab_size="
-                       f"{self.vocab_size}; the byte tokenizer's mask is 259 (vocab 260)")
-    if self.diffusion_schedule not in DIFFUSION_SCHEDULES:
-      raise ValueError(f"model.diffusion_schedule={self.diffusion_schedule!r} is unknown; valid: "
-                       f"{', '.join(DIFFUSION_SCHEDULES)}")
-    if not 0 <= self.diffusion_min_t < 1:
-      raise ValueError(f"model.diffusion_min_t={self.diffusion_min_t} must be in [0, 1): training "
-                       f"draws t from (diffusion_min_t, 1]")
-    if not 0 <= self.diffusion_min_t_rows <= 1:
-      raise ValueError(f"model.diffusion_min_t_rows={self.diffusion_min_t_rows} must be in [0, 1]: "
-                       f"the fraction of rows whose t comes from (diffusion_min_t, 1]")
-    if self.block_size < 0 or (self.block_size and self.max_len % self.block_size):
-      raise ValueError(f"model.block_size={self.block_size} must be 0 (bidirectional) or a "
-                       f"positive divisor of model.max_len={self.max_len}")
-    if self.block_size and self.kind not in ("mdlm", "learn2pd"):
-      raise ValueError(f"model.block_size={self.block_size} applies to kinds mdlm and learn2pd, "
-                       f"not {self.kind!r}; set it to 0")
-    if self.kind in ("mdlm", "asarm", "learn2pd") and self.attention != "dense":
+    """The diffusion section against the kind, vocabulary, max_len and attention."""
+    diffusion = self.diffusion
+    if self.kind in DENOISER_KINDS and not 0 <= diffusion.mask_id < self.vocab_size:
+      raise ValueError(f"model.diffusion.mask_id={diffusion.mask_id} is not a token id of "
+                       f"model.vocab_size={self.vocab_size}; the byte tokenizer's mask is 259 "
+                       "(vocab 260)")
+    diffusion.validate()
+    if diffusion.block_size and self.max_len % diffusion.block_size:
+      raise ValueError(f"model.diffusion.block_size={diffusion.block_size} must be 0 "
+                       f"(bidirectional) or a positive divisor of model.max_len={self.max_len}")
+    if diffusion.block_size and self.kind not in ("mdlm", "learn2pd"):
+      raise ValueError(f"model.diffusion.block_size={diffusion.block_size} applies to kinds mdlm "
+                       f"and learn2pd, not {self.kind!r}; set it to 0")
+    if self.kind in DENOISER_KINDS and self.attention != "dense":
       raise ValueError(f"model.kind={self.kind!r} needs model.attention='dense' (its masks are "
                        f"not causal), got {self.attention!r}")
-    if self.response_after and (len(self.response_after) != 1 or not self.response_after.isascii()
-                                or self.response_after == "\n"):
-      raise ValueError(f"model.response_after={self.response_after!r} must be one ASCII character "
-                       "other than a newline (the prompt/response separator, e.g. '='), or ''")
-    if self.response_after and self.kind not in ("mdlm", "asarm", "learn2pd"):
-      raise ValueError(f"model.response_after applies to kinds mdlm, asarm and learn2pd, not "
-                       f"{self.kind!r}; set it to ''")
-    if self.kind == "learn2pd" and (self.finality_dim < 1 or self.finality_steps < 1):
-      raise ValueError(f"model.finality_dim and model.finality_steps must be >= 1, got "
-                       f"{self.finality_dim} and {self.finality_steps}")
+    if diffusion.response_after and self.kind not in DENOISER_KINDS:
+      raise ValueError(f"model.diffusion.response_after applies to kinds mdlm, asarm and "
+                       f"learn2pd, not {self.kind!r}; set it to ''")
 
   def _validate_parscale(self) -> None:
-    if self.parscale_streams < 1:
-      raise ValueError(f"model.parscale_streams must be >= 1 (1 = no ParScale), "
-                       f"got {self.parscale_streams}")
-    if self.parscale_prefix_len < 0:
-      raise ValueError(f"model.parscale_prefix_len must be >= 0, got {self.parscale_prefix_len}")
-    if (self.parscale_streams > 1 or self.parscale_prefix_len) and self.kind != "llama":
-      raise ValueError(f"ParScale (model.parscale_*) is a llama option; model.kind={self.kind!r}")
-    if self.parscale_streams > 1 and not self.parscale_prefix_len:
-      raise ValueError(f"model.parscale_streams={self.parscale_streams} needs "
-                       "model.parscale_prefix_len >= 1: the streams differ only by their prefixes")
-    if not 0.0 <= self.parscale_smoothing <= 1.0:
-      raise ValueError(f"model.parscale_smoothing must be in [0, 1], got {self.parscale_smoothing}")
-    if self.parscale_prefix_len and self.attention != "dense":
-      raise ValueError(f"model.parscale_prefix_len > 0 needs model.attention='dense', got "
+    """The parscale section against the kind and attention."""
+    parscale = self.parscale
+    parscale.validate()
+    if (parscale.streams > 1 or parscale.prefix_len) and self.kind != "llama":
+      raise ValueError(f"ParScale (model.parscale.*) is a llama option; model.kind={self.kind!r}")
+    if parscale.prefix_len and self.attention != "dense":
+      raise ValueError(f"model.parscale.prefix_len > 0 needs model.attention='dense', got "
                        f"{self.attention!r}")

@@ -11,8 +11,9 @@ copy their input) this bounds -log p of the sequence under the model's reverse p
 so the trainer's held-out loss / bits per byte (`eval_nll`, one draw of t and the mask per row, from
 the eval step's fixed key) is an upper bound, not a likelihood.
 
-With `model.response_after` set, only response positions are noised (`models.conditioning`): the
-loss and bound are those of the response given its clean prompt, per response token.
+With `model.diffusion.response_after` set, only response positions are noised
+(`models.conditioning`): the loss and bound are those of the response given its clean prompt, per
+response token.
 
 A block-causal model is trained as block diffusion: each block has its own t and is denoised given
 the *clean* earlier blocks, in one pass over the 2L tokens [noisy x_t, clean x] (the noisy block b
@@ -39,7 +40,7 @@ from models.kv_cache import KVCache
 from models.llama import Transformer
 from models.losses import next_token_nll
 
-# Training draws t from (model.diffusion_min_t, 1], default DIFFUSION_MIN_T: near t = 0 almost
+# Training draws t from (model.diffusion.min_t, 1], default DIFFUSION_MIN_T: near t = 0 almost
 # nothing is masked while w(t) ~ 1/t, a rare huge-weight term that only adds gradient variance
 # (MDLM's sampling eps). Eval uses (0, 1].
 
@@ -82,7 +83,7 @@ class MaskedDiffusionLM(TransformerModel):
 
   @property
   def block_size(self) -> int:
-    return self.config.block_size
+    return self.config.diffusion.block_size
 
   def network(self, params, tokens: jax.Array, positions: jax.Array,
               mask: jax.Array) -> jax.Array:
@@ -137,9 +138,9 @@ class MaskedDiffusionLM(TransformerModel):
     else:
       t = jnp.broadcast_to(noise_schedule.stratified_times(time_key, (batch, 1), floor),
                            (batch, length))
-    prob = noise_schedule.mask_probability(self.config.diffusion_schedule, t)
+    prob = noise_schedule.mask_probability(self.config.diffusion.schedule, t)
     masked = jax.random.uniform(mask_key, (batch, length)) < prob
-    masked &= conditioning.noisable(tokens, self.config.response_after)
+    masked &= conditioning.noisable(tokens, self.config.diffusion.response_after)
     return jnp.where(masked, self.mask_id, tokens), masked, t
 
   def clean_logits(self, params, noisy: jax.Array, clean: jax.Array) -> jax.Array:
@@ -161,7 +162,7 @@ class MaskedDiffusionLM(TransformerModel):
     logits = self.clean_logits(params, noisy, tokens)
     logits = jnp.where(jnp.arange(self.vocab_size) == self.mask_id, -jnp.inf, logits)
     nll = next_token_nll(logits, tokens)
-    weight = noise_schedule.loss_weight(self.config.diffusion_schedule, t)
+    weight = noise_schedule.loss_weight(self.config.diffusion.schedule, t)
     rows = jnp.sum(jnp.where(masked, weight * nll, 0.0), axis=-1)
     count = jnp.maximum(jnp.sum(masked), 1)
     metrics = {"masked_nll": jnp.sum(jnp.where(masked, nll, 0.0)) / count,
@@ -170,18 +171,18 @@ class MaskedDiffusionLM(TransformerModel):
 
   def _noisable_count(self, tokens: jax.Array) -> jax.Array:
     """How many tokens the bound covers: all, or the response tokens (at least 1)."""
-    count = jnp.sum(conditioning.noisable(tokens, self.config.response_after))
+    count = jnp.sum(conditioning.noisable(tokens, self.config.diffusion.response_after))
     return jnp.maximum(count, 1).astype(jnp.float32)
 
   def loss(self, params, batch: jax.Array, key: jax.Array, teacher_logits: jax.Array | None = None,
            distill_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """ELBO per (noisable) token, nats, of the first L tokens of batch [B, L + 1], t from
-    (model.diffusion_min_t, 1] on `model.diffusion_min_t_rows` of the rows (`row_floors`)."""
+    (model.diffusion.min_t, 1] on `model.diffusion.min_t_rows` of the rows (`row_floors`)."""
     del distill_weight
     reject_teacher(teacher_logits)
     tokens = batch[:, :-1]
-    floors = row_floors(tokens.shape[0], self.config.diffusion_min_t,
-                        self.config.diffusion_min_t_rows)
+    floors = row_floors(tokens.shape[0], self.config.diffusion.min_t,
+                        self.config.diffusion.min_t_rows)
     rows, metrics = self.elbo(params, tokens, key, floors)
     return jnp.sum(rows) / self._noisable_count(tokens), metrics
 

@@ -11,7 +11,7 @@ token is committed with everything before it; see `samplers.denoiser_protocol`).
 
 Training (`loss`), with the denoiser frozen (`train.init_from` = a trained "mdlm" workdir of the
 same shape, `train.trainable` = "filter"): per row, the first quarter of the L tokens is the prompt
-and the rest starts masked; greedy confidence decoding (`model.finality_steps` steps, each
+and the rest starts masked; greedy confidence decoding (`model.finality.steps` steps, each
 committing its share of the most confident masked positions) gives a trajectory; at every step and
 every still-masked position the label is "the step's argmax equals the final sequence's token",
 and the loss is the binary cross-entropy of the head over all those decisions. `eval_nll` returns
@@ -61,7 +61,7 @@ class FilteredTransformer(Transformer):
 
   def setup(self):
     super().setup()
-    self.filter = FinalityHead(self.config.finality_dim)
+    self.filter = FinalityHead(self.config.finality.dim)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -76,12 +76,12 @@ class FilteredTransformer(Transformer):
     if positions is None:
       positions = sequence_positions(tokens)
     if mask is None:
-      mask = block_causal_mask(positions, self.config.block_size)
+      mask = block_causal_mask(positions, self.config.diffusion.block_size)
     x = self._causal(tokens, positions, mask)[0]
-    log_probs = subs_log_probs(self._logits(x), tokens, self.config.mask_id)
+    log_probs = subs_log_probs(self._logits(x), tokens, self.config.diffusion.mask_id)
     hidden = self.final_norm(x).astype(jnp.float32)
     features = jnp.concatenate(
-        [hidden, confidence_features(log_probs, tokens, self.config.mask_id)], axis=-1)
+        [hidden, confidence_features(log_probs, tokens, self.config.diffusion.mask_id)], axis=-1)
     return log_probs, jax.lax.stop_gradient(features)
 
   def head(self, features: jax.Array) -> jax.Array:
@@ -104,19 +104,20 @@ class Learn2PD(MaskedDiffusionLM):
 
   def trajectory(self, params, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Greedy confidence decoding of tokens [B, L] from its first L // 4 (at least one) tokens,
-    or, when conditional (`model.response_after`), from its prompts with the responses masked.
+    or, when conditional (`model.diffusion.response_after`), from its prompts with the responses
+    masked.
 
     Returns (features [K, B, L, F] of the K states, their argmax [K, B, L], masked [K, B, L]
-    bool) with K = config.finality_steps; step k commits the most confident masked positions so
+    bool) with K = config.finality.steps; step k commits the most confident masked positions so
     that ceil(N (k + 1) / K) of the N initially masked ones are committed after it, so the last
     state is complete. Gradient-free."""
     batch, length = tokens.shape
-    if self.config.response_after:
-      generated = conditioning.response_positions(tokens, self.config.response_after)
+    if self.config.diffusion.response_after:
+      generated = conditioning.response_positions(tokens, self.config.diffusion.response_after)
     else:
       generated = jnp.broadcast_to(jnp.arange(length) >= max(1, length // 4), tokens.shape)
     masked_total = jnp.sum(generated, axis=-1, keepdims=True)
-    steps = self.config.finality_steps
+    steps = self.config.finality.steps
     start = jnp.where(generated, self.mask_id, tokens)
 
     def step(state, k):

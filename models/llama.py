@@ -138,7 +138,7 @@ class Attention(nn.Module):
     if cache is not None:
       cache_k, cache_v, lengths = cache
       kv = (write_slots(cache_k, k, lengths), write_slots(cache_v, v, lengths))
-    if cfg.parscale_prefix_len:
+    if cfg.parscale.prefix_len:
       prefix = parscale.Prefix(cfg, name="prefix")(x.shape[0])
       before = None if cache is None else (
           cache_k, cache_v, jnp.arange(cache_k.shape[2])[None, :] < lengths[:, None])
@@ -200,7 +200,7 @@ class Transformer(nn.Module):
     self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype))
     if not cfg.tie_embeddings:
       self.head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"))
-    if cfg.parscale_streams > 1:
+    if cfg.parscale.streams > 1:
       self.aggregator = parscale.Aggregator(cfg)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
@@ -261,7 +261,7 @@ class Transformer(nn.Module):
     steps = tokens.shape[1]
     if attention_mask is None:
       attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
-    attention_mask = parscale.fold_mask(attention_mask, self.config.parscale_streams)
+    attention_mask = parscale.fold_mask(attention_mask, self.config.parscale.streams)
     rows = parscale.fold_cache(cache)  # ParScale: one row per stream
     x, positions = self._embed(tokens), self._streams(positions)
     keys, values = [], []
@@ -279,7 +279,7 @@ class Transformer(nn.Module):
     per-layer keys and values [B, T, KVH, D])."""
     x, positions = self._embed(tokens), self._streams(positions)
     if mask is not None:
-      mask = parscale.fold_mask(mask, self.config.parscale_streams)
+      mask = parscale.fold_mask(mask, self.config.parscale.streams)
     keys, values = [], []
     for block in self.blocks:
       x, (k, v) = block(x, positions, mask)
@@ -297,7 +297,7 @@ class Transformer(nn.Module):
 
   def _streams(self, x: jax.Array) -> jax.Array:
     """[B, ...] -> [B * P, ...]: one row per ParScale stream (identity when P = 1)."""
-    return parscale.fold(x, self.config.parscale_streams)
+    return parscale.fold(x, self.config.parscale.streams)
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     """[B, T] -> [B * P, T, E], the embeddings repeated for each ParScale stream."""
@@ -307,7 +307,7 @@ class Transformer(nn.Module):
   def _logits(self, x: jax.Array) -> jax.Array:
     """[B * P, T, E] final residual streams -> [B, T, V] float32 logits."""
     x = self.final_norm(x)
-    if self.config.parscale_streams > 1:
+    if self.config.parscale.streams > 1:
       x = self.aggregator(x)
     logits = self.embed.attend(x) if self.config.tie_embeddings else self.head(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -1,6 +1,6 @@
 """ParScale: P parallel streams of one decoder (Chen et al. 2025, "Parallel Scaling Law for
 Language Models"), the pieces the Llama decoder (`models/llama.py`) adds when
-`ModelConfig.parscale_streams` P > 1 or `parscale_prefix_len` M > 0.
+`ModelConfig.parscale.streams` P > 1 or `parscale.prefix_len` M > 0.
 
 * The P streams share every weight of the decoder. They run as one batched computation: the
   [B, ...] inputs are folded into B * P rows, row b * P + j being stream j of row b (`fold`).
@@ -114,8 +114,8 @@ class Prefix(nn.Module):
   @nn.compact
   def __call__(self, rows: int) -> tuple[jax.Array, jax.Array]:
     cfg = self.config
-    streams = cfg.parscale_streams
-    shape = (streams, cfg.parscale_prefix_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+    streams = cfg.parscale.streams
+    shape = (streams, cfg.parscale.prefix_len, cfg.num_kv_heads, cfg.resolved_head_dim)
     init = nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                         ("streams", "prefix", "kv_heads", "head_dim"))
     tile = lambda p: jnp.tile(p.astype(cfg.dtype), (rows // streams, 1, 1, 1))
@@ -158,7 +158,7 @@ class Aggregator(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B * P, T, E] stream rows -> [B, T, E] in compute dtype (weights in float32)."""
     cfg = self.config
-    streams, width = cfg.parscale_streams, cfg.d_model
+    streams, width = cfg.parscale.streams, cfg.d_model
     h = x.reshape((x.shape[0] // streams, streams) + x.shape[1:]).swapaxes(1, 2)  # [B, T, P, E]
 
     def kernel(name, shape, names):
@@ -170,6 +170,6 @@ class Aggregator(nn.Module):
     scores = jnp.tensordot(nn.silu(hidden), kernel("out", (width, streams), ("mlp", "streams")),
                            axes=1)
     weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
-    weights = (1.0 - cfg.parscale_smoothing) * weights + cfg.parscale_smoothing / streams
+    weights = (1.0 - cfg.parscale.smoothing) * weights + cfg.parscale.smoothing / streams
     out = jnp.einsum("btp,btpe->bte", weights, h.astype(jnp.float32))
     return nn.with_logical_constraint(out.astype(cfg.dtype), ("batch", "length", "embed"))

@@ -15,7 +15,9 @@ import typing
 from typing import Any, Mapping, Sequence
 
 from models.config import ModelConfig
+from paxlike import sampler_section
 from paxlike.errors import UserError
+from paxlike.sampler_section import SELECTIONS, SamplerConfig  # noqa: F401 (the section's home)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,119 +128,6 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplerConfig:
-  """Decoding for `--mode=sample` (and the sample printed after training).
-
-  Attributes:
-    kind: "ar" (autoregressive), "speculative" (draft-then-verify), "spectr" (k drafts,
-      k-sequential selection), "tree" (a static token tree), "dynamic_tree" (DySpec: grown by
-      draft probability under a node budget), "adaptive" (speculative with a per-row draft
-      length: up to num_draft_tokens, stopped by `adaptive_rule`) or "jacobi" (greedy
-      fixed-point iteration, no draft).
-    draft_workdir: a trained run used as the draft model ("" = this workdir's companion `draft/`).
-    draft_experiment: a registered experiment trained after this one, by distillation from it, as
-      its companion draft in `WORKDIR/draft` ("" = none).
-    num_draft_tokens: gamma, tokens the draft proposes per target call.
-    num_drafts: k, draft sequences per row for "spectr".
-    without_replacement: "spectr" drafts sampled without replacement (recursive rejection).
-    tree_branching: children per node at each depth of the static tree, e.g. "2,2,1".
-    tree_children: how a static tree's children are drafted: "iid", "without_replacement" or
-      "top" (the draft's most probable; greedy decoding always uses "top").
-    tree_node_budget, tree_max_depth: size and depth limits of the dynamic tree.
-    jacobi_block: n, tokens per Jacobi iteration.
-    num_samples: n >= 1 samples per prompt (`samplers.repeated`: vmapped, prefill shared).
-    selection: how one of the n is picked: "none" (print all n), "best_of_n" (model
-      log-likelihood), "majority" (self-consistency over the completions), "mbr" (token F1),
-      "first_finish" (the first to emit eos) or "reward_pruned" (speculative rejection, pruning
-      every prune_every tokens to prune_keep of the survivors); see `paxlike.parallel_sampling`.
-    contrastive_alpha, amateur_temperature: kind "contrastive" (expert = this model, amateur =
-      the draft model): plausibility cut-off alpha and the amateur's temperature.
-    switch_threshold, switch_window, switch_sync_every: kind "entropy_switch" (large = this model,
-      small = the draft model): rolling-entropy threshold in nats, its window, and the most tokens
-      the large model's cache may lag.
-    adaptive_rule: how "adaptive" stops a row's drafting: "confidence" (after a position where
-      the draft's max probability is under confidence_threshold) or "head" (SpecDec++: once the
-      draft's acceptance head predicts a rejection with probability over stop_threshold; needs a
-      draft trained with model.acceptance_head=true, e.g. the pair_draft_head experiment).
-    confidence_threshold, stop_threshold: in [0, 1]; see `samplers.adaptive`.
-    Diffusion-style kinds (a masked-diffusion model, model.kind=mdlm, except "assd"), which fill
-    max_new_tokens masks after the prompt: "mdlm" (ancestral, `diffusion_steps` steps of
-    `noise_schedule`), "unmask" (confidence-based parallel unmasking by `unmask_rule`), "block"
-    (blocks of `block_length`, `unmask_rule` inside each, finished blocks KV-cached when
-    `block_cached`), "edlm" (ancestral steps with `num_candidates` candidates importance-weighted
-    by the AR model in `draft_workdir`) and "assd" (an any-subset AR model, model.kind=asarm:
-    `num_draft_tokens` positions drafted and verified per round in `assd_order`).
-    diffusion_steps: S, denoising steps of "mdlm" and "edlm" (1 <= S <= tokens generated).
-    noise_schedule: "loglinear" or "cosine" ("mdlm", "edlm").
-    unmask_rule: "topk" (unmask_k per step), "threshold" (confidence >= unmask_threshold, at
-      least one), "factor" (Fast-dLLM's factor rule with unmask_factor) or "greedy_safe"
-      (threshold 1 - 1/(N + 1): equals one-token-at-a-time greedy).
-    unmask_confidence: "max_prob", "margin", "entropy", "sampled", "random" or "left_to_right".
-    unmask_k, unmask_threshold, unmask_factor: the rules' parameters.
-    unmask_slots: "unmask" only: prompts per model call with continuous batching (a finished
-      row's slot takes the next prompt; `samplers.refill`); 0: all prompts in one batch.
-    block_length, block_cached: "block" decoding's block and whether finished blocks are cached.
-    num_candidates: K, candidates per "edlm" step.
-    assd_order: "left_to_right" or "random", the generation order of "assd".
-    assd_reuse_drafts: "assd" drafts each round from the previous round's verification pass
-      (one model call per round instead of two; still exact, see `samplers.assd`).
-    finality_threshold: kind "learned_unmask" (Learn2PD, a model.kind=learn2pd model) commits
-      every masked position whose learned finality probability is >= it, and at least the most
-      confident one by unmask_confidence (1.0: one token per step); see `samplers.learned_unmask`.
-    eos_stop: "learned_unmask" stops a row once it has committed eos with nothing masked before
-      it; the rest of the row becomes padding without model calls.
-    diffusion_experiment: a registered masked-diffusion experiment trained after this one in
-      `WORKDIR/diffusion`, whose parallel decoding is printed beside this model's ("" = none).
-  """
-
-  kind: str = "ar"
-  max_new_tokens: int = 128
-  temperature: float = 0.8
-  top_k: int = 0
-  top_p: float = 0.95
-  seed: int = 0
-  prompt: str = "def "
-  draft_workdir: str = ""
-  draft_experiment: str = ""
-  num_draft_tokens: int = 4
-  num_drafts: int = 2
-  without_replacement: bool = False
-  tree_branching: tuple[int, ...] = (2, 2, 1)
-  tree_children: str = "iid"
-  tree_node_budget: int = 8
-  tree_max_depth: int = 4
-  jacobi_block: int = 8
-  num_samples: int = 1
-  selection: str = "none"
-  prune_every: int = 8
-  prune_keep: float = 0.5
-  contrastive_alpha: float = 0.1
-  amateur_temperature: float = 1.0
-  switch_threshold: float = 1.0
-  switch_window: int = 4
-  switch_sync_every: int = 8
-  adaptive_rule: str = "confidence"
-  confidence_threshold: float = 0.2
-  stop_threshold: float = 0.8
-  diffusion_steps: int = 32
-  noise_schedule: str = "loglinear"
-  unmask_rule: str = "threshold"
-  unmask_confidence: str = "max_prob"
-  unmask_k: int = 1
-  unmask_threshold: float = 0.9
-  unmask_factor: float = 1.0
-  unmask_slots: int = 0
-  block_length: int = 16
-  block_cached: bool = True
-  num_candidates: int = 4
-  assd_order: str = "left_to_right"
-  assd_reuse_drafts: bool = False
-  finality_threshold: float = 0.9
-  eos_stop: bool = True
-  diffusion_experiment: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """How a run behaves rather than what it computes.
 
@@ -277,13 +166,6 @@ TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "tr
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
-SAMPLER_KINDS = ("ar", "speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi",
-                 "contrastive", "entropy_switch", "mdlm", "unmask", "block", "edlm", "assd",
-                 "learned_unmask")
-SELECTIONS = ("none", "best_of_n", "majority", "mbr", "first_finish", "reward_pruned")
-ADAPTIVE_RULES = ("confidence", "head")
-
-
 def validate(exp: Experiment) -> Experiment:
   """Checks cross-field consistency; raises UserError naming the field and a valid alternative."""
   try:
@@ -304,53 +186,8 @@ def validate(exp: Experiment) -> Experiment:
        f"checkpoint.every_steps must be positive, got {exp.checkpoint.every_steps}"),
       (exp.checkpoint.keep > 0, f"checkpoint.keep must be positive, got {exp.checkpoint.keep}"),
       (exp.run.log_every > 0, f"run.log_every must be positive, got {exp.run.log_every}"),
-      (exp.sampler.kind in SAMPLER_KINDS,
-       f"sampler.kind={exp.sampler.kind!r} is unknown; valid: {', '.join(SAMPLER_KINDS)}"),
-      (exp.sampler.num_draft_tokens >= 1,
-       f"sampler.num_draft_tokens must be >= 1, got {exp.sampler.num_draft_tokens}"),
-      (exp.sampler.num_drafts >= 1, f"sampler.num_drafts must be >= 1, got {exp.sampler.num_drafts}"),
-      (exp.sampler.num_samples >= 1,
-       f"sampler.num_samples must be >= 1, got {exp.sampler.num_samples}"),
-      (exp.sampler.selection in SELECTIONS,
-       f"sampler.selection={exp.sampler.selection!r} is unknown; valid: {', '.join(SELECTIONS)}"),
-      (exp.sampler.prune_every >= 1,
-       f"sampler.prune_every must be >= 1, got {exp.sampler.prune_every}"),
-      (0.0 < exp.sampler.prune_keep <= 1.0,
-       f"sampler.prune_keep must be in (0, 1], got {exp.sampler.prune_keep}"),
-      (0.0 < exp.sampler.contrastive_alpha <= 1.0,
-       f"sampler.contrastive_alpha must be in (0, 1], got {exp.sampler.contrastive_alpha}"),
-      (exp.sampler.amateur_temperature > 0,
-       f"sampler.amateur_temperature must be > 0, got {exp.sampler.amateur_temperature}"),
-      (exp.sampler.switch_window >= 1,
-       f"sampler.switch_window must be >= 1, got {exp.sampler.switch_window}"),
-      (exp.sampler.switch_sync_every >= 1,
-       f"sampler.switch_sync_every must be >= 1, got {exp.sampler.switch_sync_every}"),
-      (exp.sampler.diffusion_steps >= 1,
-       f"sampler.diffusion_steps must be >= 1, got {exp.sampler.diffusion_steps}"),
-      (0.0 < exp.sampler.unmask_threshold <= 1.0,
-       f"sampler.unmask_threshold must be in (0, 1], got {exp.sampler.unmask_threshold}"),
-      (exp.sampler.unmask_slots >= 0,
-       f"sampler.unmask_slots must be >= 1, or 0 for all prompts at once; got "
-       f"{exp.sampler.unmask_slots}"),
-      (0.0 < exp.sampler.finality_threshold <= 1.0,
-       f"sampler.finality_threshold must be in (0, 1], got {exp.sampler.finality_threshold}"),
-      (exp.sampler.block_length >= 1,
-       f"sampler.block_length must be >= 1, got {exp.sampler.block_length}"),
-      (exp.sampler.num_candidates >= 1,
-       f"sampler.num_candidates must be >= 1, got {exp.sampler.num_candidates}"),
-      (exp.sampler.jacobi_block >= 2,
-       f"sampler.jacobi_block must be >= 2, got {exp.sampler.jacobi_block}"),
-      (exp.sampler.max_new_tokens >= 1,
-       f"sampler.max_new_tokens must be >= 1, got {exp.sampler.max_new_tokens}"),
-      (exp.sampler.temperature >= 0, f"sampler.temperature must be >= 0, got {exp.sampler.temperature}"),
-      (0.0 < exp.sampler.top_p <= 1.0, f"sampler.top_p must be in (0, 1], got {exp.sampler.top_p}"),
-      (exp.sampler.adaptive_rule in ADAPTIVE_RULES,
-       f"sampler.adaptive_rule={exp.sampler.adaptive_rule!r} is unknown; valid: "
-       f"{', '.join(ADAPTIVE_RULES)}"),
-      (0.0 <= exp.sampler.confidence_threshold <= 1.0,
-       f"sampler.confidence_threshold must be in [0, 1], got {exp.sampler.confidence_threshold}"),
-      (0.0 <= exp.sampler.stop_threshold <= 1.0,
-       f"sampler.stop_threshold must be in [0, 1], got {exp.sampler.stop_threshold}"),
+      (0 <= exp.train.seed < 2**32,
+       f"train.seed must be in [0, 2**32), got {exp.train.seed}"),
       (not exp.model.acceptance_head or not exp.train.steps or exp.train.teacher_workdir,
        "model.acceptance_head=true trains the acceptance head against a target: set "
        "train.teacher_workdir=<the target's run>"),
@@ -361,6 +198,7 @@ def validate(exp: Experiment) -> Experiment:
   for ok, message in checks:
     if not ok:
       raise UserError(message)
+  sampler_section.check(exp.sampler)
   try:
     re.compile(exp.train.trainable)
   except re.error as e:
@@ -408,12 +246,18 @@ def to_json(exp: Experiment) -> str:
 
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
   """Rebuilds a config tree from `to_dict` output; unknown keys raise UserError."""
+  tagged = getattr(cls, "tagged_class", None)
+  if tagged is not None:  # a tagged union: the stored tag picks the class
+    cls = tagged(data)
+  upgrade = getattr(cls, "upgrade_legacy", None)
+  if upgrade is not None:  # configs stored before a section was reshaped still load
+    data = upgrade(dict(data))
   hints = typing.get_type_hints(cls)
   names = {f.name for f in dataclasses.fields(cls)}
   kwargs = {}
   for key, value in data.items():
     if key not in names:
-      raise UserError(f"unknown config key {prefix}{key!r} in stored config")
+      raise UserError(f"unknown config key {prefix + key!r} in stored config")
     field_type = hints[key]
     if dataclasses.is_dataclass(field_type):
       kwargs[key] = from_dict(field_type, value, f"{prefix}{key}.")
@@ -474,12 +318,17 @@ def _replace_path(node: Any, path: list[str], raw: str, full_key: str) -> Any:
 
 def apply_overrides(exp: Experiment, overrides: Sequence[str]) -> Experiment:
   """Applies `a.b=value` strings in order; raises UserError on unknown keys or bad values."""
-  valid = flatten(exp)
   for item in overrides:
     if "=" not in item:
       raise UserError(f"--set {item!r} is not of the form section.field=value (e.g. train.steps=100)")
+  # The sampler's kind picks its section's fields, so it is set before them.
+  kind_first = sorted(overrides, key=lambda item: item.split("=", 1)[0].strip() != "sampler.kind")
+  for item in kind_first:
+    valid = flatten(exp)
     key, raw = item.split("=", 1)
     key = key.strip()
+    if key.startswith("sampler.") and key.count(".") == 1 and key not in valid:
+      raise UserError(sampler_section.unknown_setting(exp.sampler, key.split(".")[1]))
     if any(k.startswith(key + ".") for k in valid):
       fields = [k for k in valid if k.startswith(key + ".")][:4]
       raise UserError(f"--set {key}: {key!r} is a section; set one of its fields "

@@ -11,21 +11,21 @@ certainty-forcing distillation, dParallel, Chen et al. 2025, and of self-distill
 time, Deschenaux & Gulcehre 2024).
 
 This module writes the student's corpus: the teacher's training split with the response of every
-line (`model.response_after`: the part after the separator) re-answered by the teacher's greedy
-one-token-per-call unmasking, given that line alone. Given the line alone, not the lines around
-it, so that an answer is a function of its prompt: re-answered inside its training window, the
-same permutation prompt got different answers beside different neighbours (21% of them on the
-task suite), and a one-call student cannot be sharp on targets that vary. Everything else is kept
-byte for byte (a line keeps its own answer where the teacher's is not clean text: a NUL, a
-newline, invalid UTF-8), so line lengths and window alignment do not change. Fine-tune the
-student from the teacher on it:
+line (`model.diffusion.response_after`: the part after the separator) re-answered by the
+teacher's greedy one-token-per-call unmasking, given that line alone. Given the line alone, not
+the lines around it, so that an answer is a function of its prompt: re-answered inside its
+training window, the same permutation prompt got different answers beside different neighbours
+(21% of them on the task suite), and a one-call student cannot be sharp on targets that vary.
+Everything else is kept byte for byte (a line keeps its own answer where the teacher's is not
+clean text: a NUL, a newline, invalid UTF-8), so line lengths and window alignment do not change.
+Fine-tune the student from the teacher on it:
 
   python -m paxlike.diffusion_teacher --workdir=runs/mdlm --out=runs/mdlm/self_answers.txt
   python -m paxlike.main --exp=... --workdir=runs/mdlm_student \
     --set data.path=runs/mdlm/self_answers.txt --set train.init_from=runs/mdlm
 
 and then, for the fewest calls, once more on the same file from that student with
-`--set model.diffusion_min_t=0.9 --set model.diffusion_min_t_rows=0.5` (half of the rows on
+`--set model.diffusion.min_t=0.9 --set model.diffusion.min_t_rows=0.5` (half of the rows on
 nearly fully masked answers, the state one-call decoding starts from, half on the partly masked
 states of later calls; `paxlike.bench diffusion` runs that stage twice and measures the result).
 """
@@ -42,10 +42,11 @@ import numpy as np
 from models import conditioning
 from paxlike import atomic
 from paxlike import config as config_lib
+from paxlike import data as data_lib
 from paxlike import interchange
 from paxlike.errors import UserError, run_cli
+from paxlike.run import Run
 from paxlike.teacher_text import in_batches
-from paxlike.train import Trainer
 from samplers import unmask
 
 DENOISERS = ("mdlm", "learn2pd")  # kinds whose models `unmask.sample` decodes
@@ -56,7 +57,7 @@ def relabel(model, params, lines: np.ndarray, batch: int, seed: int = 0) -> np.n
   positions re-answered by the model's greedy exact-order top-1 unmasking given that line alone,
   `batch` rows per compiled call."""
   redo = np.asarray(conditioning.response_positions(jnp.asarray(lines),
-                                                    model.config.response_after))
+                                                    model.config.diffusion.response_after))
   canvas = np.where(redo, model.mask_id, lines).astype(np.int32)
   config = unmask.UnmaskConfig(k=1)
   return in_batches(canvas, batch, lambda padded, first: unmask.sample(
@@ -78,7 +79,7 @@ def answer_lines(model, params, stream: np.ndarray, codec: interchange.TextCodec
   are decoded together (one compile per length); lines without a response, or longer than the
   model's max_len, are kept as they are."""
   lines = split_lines(stream)
-  separator = ord(model.config.response_after)
+  separator = ord(model.config.diffusion.response_after)
   by_length: dict[int, list[int]] = {}
   for i, line in enumerate(lines):
     if line[-1] == conditioning.NEWLINE_ID and separator in line[:-2].tolist() and (
@@ -103,22 +104,23 @@ def write(workdir: str | Path, out: str | Path, lines: int = 0, batch: int = 256
   masked-diffusion model trained in `workdir` (its latest checkpoint), their responses
   re-answered by it (`answer_lines`), to `out`, atomically. Returns (path, lines re-answered,
   lines that kept their own answer)."""
-  trainer = Trainer.from_workdir(workdir, config_lib.MeshConfig(), log=lambda _: None)
-  model_config = trainer.exp.model
-  if model_config.kind not in DENOISERS or not model_config.response_after:
+  teacher = Run(workdir, log=lambda _: None)
+  model_config = teacher.exp.model
+  if model_config.kind not in DENOISERS or not model_config.diffusion.response_after:
     raise UserError(f"self-distillation answers need a conditional masked-diffusion model "
-                    f"(model.kind one of {', '.join(DENOISERS)} with model.response_after set); "
+                    f"(model.kind one of {', '.join(DENOISERS)} with "
+                    f"model.diffusion.response_after set); "
                     f"{str(workdir)!r} holds a {model_config.kind!r} model with response_after "
-                    f"{model_config.response_after!r}")
+                    f"{model_config.diffusion.response_after!r}")
   if lines < 0 or batch < 1:
     raise UserError(f"lines must be >= 0 (0: all) and batch >= 1, got {lines} and {batch}")
-  stream = trainer.corpus.train
+  codec = interchange.text_codec(model_config)
+  stream = data_lib.load_corpus(teacher.exp.data, codec).train
   if lines:
     ends = np.flatnonzero(stream == conditioning.NEWLINE_ID)
     stream = stream[:ends[lines - 1] + 1] if len(ends) >= lines else stream
-  params, _ = trainer.restore_params()
-  codec = interchange.text_codec(model_config)
-  answered_stream, answered, kept = answer_lines(trainer.model, params, stream, codec, batch, seed)
+  model, params, _ = teacher.restore(config_lib.MeshConfig())
+  answered_stream, answered, kept = answer_lines(model, params, stream, codec, batch, seed)
   out = Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
   atomic.write_text(out, codec.decode(answered_stream))

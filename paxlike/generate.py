@@ -3,10 +3,9 @@
 Prompts start with the eos id (the training stream separates documents with eos, so eos means
 "start of a document"; a model imported from Hugging Face uses its bos id and tokenizer.json, see
 `interchange.text_codec`), are right-padded into one batch and decoded by the sampler named by
-`sampler.kind` (`samplers.ar`, `.speculative`, `.spectr`, `.tree`, `.adaptive`, `.jacobi`).
-The diffusion-style kinds (`DIFFUSION_KINDS`: `samplers.mdlm`, `.unmask`, `.block_diffusion`,
-`.edlm`, `.assd`, `.learned_unmask`) fill a canvas of the prompt and max_new_tokens masks instead; their text ends at
-the first eos they produced.
+`sampler.kind`, through its spec in `samplers.registry`. The diffusion-style kinds
+(`DIFFUSION_KINDS`) fill a canvas of the prompt and max_new_tokens masks instead; their text ends
+at the first eos they produced.
 """
 
 from __future__ import annotations
@@ -23,13 +22,13 @@ import numpy as np
 from paxlike import interchange, parallel_sampling, timing
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
-from samplers import adaptive, ar, assd, block_diffusion, canvas, contrastive, edlm, entropy_switch
-from samplers import jacobi, learned_unmask, mdlm, spectr, speculative, tree, unmask
-from samplers.logits import SamplingParams
+from samplers import ar, canvas, registry
+from samplers.spec import Decode, SamplerSpec
 
-DRAFTED_KINDS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive",
-                 "contrastive", "entropy_switch", "edlm")  # second model: the draft (edlm: energy)
-DIFFUSION_KINDS = ("mdlm", "unmask", "block", "edlm", "assd", "learned_unmask")
+# Kinds that take a second model (draft, amateur, small or energy model), and diffusion-style
+# kinds that fill a canvas.
+DRAFTED_KINDS = tuple(kind for kind, spec in registry.SPECS.items() if spec.second_model)
+DIFFUSION_KINDS = tuple(kind for kind, spec in registry.SPECS.items() if spec.takes_canvas)
 
 
 def encode_prompts(prompts: list[str], max_len: int,
@@ -44,105 +43,48 @@ def encode_prompts(prompts: list[str], max_len: int,
   return ar.pad_prompts(encoded, codec.pad_id)
 
 
-def _check_model_kind(cfg: SamplerConfig, model) -> None:
-  """UserError when the sampler kind does not fit the model (causal, denoiser or AS-ARM)."""
-  denoiser, any_subset = hasattr(model, "denoise"), hasattr(model, "conditionals")
-  if cfg.kind == "assd" and not any_subset:
-    raise UserError("sampler.kind=assd needs an any-subset AR model (model.kind=asarm)")
-  if cfg.kind == "learned_unmask" and not hasattr(model, "denoise_with_finality"):
-    raise UserError("sampler.kind=learned_unmask needs a denoiser with a finality head "
-                    "(model.kind=learn2pd)")
-  if cfg.kind in DIFFUSION_KINDS and cfg.kind != "assd" and not denoiser:
-    raise UserError(f"sampler.kind={cfg.kind} needs a masked-diffusion model (model.kind=mdlm)")
-  if cfg.kind not in DIFFUSION_KINDS and (denoiser or any_subset):
-    raise UserError(f"sampler.kind={cfg.kind} needs a causal model; this run's model is a "
-                    f"{'masked-diffusion' if denoiser else 'any-subset AR'} model: use "
-                    f"sampler.kind={'unmask, block, mdlm or edlm' if denoiser else 'assd'}")
+# What each kind of first model a sampler takes is, for error messages (`SamplerSpec.model`).
+_MODEL_NAMES = {"causal": "a causal model", "denoiser": "a masked-diffusion model (model.kind=mdlm)",
+                "any_subset": "an any-subset AR model (model.kind=asarm)",
+                "finality": "a denoiser with a finality head (model.kind=learn2pd)"}
 
 
-def _diffusion_sampler(cfg: SamplerConfig, max_new: int, sampling: SamplingParams, model,
-                       params, draft, draft_params):
-  """(sample function, leading arguments, static config) of a diffusion-style kind."""
-  if cfg.kind in ("mdlm", "edlm") and cfg.diffusion_steps > max_new:
-    raise UserError(f"sampler.diffusion_steps={cfg.diffusion_steps} exceeds the {max_new} tokens "
-                    f"generated; use at most one step per token")
-  rule = unmask.UnmaskConfig(rule=cfg.unmask_rule, k=cfg.unmask_k, threshold=cfg.unmask_threshold,
-                             factor=cfg.unmask_factor, confidence=cfg.unmask_confidence,
-                             sampling=sampling)
-  if cfg.kind == "mdlm":
-    return mdlm.sample, (model, params), mdlm.AncestralConfig(cfg.diffusion_steps,
-                                                              cfg.noise_schedule, sampling)
-  if cfg.kind == "unmask":
-    return unmask.sample, (model, params), dataclasses.replace(rule,
-                                                               slots=cfg.unmask_slots or None)
-  if cfg.kind == "learned_unmask":
-    codec = interchange.text_codec(model.config)
-    return learned_unmask.sample, (model, params), learned_unmask.LearnedUnmaskConfig(
-        cfg.finality_threshold, cfg.unmask_confidence, sampling,
-        codec.eos_id if cfg.eos_stop else None, codec.pad_id)
-  if cfg.kind == "block":
-    return block_diffusion.sample, (model, params), block_diffusion.BlockConfig(
-        cfg.block_length, rule, cfg.block_cached)
-  if cfg.kind == "assd":
-    return assd.sample, (model, params), assd.ASSDConfig(cfg.num_draft_tokens, cfg.assd_order,
-                                                         sampling, cfg.assd_reuse_drafts)
-  if draft is None:
-    raise UserError("sampler.kind=edlm needs an autoregressive energy model: --set "
-                    "sampler.draft_workdir=DIR (a trained causal run with the same vocabulary)")
-  config = edlm.EDLMConfig(cfg.diffusion_steps, cfg.num_candidates, cfg.noise_schedule, sampling)
-  return edlm.sample, (model, params, draft, draft_params), config
+def _model_kind(model) -> str:
+  """Which of `spec.MODEL_KINDS` `model` is (a finality denoiser is also a denoiser)."""
+  if hasattr(model, "denoise_with_finality"):
+    return "finality"
+  if hasattr(model, "denoise"):
+    return "denoiser"
+  return "any_subset" if hasattr(model, "conditionals") else "causal"
+
+
+def _check_model_kind(spec: SamplerSpec, model) -> None:
+  """UserError when the sampler kind does not fit the model."""
+  have = _model_kind(model)
+  if spec.model == have or (spec.model == "denoiser" and have == "finality"):
+    return
+  fitting = [kind for kind, s in registry.SPECS.items()
+             if s.model == have or (s.model == "denoiser" and have == "finality")]
+  raise UserError(f"sampler.kind={spec.kind} needs {_MODEL_NAMES[spec.model]}; this run's model "
+                  f"is {_MODEL_NAMES[have]}: use sampler.kind={', '.join(fitting)}")
 
 
 def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_params):
   """(jitted sample function, its leading arguments, its static config) for `cfg.kind`."""
-  if cfg.kind in DIFFUSION_KINDS:
-    sampling = SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
-    return _diffusion_sampler(cfg, max_new, sampling, model, params, draft, draft_params)
+  spec = cfg.spec
   codec = interchange.text_codec(model.config)  # eos and pad of the model's tokenizer
-  common = dict(max_new_tokens=max_new, eos_id=codec.eos_id, pad_id=codec.pad_id,
-                sampling=SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k,
-                                        top_p=cfg.top_p))
-  if cfg.kind == "ar":
-    return ar.sample, (model, params), ar.ARConfig(**common)
-  if cfg.kind == "jacobi":
-    if cfg.temperature != 0:
-      raise UserError(f"sampler.kind=jacobi decodes greedily; set sampler.temperature=0 "
-                      f"(got {cfg.temperature})")
-    config = jacobi.JacobiConfig(block_size=cfg.jacobi_block, max_new_tokens=max_new,
-                                 eos_id=codec.eos_id, pad_id=codec.pad_id)
-    return jacobi.sample, (model, params), config
+  decode = Decode(max_new_tokens=max_new, eos_id=codec.eos_id, pad_id=codec.pad_id,
+                  sampling=cfg.sampling())
+  config = spec.build(cfg.options(), decode)
+  if not spec.second_model:
+    return spec.sample, (model, params), config
   if draft is None:
-    raise UserError(f"sampler.kind={cfg.kind} needs a draft model: --set sampler.draft_workdir=DIR "
-                    "(a trained run with the same vocabulary)")
-  pair = (model, params, draft, draft_params)
-  if cfg.kind == "contrastive":  # this model is the expert, the draft the amateur
-    config = contrastive.ContrastiveConfig(alpha=cfg.contrastive_alpha,
-                                           amateur_temperature=cfg.amateur_temperature, **common)
-    return contrastive.sample, pair, config
-  if cfg.kind == "entropy_switch":  # the draft decodes; this (large) model where it is unsure
-    config = entropy_switch.EntropySwitchConfig(
-        threshold=cfg.switch_threshold, window=cfg.switch_window,
-        sync_every=cfg.switch_sync_every, **common)
-    return entropy_switch.sample, (draft, draft_params, model, params), config
-  if cfg.kind == "speculative":
-    config = speculative.SpeculativeConfig(num_draft_tokens=cfg.num_draft_tokens, **common)
-    return speculative.sample, pair, config
-  if cfg.kind == "adaptive":
-    config = adaptive.AdaptiveConfig(num_draft_tokens=cfg.num_draft_tokens, rule=cfg.adaptive_rule,
-                                     confidence_threshold=cfg.confidence_threshold,
-                                     stop_threshold=cfg.stop_threshold, **common)
-    return adaptive.sample, pair, config
-  if cfg.kind == "tree":
-    config = tree.TreeConfig(branching=tuple(cfg.tree_branching), children=cfg.tree_children,
-                             **common)
-    return tree.sample, pair, config
-  if cfg.kind == "dynamic_tree":
-    config = tree.DynamicTreeConfig(node_budget=cfg.tree_node_budget,
-                                    max_depth=cfg.tree_max_depth, **common)
-    return tree.sample, pair, config
-  config = spectr.SpecTrConfig(num_drafts=cfg.num_drafts, num_draft_tokens=cfg.num_draft_tokens,
-                               without_replacement=cfg.without_replacement, **common)
-  return spectr.sample, pair, config
+    raise UserError(f"sampler.kind={cfg.kind} needs a second model (the {spec.second_model} model): "
+                    "--set sampler.draft_workdir=DIR (a trained causal run with the same "
+                    "vocabulary)")
+  pair = (draft, draft_params, model, params) if spec.second_first else (
+      model, params, draft, draft_params)
+  return spec.sample, pair, config
 
 
 class CompiledDecoder:
@@ -200,17 +142,16 @@ def _prepare(cfg: SamplerConfig, model, params, prompt: np.ndarray, draft, draft
   """(sample function, leading arguments, static config, tokens to generate) for `cfg`, after
   checking that the prompts leave room and the sampler fits the model."""
   max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
-  slack = {"speculative": cfg.num_draft_tokens, "spectr": cfg.num_draft_tokens,
-           "adaptive": cfg.num_draft_tokens,
-           "tree": len(cfg.tree_branching), "dynamic_tree": cfg.tree_max_depth,
-           "jacobi": cfg.jacobi_block, "entropy_switch": cfg.switch_sync_every}.get(cfg.kind, 0)
-  max_new = min(cfg.max_new_tokens, max_len - prompt.shape[1] - slack)
-  if cfg.kind == "block":  # whole blocks: shorten the generation to fit them
-    max_new -= (prompt.shape[1] + max_new) % cfg.block_length
+  spec, options = cfg.spec, cfg.options()
+  try:
+    room = max_len - prompt.shape[1] - spec.slack(options)
+  except ValueError as e:
+    raise UserError(f"sampler.kind={cfg.kind}: {e}") from None
+  max_new = spec.fit(options, prompt.shape[1], min(cfg.max_new_tokens, room))
   if max_new < 1:
     raise UserError(f"the prompts ({prompt.shape[1]} tokens) leave no room to generate within "
                     f"model.max_len={max_len}")
-  _check_model_kind(cfg, model)
+  _check_model_kind(spec, model)
   try:
     return (*_sampler(cfg, max_new, model, params, draft, draft_params), max_new)
   except ValueError as e:  # the samplers' own checks (vocabularies, lengths, settings)

@@ -13,7 +13,6 @@ All logic lives in importable modules; this file only parses flags and reports e
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from absl import app, flags
 from paxlike import config as config_lib
 from paxlike import registry
 from paxlike.errors import UserError
+from paxlike.run import Run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("exp", "demo", "Registered experiment name.")
@@ -55,29 +55,14 @@ def _ensure_writable(workdir: Path) -> None:
                     "pass a writable --workdir") from None
 
 
-def _stored_config(workdir: Path) -> config_lib.Experiment | None:
-  path = workdir / "config.json"
-  if not path.exists():
-    return None
-  try:
-    return config_lib.from_dict(config_lib.Experiment, json.loads(path.read_text()))
-  except (json.JSONDecodeError, TypeError) as e:
-    raise UserError(f"{path} is not a valid paxlike config ({e})") from None
-
-
 def resolve_experiment(mode: str, exp_name: str, workdir: Path,
                        overrides: list[str]) -> config_lib.Experiment:
   """The experiment to run, checked against what the workdir was trained with."""
-  stored = _stored_config(workdir)
+  trained = Run(workdir)
+  stored = trained.stored_config()
   if mode == "train":
     exp = _fresh_experiment(exp_name, overrides)
-    if stored is not None and not exp.run.allow_config_change:
-      changes = config_lib.diff(stored, exp, config_lib.TRAINING_IDENTITY)
-      if changes:
-        raise UserError(
-            f"workdir {str(workdir)!r} holds a run with a different configuration:\n"
-            + "\n".join(changes)
-            + "\nuse a new --workdir, or pass --set run.allow_config_change=true to continue anyway")
+    trained.check_unchanged(exp, exp.run.allow_config_change)
     return exp
   if stored is None and mode in ("eval", "sample") and any(
       o.strip().startswith("model.init_from=") for o in overrides):
@@ -128,7 +113,7 @@ def run(mode: str, exp_name: str, overrides: list[str], prompts: list[str]) -> i
   except ValueError as e:
     raise UserError(str(e)) from None
   if mode == "train":
-    workflows.write_config(workdir, exp)
+    Run(workdir).write_config(exp)
     return workflows.train(exp, workdir)
   if mode == "eval":
     return workflows.evaluate(exp, workdir)

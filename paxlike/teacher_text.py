@@ -29,9 +29,10 @@ import numpy as np
 
 from paxlike import atomic
 from paxlike import config as config_lib
+from paxlike import data as data_lib
 from paxlike import interchange
 from paxlike.errors import UserError, run_cli
-from paxlike.train import Trainer
+from paxlike.run import Run
 from samplers import ar
 from samplers.logits import SamplingParams
 
@@ -73,22 +74,24 @@ def write(workdir: str | Path, out: str | Path, prompts: int = 1536, prompt_len:
           batch: int = 128) -> Path:
   """Writes the continuations of the causal model trained in `workdir` (its latest checkpoint,
   prompts from its own training split) at each temperature to `out`, atomically."""
-  trainer = Trainer.from_workdir(workdir, config_lib.MeshConfig(), log=lambda _: None)
-  if trainer.exp.model.kind != "llama":
+  teacher = Run(workdir, log=lambda _: None)
+  exp = teacher.exp
+  if exp.model.kind != "llama":
     raise UserError(f"teacher text needs a causal model (model.kind 'llama'); {str(workdir)!r} "
-                    f"holds a {trainer.exp.model.kind!r} model")
+                    f"holds a {exp.model.kind!r} model")
   if min(prompts, prompt_len, new_tokens, batch) < 1 or min(temperatures, default=-1) < 0:
     raise UserError(f"prompts, prompt_len, new_tokens and batch must be >= 1 and temperatures "
                     f">= 0 (at least one), got {prompts}, {prompt_len}, {new_tokens}, {batch} and "
                     f"{list(temperatures)}")
-  if prompt_len + new_tokens > trainer.exp.model.max_len:
+  if prompt_len + new_tokens > exp.model.max_len:
     raise UserError(f"prompt_len {prompt_len} + new_tokens {new_tokens} exceeds the model's "
-                    f"max_len {trainer.exp.model.max_len}")
-  params, _ = trainer.restore_params()
-  codec = interchange.text_codec(trainer.exp.model)
+                    f"max_len {exp.model.max_len}")
+  model, params, _ = teacher.restore(config_lib.MeshConfig())
+  codec = interchange.text_codec(exp.model)
+  corpus = data_lib.load_corpus(exp.data, codec)
   texts = []
   for index, temperature in enumerate(temperatures):
-    rows = continuations(trainer.model, params, trainer.corpus.train, prompts=prompts,
+    rows = continuations(model, params, corpus.train, prompts=prompts,
                          prompt_len=prompt_len, new_tokens=new_tokens, temperature=temperature,
                          seed=seed + index, batch=min(batch, prompts))
     # NUL bytes (an untrained model emits any byte) would make the file binary to the data

@@ -4,6 +4,8 @@
 `jax.jit(in_shardings=..., out_shardings=..., donate_argnums=0)`. The loop around it resumes from
 the latest readable checkpoint (model, optimizer, step, RNG and the data iterator position), so an
 interrupted-and-resumed run reproduces the losses of an uninterrupted one bit for bit.
+Reading a trained run back (its config, its latest parameters) is `paxlike.run.Run`'s job; the
+shapes and shardings of what a checkpoint holds are `state_layout`'s, shared by both.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from models.build import build_model
 from parallelism import rules
@@ -31,11 +34,11 @@ from paxlike import atomic
 from paxlike import data as data_lib
 from paxlike import interchange
 from paxlike.checkpointing import Checkpointer
-from paxlike import config as config_lib
 from paxlike.config import Experiment
 from paxlike.errors import UserError
 from paxlike.metrics import MetricsLog, Progress
 from paxlike.optim import learning_rate_schedule, make_optimizer, param_path
+from paxlike.run import Run, hf_params
 
 
 @flax.struct.dataclass
@@ -108,6 +111,73 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """An experiment's mesh, model and optimizer, and the shapes and shardings of its TrainState
+  (what a checkpoint holds): the trainer builds its state with it, `paxlike.run.Run` reads
+  checkpoints back with it."""
+
+  mesh: Mesh
+  model: Any
+  tx: optax.GradientTransformation
+  abstract_state: TrainState  # jax.ShapeDtypeStruct leaves that carry their shardings
+  state_shardings: TrainState
+
+
+def _boxed_init(model: Any, tx: optax.GradientTransformation, seq_len: int,
+                key: jax.Array) -> TrainState:
+  params = model.module.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.fold_in(key, 1)))
+
+
+def state_layout(exp: Experiment) -> StateLayout:
+  """The layout of `exp` on `exp.mesh`; UserError for a mesh the devices do not fit, a bad model
+  config, or a batch, sequence or sharded parameter dimension the mesh does not divide."""
+  try:
+    m = exp.mesh
+    mesh = make_mesh(m.data, m.fsdp, m.sequence, m.tensor,
+                     dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_sequence, m.dcn_tensor))
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  try:
+    model = build_model(exp.model)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+  tx = make_optimizer(exp.optimizer, exp.schedule, exp.train.steps, exp.train.trainable)
+  with rules.activate(mesh):
+    boxed = jax.eval_shape(functools.partial(_boxed_init, model, tx, exp.data.seq_len),
+                           jax.random.key(exp.train.seed))
+    _check_divisible(exp, mesh, boxed)
+    state_shardings = rules.logical_shardings(boxed, mesh)
+  abstract_state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
+      state_shardings)
+  return StateLayout(mesh, model, tx, abstract_state, state_shardings)
+
+
+_MODEL_FIELDS = {"heads": "model.num_heads", "kv_heads": "model.num_kv_heads",
+                 "mlp": "model.mlp_dim", "vocab": "model.vocab_size", "embed": "model.d_model"}
+
+
+def _check_divisible(exp: Experiment, mesh: Mesh, boxed: TrainState) -> None:
+  """Every sharded dimension, the batch and the sequence divide by their mesh axes."""
+  shape = mesh.shape
+  batch_shards = shape["data"] * shape["fsdp"]
+  if exp.train.batch_size % batch_shards:
+    raise UserError(f"train.batch_size={exp.train.batch_size} is not divisible by "
+                    f"mesh.data x mesh.fsdp = {batch_shards}")
+  if exp.data.seq_len % shape["sequence"]:
+    raise UserError(f"data.seq_len={exp.data.seq_len} is not divisible by "
+                    f"mesh.sequence={shape['sequence']}")
+  try:
+    rules.check_divisible(boxed.params, mesh)
+  except ValueError as e:
+    hint = next((f" ({field}={getattr(exp.model, field.split('.')[1])})"
+                 for name, field in _MODEL_FIELDS.items() if f"({name})" in str(e)), "")
+    raise UserError(f"{e}{hint}") from None
+
+
 @dataclasses.dataclass
 class TrainResult:
   """What a finished (or interrupted) run reports."""
@@ -127,42 +197,20 @@ class Trainer:
     self.exp = exp
     self.workdir = Path(workdir)
     self.log = log
-    try:
-      m = exp.mesh
-      self.mesh = make_mesh(m.data, m.fsdp, m.sequence, m.tensor,
-                            dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_sequence, m.dcn_tensor))
-    except ValueError as e:
-      raise UserError(str(e)) from None
-    try:
-      self.model = build_model(exp.model)
-    except ValueError as e:
-      raise UserError(str(e)) from None
-    self.teacher = self._teacher_trainer()
+    self.layout = state_layout(exp)
+    self.mesh, self.model, self.tx = self.layout.mesh, self.layout.model, self.layout.tx
+    self.teacher = self._teacher()
     self.schedule = learning_rate_schedule(exp.optimizer, exp.schedule, exp.train.steps)
-    self.tx = make_optimizer(exp.optimizer, exp.schedule, exp.train.steps, exp.train.trainable)
     self._build_state_functions()
 
   # ------------------------------------------------------------------ distillation teacher
 
-  @classmethod
-  def from_workdir(cls, workdir: Path | str, mesh: config_lib.MeshConfig,
-                   log: Callable[[str], None] = print) -> "Trainer":
-    """The trained run in `workdir` (its stored config), on the given mesh, without its teacher."""
-    config_file = Path(workdir) / "config.json"
-    if not config_file.exists():
-      raise UserError(f"{str(workdir)!r} has no trained run (no config.json)")
-    exp = config_lib.from_dict(config_lib.Experiment, json.loads(config_file.read_text()))
-    exp = dataclasses.replace(exp, mesh=mesh,
-                              train=dataclasses.replace(exp.train, teacher_workdir="",
-                                                        init_from=""))
-    return cls(exp, Path(workdir), log=log)
-
-  def _teacher_trainer(self) -> "Trainer | None":
-    """The trained model named by train.teacher_workdir, on this run's mesh (or None)."""
+  def _teacher(self) -> Run | None:
+    """The trained run named by train.teacher_workdir (or None)."""
     path = self.exp.train.teacher_workdir
     if not path:
       return None
-    teacher = Trainer.from_workdir(path, self.exp.mesh, self.log)
+    teacher = Run(path, log=self.log)
     if teacher.exp.model.vocab_size != self.exp.model.vocab_size:
       raise UserError(f"the teacher's model.vocab_size={teacher.exp.model.vocab_size} differs "
                       f"from this model's {self.exp.model.vocab_size}; distillation needs one "
@@ -174,26 +222,9 @@ class Trainer:
 
   @functools.cached_property
   def teacher_params(self) -> Any:
-    """The teacher's parameters from its latest checkpoint (None without a teacher)."""
-    return self.teacher.restore_params()[0] if self.teacher else None
-
-  def restore_params(self) -> tuple[Any, int]:
-    """Parameters of the latest readable checkpoint in the workdir and its step; without one,
-    the Hugging Face weights of model.init_from (step 0) if set."""
-    if self.exp.model.init_from and not (self.workdir / "checkpoints").is_dir():
-      return self._hf_params(), 0
-    checkpointer = Checkpointer(self.workdir, self.exp.checkpoint, log=self.log)
-    try:
-      restored = checkpointer.restore_latest(self.abstract_state, None)
-    finally:
-      checkpointer.close()
-    if restored is None and self.exp.model.init_from:
-      return self._hf_params(), 0
-    if restored is None:
-      raise UserError(f"workdir {str(self.workdir)!r} has no checkpoint; train it first "
-                      "with --mode=train")
-    state, step = restored
-    return state.params, step
+    """The teacher's parameters from its latest checkpoint, on this run's mesh (None without a
+    teacher)."""
+    return self.teacher.restore(self.exp.mesh).params if self.teacher else None
 
   # ------------------------------------------------------------------ data (read on first use)
 
@@ -216,27 +247,17 @@ class Trainer:
 
   # ------------------------------------------------------------------ compiled functions
 
-  def _boxed_init(self, key: jax.Array) -> TrainState:
-    params = self.model.module.init(key, jnp.zeros((1, self.exp.data.seq_len), jnp.int32))["params"]
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=self.tx.init(params),
-                      rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-
   def _build_state_functions(self) -> None:
-    key = jax.random.key(self.exp.train.seed)
-    with rules.activate(self.mesh):
-      boxed = jax.eval_shape(self._boxed_init, key)
-      self._check_divisible(boxed)
-      self.state_shardings = rules.logical_shardings(boxed, self.mesh)
-    abstract = nn.meta.unbox(boxed)
-    self.abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-        self.state_shardings)
+    self.abstract_state = self.layout.abstract_state
+    self.state_shardings = self.layout.state_shardings
     self.batch_sharding = rules.batch_sharding(self.mesh)
-    self._init = jax.jit(lambda k: nn.meta.unbox(self._boxed_init(k)),
-                         out_shardings=self.state_shardings)
+    init = functools.partial(_boxed_init, self.model, self.tx, self.exp.data.seq_len)
+    self._init = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=self.state_shardings)
     replicated = rules.replicated(self.mesh)
-    teacher_model, teacher_shardings = (self.teacher.model, self.teacher.state_shardings.params) \
-        if self.teacher else (None, None)
+    teacher_model = teacher_shardings = None
+    if self.teacher:
+      teacher_layout = self.teacher.layout(self.exp.mesh)
+      teacher_model, teacher_shardings = teacher_layout.model, teacher_layout.state_shardings.params
     self._train_step = jax.jit(
         make_train_step(self.model, self.tx, self.schedule, teacher_model,
                         self.exp.train.distill_weight),
@@ -247,54 +268,23 @@ class Trainer:
         in_shardings=(self.state_shardings.params, self.batch_sharding, None),
         out_shardings=replicated)
 
-  _MODEL_FIELDS = {"heads": "model.num_heads", "kv_heads": "model.num_kv_heads",
-                   "mlp": "model.mlp_dim", "vocab": "model.vocab_size", "embed": "model.d_model"}
-
-  def _check_divisible(self, boxed: TrainState) -> None:
-    """Every sharded dimension, the batch and the sequence divide by their mesh axes."""
-    exp, shape = self.exp, self.mesh.shape
-    batch_shards = shape["data"] * shape["fsdp"]
-    if exp.train.batch_size % batch_shards:
-      raise UserError(f"train.batch_size={exp.train.batch_size} is not divisible by "
-                      f"mesh.data x mesh.fsdp = {batch_shards}")
-    if exp.data.seq_len % shape["sequence"]:
-      raise UserError(f"data.seq_len={exp.data.seq_len} is not divisible by "
-                      f"mesh.sequence={shape['sequence']}")
-    try:
-      rules.check_divisible(boxed.params, self.mesh)
-    except ValueError as e:
-      hint = next((f" ({field}={getattr(exp.model, field.split('.')[1])})"
-                   for name, field in self._MODEL_FIELDS.items() if f"({name})" in str(e)), "")
-      raise UserError(f"{e}{hint}") from None
-
   def init_state(self) -> TrainState:
     """Fresh state from train.seed; parameters from model.init_from (Hugging Face weights), then
     copied from train.init_from where they match."""
     with rules.activate(self.mesh):
       state = self._init(jax.random.key(self.exp.train.seed))
     if self.exp.model.init_from:
-      state = state.replace(params=self._hf_params())
+      state = state.replace(params=hf_params(self.exp.model, self.layout, self.log))
     if self.exp.train.init_from:
       state = state.replace(params=self._params_from(self.exp.train.init_from, state.params))
     return state
 
-  def _hf_params(self) -> Any:
-    """model.init_from's weights (a Hugging Face Llama directory) with this run's sharding."""
-    source = self.exp.model.init_from
-    host = interchange.read_params(source, self.exp.model)
-    if jax.tree.structure(host) != jax.tree.structure(self.abstract_state.params):
-      raise UserError(f"model.init_from={source!r} holds a plain Llama, but this model has other "
-                      "parameters (model.kind, ParScale or an acceptance head); use a plain "
-                      "model.kind=llama")
-    self.log(f"initialised the model from {source}")
-    return jax.tree.map(jax.device_put, host, self.state_shardings.params)
-
   def _params_from(self, workdir: str, params: Any) -> Any:
     """`params` with every leaf whose path and shape match one in `workdir`'s latest checkpoint
     replaced by that value (placed with this run's sharding); refuses a shape mismatch."""
-    source = Trainer.from_workdir(workdir, self.exp.mesh, self.log)
+    source = Run(workdir, log=self.log).restore(self.exp.mesh)
     loaded = {param_path(p): v for p, v in
-              jax.tree_util.tree_flatten_with_path(source.restore_params()[0])[0]}
+              jax.tree_util.tree_flatten_with_path(source.params)[0]}
     copied, fresh, mismatched = [], [], []
 
     def take(path, leaf):

@@ -12,11 +12,11 @@ from typing import Any
 
 import jax
 
-from paxlike import atomic
 from paxlike import config as config_lib
 from paxlike import generate, interchange, registry
 from paxlike.config import Experiment
 from paxlike.errors import UserError
+from paxlike.run import Run
 from paxlike.train import Trainer, TrainResult
 
 COMPANION_DRAFT = "draft"  # WORKDIR/draft holds the draft trained by `sampler.draft_experiment`
@@ -29,22 +29,17 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
-def write_config(workdir: Path, exp: Experiment) -> None:
-  """DIR/config.json, written atomically by process 0."""
-  if jax.process_index() == 0:
-    atomic.write_text(workdir / "config.json", config_lib.to_json(exp) + "\n")
-
-
 def _load_draft(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
   """(draft model, its params) for the drafted sampler kinds, else (None, None)."""
   if exp.sampler.kind not in generate.DRAFTED_KINDS:
     return None, None
   path = Path(exp.sampler.draft_workdir) if exp.sampler.draft_workdir else workdir / COMPANION_DRAFT
-  if not (path / "config.json").exists():
+  drafter = Run(path, log=_print)
+  if drafter.stored_config() is None:
     raise UserError(f"sampler.kind={exp.sampler.kind} needs a trained draft model: "
                     f"{str(path)!r} has none; pass --set sampler.draft_workdir=DIR")
-  drafter = Trainer.from_workdir(path, exp.mesh, log=_print)
-  return drafter.model, drafter.restore_params()[0]
+  model, params, _ = drafter.restore(exp.mesh)
+  return model, params
 
 
 def _train_companion_draft(exp: Experiment, workdir: Path) -> TrainResult:
@@ -55,14 +50,9 @@ def _train_companion_draft(exp: Experiment, workdir: Path) -> TrainResult:
   config_lib.validate(draft_exp)
   draft_dir = workdir / COMPANION_DRAFT
   draft_dir.mkdir(exist_ok=True)
-  stored = draft_dir / "config.json"
-  if stored.exists():
-    old = config_lib.from_dict(Experiment, json.loads(stored.read_text()))
-    changes = config_lib.diff(old, draft_exp, config_lib.TRAINING_IDENTITY)
-    if changes and not exp.run.allow_config_change:
-      raise UserError(f"the companion draft in {str(draft_dir)!r} was trained differently:\n"
-                      + "\n".join(changes) + "\nuse a new --workdir")
-  write_config(draft_dir, draft_exp)
+  draft_run = Run(draft_dir)
+  draft_run.check_unchanged(draft_exp, exp.run.allow_config_change, companion="companion draft")
+  draft_run.write_config(draft_exp)
   _print(f"training the draft model ({draft_exp.name}) by distillation from {exp.name}")
   return Trainer(draft_exp, draft_dir, log=_print).run()
 
@@ -73,14 +63,10 @@ def _train_companion_diffusion(exp: Experiment, workdir: Path) -> tuple[Trainer,
   config_lib.validate(diffusion_exp)
   directory = workdir / COMPANION_DIFFUSION
   directory.mkdir(exist_ok=True)
-  stored = directory / "config.json"
-  if stored.exists():
-    old = config_lib.from_dict(Experiment, json.loads(stored.read_text()))
-    changes = config_lib.diff(old, diffusion_exp, config_lib.TRAINING_IDENTITY)
-    if changes and not exp.run.allow_config_change:
-      raise UserError(f"the companion diffusion model in {str(directory)!r} was trained "
-                      "differently:\n" + "\n".join(changes) + "\nuse a new --workdir")
-  write_config(directory, diffusion_exp)
+  diffusion_run = Run(directory)
+  diffusion_run.check_unchanged(diffusion_exp, exp.run.allow_config_change,
+                                companion="companion diffusion model")
+  diffusion_run.write_config(diffusion_exp)
   _print(f"training the masked-diffusion model ({diffusion_exp.name})")
   trainer = Trainer(diffusion_exp, directory, log=_print)
   return trainer, trainer.run()
@@ -88,9 +74,9 @@ def _train_companion_diffusion(exp: Experiment, workdir: Path) -> tuple[Trainer,
 
 # The demo's parallel decodings of the companion diffusion model: (label, sampler overrides).
 DIFFUSION_ROWS = (
-    ("unmask_threshold", dict(kind="unmask", unmask_rule="threshold", unmask_threshold=0.9,
+    ("unmask_threshold", dict(kind="unmask", rule="threshold", threshold=0.9,
                               temperature=0.0)),
-    ("ancestral_16_steps", dict(kind="mdlm", diffusion_steps=16, temperature=0.8)),
+    ("ancestral_16_steps", dict(kind="mdlm", steps=16, temperature=0.8)),
 )
 
 
@@ -114,10 +100,9 @@ def _diffusion_rows(trainer: Trainer, params, prompt: str) -> dict:
   return summary
 
 
-def _show_samples(trainer: Trainer, params, prompts: list[str], draft=None, draft_params=None,
-                  cfg: config_lib.SamplerConfig | None = None) -> tuple[list[str], dict]:
-  cfg = cfg or trainer.exp.sampler
-  texts, stats = generate.generate(trainer.model, params, prompts, cfg, draft, draft_params)
+def _show_samples(model, params, prompts: list[str], cfg: config_lib.SamplerConfig, draft=None,
+                  draft_params=None) -> tuple[list[str], dict]:
+  texts, stats = generate.generate(model, params, prompts, cfg, draft, draft_params)
   for i, text in enumerate(texts):  # n texts per prompt with sampler.selection=none
     prompt = prompts[i * len(prompts) // len(texts)]
     _print(f"--- sample ({cfg.kind}, temperature {cfg.temperature}) ---\n{prompt}{text}\n---")
@@ -167,7 +152,7 @@ def train(exp: Experiment, workdir: Path) -> int:
     if draft is not None:
       summary.update(_side_by_side(trainer, result.params, draft, draft_params))
     else:
-      _, stats = _show_samples(trainer, result.params, [exp.sampler.prompt])
+      _, stats = _show_samples(trainer.model, result.params, [exp.sampler.prompt], exp.sampler)
       summary["sample_tokens_per_s"] = stats["tokens_per_s"]
     if diffusion is not None:
       summary.update(_diffusion_rows(diffusion, diffusion_result.params, exp.sampler.prompt))
@@ -180,17 +165,16 @@ def train(exp: Experiment, workdir: Path) -> int:
 
 def evaluate(exp: Experiment, workdir: Path) -> int:
   trainer = Trainer(exp, workdir, log=_print)
-  params, step = trainer.restore_params()
+  _, params, step = Run(workdir, exp, log=_print).restore()
   loss, bpb = trainer.evaluate(params)
   _print(json.dumps({"step": step, "eval_loss": loss, "eval_bpb": bpb}))
   return 0
 
 
 def sample(exp: Experiment, workdir: Path, prompts: list[str]) -> int:
-  trainer = Trainer(exp, workdir, log=_print)
-  params, step = trainer.restore_params()
+  model, params, step = Run(workdir, exp, log=_print).restore()
   draft, draft_params = _load_draft(exp, workdir)
-  _, stats = _show_samples(trainer, params, prompts, draft, draft_params)
+  _, stats = _show_samples(model, params, prompts, exp.sampler, draft, draft_params)
   _print(json.dumps({"step": step, **stats}))
   return 0
 
@@ -201,8 +185,7 @@ def export(exp: Experiment, workdir: Path, out_dir: Path) -> int:
   if exp.model.kind != "llama":
     raise UserError(f"--mode=export writes Llama checkpoints; model.kind={exp.model.kind!r} has "
                     "no Hugging Face counterpart")
-  trainer = Trainer(exp, workdir, log=_print)
-  params, step = trainer.restore_params()
+  _, params, step = Run(workdir, exp, log=_print).restore()
   if jax.process_index() == 0:
     try:
       interchange.save_hf(out_dir, exp.model, params)

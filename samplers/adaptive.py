@@ -47,7 +47,8 @@ import jax.numpy as jnp
 
 from samplers import draft_verify, rng, verify
 from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput
+from samplers.protocol import CausalModel, SampleOutput, check_max_new_tokens
+from samplers.spec import SamplerSpec
 
 RULES = ("confidence", "head")
 
@@ -80,8 +81,7 @@ class AdaptiveConfig:
     if self.num_draft_tokens < 1:
       raise ValueError(f"num_draft_tokens (the most drafted per round) must be >= 1, got "
                        f"{self.num_draft_tokens}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
     if self.rule not in RULES:
       raise ValueError(f"adaptive rule {self.rule!r} is unknown; valid rules: {', '.join(RULES)}")
     for name in ("confidence_threshold", "stop_threshold"):
@@ -229,3 +229,30 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
   return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,
                                          prompt, prompt_lengths, slots, keys, config,
                                          ragged_drafts=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveOptions:
+  """`sampler.*` settings of kind "adaptive" (second model: the draft).
+
+  Attributes:
+    num_draft_tokens: the most tokens the draft proposes per target call.
+    rule: how a row's drafting stops, one of RULES: "confidence" (after a position where the
+      draft's max probability is under confidence_threshold) or "head" (SpecDec++: once the
+      draft's acceptance head predicts a rejection with probability over stop_threshold; needs
+      a draft trained with model.acceptance_head=true, e.g. the pair_draft_head experiment).
+    confidence_threshold, stop_threshold: in [0, 1].
+  """
+
+  num_draft_tokens: int = 4
+  rule: str = "confidence"
+  confidence_threshold: float = 0.2
+  stop_threshold: float = 0.8
+
+
+SPEC = SamplerSpec(
+    "adaptive", AdaptiveOptions, sample,
+    lambda o, decode: AdaptiveConfig(num_draft_tokens=o.num_draft_tokens, rule=o.rule,
+                                     confidence_threshold=o.confidence_threshold,
+                                     stop_threshold=o.stop_threshold, **decode.common()),
+    second_model="draft", slack=lambda o: o.num_draft_tokens)

@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers import rng
+from samplers import emit, rng
 from samplers.logits import SamplingParams, sample_token
-from samplers.protocol import CausalModel, SampleOutput, prefill
+from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+                               last_prompt_logits, prefill)
+from samplers.spec import SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,8 +37,7 @@ class ARConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
@@ -66,24 +67,20 @@ def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Ar
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
 
-  def draw(logits, step, done):
-    """Token at generated index `step` ([B] int32), pad for finished rows."""
+  def draw(logits, step, done, lengths):
+    """Emits the token at generated index `step` (see `emit.token`): (token, done, lengths)."""
     position_keys = rng.position_keys(keys, prompt_lengths + step)
     token = jax.vmap(sample_token, in_axes=(0, 0, None))(position_keys, logits, config.sampling)
-    return jnp.where(done, config.pad_id, token)
-
-  def finished(token, done):
-    return done if config.eos_id is None else done | (token == config.eos_id)
+    return emit.token(token, done, lengths, config.eos_id, config.pad_id)
 
   logits, cache = prefill(model, params, prompt, model.init_cache(batch, prompt_len + steps))
   cache = cache.replace(lengths=prompt_lengths)
-  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
 
-  not_done = jnp.zeros((batch,), bool)
-  token = draw(last, 0, not_done)
+  token, done, lengths = draw(last_prompt_logits(logits, prompt_lengths), 0,
+                              jnp.zeros((batch,), bool), jnp.zeros((batch,), jnp.int32))
   tokens = jnp.full((batch, steps), config.pad_id, jnp.int32).at[:, 0].set(token)
-  state = dict(step=jnp.int32(1), tokens=tokens, done=finished(token, not_done),
-               lengths=jnp.ones((batch,), jnp.int32), cache=cache, calls=jnp.int32(1))
+  state = dict(step=jnp.int32(1), tokens=tokens, done=done, lengths=lengths, cache=cache,
+               calls=jnp.int32(1))
 
   def cond(s):
     return (s["step"] < steps) & ~jnp.all(s["done"])
@@ -92,11 +89,9 @@ def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Ar
     step = s["step"]
     previous = jax.lax.dynamic_slice_in_dim(s["tokens"], step - 1, 1, axis=1)
     logits, cache = model.apply(params, previous, (prompt_lengths + step - 1)[:, None], s["cache"])
-    token = draw(logits[:, 0], step, s["done"])
-    return dict(step=step + 1, tokens=s["tokens"].at[:, step].set(token),
-                done=finished(token, s["done"]),
-                lengths=s["lengths"] + (~s["done"]).astype(jnp.int32),
-                cache=cache, calls=s["calls"] + 1)
+    token, done, lengths = draw(logits[:, 0], step, s["done"], s["lengths"])
+    return dict(step=step + 1, tokens=s["tokens"].at[:, step].set(token), done=done,
+                lengths=lengths, cache=cache, calls=s["calls"] + 1)
 
   state = jax.lax.while_loop(cond, body, state)
   stats = {"model_calls": state["calls"], "generated_tokens": jnp.sum(state["lengths"])}
@@ -112,3 +107,11 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.n
   for row, tokens in enumerate(prompts):
     padded[row, :len(tokens)] = tokens
   return padded, lengths
+
+
+@dataclasses.dataclass(frozen=True)
+class AROptions:
+  """Kind "ar" has no settings beyond those every decode shares."""
+
+
+SPEC = SamplerSpec("ar", AROptions, sample, lambda options, decode: ARConfig(**decode.common()))

@@ -39,6 +39,7 @@ from samplers import rng, verify
 from samplers.denoiser_protocol import AnySubsetModel
 from samplers.logits import SamplingParams, probs
 from samplers.protocol import SampleOutput
+from samplers.spec import SamplerSpec
 
 ORDERS = ("left_to_right", "random")
 ORDER_STREAM = 2**31 - 1  # fold_in index of a row's random order (rounds use n < max_len)
@@ -163,3 +164,25 @@ def sample(model: AnySubsetModel, params, canvas: jax.Array, key: jax.Array,
   calls = rounds + 1 if config.reuse_drafts else 2 * rounds
   return canvas_lib.output(canvas, tokens, model.mask_id, calls, rounds=rounds,
                            acceptance=accepted / jnp.maximum(tried, 1).astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class ASSDOptions:
+  """`sampler.*` settings of kind "assd" (an any-subset AR model, model.kind=asarm).
+
+  Attributes:
+    num_draft_tokens: positions drafted and verified per round.
+    order: the generation order, one of ORDERS.
+    reuse_drafts: draft each round from the previous round's verification pass (one model call
+      per round instead of two; still exact).
+  """
+
+  num_draft_tokens: int = 4
+  order: str = "left_to_right"
+  reuse_drafts: bool = False
+
+
+SPEC = SamplerSpec(
+    "assd", ASSDOptions, sample,
+    lambda o, decode: ASSDConfig(o.num_draft_tokens, o.order, decode.sampling, o.reuse_drafts),
+    model="any_subset")

@@ -25,6 +25,7 @@ from samplers import canvas as canvas_lib
 from samplers import rng, unmask
 from samplers.denoiser_protocol import Denoiser
 from samplers.protocol import SampleOutput
+from samplers.spec import SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,3 +120,29 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
   state = (canvas.astype(jnp.int32), cache, jnp.int32(0), jnp.int32(0))
   tokens, _, steps, calls = jax.lax.fori_loop(0, blocks, decode_block, state)
   return canvas_lib.output(canvas, tokens, model.mask_id, calls, denoise_steps=steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+  """`sampler.*` settings of kind "block" (a masked-diffusion model): blocks of block_length,
+  the unmasking rule inside each (fields as `unmask.UnmaskOptions`), finished blocks KV-cached
+  when `cached`. The generation is shortened to whole blocks.
+  """
+
+  block_length: int = 16
+  cached: bool = True
+  rule: str = "threshold"
+  confidence: str = "max_prob"
+  k: int = 1
+  threshold: float = 0.9
+  factor: float = 1.0
+
+
+def _whole_blocks(options: BlockOptions, prompt_len: int, max_new: int) -> int:
+  return max_new - (prompt_len + max_new) % options.block_length
+
+
+SPEC = SamplerSpec(
+    "block", BlockOptions, sample,
+    lambda o, decode: BlockConfig(o.block_length, unmask.rule_of(o, decode), o.cached),
+    model="denoiser", fit=_whole_blocks)

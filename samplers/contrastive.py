@@ -21,9 +21,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import rng
+from samplers import emit, rng
 from samplers.logits import SamplingParams, sample_token
-from samplers.protocol import CausalModel, SampleOutput, prefill
+from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+                               check_vocabularies, last_prompt_logits, prefill)
+from samplers.spec import SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +46,7 @@ class ContrastiveConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
     if not 0 < self.alpha <= 1:
       raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
     if self.amateur_temperature <= 0:
@@ -59,14 +60,6 @@ def contrastive_scores(expert_logits: jax.Array, amateur_logits: jax.Array, alph
   amateur = jax.nn.log_softmax(amateur_logits.astype(jnp.float32) / amateur_temperature, axis=-1)
   plausible = expert >= jnp.log(alpha) + jnp.max(expert, axis=-1, keepdims=True)
   return jnp.where(plausible, expert - amateur, -jnp.inf)
-
-
-def check_vocabularies(first: CausalModel, second: CausalModel, names: tuple[str, str]) -> None:
-  """ValueError unless both models share one vocabulary size."""
-  if first.vocab_size != second.vocab_size:
-    raise ValueError(f"the {names[1]}'s vocab_size {second.vocab_size} differs from the "
-                     f"{names[0]}'s vocab_size {first.vocab_size}; both models must share one "
-                     "vocabulary (same tokenizer)")
 
 
 @functools.partial(jax.jit, static_argnames=("expert", "amateur", "config"))
@@ -98,26 +91,25 @@ def sample(expert: CausalModel, expert_params, amateur: CausalModel, amateur_par
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
 
-  def draw(expert_logits, amateur_logits, step, done):
+  def draw(expert_logits, amateur_logits, step, done, lengths):
+    """Emits the token at generated index `step` (see `emit.token`): (token, done, lengths)."""
     scores = contrastive_scores(expert_logits, amateur_logits, config.alpha,
                                 config.amateur_temperature)
     position_keys = rng.position_keys(keys, prompt_lengths + step)
     token = jax.vmap(sample_token, in_axes=(0, 0, None))(position_keys, scores, config.sampling)
-    token = jnp.where(done, config.pad_id, token)
-    return token, done if config.eos_id is None else done | (token == config.eos_id)
+    return emit.token(token, done, lengths, config.eos_id, config.pad_id)
 
   def start(model, params):
     logits, cache = prefill(model, params, prompt, model.init_cache(batch, prompt_len + steps))
-    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache.replace(lengths=prompt_lengths)
+    return last_prompt_logits(logits, prompt_lengths), cache.replace(lengths=prompt_lengths)
 
   expert_last, expert_cache = start(expert, expert_params)
   amateur_last, amateur_cache = start(amateur, amateur_params)
-  token, done = draw(expert_last, amateur_last, 0, jnp.zeros((batch,), bool))
+  token, done, lengths = draw(expert_last, amateur_last, 0, jnp.zeros((batch,), bool),
+                              jnp.zeros((batch,), jnp.int32))
   state = dict(step=jnp.int32(1), tokens=jnp.full((batch, steps), config.pad_id,
                                                   jnp.int32).at[:, 0].set(token),
-               done=done, lengths=jnp.ones((batch,), jnp.int32), caches=(expert_cache,
-                                                                        amateur_cache))
+               done=done, lengths=lengths, caches=(expert_cache, amateur_cache))
 
   def body(s):
     step = s["step"]
@@ -126,13 +118,34 @@ def sample(expert: CausalModel, expert_params, amateur: CausalModel, amateur_par
     expert_logits, expert_cache = expert.apply(expert_params, previous, positions, s["caches"][0])
     amateur_logits, amateur_cache = amateur.apply(amateur_params, previous, positions,
                                                   s["caches"][1])
-    token, done = draw(expert_logits[:, 0], amateur_logits[:, 0], step, s["done"])
+    token, done, lengths = draw(expert_logits[:, 0], amateur_logits[:, 0], step, s["done"],
+                                s["lengths"])
     return dict(step=step + 1, tokens=s["tokens"].at[:, step].set(token), done=done,
-                lengths=s["lengths"] + (~s["done"]).astype(jnp.int32),
-                caches=(expert_cache, amateur_cache))
+                lengths=lengths, caches=(expert_cache, amateur_cache))
 
   s = jax.lax.while_loop(lambda s: (s["step"] < steps) & ~jnp.all(s["done"]), body, state)
   calls = s["step"]  # the prefill, then one call per further token
   stats = {"model_calls": calls, "expert_calls": calls, "amateur_calls": calls,
            "generated_tokens": jnp.sum(s["lengths"])}
   return SampleOutput(tokens=s["tokens"], lengths=s["lengths"], stats=stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveOptions:
+  """`sampler.*` settings of kind "contrastive" (this model is the expert, the second model the
+  amateur).
+
+  Attributes:
+    alpha: the plausibility cut-off in (0, 1].
+    amateur_temperature: > 0, the amateur's temperature.
+  """
+
+  alpha: float = 0.1
+  amateur_temperature: float = 1.0
+
+
+SPEC = SamplerSpec(
+    "contrastive", ContrastiveOptions, sample,
+    lambda o, decode: ContrastiveConfig(alpha=o.alpha, amateur_temperature=o.amateur_temperature,
+                                        **decode.common()),
+    second_model="amateur")

@@ -21,9 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from samplers import verify
+from samplers import emit, verify
 from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput, prefill
+from samplers.protocol import (CausalModel, SampleOutput, check_vocabularies, last_prompt_logits,
+                               prefill)
 
 # (caches, seq [B, S] prompt + generated tokens, context_lengths [B]) ->
 #   (caches, emitted [B, gamma + 1] int32, accepted [B] int32): row b emits
@@ -70,9 +71,7 @@ def check_pair(target: CausalModel, draft: CausalModel, prompt_len: int, config)
   The verify window reaches gamma - 1 slots past prompt + max_new_tokens (drafts after the last
   needed token are scored and discarded), so both models need P + N + gamma - 1 <= max_len.
   """
-  if target.vocab_size != draft.vocab_size:
-    raise ValueError(f"the draft's vocab_size {draft.vocab_size} differs from the target's "
-                     f"vocab_size {target.vocab_size}; draft and target must share one vocabulary")
+  check_vocabularies(target, draft, ("target", "draft"))
   gamma, steps = config.num_draft_tokens, config.max_new_tokens
   need = prompt_len + steps + gamma - 1
   for name, model in (("target", target), ("draft", draft)):
@@ -98,16 +97,8 @@ def _commit(seq, prompt_lengths, n, done, new, count, config):
   Tokens past a row's cut are written too but lie beyond its length, so nothing reads them.
   Returns (seq, n, done).
   """
-  index = jnp.arange(new.shape[1])[None, :]
-  take = (index < count[:, None]) & (index < (config.max_new_tokens - n)[:, None]) & ~done[:, None]
-  hit_eos = jnp.zeros_like(done)
-  if config.eos_id is not None:
-    is_eos = take & (new == config.eos_id)
-    take &= (jnp.cumsum(is_eos, axis=1) - is_eos) == 0  # nothing after the first eos
-    hit_eos = jnp.any(is_eos, axis=1)
-  seq = _write(seq, new, prompt_lengths + n)
-  n = n + jnp.sum(take, axis=1, dtype=jnp.int32)
-  return seq, n, done | hit_eos | (n >= config.max_new_tokens)
+  _, committed, done = emit.block(new, count, n, done, config.max_new_tokens, config.eos_id)
+  return _write(seq, new, prompt_lengths + n), committed, done
 
 
 def decode(round_fn: Round | RaggedRound, caches: Any, first_logits: jax.Array,
@@ -171,9 +162,7 @@ def decode(round_fn: Round | RaggedRound, caches: Any, first_logits: jax.Array,
                 draft_calls=s["draft_calls"] + calls)
 
   s = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
-  index = jnp.arange(steps)[None, :]
-  generated = jnp.take_along_axis(s["seq"], prompt_lengths[:, None] + index, axis=1)
-  tokens = jnp.where(index < s["n"][:, None], generated, config.pad_id)
+  tokens = emit.generated(s["seq"], prompt_lengths, s["n"], steps, config.pad_id)
   generated_tokens = jnp.sum(s["n"])
   drafted = s["drafted"]
   stats = {
@@ -203,6 +192,6 @@ def prefill_and_decode(round_fn: Round | RaggedRound, target: CausalModel, targe
   target_logits, target_cache = prefill(target, target_params, prompt,
                                         target.init_cache(batch, slots))
   _, draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(batch, slots))
-  first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
-  return decode(round_fn, (target_cache, draft_cache), first_logits[:, 0], prompt,
-                prompt_lengths, keys, config, ragged_drafts=ragged_drafts)
+  first_logits = last_prompt_logits(target_logits, prompt_lengths)
+  return decode(round_fn, (target_cache, draft_cache), first_logits, prompt, prompt_lengths, keys,
+                config, ragged_drafts=ragged_drafts)

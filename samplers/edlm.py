@@ -26,7 +26,8 @@ from samplers import canvas as canvas_lib
 from samplers import mdlm, rng
 from samplers.denoiser_protocol import Denoiser
 from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput, prefill_method
+from samplers.protocol import CausalModel, SampleOutput, check_vocabularies, prefill_method
+from samplers.spec import Decode, SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +81,7 @@ def sample(model: Denoiser, params, energy: CausalModel, energy_params, canvas: 
   """
   canvas_lib.check_model(model, canvas)
   canvas_lib.check_model(energy, canvas)
-  if energy.vocab_size != model.vocab_size:
-    raise ValueError(f"the energy model's vocabulary ({energy.vocab_size} ids) differs from the "
-                     f"denoiser's ({model.vocab_size}); use an AR model with the same tokenizer")
+  check_vocabularies(model, energy, ("denoiser", "energy model"))
   batch, length = canvas.shape
   if config.steps > length:
     raise ValueError(f"steps={config.steps} exceeds the {length} canvas positions")
@@ -114,3 +113,27 @@ def sample(model: Denoiser, params, energy: CausalModel, energy_params, canvas: 
   steps = jnp.int32(config.steps)
   return canvas_lib.output(canvas, tokens, model.mask_id, steps, energy_calls=steps,
                            effective_candidates=spread / config.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class EDLMOptions:
+  """`sampler.*` settings of kind "edlm" (a masked-diffusion model; second model: the causal
+  energy model, sampler.draft_workdir).
+
+  Attributes:
+    steps: S, denoising steps (1 <= S <= tokens generated).
+    num_candidates: K, candidates per step.
+    schedule: one of `mdlm.SCHEDULES`.
+  """
+
+  steps: int = 32
+  num_candidates: int = 4
+  schedule: str = "loglinear"
+
+
+def _build(options: EDLMOptions, decode: Decode) -> EDLMConfig:
+  mdlm.check_steps(options.steps, decode)
+  return EDLMConfig(options.steps, options.num_candidates, options.schedule, decode.sampling)
+
+
+SPEC = SamplerSpec("edlm", EDLMOptions, sample, _build, model="denoiser", second_model="energy")

@@ -25,10 +25,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import rng
-from samplers.contrastive import check_vocabularies
+from samplers import emit, rng
 from samplers.logits import SamplingParams, sample_token
-from samplers.protocol import CausalModel, SampleOutput, prefill
+from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+                               check_vocabularies, last_prompt_logits, prefill)
+from samplers.spec import Decode, SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +51,7 @@ class EntropySwitchConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
     if self.window < 1:
       raise ValueError(f"window must be >= 1, got {self.window}")
     if self.sync_every < 1:
@@ -96,7 +96,7 @@ def sample(small: CausalModel, small_params, large: CausalModel, large_params,
   rows = jnp.arange(batch)
 
   small_logits, small_cache = prefill(small, small_params, prompt, small.init_cache(batch, slots))
-  small_last = jnp.take_along_axis(small_logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+  small_last = last_prompt_logits(small_logits, prompt_lengths)
   _, large_cache = prefill(large, large_params, prompt, large.init_cache(batch, slots))
   seq = jnp.zeros((batch, slots), jnp.int32).at[:, :prompt_len].set(prompt)
 
@@ -124,12 +124,9 @@ def sample(small: CausalModel, small_params, large: CausalModel, large_params,
     logits = jnp.where(use_large[:, None], large_logits, s["small_logits"])
     token = jax.vmap(sample_token, in_axes=(0, 0, None))(
         rng.position_keys(keys, context), logits, config.sampling)
-    token = jnp.where(active, token, config.pad_id)
+    token, done, n = emit.token(token, s["done"], s["n"], config.eos_id, config.pad_id)
+    done |= n >= steps
     seq = s["seq"].at[rows, context].set(jnp.where(active, token, s["seq"][rows, context]))
-    n = s["n"] + active.astype(jnp.int32)
-    done = s["done"] | (n >= steps)
-    if config.eos_id is not None:
-      done |= active & (token == config.eos_id)
     small_logits, small_cache = small.apply(small_params, token[:, None], context[:, None],
                                             s["small_cache"].replace(lengths=context))
     return dict(step=s["step"] + 1, seq=seq, n=n, done=done, small_logits=small_logits[:, 0],
@@ -144,11 +141,32 @@ def sample(small: CausalModel, small_params, large: CausalModel, large_params,
                entropies=jnp.zeros((batch, config.window), jnp.float32),
                large_calls=jnp.int32(1), large_tokens=jnp.int32(0))
   s = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
-  index = jnp.arange(steps)[None, :]
-  generated = jnp.take_along_axis(s["seq"], prompt_lengths[:, None] + index, axis=1)
-  tokens = jnp.where(index < s["n"][:, None], generated, config.pad_id)
+  tokens = emit.generated(s["seq"], prompt_lengths, s["n"], steps, config.pad_id)
   total = jnp.sum(s["n"])
   stats = {"model_calls": s["large_calls"], "large_calls": s["large_calls"],
            "small_calls": 1 + s["step"], "large_tokens": s["large_tokens"], "generated_tokens": total,
            "large_fraction": s["large_tokens"] / jnp.maximum(total, 1).astype(jnp.float32)}
   return SampleOutput(tokens=tokens, lengths=s["n"], stats=stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropySwitchOptions:
+  """`sampler.*` settings of kind "entropy_switch" (the second model, small, decodes; this large
+  model takes over where the small one is unsure).
+
+  Attributes:
+    threshold: rolling-entropy threshold in nats.
+    window: >= 1, positions in the rolling entropy.
+    sync_every: >= 1, the most tokens the large model's cache may lag.
+  """
+
+  threshold: float = 1.0
+  window: int = 4
+  sync_every: int = 8
+
+
+SPEC = SamplerSpec(
+    "entropy_switch", EntropySwitchOptions, sample,
+    lambda o, decode: EntropySwitchConfig(threshold=o.threshold, window=o.window,
+                                          sync_every=o.sync_every, **decode.common()),
+    second_model="small", second_first=True, slack=lambda o: o.sync_every)

@@ -20,7 +20,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers.protocol import CausalModel, SampleOutput, prefill
+from samplers import emit
+from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+                               last_prompt_logits, prefill)
+from samplers.spec import Decode, SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +44,7 @@ class JacobiConfig:
     if self.block_size < 2:
       raise ValueError(f"block_size must be >= 2 (one committed token and a guess), "
                        f"got {self.block_size}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
 
 
 
@@ -73,11 +75,11 @@ def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Ar
   prompt_lengths = prompt_lengths.astype(jnp.int32)
   rows = jnp.arange(batch)
   logits, cache = prefill(model, params, prompt, model.init_cache(batch, slots))
-  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-  first = jnp.argmax(last, axis=-1).astype(jnp.int32)
+  first = jnp.argmax(last_prompt_logits(logits, prompt_lengths), axis=-1).astype(jnp.int32)
+  first, done, count = emit.token(first, jnp.zeros((batch,), bool),
+                                  jnp.zeros((batch,), jnp.int32), config.eos_id, config.pad_id)
   tokens = jnp.full((batch, steps + n), config.pad_id, jnp.int32).at[:, 0].set(first)
-  done = first == config.eos_id if config.eos_id is not None else jnp.zeros((batch,), bool)
-  state = dict(tokens=tokens, count=jnp.ones((batch,), jnp.int32), done=done | (steps == 1),
+  state = dict(tokens=tokens, count=count, done=done | (count >= steps),
                guesses=jnp.broadcast_to(first[:, None], (batch, n - 1)), cache=cache,
                iterations=jnp.int32(0))
 
@@ -91,29 +93,18 @@ def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Ar
                                 s["cache"].replace(lengths=context - 1))
     outputs = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, n]: y_i for position context+i
     confirmed = jnp.cumprod(s["guesses"] == outputs[:, :-1], axis=1)
-    take = 1 + jnp.sum(confirmed, axis=1)  # [B] in [1, n]
-    take = jnp.minimum(take, steps - count)
-    index = jnp.arange(n)[None, :]
-    new = index < take[:, None]
-    if config.eos_id is not None:  # cut after the first eos among the committed tokens
-      eos_seen = jnp.cumsum((outputs == config.eos_id) & new, axis=1)
-      new &= (eos_seen - ((outputs == config.eos_id) & new)) == 0
-      hit_eos = jnp.any((outputs == config.eos_id) & new, axis=1)
-    else:
-      hit_eos = jnp.zeros((batch,), bool)
-    take = jnp.where(s["done"], 0, jnp.sum(new, axis=1))
-    columns = jnp.where(index < take[:, None], count[:, None] + index, steps + n)  # off = dropped
+    offered = 1 + jnp.sum(confirmed, axis=1)  # [B] in [1, n]
+    new, committed, done = emit.block(outputs, offered, count, s["done"], steps, config.eos_id)
+    columns = jnp.where(new, count[:, None] + jnp.arange(n)[None, :], steps + n)  # off: dropped
     tokens = s["tokens"].at[rows[:, None], columns].set(outputs, mode="drop")
+    take = committed - count  # [B] tokens committed now (0 in finished rows)
     refill = jnp.clip(take[:, None] + jnp.arange(n - 1)[None, :], 0, n - 1)
     guesses = jnp.take_along_axis(outputs, refill, axis=1)
-    count = count + take
-    done = s["done"] | hit_eos | (count >= steps)
-    return dict(tokens=tokens, count=count, done=done, guesses=guesses, cache=cache,
+    return dict(tokens=tokens, count=committed, done=done, guesses=guesses, cache=cache,
                 iterations=s["iterations"] + 1)
 
   s = jax.lax.while_loop(lambda s: ~jnp.all(s["done"]), body, state)
-  index = jnp.arange(steps)[None, :]
-  out = jnp.where(index < s["count"][:, None], s["tokens"][:, :steps], config.pad_id)
+  out = emit.pad_after(s["tokens"][:, :steps], s["count"], config.pad_id)
   generated = jnp.sum(s["count"])
   calls = 1 + s["iterations"]
   stats = {
@@ -127,3 +118,25 @@ def sample(model: CausalModel, params, prompt: jax.Array, prompt_lengths: jax.Ar
           generated - batch, 1).astype(jnp.float32),
   }
   return SampleOutput(tokens=out, lengths=s["count"], stats=stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class JacobiOptions:
+  """`sampler.*` settings of kind "jacobi" (greedy only: sampler.temperature=0).
+
+  Attributes:
+    block_size: n >= 2, tokens per Jacobi iteration.
+  """
+
+  block_size: int = 8
+
+
+def _build(options: JacobiOptions, decode: Decode) -> JacobiConfig:
+  if decode.sampling.temperature != 0:
+    raise ValueError(f"kind jacobi decodes greedily; set sampler.temperature=0 "
+                     f"(got {decode.sampling.temperature})")
+  return JacobiConfig(block_size=options.block_size, max_new_tokens=decode.max_new_tokens,
+                      eos_id=decode.eos_id, pad_id=decode.pad_id)
+
+
+SPEC = SamplerSpec("jacobi", JacobiOptions, sample, _build, slack=lambda o: o.block_size)

@@ -42,6 +42,7 @@ from samplers import rng, unmask
 from samplers.denoiser_protocol import FinalityDenoiser
 from samplers.logits import SamplingParams
 from samplers.protocol import SampleOutput
+from samplers.spec import SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,3 +164,27 @@ def sample(model: FinalityDenoiser, params, canvas: jax.Array, key: jax.Array,
            "tokens_per_call": total / jnp.maximum(batch * steps, 1).astype(jnp.float32),
            "row_model_calls": jnp.sum(row_calls), "eos_padded_tokens": jnp.sum(padded)}
   return SampleOutput(tokens=tokens, lengths=lengths, stats=stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedUnmaskOptions:
+  """`sampler.*` settings of kind "learned_unmask" (Learn2PD, a model.kind=learn2pd model).
+
+  Attributes:
+    finality_threshold: commit every masked position whose learned finality probability is
+      >= it, and at least the most confident one by `confidence` (1.0: one token per step).
+    confidence: one of `unmask.CONFIDENCES`.
+    eos_stop: stop a row once it has committed eos with nothing masked before it; the rest of
+      the row becomes padding without model calls.
+  """
+
+  finality_threshold: float = 0.9
+  confidence: str = "max_prob"
+  eos_stop: bool = True
+
+
+SPEC = SamplerSpec(
+    "learned_unmask", LearnedUnmaskOptions, sample,
+    lambda o, decode: LearnedUnmaskConfig(o.finality_threshold, o.confidence, decode.sampling,
+                                          decode.eos_id if o.eos_stop else None, decode.pad_id),
+    model="finality")

@@ -26,6 +26,7 @@ from samplers import rng
 from samplers.denoiser_protocol import Denoiser
 from samplers.logits import SamplingParams, probs
 from samplers.protocol import SampleOutput
+from samplers.spec import Decode, SamplerSpec
 
 SCHEDULES = ("loglinear", "cosine")
 
@@ -110,3 +111,31 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
   state = (canvas, logits, jnp.bool_(True), jnp.int32(0))
   (tokens, _, _, calls), _ = jax.lax.scan(body, state, jnp.arange(config.steps))
   return canvas_lib.output(canvas, tokens, model.mask_id, calls, steps=jnp.int32(config.steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class AncestralOptions:
+  """`sampler.*` settings of kind "mdlm" (a masked-diffusion model).
+
+  Attributes:
+    steps: S, denoising steps (1 <= S <= tokens generated).
+    schedule: one of SCHEDULES.
+  """
+
+  steps: int = 32
+  schedule: str = "loglinear"
+
+
+def check_steps(steps: int, decode: Decode) -> None:
+  """ValueError when there are more denoising steps than tokens to generate."""
+  if steps > decode.max_new_tokens:
+    raise ValueError(f"steps={steps} exceeds the {decode.max_new_tokens} tokens generated; use "
+                     f"at most one step per token")
+
+
+def _build(options: AncestralOptions, decode: Decode) -> AncestralConfig:
+  check_steps(options.steps, decode)
+  return AncestralConfig(options.steps, options.schedule, decode.sampling)
+
+
+SPEC = SamplerSpec("mdlm", AncestralOptions, sample, _build, model="denoiser")

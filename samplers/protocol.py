@@ -79,6 +79,37 @@ def prefill(model: CausalModel, params: Any, prompt: jax.Array,
   return prefill_method(model)(params, prompt, prompt_positions(prompt), cache)
 
 
+def last_prompt_logits(logits: jax.Array, prompt_lengths: jax.Array) -> jax.Array:
+  """The logits after each row's last prompt token: what the first generated token is drawn from.
+
+  Args:
+    logits: [B, P, V] logits of right-padded prompts (e.g. from `prefill`).
+    prompt_lengths: [B] int32, each in [1, P].
+  Returns:
+    [B, V] logits[b, prompt_lengths[b] - 1].
+  """
+  return jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+  """ValueError unless a sampler config asks for at least one new token."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def check_vocabularies(first: Any, second: Any, names: tuple[str, str]) -> None:
+  """ValueError unless two models (anything with `vocab_size`) share one vocabulary size.
+
+  Args:
+    first, second: the models, e.g. a target and its draft.
+    names: their roles in the message, e.g. ("target", "draft").
+  """
+  if first.vocab_size != second.vocab_size:
+    raise ValueError(f"the {names[1]}'s vocab_size {second.vocab_size} differs from the "
+                     f"{names[0]}'s vocab_size {first.vocab_size}; the {names[1]} and the "
+                     f"{names[0]} must share one vocabulary (same tokenizer)")
+
+
 @flax.struct.dataclass
 class SampleOutput:
   """What every sampler returns.

@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers import rng, rows, selection
+from samplers import emit, rng, rows, selection
 from samplers.logits import SamplingParams, sample_token
-from samplers.protocol import CausalModel, prefill_method, prompt_positions
+from samplers.protocol import (CausalModel, check_max_new_tokens, last_prompt_logits,
+                               prefill_method, prompt_positions)
 from samplers.repeated import sample_keys
 
 
@@ -59,8 +60,7 @@ class PrunedConfig:
   def __post_init__(self):
     if self.num_samples < 1:
       raise ValueError(f"num_samples (n) must be >= 1, got {self.num_samples}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
     if self.score_every < 1:
       raise ValueError(f"score_every (m) must be >= 1, got {self.score_every}")
     if not 0 < self.keep_fraction <= 1:
@@ -111,7 +111,7 @@ def _start(model: CausalModel, params, prompt, prompt_lengths, key, config: Prun
   logits, caches = rows.call(prefill_method(model), params, prompt, prompt_positions(prompt),
                              caches)
   caches = rows.repeat(rows.set_lengths(caches, prompt_lengths), n)
-  last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+  last = last_prompt_logits(logits, prompt_lengths)
   keys = jax.vmap(lambda k: rng.row_keys(k, batch))(sample_keys(key, n))  # [n, B]
   count = batch * n
   return _Rows(caches=caches, pending=jnp.repeat(last, n, axis=0),
@@ -142,15 +142,13 @@ def _decode(model: CausalModel, params, state: _Rows, config: PrunedConfig, step
     position = s.prompt_lengths + s.n
     token = jax.vmap(sample_token, in_axes=(0, 0, None))(
         rng.position_keys(s.keys, position), s.pending, config.sampling)
-    token = jnp.where(s.done, config.pad_id, token)
+    token, stopped, n = emit.token(token, s.done, s.n, config.eos_id, config.pad_id)
     tokens = s.tokens.at[index, s.n].set(token, mode="drop")
-    hit_eos = (~s.done & (token == config.eos_id) if config.eos_id is not None
-               else jnp.zeros_like(s.done))
-    n = s.n + (~s.done).astype(jnp.int32)
+    hit_eos = stopped & ~s.done
     logits, caches = rows.call(model.apply, params, token[:, None], position[:, None], s.caches)
     caches = rows.set_lengths(caches, s.prompt_lengths + n)
     s = s.replace(caches=caches, pending=logits[:, 0], tokens=tokens, n=n, eos=s.eos | hit_eos,
-                  done=s.done | hit_eos | (n >= config.max_new_tokens))
+                  done=stopped | (n >= config.max_new_tokens))
     return s, step + 1
 
   return jax.lax.while_loop(cond, body, (state, jnp.int32(0)))

@@ -26,7 +26,9 @@ import jax.numpy as jnp
 
 from samplers import draft_verify, rng, rows, verify
 from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput, prefill_method, prompt_positions
+from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+                               last_prompt_logits, prefill_method, prompt_positions)
+from samplers.spec import SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +57,7 @@ class SpecTrConfig:
       raise ValueError(f"num_drafts (k) must be >= 1, got {self.num_drafts}")
     if self.num_draft_tokens < 1:
       raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
 
 
 def _first_tokens(noise: jax.Array, q: jax.Array, without_replacement: bool):
@@ -204,6 +205,28 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
                                          rows.init(target, batch, slots))
   _, draft_rows = rows.call(prefill_method(draft), draft_params, prompt, positions,
                             rows.init(draft, batch, slots))
-  first_logits = jnp.take_along_axis(target_logits, (prompt_lengths - 1)[:, None, None], axis=1)
-  return draft_verify.decode(round_fn, (target_rows, draft_rows), first_logits[:, 0], prompt,
+  first_logits = last_prompt_logits(target_logits, prompt_lengths)
+  return draft_verify.decode(round_fn, (target_rows, draft_rows), first_logits, prompt,
                              prompt_lengths, keys, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecTrOptions:
+  """`sampler.*` settings of kind "spectr" (second model: the draft).
+
+  Attributes:
+    num_drafts: k, draft sequences per row.
+    num_draft_tokens: gamma, tokens per draft sequence.
+    without_replacement: drafts sampled without replacement (recursive rejection).
+  """
+
+  num_drafts: int = 2
+  num_draft_tokens: int = 4
+  without_replacement: bool = False
+
+
+SPEC = SamplerSpec(
+    "spectr", SpecTrOptions, sample,
+    lambda o, decode: SpecTrConfig(num_drafts=o.num_drafts, num_draft_tokens=o.num_draft_tokens,
+                                   without_replacement=o.without_replacement, **decode.common()),
+    second_model="draft", slack=lambda o: o.num_draft_tokens)

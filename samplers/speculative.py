@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from samplers import draft_verify, rng, verify
 from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput
+from samplers.protocol import CausalModel, SampleOutput, check_max_new_tokens
+from samplers.spec import SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +48,7 @@ class SpeculativeConfig:
   def __post_init__(self):
     if self.num_draft_tokens < 1:
       raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
 
 
 
@@ -129,3 +129,20 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
 
   return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,
                                          prompt, prompt_lengths, slots, keys, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeOptions:
+  """`sampler.*` settings of kind "speculative" (second model: the draft).
+
+  Attributes:
+    num_draft_tokens: gamma, tokens the draft proposes per target call.
+  """
+
+  num_draft_tokens: int = 4
+
+
+SPEC = SamplerSpec(
+    "speculative", SpeculativeOptions, sample,
+    lambda o, decode: SpeculativeConfig(o.num_draft_tokens, **decode.common()),
+    second_model="draft", slack=lambda o: o.num_draft_tokens)

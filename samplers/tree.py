@@ -42,16 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers import draft_verify, rng, slots, tree_spec, verify
+from samplers import draft_verify, rng, slots, tree_shape, tree_walk, verify
 from samplers.logits import SamplingParams, probs, process_logits
-from samplers.protocol import CausalModel, SampleOutput
+from samplers.protocol import CausalModel, SampleOutput, check_max_new_tokens, check_vocabularies
+from samplers.spec import SamplerSpec
 
 CHILDREN = ("iid", "without_replacement", "top")
-
-
-def _check_common(max_new_tokens: int):
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +55,7 @@ class TreeConfig:
   """A static tree.
 
   Attributes:
-    branching: children per node at each depth, e.g. (2, 2, 1) (see `tree_spec`); D = its length.
+    branching: children per node at each depth, e.g. (2, 2, 1) (see `tree_shape`); D = its length.
     max_new_tokens: N, tokens generated per row at most.
     sampling: how tokens are drawn; applied identically to target and draft.
     children: "iid", "without_replacement" or "top" (see the module docstring); greedy sampling
@@ -76,10 +72,10 @@ class TreeConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    object.__setattr__(self, "branching", tree_spec.validate(self.branching))
+    object.__setattr__(self, "branching", tree_shape.validate(self.branching))
     if self.children not in CHILDREN:
       raise ValueError(f"children must be one of {CHILDREN}, got {self.children!r}")
-    _check_common(self.max_new_tokens)
+    check_max_new_tokens(self.max_new_tokens)
 
   @property
   def num_draft_tokens(self) -> int:
@@ -88,7 +84,7 @@ class TreeConfig:
 
   @property
   def num_nodes(self) -> int:
-    return tree_spec.static_tree(self.branching).num_nodes
+    return tree_shape.static_tree(self.branching).num_nodes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +115,7 @@ class DynamicTreeConfig:
     if self.max_children < 0:
       raise ValueError(f"tree spec malformed: max_children must be >= 0 (0 = up to node_budget), "
                        f"got {self.max_children}")
-    _check_common(self.max_new_tokens)
+    check_max_new_tokens(self.max_new_tokens)
 
   @property
   def num_draft_tokens(self) -> int:
@@ -132,9 +128,7 @@ class DynamicTreeConfig:
 
 def _check(target: CausalModel, draft: CausalModel, prompt_len: int, config) -> int:
   """Cache slots per row a decode needs (P + N - 1 + nodes); ValueError if the pair can't."""
-  if target.vocab_size != draft.vocab_size:
-    raise ValueError(f"the draft's vocab_size {draft.vocab_size} differs from the target's "
-                     f"vocab_size {target.vocab_size}; draft and target must share one vocabulary")
+  check_vocabularies(target, draft, ("target", "draft"))
   if isinstance(config, TreeConfig) and (config.children != "iid" or config.sampling.greedy):
     widest = max(config.branching)
     if widest > target.vocab_size:
@@ -190,7 +184,7 @@ def _noise_width(config, vocab: int) -> int:
   """Draft uniforms per position (depth) a static tree consumes; 0 for deterministic trees."""
   if isinstance(config, DynamicTreeConfig) or config.sampling.greedy or config.children == "top":
     return 0
-  tree = tree_spec.static_tree(config.branching)
+  tree = tree_shape.static_tree(config.branching)
   parents = (1,) + tree.level_sizes[:-1]
   per_depth = tree.level_sizes if config.children == "iid" else parents
   return max(per_depth) * vocab
@@ -202,7 +196,7 @@ def _draft_call(draft, draft_params, cache, last_two, context, tokens, depth, an
   batch, m = tokens.shape
   positions = jnp.concatenate([context[:, None] + jnp.arange(-2, 0),
                                context[:, None] - 1 + jnp.broadcast_to(depth, (batch, m))], axis=1)
-  mask = jnp.broadcast_to(tree_spec.feed_mask(ancestors, 2), (batch, 2 + m, 2 + m))
+  mask = jnp.broadcast_to(tree_shape.feed_mask(ancestors, 2), (batch, 2 + m, 2 + m))
   return draft.apply(draft_params, jnp.concatenate([last_two, tokens], axis=1),
                      positions.astype(jnp.int32), cache.replace(lengths=context - 2), mask)
 
@@ -210,7 +204,7 @@ def _draft_call(draft, draft_params, cache, last_two, context, tokens, depth, an
 def _grow_static(draft, draft_params, config: TreeConfig, cache, last_two, context, noise):
   """The static tree: one draft call per depth. noise [B, D + 1, W]. Returns (tokens [B, N],
   parent [N], depth [N], ancestors [N, N], valid [B, N], qs [B, N, V], draft cache)."""
-  tree = tree_spec.static_tree(config.branching)
+  tree = tree_shape.static_tree(config.branching)
   batch = last_two.shape[0]
   tokens, qs, valid = [], [], []
   for d, b in enumerate(tree.branching, start=1):  # static: the tree's structure is fixed
@@ -273,7 +267,7 @@ def _grow_dynamic(draft, draft_params, config: DynamicTreeConfig, cache, last_tw
       top, c_token = jax.lax.top_k(_ranking(logits[:, 1], config.sampling), fan)  # [B, fan]
       c_value, c_parent = top, jnp.full((batch, fan), -1, jnp.int32)
     else:
-      ancestors = tree_spec.ancestor_mask(parent, depth_max)
+      ancestors = tree_shape.ancestor_mask(parent, depth_max)
       logits, grown = _draft_call(draft, draft_params, cache, last_two, context, token, depth,
                                   ancestors)
       top, c_token = jax.lax.top_k(_ranking(logits[:, 2:], config.sampling), fan)  # [B, N, fan]
@@ -285,59 +279,7 @@ def _grow_dynamic(draft, draft_params, config: DynamicTreeConfig, cache, last_tw
     value, token, parent, depth = jax.vmap(_merge)(value, token, parent, depth, c_value,
                                                    c_token.astype(jnp.int32), c_parent, c_depth)
   qs = jax.nn.one_hot(token, vocab, dtype=jnp.float32)  # deterministic children: point masses
-  return (token, parent, depth, tree_spec.ancestor_mask(parent, depth_max), value > 0, qs, grown)
-
-
-def _walk(u, p, qs, tokens, parent, valid):
-  """One row's verification from the root down.
-
-  Args:
-    u: [D + 1, N + V] uniforms of the positions decided at depths 1..D and the bonus position.
-    p: [1 + N, V] target distributions after the root and after each node.
-    qs: [N, V]; tokens, parent (-1: root), valid: [N].
-  Returns:
-    (accepted count [] int32, the round's last token [] int32, path [D] int32 accepted nodes).
-  """
-  depth_max, size = u.shape[0] - 1, tokens.shape[0]
-
-  def step(carry, u_d):
-    current, alive, count, last = carry
-    active = alive & valid & (parent == current)
-    index, token = verify.recursive_rejection(u_d, p[current + 1], qs, tokens, active)
-    accepted = alive & (index >= 0)
-    last = jnp.where(alive & ~accepted, token, last)
-    return ((jnp.where(accepted, index, current), accepted, count + accepted, last),
-            jnp.where(accepted, index, 0))
-
-  start = (jnp.int32(-1), jnp.bool_(True), jnp.int32(0), jnp.int32(0))
-  (current, alive, count, last), path = jax.lax.scan(step, start, u[:depth_max])
-  last = jnp.where(alive, verify.draw(u[depth_max, size:], p[current + 1]), last)
-  return count, last, path.astype(jnp.int32)
-
-
-def _greedy_walk(top, tokens, parent, valid, depth_max: int):
-  """`_walk` with one-hot p and qs, in closed form: from the root, follow the first child whose
-  token is the target's argmax; emit the argmax where no child matches (or after depth D).
-
-  Args:
-    top: [1 + N] int32 the target's argmax after the root and after each node.
-    tokens, parent (-1: root), valid: [N].
-    depth_max: D, the tree's depth (static).
-  Returns:
-    (accepted count [] int32, last token [] int32, path [D] int32) as `_walk`.
-  """
-
-  def step(carry, _):
-    current, alive, count = carry
-    match = alive & valid & (parent == current) & (tokens == top[current + 1])
-    accepted = jnp.any(match)
-    index = jnp.argmax(match).astype(jnp.int32)
-    return ((jnp.where(accepted, index, current), accepted, count + accepted),
-            jnp.where(accepted, index, 0))
-
-  (current, _, count), path = jax.lax.scan(step, (jnp.int32(-1), jnp.bool_(True), jnp.int32(0)),
-                                           None, length=depth_max)
-  return count, top[current + 1], path.astype(jnp.int32)
+  return (token, parent, depth, tree_shape.ancestor_mask(parent, depth_max), value > 0, qs, grown)
 
 
 @functools.partial(jax.jit, static_argnames=("target", "draft", "config"))
@@ -368,7 +310,7 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
   def round_fn(caches, seq, context):
     target_cache, draft_cache = caches
     decided = context[:, None] + jnp.arange(depth_max + 1)  # [B, D + 1] positions
-    if greedy:  # one-hot p and qs: argmaxes, no randomness (`_greedy_walk`)
+    if greedy:  # one-hot p and qs: argmaxes, no randomness (`tree_walk.greedy_walk`)
       u = jnp.zeros((batch, depth_max + 1, 0), jnp.float32)
     else:
       u = draft_verify.position_uniforms(keys, decided, width + size + vocab)
@@ -381,18 +323,18 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     tokens, parent, depth, ancestors, valid, qs, draft_cache = grown
     positions = jnp.concatenate([context[:, None] - 1,
                                  context[:, None] + jnp.broadcast_to(depth, (batch, size)) - 1], 1)
-    mask = jnp.broadcast_to(tree_spec.feed_mask(ancestors, 1), (batch, 1 + size, 1 + size))
+    mask = jnp.broadcast_to(tree_shape.feed_mask(ancestors, 1), (batch, 1 + size, 1 + size))
     logits, target_cache = target.apply(
         target_params, jnp.concatenate([last_two[:, 1:], tokens], axis=1), positions,
         target_cache.replace(lengths=context - 1), mask)
     parent = jnp.broadcast_to(parent, (batch, size))
     if greedy:
       top = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)  # [B, 1 + N]
-      walk = functools.partial(_greedy_walk, depth_max=depth_max)
+      walk = functools.partial(tree_walk.greedy_walk, depth_max=depth_max)
       count, last, path = jax.vmap(walk)(top, tokens, parent, valid)
     else:
       p = probs(logits, config.sampling)  # [B, 1 + N, V]
-      count, last, path = jax.vmap(_walk)(u[..., width:], p, qs, tokens, parent, valid)
+      count, last, path = jax.vmap(tree_walk.walk)(u[..., width:], p, qs, tokens, parent, valid)
     path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [B, D]
     index = jnp.arange(depth_max + 1)[None, :]
     emitted = jnp.where(index < count[:, None],
@@ -405,3 +347,42 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
 
   return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,
                                          prompt, prompt_lengths, cache_slots, keys, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeOptions:
+  """`sampler.*` settings of kind "tree" (second model: the draft).
+
+  Attributes:
+    branching: children per node at each depth of the static tree, e.g. (2, 2, 1).
+    children: how children are drafted: "iid", "without_replacement" or "top" (the draft's most
+      probable; greedy decoding always uses "top").
+  """
+
+  branching: tuple[int, ...] = (2, 2, 1)
+  children: str = "iid"
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicTreeOptions:
+  """`sampler.*` settings of kind "dynamic_tree" (DySpec; second model: the draft).
+
+  Attributes:
+    node_budget: nodes per tree.
+    max_depth: the tree's depth limit.
+  """
+
+  node_budget: int = 8
+  max_depth: int = 4
+
+
+SPEC = SamplerSpec(
+    "tree", TreeOptions, sample,
+    lambda o, decode: TreeConfig(branching=tuple(o.branching), children=o.children,
+                                 **decode.common()),
+    second_model="draft", slack=lambda o: tree_shape.static_tree(tuple(o.branching)).num_nodes - 1)
+DYNAMIC_SPEC = SamplerSpec(
+    "dynamic_tree", DynamicTreeOptions, sample,
+    lambda o, decode: DynamicTreeConfig(node_budget=o.node_budget, max_depth=o.max_depth,
+                                        **decode.common()),
+    second_model="draft", slack=lambda o: o.node_budget - 1)

@@ -35,6 +35,7 @@ from samplers import refill, rng
 from samplers.denoiser_protocol import Denoiser
 from samplers.logits import SamplingParams, probs
 from samplers.protocol import SampleOutput
+from samplers.spec import Decode, SamplerSpec
 
 RULES = ("topk", "threshold", "factor", "greedy_safe")
 CONFIDENCES = ("max_prob", "margin", "entropy", "sampled", "random", "left_to_right")
@@ -178,3 +179,41 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
                                            (length, model.vocab_size + 1))
   return canvas_lib.output(canvas, tokens, model.mask_id, calls, rows_per_call=slots,
                            row_model_calls=row_calls)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnmaskOptions:
+  """`sampler.*` settings of kind "unmask" (a masked-diffusion model), those of UnmaskConfig.
+
+  Attributes:
+    rule: one of RULES: "topk" (k per step), "threshold" (confidence >= threshold, at least
+      one), "factor" (Fast-dLLM's factor rule) or "greedy_safe" (threshold 1 - 1/(N + 1): equals
+      one-token-at-a-time greedy).
+    confidence: one of CONFIDENCES.
+    k, threshold, factor: the rules' parameters.
+    slots: prompts per model call with continuous batching (a finished row's slot takes the next
+      prompt; `samplers.refill`); 0: all prompts in one batch.
+  """
+
+  rule: str = "threshold"
+  confidence: str = "max_prob"
+  k: int = 1
+  threshold: float = 0.9
+  factor: float = 1.0
+  slots: int = 0
+
+
+def rule_of(options, decode: Decode, slots: int | None = None) -> UnmaskConfig:
+  """The UnmaskConfig of options carrying the rule fields (unmask's and block's)."""
+  return UnmaskConfig(rule=options.rule, k=options.k, threshold=options.threshold,
+                      factor=options.factor, confidence=options.confidence,
+                      sampling=decode.sampling, slots=slots)
+
+
+def _build(options: UnmaskOptions, decode: Decode) -> UnmaskConfig:
+  if options.slots < 0:
+    raise ValueError(f"slots must be >= 1, or 0 for all prompts at once; got {options.slots}")
+  return rule_of(options, decode, options.slots or None)
+
+
+SPEC = SamplerSpec("unmask", UnmaskOptions, sample, _build, model="denoiser")

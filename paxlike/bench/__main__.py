@@ -1,5 +1,6 @@
 """`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train, parallelism, decode,
-engine, compare-hf, diffusion, scaling."""
+engine, compare-hf, diffusion, scaling. `python -m paxlike.bench table REPORT.json [--columns a,b]`
+prints a report's rows as a Markdown table (how the tables in docs/ are made)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ flags.DEFINE_list("targets", ["1.6M", "9.5M"], "Target shapes of the drafted sam
                   "rows, drafted by the 0.07M shape (engine suite).")
 flags.DEFINE_string("dtype", "float32", "Compute dtype of the models (engine suite); bfloat16 on "
                     "accelerators.")
+flags.DEFINE_list("columns", [], "Columns of `table` (default: every key of the rows).")
 flags.DEFINE_integer("threads", 2, "CPU threads for both systems (compare-hf suite): the process "
                      "is pinned to this many cores and torch.set_num_threads is set to it.")
 
@@ -45,10 +47,26 @@ SUITES = ("train", "parallelism", "decode", "engine", "compare-hf", "diffusion",
 SIMULATED_DEVICES = "--xla_force_host_platform_device_count"
 
 
+def _table(path: str) -> int:
+  """Prints the rows of a suite's JSON report as a Markdown table."""
+  import json
+  from paxlike.bench import harness
+  try:
+    report = json.loads(open(path).read())
+    rows = report["rows"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    print(f"error: {path!r} is not a bench report (JSON with 'rows'): {e}", file=sys.stderr)
+    return 2
+  print(harness.markdown_table(rows, FLAGS.columns))
+  return 0
+
+
 def main(argv: list[str]) -> int:
+  if len(argv) == 3 and argv[1] == "table":
+    return _table(argv[2])
   if len(argv) != 2 or argv[1] not in SUITES:
-    print(f"usage: python -m paxlike.bench SUITE [--out FILE]; suites: {', '.join(SUITES)}",
-          file=sys.stderr)
+    print(f"usage: python -m paxlike.bench SUITE [--out FILE]; suites: {', '.join(SUITES)}; or "
+          f"python -m paxlike.bench table REPORT.json [--columns a,b]", file=sys.stderr)
     return 2
   if argv[1] == "parallelism" and SIMULATED_DEVICES not in os.environ.get("XLA_FLAGS", ""):
     # Before jax is first imported: 8 simulated CPU devices for the 'sequence' axis.

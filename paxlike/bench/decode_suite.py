@@ -30,16 +30,24 @@ from paxlike import config as config_lib
 from paxlike import generate, registry, teacher_text, tokenizer
 from paxlike.bench import harness
 from paxlike.data import load_corpus
-from paxlike.train import Trainer
+from paxlike.run import Run
 
 NEAR_TIE = 1e-4
 
 SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi")
 ADAPTIVE_RULES = ("confidence", "head")  # one "adaptive" row each, after "speculative"
 GREEDY_ONLY = ("jacobi",)
+NUM_DRAFT_TOKENS = 6  # gamma of the fixed-length drafted samplers (and adaptive's most)
 
 
-def trained(name: str, workdir: Path, overrides: list[str] = ()) -> Trainer:
+def variant(cfg, kind: str, rule: str | None):
+  """The sampler section of one bench row: `cfg`'s shared settings, kind's defaults, gamma."""
+  extra = {"num_draft_tokens": NUM_DRAFT_TOKENS} if kind in ("speculative", "spectr",
+                                                             "adaptive") else {}
+  return dataclasses.replace(cfg, kind=kind, **extra, **({"rule": rule} if rule else {}))
+
+
+def trained(name: str, workdir: Path, overrides: list[str] = ()) -> Run:
   """The registered experiment `name` with `overrides`, trained in `workdir` unless cached."""
   return harness.trained(config_lib.apply_overrides(registry.get(name), list(overrides)), workdir)
 
@@ -81,10 +89,10 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   draft = trained("pair_draft", root / "pair_draft", [*on_target, *short(draft_steps)])
   head = trained("pair_draft_head", root / "pair_draft_head",
                  [f"train.init_from={root / 'pair_draft'}", *on_target, *short(draft_steps)])
-  target_params, _ = target.restore_params()
-  draft_params, _ = draft.restore_params()
-  drafts = {"confidence": (draft.model, draft_params),
-            "head": (head.model, head.restore_params()[0])}
+  target_model, target_params, _ = target.restore()
+  draft_model, draft_params, _ = draft.restore()
+  head_model, head_params, _ = head.restore()
+  drafts = {"confidence": (draft_model, draft_params), "head": (head_model, head_params)}
   base = dataclasses.replace(target.exp.sampler, max_new_tokens=max_new_tokens, top_p=1.0, top_k=0)
   variants = [(kind, rule) for kind in SAMPLERS
               for rule in (ADAPTIVE_RULES if kind == "adaptive" else (None,))]
@@ -93,18 +101,17 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
     prompt, lengths = prompts(batch)
     for temperature in (0.0, 1.0):
       cfg = dataclasses.replace(base, temperature=temperature)
-      compiled = lambda c, *draft: generate.CompiledDecoder(target.model, target_params, prompt,
+      compiled = lambda c, *draft: generate.CompiledDecoder(target_model, target_params, prompt,
                                                             lengths, c, *draft)
       ar = compiled(dataclasses.replace(cfg, kind="ar"))
       ar_out = ar.run()  # warm-up; every run of a sampler is the same (same key)
       ar_tokens = ar.result(ar_out, 1.0)[0]
-      ties = near_ties(target.model, target_params, prompt, ar_tokens) if temperature == 0 else None
+      ties = near_ties(target_model, target_params, prompt, ar_tokens) if temperature == 0 else None
       group, ar_times = [], []
       for kind, rule in variants:
         if temperature and kind in GREEDY_ONLY:
           continue
-        variant = dataclasses.replace(cfg, kind=kind, adaptive_rule=rule or cfg.adaptive_rule)
-        decoder = compiled(variant, *drafts[rule or "confidence"])
+        decoder = compiled(variant(cfg, kind, rule), *drafts[rule or "confidence"])
         first = decoder.run()
         (ar_t, variant_t), _ = harness.interleaved_times([ar.run, decoder.run], repeats)
         ar_times += ar_t
@@ -127,13 +134,9 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
                              "speedup_vs_ar", "tokens_per_target_call", "acceptance",
                              "draft_calls", "draft_calls_saved", "greedy_equal_ar"])
   config = {"target": config_lib.to_dict(target.exp.model), "draft": config_lib.to_dict(draft.exp.model),
-            "max_new_tokens": max_new_tokens, "num_draft_tokens": base.num_draft_tokens,
-            "num_drafts": base.num_drafts, "tree_branching": list(base.tree_branching),
-            "tree_children": base.tree_children, "tree_node_budget": base.tree_node_budget,
-            "tree_max_depth": base.tree_max_depth, "jacobi_block": base.jacobi_block,
-            "confidence_threshold": base.confidence_threshold,
-            "stop_threshold": base.stop_threshold, "repeats": repeats,
-            "draft_data": str(text)}
+            "max_new_tokens": max_new_tokens, "repeats": repeats, "draft_data": str(text),
+            "samplers": {f"{kind}/{rule}" if rule else kind:
+                         config_lib.to_dict(variant(base, kind, rule)) for kind, rule in variants}}
   return harness.write_report(out, "decode", config, rows)
 
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig
+from models.config import DiffusionConfig, FinalityConfig, ModelConfig
 from paxlike import config as config_lib
 from paxlike import diffusion_teacher, tasks, tokenizer
 from paxlike.bench import harness
@@ -53,15 +53,18 @@ GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 
 def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path | None = None,
-               learning_rate: float = 3e-3, **model: Any) -> Experiment:
+               learning_rate: float = 3e-3, finality: FinalityConfig = FinalityConfig(),
+               **diffusion: Any) -> Experiment:
   """A ~0.7M-parameter model of the task corpus. The diffusion-style kinds are conditional
-  (`model.response_after` '='): trained to fill answers given their prompts. `init_from`
-  fine-tunes from another run of the same shape (every parameter copied)."""
+  (`model.diffusion.response_after` '='): trained to fill answers given their prompts. `init_from`
+  fine-tunes from another run of the same shape (every parameter copied). `diffusion`: further
+  `model.diffusion` fields (e.g. block_size); `finality`: the `model.finality` section."""
   conditional = {} if kind == "llama" else {"response_after": "="}
   return Experiment(
       name=name,
       model=ModelConfig(kind=kind, num_layers=4, d_model=128, num_heads=4, num_kv_heads=4,
-                        mlp_dim=256, max_len=SEQ_LEN, **conditional, **model),
+                        mlp_dim=256, max_len=SEQ_LEN,
+                        diffusion=DiffusionConfig(**conditional, **diffusion), finality=finality),
       data=DataConfig(path=str(corpus), seq_len=SEQ_LEN, eval_fraction=0.02),
       optimizer=OptimizerConfig(learning_rate=learning_rate, weight_decay=0.0),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
@@ -85,7 +88,7 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   STUDENT_LINES), each answered by the MDLM's greedy top-1 unmasking given its prompt alone
   (`diffusion_teacher`; written once to `root`/<steps>_steps/self_answers.txt), then on the same
   answers with t drawn from (ONE_CALL_MIN_T, 1] on half of each batch's rows
-  (`model.diffusion_min_t`, `model.diffusion_min_t_rows`): the nearly fully masked responses that
+  (`model.diffusion.min_t`, `model.diffusion.min_t_rows`): the nearly fully masked responses that
   few-call decoding starts from, which plain MDLM training visits rarely (a 4-token answer is all
   masked in 20% of rows at t ~ U(0, 1)), while the other rows keep the partly masked states of
   the later calls. That second stage runs ONE_CALL_CYCLES times for steps // 2, each run from the
@@ -114,7 +117,7 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   for cycle in range(1, ONE_CALL_CYCLES + 1):
     mixed = experiment(f"tasks_mdlm_student_mixed{cycle if cycle > 1 else ''}", "mdlm",
                        answers_path, part(2), previous, learning_rate=1e-3,
-                       diffusion_min_t=ONE_CALL_MIN_T, diffusion_min_t_rows=ONE_CALL_ROWS)
+                       min_t=ONE_CALL_MIN_T, min_t_rows=ONE_CALL_ROWS)
     previous = root / mixed.name
     pairs["mdlm_student"] = trained(mixed, previous)
   return pairs
@@ -122,8 +125,8 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
 
 def trained(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
   """(model, params) of `exp`, trained in `workdir` first unless its last step is saved there."""
-  trainer = harness.trained(exp, workdir)
-  return trainer.model, trainer.restore_params()[0]
+  model, params, _ = harness.trained(exp, workdir).restore()
+  return model, params
 
 
 def canvases(task: tasks.Task, count: int, mask_id: int,
@@ -191,7 +194,7 @@ class Timed:
 def finality_experiment(corpus: Path, steps: int, denoiser_workdir: Path) -> Experiment:
   """The Learn2PD head on the frozen denoiser trained in `denoiser_workdir` (same shape)."""
   exp = experiment("tasks_learn2pd", "learn2pd", corpus, steps, denoiser_workdir,
-                   finality_dim=64, finality_steps=8)
+                   finality=FinalityConfig(dim=64, steps=8))
   return dataclasses.replace(exp, train=dataclasses.replace(exp.train, trainable="^filter/"))
 
 

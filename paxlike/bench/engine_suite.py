@@ -156,8 +156,9 @@ def overhead_rows(targets, batches, new_tokens: int, repeats: int, dtype: str,
     model, params = random_model(shapes()[name], dtype)
     for batch in batches:
       for kind in ("ar", *samplers):
-        cfg = SamplerConfig(kind=kind, max_new_tokens=new_tokens, temperature=0.0,
-                            num_draft_tokens=4)
+        cfg = dataclasses.replace(  # gamma 4 for the kinds that have it
+            SamplerConfig(kind="speculative", max_new_tokens=new_tokens, temperature=0.0,
+                          num_draft_tokens=4), kind=kind)
         decoder = _decoder(model, params, batch, cfg, *((draft, draft_params) if kind != "ar"
                                                         else ()))
         out = decoder.run()

@@ -17,8 +17,8 @@ from paxlike import config as config_lib
 from paxlike.checkpointing import Checkpointer
 from paxlike.timing import interleaved_times  # re-exported for the suites
 from paxlike.config import Experiment
+from paxlike.run import Run
 from paxlike.train import Trainer
-from paxlike.workflows import write_config
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
@@ -63,13 +63,24 @@ def matmul_peak_flops(size: int = 1024, repeats: int = 10) -> float:
   return 2 * size**3 / timing["min_s"]
 
 
+def _cell(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+  return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = ()) -> str:
+  """A Markdown table of `rows` (the given columns, or every key in first-seen order), for docs:
+  `python -m paxlike.bench table REPORT.json` prints one from a suite's JSON report."""
+  columns = list(columns) or list(dict.fromkeys(k for row in rows for k in row))
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+  return "\n".join(lines)
+
+
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
   """A fixed-width table of the given columns."""
-  def fmt(v):
-    if isinstance(v, float):
-      return f"{v:,.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    return str(v)
-  cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+  cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
   widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
   print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
   print("  ".join("-" * w for w in widths))
@@ -93,17 +104,18 @@ def write_json(out: str, report: dict[str, Any]) -> None:
   print(f"wrote {out}")
 
 
-def trained(exp: Experiment, workdir: Path) -> Trainer:
-  """The Trainer of experiment `exp` in `workdir`, trained there first unless its last step is
+def trained(exp: Experiment, workdir: Path) -> Run:
+  """The run of experiment `exp` in `workdir`, trained there first unless its last step is
   already saved (the suites' model cache)."""
   exp = config_lib.validate(exp)
   workdir.mkdir(parents=True, exist_ok=True)
   trainer = Trainer(exp, workdir)
-  write_config(workdir, exp)
+  run = Run(workdir, exp)
+  run.write_config(exp)
   checkpointer = Checkpointer(workdir, exp.checkpoint)
   done = checkpointer.latest_step() == exp.train.steps
   checkpointer.close()
   if not done:
     print(f"training {exp.name} in {workdir} (cached for later runs)", flush=True)
     trainer.run()
-  return trainer
+  return run

@@ -290,7 +290,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 
 
 def prepare(root: Path, train_steps: int | None = None, corpus_lines: int = CORPUS_LINES):
-  """(trainer, corpus path): the corpus written into `root`, `tasks_lm` trained on it (cached)."""
+  """(run, corpus path): the corpus written into `root`, `tasks_lm` trained on it (cached)."""
   corpus = root / "tasks_corpus.txt"
   if not corpus.exists():
     tasks.write_corpus(corpus, corpus_lines, CORPUS_SEED, CORPUS_TASKS)
@@ -307,13 +307,13 @@ def run(workdir: str | None, out: str | None, prompts_per_task: int = 8,
   registry.load_modules()
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
   root.mkdir(parents=True, exist_ok=True)
-  trainer, corpus = prepare(root, train_steps, corpus_lines)
-  params, _ = trainer.restore_params()
+  lm, corpus = prepare(root, train_steps, corpus_lines)
+  model, params, _ = lm.restore()
   start = time.perf_counter()
-  rows = evaluate(trainer.model, params, tasks.get(CORPUS_TASKS), prompts_per_task, ns,
+  rows = evaluate(model, params, tasks.get(CORPUS_TASKS), prompts_per_task, ns,
                   corpus_prompts(corpus))
   print_tables(rows)
-  config = {"experiment": EXPERIMENT, "train_steps": trainer.exp.train.steps,
+  config = {"experiment": EXPERIMENT, "train_steps": lm.exp.train.steps,
             "corpus": str(corpus), "corpus_lines": corpus_lines, "tasks": list(CORPUS_TASKS),
             "prompts_per_task": prompts_per_task, "samples_per_prompt": max(ns), "ns": list(ns),
             "temperature": 1.0, "prune_every": PRUNE_EVERY, "prune_keep": PRUNE_KEEP,

@@ -17,6 +17,7 @@ from paxlike import generate, registry
 from paxlike.errors import UserError
 from paxlike.metrics import read_metrics
 from paxlike.optim import param_path
+from paxlike.run import Run
 from paxlike.train import Trainer
 from tests.models.random_params import random_params
 from tests.paxlike import cli
@@ -53,10 +54,10 @@ def test_bad_adaptive_settings_are_named():
   tiny = registry.get("tiny")
   for override, message in (("sampler.stop_threshold=2", r"stop_threshold must be in \[0, 1\]"),
                             ("sampler.confidence_threshold=-1", "confidence_threshold must be in"),
-                            ("sampler.adaptive_rule=length", "adaptive_rule='length' is unknown; "
-                                                             "valid: confidence, head")):
+                            ("sampler.rule=length", "adaptive rule 'length' is unknown; "
+                                                    "valid rules: confidence, head")):
     with pytest.raises(UserError, match=message):
-      config_lib.validate(config_lib.apply_overrides(tiny, [override]))
+      config_lib.validate(config_lib.apply_overrides(tiny, [override, "sampler.kind=adaptive"]))
   with pytest.raises(UserError, match="set train.teacher_workdir"):
     config_lib.validate(config_lib.apply_overrides(tiny, ["model.acceptance_head=true"]))
   with pytest.raises(UserError, match="set train.trainable=acceptance_head"):
@@ -71,7 +72,7 @@ def _train(workdir, *overrides):
   (workdir / "config.json").write_text(config_lib.to_json(exp))
   trainer = Trainer(exp, workdir, log=lambda _: None)
   trainer.run()
-  return trainer, trainer.restore_params()[0]
+  return trainer, Run(workdir).restore().params
 
 
 @pytest.mark.slow
@@ -100,7 +101,7 @@ def test_the_trainer_fits_the_head_on_a_frozen_draft_and_samplers_use_it(tmp_pat
   prompt, lengths = generate.encode_prompts(["ROMEO:", "JULIET: O"], 128)
   base = dataclasses.replace(teacher.exp.sampler, max_new_tokens=24, temperature=0.0)
   ar_tokens, _, _ = generate.decode(teacher.model, teacher_params, prompt, lengths, base)
-  adaptive = dataclasses.replace(base, kind="adaptive", adaptive_rule="head", stop_threshold=0.5)
+  adaptive = dataclasses.replace(base, kind="adaptive", rule="head", stop_threshold=0.5)
   tokens, _, stats = generate.decode(teacher.model, teacher_params, prompt, lengths, adaptive,
                                      head.model, head_params)
   np.testing.assert_array_equal(tokens, ar_tokens)
@@ -110,7 +111,7 @@ def test_the_trainer_fits_the_head_on_a_frozen_draft_and_samplers_use_it(tmp_pat
                     teacher.model, teacher_params)
 
   result = cli.run(f"--workdir={tmp_path / 'teacher'}", "--mode=sample", "--prompt=ROMEO:",
-                   "--set", "sampler.kind=adaptive", "--set", "sampler.adaptive_rule=head",
+                   "--set", "sampler.kind=adaptive", "--set", "sampler.rule=head",
                    "--set", f"sampler.draft_workdir={tmp_path / 'head'}", "--set",
                    "sampler.temperature=0", "--set", "sampler.max_new_tokens=24")
   assert result.returncode == 0, result.stderr

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from models.asarm import AnySubsetARM
-from models.config import ModelConfig
+from models.config import DiffusionConfig, ModelConfig
 from tests.models.diffusion_training import train
 from tests.models.random_params import random_params
 
 MASK = 3  # tokens 0..2
-TINY = ModelConfig(kind="asarm", vocab_size=4, mask_id=MASK, num_layers=2, d_model=16,
-                   num_heads=2, num_kv_heads=1, mlp_dim=32, max_len=8, init_std=0.5)
+TINY = ModelConfig(kind="asarm", vocab_size=4, diffusion=DiffusionConfig(mask_id=MASK),
+                   num_layers=2, d_model=16, num_heads=2, num_kv_heads=1, mlp_dim=32, max_len=8,
+                   init_std=0.5)
 
 
 @pytest.fixture(scope="module")

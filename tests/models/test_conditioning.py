@@ -1,4 +1,5 @@
-"""Conditional (prompt -> response) training of the diffusion-style models (`model.response_after`):
+"""Conditional (prompt -> response) training of the diffusion-style models
+(`model.diffusion.response_after`):
 which positions are responses, and that the MDLM noise, the AS-ARM orders and the Learn2PD
 trajectories touch only those, with bounds counted per response token."""
 
@@ -13,13 +14,13 @@ import pytest
 
 from models.asarm import AnySubsetARM
 from models.conditioning import response_positions
-from models.config import ModelConfig
+from models.config import DiffusionConfig, FinalityConfig, ModelConfig
 from models.diffusion import MaskedDiffusionLM
 from models.learn2pd import Learn2PD
 from tests.models.random_params import random_params
 
 CONFIG = ModelConfig(kind="mdlm", num_layers=1, d_model=16, num_heads=2, num_kv_heads=2,
-                     mlp_dim=32, max_len=32, response_after="=")
+                     mlp_dim=32, max_len=32, diffusion=DiffusionConfig(response_after="="))
 TEXT = "ab=cd\nx=y=z\nq=r"  # window ends mid-line, a second '=' stays inside the response
 RESPONSE = "000110001110001"
 
@@ -86,7 +87,8 @@ def test_asarm_orders_only_responses_and_counts_them():
 
 
 def test_learn2pd_trajectory_starts_from_masked_responses():
-  model = Learn2PD(dataclasses.replace(CONFIG, kind="learn2pd", finality_dim=8, finality_steps=2))
+  model = Learn2PD(dataclasses.replace(CONFIG, kind="learn2pd",
+                                       finality=FinalityConfig(dim=8, steps=2)))
   params = random_params(model)
   _, predictions, masked = jax.jit(model.trajectory)(params, _tokens(TEXT, rows=2))
   response = np.array([c == "1" for c in RESPONSE])
@@ -98,8 +100,8 @@ def test_learn2pd_trajectory_starts_from_masked_responses():
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(response_after="=>"), "must be one ASCII character"),
-    (dict(response_after="\n"), "other than a newline"),
+    (dict(diffusion=DiffusionConfig(response_after="=>")), "must be one ASCII character"),
+    (dict(diffusion=DiffusionConfig(response_after="\n")), "other than a newline"),
     (dict(kind="llama"), "applies to kinds mdlm, asarm and learn2pd"),
 ])
 def test_bad_separator_is_named(changes, message):

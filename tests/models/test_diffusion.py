@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from models import diffusion, noise_schedule
-from models.config import ModelConfig
+from models.config import DiffusionConfig, FinalityConfig, ModelConfig
 from models.diffusion import MaskedDiffusionLM, subs_log_probs
 from models.learn2pd import Learn2PD
 from tests.models.diffusion_training import train
@@ -22,8 +22,14 @@ from tests.models.random_params import random_params
 from tests.paxlike import cli
 
 VOCAB, MASK, LENGTH = 5, 4, 3  # tokens 0..3, mask 4
-TINY = ModelConfig(kind="mdlm", vocab_size=VOCAB, mask_id=MASK, num_layers=1, d_model=16,
-                   num_heads=2, num_kv_heads=2, mlp_dim=32, max_len=8, init_std=0.5)
+TINY = ModelConfig(kind="mdlm", vocab_size=VOCAB, diffusion=DiffusionConfig(mask_id=MASK),
+                   num_layers=1, d_model=16, num_heads=2, num_kv_heads=2, mlp_dim=32, max_len=8,
+                   init_std=0.5)
+
+
+def _diffusion(config: ModelConfig, **changes) -> ModelConfig:
+  """`config` with `changes` to its `diffusion` section."""
+  return dataclasses.replace(config, diffusion=dataclasses.replace(config.diffusion, **changes))
 
 
 @pytest.mark.parametrize("schedule", noise_schedule.SCHEDULES)
@@ -117,7 +123,7 @@ def test_exact_elbo_bounds_the_reverse_process_nll(tiny_table):
 @pytest.mark.parametrize("schedule", noise_schedule.SCHEDULES)
 def test_monte_carlo_elbo_is_unbiased_for_either_schedule(tiny_table, schedule):
   model, params, table = tiny_table
-  model = MaskedDiffusionLM(dataclasses.replace(TINY, diffusion_schedule=schedule))
+  model = MaskedDiffusionLM(_diffusion(TINY, schedule=schedule))
   x = (2, 0, 3)
   rows = 8192
   batch = jnp.asarray(np.tile(np.array(x + (0,), np.int32), (rows, 1)))
@@ -127,8 +133,8 @@ def test_monte_carlo_elbo_is_unbiased_for_either_schedule(tiny_table, schedule):
   assert abs(per_row.mean() - _exact_elbo(table, x)) < 4 * stderr + 1e-3
 
 
-BLOCK = dataclasses.replace(TINY, vocab_size=12, mask_id=11, block_size=2, num_layers=2,
-                            num_kv_heads=1, init_std=0.3)
+BLOCK = dataclasses.replace(TINY, vocab_size=12, num_layers=2, num_kv_heads=1, init_std=0.3,
+                            diffusion=DiffusionConfig(mask_id=11, block_size=2))
 
 
 def test_block_causal_cache_and_training_pass_equal_denoise():
@@ -159,7 +165,7 @@ def test_block_causal_cache_and_training_pass_equal_denoise():
 
 
 def test_bidirectional_denoiser_sees_the_whole_sequence():
-  model = MaskedDiffusionLM(dataclasses.replace(BLOCK, block_size=0))
+  model = MaskedDiffusionLM(_diffusion(BLOCK, block_size=0))
   params = random_params(model)
   state = jnp.asarray([[1, 11, 3, 4, 5, 6, 11, 11]], jnp.int32)
   changed = state.at[0, 7].set(2)
@@ -169,24 +175,27 @@ def test_bidirectional_denoiser_sees_the_whole_sequence():
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("diffusion_schedule", "linear", "diffusion_schedule='linear' is unknown"),
-    ("block_size", 3, "block_size=3 must be 0 .* divisor of model.max_len=8"),
-    ("mask_id", 5, "mask_id=5 is not a token id"),
+    ("diffusion.schedule", "linear", "model.diffusion.schedule='linear' is unknown"),
+    ("diffusion.block_size", 3, "block_size=3 must be 0 .* divisor of model.max_len=8"),
+    ("diffusion.block_size", -1, "block_size=-1 must be 0"),
+    ("diffusion.mask_id", 5, "model.diffusion.mask_id=5 is not a token id"),
     ("attention", "ring", "needs model.attention='dense'"),
-    ("diffusion_min_t", 1.0, "diffusion_min_t=1.0 must be in \\[0, 1\\)"),
-    ("diffusion_min_t_rows", 1.5, "diffusion_min_t_rows=1.5 must be in \\[0, 1\\]"),
+    ("diffusion.min_t", 1.0, "model.diffusion.min_t=1.0 must be in \\[0, 1\\)"),
+    ("diffusion.min_t_rows", 1.5, "model.diffusion.min_t_rows=1.5 must be in \\[0, 1\\]"),
 ])
 def test_bad_config_is_named(field, value, message):
+  section, _, name = field.rpartition(".")
+  config = (_diffusion(TINY, **{name: value}) if section
+            else dataclasses.replace(TINY, **{name: value}))
   with pytest.raises(ValueError, match=message):
-    MaskedDiffusionLM(dataclasses.replace(TINY, **{field: value}))
+    MaskedDiffusionLM(config)
 
 
 def test_min_t_trains_on_nearly_fully_masked_rows():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, MASK, (256, 9)), jnp.int32)
   rates = {}
   for min_t, fraction in ((1e-3, 1.0), (0.9, 1.0), (0.9, 0.5)):
-    model = MaskedDiffusionLM(dataclasses.replace(TINY, diffusion_min_t=min_t,
-                                                  diffusion_min_t_rows=fraction))
+    model = MaskedDiffusionLM(_diffusion(TINY, min_t=min_t, min_t_rows=fraction))
     _, metrics = model.loss(random_params(model), tokens, jax.random.key(0))
     rates[min_t, fraction] = float(metrics["mask_rate"])
   assert abs(rates[1e-3, 1.0] - 0.5) < 0.05 and rates[0.9, 1.0] > 0.93  # t uniform on (min_t, 1]
@@ -216,8 +225,8 @@ def test_trainer_lowers_the_elbo_and_resumes_bit_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_learn2pd_trajectory_labels_and_frozen_denoiser():
-  config = dataclasses.replace(BLOCK, kind="learn2pd", block_size=0, finality_dim=8,
-                               finality_steps=3)
+  config = dataclasses.replace(_diffusion(BLOCK, block_size=0), kind="learn2pd",
+                               finality=FinalityConfig(dim=8, steps=3))
   model = Learn2PD(config)
   params = random_params(model)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 11, (2, 9)), jnp.int32)

@@ -11,10 +11,11 @@ import pytest
 from models import parscale
 from models.build import build_model
 from models.causal_lm import CausalLM
-from models.config import ModelConfig
+from models.config import ModelConfig, ParScaleConfig
 from paxlike import config as config_lib
 from paxlike import registry
 from paxlike.metrics import read_metrics
+from paxlike.run import Run
 from paxlike.train import Trainer
 from samplers import ar, jacobi, tree
 from samplers.logits import SamplingParams
@@ -29,9 +30,9 @@ SHAPE = dict(vocab_size=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=
 BASE = ModelConfig(**SHAPE)
 
 
-def _parscale(streams, prefix_len=3, **changes) -> ModelConfig:
-  return dataclasses.replace(BASE, parscale_streams=streams, parscale_prefix_len=prefix_len,
-                             **changes)
+def _parscale(streams, prefix_len=3, smoothing=0.01, **changes) -> ModelConfig:
+  return dataclasses.replace(BASE, parscale=ParScaleConfig(streams=streams, prefix_len=prefix_len,
+                                                           smoothing=smoothing), **changes)
 
 
 def _tokens(seed, shape):
@@ -55,8 +56,8 @@ def _paths(tree_):
 def test_one_stream_without_prefix_is_the_base_model():
   """P = 1, M = 0 adds no parameter and computes the base model's logits and loss bit for bit."""
   base = build_model(BASE)
-  same = build_model(dataclasses.replace(BASE, parscale_streams=1, parscale_prefix_len=0,
-                                         parscale_smoothing=0.5))
+  same = build_model(dataclasses.replace(BASE, parscale=ParScaleConfig(streams=1, prefix_len=0,
+                                                                      smoothing=0.5)))
   params = random_params(base)
   assert _paths(jax.eval_shape(same.init, jax.random.key(0))) == _paths(params)
   batch = _tokens(0, (2, 9))
@@ -83,7 +84,7 @@ def test_streams_with_equal_prefixes_aggregate_to_one_stream():
 
 def test_aggregator_matches_its_formula():
   """w = softmax(MLP(concat of the P states)), smoothed (1 - eps) w + eps / P, sum_j w_j h_j."""
-  cfg = _parscale(3, parscale_smoothing=0.2)
+  cfg = _parscale(3, smoothing=0.2)
   module = parscale.Aggregator(cfg)
   x = jax.random.normal(jax.random.key(0), (2 * 3, 4, cfg.d_model))  # 2 rows x 3 streams
   params = nn.meta.unbox(module.init(jax.random.key(1), x)["params"])
@@ -200,13 +201,15 @@ def test_new_parameters_and_cache_carry_logical_axes():
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(parscale_streams=0), "model.parscale_streams must be >= 1"),
-    (dict(parscale_streams=2), "parscale_streams=2 needs model.parscale_prefix_len >= 1"),
-    (dict(parscale_prefix_len=-1), "parscale_prefix_len must be >= 0"),
-    (dict(parscale_streams=2, parscale_prefix_len=2, parscale_smoothing=1.5),
-     r"parscale_smoothing must be in \[0, 1\]"),
-    (dict(parscale_prefix_len=2, attention="ring"), "needs model.attention='dense'"),
-    (dict(kind="mdlm", parscale_streams=2, parscale_prefix_len=2), "is a llama option"),
+    (dict(parscale=ParScaleConfig(streams=0)), "model.parscale.streams must be >= 1"),
+    (dict(parscale=ParScaleConfig(streams=2)),
+     "parscale.streams=2 needs model.parscale.prefix_len >= 1"),
+    (dict(parscale=ParScaleConfig(prefix_len=-1)), "parscale.prefix_len must be >= 0"),
+    (dict(parscale=ParScaleConfig(streams=2, prefix_len=2, smoothing=1.5)),
+     r"parscale.smoothing must be in \[0, 1\]"),
+    (dict(parscale=ParScaleConfig(prefix_len=2), attention="ring"),
+     "needs model.attention='dense'"),
+    (dict(kind="mdlm", parscale=ParScaleConfig(streams=2, prefix_len=2)), "is a llama option"),
 ])
 def test_bad_parscale_config_is_a_clear_error(changes, message):
   with pytest.raises(ValueError, match=message):
@@ -235,7 +238,7 @@ def _run(exp, workdir):
 @pytest.mark.slow
 def test_trains_from_scratch(tmp_path):
   """P = 2 streams trained by the ordinary trainer from a fresh init: the loss falls."""
-  result, records, _ = _run(_exp("model.parscale_streams=2", "model.parscale_prefix_len=4",
+  result, records, _ = _run(_exp("model.parscale.streams=2", "model.parscale.prefix_len=4",
                                  "eval.every_steps=0"), tmp_path / "p2")
   losses = [r["loss"] for r in records if "loss" in r]
   assert len(losses) == 12 and losses[-1] < losses[0] - 0.5, losses
@@ -247,15 +250,15 @@ def test_post_training_a_base_run_starts_at_its_loss(tmp_path):
   """P = 2 initialised from a trained P = 1 run (train.init_from) starts at the base's held-out
   loss (the fresh prefixes and aggregator barely perturb it); with train.trainable =
   'prefix|aggregator' the shared weights stay exactly the base's."""
-  base, _, base_trainer = _run(_exp("train.steps=8", "checkpoint.every_steps=8",
-                                    "eval.every_steps=0"), tmp_path / "base")
+  base, _, _ = _run(_exp("train.steps=8", "checkpoint.every_steps=8",
+                         "eval.every_steps=0"), tmp_path / "base")
   tuned, records, _ = _run(_exp(
-      "model.parscale_streams=2", "model.parscale_prefix_len=4", "train.steps=2",
+      "model.parscale.streams=2", "model.parscale.prefix_len=4", "train.steps=2",
       "checkpoint.every_steps=2", "eval.every_steps=2", f"train.init_from={tmp_path / 'base'}",
       "train.trainable=prefix|aggregator"), tmp_path / "tuned")
   start = records[0]
   assert start["step"] == 0 and abs(start["eval_loss"] - base.eval_loss) < 0.02 * base.eval_loss
-  base_params = base_trainer.restore_params()[0]
+  base_params = Run(tmp_path / "base").restore().params
   for path, value in jax.tree_util.tree_leaves_with_path(tuned.params):
     name = "/".join(str(k.key) for k in path)
     if "prefix" not in name and "aggregator" not in name:

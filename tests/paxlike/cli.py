@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = REPO / "configs" / "data" / "tinyshakespeare.txt"
 
 
 def env() -> dict[str, str]:

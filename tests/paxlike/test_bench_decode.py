@@ -29,4 +29,4 @@ def test_decode_suite_rows(tmp_path, capsys):
   overrides = ["train.steps=3", "checkpoint.every_steps=3", *small]
   cached = decode_suite.trained("pair_target", tmp_path / "cache" / "pair_target", overrides)
   assert "training" not in capsys.readouterr().out  # the suite's model cache is reused
-  assert cached.restore_params()[1] == 3
+  assert cached.restore().step == 3

@@ -40,10 +40,11 @@ def test_diffusion_suite_rows(tmp_path, capsys):
   reuse = [r for r in rows if r["sampler"] == "assd" and "reuse" in r["setting"]]
   assert reuse and all(r["exact"] for r in reuse)
   config = report["config"]["models"]
-  assert config["asarm"]["response_after"] == "=" and config["mdlm_block"]["block_size"] == 8
-  assert config["mdlm_student"]["diffusion_min_t"] == diffusion_suite.ONE_CALL_MIN_T  # stage 2
-  assert config["mdlm_student"]["diffusion_min_t_rows"] == diffusion_suite.ONE_CALL_ROWS
-  assert config["mdlm_student_stage1"]["diffusion_min_t"] == config["mdlm"]["diffusion_min_t"]
+  diffusion = {name: model["diffusion"] for name, model in config.items()}
+  assert diffusion["asarm"]["response_after"] == "=" and diffusion["mdlm_block"]["block_size"] == 8
+  assert diffusion["mdlm_student"]["min_t"] == diffusion_suite.ONE_CALL_MIN_T  # stage 2
+  assert diffusion["mdlm_student"]["min_t_rows"] == diffusion_suite.ONE_CALL_ROWS
+  assert diffusion["mdlm_student_stage1"]["min_t"] == diffusion["mdlm"]["min_t"]
   student = (tmp_path / "diffusion" / "8_steps" / "self_answers.txt").read_bytes()
   assert len(student) % diffusion_suite.SEQ_LEN == 0  # whole windows of the teacher's answers
   with pytest.raises(UserError, match="unknown sampler"):

@@ -197,13 +197,16 @@ def test_checkpoint_from_another_model_shape_is_refused_untouched(trained, tmp_p
   assert not (workdir / "checkpoints_unreadable").exists()
 
 
-@pytest.mark.parametrize("kind", ["speculative", "spectr", "tree", "dynamic_tree"])
-def test_drafted_sampling_from_the_cli_matches_greedy_ar(trained, kind):
+@pytest.mark.parametrize("kind, setting", [("speculative", "num_draft_tokens=3"),
+                                           ("spectr", "num_draft_tokens=3"),
+                                           ("tree", "branching=2,1,1"),
+                                           ("dynamic_tree", "node_budget=6")])
+def test_drafted_sampling_from_the_cli_matches_greedy_ar(trained, kind, setting):
   common = (f"--workdir={trained}", "--mode=sample", "--prompt=ROMEO:", "--set",
             "sampler.max_new_tokens=20", "--set", "sampler.temperature=0")
   ar = cli.run(*common)
-  drafted = cli.run(*common, "--set", f"sampler.kind={kind}", "--set",
-                    f"sampler.draft_workdir={trained}", "--set", "sampler.num_draft_tokens=3")
+  drafted = cli.run(*common, "--set", f"sampler.{setting}", "--set", f"sampler.kind={kind}",
+                    "--set", f"sampler.draft_workdir={trained}")
   assert drafted.returncode == 0, drafted.stderr
   stats = cli.last_json(drafted.stdout)
   assert stats["sampler"] == kind
@@ -218,7 +221,7 @@ def test_jacobi_from_the_cli_matches_greedy_ar(trained):
   common = (f"--workdir={trained}", "--mode=sample", "--prompt=ROMEO:", "--set",
             "sampler.max_new_tokens=20", "--set", "sampler.temperature=0")
   ar = cli.run(*common)
-  result = cli.run(*common, "--set", "sampler.kind=jacobi", "--set", "sampler.jacobi_block=4")
+  result = cli.run(*common, "--set", "sampler.kind=jacobi", "--set", "sampler.block_size=4")
   assert result.returncode == 0, result.stderr
   stats = cli.last_json(result.stdout)
   assert stats["sampler"] == "jacobi" and stats["iterations_per_block"] > 0
@@ -235,4 +238,5 @@ def test_drafted_sampling_without_a_draft(trained):
                         "sampler.kind=speculative needs a trained draft model",
                         "sampler.draft_workdir")
   cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--set",
-                                "sampler.num_draft_tokens=0"), "num_draft_tokens must be >= 1")
+                                "sampler.num_draft_tokens=0", "--set", "sampler.kind=speculative"),
+                        "num_draft_tokens (gamma) must be >= 1")

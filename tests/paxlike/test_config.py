@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from models.causal_lm import CausalLM
+from models.config import DiffusionConfig, FinalityConfig, ModelConfig, ParScaleConfig
 from paxlike import config as config_lib
 from paxlike import registry
 from paxlike.errors import UserError
@@ -84,3 +85,53 @@ def test_diff_restricted_to_training_identity():
 def test_unknown_experiment_lists_registered():
   with pytest.raises(UserError, match="registered experiments: .*demo, .*tiny"):
     registry.get("nope")
+
+
+def test_model_family_sections_are_set_by_dotted_keys():
+  exp = config_lib.apply_overrides(registry.get("tiny"), [
+      "model.parscale.streams=4", "model.parscale.prefix_len=2", "model.diffusion.block_size=16",
+      "model.finality.steps=3"])
+  assert (exp.model.parscale.streams, exp.model.parscale.prefix_len) == (4, 2)
+  assert exp.model.diffusion.block_size == 16 and exp.model.finality.steps == 3
+  assert exp.model.diffusion.mask_id == 259  # the rest of the section keeps its defaults
+  with pytest.raises(UserError, match=r"'model.parscale' is a section.*model.parscale.streams"):
+    config_lib.apply_overrides(exp, ["model.parscale=4"])
+  with pytest.raises(UserError, match=r"unknown config key 'model.parscale_streams'.*"
+                                      r"model.parscale.streams"):
+    config_lib.apply_overrides(exp, ["model.parscale_streams=4"])  # the old flat name
+  with pytest.raises(UserError, match=r"unknown config key 'model.diffusion.blocksize'.*"
+                                      r"model.diffusion.block_size"):
+    config_lib.apply_overrides(exp, ["model.diffusion.blocksize=4"])
+
+
+# The model section as configs stored before the family sections wrote it (flat fields).
+LEGACY_MODEL = {
+    "kind": "mdlm", "vocab_size": 260, "num_layers": 2, "d_model": 64, "num_heads": 4,
+    "num_kv_heads": 4, "head_dim": 0, "mlp_dim": 128, "max_len": 256, "rope_theta": 10000.0,
+    "rope_scaling": "none", "rope_factor": 1.0, "rope_low_freq_factor": 1.0,
+    "rope_high_freq_factor": 4.0, "rope_original_max_len": 8192, "norm_eps": 1e-05,
+    "tie_embeddings": True, "dtype": "float32", "init_std": 0.02, "attention": "dense",
+    "parscale_streams": 1, "parscale_prefix_len": 0, "parscale_smoothing": 0.05, "init_from": "",
+    "mask_id": 258, "block_size": 16, "diffusion_schedule": "cosine", "diffusion_min_t": 0.9,
+    "diffusion_min_t_rows": 0.5, "response_after": "=", "finality_dim": 32, "finality_steps": 4,
+    "acceptance_head": False}
+
+
+def test_stored_flat_model_config_loads_into_the_sections():
+  expected = ModelConfig(
+      kind="mdlm", parscale=ParScaleConfig(smoothing=0.05),
+      diffusion=DiffusionConfig(mask_id=258, block_size=16, schedule="cosine", min_t=0.9,
+                                min_t_rows=0.5, response_after="="),
+      finality=FinalityConfig(dim=32, steps=4))
+  assert config_lib.from_dict(ModelConfig, LEGACY_MODEL) == expected
+  stored = config_lib.to_dict(registry.get("tiny"))
+  exp = config_lib.from_dict(config_lib.Experiment, {**stored, "model": LEGACY_MODEL})
+  assert exp.model == expected and exp.train == registry.get("tiny").train
+  partial = {"kind": "llama", "parscale_streams": 2, "parscale_prefix_len": 8}  # old, sparse
+  assert config_lib.from_dict(ModelConfig, partial).parscale == ParScaleConfig(2, 8)
+  new = config_lib.to_dict(expected)
+  assert ModelConfig.upgrade_legacy(new) is new  # current layout: untouched
+  with pytest.raises(ValueError, match="both mask_id=258 .* and diffusion.mask_id=7"):
+    ModelConfig.upgrade_legacy({**LEGACY_MODEL, "diffusion": {"mask_id": 7}})
+  with pytest.raises(UserError, match="unknown config key 'model.mask_idx'"):
+    config_lib.from_dict(config_lib.Experiment, {"model": {"mask_idx": 1}})

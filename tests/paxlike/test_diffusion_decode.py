@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from models.build import build_model
-from models.config import ModelConfig
+from models.config import DiffusionConfig, ModelConfig
 from paxlike import config as config_lib
 from paxlike import generate
 from paxlike.config import SamplerConfig
@@ -23,13 +23,13 @@ def built(kind: str, **extra):
 
 
 def test_unmask_and_block_kinds_fill_the_generation_after_the_prompt():
-  model, params = built("mdlm", block_size=8)
+  model, params = built("mdlm", diffusion=DiffusionConfig(block_size=8))
   prompts = ["ab", "abcdef"]
-  cfg = SamplerConfig(kind="unmask", unmask_rule="topk", unmask_k=2, max_new_tokens=10,
+  cfg = SamplerConfig(kind="unmask", rule="topk", k=2, max_new_tokens=10,
                       temperature=0.0)
   texts, stats = generate.generate(model, params, prompts, cfg)
   assert len(texts) == 2 and stats["model_calls"] == 5 and stats["tokens_per_call"] == 2.0
-  one_slot = dataclasses.replace(cfg, unmask_slots=1)  # continuous batching, a prompt per call
+  one_slot = dataclasses.replace(cfg, slots=1)  # continuous batching, a prompt per call
   slotted, slot_stats = generate.generate(model, params, prompts, one_slot)
   assert slotted == texts and slot_stats["model_calls"] == 10
   block = dataclasses.replace(cfg, kind="block", block_length=8)
@@ -43,7 +43,7 @@ def test_assd_kind_on_an_any_subset_model():
   cfg = SamplerConfig(kind="assd", num_draft_tokens=3, max_new_tokens=8, temperature=1.0)
   _, stats = generate.generate(model, params, ["x"], cfg)
   assert stats["generated_tokens"] == 8 and stats["model_calls"] <= 8
-  reuse = dataclasses.replace(cfg, assd_reuse_drafts=True)  # one call per round, one to start
+  reuse = dataclasses.replace(cfg, reuse_drafts=True)  # one call per round, one to start
   _, stats = generate.generate(model, params, ["x"], reuse)
   assert stats["generated_tokens"] == 8 and stats["model_calls"] == stats["rounds"] + 1
 
@@ -53,7 +53,7 @@ def test_bad_diffusion_input_is_a_clear_error():
   prompt, lengths = np.array([[258, 97]], np.int32), np.array([2], np.int32)
   with pytest.raises(UserError, match="exceeds the 8 tokens generated"):
     generate.decode(model, params, prompt, lengths,
-                    SamplerConfig(kind="mdlm", diffusion_steps=9, max_new_tokens=8))
+                    SamplerConfig(kind="mdlm", steps=9, max_new_tokens=8))
   with pytest.raises(UserError, match="contain the mask id 259"):
     generate.decode(model, params, np.array([[258, 259]], np.int32), lengths,
                     SamplerConfig(kind="unmask", max_new_tokens=8))
@@ -61,12 +61,12 @@ def test_bad_diffusion_input_is_a_clear_error():
     generate.decode(model, params, prompt, lengths, SamplerConfig(kind="ar"))
   with pytest.raises(UserError, match="needs an any-subset AR model"):
     generate.decode(model, params, prompt, lengths, SamplerConfig(kind="assd"))
-  with pytest.raises(UserError, match="needs an autoregressive energy model"):
-    generate.decode(model, params, prompt, lengths, SamplerConfig(kind="edlm", diffusion_steps=4,
+  with pytest.raises(UserError, match=r"needs a second model \(the energy model\)"):
+    generate.decode(model, params, prompt, lengths, SamplerConfig(kind="edlm", steps=4,
                                                                   max_new_tokens=8))
 
 
 def test_a_negative_unmask_slots_is_a_clear_error():
-  with pytest.raises(UserError, match="sampler.unmask_slots must be >= 1, or 0 for all prompts"):
+  with pytest.raises(UserError, match="sampler.kind=unmask: slots must be >= 1, or 0 for all prompts"):
     config_lib.validate(config_lib.Experiment(sampler=SamplerConfig(kind="unmask",
-                                                                    unmask_slots=-1)))
+                                                                    slots=-1)))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from models.build import build_model
-from models.config import ModelConfig
+from models.config import DiffusionConfig, ModelConfig
 from paxlike import diffusion_teacher, interchange, tasks, tokenizer
 from paxlike.bench import diffusion_suite, harness
 from paxlike.errors import UserError
-from paxlike.workflows import write_config
+from paxlike.run import Run
 from samplers import unmask
 from tests.paxlike import cli
 
@@ -31,7 +31,8 @@ def test_split_lines_gives_the_stream_back():
 
 def test_answers_depend_on_their_own_line_alone_and_keep_the_prompts():
   model = build_model(ModelConfig(kind="mdlm", num_layers=1, d_model=32, num_heads=2,
-                                  num_kv_heads=2, mlp_dim=64, max_len=48, response_after="="))
+                                  num_kv_heads=2, mlp_dim=64, max_len=48,
+                                  diffusion=DiffusionConfig(response_after="=")))
   params = model.init(jax.random.key(0))
   text = "".join(_lines(7)) + "no answer here\n"
   stream = tokenizer.encode(text).astype(np.int32)
@@ -85,8 +86,8 @@ def test_write_reanswers_training_lines_and_keeps_unclean_answers(tmp_path, monk
   with pytest.raises(UserError, match="lines must be >= 0"):
     diffusion_teacher.write(tmp_path / "teacher", tmp_path / "y.txt", lines=-1)
   ar = dataclasses.replace(exp, name="ar", model=dataclasses.replace(
-      exp.model, kind="llama", response_after=""))
+      exp.model, kind="llama", diffusion=DiffusionConfig()))
   (tmp_path / "ar").mkdir()
-  write_config(tmp_path / "ar", ar)  # the kind is checked before any checkpoint is read
+  Run(tmp_path / "ar").write_config(ar)  # the kind is checked before any checkpoint is read
   with pytest.raises(UserError, match="need a conditional masked-diffusion model"):
     diffusion_teacher.write(tmp_path / "ar", tmp_path / "z.txt")

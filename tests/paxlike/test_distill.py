@@ -10,6 +10,9 @@ from paxlike import registry, teacher_text
 from paxlike.errors import UserError
 from paxlike.metrics import read_metrics
 from models.losses import distillation_kl
+from paxlike.data import load_corpus
+from paxlike.interchange import text_codec
+from paxlike.run import Run
 from paxlike.train import Trainer
 from samplers import ar
 from samplers.logits import SamplingParams
@@ -59,16 +62,16 @@ def test_teacher_problems_are_named(tmp_path):
 def test_teacher_text_continues_training_windows_and_trains_a_draft(tmp_path, monkeypatch):
   result = _train(_exp("train.steps=2", "checkpoint.every_steps=2"), tmp_path / "teacher")
   assert result.step == 2
-  teacher = Trainer.from_workdir(tmp_path / "teacher", config_lib.MeshConfig(), log=lambda _: None)
-  params, _ = teacher.restore_params()
-  corpus = teacher.corpus.train
-  rows = teacher_text.continuations(teacher.model, params, corpus, prompts=3, prompt_len=8,
+  teacher = Run(tmp_path / "teacher", log=lambda _: None)
+  model, params, _ = teacher.restore(config_lib.MeshConfig())
+  corpus = load_corpus(teacher.exp.data, text_codec(teacher.exp.model)).train
+  rows = teacher_text.continuations(model, params, corpus, prompts=3, prompt_len=8,
                                     new_tokens=5, temperature=0.0, seed=0, batch=2)
   assert len(rows) == 3 and all(r.shape == (13,) for r in rows)
   windows = {tuple(corpus[s:s + 8]) for s in range(len(corpus) - 8)}
   for row in rows:  # a training window, then the teacher's greedy continuation of it alone
     assert tuple(row[:8]) in windows
-    alone = ar.sample(teacher.model, params, jnp.asarray(row[None, :8]), jnp.array([8]),
+    alone = ar.sample(model, params, jnp.asarray(row[None, :8]), jnp.array([8]),
                       jax.random.key(1), ar.ARConfig(max_new_tokens=5,
                                                      sampling=SamplingParams(temperature=0.0)))
     np.testing.assert_array_equal(np.asarray(alone.tokens)[0], row[8:])

@@ -8,6 +8,7 @@ from paxlike import config as config_lib
 from paxlike import registry
 from paxlike.errors import UserError
 from paxlike.optim import param_path
+from paxlike.run import Run
 from paxlike.train import Trainer
 
 registry.load_modules()
@@ -27,7 +28,7 @@ def _trained(exp, workdir):
   (workdir / "config.json").write_text(config_lib.to_json(exp))
   trainer = Trainer(exp, workdir, log=lambda _: None)
   trainer.run()
-  return _flat(trainer.restore_params()[0])
+  return _flat(Run(workdir).restore().params)
 
 
 def test_init_from_copies_and_trainable_freezes(tmp_path):

@@ -113,7 +113,7 @@ def test_indivisible_shapes_are_named(tmp_path, mesh, overrides, message):
 OBJECTIVES = {  # the other training objectives, each on the mixed data/fsdp/tensor mesh
     "mdlm": ["model.kind=mdlm"],
     "asarm": ["model.kind=asarm"],
-    "parscale": ["model.parscale_streams=2", "model.parscale_prefix_len=2"],
+    "parscale": ["model.parscale.streams=2", "model.parscale.prefix_len=2"],
 }
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samplers import tree, verify
+from samplers import tree_walk, verify
 from samplers.logits import SamplingParams, probs
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -70,10 +70,10 @@ def test_greedy_walk_equals_recursive_rejection_with_one_hot_distributions(seed)
     valid = jnp.asarray(rng.random(size) < 0.9)
     logits = jnp.asarray(rng.normal(size=(1 + size, vocab)), jnp.float32)
     top = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    walk = functools.partial(tree._greedy_walk, depth_max=depth)
+    walk = functools.partial(tree_walk.greedy_walk, depth_max=depth)
     count, last, path = walk(top, tokens, jnp.asarray(parent), valid)
     u = jnp.full((depth + 1, size + vocab), 0.5)
-    want = tree._walk(u, probs(logits, GREEDY), jax.nn.one_hot(tokens, vocab), tokens,
+    want = tree_walk.walk(u, probs(logits, GREEDY), jax.nn.one_hot(tokens, vocab), tokens,
                       jnp.asarray(parent), valid)
     assert int(count) == int(want[0]) and int(last) == int(want[1])
     np.testing.assert_array_equal(np.asarray(path)[:int(count)], np.asarray(want[2])[:int(count)])

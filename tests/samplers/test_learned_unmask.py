@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.config import ModelConfig
+from models.config import DiffusionConfig, FinalityConfig, ModelConfig
 from models.diffusion import MaskedDiffusionLM
 from models.learn2pd import Learn2PD
 from paxlike import config as config_lib
@@ -224,9 +224,9 @@ def test_rows_follow_their_keys_with_the_stop():
   np.testing.assert_array_equal(many.tokens[0], forward.tokens)
 
 
-TINY = ModelConfig(kind="learn2pd", vocab_size=12, mask_id=11, num_layers=1, d_model=16,
-                   num_heads=2, num_kv_heads=2, mlp_dim=32, max_len=12, init_std=0.5,
-                   finality_dim=8, finality_steps=2)
+TINY = ModelConfig(kind="learn2pd", vocab_size=12, diffusion=DiffusionConfig(mask_id=11),
+                   num_layers=1, d_model=16, num_heads=2, num_kv_heads=2, mlp_dim=32, max_len=12,
+                   init_std=0.5, finality=FinalityConfig(dim=8, steps=2))
 
 
 def test_learn2pd_model_end_to_end():
@@ -236,13 +236,13 @@ def test_learn2pd_model_end_to_end():
   model = Learn2PD(TINY)
   params = random_params(model, seed=1)
   prompt = jnp.array([[1, 2, 3], [4, 5, 0]], jnp.int32)
-  canvas = canvas_lib.from_prompts(prompt, jnp.array([3, 2]), 8, TINY.mask_id, pad_id=9)
+  canvas = canvas_lib.from_prompts(prompt, jnp.array([3, 2]), 8, TINY.diffusion.mask_id, pad_id=9)
   config = LearnedUnmaskConfig(finality_threshold=0.5)
   full = learned_unmask.sample(model, params, canvas, jax.random.key(0), config)
   tokens = np.asarray(full.tokens)
-  visible = np.asarray(canvas) != TINY.mask_id
+  visible = np.asarray(canvas) != TINY.diffusion.mask_id
   np.testing.assert_array_equal(tokens[visible], np.asarray(canvas)[visible])
-  assert not np.any(tokens == TINY.mask_id)
+  assert not np.any(tokens == TINY.diffusion.mask_id)
   assert 1 <= int(full.stats["model_calls"]) <= 8
   assert int(full.stats["generated_tokens"]) == 16
 
@@ -264,10 +264,11 @@ def test_learn2pd_model_end_to_end():
   assert int(stop.stats["generated_tokens"]) + padded == 16
   stopped = np.asarray(stop.tokens)
   np.testing.assert_array_equal(stopped[0, :4], np.asarray(single.tokens)[0, :4])
-  assert np.all(stopped != TINY.mask_id)
+  assert np.all(stopped != TINY.diffusion.mask_id)
 
 
-BYTE_MODEL = dataclasses.replace(TINY, vocab_size=260, mask_id=259, max_len=16)
+BYTE_MODEL = dataclasses.replace(TINY, vocab_size=260, diffusion=DiffusionConfig(mask_id=259),
+                                 max_len=16)
 
 
 def test_generate_decode_runs_learned_unmask():
@@ -298,6 +299,6 @@ def test_bad_input_is_a_clear_error():
   with pytest.raises(ValueError, match="eos_id=3 is the model's mask id"):
     learned_unmask.sample(MODEL, MODEL.params(td.random_joint(0, VOCAB, LENGTH)), MASKS,
                           jax.random.key(0), LearnedUnmaskConfig(eos_id=MASK))
-  with pytest.raises(UserError, match=r"sampler.finality_threshold must be in \(0, 1\]"):
+  with pytest.raises(UserError, match=r"sampler.kind=learned_unmask: finality_threshold must be in \(0, 1\]"):
     config_lib.validate(config_lib.Experiment(
         sampler=SamplerConfig(kind="learned_unmask", finality_threshold=1.5)))

@@ -10,7 +10,7 @@ import pytest
 from models import kv_cache
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
-from samplers import ar, slots, tree, tree_spec, verify
+from samplers import ar, slots, tree, tree_shape, verify
 from samplers.logits import SamplingParams
 from tests.models.random_params import random_params
 from tests.samplers import toy
@@ -72,13 +72,13 @@ def test_no_residual_update_between_siblings_fails_the_oracle(fresh_trace, confi
 
 
 def test_static_tree_structure():
-  t = tree_spec.static_tree((2, 2, 1))
+  t = tree_shape.static_tree((2, 2, 1))
   assert t.level_sizes == (2, 4, 4) and t.num_nodes == 10
   np.testing.assert_array_equal(t.parent, [-1, -1, 0, 0, 1, 1, 2, 3, 4, 5])
   np.testing.assert_array_equal(t.depth, [1, 1, 2, 2, 2, 2, 3, 3, 3, 3])
   assert t.ancestors[8].tolist() == [0, 1, 0, 0, 1, 0, 0, 0, 1, 0]  # 8 -> 4 -> 1
-  np.testing.assert_array_equal(tree_spec.ancestor_mask(jnp.asarray(t.parent), 3), t.ancestors)
-  mask = tree_spec.feed_mask(t.ancestors[:2, :2], 2)
+  np.testing.assert_array_equal(tree_shape.ancestor_mask(jnp.asarray(t.parent), 3), t.ancestors)
+  mask = tree_shape.feed_mask(t.ancestors[:2, :2], 2)
   assert mask.astype(int).tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
 
 
@@ -215,7 +215,7 @@ def test_rows_follow_their_keys_whatever_the_batch_order_and_under_vmap():
   np.testing.assert_array_equal(many.tokens[0], forward.tokens)
 
 
-def test_malformed_tree_spec_and_bad_input_are_clear_errors():
+def test_malformed_tree_shape_and_bad_input_are_clear_errors():
   for bad, message in [((), "branching is empty"), ((2, 0), r"int >= 1, got \(2, 0\)"),
                        ((2, 1.5), "int >= 1"), (3, "must be a sequence")]:
     with pytest.raises(ValueError, match="tree spec malformed: .*" + message):
