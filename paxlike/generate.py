@@ -4,7 +4,7 @@ Prompts start with the eos id (the training stream separates documents with eos,
 "start of a document"; a model imported from Hugging Face uses its bos id and tokenizer.json, see
 `interchange.text_codec`), are right-padded into one batch and decoded by the sampler named by
 `sampler.kind`, through its spec in `samplers.registry`. The diffusion-style kinds
-(`DIFFUSION_KINDS`) fill a canvas of the prompt and max_new_tokens masks instead; their text ends
+(`SamplerSpec.takes_canvas`) fill a canvas of the prompt and max_new_tokens masks instead; their text ends
 at the first eos they produced.
 """
 
@@ -25,10 +25,6 @@ from paxlike.errors import UserError
 from samplers import ar, canvas, registry
 from samplers.spec import Decode, SamplerSpec
 
-# Kinds that take a second model (draft, amateur, small or energy model), and diffusion-style
-# kinds that fill a canvas.
-DRAFTED_KINDS = tuple(kind for kind, spec in registry.SPECS.items() if spec.second_model)
-DIFFUSION_KINDS = tuple(kind for kind, spec in registry.SPECS.items() if spec.takes_canvas)
 
 
 def encode_prompts(prompts: list[str], max_len: int,
@@ -95,7 +91,7 @@ class CompiledDecoder:
   def __init__(self, model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray,
                cfg: SamplerConfig, draft: Any = None, draft_params: Any = None):
     fn, leading, config, max_new = _prepare(cfg, model, params, prompt, draft, draft_params)
-    if cfg.kind in DIFFUSION_KINDS:
+    if cfg.spec.takes_canvas:
       if np.any(prompt == model.mask_id):
         raise UserError(f"the prompts contain the mask id {model.mask_id}; a diffusion sampler "
                         "would generate there: remove it from the prompt")
@@ -125,7 +121,7 @@ class CompiledDecoder:
     """(tokens [B, N], lengths [B], stats) of one run's output, timed at `wall_s` seconds."""
     tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
     generated = int(counts.sum())
-    if self._cfg.kind in DIFFUSION_KINDS:
+    if self._cfg.spec.takes_canvas:
       tokens, counts = _until_eos(
           np.asarray(canvas.generated(out.tokens, self._lengths, self._max_new)),
           interchange.text_codec(self._model.config))
@@ -166,7 +162,7 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
   The sampler is compiled ahead of time (`compile_s`); `wall_s` is the median of `repeats` runs.
   """
   if cfg.num_samples > 1 or cfg.selection != "none":
-    if cfg.kind in DIFFUSION_KINDS:
+    if cfg.spec.takes_canvas:
       raise UserError(f"sampler.num_samples and sampler.selection are for the autoregressive "
                       f"kinds, not sampler.kind={cfg.kind}")
     fn, leading, config, _ = _prepare(cfg, model, params, prompt, draft, draft_params)
@@ -216,7 +212,7 @@ def side_by_side(model: Any, params: Any, prompts: list[str], cfgs: list[Sampler
   codec = interchange.text_codec(model.config)
   prompt, lengths = encode_prompts(prompts, max_len, codec)
   decoders = [CompiledDecoder(model, params, prompt, lengths, cfg,
-                              *((draft, draft_params) if cfg.kind in DRAFTED_KINDS else ()))
+                              *((draft, draft_params) if cfg.spec.second_model else ()))
               for cfg in cfgs]
   outs = [decoder.run() for decoder in decoders]
   times, _ = timing.interleaved_times([decoder.run for decoder in decoders], repeats)

@@ -31,7 +31,7 @@ def _print(text: str) -> None:
 
 def _load_draft(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
   """(draft model, its params) for the drafted sampler kinds, else (None, None)."""
-  if exp.sampler.kind not in generate.DRAFTED_KINDS:
+  if not exp.sampler.spec.second_model:
     return None, None
   path = Path(exp.sampler.draft_workdir) if exp.sampler.draft_workdir else workdir / COMPANION_DRAFT
   drafter = Run(path, log=_print)

@@ -97,3 +97,24 @@ def test_long_drafted_decodes_are_shortened_to_the_cache_room(kind, settings, ro
   cfg = SamplerConfig(kind=kind, max_new_tokens=100, temperature=0.0, **settings)
   tokens, counts, _ = generate.decode(model, params, prompt, lengths, cfg, model, params)
   assert tokens.shape[1] == room and counts[0] <= room
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShortOptions:
+  """A new kind's settings: AR that stops after `cap` tokens."""
+  cap: int = 3
+
+
+def test_a_new_kind_needs_only_its_spec_in_the_registry(monkeypatch):
+  from samplers import ar
+  from samplers.spec import SamplerSpec
+  spec = SamplerSpec("short_ar", _ShortOptions, ar.sample, lambda o, decode: ar.ARConfig(
+      **(decode.common() | {"max_new_tokens": min(o.cap, decode.max_new_tokens)})))
+  monkeypatch.setitem(registry.SPECS, "short_ar", spec)
+  exp = config_lib.validate(config_lib.apply_overrides(
+      config_lib.Experiment(), ["sampler.kind=short_ar", "sampler.cap=2", "sampler.temperature=0"]))
+  assert exp.sampler.cap == 2
+  model, params = _tiny_causal()
+  prompt, lengths = np.full([1, 4], 7, np.int32), np.array([4], np.int32)
+  tokens, _, stats = generate.decode(model, params, prompt, lengths, exp.sampler)
+  assert tokens.shape == (1, 2) and stats["sampler"] == "short_ar"
