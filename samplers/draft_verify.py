@@ -48,6 +48,23 @@ def position_uniforms(keys: jax.Array, positions: jax.Array, size: int) -> jax.A
   return flat.reshape(batch, width, size)
 
 
+def round_noise(keys: jax.Array, context: jax.Array, gamma: int, vocab: int, greedy: bool):
+  """A draft-then-verify round's randomness, fixed by the positions it decides (not the round).
+
+  Args:
+    keys: [B] typed per-row keys; context: [B] int32 tokens each row holds at the round's start.
+    gamma: draft length; vocab: V; greedy: one-hot p and q need no randomness.
+  Returns:
+    (noise [B, gamma, V] for the drafts, or [B, gamma, 0] when greedy; verify_u
+    [B, gamma + 1, 1 + V] for the acceptance tests and the residual/bonus draws, or None).
+  """
+  if greedy:
+    return jnp.zeros((keys.shape[0], gamma, 0), jnp.float32), None
+  window = context[:, None] + jnp.arange(gamma + 1)  # the positions p_1..p_{gamma+1} decide
+  u = position_uniforms(keys, window, 1 + 2 * vocab)
+  return u[:, :gamma, :vocab], u[..., vocab:]
+
+
 def draw_draft(noise: jax.Array, logits: jax.Array,
                sampling: SamplingParams) -> tuple[jax.Array, jax.Array | None]:
   """A draft token per row and the distribution it was drawn from.

@@ -29,7 +29,7 @@ from samplers import emit, rng
 from samplers.logits import SamplingParams, sample_token
 from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
                                check_vocabularies, last_prompt_logits, prefill)
-from samplers.spec import Decode, SamplerSpec
+from samplers.spec import SamplerSpec
 
 
 @dataclasses.dataclass(frozen=True)

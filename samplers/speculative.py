@@ -86,11 +86,7 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     lacks after a round whose gamma drafts were all accepted)."""
     target_cache, draft_cache = caches
     window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
-    if greedy:  # one-hot p and q: argmaxes, no randomness (`verify.greedy_chain`)
-      noise = jnp.zeros((batch, gamma, 0), jnp.float32)
-    else:
-      u = draft_verify.position_uniforms(keys, window + 1, 1 + 2 * vocab)  # position p_i decides
-      noise, verify_u = u[:, :gamma, :vocab], u[..., vocab:]
+    noise, verify_u = draft_verify.round_noise(keys, context, gamma, vocab, greedy)
     last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
     logits, draft_cache = draft.apply(draft_params, jnp.take_along_axis(seq, last_two, axis=1),
                                       last_two, draft_cache.replace(lengths=context - 2))
