@@ -12,7 +12,7 @@ weights for both streams:
 
 Query i's logits therefore depend only on the tokens of rank < rank[i]: one pass gives the
 independent predictions of every masked position (all ranks 0) or the exact chain-rule factors of
-a proposal (ranks 0..g-1), as `samplers.denoiser_protocol.AnySubsetModel` requires. Nothing can
+a proposal (ranks 0..g-1), as `samplers.core.denoiser_protocol.AnySubsetModel` requires. Nothing can
 leak: a content state at rank r mixes only tokens of rank <= r, and a query of rank r only reads
 content states of rank < r.
 

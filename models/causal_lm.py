@@ -20,7 +20,7 @@ from models.llama import Transformer
 
 @dataclasses.dataclass(frozen=True)
 class CausalLM(TransformerModel):
-  """A causal language model meeting `samplers.protocol.CausalModel`."""
+  """A causal language model meeting `samplers.core.protocol.CausalModel`."""
 
   def init_cache(self, batch: int, max_len: int | None = None) -> KVCache | StreamCache:
     """An empty cache of `max_len` slots per row (default: config.max_len), compute dtype; with

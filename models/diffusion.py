@@ -22,7 +22,7 @@ over blocks of their ELBOs given the prefix, and decoding block by block over a 
 blocks sees exactly what training saw.
 
 A frozen, hashable dataclass (a static argument of `jax.jit`) meeting
-`samplers.denoiser_protocol.CachedDenoiser`.
+`samplers.core.denoiser_protocol.CachedDenoiser`.
 """
 
 from __future__ import annotations

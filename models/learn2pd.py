@@ -7,7 +7,7 @@ margin, entropy, is-masked), all with gradients stopped, and predicts whether th
 current greedy prediction is already *final*: equal to the token greedy decoding ends with. A
 sampler may then commit every masked position whose finality probability passes a threshold
 (Learn2PD's rule; the end-of-text stop, EoTP, is the sampler's: a row is done once an end-of-text
-token is committed with everything before it; see `samplers.denoiser_protocol`).
+token is committed with everything before it; see `samplers.core.denoiser_protocol`).
 
 Training (`loss`), with the denoiser frozen (`train.init_from` = a trained "mdlm" workdir of the
 same shape, `train.trainable` = "filter"): per row, the first quarter of the L tokens is the prompt

@@ -22,7 +22,8 @@ import numpy as np
 from paxlike import interchange, parallel_sampling, timing
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
-from samplers import ar, canvas, registry
+from samplers import ar, registry
+from samplers.core import canvas
 from samplers.spec import Decode, SamplerSpec
 
 

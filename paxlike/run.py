@@ -11,15 +11,15 @@ checkpoint yet restores that directory's weights instead, at step 0.
   model, params, step = run.restore(config.MeshConfig())  # on all devices, the data axis
   run.exp.model                                            # the stored config.json
 
-Why a module of its own: loading a trained run used to mean building a `Trainer` (optimizer,
-data, teacher and all) for its `restore_params`, and the config checks were copied into the CLI
-and into each companion model's workflow. Here the one reader serves the CLI modes, the
-distillation teacher, `train.init_from`, the data writers and the benchmarks; `Trainer` only
-trains. The shapes and shardings of a checkpoint come from `paxlike.train.state_layout`, so what
-is read back is exactly what the trainer wrote.
+Why a module of its own: using a trained run needs its config and its parameters, not an
+optimizer loop, training data or a distillation teacher. One reader serves the CLI modes, the
+distillation teacher, `train.init_from`, the data writers and the benchmarks, and one check
+guards the main run and its companion models alike; `Trainer` only trains. The shapes and
+shardings of a checkpoint come from `paxlike.train.state_layout`, so what is read back is
+exactly what the trainer wrote.
 
-Reading a config needs no jax (the CLI answers config errors before loading it); jax, the
-checkpointer and `paxlike.train` (which itself uses this module) are imported on first restore.
+Reading and checking a config stays cheap for the CLI: the checkpointer (Orbax, Grain), the
+Hugging Face reader and `paxlike.train` (which itself uses this module) are imported on first use.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+import jax
 
 from models.config import ModelConfig
 from paxlike import atomic
@@ -92,7 +94,6 @@ class Run:
 
   def write_config(self, exp: Experiment) -> None:
     """Writes `exp` as config.json, atomically, from process 0 (every process runs this)."""
-    import jax
     if jax.process_index() == 0:
       atomic.write_text(self.config_path, config_lib.to_json(exp) + "\n")
 
@@ -158,7 +159,6 @@ def hf_params(model: ModelConfig, layout: StateLayout, log: Callable[[str], None
   """The weights of `model.init_from` (a Hugging Face Llama directory, `paxlike.interchange`)
   as this layout's parameters, placed with its shardings; UserError if the layout's model has
   parameters a plain Llama lacks."""
-  import jax
   from paxlike import interchange
   source = model.init_from
   host = interchange.read_params(source, model)

@@ -20,7 +20,7 @@ from typing import Any
 
 from paxlike.errors import UserError
 from samplers import registry
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 from samplers.spec import Decode, SamplerSpec
 
 SELECTIONS = ("none", "best_of_n", "majority", "mbr", "first_finish", "reward_pruned")

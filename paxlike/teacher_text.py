@@ -34,7 +34,7 @@ from paxlike import interchange
 from paxlike.errors import UserError, run_cli
 from paxlike.run import Run
 from samplers import ar
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 
 SEPARATOR = "\n\n"
 

@@ -13,14 +13,7 @@ Algorithms (each module: a frozen config, a jitted `sample`, an options dataclas
 - `repeated`, `pruned`: n samples per prompt (repeated sampling, speculative rejection,
   first-finish); `selection` picks one of them.
 
-Machinery they share:
-
-- `protocol`, `denoiser_protocol`: what a model must offer each family.
-- `spec`, `registry`: samplers described as data, for the layers above.
-- `logits`: temperature, top-k, top-p, greedy.
-- `rng`: per-row, per-position randomness (a row never depends on its batch).
-- `draft_verify`: the compiled draft-then-verify loop; `verify`: per-position acceptance rules;
-  `optimal`: the optimal multi-draft acceptance; `tree_shape`, `tree_walk`: token trees' structure
-  and verification; `slots`, `rows`: cache compaction and per-row caches.
-- `canvas`, `refill`: the diffusion samplers' canvas and continuous batching.
+`core/` holds the machinery they share (model protocols, logit processing, per-row randomness,
+the draft-then-verify loop and its acceptance rules, token trees, caches, the diffusion canvas);
+`spec` and `registry` describe the algorithms as data for the layers above.
 """

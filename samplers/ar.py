@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers import emit, rng
-from samplers.logits import SamplingParams, sample_token
-from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+from samplers.core import emit, rng
+from samplers.core.logits import SamplingParams, sample_token
+from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
                                last_prompt_logits, prefill)
 from samplers.spec import SamplerSpec
 

@@ -6,7 +6,7 @@ The masked positions are generated in an order s (left to right, or a random per
 row). Each round takes the next g positions s(1..g): one pass with equal ranks gives independent
 drafts x~_j ~ q_j = p(x_s(j) | visible); a second pass with ranks 0..g-1 (and rank g for the next
 position s(g+1)) gives the exact conditionals p_j = p(x_s(j) | visible, x~_s(<j)), and the
-speculative rule (`samplers.verify.single_draft`) accepts drafts until the first rejection, which
+speculative rule (`samplers.core.verify.single_draft`) accepts drafts until the first rejection, which
 emits a token from the residual norm(max(0, p_j - q_j)); when all g are accepted the bonus token
 is drawn from p_{g+1}.
 
@@ -34,11 +34,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import canvas as canvas_lib
-from samplers import rng, verify
-from samplers.denoiser_protocol import AnySubsetModel
-from samplers.logits import SamplingParams, probs
-from samplers.protocol import SampleOutput
+from samplers.core import canvas as canvas_lib
+from samplers.core import rng, verify
+from samplers.core.denoiser_protocol import AnySubsetModel
+from samplers.core.logits import SamplingParams, probs
+from samplers.core.protocol import SampleOutput
 from samplers.spec import SamplerSpec
 
 ORDERS = ("left_to_right", "random")

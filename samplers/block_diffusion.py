@@ -21,10 +21,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import canvas as canvas_lib
-from samplers import rng, unmask
-from samplers.denoiser_protocol import Denoiser
-from samplers.protocol import SampleOutput
+from samplers.core import canvas as canvas_lib
+from samplers import unmask
+from samplers.core import rng
+from samplers.core.denoiser_protocol import Denoiser
+from samplers.core.protocol import SampleOutput
 from samplers.spec import SamplerSpec
 
 

@@ -3,7 +3,7 @@
 
 Each ancestral step (`samplers.mdlm`) from z_t draws K candidate clean canvases in parallel from
 the factorised denoiser q(x) = prod_i p_theta(x_i | z_t) (masked positions only), weights them by
-w_j = p_AR(x^(j)) / q(x^(j)), where an autoregressive model (any `samplers.protocol.CausalModel`,
+w_j = p_AR(x^(j)) / q(x^(j)), where an autoregressive model (any `samplers.core.protocol.CausalModel`,
 all K candidates scored in one cache-free causal pass) supplies the sequence energy, resamples
 one candidate by w and uses it as the clean prediction of the step to z_s.
 
@@ -22,11 +22,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import canvas as canvas_lib
-from samplers import mdlm, rng
-from samplers.denoiser_protocol import Denoiser
-from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput, check_vocabularies, prefill_method
+from samplers.core import canvas as canvas_lib
+from samplers import mdlm
+from samplers.core import rng
+from samplers.core.denoiser_protocol import Denoiser
+from samplers.core.logits import SamplingParams, probs
+from samplers.core.protocol import CausalModel, SampleOutput, check_vocabularies, prefill_method
 from samplers.spec import Decode, SamplerSpec
 
 

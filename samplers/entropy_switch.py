@@ -25,9 +25,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import emit, rng
-from samplers.logits import SamplingParams, sample_token
-from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+from samplers.core import emit, rng
+from samplers.core.logits import SamplingParams, sample_token
+from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
                                check_vocabularies, last_prompt_logits, prefill)
 from samplers.spec import SamplerSpec
 

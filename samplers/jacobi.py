@@ -20,8 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import emit
-from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+from samplers.core import emit
+from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
                                last_prompt_logits, prefill)
 from samplers.spec import Decode, SamplerSpec
 

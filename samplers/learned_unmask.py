@@ -37,11 +37,12 @@ import math
 import jax
 import jax.numpy as jnp
 
-from samplers import canvas as canvas_lib
-from samplers import rng, unmask
-from samplers.denoiser_protocol import FinalityDenoiser
-from samplers.logits import SamplingParams
-from samplers.protocol import SampleOutput
+from samplers.core import canvas as canvas_lib
+from samplers import unmask
+from samplers.core import rng
+from samplers.core.denoiser_protocol import FinalityDenoiser
+from samplers.core.logits import SamplingParams
+from samplers.core.protocol import SampleOutput
 from samplers.spec import SamplerSpec
 
 

@@ -1,7 +1,7 @@
 """Best-of-n that spends less: reward-pruned sampling (speculative rejection) and first-finish.
 
 Both decode the n samples of each prompt autoregressively over per-sample row caches
-(`samplers.rows`), so samples can be dropped mid-decode and the batch shrinks:
+(`samplers.core.rows`), so samples can be dropped mid-decode and the batch shrinks:
 
 - `reward_pruned` (Sun et al. 2024, "Fast Best-of-N Decoding via Speculative Rejection"): start
   n samples, every m tokens score the partial samples and keep the best fraction of each prompt's
@@ -30,9 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers import emit, rng, rows, selection
-from samplers.logits import SamplingParams, sample_token
-from samplers.protocol import (CausalModel, check_max_new_tokens, last_prompt_logits,
+from samplers import selection
+from samplers.core import emit, rng, rows
+from samplers.core.logits import SamplingParams, sample_token
+from samplers.core.protocol import (CausalModel, check_max_new_tokens, last_prompt_logits,
                                prefill_method, prompt_positions)
 from samplers.repeated import sample_keys
 

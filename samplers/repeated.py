@@ -23,7 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from samplers.protocol import SampleOutput
+from samplers.core.protocol import SampleOutput
 
 # sample_fn(*models_and_params, prompt [B, P], prompt_lengths [B], key, config) -> SampleOutput
 SampleFn = Callable[..., SampleOutput]

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers.protocol import CausalModel, prefill
+from samplers.core.protocol import CausalModel, prefill
 
 # scorer(tokens [B, n, N] int32, lengths [B, n] int32) -> scores [B, n] float
 Scorer = Callable[[np.ndarray, np.ndarray], Any]

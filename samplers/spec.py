@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 
 # What a sampler's first model must be: a causal LM, a masked-diffusion denoiser, an any-subset
 # AR model, or a denoiser with a Learn2PD finality head.

@@ -13,7 +13,7 @@ when some draft survives to its end.
 
 Guarantee: every row's output has exactly the target's distribution (`samplers.ar`); the k-draft
 acceptance lies between single-draft acceptance and `optimal.optimal_acceptance`. Caches are per
-row (`samplers.rows`), so the copy of the accepted draft is kept and the others dropped.
+row (`samplers.core.rows`), so the copy of the accepted draft is kept and the others dropped.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import draft_verify, rng, rows, verify
-from samplers.logits import SamplingParams, probs
-from samplers.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+from samplers.core import draft_verify, rng, rows, verify
+from samplers.core.logits import SamplingParams, probs
+from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
                                last_prompt_logits, prefill_method, prompt_positions)
 from samplers.spec import SamplerSpec
 

@@ -23,9 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import draft_verify, rng, verify
-from samplers.logits import SamplingParams, probs
-from samplers.protocol import CausalModel, SampleOutput, check_max_new_tokens
+from samplers.core import draft_verify, rng, verify
+from samplers.core.logits import SamplingParams, probs
+from samplers.core.protocol import CausalModel, SampleOutput, check_max_new_tokens
 from samplers.spec import SamplerSpec
 
 

@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers import draft_verify, rng, slots, tree_shape, tree_walk, verify
-from samplers.logits import SamplingParams, probs, process_logits
-from samplers.protocol import CausalModel, SampleOutput, check_max_new_tokens, check_vocabularies
+from samplers.core import draft_verify, rng, slots, tree_shape, tree_walk, verify
+from samplers.core.logits import SamplingParams, probs, process_logits
+from samplers.core.protocol import CausalModel, SampleOutput, check_max_new_tokens, check_vocabularies
 from samplers.spec import SamplerSpec
 
 CHILDREN = ("iid", "without_replacement", "top")

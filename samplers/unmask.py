@@ -30,11 +30,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers import canvas as canvas_lib
-from samplers import refill, rng
-from samplers.denoiser_protocol import Denoiser
-from samplers.logits import SamplingParams, probs
-from samplers.protocol import SampleOutput
+from samplers.core import canvas as canvas_lib
+from samplers.core import refill, rng
+from samplers.core.denoiser_protocol import Denoiser
+from samplers.core.logits import SamplingParams, probs
+from samplers.core.protocol import SampleOutput
 from samplers.spec import Decode, SamplerSpec
 
 RULES = ("topk", "threshold", "factor", "greedy_safe")
@@ -52,7 +52,7 @@ class UnmaskConfig:
     confidence: one of CONFIDENCES; the threshold rules need a probability ("max_prob", "margin"
       or "sampled"), "greedy_safe" needs "max_prob".
     sampling: how candidates are drawn (temperature 0: argmax).
-    slots: rows per model call (continuous batching, `samplers.refill`): a finished row's slot
+    slots: rows per model call (continuous batching, `samplers.core.refill`): a finished row's slot
       takes the next waiting canvas, so calls follow each row's own count rather than the
       batch's slowest row. None: every row in one batch. Rows get the same tokens either way.
   """
@@ -192,7 +192,7 @@ class UnmaskOptions:
     confidence: one of CONFIDENCES.
     k, threshold, factor: the rules' parameters.
     slots: prompts per model call with continuous batching (a finished row's slot takes the next
-      prompt; `samplers.refill`); 0: all prompts in one batch.
+      prompt; `samplers.core.refill`); 0: all prompts in one batch.
   """
 
   rule: str = "threshold"

@@ -41,7 +41,7 @@ from paxlike import interchange
 from paxlike.bench import harness
 from paxlike.errors import UserError
 from samplers import ar, speculative
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 
 NEAR_TIE = 1e-4
 PROMPT_LEN = 32

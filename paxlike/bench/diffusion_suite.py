@@ -12,7 +12,7 @@ line's known padding. A row per sampler and task (and `all`) reports model calls
 token, tokens/s (median of 3 after a compile warm-up), task accuracy beside the task's chance
 levels, the AR model's perplexity of the answers, and for block decoding the cached result's
 deviation from the cache-free one (exact for the block-causal model). Rows with "(S slots)"
-decode by continuous batching (`samplers.refill`): calls of S rows are counted as
+decode by continuous batching (`samplers.core.refill`): calls of S rows are counted as
 S / (prompts per task) of a batch call."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment
                             OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig)
 from paxlike.errors import UserError
 from samplers import assd, block_diffusion, edlm, learned_unmask, mdlm, unmask
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 
 CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
 BLOCK = 8  # block length of block decoding and of the block-causal model; divides LINE_WIDTH

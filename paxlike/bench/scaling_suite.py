@@ -50,7 +50,7 @@ from paxlike.bench import harness
 from paxlike.bench.decode_suite import trained
 from paxlike.errors import UserError
 from samplers import ar, pruned, repeated, selection
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 
 EXPERIMENT = "tasks_lm"
 CORPUS_TASKS = ("copy", "rev", "sort", "add", "perm", "dyck")

@@ -18,7 +18,7 @@ from paxlike.metrics import read_metrics
 from paxlike.run import Run
 from paxlike.train import Trainer
 from samplers import ar, jacobi, tree
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 
 LOGITS = jax.jit(CausalLM.logits, static_argnums=0)

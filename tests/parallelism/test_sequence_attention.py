@@ -18,7 +18,7 @@ from parallelism import rules
 from parallelism.mesh import make_mesh
 from parallelism.sequence_attention import VARIANTS, attention
 from samplers import ar
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 
 FWD_TOL, GRAD_TOL = 1e-5, 1e-4

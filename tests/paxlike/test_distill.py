@@ -15,7 +15,7 @@ from paxlike.interchange import text_codec
 from paxlike.run import Run
 from paxlike.train import Trainer
 from samplers import ar
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 
 registry.load_modules()
 

@@ -25,7 +25,7 @@ from parallelism.mesh import make_mesh  # noqa: E402
 from paxlike import interchange  # noqa: E402
 from paxlike.errors import UserError  # noqa: E402
 from samplers import ar  # noqa: E402
-from samplers.logits import SamplingParams  # noqa: E402
+from samplers.core.logits import SamplingParams  # noqa: E402
 
 TOLERANCE = 1e-4
 NEW_TOKENS = 24

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import chi2
 
-from samplers.logits import SamplingParams, probs
+from samplers.core.logits import SamplingParams, probs
 from tests.samplers.stats import chi_square
 
 SIGNIFICANCE = 1e-3  # a correct sampler must give p > SIGNIFICANCE

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from models.acceptance_head import AcceptanceDraftLM
-from samplers import adaptive, ar, speculative, verify
-from samplers.logits import SamplingParams
+from samplers import adaptive, ar, speculative
+from samplers.core import verify
+from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 from tests.samplers import llama_pair, oracle, toy
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, p_value

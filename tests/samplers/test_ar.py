@@ -8,7 +8,7 @@ import pytest
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from samplers import ar
-from samplers.logits import SamplingParams, probs, sample_token
+from samplers.core.logits import SamplingParams, probs, sample_token
 from tests.models.random_params import random_params
 from tests.samplers import toy
 from tests.samplers.stats import chi_square, chi_square_quantile

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from samplers import ar, contrastive
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 from tests.samplers import toy
 
 V = 6

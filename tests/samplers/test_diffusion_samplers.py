@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samplers import assd, block_diffusion, edlm, mdlm, unmask, verify
-from samplers.logits import SamplingParams
+from samplers import assd, block_diffusion, edlm, mdlm, unmask
+from samplers.core import verify
+from samplers.core.logits import SamplingParams
 from tests.samplers import toy
 from tests.samplers import toy_denoiser as td
 from tests.samplers.oracle import POWER, SIGNIFICANCE, p_value
@@ -163,7 +164,7 @@ def test_rows_follow_their_keys():
 
 @pytest.mark.parametrize("slots", [1, 3, 5])
 def test_continuous_batching_gives_each_row_its_tokens_in_its_own_calls(slots):
-  """slots < B (`samplers.refill`): every row's tokens and calls equal the one-batch run's, and
+  """slots < B (`samplers.core.refill`): every row's tokens and calls equal the one-batch run's, and
   the passes lie between the rows' own calls spread over the slots and one pass per row call."""
   model = td.TabularDenoiser(VOCAB, LENGTH)
   params = model.params(JOINT)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from samplers import ar, jacobi
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 from tests.samplers.test_ar import GREEDY_PROMPTS, LLAMA, TOY, llama_params  # noqa: F401
 
 

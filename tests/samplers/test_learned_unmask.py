@@ -25,10 +25,10 @@ from paxlike import config as config_lib
 from paxlike import generate
 from paxlike.config import SamplerConfig
 from paxlike.errors import UserError
-from samplers import canvas as canvas_lib
+from samplers.core import canvas as canvas_lib
 from samplers import learned_unmask, unmask
 from samplers.learned_unmask import LearnedUnmaskConfig
-from samplers.logits import SamplingParams
+from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 from tests.samplers import toy_denoiser as td
 

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samplers import ar, speculative, verify
-from samplers.logits import SamplingParams
+from samplers import ar, speculative
+from samplers.core import verify
+from samplers.core.logits import SamplingParams
 from tests.samplers import llama_pair, oracle, toy
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, p_value
 from tests.samplers.toy import DRAFT, ORACLE_PROMPTS, ORACLE_ROWS, ORACLE_STEPS, TARGET, TOY, VOCAB

@@ -10,8 +10,9 @@ import pytest
 from models import kv_cache
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
-from samplers import ar, slots, tree, tree_shape, verify
-from samplers.logits import SamplingParams
+from samplers import ar, tree
+from samplers.core import slots, tree_shape, verify
+from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 from tests.samplers import toy
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, p_value

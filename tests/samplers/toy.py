@@ -1,4 +1,4 @@
-"""A tabular trigram model meeting `samplers.protocol.CausalModel`, with its exact joint.
+"""A tabular trigram model meeting `samplers.core.protocol.CausalModel`, with its exact joint.
 
 The next-token logits after a token are `table[previous, current]`, where `previous` is the token
 before `current` along its attention path (the prompt's first token has previous = 0). It reads its

@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from samplers.protocol import Cache, CausalModel
+from samplers.core.protocol import Cache, CausalModel
 
 
 def _changed_axis(a, b) -> int | None:

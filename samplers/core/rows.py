@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from samplers.protocol import Cache, CausalModel
+from samplers.core.protocol import Cache, CausalModel
 
 
 def init(model: CausalModel, rows: int, max_len: int) -> Cache:

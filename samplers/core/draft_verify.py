@@ -21,9 +21,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from samplers import emit, verify
-from samplers.logits import SamplingParams, probs
-from samplers.protocol import (CausalModel, SampleOutput, check_vocabularies, last_prompt_logits,
+from samplers.core import emit, verify
+from samplers.core.logits import SamplingParams, probs
+from samplers.core.protocol import (CausalModel, SampleOutput, check_vocabularies, last_prompt_logits,
                                prefill)
 
 # (caches, seq [B, S] prompt + generated tokens, context_lengths [B]) ->

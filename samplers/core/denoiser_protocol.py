@@ -1,6 +1,6 @@
 """The model protocols of the diffusion-style samplers (masked diffusion and any-subset AR).
 
-Like `samplers.protocol.CausalModel`, these are small, documented and met both by the real models
+Like `samplers.core.protocol.CausalModel`, these are small, documented and met both by the real models
 in `models/` and by tabular toy models in tests whose exact joint is enumerable, so every diffusion
 sampler can be checked against brute force. Samplers never import `models`.
 """
@@ -37,7 +37,7 @@ class Denoiser(Protocol):
 class CachedDenoiser(Denoiser, Protocol):
   """A denoiser that can also score a block on top of a KV cache of earlier blocks (block decoding).
 
-  `init_cache` and `apply` have the signatures of `samplers.protocol.CausalModel`: `apply(params,
+  `init_cache` and `apply` have the signatures of `samplers.core.protocol.CausalModel`: `apply(params,
   tokens [B, T], positions [B, T], cache, attention_mask [B, T, T] | None)` returns ([B, T, V]
   logits, cache advanced by T); every new token sees every cache slot below `cache.lengths`, and
   the new tokens see each other as `attention_mask` says (all-true for a diffusion block). Rolling

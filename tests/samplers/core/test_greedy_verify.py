@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samplers import tree_walk, verify
-from samplers.logits import SamplingParams, probs
+from samplers.core import tree_walk, verify
+from samplers.core.logits import SamplingParams, probs
 
 GREEDY = SamplingParams(temperature=0.0)
 

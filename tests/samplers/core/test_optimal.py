@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linprog
 
-from samplers import optimal, verify
+from samplers.core import optimal, verify
 
 
 def _pair(seed, vocab, sparse=False):

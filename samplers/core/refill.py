@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from samplers import canvas as canvas_lib
+from samplers.core import canvas as canvas_lib
 
 # step(tokens [S, L], eligible [S, L] bool, uniforms [S, *shape]) -> tokens [S, L]: one model
 # call on the slots' canvases, committing some eligible (masked, in a live slot) positions

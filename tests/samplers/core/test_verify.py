@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samplers import verify
+from samplers.core import verify
 from tests.samplers.oracle import POWER, SIGNIFICANCE, p_value
 
 TRIALS = 200_000

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from samplers import verify
+from samplers.core import verify
 
 
 def walk(u, p, qs, tokens, parent, valid):

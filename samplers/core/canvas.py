@@ -12,9 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from samplers import verify
-from samplers.logits import SamplingParams
-from samplers.protocol import SampleOutput
+from samplers.core import verify
+from samplers.core.logits import SamplingParams
+from samplers.core.protocol import SampleOutput
 
 
 def from_prompts(prompt: jax.Array, prompt_lengths: jax.Array, num_new: int, mask_id: int,

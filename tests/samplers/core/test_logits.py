@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samplers.logits import SamplingParams, probs, process_logits, sample_token
+from samplers.core.logits import SamplingParams, probs, process_logits, sample_token
 from tests.samplers.stats import chi_square, chi_square_quantile
 
 V = 10
