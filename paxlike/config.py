@@ -166,28 +166,52 @@ TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "tr
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
+# The range of every numeric field outside the model and sampler sections (which check their own):
+# key -> (is the value valid, what a valid value is).
+_RANGES: dict[str, tuple[Any, str]] = {
+    "data.seq_len": (lambda v: v > 0, "> 0"),
+    "data.eval_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "optimizer.learning_rate": (lambda v: v > 0, "> 0"),
+    "optimizer.b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optimizer.b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optimizer.eps": (lambda v: v > 0, "> 0"),
+    "optimizer.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optimizer.clip_norm": (lambda v: v > 0, "> 0"),
+    "schedule.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "schedule.decay_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "schedule.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    **{f"mesh.{axis}": (lambda v: v == -1 or v >= 1, ">= 1, or -1 for the remaining devices")
+       for axis in ("data", "fsdp", "sequence", "tensor")},
+    **{f"mesh.dcn_{axis}": (lambda v: v >= 1, ">= 1")
+       for axis in ("data", "fsdp", "sequence", "tensor")},
+    "checkpoint.every_steps": (lambda v: v > 0, "> 0"),
+    "checkpoint.keep": (lambda v: v > 0, "> 0"),
+    "train.steps": (lambda v: v >= 0, ">= 0"),
+    "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "train.batch_size": (lambda v: v > 0, "> 0"),
+    "train.distill_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "eval.every_steps": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "eval.batches": (lambda v: v >= 1, ">= 1"),
+    "run.log_every": (lambda v: v > 0, "> 0"),
+}
+
+
 def validate(exp: Experiment) -> Experiment:
-  """Checks cross-field consistency; raises UserError naming the field and a valid alternative."""
+  """Checks ranges and cross-field consistency; raises UserError naming the field and what a valid
+  value is."""
   try:
     exp.model.validate()
   except ValueError as e:
     raise UserError(str(e)) from None
+  values = flatten(exp)
+  for key, (ok, expected) in _RANGES.items():
+    if not ok(values[key]):
+      raise UserError(f"{key} must be {expected}, got {values[key]}")
   checks = [
-      (exp.train.steps >= 0, f"train.steps must be >= 0, got {exp.train.steps}"),
-      (exp.train.batch_size > 0, f"train.batch_size must be positive, got {exp.train.batch_size}"),
-      (exp.data.seq_len > 0, f"data.seq_len must be positive, got {exp.data.seq_len}"),
       (exp.data.seq_len <= exp.model.max_len,
        f"data.seq_len={exp.data.seq_len} exceeds model.max_len={exp.model.max_len}"),
-      (0.0 < exp.data.eval_fraction < 1.0,
-       f"data.eval_fraction must be in (0, 1), got {exp.data.eval_fraction}"),
       (exp.schedule.kind in _SCHEDULE_KINDS,
        f"schedule.kind={exp.schedule.kind!r} is unknown; valid: {', '.join(_SCHEDULE_KINDS)}"),
-      (exp.checkpoint.every_steps > 0,
-       f"checkpoint.every_steps must be positive, got {exp.checkpoint.every_steps}"),
-      (exp.checkpoint.keep > 0, f"checkpoint.keep must be positive, got {exp.checkpoint.keep}"),
-      (exp.run.log_every > 0, f"run.log_every must be positive, got {exp.run.log_every}"),
-      (0 <= exp.train.seed < 2**32,
-       f"train.seed must be in [0, 2**32), got {exp.train.seed}"),
       (not exp.model.acceptance_head or not exp.train.steps or exp.train.teacher_workdir,
        "model.acceptance_head=true trains the acceptance head against a target: set "
        "train.teacher_workdir=<the target's run>"),

@@ -135,3 +135,18 @@ def test_stored_flat_model_config_loads_into_the_sections():
     ModelConfig.upgrade_legacy({**LEGACY_MODEL, "diffusion": {"mask_id": 7}})
   with pytest.raises(UserError, match="unknown config key 'model.mask_idx'"):
     config_lib.from_dict(config_lib.Experiment, {"model": {"mask_idx": 1}})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.learning_rate=0", r"optimizer.learning_rate must be > 0, got 0.0"),
+    ("optimizer.b2=1", r"optimizer.b2 must be in \[0, 1\), got 1.0"),
+    ("schedule.warmup_steps=-5", "schedule.warmup_steps must be >= 0, got -5"),
+    ("mesh.tensor=0", "mesh.tensor must be >= 1, or -1 for the remaining devices, got 0"),
+    ("train.seed=4294967296", r"train.seed must be in \[0, 2\*\*32\), got 4294967296"),
+    ("train.distill_weight=1.5", r"train.distill_weight must be in \[0, 1\]"),
+    ("eval.batches=0", "eval.batches must be >= 1, got 0"),
+    ("data.eval_fraction=1", r"data.eval_fraction must be in \(0, 1\)"),
+])
+def test_every_numeric_field_out_of_range_is_named(override, message):
+  with pytest.raises(UserError, match=message):
+    config_lib.validate(config_lib.apply_overrides(registry.get("tiny"), [override]))
