@@ -8,7 +8,8 @@ and measuring them.
   experiments by name.
 - `main`, `workflows`: the command line and what each of its modes does.
 - `run`: a workdir's stored config and trained model, for anyone who needs them.
-- `train`, `optim`, `checkpointing`, `metrics`, `atomic`: the training loop, optax optimizer and
+- `train`, `train_state`, `optim`, `checkpointing`, `metrics`, `atomic`: the training loop, what a
+  checkpoint holds and its shardings, the optax optimizer and
   schedules, Orbax checkpoints, run output, crash-safe writes.
 - `data`, `tokenizer`, `tasks`: corpora to packed token batches (Grain), the byte tokenizer, the
   synthetic parallel-decoding tasks.

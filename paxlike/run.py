@@ -15,7 +15,7 @@ Why a module of its own: using a trained run needs its config and its parameters
 optimizer loop, training data or a distillation teacher. One reader serves the CLI modes, the
 distillation teacher, `train.init_from`, the data writers and the benchmarks, and one check
 guards the main run and its companion models alike; `Trainer` only trains. The shapes and
-shardings of a checkpoint come from `paxlike.train.state_layout`, so what is read back is
+shardings of a checkpoint come from `paxlike.train_state.state_layout`, so what is read back is
 exactly what the trainer wrote.
 
 Reading and checking a config stays cheap for the CLI: the checkpointer (Orbax, Grain), the
@@ -27,18 +27,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 
 from models.config import ModelConfig
-from paxlike import atomic
+from paxlike import atomic, train_state
 from paxlike import config as config_lib
 from paxlike.config import Experiment, MeshConfig
 from paxlike.errors import UserError
-
-if TYPE_CHECKING:
-  from paxlike.train import StateLayout
+from paxlike.train_state import StateLayout
 
 CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
@@ -126,10 +124,9 @@ class Run:
   def layout(self, mesh: MeshConfig | None = None) -> StateLayout:
     """The model and the train state's shapes and shardings of this run on `mesh` (default:
     exp.mesh); UserError if the mesh does not fit the devices or divide the model."""
-    from paxlike import train  # train.py uses Run: imported here, not at the top
     mesh = self.exp.mesh if mesh is None else mesh
     if mesh not in self._layouts:
-      self._layouts[mesh] = train.state_layout(dataclasses.replace(self.exp, mesh=mesh))
+      self._layouts[mesh] = train_state.state_layout(dataclasses.replace(self.exp, mesh=mesh))
     return self._layouts[mesh]
 
   def restore(self, mesh: MeshConfig | None = None) -> Restored:

@@ -5,7 +5,7 @@
 the latest readable checkpoint (model, optimizer, step, RNG and the data iterator position), so an
 interrupted-and-resumed run reproduces the losses of an uninterrupted one bit for bit.
 Reading a trained run back (its config, its latest parameters) is `paxlike.run.Run`'s job; the
-shapes and shardings of what a checkpoint holds are `state_layout`'s, shared by both.
+shapes and shardings of what a checkpoint holds are `paxlike.train_state`'s, shared by both.
 """
 
 from __future__ import annotations
@@ -19,17 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
 
-from models.build import build_model
 from parallelism import rules
-from parallelism.mesh import make_mesh
 from paxlike import atomic
 from paxlike import data as data_lib
 from paxlike import interchange
@@ -37,18 +32,9 @@ from paxlike.checkpointing import Checkpointer
 from paxlike.config import Experiment
 from paxlike.errors import UserError
 from paxlike.metrics import MetricsLog, Progress
-from paxlike.optim import learning_rate_schedule, make_optimizer, param_path
+from paxlike.optim import learning_rate_schedule, param_path
 from paxlike.run import Run, hf_params
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a resumed run needs besides the data position."""
-
-  step: jax.Array  # [] int32
-  params: Any
-  opt_state: Any
-  rng: jax.Array  # [2] uint32 raw key; folded with the step for any per-step randomness
+from paxlike.train_state import TrainState, boxed_init, state_layout
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -109,73 +95,6 @@ class _StopRequest:
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
-
-
-@dataclasses.dataclass(frozen=True)
-class StateLayout:
-  """An experiment's mesh, model and optimizer, and the shapes and shardings of its TrainState
-  (what a checkpoint holds): the trainer builds its state with it, `paxlike.run.Run` reads
-  checkpoints back with it."""
-
-  mesh: Mesh
-  model: Any
-  tx: optax.GradientTransformation
-  abstract_state: TrainState  # jax.ShapeDtypeStruct leaves that carry their shardings
-  state_shardings: TrainState
-
-
-def _boxed_init(model: Any, tx: optax.GradientTransformation, seq_len: int,
-                key: jax.Array) -> TrainState:
-  params = model.module.init(key, jnp.zeros((1, seq_len), jnp.int32))["params"]
-  return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=jax.random.key_data(jax.random.fold_in(key, 1)))
-
-
-def state_layout(exp: Experiment) -> StateLayout:
-  """The layout of `exp` on `exp.mesh`; UserError for a mesh the devices do not fit, a bad model
-  config, or a batch, sequence or sharded parameter dimension the mesh does not divide."""
-  try:
-    m = exp.mesh
-    mesh = make_mesh(m.data, m.fsdp, m.sequence, m.tensor,
-                     dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_sequence, m.dcn_tensor))
-  except ValueError as e:
-    raise UserError(str(e)) from None
-  try:
-    model = build_model(exp.model)
-  except ValueError as e:
-    raise UserError(str(e)) from None
-  tx = make_optimizer(exp.optimizer, exp.schedule, exp.train.steps, exp.train.trainable)
-  with rules.activate(mesh):
-    boxed = jax.eval_shape(functools.partial(_boxed_init, model, tx, exp.data.seq_len),
-                           jax.random.key(exp.train.seed))
-    _check_divisible(exp, mesh, boxed)
-    state_shardings = rules.logical_shardings(boxed, mesh)
-  abstract_state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(boxed),
-      state_shardings)
-  return StateLayout(mesh, model, tx, abstract_state, state_shardings)
-
-
-_MODEL_FIELDS = {"heads": "model.num_heads", "kv_heads": "model.num_kv_heads",
-                 "mlp": "model.mlp_dim", "vocab": "model.vocab_size", "embed": "model.d_model"}
-
-
-def _check_divisible(exp: Experiment, mesh: Mesh, boxed: TrainState) -> None:
-  """Every sharded dimension, the batch and the sequence divide by their mesh axes."""
-  shape = mesh.shape
-  batch_shards = shape["data"] * shape["fsdp"]
-  if exp.train.batch_size % batch_shards:
-    raise UserError(f"train.batch_size={exp.train.batch_size} is not divisible by "
-                    f"mesh.data x mesh.fsdp = {batch_shards}")
-  if exp.data.seq_len % shape["sequence"]:
-    raise UserError(f"data.seq_len={exp.data.seq_len} is not divisible by "
-                    f"mesh.sequence={shape['sequence']}")
-  try:
-    rules.check_divisible(boxed.params, mesh)
-  except ValueError as e:
-    hint = next((f" ({field}={getattr(exp.model, field.split('.')[1])})"
-                 for name, field in _MODEL_FIELDS.items() if f"({name})" in str(e)), "")
-    raise UserError(f"{e}{hint}") from None
 
 
 @dataclasses.dataclass
@@ -251,7 +170,7 @@ class Trainer:
     self.abstract_state = self.layout.abstract_state
     self.state_shardings = self.layout.state_shardings
     self.batch_sharding = rules.batch_sharding(self.mesh)
-    init = functools.partial(_boxed_init, self.model, self.tx, self.exp.data.seq_len)
+    init = functools.partial(boxed_init, self.model, self.tx, self.exp.data.seq_len)
     self._init = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=self.state_shardings)
     replicated = rules.replicated(self.mesh)
     teacher_model = teacher_shardings = None
