@@ -4,7 +4,9 @@ positions to generate, plus the per-row, per-step randomness and token draws the
 A diffusion sampler fills every mask of its canvas (infilling in general; continuation when the
 masks follow a prompt, see `from_prompts`) and returns the completed canvas. A row's randomness
 at step s is `fold_in(row_key, s)`, one draw of [L, ...] uniforms, so a row's result depends only
-on its own key, never on the batch it runs in.
+on its own key, never on the batch it runs in; `position_uniforms` draws each position with its own
+key as well, so that a position's draws do not depend on the canvas length either (a row padded to
+a batch's longer canvas draws what it draws alone).
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def step_uniforms(keys: jax.Array, step: jax.Array, shape: tuple[int, ...]) -> j
   keys [B]: drawn with fold_in(row_key, step)."""
   step = jnp.broadcast_to(step, keys.shape)
   return jax.vmap(lambda k, s: verify.uniforms(jax.random.fold_in(k, s), shape))(keys, step)
+
+
+def position_uniforms(keys: jax.Array, step: jax.Array, length: int,
+                      shape: tuple[int, ...]) -> jax.Array:
+  """[B, length, *shape] float32 uniforms in (0, 1) of step `step` ([] or [B] int32) for rows with
+  typed keys [B]: position i draws with fold_in(fold_in(row_key, step), i)."""
+  def row(key, s):
+    key = jax.random.fold_in(key, s)
+    return jax.vmap(lambda i: verify.uniforms(jax.random.fold_in(key, i), shape))(
+        jnp.arange(length))
+  return jax.vmap(row)(keys, jnp.broadcast_to(step, keys.shape))
 
 
 def draw_tokens(u: jax.Array, dist: jax.Array, sampling: SamplingParams) -> jax.Array:

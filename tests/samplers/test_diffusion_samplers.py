@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from samplers import assd, block_diffusion, edlm, mdlm, unmask
+from samplers.core import canvas as canvas_lib
 from samplers.core import verify
 from samplers.core.logits import SamplingParams
 from tests.samplers import toy
@@ -201,6 +202,47 @@ def test_block_causal_cache_equals_cache_free():
   np.testing.assert_array_equal(outs[0].stats["model_calls"], steps + 1)  # one block write
 
 
+BLOCK_JOINT = td.random_joint(1, 2, 8)  # 2 tokens over 8 positions: 4 blocks of 2
+
+
+@pytest.mark.parametrize("block_size,cached", [(2, True), (2, False), (0, False)])
+def test_a_block_decoded_row_does_not_depend_on_its_batch(block_size, cached):
+  """Rows with prompts of different lengths finish their blocks after different numbers of steps;
+  each row's draws follow its own steps, so a row decoded alone, in the batch and vmapped gets the
+  same tokens (sampled, several seeds)."""
+  model = td.TabularDenoiser(2, 8, block_size=block_size)
+  params, m = model.params(BLOCK_JOINT), model.mask_id
+  canvas = jnp.array([[0] + [m] * 7, [1, 0, 1] + [m] * 5, [m] * 8, [1, 1, 0, 1, 0, m, m, m]],
+                     jnp.int32)
+  rule = unmask.UnmaskConfig(rule="threshold", threshold=0.7, sampling=T1)
+  config = block_diffusion.BlockConfig(2, rule, cached)
+  run = lambda c, k: block_diffusion.sample(model, params, c, k, config).tokens
+  for seed in range(6):
+    keys = jax.random.split(jax.random.key(seed), len(canvas))
+    batched = np.asarray(run(canvas, keys))
+    assert np.all(batched != m)
+    vmapped = jax.vmap(lambda c, k: run(c[None], k[None])[0])(canvas, keys)
+    np.testing.assert_array_equal(vmapped, batched)
+    for i in range(len(canvas)):
+      np.testing.assert_array_equal(run(canvas[i:i + 1], keys[i:i + 1])[0], batched[i])
+
+
+def test_cached_blocks_need_a_block_causal_model_of_the_same_blocks():
+  """Cached decoding of a bidirectional model (or of other blocks) is refused with the fixes
+  named; `approximate_cache=True` runs it knowingly."""
+  rule = unmask.UnmaskConfig(k=1, sampling=T1)
+  for model in (td.TabularDenoiser(VOCAB, LENGTH), td.TabularDenoiser(VOCAB, LENGTH, 4)):
+    params = model.params(JOINT)
+    with pytest.raises(ValueError, match=(
+        r"cached block decoding is exact only .*block_size equal to sampler.block_length \(2\).*"
+        r"cached=False \(`--set sampler.cached=false`\)")):
+      block_diffusion.sample(model, params, MASKS, jax.random.key(0),
+                             block_diffusion.BlockConfig(2, rule))
+    out = block_diffusion.sample(model, params, MASKS, jax.random.key(0),
+                                 block_diffusion.BlockConfig(2, rule, approximate_cache=True))
+    assert np.all(np.asarray(out.tokens) < VOCAB)
+
+
 @pytest.mark.slow
 def test_assd_follows_the_joint_and_a_missing_residual_is_caught(fresh_trace):
   model = td.TabularAnySubset(VOCAB, LENGTH)
@@ -259,6 +301,45 @@ def test_edlm_moves_toward_the_ar_distribution_as_k_grows():
   assert abs(distances[0] - td.tv(product, joint[0])) < 0.01  # K = 1: the plain denoiser
   assert distances[0] > distances[1] > distances[2]
   assert distances[2] < 0.5 * distances[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionalDenoiser:
+  """A denoiser whose prediction at a position depends on the position only, never on the other
+  tokens (padding included): a row's result can then depend on its batch only through the
+  sampler. Params: logits [max_len, vocab_size]."""
+
+  vocab_size: int
+  max_len: int
+  mask_id: int
+  block_size: int = 0
+
+  def denoise(self, params, tokens):
+    return jnp.broadcast_to(params[:tokens.shape[1]], tokens.shape + (self.vocab_size,))
+
+
+def test_an_edlm_row_does_not_depend_on_the_padding_of_its_batch():
+  """A short prompt batched with a longer one is followed by padding; its energy scores only the
+  row's own tokens, and its draws are per position, so it gets the tokens it gets alone."""
+  vocab, mask, pad, new = 5, 4, 3, 4  # pad is a real token: the AR model has an opinion of it
+  ar_model = toy.TrigramLM(vocab, 16)
+  table = np.array(ar_model.init(jax.random.key(8), 2.0))
+  table[..., mask] = -1e9
+  table = jnp.asarray(table)
+  model = PositionalDenoiser(vocab, 16, mask)
+  params = jax.random.normal(jax.random.key(9), (16, vocab))
+  prompts = jnp.array([[0, 1, 0, 0, 0, 0, 0, 0], [0, 2, 1, 3, 2, 0, 1, 2]], jnp.int32)
+  lengths = jnp.array([2, 8])
+  batch = canvas_lib.from_prompts(prompts, lengths, new, mask, pad)  # [2, 12]: row 0 padded
+  alone = canvas_lib.from_prompts(prompts[:1, :2], lengths[:1], new, mask, pad)  # [1, 6]
+  # scoring the padding too changes row 0 in 7 of these 12 seeds
+  config = edlm.EDLMConfig(steps=2, num_candidates=8, sampling=T1, pad_id=pad)
+  for seed in range(12):
+    keys = jax.random.split(jax.random.key(seed), 2)
+    together = edlm.sample(model, params, ar_model, table, batch, keys, config)
+    single = edlm.sample(model, params, ar_model, table, alone, keys[:1], config)
+    np.testing.assert_array_equal(canvas_lib.generated(single.tokens, lengths[:1], new)[0],
+                                  canvas_lib.generated(together.tokens, lengths, new)[0])
 
 
 def test_bad_input_is_a_clear_error():
