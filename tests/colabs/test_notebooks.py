@@ -24,6 +24,7 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
   # simulated device count (a notebook sets its own), and run it from the repository root.
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.setenv("PAXLIKE_NOTEBOOK_STEP_SCALE", "0.1")  # every cell runs; fewer train steps
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(COLABS.parent), *sys.path]))
   notebook = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
