@@ -92,15 +92,7 @@ class CompiledDecoder:
   def __init__(self, model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray,
                cfg: SamplerConfig, draft: Any = None, draft_params: Any = None):
     fn, leading, config, max_new = _prepare(cfg, model, params, prompt, draft, draft_params)
-    if cfg.spec.takes_canvas:
-      if np.any(prompt == model.mask_id):
-        raise UserError(f"the prompts contain the mask id {model.mask_id}; a diffusion sampler "
-                        "would generate there: remove it from the prompt")
-      data = (canvas.from_prompts(jnp.asarray(prompt), jnp.asarray(lengths), max_new,
-                                  model.mask_id, interchange.text_codec(model.config).pad_id),)
-    else:
-      data = (jnp.asarray(prompt), jnp.asarray(lengths))
-    args = (*leading, *data, jax.random.key(cfg.seed))
+    args = (*leading, *_data(cfg, model, prompt, lengths, max_new), jax.random.key(cfg.seed))
     start = time.perf_counter()
     try:
       self._compiled = fn.lower(*args, config).compile()
@@ -123,9 +115,7 @@ class CompiledDecoder:
     tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
     generated = int(counts.sum())
     if self._cfg.spec.takes_canvas:
-      tokens, counts = _until_eos(
-          np.asarray(canvas.generated(out.tokens, self._lengths, self._max_new)),
-          interchange.text_codec(self._model.config))
+      tokens, counts = _canvas_text(self._model, self._lengths, self._max_new)(tokens)
     stats = {"sampler": self._cfg.kind, "batch": len(self._lengths), "tokens": generated,
              "tokens_per_s": round(generated / wall_s, 1), "wall_s": round(wall_s, 4),
              "compile_s": round(self.compile_s, 3)}
@@ -133,6 +123,35 @@ class CompiledDecoder:
       value = np.asarray(value)
       stats[name] = round(float(value), 4) if value.dtype.kind == "f" else int(value)
     return tokens, counts, stats
+
+
+def _data(cfg: SamplerConfig, model, prompt: np.ndarray, lengths: np.ndarray,
+          max_new: int) -> tuple[jax.Array, ...]:
+  """The sampler's arguments between its models and its key: (prompt, lengths), or for the
+  canvas kinds (canvas [B, P + max_new],) with max_new masks after each prompt."""
+  if not cfg.spec.takes_canvas:
+    return jnp.asarray(prompt), jnp.asarray(lengths)
+  if np.any(prompt == model.mask_id):
+    raise UserError(f"the prompts contain the mask id {model.mask_id}; a diffusion sampler "
+                    "would generate there: remove it from the prompt")
+  return (canvas.from_prompts(jnp.asarray(prompt), jnp.asarray(lengths), max_new, model.mask_id,
+                              interchange.text_codec(model.config).pad_id),)
+
+
+def _canvas_text(model, lengths: np.ndarray, max_new: int):
+  """completed canvases [B, ..., L] (row b's after prompt b) -> (generated tokens [B, ..., N]
+  cut after the first eos, their lengths [B, ...])."""
+  codec = interchange.text_codec(model.config)
+
+  def finish(canvases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    shape = canvases.shape[:-1]
+    rows = np.broadcast_to(np.reshape(lengths, (-1,) + (1,) * (len(shape) - 1)), shape)
+    generated = canvas.generated(jnp.asarray(canvases).reshape(-1, canvases.shape[-1]),
+                                 jnp.asarray(rows.reshape(-1)), max_new)
+    tokens, counts = _until_eos(np.asarray(generated), codec)
+    return tokens.reshape(shape + (max_new,)), counts.reshape(shape)
+
+  return finish
 
 
 def _prepare(cfg: SamplerConfig, model, params, prompt: np.ndarray, draft, draft_params):
@@ -161,13 +180,16 @@ def decode(model: Any, params: Any, prompt: np.ndarray, lengths: np.ndarray, cfg
   """Runs the sampler of `cfg.kind` on token prompts; returns (tokens [B, N], lengths [B], stats).
 
   The sampler is compiled ahead of time (`compile_s`); `wall_s` is the median of `repeats` runs.
+  With `sampler.num_samples` > 1 or a selection, `parallel_sampling.decode` draws the n samples
+  (the canvas kinds: selection none, majority or mbr).
   """
   if cfg.num_samples > 1 or cfg.selection != "none":
-    if cfg.spec.takes_canvas:
-      raise UserError(f"sampler.num_samples and sampler.selection are for the autoregressive "
-                      f"kinds, not sampler.kind={cfg.kind}")
-    fn, leading, config, _ = _prepare(cfg, model, params, prompt, draft, draft_params)
-    return parallel_sampling.decode(fn, leading, config, prompt, lengths, cfg, model, params)
+    parallel_sampling.check_selection(cfg)
+    fn, leading, config, max_new = _prepare(cfg, model, params, prompt, draft, draft_params)
+    finish = _canvas_text(model, lengths, max_new) if cfg.spec.takes_canvas else None
+    return parallel_sampling.decode(fn, leading, config, prompt, lengths, cfg, model, params,
+                                    data=_data(cfg, model, prompt, lengths, max_new),
+                                    finish=finish)
   decoder = CompiledDecoder(model, params, prompt, lengths, cfg, draft, draft_params)
   times = []
   for _ in range(repeats):

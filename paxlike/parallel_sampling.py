@@ -10,7 +10,11 @@
   scored every `sampler.prune_every` tokens by mean token log-likelihood, keeping
   `sampler.prune_keep` of the survivors.
 
-The other selections sample with `samplers.repeated.sample` around the sampler of `sampler.kind`.
+The other selections sample with `samplers.repeated.sample` around the sampler of `sampler.kind`,
+the causal kinds and the diffusion-style (canvas) kinds alike. A canvas kind's samples are its
+completed canvases, read as the tokens after the prompt up to the first eos; best_of_n scores
+with the causal model's log-likelihood, which a denoiser does not give, so the canvas kinds take
+the selections of `CANVAS_SELECTIONS` (none, majority, mbr), which only read the samples' tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from paxlike.errors import UserError
 from samplers import pruned, repeated, selection
 
 AR_ONLY = ("first_finish", "reward_pruned")
+CANVAS_SELECTIONS = ("none", "majority", "mbr")  # those that need no causal log-likelihood
 
 
 def _answers(tokens: np.ndarray, lengths: np.ndarray) -> list[list[str | None]]:
@@ -55,23 +60,38 @@ def mean_log_likelihood(model, params, prompt, prompt_lengths):
   return lambda tokens, lengths: total(tokens, lengths) / np.maximum(lengths, 1)
 
 
-def decode(fn, leading: tuple, config, prompt: np.ndarray, lengths: np.ndarray,
-           cfg: SamplerConfig, model, params) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-  """n samples per prompt and the selection of `cfg`; returns (tokens, lengths, stats).
-
-  `fn(*leading, prompt, lengths, key, config)` is the sampler of `cfg.kind`; `model` / `params`
-  score samples (best_of_n, reward_pruned) and decode first_finish / reward_pruned. tokens are
-  [B, N] (one pick per prompt), or [B * n, N] with selection none; `wall_s` includes compiling.
-  """
+def check_selection(cfg: SamplerConfig) -> None:
+  """UserError when `sampler.num_samples` / `sampler.selection` cannot run with `sampler.kind`."""
   n, rule = cfg.num_samples, cfg.selection
   if n < 1:
     raise UserError(f"sampler.num_samples must be >= 1, got {n}")
   if rule not in SELECTIONS:
     raise UserError(f"sampler.selection={rule!r} is unknown; valid: {', '.join(SELECTIONS)}")
+  if cfg.spec.takes_canvas and rule not in CANVAS_SELECTIONS:
+    raise UserError(f"sampler.selection={rule} needs a causal model's log-likelihood or AR "
+                    f"decoding; sampler.kind={cfg.kind} fills a canvas: use sampler.selection="
+                    f"{', '.join(CANVAS_SELECTIONS)}")
   if rule in AR_ONLY and cfg.kind != "ar":
     raise UserError(f"sampler.selection={rule} decodes with its own AR loop; set sampler.kind=ar "
                     f"(got {cfg.kind})")
+
+
+def decode(fn, leading: tuple, config, prompt: np.ndarray, lengths: np.ndarray,
+           cfg: SamplerConfig, model, params, data: tuple | None = None,
+           finish=None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+  """n samples per prompt and the selection of `cfg`; returns (tokens, lengths, stats).
+
+  `fn(*leading, *data, key, config)` is the sampler of `cfg.kind`; data defaults to (prompt,
+  lengths) (a causal kind), a canvas kind passes (canvas,) and `finish`, which maps completed
+  canvases [B, n, L] to (generated tokens [B, n, N] cut after eos, their lengths [B, n]).
+  `model` / `params` score samples (best_of_n, reward_pruned) and decode first_finish /
+  reward_pruned. tokens are [B, N] (one pick per prompt), or [B * n, N] with selection none;
+  `wall_s` includes compiling.
+  """
+  check_selection(cfg)
+  n, rule = cfg.num_samples, cfg.selection
   prompt_j, lengths_j = jnp.asarray(prompt), jnp.asarray(lengths)
+  data = (prompt_j, lengths_j) if data is None else data
   key = jax.random.key(cfg.seed)
   start = time.perf_counter()
   if rule in AR_ONLY:
@@ -92,10 +112,12 @@ def decode(fn, leading: tuple, config, prompt: np.ndarray, lengths: np.ndarray,
   else:
     try:
       out = jax.block_until_ready(repeated.sample(fn, tuple(leading[0::2]), tuple(leading[1::2]),
-                                                  prompt_j, lengths_j, key, config, n))
+                                                  *data, key, config, n))
     except ValueError as e:
       raise UserError(str(e)) from None
     all_tokens, all_counts = np.asarray(out.tokens), np.asarray(out.lengths)
+    if finish is not None:
+      all_tokens, all_counts = finish(all_tokens)
     raw_stats = {name: int(value) for name, value in out.stats.items()}
     if rule == "none":
       tokens, counts = all_tokens.reshape(-1, all_tokens.shape[2]), all_counts.reshape(-1)

@@ -61,7 +61,8 @@ class SamplerConfig:
     selection: how one of the n is picked: "none" (print all n), "best_of_n" (model
       log-likelihood), "majority" (self-consistency), "mbr" (token F1), "first_finish" (the first
       to emit eos) or "reward_pruned" (speculative rejection, pruning every prune_every tokens to
-      prune_keep of the survivors); see `paxlike.parallel_sampling`.
+      prune_keep of the survivors); the diffusion kinds take "none", "majority" and "mbr"; see
+      `paxlike.parallel_sampling`.
   """
 
   kind: str = "ar"

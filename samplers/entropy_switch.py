@@ -10,7 +10,11 @@ what it reports is how much of the text the large model made (`large_fraction`).
 The large model is called only when some row needs it, or to keep its cache in step: a call
 feeds the last `sync_every` tokens of every row (rewriting slots it already holds), so its cache
 may lag by up to `sync_every` tokens; when the lag reaches that, a catch-up call is made. Large
-calls therefore stay near (large tokens + generated / sync_every) instead of one per token.
+calls therefore stay near (large tokens + generated / sync_every) instead of one per token. The
+skip is a `lax.cond` on one decision for the batch: under `jax.vmap` over keys (e.g.
+`samplers.repeated`) each sample decides alone, the cond becomes a select that runs the large
+model at every step, and `large_calls` then counts every step's call, what ran
+(`samplers.core.cond_calls`).
 
 Guarantees (tested): threshold = -1 (always large) gives exactly the large model's AR samples and
 threshold = +inf (never) exactly the small model's, with the same key (`ar.sample` randomness:
@@ -25,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers.core import emit, rng
+from samplers.core import cond_calls, emit, rng
 from samplers.core.logits import SamplingParams, sample_token
 from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
                                check_vocabularies, last_prompt_logits, prefill)
@@ -77,8 +81,9 @@ def sample(small: CausalModel, small_params, large: CausalModel, large_params,
     key: one key or one per row (as `ar.sample`).
     config: static `EntropySwitchConfig`.
   Returns:
-    SampleOutput with tokens [B, N]; stats `model_calls` (= `large_calls`, prefill included),
-    `small_calls`, `large_calls`, `large_tokens`, `generated_tokens` and `large_fraction`
+    SampleOutput with tokens [B, N]; stats `model_calls` (= `large_calls`, the large model's
+    calls that ran, prefill included: under a `jax.vmap` that batches the call decision, one per
+    step), `small_calls`, `large_calls`, `large_tokens`, `generated_tokens` and `large_fraction`
     (float32 large_tokens / generated_tokens).
   Raises:
     ValueError: vocabularies differ, or P + N + sync_every exceeds either model's max_len.
@@ -118,6 +123,7 @@ def sample(small: CausalModel, small_params, large: CausalModel, large_params,
     use_large = (rolling > config.threshold) & active
     lagging = jnp.any(active & (context - s["filled"] >= width))
     call = jnp.any(use_large) | lagging
+    ran = cond_calls.branch_ran(call)  # True at every step under a vmap that batches `call`
     large_logits, large_cache = jax.lax.cond(
         call, large_call, lambda seq, cache, context: (jnp.zeros_like(s["small_logits"]), cache),
         s["seq"], s["large_cache"], context)
@@ -132,7 +138,7 @@ def sample(small: CausalModel, small_params, large: CausalModel, large_params,
     return dict(step=s["step"] + 1, seq=seq, n=n, done=done, small_logits=small_logits[:, 0],
                 small_cache=small_cache, large_cache=large_cache,
                 filled=jnp.where(call, context, s["filled"]), entropies=history,
-                large_calls=s["large_calls"] + call.astype(jnp.int32),
+                large_calls=s["large_calls"] + ran.astype(jnp.int32),
                 large_tokens=s["large_tokens"] + jnp.sum(use_large, dtype=jnp.int32))
 
   state = dict(step=jnp.int32(0), seq=seq, n=jnp.zeros((batch,), jnp.int32),

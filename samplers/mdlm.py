@@ -6,7 +6,10 @@ independently with probability (alpha_s - alpha_t) / (1 - alpha_t), its token dr
 denoiser's p(. | z_t); unmasked tokens never change, and the last step (alpha_0 = 1) unmasks
 everything left. The denoiser is not conditioned on t, so when a step changes no token the next
 step reuses its output: the loop calls the model under `lax.cond` and counts the calls it spends
-(`model_calls` <= S, and <= 1 + the number of steps that changed the canvas).
+(`model_calls` <= S, and <= 1 + the number of steps that changed the canvas). That saving needs
+one decision for the whole batch: under `jax.vmap` over keys (e.g. `samplers.repeated`) each
+sample decides alone, `lax.cond` becomes a select that runs the denoiser at every step, and
+`model_calls` then reports the S calls that ran (`samplers.core.cond_calls`).
 
 Guarantee: each step is the exact reverse transition of the factorised model; with a perfect
 denoiser the output distribution is `ancestral_joint` of the tests (positions unmasked in the same
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from samplers.core import canvas as canvas_lib
-from samplers.core import rng
+from samplers.core import cond_calls, rng
 from samplers.core.denoiser_protocol import Denoiser
 from samplers.core.logits import SamplingParams, probs
 from samplers.core.protocol import SampleOutput
@@ -83,8 +86,9 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
     key: one key or one per row; step k of a row uses fold_in(row_key, k).
     config: static `AncestralConfig`.
   Returns:
-    SampleOutput with the completed canvas [B, L]; stats `model_calls` (denoiser calls actually
-    spent), `generated_tokens`, `tokens_per_call`, `steps`.
+    SampleOutput with the completed canvas [B, L]; stats `model_calls` (denoiser calls that ran:
+    those not skipped, or S under a `jax.vmap` that batches the skip decision, where both
+    branches run), `generated_tokens`, `tokens_per_call`, `steps`.
   Raises:
     ValueError: if S exceeds the canvas length.
   """
@@ -100,7 +104,7 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
   def body(state, step):
     tokens, logits, changed, calls = state
     logits = jax.lax.cond(changed, lambda: masked_logits(model, params, tokens), lambda: logits)
-    calls = calls + changed.astype(jnp.int32)
+    calls = calls + cond_calls.branch_ran(changed).astype(jnp.int32)
     u = canvas_lib.step_uniforms(keys, step, (length, vocab + 1))
     drawn = canvas_lib.draw_tokens(u[..., 1:], probs(logits, config.sampling), config.sampling)
     unmask = (tokens == model.mask_id) & (

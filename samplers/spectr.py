@@ -13,7 +13,9 @@ when some draft survives to its end.
 
 Guarantee: every row's output has exactly the target's distribution (`samplers.ar`); the k-draft
 acceptance lies between single-draft acceptance and `optimal.optimal_acceptance`. Caches are per
-row (`samplers.core.rows`), so the copy of the accepted draft is kept and the others dropped.
+row (`samplers.core.rows`), so the copy of the accepted draft is kept and the others dropped; on
+a mesh with logical axis rules (`parallelism.rules.activate`) the row caches, the k copies and the
+output stay sharded over the batch's mesh axes ('data'), as in a batched sampler.
 """
 
 from __future__ import annotations
@@ -184,8 +186,9 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     if greedy:  # every valid copy is copy 0's argmax chain: `verify.greedy_chain` on it
       emitted, count = verify.greedy_chain(
           drafts[:, 0], logits.reshape(batch, copies, gamma + 1, vocab)[:, 0])
-      keep = jnp.arange(batch) * copies
-      return (rows.take(target_rows, keep), rows.take(draft_rows, keep)), emitted, count
+      first_copy = jnp.zeros((batch,), jnp.int32)
+      kept = (rows.keep_copy(target_rows, first_copy), rows.keep_copy(draft_rows, first_copy))
+      return kept, emitted, count
     q_rest = jnp.moveaxis(q_rest.reshape(gamma - 1, batch, copies, vocab), 0, 2)
     q_shared = jnp.broadcast_to(q_first[:, None, None], (batch, copies, 1, vocab))
     q = jnp.concatenate([q_shared, q_rest], axis=2)  # [B, k, gamma, V]
@@ -193,12 +196,12 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
 
     count, last, chosen = jax.vmap(_verify_row, in_axes=(0, 0, 0, 0, 0, None))(
         verify_u, p, q, drafts, valid, config.without_replacement)
-    keep = jnp.arange(batch) * copies + chosen
     path = jnp.take_along_axis(drafts, chosen[:, None, None], axis=1)[:, 0]  # [B, gamma]
     index = jnp.arange(gamma + 1)[None, :]
     padded = jnp.concatenate([path, path[:, :1]], axis=1)
     emitted = jnp.where(index < count[:, None], padded, last[:, None])
-    return (rows.take(target_rows, keep), rows.take(draft_rows, keep)), emitted, count
+    kept = (rows.keep_copy(target_rows, chosen), rows.keep_copy(draft_rows, chosen))
+    return kept, emitted, count
 
   positions = prompt_positions(prompt)
   target_logits, target_rows = rows.call(prefill_method(target), target_params, prompt, positions,

@@ -10,4 +10,6 @@
 - `tree_shape`, `tree_walk`: static token trees and their verification walk.
 - `slots`, `rows`: cache slot compaction, and model calls over per-row caches.
 - `canvas`, `refill`: the diffusion-style samplers' canvas and continuous batching.
+- `cond_calls`: counting the calls a `lax.cond` skips, honest under `jax.vmap` (where it runs both
+  branches).
 """

@@ -1,5 +1,6 @@
-"""Repeated sampling: n vmapped samples equal n separate runs with the same per-sample keys, the
-prefill runs once, they are i.i.d. (200k-sample oracle, a key-reusing variant caught), and
+"""Repeated sampling: n vmapped samples equal n separate runs with the same per-sample keys (causal
+and canvas samplers), the prefill runs once, model calls skipped by `lax.cond` count as run under
+vmap, the samples are i.i.d. (200k-sample oracle, a key-reusing variant caught), and
 reward-pruned / first-finish decoding keep exactly the samples of plain repeated sampling."""
 
 import dataclasses
@@ -8,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from samplers import ar, pruned, repeated, selection, speculative
+from samplers import ar, entropy_switch, mdlm, pruned, repeated, selection, speculative, unmask
+from samplers.core.logits import SamplingParams
 from tests.samplers import oracle, toy
+from tests.samplers import toy_denoiser as td
 
 PREFILLS = []
 
@@ -55,6 +58,94 @@ def test_n_at_once_equals_one_at_a_time_and_prefills_once(params):
   assert len({tuple(np.asarray(out.tokens[0, i])) for i in range(5)}) > 1
 
 
+DENOISER = td.TabularDenoiser(vocab=3, length=4)
+CANVAS = np.array([[0, 3, 3, 3], [3, 3, 3, 3], [3, 2, 3, 1]], np.int32)  # 3 is the mask id
+T1 = SamplingParams(temperature=1.0)
+
+
+@pytest.mark.parametrize("sample_fn,config", [
+    (unmask.sample, unmask.UnmaskConfig(rule="threshold", threshold=0.6, sampling=T1)),
+    (unmask.sample, unmask.UnmaskConfig(rule="threshold", threshold=0.6, sampling=T1, slots=2)),
+    (mdlm.sample, mdlm.AncestralConfig(steps=4, sampling=T1)),
+], ids=["unmask", "unmask-slots2", "mdlm"])
+def test_canvas_samplers_n_at_once_equal_one_at_a_time(sample_fn, config):
+  """The canvas signature (models, canvas, key, config): sample i of every row is the lone run
+  with key fold_in(key, i), tokens and lengths."""
+  params = DENOISER.params(td.random_joint(0, 3, 4))
+  n = 5
+  out = repeated.sample(sample_fn, (DENOISER,), (params,), CANVAS, jax.random.key(0), config, n)
+  assert out.tokens.shape == (3, n, 4) and out.lengths.shape == (3, n)
+  keys = repeated.sample_keys(jax.random.key(0), n)
+  for i in range(n):
+    alone = sample_fn(DENOISER, params, CANVAS, keys[i], config)
+    np.testing.assert_array_equal(out.tokens[:, i], alone.tokens)
+    np.testing.assert_array_equal(out.lengths[:, i], alone.lengths)
+  assert len({tuple(np.asarray(out.tokens[1, i])) for i in range(n)}) > 1
+  assert int(out.stats["generated_tokens"]) == n * int(np.sum(CANVAS == 3))
+
+
+def test_unmask_calls_are_each_samples_own_under_repeated():
+  """unmask skips no call with lax.cond: each sample's model_calls is its lone run's, and the
+  vmapped while loop runs as many passes as the slowest sample."""
+  params = DENOISER.params(td.random_joint(0, 3, 4))
+  config = unmask.UnmaskConfig(rule="threshold", threshold=0.6, sampling=T1)
+  out = repeated.sample(unmask.sample, (DENOISER,), (params,), CANVAS, jax.random.key(0), config, 8)
+  keys = repeated.sample_keys(jax.random.key(0), 8)
+  alone = [int(unmask.sample(DENOISER, params, CANVAS, k, config).stats["model_calls"])
+           for k in keys]
+  np.testing.assert_array_equal(out.sample_stats["model_calls"], alone)
+  assert int(out.stats["model_calls"]) == max(alone)
+  assert int(out.stats["sample_model_calls"]) == sum(alone)
+
+
+def _has_cond(fn, *args) -> bool:
+  return "cond[" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_mdlm_under_vmap_reports_the_denoiser_calls_that_ran():
+  """mdlm reuses the denoiser's output after a step that unmasked nothing (a lax.cond); under
+  repeated's vmap each sample decides alone, the cond is a select (no cond left in the program)
+  that calls the denoiser at every step, and every sample's model_calls says so: S each. Lone
+  runs with the same keys do save calls (the test has power)."""
+  params = DENOISER.params(td.random_joint(0, 3, 4))
+  steps, n = 4, 12
+  config = mdlm.AncestralConfig(steps=steps, sampling=T1)
+  canvas = np.full((1, 4), 3, np.int32)
+  run = lambda key: repeated.sample(mdlm.sample, (DENOISER,), (params,), canvas, key, config, n)
+  alone = lambda key: mdlm.sample(DENOISER, params, canvas, key, config)
+  assert _has_cond(alone, jax.random.key(0)) and not _has_cond(run, jax.random.key(0))
+  out = run(jax.random.key(0))
+  lone_calls = [int(alone(k).stats["model_calls"]) for k in repeated.sample_keys(
+      jax.random.key(0), n)]
+  assert min(lone_calls) < steps, lone_calls  # lone runs skip calls
+  np.testing.assert_array_equal(out.sample_stats["model_calls"], [steps] * n)
+  assert int(out.stats["model_calls"]) == steps
+  assert int(out.stats["sample_model_calls"]) == n * steps
+  np.testing.assert_allclose(out.sample_stats["tokens_per_call"], 4 / steps)
+
+
+def test_entropy_switch_under_vmap_reports_the_large_calls_that_ran(params):
+  """The large model is called under a lax.cond only when some row needs it; under repeated's
+  vmap that cond is a select running it at every step, so each sample's large_calls (=
+  model_calls) is 1 + its steps (= small_calls), and the program's the longest sample's. A lone
+  run with the same key saves large calls (the test has power)."""
+  small, large = params[0], DRAFT.init(jax.random.key(9))
+  config = entropy_switch.EntropySwitchConfig(max_new_tokens=8, threshold=1.4, window=2,
+                                              sync_every=4, eos_id=EOS)
+  models = (DRAFT, toy.TrigramLM(5, 24))
+  out = repeated.sample(entropy_switch.sample, models, (small, large), *PROMPTS,
+                        jax.random.key(2), config, 4)
+  keys = repeated.sample_keys(jax.random.key(2), 4)
+  lone = [entropy_switch.sample(DRAFT, small, models[1], large, *PROMPTS, k, config) for k in keys]
+  assert any(int(o.stats["large_calls"]) < int(o.stats["small_calls"]) for o in lone)
+  for i, o in enumerate(lone):
+    np.testing.assert_array_equal(out.tokens[:, i], o.tokens)
+    assert int(out.sample_stats["small_calls"][i]) == int(o.stats["small_calls"])
+  np.testing.assert_array_equal(out.sample_stats["large_calls"], out.sample_stats["small_calls"])
+  np.testing.assert_array_equal(out.sample_stats["model_calls"], out.sample_stats["small_calls"])
+  assert int(out.stats["model_calls"]) == int(np.max(out.sample_stats["small_calls"]))
+
+
 @pytest.mark.slow
 def test_composes_with_speculative_sampling(params):
   config = speculative.SpeculativeConfig(num_draft_tokens=2, max_new_tokens=5, eos_id=EOS)
@@ -72,6 +163,12 @@ def test_bad_input():
     repeated.sample_keys(jax.random.key(0), 0)
   with pytest.raises(ValueError, match="one key"):
     repeated.sample_keys(jax.random.split(jax.random.key(0), 2), 3)
+  with pytest.raises(ValueError, match="same leading batch axis"):
+    repeated.sample(ar.sample, (DRAFT,), (None,), PROMPTS[0], PROMPTS[1][:2], jax.random.key(0),
+                    ar.ARConfig(max_new_tokens=2), 2)
+  with pytest.raises(ValueError, match="at least one data array"):
+    repeated.sample(mdlm.sample, (DENOISER,), (None,), jax.random.key(0),
+                    mdlm.AncestralConfig(steps=2), 2)
   with pytest.raises(ValueError, match="keep_fraction"):
     pruned.PrunedConfig(num_samples=4, max_new_tokens=3, keep_fraction=0.0)
   with pytest.raises(ValueError, match="num_samples"):

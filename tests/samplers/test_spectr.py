@@ -1,12 +1,16 @@
 """SpecTr k-sequential selection and drafts without replacement: exact target joint (oracle, with
 broken verifiers caught), acceptance between single-draft and alpha*, greedy equality with AR on
-a Llama pair, batching, randomness, bad input."""
+a Llama pair, batching, randomness, row caches sharded over 'data' on a mesh, bad input."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from parallelism import rules
+from parallelism.mesh import make_mesh
 from samplers import ar, spectr
 from samplers.core import optimal, verify
 from samplers.core.logits import SamplingParams
@@ -106,6 +110,33 @@ def test_greedy_equals_greedy_ar_on_a_llama_pair(without_replacement):
   assert ties <= 1, f"{ties} near-ties"
   assert 0 < float(out.stats["acceptance"]) < 1 and int(out.stats["rejections"]) > 0
   assert int(out.stats["target_calls"]) < LLAMA_STEPS
+
+
+@pytest.mark.parametrize("sampling", [pytest.param(GREEDY, marks=pytest.mark.slow),
+                                      SamplingParams()], ids=["greedy", "t1"])
+def test_data_sharded_mesh_keeps_the_row_caches_sharded(sampling):
+  """8 simulated devices as data=8, prompts passed unsharded (as the CLI does): the same tokens
+  as on one device, the output sharded over 'data', and in the compiled program every per-row KV
+  buffer [R, 1, KVH, S, D] holds only the device's own rows (B / 8 rows, or B k / 8 copies),
+  never all of them: no replicated cache, no gather of all rows to keep the accepted copy."""
+  target, draft = llama_pair.params()
+  rng = np.random.default_rng(0)
+  prompts = [list(rng.integers(1, 32, rng.integers(2, 6))) for _ in range(8)]
+  prompt, lengths = ar.pad_prompts(prompts)
+  config = spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=3, max_new_tokens=8,
+                               sampling=sampling)
+  args = (llama_pair.TARGET, target, llama_pair.DRAFT, draft, jnp.asarray(prompt),
+          jnp.asarray(lengths), jax.random.key(0), config)
+  expected = spectr.sample(*args)
+  mesh = make_mesh(data=8)
+  with rules.activate(mesh):
+    out = spectr.sample(*args)
+    hlo = spectr.sample.lower(*args).compile().as_text()
+  np.testing.assert_array_equal(out.tokens, expected.tokens)
+  assert out.tokens.sharding.is_equivalent_to(rules.batch_sharding(mesh), 2), out.tokens.sharding
+  _, kv_heads, _, head_dim = llama_pair.TARGET.init_cache(1, 4).keys[0].shape
+  rows_per_buffer = {int(r) for r in re.findall(rf"\[(\d+),1,{kv_heads},\d+,{head_dim}\]", hlo)}
+  assert rows_per_buffer and max(rows_per_buffer) <= 8 * 2 // 8, sorted(rows_per_buffer)
 
 
 def test_rows_follow_their_keys_whatever_the_batch_order_and_under_vmap():
