@@ -135,13 +135,9 @@ def _check(target: CausalModel, draft: CausalModel, prompt_len: int, config) -> 
       raise ValueError(f"tree spec malformed: branching factor {widest} exceeds vocab_size "
                        f"{target.vocab_size}; distinct children need branching <= vocab_size")
   need = prompt_len + config.max_new_tokens - 1 + config.num_nodes
-  for name, model in (("target", target), ("draft", draft)):
-    if need > model.max_len:
-      raise ValueError(
-          f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} - 1 + tree nodes "
-          f"{config.num_nodes} = {need} exceeds the {name}'s max_len {model.max_len} (target "
-          f"max_len {target.max_len}, draft max_len {draft.max_len}); shorten the prompt or lower "
-          f"max_new_tokens or the tree size")
+  draft_verify.check_room(target, draft, need,
+                          f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} "
+                          f"- 1 + tree nodes {config.num_nodes}", "max_new_tokens or the tree size")
   return need
 
 

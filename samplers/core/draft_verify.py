@@ -91,14 +91,22 @@ def check_pair(target: CausalModel, draft: CausalModel, prompt_len: int, config)
   check_vocabularies(target, draft, ("target", "draft"))
   gamma, steps = config.num_draft_tokens, config.max_new_tokens
   need = prompt_len + steps + gamma - 1
+  check_room(target, draft, need,
+             f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens {gamma} - 1",
+             "max_new_tokens or num_draft_tokens")
+  return need
+
+
+def check_room(target: CausalModel, draft: CausalModel, need: int, formula: str,
+               lower: str) -> None:
+  """ValueError when `need` cache slots (`formula` says how they add up) exceed either model's
+  max_len; `lower` names the settings that would shrink it."""
   for name, model in (("target", target), ("draft", draft)):
     if need > model.max_len:
       raise ValueError(
-          f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens {gamma} - 1 "
-          f"= {need} exceeds the {name}'s max_len {model.max_len} (target max_len "
+          f"{formula} = {need} exceeds the {name}'s max_len {model.max_len} (target max_len "
           f"{target.max_len}, draft max_len {draft.max_len}); shorten the prompt or lower "
-          f"max_new_tokens or num_draft_tokens")
-  return need
+          f"{lower}")
 
 
 def _write(seq: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
