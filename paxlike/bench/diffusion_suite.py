@@ -77,7 +77,8 @@ def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path |
   )
 
 
-def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
+def models(root: Path, corpus: Path, steps: int,
+           model_overrides: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
   """The suite's (model, params) by name, trained in `root`/<steps>_steps unless cached there (a
   new step count trains afresh instead of resuming under another schedule). The bidirectional
   MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
@@ -93,10 +94,15 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   few-call decoding starts from, which plain MDLM training visits rarely (a 4-token answer is all
   masked in 20% of rows at t ~ U(0, 1)), while the other rows keep the partly masked states of
   the later calls. That second stage runs ONE_CALL_CYCLES times for steps // 2, each run from the
-  last (warm restarts of the cosine schedule; one call keeps improving with steps)."""
+  last (warm restarts of the cosine schedule; one call keeps improving with steps).
+  `model_overrides`: `--set`-style model.* fields of every model (tests: a smaller one); the
+  cache does not tell them apart, so give other overrides another `root`."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
+  if bad := [o for o in model_overrides if not o.startswith("model.")]:
+    raise UserError(f"model_overrides set model.* fields only, got {', '.join(bad)}")
+  shaped = lambda exp: config_lib.apply_overrides(exp, model_overrides)  # every model alike
   specs = {
       "mdlm": experiment("tasks_mdlm", "mdlm", corpus, steps),
       "mdlm_block": experiment("tasks_mdlm_block", "mdlm", corpus, part(4), mdlm_dir,
@@ -105,10 +111,10 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
       "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS)),
       "learn2pd": finality_experiment(corpus, part(16), mdlm_dir),
   }
-  pairs = {name: trained(exp, root / exp.name) for name, exp in specs.items()}
+  pairs = {name: trained(shaped(exp), root / exp.name) for name, exp in specs.items()}
   answers_path = root / "self_answers.txt"
-  student = experiment("tasks_mdlm_student", "mdlm", answers_path, part(2), mdlm_dir,
-                       learning_rate=1e-3)  # a third of the MDLM's: a fine-tune, not a restart
+  student = shaped(experiment("tasks_mdlm_student", "mdlm", answers_path, part(2), mdlm_dir,
+                              learning_rate=1e-3))  # a third of the MDLM's: a fine-tune
   if not answers_path.exists():
     lines = min(STUDENT_LINES, 4 * student.train.steps * student.train.batch_size)
     print(f"writing the MDLM's own answers to {lines} training lines", flush=True)
@@ -116,9 +122,9 @@ def models(root: Path, corpus: Path, steps: int) -> dict[str, tuple[Any, Any]]:
   pairs["mdlm_student_stage1"] = trained(student, root / student.name)
   previous = root / student.name
   for cycle in range(1, ONE_CALL_CYCLES + 1):
-    mixed = experiment(f"tasks_mdlm_student_mixed{cycle if cycle > 1 else ''}", "mdlm",
-                       answers_path, part(2), previous, learning_rate=1e-3,
-                       min_t=ONE_CALL_MIN_T, min_t_rows=ONE_CALL_ROWS)
+    mixed = shaped(experiment(f"tasks_mdlm_student_mixed{cycle if cycle > 1 else ''}", "mdlm",
+                              answers_path, part(2), previous, learning_rate=1e-3,
+                              min_t=ONE_CALL_MIN_T, min_t_rows=ONE_CALL_ROWS))
     previous = root / mixed.name
     pairs["mdlm_student"] = trained(mixed, previous)
   return pairs
@@ -151,9 +157,11 @@ def answers(tokens: np.ndarray, canvas: np.ndarray, mask_id: int) -> list[str]:
   return [tokenizer.decode(row[c == mask_id]) for row, c in zip(tokens, canvas)]
 
 
-def answer_nll(ar_model, ar_params, tokens: np.ndarray, canvas: np.ndarray, mask_id: int):
-  """(summed AR nll of the generated tokens, their count): for generative perplexity."""
-  logits = jax.jit(ar_model.logits)(ar_params, jnp.asarray(tokens))[:, :-1]
+def answer_nll(ar_logits, ar_params, tokens: np.ndarray, canvas: np.ndarray, mask_id: int):
+  """(summed AR nll of the generated tokens, their count): for generative perplexity.
+  `ar_logits`: the AR model's jitted `logits`, made once per run (a fresh `jax.jit` of a bound
+  method compiles again on every call)."""
+  logits = ar_logits(ar_params, jnp.asarray(tokens))[:, :-1]
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -np.asarray(jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], -1)[..., 0])
   generated = canvas[:, 1:] == mask_id
@@ -267,19 +275,21 @@ def cache_free(s: Sampler) -> Sampler:
 
 
 def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 24000,
-        repeats: int = 3, only: tuple[str, ...] = (),
-        prompt_seed: int = PROMPT_SEED) -> dict[str, Any]:
+        repeats: int = 3, only: tuple[str, ...] = (), prompt_seed: int = PROMPT_SEED,
+        model_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
   """Runs the suite; `examples` prompts per task drawn with `prompt_seed` (another seed: other
   prompts, to choose settings on without touching the reported ones), `train_steps` of the MDLM
-  (`models`; tests: fewer); `only` keeps some samplers (`selection`; all when empty)."""
+  and `model_overrides` of every model (`models`; tests: fewer, smaller); `only` keeps some
+  samplers (`selection`; all when empty)."""
   keep = selection(only)  # checked before any training
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser() / "diffusion"
   corpus = root / f"tasks_{CORPUS_LINES}.txt"
   if not corpus.exists():
     tasks.write_corpus(corpus, CORPUS_LINES, seed=0)
   steps = train_steps
-  trained_models = models(root, corpus, steps)
-  mdlm_pair, ar_pair = trained_models["mdlm"], trained_models["ar"]
+  trained_models = models(root, corpus, steps, model_overrides)
+  mdlm_pair, (ar_model, ar_params) = trained_models["mdlm"], trained_models["ar"]
+  judge = (jax.jit(ar_model.logits), ar_params)  # for `answer_nll`: compiled once
   mask_id = mdlm_pair[0].mask_id
   suite = tasks.get()
   batches = {t.name: canvases(t, examples, mask_id, prompt_seed) for t in suite}
@@ -295,7 +305,7 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
       canvas, prompts = batches[task.name]
       tokens, stats = timed(canvas, repeats)
       correct = sum(task.check(p, a) for p, a in zip(prompts, answers(tokens, canvas, mask_id)))
-      nll, scored = answer_nll(*ar_pair, tokens, canvas, mask_id)
+      nll, scored = answer_nll(*judge, tokens, canvas, mask_id)
       row = _row(s, task.name, correct, len(prompts), stats, nll, scored, task.chance,
                  task.independent_chance)
       if reference is not None:

@@ -2,21 +2,46 @@
 
 import json
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 from paxlike import tasks
 from paxlike.bench import diffusion_suite
 from paxlike.errors import UserError
 
 
+SMALL = ("model.num_layers=1", "model.d_model=32", "model.mlp_dim=64")  # every model: 1 x 32
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+@pytest.fixture
+def xla_cache(tmp_path):
+  """A persistent XLA cache for one test: the suite's eight trainings of one shape share
+  programs (the state init, eval steps, the second student stage's train step; the student's
+  top-k samplers are the MDLM's), compiled once instead of once per training or sampler. The
+  process's settings come back afterwards."""
+  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
 @pytest.mark.slow
-def test_diffusion_suite_rows(tmp_path, capsys):
+def test_diffusion_suite_rows(tmp_path, capsys, xla_cache, monkeypatch):
+  monkeypatch.setattr(diffusion_suite, "CORPUS_LINES", 20_000)  # 4 steps read 256 of its lines
   out = tmp_path / "diffusion.json"
   chosen = ("topk/k=1", "topk/k=8 (one call)", "block/block-causal, cached, L=8, k=1",
             "learned/tau=0.9", "assd/g=4, reuse, T=1", "edlm/S=1, K=8, T=1", "distilled/k=1",
             "distilled/k=8 (one call)", "distilled/margin >= 0.2 (4 slots)")  # one row per property
-  report = diffusion_suite.run(str(tmp_path), str(out), examples=2, train_steps=8, repeats=1,
-                               only=chosen)
+  report = diffusion_suite.run(str(tmp_path), str(out), examples=2, train_steps=4, repeats=1,
+                               only=chosen, model_overrides=SMALL)
   assert json.loads(out.read_text())["suite"] == "diffusion"
   rows = report["rows"]
   names = {t.name for t in tasks.get()} | {"all"}
@@ -40,17 +65,19 @@ def test_diffusion_suite_rows(tmp_path, capsys):
   reuse = [r for r in rows if r["sampler"] == "assd" and "reuse" in r["setting"]]
   assert reuse and all(r["exact"] for r in reuse)
   config = report["config"]["models"]
+  assert {(m["num_layers"], m["d_model"]) for m in config.values()} == {(1, 32)}  # SMALL, all
   diffusion = {name: model["diffusion"] for name, model in config.items()}
   assert diffusion["asarm"]["response_after"] == "=" and diffusion["mdlm_block"]["block_size"] == 8
   assert diffusion["mdlm_student"]["min_t"] == diffusion_suite.ONE_CALL_MIN_T  # stage 2
   assert diffusion["mdlm_student"]["min_t_rows"] == diffusion_suite.ONE_CALL_ROWS
   assert diffusion["mdlm_student_stage1"]["min_t"] == diffusion["mdlm"]["min_t"]
-  student = (tmp_path / "diffusion" / "8_steps" / "self_answers.txt").read_bytes()
+  student = (tmp_path / "diffusion" / "4_steps" / "self_answers.txt").read_bytes()
   assert len(student) % diffusion_suite.SEQ_LEN == 0  # whole windows of the teacher's answers
   with pytest.raises(UserError, match="unknown sampler"):
     diffusion_suite.run(str(tmp_path), None, only=("topk", "nope"))
   capsys.readouterr()
-  diffusion_suite.models(tmp_path / "diffusion", tmp_path / "diffusion" / "tasks_200000.txt", 8)
+  diffusion_suite.models(tmp_path / "diffusion", tmp_path / "diffusion" / "tasks_20000.txt", 4,
+                         SMALL)
   assert "training" not in capsys.readouterr().out  # the suite's model cache is reused
 
 
@@ -67,3 +94,8 @@ def test_an_unknown_setting_is_named_before_any_training():
   assert keep(diffusion_suite.Sampler("distilled", "margin >= 0.2 (4 slots)", None, (), None))
   with pytest.raises(UserError, match="unknown sampler.*distilled/nope.*name/setting"):
     diffusion_suite.selection(("distilled/nope",))
+
+
+def test_model_overrides_set_model_fields_only(tmp_path):
+  with pytest.raises(UserError, match="model.* fields only.*train.steps=1"):
+    diffusion_suite.models(tmp_path, tmp_path / "corpus.txt", 8, ("train.steps=1",))
