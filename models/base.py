@@ -9,6 +9,7 @@ conditionals under an order) and their training objective.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -48,5 +49,11 @@ class TransformerModel:
   def init(self, key: jax.Array) -> dict:
     """Fresh float32 parameters, unboxed (plain arrays). For the logical axis names, use
     `self.module.init(key, tokens)['params']` and `nn.get_partition_spec`."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    return nn.meta.unbox(jax.jit(self.module.init)(key, tokens)["params"])
+    return nn.meta.unbox(_init(self, key))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(model: TransformerModel, key: jax.Array) -> dict:
+  """`model`'s boxed parameters from `key`, compiled once per model (models are hashable): the
+  random initialisers of every leaf take seconds to compile on CPU, whatever the seed."""
+  return model.module.init(key, jnp.zeros((1, 1), jnp.int32))["params"]

@@ -71,9 +71,11 @@ def prompts(batch: int, length: int = 32) -> tuple[np.ndarray, np.ndarray]:
 def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
         batches: tuple[int, ...] = (1, 8), repeats: int = 9,
         train_steps: tuple[int, int] | None = None,
-        target_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-  """Runs the suite; `train_steps` (target, draft) shortens training and `target_overrides`
-  (`--set`-style, e.g. a smaller model.d_model) reshape the target (tests, smoke runs)."""
+        target_overrides: tuple[str, ...] = (),
+        draft_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Runs the suite; `train_steps` (target, draft) shortens training and `target_overrides` /
+  `draft_overrides` (`--set`-style, e.g. a smaller model.d_model) reshape the target / the draft
+  and its head (tests, smoke runs)."""
   registry.load_modules()
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
   short = lambda n: [f"train.steps={n}", f"checkpoint.every_steps={n}"] if n else []
@@ -86,9 +88,11 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
     sizes = dict(prompts=16, new_tokens=64) if train_steps else {}
     teacher_text.write(root / "pair_target", text, **sizes)
   on_target = [f"train.teacher_workdir={root / 'pair_target'}", f"data.path={text}"]
-  draft = trained("pair_draft", root / "pair_draft", [*on_target, *short(draft_steps)])
+  draft = trained("pair_draft", root / "pair_draft",
+                  [*on_target, *short(draft_steps), *draft_overrides])
   head = trained("pair_draft_head", root / "pair_draft_head",
-                 [f"train.init_from={root / 'pair_draft'}", *on_target, *short(draft_steps)])
+                 [f"train.init_from={root / 'pair_draft'}", *on_target, *short(draft_steps),
+                  *draft_overrides])
   target_model, target_params, _ = target.restore()
   draft_model, draft_params, _ = draft.restore()
   head_model, head_params, _ = head.restore()

@@ -8,11 +8,15 @@ from paxlike.bench import decode_suite
 
 
 @pytest.mark.slow
-def test_decode_suite_rows(tmp_path, capsys):
+def test_decode_suite_rows(tmp_path, capsys, quick_compiles):
+  """Its time is compiling: 15 decoders, three trainers and the teacher text's samplers. One-layer
+  models and unoptimised compiles (`quick_compiles`) roughly halve it; the rows are the same."""
   out = tmp_path / "decode.json"
-  small = ("model.num_layers=2", "model.d_model=128", "model.num_heads=4", "model.mlp_dim=256")
+  small = ("model.num_layers=1", "model.d_model=128", "model.num_heads=4", "model.mlp_dim=256",
+           "eval.batches=1")
   report = decode_suite.run(str(tmp_path / "cache"), str(out), max_new_tokens=12, batches=(3,),
-                            repeats=2, train_steps=(3, 2), target_overrides=small)
+                            repeats=2, train_steps=(3, 2), target_overrides=small,
+                            draft_overrides=("model.num_layers=1", "eval.batches=1"))
   assert json.loads(out.read_text())["suite"] == "decode"
   rows = report["rows"]
   assert {r["sampler"] for r in rows} == {"ar", *decode_suite.SAMPLERS}

@@ -2,9 +2,7 @@
 
 import json
 
-import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from paxlike import tasks
 from paxlike.bench import diffusion_suite
@@ -12,29 +10,10 @@ from paxlike.errors import UserError
 
 
 SMALL = ("model.num_layers=1", "model.d_model=32", "model.mlp_dim=64")  # every model: 1 x 32
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-
-
-@pytest.fixture
-def xla_cache(tmp_path):
-  """A persistent XLA cache for one test: the suite's eight trainings of one shape share
-  programs (the state init, eval steps, the second student stage's train step; the student's
-  top-k samplers are the MDLM's), compiled once instead of once per training or sampler. The
-  process's settings come back afterwards."""
-  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  compilation_cache.reset_cache()
-  try:
-    yield
-  finally:
-    for name, value in saved.items():
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()
 
 
 @pytest.mark.slow
-def test_diffusion_suite_rows(tmp_path, capsys, xla_cache, monkeypatch):
+def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(diffusion_suite, "CORPUS_LINES", 20_000)  # 4 steps read 256 of its lines
   out = tmp_path / "diffusion.json"
   chosen = ("topk/k=1", "topk/k=8 (one call)", "block/block-causal, cached, L=8, k=1",

@@ -18,6 +18,19 @@ from tests.samplers.stats import chi_square
 
 SIGNIFICANCE = 1e-3  # a correct sampler must give p > SIGNIFICANCE
 POWER = 1e-9  # a deliberately broken verifier must give p < POWER
+SAMPLES, CHUNK = 200_000, 50_000  # draws of one-row samplers, vmapped CHUNK at a time
+
+
+def draw(sample_row, samples: int = SAMPLES) -> tuple[np.ndarray, dict]:
+  """[samples, L] outputs of `sample_row(key) -> SampleOutput` (one row), vmapped in chunks of
+  CHUNK, and their per-sample stats."""
+  run = jax.jit(jax.vmap(sample_row))
+  outs, stats = [], []
+  for start in range(0, samples, CHUNK):
+    out = run(jax.random.split(jax.random.key(start), min(CHUNK, samples - start)))
+    outs.append(np.asarray(out.tokens[:, 0]))
+    stats.append({k: np.asarray(v) for k, v in out.stats.items()})
+  return np.concatenate(outs), {k: np.concatenate([s[k] for s in stats]) for k in stats[0]}
 
 
 def distribution(sampling: SamplingParams):
@@ -47,3 +60,18 @@ def assert_rows_follow_their_keys(run) -> None:
   np.testing.assert_array_equal(many.lengths[0], forward.lengths)
   assert int(many.stats["target_calls"][0]) == int(forward.stats["target_calls"])
   assert np.any(np.asarray(many.tokens[1]) != np.asarray(forward.tokens))
+
+
+def windows_p_value(tokens, joint, width: int = 2) -> float:
+  """One p-value for tokens [R, N] against joint [V]*N that keeps its power for small biases on
+  long generations: the full joint's chi-square (V^N cells, many pooled) and each window of
+  `width` consecutive positions' marginal (V^width cells), Bonferroni-combined. A bias of ~1% per
+  step spreads over thousands of joint cells, where chi-square is weak; a window's few cells
+  concentrate it."""
+  tokens = np.asarray(tokens)
+  steps = joint.ndim
+  p_values = [p_value(tokens, joint)[0]]
+  for start in range(steps - width + 1):
+    others = tuple(a for a in range(steps) if not start <= a < start + width)
+    p_values.append(p_value(tokens[:, start:start + width], joint.sum(axis=others))[0])
+  return min(1.0, len(p_values) * min(p_values))

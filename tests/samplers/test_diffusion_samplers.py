@@ -19,24 +19,12 @@ from samplers.core import verify
 from samplers.core.logits import SamplingParams
 from tests.samplers import toy
 from tests.samplers import toy_denoiser as td
-from tests.samplers.oracle import POWER, SIGNIFICANCE, p_value
+from tests.samplers.oracle import POWER, SIGNIFICANCE, draw, p_value
 
 VOCAB, LENGTH = 3, 4
-SAMPLES, CHUNK = 200_000, 50_000
 JOINT = td.random_joint(0, VOCAB, LENGTH)
 MASKS = jnp.full((1, LENGTH), VOCAB, jnp.int32)
 T1 = SamplingParams(temperature=1.0)
-
-
-def draw(sample_row, samples: int = SAMPLES) -> tuple[np.ndarray, dict]:
-  """[samples, L] outputs of `sample_row(key) -> SampleOutput` (one row), vmapped in chunks."""
-  run = jax.jit(jax.vmap(sample_row))
-  outs, stats = [], []
-  for start in range(0, samples, CHUNK):
-    out = run(jax.random.split(jax.random.key(start), CHUNK))
-    outs.append(np.asarray(out.tokens[:, 0]))
-    stats.append({k: np.asarray(v) for k, v in out.stats.items()})
-  return np.concatenate(outs), {k: np.concatenate([s[k] for s in stats]) for k in stats[0]}
 
 
 def unmask_row(config, model=td.TabularDenoiser(VOCAB, LENGTH), joint=JOINT):
@@ -273,34 +261,6 @@ def test_greedy_assd_equals_greedy_left_to_right():
       out = assd.sample(model, model.params(joint), MASKS, jax.random.key(0),
                         assd.ASSDConfig(3, sampling=SamplingParams(0.0), reuse_drafts=reuse))
       np.testing.assert_array_equal(out.tokens[0], [fixed[i] for i in range(LENGTH)])
-
-
-@pytest.mark.slow
-def test_edlm_moves_toward_the_ar_distribution_as_k_grows():
-  """One step, so the output is self-normalised importance sampling from the product of the
-  denoiser's marginals towards the AR joint: its TV to the AR joint shrinks with K."""
-  table = np.array(toy.TrigramLM(VOCAB + 1, LENGTH).init(jax.random.key(7), 2.0))
-  table[..., VOCAB] = -1e9  # the AR model never emits the mask id
-  ar_model = toy.TrigramLM(VOCAB + 1, LENGTH)
-  ar_joint = toy.exact_joint(table, [0], LENGTH - 1)[:VOCAB, :VOCAB, :VOCAB]
-  joint = np.zeros((VOCAB,) * LENGTH)
-  joint[0] = ar_joint / ar_joint.sum()  # the denoiser's joint: the AR's, prompt token 0
-  model = td.TabularDenoiser(VOCAB, LENGTH)
-  params = model.params(joint)
-  canvas = jnp.array([[0, 3, 3, 3]], jnp.int32)
-  product = td.grouped_joint(joint, [[1, 2, 3]])[0]
-  distances = []
-  for count in (1, 4, 16):
-    config = edlm.EDLMConfig(steps=1, num_candidates=count, sampling=T1)
-    tokens, stats = draw(lambda key: edlm.sample(model, params, ar_model, jnp.asarray(table),
-                                                 canvas, key, config), samples=100_000)
-    distances.append(td.tv(td.empirical(tokens[:, 1:], VOCAB, LENGTH - 1), joint[0]))
-    assert np.all(stats["energy_calls"] == 1)
-  print(f"EDLM TV to the AR joint for K = 1, 4, 16: {np.round(distances, 3)}; product of "
-        f"marginals {td.tv(product, joint[0]):.3f}")
-  assert abs(distances[0] - td.tv(product, joint[0])) < 0.01  # K = 1: the plain denoiser
-  assert distances[0] > distances[1] > distances[2]
-  assert distances[2] < 0.5 * distances[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,100 @@
+"""A tabular causal model whose next token depends on the whole prefix and on the position ids.
+
+`toy.TrigramLM` reads only the last cached token and ignores positions, so a sampler that writes
+a wrong position id, keeps a rejected token's slot, or compacts a tree's accepted path into the
+wrong slots can still match its joint. `PrefixLM` cannot be fooled that way: after a context of
+tokens x_0..x_t at positions 0..t, its next-token logits are `table[h]` with
+
+    h = sum_i mult[pos_i] * (x_i + 1)  (mod H)
+
+over every cached slot below the row's pointer and every new token the attention mask lets the
+query see (itself included), where pos_i is the position id the sampler passed. A stray token, a
+lost one or a shifted position changes h. `exact_joint` enumerates the joint of any continuation by
+brute force from the same formula.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tests.samplers.toy import softmax
+
+BUCKETS = 101  # H: a prime, so that mult[pos] * (x + 1) spreads over the table
+
+
+@flax.struct.dataclass
+class PrefixCache:
+  """tokens, positions: [B, S] int32 per slot; lengths: [B] int32 valid slots per row."""
+
+  tokens: jax.Array
+  positions: jax.Array
+  lengths: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixLM:
+  """Parameters: {"table": [H, V] float32 logits, "mult": [max_len] int32 in [1, H)}."""
+
+  vocab_size: int
+  max_len: int
+
+  def init(self, key: jax.Array, scale: float = 1.5) -> dict:
+    table_key, mult_key = jax.random.split(key)
+    return {"table": scale * jax.random.normal(table_key, (BUCKETS, self.vocab_size)),
+            "mult": jax.random.randint(mult_key, (self.max_len,), 1, BUCKETS)}
+
+  def init_cache(self, batch: int, max_len: int | None = None) -> PrefixCache:
+    shape = (batch, max_len or self.max_len)
+    return PrefixCache(tokens=jnp.zeros(shape, jnp.int32), positions=jnp.zeros(shape, jnp.int32),
+                       lengths=jnp.zeros((batch,), jnp.int32))
+
+  def apply(self, params, tokens, positions, cache, attention_mask=None):
+    """tokens, positions [B, T] int32; attention_mask [B, T, T] bool or None (causal)."""
+    batch, steps = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
+    mult = params["mult"]
+    term = lambda tok, pos: mult[jnp.clip(pos, 0, self.max_len - 1)] * (tok + 1) % BUCKETS
+    valid = jnp.arange(cache.tokens.shape[1])[None, :] < cache.lengths[:, None]
+    cached = jnp.sum(jnp.where(valid, term(cache.tokens, cache.positions), 0), axis=1)  # [B]
+    new = jnp.sum(jnp.where(attention_mask, term(tokens, positions)[:, None, :], 0), axis=-1)
+    logits = params["table"][(cached[:, None] + new) % BUCKETS]  # [B, T, V]
+    slots = cache.lengths[:, None] + jnp.arange(steps)[None, :]
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], slots.shape)
+    return logits, cache.replace(tokens=cache.tokens.at[rows, slots].set(tokens, mode="drop"),
+                                 positions=cache.positions.at[rows, slots].set(positions,
+                                                                               mode="drop"),
+                                 lengths=cache.lengths + steps)
+
+
+def exact_joint(params, prompt, steps: int,
+                dist: Callable[[np.ndarray], np.ndarray] = softmax,
+                eos_id: int | None = None, pad_id: int = 0) -> np.ndarray:
+  """Probabilities [V] * steps of every continuation of `prompt` (1-D tokens at positions
+  0, 1, ...), by enumeration; `dist`, `eos_id` and `pad_id` as in `toy.exact_joint`."""
+  table = np.asarray(params["table"], np.float64)
+  mult = np.asarray(params["mult"], np.int64)
+  vocab = table.shape[-1]
+
+  def padding(depth):
+    tail = np.zeros((vocab,) * depth)
+    tail[(pad_id,) * depth] = 1.0
+    return tail
+
+  def joint(h, position, depth):
+    p = np.asarray(dist(table[h]), np.float64)
+    if depth == 1:
+      return p
+    return np.stack([
+        p[x] * (padding(depth - 1) if x == eos_id else
+                joint((h + mult[position] * (x + 1)) % BUCKETS, position + 1, depth - 1))
+        for x in range(vocab)])
+
+  h = sum(int(mult[i]) * (int(x) + 1) for i, x in enumerate(prompt)) % BUCKETS
+  return joint(h, len(prompt), steps)
