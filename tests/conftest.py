@@ -1,5 +1,5 @@
-"""Test set-up, before jax is imported anywhere: 8 simulated host CPU devices, and one persistent
-XLA compilation cache per test run.
+"""Test set-up, before jax is imported anywhere: 8 simulated host CPU devices, one persistent XLA
+compilation cache per test run, and XLA's optimizations only where they pay.
 
 The cache is a fresh directory per run, shared by the pytest-xdist workers and by the CLI
 subprocesses the tests start (they inherit the environment): the suite compiles the same
@@ -28,6 +28,10 @@ else:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ[_CACHE_VARIABLE])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Most XLA optimizations off (LLVM -O0, no expensive passes), here and in the CLI processes the
+# tests start: the same computations, compiled in about half the time, and most tests run tiny
+# programs a few times. Tests marked `optimised` turn them back on.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 
 def pytest_unconfigure(config):
@@ -36,15 +40,26 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ[_CACHE_VARIABLE], ignore_errors=True)
 
 
-@pytest.fixture
-def quick_compiles(monkeypatch):
-  """XLA with most optimizations off (`jax_disable_most_optimizations`: LLVM -O0, no expensive
-  passes) for this test and the `tests.paxlike.cli` processes it starts. For tests whose time is
-  compiling many programs of tiny models (random initialisers and samplers take seconds each at
-  -O2): compiles take about half as long and run the same computation, so every check stands."""
+@pytest.fixture(autouse=True)
+def _optimised_when_marked(request):
+  """XLA's optimizations for the tests marked `optimised` (statistical oracles that run one small
+  program over 10^5 rows, where optimised code pays for its compile); off for the others."""
+  if request.node.get_closest_marker("optimised") is None:
+    yield
+    return
   import jax
-  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Files with slow tests first (stable otherwise): pytest-xdist hands out whole files in this
+  order, and a long file handed out last would leave the other worker idle at the end."""
+  del config
+  slow = {}
+  for item in items:
+    slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+  items.sort(key=lambda item: -slow[item.path])

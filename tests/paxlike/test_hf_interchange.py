@@ -243,7 +243,7 @@ def _word_model(directory):
 
 
 @pytest.mark.slow
-def test_cli_sample_finetune_and_export(tmp_path, quick_compiles):
+def test_cli_sample_finetune_and_export(tmp_path):
   from tests.paxlike import cli
   source = tmp_path / "llama"
   hf, words = _word_model(source)

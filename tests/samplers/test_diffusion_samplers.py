@@ -233,12 +233,13 @@ def test_cached_blocks_need_a_block_causal_model_of_the_same_blocks():
 
 @pytest.mark.slow
 def test_assd_follows_the_joint_and_a_missing_residual_is_caught(fresh_trace):
+  """Both orders, with and without reused drafts, 100k samples each (81 cells)."""
   model = td.TabularAnySubset(VOCAB, LENGTH)
   params = model.params(JOINT)
   for order, reuse in (("left_to_right", False), ("left_to_right", True), ("random", False),
                        ("random", True)):
     config = assd.ASSDConfig(num_draft_tokens=3, order=order, sampling=T1, reuse_drafts=reuse)
-    tokens, stats = draw(lambda key: assd.sample(model, params, MASKS, key, config))
+    tokens, stats = draw(lambda key: assd.sample(model, params, MASKS, key, config), 100_000)
     assert p_value(tokens, JOINT)[0] > SIGNIFICANCE
     assert np.all(stats["model_calls"] <= LENGTH + reuse)  # reuse: one call to start
     assert np.mean(stats["model_calls"]) < LENGTH  # more than one token per call on average
@@ -246,7 +247,7 @@ def test_assd_follows_the_joint_and_a_missing_residual_is_caught(fresh_trace):
   jax.clear_caches()  # the sampler was traced above with the same static config
   for reuse in (False, True):
     config = assd.ASSDConfig(num_draft_tokens=3, sampling=T1, reuse_drafts=reuse)
-    tokens, _ = draw(lambda key: assd.sample(model, params, MASKS, key, config))
+    tokens, _ = draw(lambda key: assd.sample(model, params, MASKS, key, config), 100_000)
     assert p_value(tokens, JOINT)[0] < POWER
 
 

@@ -14,7 +14,7 @@ from samplers import ar, tree
 from samplers.core import slots, tree_shape, verify
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
-from tests.samplers import toy
+from tests.samplers import oracle, toy
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, p_value
 from tests.samplers.toy import DRAFT, ORACLE_PROMPTS, ORACLE_ROWS, ORACLE_STEPS, TARGET, TOY
 
@@ -202,18 +202,17 @@ def test_greedy_equals_greedy_ar_on_a_llama_pair_at_batch_1_and_3(llama_pair, co
       int(out.stats["target_calls"]) - 1)
 
 
-def test_rows_follow_their_keys_whatever_the_batch_order_and_under_vmap():
+@pytest.mark.parametrize("config", [
+    tree.TreeConfig(branching=(2, 2), max_new_tokens=6, eos_id=0),
+    tree.DynamicTreeConfig(node_budget=5, max_depth=2, max_new_tokens=6, eos_id=0)],
+    ids=["static", "dynamic"])
+def test_rows_follow_their_keys_whatever_the_batch_order_and_under_vmap(config):
+  """Reversed batch order with reversed keys; vmap over two distinct key sets equals separate
+  runs (and the second set gives other tokens)."""
   prompt, lengths = ar.pad_prompts([[1, 2], [3], [0, 1, 2], [2, 2]])
-  keys = jax.random.split(jax.random.key(4), 4)
-  config = tree.TreeConfig(branching=(2, 2), max_new_tokens=6, eos_id=0)
   run = lambda order, row_keys: tree.sample(TOY, TARGET, TOY, DRAFT, prompt[order],
                                             lengths[order], row_keys, config)
-  forward = run(np.arange(4), keys)
-  backward = run(np.arange(4)[::-1], keys[::-1])
-  np.testing.assert_array_equal(forward.tokens, backward.tokens[::-1])
-  np.testing.assert_array_equal(forward.lengths, backward.lengths[::-1])
-  many = jax.vmap(lambda k: run(np.arange(4), k))(jnp.stack([keys, keys]))
-  np.testing.assert_array_equal(many.tokens[0], forward.tokens)
+  oracle.assert_rows_follow_their_keys(run)
 
 
 def test_malformed_tree_shape_and_bad_input_are_clear_errors():
