@@ -42,12 +42,15 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(autouse=True)
 def _optimised_when_marked(request):
-  """XLA's optimizations for the tests marked `optimised` (statistical oracles that run one small
-  program over 10^5 rows, where optimised code pays for its compile); off for the others."""
+  """XLA's optimizations for the tests marked `optimised` and the processes they start: those
+  whose time is running programs rather than compiling them (statistical oracles over 10^5 rows,
+  trainings of hundreds of steps, the benchmark suites); off for the others."""
   if request.node.get_closest_marker("optimised") is None:
     yield
     return
   import jax
+  monkeypatch = request.getfixturevalue("monkeypatch")
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
   jax.config.update("jax_disable_most_optimizations", False)
   try:
     yield

@@ -243,6 +243,7 @@ def _word_model(directory):
 
 
 @pytest.mark.slow
+@pytest.mark.optimised
 def test_cli_sample_finetune_and_export(tmp_path):
   from tests.paxlike import cli
   source = tmp_path / "llama"

@@ -18,7 +18,7 @@ from tests.samplers.stats import chi_square
 
 SIGNIFICANCE = 1e-3  # a correct sampler must give p > SIGNIFICANCE
 POWER = 1e-9  # a deliberately broken verifier must give p < POWER
-SAMPLES, CHUNK = 200_000, 50_000  # draws of one-row samplers, vmapped CHUNK at a time
+SAMPLES, CHUNK = 100_000, 50_000  # draws of one-row samplers, vmapped CHUNK at a time
 
 
 def draw(sample_row, samples: int = SAMPLES) -> tuple[np.ndarray, dict]:

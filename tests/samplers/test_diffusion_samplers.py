@@ -1,6 +1,6 @@
 """Diffusion-style samplers against tabular perfect models whose exact joint is enumerable.
 
-Statistical tests draw 200k vmapped samples of a length-4 canvas over 3 tokens (81 cells) and
+Statistical tests draw 100k vmapped samples of a length-4 canvas over 3 tokens (81 cells) and
 compare them with the exact output distribution by Pearson chi-square with pooled cells
 (`oracle.p_value`): a correct sampler must give p > SIGNIFICANCE (1e-3), a biased or broken one
 p < POWER (1e-9).

@@ -144,7 +144,7 @@ def test_a_row_alone_equals_the_same_row_in_a_batch(kind):
   np.testing.assert_array_equal(alone.lengths[0], batch.lengths[row])
 
 
-@pytest.mark.parametrize("kind", ["speculative", "unmask"])
+@pytest.mark.parametrize("kind", ["ar", "unmask"])
 def test_repeated_sampling_on_a_mesh_equals_one_device(kind):
   """n = 3 samples per row, vmapped, on data x fsdp: the same samples as on one device."""
   spec, data, key = registry.get(kind), _data(kind, PROMPTS), jax.random.key(11)

@@ -103,7 +103,7 @@ def test_the_leak_is_a_one_percent_bias():
     assert 0.01 < 0.5 * np.abs(emitted - p).sum() < 0.02
 
 
-ASSD_VOCAB, ASSD_LENGTH, ASSD_ROWS = 2, 8, 50_000
+ASSD_VOCAB, ASSD_LENGTH, ASSD_ROWS = 2, 8, 20_000
 ASSD_JOINT = td.random_joint(3, ASSD_VOCAB, ASSD_LENGTH, 2.5)  # strongly dependent positions
 
 
@@ -117,7 +117,7 @@ def _assd_p_value(config) -> float:
 
 @pytest.mark.slow
 def test_assd_eight_positions_follow_the_joint_and_a_missing_residual_is_caught(fresh_trace):
-  """Random order, 3 drafts per call, an 8-position joint over 2 tokens (256 cells), 50k
+  """Random order, 3 drafts per call, an 8-position joint over 2 tokens (256 cells), 20k
   samples. Drawing from p instead of the residual after a rejection is caught (p < POWER)."""
   config = assd.ASSDConfig(num_draft_tokens=3, order="random", sampling=SamplingParams())
   assert _assd_p_value(config) > SIGNIFICANCE

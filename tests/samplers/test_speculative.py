@@ -41,7 +41,7 @@ ORACLE_CONFIGS = [
 @pytest.mark.parametrize("config", ORACLE_CONFIGS, ids=["t1-g3", "t0.7-k3-p0.9-eos-g2",
                                                         "t1.5-p0.8-g5"])
 def test_joint_matches_the_exact_target_joint(config):
-  """200k samples per prompt; Pearson chi-square over the 625 continuations (pooled below 5
+  """100k samples per prompt; Pearson chi-square over the 625 continuations (pooled below 5
   expected); a correct sampler gives p > 1e-3 (fixed seed)."""
   assert min(_oracle_p_values(config)) > SIGNIFICANCE
 

@@ -58,7 +58,7 @@ ORACLE_CASES = [  # (config, prompts): dynamic trees on one prompt each to keep 
     "static-iid-22", "static-iid-22-t0.8-k3-p0.9-eos", "static-wor-32", "static-top-22-filtered",
     "dynamic-n6-d3-c2", "dynamic-n5-d2-t0.8-k3-p0.9-eos"])
 def test_joint_matches_the_exact_target_joint(config, prompts):
-  """200k samples per prompt; Pearson chi-square over the 625 continuations (pooled below 5
+  """100k samples per prompt; Pearson chi-square over the 625 continuations (pooled below 5
   expected); a correct sampler gives p > 1e-3 (fixed seed)."""
   assert min(_oracle_p_values(config, prompts)) > SIGNIFICANCE
 

@@ -106,5 +106,5 @@ TOY = TrigramLM(vocab_size=VOCAB, max_len=16)
 TARGET = TOY.init(jax.random.key(1))
 DRAFT = TARGET + TOY.init(jax.random.key(2), scale=1.0)  # related, so acceptance is mixed
 ORACLE_PROMPTS = [[1, 2], [3]]  # ragged: the second row is right-padded, and of length 1
-ORACLE_ROWS = 200_000  # per prompt
+ORACLE_ROWS = 100_000  # per prompt
 ORACLE_STEPS = 4  # 5^4 = 625 continuations per prompt
