@@ -76,7 +76,6 @@ def _train(workdir, *overrides):
 
 
 @pytest.mark.slow
-@pytest.mark.optimised
 def test_the_trainer_fits_the_head_on_a_frozen_draft_and_samplers_use_it(tmp_path):
   """teacher (2 layers) -> draft (1 layer) -> head (draft frozen, 30 steps): the loss falls, the
   draft's weights are untouched; greedy adaptive decoding with the head equals greedy AR, from

@@ -43,7 +43,6 @@ def test_interleaved_times_alternate_the_calls_round_by_round():
 
 
 @pytest.mark.slow
-@pytest.mark.optimised
 def test_engine_suite_writes_floors_overheads_and_profiles(tmp_path):
   out = tmp_path / "engine.json"
   result = cli.run("engine", "--shapes=0.07M", "--engine_batches=1,2", "--targets=0.07M",

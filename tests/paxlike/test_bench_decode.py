@@ -8,7 +8,6 @@ from paxlike.bench import decode_suite
 
 
 @pytest.mark.slow
-@pytest.mark.optimised
 def test_decode_suite_rows(tmp_path, capsys):
   """Its time is compiling: 15 decoders, three trainers and the teacher text's samplers, on
   one-layer models; the rows are those of the full suite."""

@@ -13,7 +13,6 @@ SMALL = ("model.num_layers=1", "model.d_model=32", "model.mlp_dim=64")  # every 
 
 
 @pytest.mark.slow
-@pytest.mark.optimised
 def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(diffusion_suite, "CORPUS_LINES", 20_000)  # 4 steps read 256 of its lines
   out = tmp_path / "diffusion.json"

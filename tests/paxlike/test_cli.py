@@ -198,9 +198,9 @@ def test_checkpoint_from_another_model_shape_is_refused_untouched(trained, tmp_p
 
 
 @pytest.mark.parametrize("kind, setting", [("speculative", "num_draft_tokens=3"),
-                                           ("spectr", "num_draft_tokens=3"),
-                                           ("tree", "branching=2,1,1"),
-                                           ("dynamic_tree", "node_budget=6")])
+                                           ("spectr", "num_draft_tokens=2"),
+                                           ("tree", "branching=2,1"),
+                                           ("dynamic_tree", "node_budget=4")])
 def test_drafted_sampling_from_the_cli_matches_greedy_ar(trained, kind, setting):
   common = (f"--workdir={trained}", "--mode=sample", "--prompt=ROMEO:", "--set",
             "sampler.max_new_tokens=20", "--set", "sampler.temperature=0")

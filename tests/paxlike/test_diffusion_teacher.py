@@ -55,7 +55,6 @@ def test_answers_depend_on_their_own_line_alone_and_keep_the_prompts():
 
 
 @pytest.mark.slow
-@pytest.mark.optimised
 def test_write_reanswers_training_lines_and_keeps_unclean_answers(tmp_path, monkeypatch):
   corpus = tasks.write_corpus(tmp_path / "tasks.txt", 400, seed=0)
   exp = diffusion_suite.experiment("teacher", "mdlm", corpus, steps=2)

@@ -233,11 +233,11 @@ def test_cached_blocks_need_a_block_causal_model_of_the_same_blocks():
 
 @pytest.mark.slow
 def test_assd_follows_the_joint_and_a_missing_residual_is_caught(fresh_trace):
-  """Both orders, with and without reused drafts, 100k samples each (81 cells)."""
+  """Left to right without reused drafts and random order with them, 100k samples each (81
+  cells); random order without reuse is checked over 8 positions in test_long_oracle."""
   model = td.TabularAnySubset(VOCAB, LENGTH)
   params = model.params(JOINT)
-  for order, reuse in (("left_to_right", False), ("left_to_right", True), ("random", False),
-                       ("random", True)):
+  for order, reuse in (("left_to_right", False), ("random", True)):
     config = assd.ASSDConfig(num_draft_tokens=3, order=order, sampling=T1, reuse_drafts=reuse)
     tokens, stats = draw(lambda key: assd.sample(model, params, MASKS, key, config), 100_000)
     assert p_value(tokens, JOINT)[0] > SIGNIFICANCE

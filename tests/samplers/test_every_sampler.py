@@ -54,7 +54,12 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1], [9], [10, 11, 12], [4, 4],
 SAMPLED = SamplingParams(temperature=1.0)
 GREEDY_ONLY = {"jacobi"}
 # Settings other than the defaults, for MAX_NEW tokens after prompts of up to 6 (canvas width 14).
-OPTIONS = {"mdlm": {"steps": 4}, "edlm": {"steps": 4}, "block": {"block_length": 2}}  # kinds that refuse to sample; they decode greedily here
+# The drafted kinds draft little (2 tokens, small trees): their draft loops are unrolled, so
+# their programs, and compile times, grow with the draft length.
+OPTIONS = {"mdlm": {"steps": 4}, "edlm": {"steps": 4}, "block": {"block_length": 2},
+           "speculative": {"num_draft_tokens": 2}, "adaptive": {"num_draft_tokens": 2},
+           "spectr": {"num_draft_tokens": 2}, "tree": {"branching": (2, 1)},
+           "dynamic_tree": {"node_budget": 4, "max_depth": 2}}  # kinds that refuse to sample; they decode greedily here
 KEYS = jax.random.split(jax.random.key(3), len(PROMPTS))  # one key per row
 
 

@@ -33,12 +33,9 @@ TARGET = MODEL.init(jax.random.key(1))
 DRAFT = {"table": TARGET["table"] + jax.random.normal(jax.random.key(2), TARGET["table"].shape),
          "mult": TARGET["mult"]}
 PROMPTS = [[1, 2, 0], [2]]  # ragged: the second row is right-padded
-FILTERED = SamplingParams(temperature=0.8, top_k=2)
 
 CASES = {
     "speculative-g3": speculative.SpeculativeConfig(num_draft_tokens=3, max_new_tokens=STEPS),
-    "speculative-g2-t0.8-k2-eos": speculative.SpeculativeConfig(
-        num_draft_tokens=2, max_new_tokens=STEPS, sampling=FILTERED, eos_id=0),
     "spectr-k2-g2": spectr.SpecTrConfig(num_drafts=2, num_draft_tokens=2, max_new_tokens=STEPS),
     "tree-22": tree.TreeConfig(branching=(2, 2), max_new_tokens=STEPS),
     "dynamic-n5-d3": tree.DynamicTreeConfig(node_budget=5, max_depth=3, max_new_tokens=STEPS,

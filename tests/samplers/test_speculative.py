@@ -27,7 +27,7 @@ def _oracle_p_values(config, seed=0):
           for prompt_tokens, rows in zip(ORACLE_PROMPTS, tokens)]
 
 
-ORACLE_CONFIGS = [
+ORACLE_CONFIGS = [  # the first, at T = 1, is checked over 8 tokens in test_long_oracle
     speculative.SpeculativeConfig(num_draft_tokens=3, max_new_tokens=ORACLE_STEPS),
     speculative.SpeculativeConfig(num_draft_tokens=2, max_new_tokens=ORACLE_STEPS, eos_id=0,
                                   sampling=SamplingParams(temperature=0.7, top_k=3, top_p=0.9)),
@@ -38,8 +38,7 @@ ORACLE_CONFIGS = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ORACLE_CONFIGS, ids=["t1-g3", "t0.7-k3-p0.9-eos-g2",
-                                                        "t1.5-p0.8-g5"])
+@pytest.mark.parametrize("config", ORACLE_CONFIGS[1:], ids=["t0.7-k3-p0.9-eos-g2", "t1.5-p0.8-g5"])
 def test_joint_matches_the_exact_target_joint(config):
   """100k samples per prompt; Pearson chi-square over the 625 continuations (pooled below 5
   expected); a correct sampler gives p > 1e-3 (fixed seed)."""

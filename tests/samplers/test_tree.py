@@ -39,15 +39,15 @@ STATIC_IID = tree.TreeConfig(branching=(2, 2), max_new_tokens=ORACLE_STEPS)
 # test_dynamic_tree_is_the_top_n_by_draft_path_probability).
 DYNAMIC = tree.DynamicTreeConfig(node_budget=6, max_depth=3, max_new_tokens=ORACLE_STEPS,
                                  max_children=2)
-ORACLE_CASES = [  # (config, prompts): dynamic trees on one prompt each to keep the test short
-    (STATIC_IID, ORACLE_PROMPTS),
+# (config, prompts): dynamic trees on one prompt each to keep the test short. STATIC_IID and
+# DYNAMIC at temperature 1 are checked over 8 tokens of a prefix-sensitive toy (test_long_oracle).
+ORACLE_CASES = [
     (tree.TreeConfig(branching=(2, 2), max_new_tokens=ORACLE_STEPS, sampling=FILTERED, eos_id=0),
      ORACLE_PROMPTS),
     (tree.TreeConfig(branching=(3, 2), max_new_tokens=ORACLE_STEPS,
                      children="without_replacement"), ORACLE_PROMPTS),
     (tree.TreeConfig(branching=(2, 2), max_new_tokens=ORACLE_STEPS, children="top",
                      sampling=FILTERED), ORACLE_PROMPTS),
-    (DYNAMIC, ORACLE_PROMPTS[:1]),
     (tree.DynamicTreeConfig(node_budget=5, max_depth=2, max_new_tokens=ORACLE_STEPS,
                             sampling=FILTERED, eos_id=0), ORACLE_PROMPTS[1:]),
 ]
@@ -55,8 +55,8 @@ ORACLE_CASES = [  # (config, prompts): dynamic trees on one prompt each to keep 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config,prompts", ORACLE_CASES, ids=[
-    "static-iid-22", "static-iid-22-t0.8-k3-p0.9-eos", "static-wor-32", "static-top-22-filtered",
-    "dynamic-n6-d3-c2", "dynamic-n5-d2-t0.8-k3-p0.9-eos"])
+    "static-iid-22-t0.8-k3-p0.9-eos", "static-wor-32", "static-top-22-filtered",
+    "dynamic-n5-d2-t0.8-k3-p0.9-eos"])
 def test_joint_matches_the_exact_target_joint(config, prompts):
   """100k samples per prompt; Pearson chi-square over the 625 continuations (pooled below 5
   expected); a correct sampler gives p > 1e-3 (fixed seed)."""
