@@ -52,11 +52,12 @@ def _optimised_when_marked(request):
   import jax
   monkeypatch = request.getfixturevalue("monkeypatch")
   monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
+  previous = jax.config.read("jax_disable_most_optimizations")
   jax.config.update("jax_disable_most_optimizations", False)
   try:
     yield
   finally:
-    jax.config.update("jax_disable_most_optimizations", True)
+    jax.config.update("jax_disable_most_optimizations", previous)
 
 
 def pytest_collection_modifyitems(config, items):

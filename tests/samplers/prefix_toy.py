@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tests.samplers.toy import softmax
+from tests.samplers.toy import enumerate_joint, softmax, write_slots
 
 BUCKETS = 101  # H: a prime, so that mult[pos] * (x + 1) spreads over the table
 
@@ -56,7 +56,7 @@ class PrefixLM:
 
   def apply(self, params, tokens, positions, cache, attention_mask=None):
     """tokens, positions [B, T] int32; attention_mask [B, T, T] bool or None (causal)."""
-    batch, steps = tokens.shape
+    steps = tokens.shape[1]
     if attention_mask is None:
       attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
     mult = params["mult"]
@@ -65,11 +65,8 @@ class PrefixLM:
     cached = jnp.sum(jnp.where(valid, term(cache.tokens, cache.positions), 0), axis=1)  # [B]
     new = jnp.sum(jnp.where(attention_mask, term(tokens, positions)[:, None, :], 0), axis=-1)
     logits = params["table"][(cached[:, None] + new) % BUCKETS]  # [B, T, V]
-    slots = cache.lengths[:, None] + jnp.arange(steps)[None, :]
-    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], slots.shape)
-    return logits, cache.replace(tokens=cache.tokens.at[rows, slots].set(tokens, mode="drop"),
-                                 positions=cache.positions.at[rows, slots].set(positions,
-                                                                               mode="drop"),
+    return logits, cache.replace(tokens=write_slots(cache.tokens, cache.lengths, tokens),
+                                 positions=write_slots(cache.positions, cache.lengths, positions),
                                  lengths=cache.lengths + steps)
 
 
@@ -80,21 +77,7 @@ def exact_joint(params, prompt, steps: int,
   0, 1, ...), by enumeration; `dist`, `eos_id` and `pad_id` as in `toy.exact_joint`."""
   table = np.asarray(params["table"], np.float64)
   mult = np.asarray(params["mult"], np.int64)
-  vocab = table.shape[-1]
-
-  def padding(depth):
-    tail = np.zeros((vocab,) * depth)
-    tail[(pad_id,) * depth] = 1.0
-    return tail
-
-  def joint(h, position, depth):
-    p = np.asarray(dist(table[h]), np.float64)
-    if depth == 1:
-      return p
-    return np.stack([
-        p[x] * (padding(depth - 1) if x == eos_id else
-                joint((h + mult[position] * (x + 1)) % BUCKETS, position + 1, depth - 1))
-        for x in range(vocab)])
-
   h = sum(int(mult[i]) * (int(x) + 1) for i, x in enumerate(prompt)) % BUCKETS
-  return joint(h, len(prompt), steps)
+  advance = lambda state, x: ((state[0] + mult[state[1]] * (x + 1)) % BUCKETS, state[1] + 1)
+  return enumerate_joint(lambda state: table[state[0]], advance, (h, len(prompt)), steps, dist,
+                         eos_id, pad_id)

@@ -50,8 +50,7 @@ SAMPLERS = {speculative.SpeculativeConfig: speculative.sample, spectr.SpecTrConf
 
 def _leak(fresh_trace) -> None:
   """The subtle broken variant: every renormalised fallback distribution gets EPS extra mass
-  (compiled samplers are dropped, so that the next call traces the patched verifier)."""
-  jax.clear_caches()
+  (`fresh_trace` dropped the compiled samplers, so the next call traces the patched verifier)."""
   normalise = verify._normalise
   fresh_trace.setattr(verify, "_normalise",
                       lambda mass, fallback: normalise(mass + EPS * fallback, fallback))
@@ -73,16 +72,19 @@ def _p_values(config, seed: int = 0) -> tuple[list[float], dict]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_eight_tokens_follow_the_exact_joint(name):
   p_values, stats = _p_values(CASES[name])
+  print(f"{name}: p-values {p_values}")  # pytest -s shows the figures quoted in the docs
   assert min(p_values) > SIGNIFICANCE, p_values
-  assert stats["rejections"] > ROWS, stats  # rejections and rollbacks in most rows
-  assert stats["tokens_per_target_call"] < 2.5, stats  # at least three rounds per row on average
+  assert stats["rejections"] > ROWS, stats  # a rejection and rollback in every other row or more
+  assert stats["tokens_per_target_call"] < 2.5, stats  # over three target calls per row
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_one_percent_leak_in_the_residual_is_caught(fresh_trace, name):
   _leak(fresh_trace)
-  assert max(_p_values(CASES[name])[0]) < POWER
+  p_values = _p_values(CASES[name])[0]
+  print(f"{name} with the leak: p-values {p_values}")
+  assert max(p_values) < POWER, p_values
 
 
 def test_the_leak_is_a_one_percent_bias():

@@ -44,7 +44,7 @@ class TrigramLM:
   def apply(self, params, tokens, positions, cache, attention_mask=None):
     """tokens, positions [B, T] int32 (positions unused), attention_mask [B, T, T] bool or None."""
     del positions
-    batch, steps = tokens.shape
+    steps = tokens.shape[1]
     if attention_mask is None:
       attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
     index = jnp.arange(steps)
@@ -55,10 +55,16 @@ class TrigramLM:
                        jnp.take_along_axis(cache.tokens, last_slot, axis=1), 0)  # [B, 1]
     new_parent = jnp.take_along_axis(tokens, jnp.clip(parent, 0), axis=1)
     previous = jnp.where(parent >= 0, new_parent, cached)
-    slots = cache.lengths[:, None] + index[None, :]
-    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], slots.shape)
-    written = cache.tokens.at[rows, slots].set(tokens, mode="drop")
+    written = write_slots(cache.tokens, cache.lengths, tokens)
     return params[previous, tokens], cache.replace(tokens=written, lengths=cache.lengths + steps)
+
+
+def write_slots(buffer: jax.Array, lengths: jax.Array, values: jax.Array) -> jax.Array:
+  """buffer [B, S] with row b's values [B, T] written at slots lengths[b] .. lengths[b] + T - 1
+  (past S dropped): how the toy caches append new tokens."""
+  slots = lengths[:, None] + jnp.arange(values.shape[1])[None, :]
+  rows = jnp.broadcast_to(jnp.arange(values.shape[0])[:, None], slots.shape)
+  return buffer.at[rows, slots].set(values, mode="drop")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -76,21 +82,33 @@ def exact_joint(table, prompt, steps: int,
   """
   table = np.asarray(table, np.float64)
   prompt = list(prompt)
-  vocab = table.shape[-1]
+  start = (prompt[-2] if len(prompt) > 1 else 0, prompt[-1])
+  return enumerate_joint(lambda state: table[state], lambda state, x: (state[1], x), start, steps,
+                         dist, eos_id, pad_id)
 
-  def padding(depth):
+
+def enumerate_joint(logits_of: Callable, advance: Callable, state, steps: int,
+                    dist: Callable[[np.ndarray], np.ndarray] = softmax,
+                    eos_id: int | None = None, pad_id: int = 0) -> np.ndarray:
+  """The joint [V] * steps of a model given as a state machine, by brute-force enumeration.
+
+  `logits_of(state)` gives the next-token logits [V] in `state`, `advance(state, x)` the state
+  after token x; `dist` maps logits to the sampling distribution. With `eos_id`, a continuation
+  ends at its first eos and its remaining tokens are `pad_id`.
+  """
+  def padding(vocab, depth):
     tail = np.zeros((vocab,) * depth)
     tail[(pad_id,) * depth] = 1.0
     return tail
 
-  def joint(previous, current, depth):
-    p = np.asarray(dist(table[previous, current]), np.float64)
+  def joint(state, depth):
+    p = np.asarray(dist(logits_of(state)), np.float64)
     if depth == 1:
       return p
-    return np.stack([p[x] * (padding(depth - 1) if x == eos_id else joint(current, x, depth - 1))
-                     for x in range(len(p))])
+    return np.stack([p[x] * (padding(len(p), depth - 1) if x == eos_id
+                             else joint(advance(state, x), depth - 1)) for x in range(len(p))])
 
-  return joint(prompt[-2] if len(prompt) > 1 else 0, prompt[-1], steps)
+  return joint(state, steps)
 
 
 def context_free(logits) -> jax.Array:
