@@ -1,7 +1,10 @@
-"""Runs `python -m paxlike.main` (or `paxlike.bench`) in a subprocess, as a user would."""
+"""Runs `python -m paxlike.main` (or `paxlike.bench`) in a subprocess, as a user would, or its
+`main` in this process for inputs refused before any model work."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -28,6 +31,27 @@ def command(*args: str, module: str = "paxlike.main") -> list[str]:
 def run(*args: str, module: str = "paxlike.main", timeout: int = 300) -> subprocess.CompletedProcess:
   return subprocess.run(command(*args, module=module), capture_output=True, text=True,
                         env=env(), cwd=REPO, timeout=timeout)
+
+
+def run_in_process(*args: str) -> subprocess.CompletedProcess:
+  """`paxlike.main.main` with these flags, in this process, its output captured.
+
+  For the bad inputs `main` refuses before it trains, restores or samples (unknown names, bad
+  values, unusable workdirs, corpora or prompts): the same code path and message as the command
+  line, without a new interpreter and jax import (about 3 s each). Anything else still escapes
+  as an exception, so a traceback fails the test as it would in a subprocess.
+  """
+  from absl import flags
+  from paxlike import main
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["paxlike.main", *args])
+  stdout, stderr = io.StringIO(), io.StringIO()
+  try:
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+      code = main.main(["paxlike.main"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def popen(*args: str, **kwargs) -> subprocess.Popen:

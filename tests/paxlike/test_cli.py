@@ -67,64 +67,72 @@ def test_sample_prints_text_and_json_stats(trained):
 
 
 # ----------------------------------------------------------------------------- bad input
+# Inputs refused before any model work run `main` in this process (`cli.run_in_process`); those
+# refused after a restore or a training step run the command as a subprocess.
 
 
 def test_unknown_experiment_lists_registered(tmp_path):
-  cli.assert_user_error(cli.run("--exp=nope", f"--workdir={tmp_path}"),
+  cli.assert_user_error(cli.run_in_process("--exp=nope", f"--workdir={tmp_path}"),
                         "unknown experiment 'nope'", "demo", "tiny")
 
 
 def test_unknown_set_key_names_nearest(tmp_path):
-  cli.assert_user_error(cli.run("--exp=tiny", "--set", "train.step=3", f"--workdir={tmp_path}"),
+  cli.assert_user_error(cli.run_in_process("--exp=tiny", "--set", "train.step=3",
+                                           f"--workdir={tmp_path}"),
                         "unknown config key 'train.step'", "train.steps")
 
 
 def test_wrong_type_names_field_and_type(tmp_path):
-  cli.assert_user_error(cli.run("--exp=tiny", "--set", "model.d_model=wide",
+  cli.assert_user_error(cli.run_in_process("--exp=tiny", "--set", "model.d_model=wide",
                                 f"--workdir={tmp_path}"), "model.d_model", "expected int")
 
 
 def test_data_path_matching_nothing(tmp_path):
   cli.assert_user_error(
-      cli.run("--exp=tiny", "--set", f"data.path={tmp_path}/none/*.txt", f"--workdir={tmp_path}/w"),
+      cli.run_in_process("--exp=tiny", "--set", f"data.path={tmp_path}/none/*.txt",
+                         f"--workdir={tmp_path}/w"),
       f"{tmp_path}/none/*.txt", "matches no file")
 
 
 def test_empty_corpus(tmp_path):
   (tmp_path / "empty.txt").write_text("")
   cli.assert_user_error(
-      cli.run("--exp=tiny", "--set", f"data.path={tmp_path}/empty.txt", f"--workdir={tmp_path}/w"),
+      cli.run_in_process("--exp=tiny", "--set", f"data.path={tmp_path}/empty.txt",
+                         f"--workdir={tmp_path}/w"),
       "empty")
 
 
 def test_binary_and_non_utf8_files(tmp_path):
   (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 10)
   cli.assert_user_error(
-      cli.run("--exp=tiny", "--set", f"data.path={tmp_path}/model.bin", f"--workdir={tmp_path}/w"),
+      cli.run_in_process("--exp=tiny", "--set", f"data.path={tmp_path}/model.bin",
+                         f"--workdir={tmp_path}/w"),
       "model.bin", "binary")
   (tmp_path / "old.txt").write_bytes("naïve text ".encode("latin-1") * 50)
   cli.assert_user_error(
-      cli.run("--exp=tiny", "--set", f"data.path={tmp_path}/old.txt", f"--workdir={tmp_path}/w2"),
+      cli.run_in_process("--exp=tiny", "--set", f"data.path={tmp_path}/old.txt",
+                         f"--workdir={tmp_path}/w2"),
       "old.txt", "not UTF-8")
 
 
 def test_prompt_longer_than_max_len(trained):
-  cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--prompt=" + "x" * 500),
+  cli.assert_user_error(cli.run_in_process(f"--workdir={trained}", "--mode=sample",
+                                           "--prompt=" + "x" * 500),
                         "501 tokens", "model.max_len is 128")
 
 
 def test_workdir_not_writable(tmp_path):
   blocker = tmp_path / "a-file"
   blocker.write_text("not a directory")
-  cli.assert_user_error(cli.run("--exp=tiny", f"--workdir={blocker}/run"),
+  cli.assert_user_error(cli.run_in_process("--exp=tiny", f"--workdir={blocker}/run"),
                         f"workdir '{blocker}/run' is not writable")
 
 
 def test_config_change_is_refused_with_a_diff(trained, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(trained, workdir)
-  result = cli.run(*TINY, "--set", "model.d_model=32", "--set", "optimizer.learning_rate=0.01",
-                   f"--workdir={workdir}")
+  result = cli.run_in_process(*TINY, "--set", "model.d_model=32", "--set",
+                              "optimizer.learning_rate=0.01", f"--workdir={workdir}")
   message = cli.assert_user_error(result, "different configuration", "model.d_model: 64 -> 32",
                                   "optimizer.learning_rate: 0.003 -> 0.01",
                                   "run.allow_config_change=true")
@@ -137,12 +145,14 @@ def test_config_change_is_refused_with_a_diff(trained, tmp_path):
 
 
 def test_sampling_may_change_sampler_fields_only(trained):
-  cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--set", "model.num_layers=3"),
+  cli.assert_user_error(cli.run_in_process(f"--workdir={trained}", "--mode=sample", "--set",
+                                           "model.num_layers=3"),
                         "model.num_layers: 2 -> 3", "sampler.*")
 
 
 def test_sample_without_a_trained_run(tmp_path):
-  cli.assert_user_error(cli.run(f"--workdir={tmp_path}", "--mode=sample"), "no trained run")
+  cli.assert_user_error(cli.run_in_process(f"--workdir={tmp_path}", "--mode=sample"),
+                        "no trained run")
 
 
 def _corrupt(workdir, step):
@@ -197,46 +207,58 @@ def test_checkpoint_from_another_model_shape_is_refused_untouched(trained, tmp_p
   assert not (workdir / "checkpoints_unreadable").exists()
 
 
+GREEDY = ("--mode=sample", "--prompt=ROMEO:", "--set", "sampler.max_new_tokens=20", "--set",
+          "sampler.temperature=0")
+
+
+def _text(stdout: str) -> str:
+  """The sampled text between the `---` rules of a sample run's output."""
+  return stdout[stdout.index("---"):stdout.rindex("---")].split("\n", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def greedy_ar_text(trained):
+  """The trained model's greedy AR continuation of "ROMEO:", printed by the command line."""
+  result = cli.run(f"--workdir={trained}", *GREEDY)
+  assert result.returncode == 0, result.stderr
+  return _text(result.stdout)
+
+
 @pytest.mark.parametrize("kind, setting", [("speculative", "num_draft_tokens=3"),
                                            ("spectr", "num_draft_tokens=2"),
                                            ("tree", "branching=2,1"),
                                            ("dynamic_tree", "node_budget=4")])
-def test_drafted_sampling_from_the_cli_matches_greedy_ar(trained, kind, setting):
-  common = (f"--workdir={trained}", "--mode=sample", "--prompt=ROMEO:", "--set",
-            "sampler.max_new_tokens=20", "--set", "sampler.temperature=0")
-  ar = cli.run(*common)
-  drafted = cli.run(*common, "--set", f"sampler.{setting}", "--set", f"sampler.kind={kind}",
-                    "--set", f"sampler.draft_workdir={trained}")
+def test_drafted_sampling_from_the_cli_matches_greedy_ar(trained, greedy_ar_text, kind, setting):
+  drafted = cli.run(f"--workdir={trained}", *GREEDY, "--set", f"sampler.{setting}", "--set",
+                    f"sampler.kind={kind}", "--set", f"sampler.draft_workdir={trained}")
   assert drafted.returncode == 0, drafted.stderr
   stats = cli.last_json(drafted.stdout)
   assert stats["sampler"] == kind
   if kind != "dynamic_tree":  # a budgeted tree need not hold the whole greedy path
     assert stats["acceptance"] == 1.0  # the draft is the target
   assert stats["draft_calls"] > 1 and stats["target_calls"] < stats["tokens"]
-  text = lambda out: out[out.index("---"):out.rindex("---")].split("\n", 1)[1]
-  assert text(drafted.stdout) == text(ar.stdout)
+  assert _text(drafted.stdout) == greedy_ar_text
 
 
-def test_jacobi_from_the_cli_matches_greedy_ar(trained):
-  common = (f"--workdir={trained}", "--mode=sample", "--prompt=ROMEO:", "--set",
-            "sampler.max_new_tokens=20", "--set", "sampler.temperature=0")
-  ar = cli.run(*common)
-  result = cli.run(*common, "--set", "sampler.kind=jacobi", "--set", "sampler.block_size=4")
+def test_jacobi_from_the_cli_matches_greedy_ar(trained, greedy_ar_text):
+  result = cli.run(f"--workdir={trained}", *GREEDY, "--set", "sampler.kind=jacobi", "--set",
+                   "sampler.block_size=4")
   assert result.returncode == 0, result.stderr
   stats = cli.last_json(result.stdout)
   assert stats["sampler"] == "jacobi" and stats["iterations_per_block"] > 0
-  text = lambda out: out[out.index("---"):out.rindex("---")].split("\n", 1)[1]
-  assert text(result.stdout) == text(ar.stdout)
-  cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--set",
-                                "sampler.kind=jacobi", "--set", "sampler.temperature=0.5"),
+  assert _text(result.stdout) == greedy_ar_text
+  cli.assert_user_error(cli.run_in_process(f"--workdir={trained}", "--mode=sample", "--set",
+                                           "sampler.kind=jacobi", "--set",
+                                           "sampler.temperature=0.5"),
                         "jacobi decodes greedily")
 
 
 def test_drafted_sampling_without_a_draft(trained):
-  cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--set",
-                                "sampler.kind=speculative"),
+  cli.assert_user_error(cli.run_in_process(f"--workdir={trained}", "--mode=sample", "--set",
+                                           "sampler.kind=speculative"),
                         "sampler.kind=speculative needs a trained draft model",
                         "sampler.draft_workdir")
-  cli.assert_user_error(cli.run(f"--workdir={trained}", "--mode=sample", "--set",
-                                "sampler.num_draft_tokens=0", "--set", "sampler.kind=speculative"),
+  cli.assert_user_error(cli.run_in_process(f"--workdir={trained}", "--mode=sample", "--set",
+                                           "sampler.num_draft_tokens=0", "--set",
+                                           "sampler.kind=speculative"),
                         "num_draft_tokens (gamma) must be >= 1")
