@@ -1,5 +1,6 @@
-"""Test set-up, before jax is imported anywhere: 8 simulated host CPU devices, one persistent XLA
-compilation cache per test run, and XLA's optimizations only where they pay.
+"""Test set-up, before jax is imported anywhere: 8 simulated host CPU devices, XLA flags that
+compile faster (`tests/xla.py`), one persistent XLA compilation cache per test run, and XLA's
+optimizations only where they pay.
 
 The cache is a fresh directory per run, shared by the pytest-xdist workers and by the CLI
 subprocesses the tests start (they inherit the environment): the suite compiles the same
@@ -14,9 +15,9 @@ import tempfile
 
 import pytest
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from tests import xla  # flags only; imports no jax
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla.flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _CACHE_VARIABLE = "PAXLIKE_TEST_COMPILE_CACHE"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import xla
+
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
@@ -21,8 +23,8 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, monkeypatch, tmp_path):
   # The kernel is a fresh process: give it this interpreter's environment minus the test suite's
-  # simulated device count (a notebook sets its own), and run it from the repository root.
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  # simulated device count (a notebook adds its own), and run it from the repository root.
+  monkeypatch.setenv("XLA_FLAGS", xla.COMPILE_FAST)
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("PAXLIKE_NOTEBOOK_STEP_SCALE", "0.1")  # every cell runs; fewer train steps
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(COLABS.parent), *sys.path]))

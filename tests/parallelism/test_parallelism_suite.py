@@ -4,6 +4,7 @@ import json
 import subprocess
 
 from paxlike.bench import parallelism_suite
+from tests import xla
 from tests.paxlike import cli
 
 
@@ -22,7 +23,7 @@ def test_suite_reports_memory_and_time_per_attention(tmp_path):
 def test_command_line_simulates_devices_and_skips_timing_past_the_limit(tmp_path):
   out = tmp_path / "parallelism.json"
   env = cli.env()
-  del env["XLA_FLAGS"]  # the suite sets 8 simulated devices itself
+  env["XLA_FLAGS"] = xla.COMPILE_FAST  # no device count: the suite sets 8 simulated devices
   result = subprocess.run(
       cli.command("parallelism", "--seq_lens=128", "--timed_up_to=0", f"--out={out}",
                   module="paxlike.bench"),

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import xla
+
 REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = REPO / "configs" / "data" / "tinyshakespeare.txt"
 
@@ -18,7 +20,7 @@ SHAKESPEARE = REPO / "configs" / "data" / "tinyshakespeare.txt"
 def env() -> dict[str, str]:
   """One CPU device, quiet TF-style logs, and the repository importable."""
   e = dict(os.environ)
-  e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  e["XLA_FLAGS"] = xla.flags(1)
   e["JAX_PLATFORMS"] = "cpu"
   e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
   return e

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 
+from tests import xla
 from tests.paxlike import cli
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def _free_port() -> int:
 def _run_processes(workdir, steps: int, processes: int = 2, devices: int = 4) -> list[str]:
   port = _free_port()
   env = cli.env()
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla.flags(devices)
   procs = [subprocess.Popen(
       cli.command(*ARGS, "--set", "mesh.dcn_data=2", "--set", f"train.steps={steps}",
                   f"--workdir={workdir}",
@@ -46,7 +47,7 @@ def _run_processes(workdir, steps: int, processes: int = 2, devices: int = 4) ->
 def test_two_processes_match_one_and_resume(tmp_path):
   single = tmp_path / "single"
   env = cli.env()
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  env["XLA_FLAGS"] = xla.flags(8)
   result = subprocess.run(cli.command(*ARGS, "--set", "train.steps=6", f"--workdir={single}"),
                           capture_output=True, text=True, env=env, cwd=cli.REPO, timeout=300)
   assert result.returncode == 0, result.stderr

@@ -4,12 +4,13 @@ import subprocess
 
 import pytest
 
+from tests import xla
 from tests.paxlike import cli
 
 
 def _run(devices: int, *args: str) -> subprocess.CompletedProcess:
   env = cli.env()
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla.flags(devices)
   result = subprocess.run(cli.command(*args), capture_output=True, text=True, env=env,
                           cwd=cli.REPO, timeout=300)
   assert result.returncode == 0, result.stderr

@@ -4,8 +4,6 @@ The test also checks the per-device shard shapes of the parameters, so a mesh th
 but ignored fails.
 """
 
-import dataclasses
-import math
 
 import jax
 import numpy as np
