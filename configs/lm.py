@@ -80,3 +80,19 @@ def shakespeare() -> Experiment:
       eval=EvalConfig(every_steps=200, batches=8),
       sampler=SamplerConfig(prompt="ROMEO:\n", max_new_tokens=200, temperature=0.8),
   )
+
+
+@register
+def lm_11m() -> Experiment:
+  """A 7-layer d384 model (~11M parameters) on tinyshakespeare at sequence length 256: the
+  `bench train` model at the size where the train step's matmuls dominate its time."""
+  return Experiment(
+      model=ModelConfig(num_layers=7, d_model=384, num_heads=6, num_kv_heads=2, mlp_dim=1024,
+                        max_len=512),
+      data=DataConfig(path=str(DATA_DIR / "tinyshakespeare.txt"), seq_len=256),
+      optimizer=OptimizerConfig(learning_rate=2e-3),
+      schedule=ScheduleConfig(kind="cosine", warmup_steps=50),
+      train=TrainConfig(steps=1000, batch_size=8),
+      eval=EvalConfig(every_steps=200, batches=8),
+      sampler=SamplerConfig(prompt="ROMEO:\n", max_new_tokens=200, temperature=0.8),
+  )

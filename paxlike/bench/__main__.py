@@ -13,7 +13,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Write the JSON report here.")
 flags.DEFINE_string("workdir", None, "Cache folder for suites that train models "
                     "(default ~/.cache/paxlike/bench).")
-flags.DEFINE_list("experiments", ["tiny", "demo"], "Experiments to measure (train suite).")
+flags.DEFINE_list("experiments", ["tiny", "demo", "lm_11m"], "Experiments to measure (train "
+                  "suite); lm_11m is the ~11M-parameter model at sequence length 256.")
 flags.DEFINE_integer("steps", 10, "Timed steps after the compile warm-up.")
 flags.DEFINE_list("seq_lens", ["2048", "4096", "8192", "16384", "32768"],
                   "Sequence lengths (parallelism suite).")
@@ -40,6 +41,9 @@ flags.DEFINE_list("targets", ["1.6M", "9.5M"], "Target shapes of the drafted sam
 flags.DEFINE_string("dtype", "float32", "Compute dtype of the models (engine suite); bfloat16 on "
                     "accelerators.")
 flags.DEFINE_list("columns", [], "Columns of `table` (default: every key of the rows).")
+flags.DEFINE_list("parts", ["decode", "train"], "What compare-hf measures: decode (AR and "
+                  "speculative generation) and/or train (one AdamW step per batch).")
+flags.DEFINE_integer("train_batch", 8, "Batch size of compare-hf's train rows.")
 flags.DEFINE_integer("threads", 2, "CPU threads for both systems (compare-hf suite): the process "
                      "is pinned to this many cores and torch.set_num_threads is set to it.")
 
@@ -82,7 +86,8 @@ def main(argv: list[str]) -> int:
   try:
     if argv[1] == "compare-hf":
       compare_hf_suite.run(FLAGS.out, tuple(FLAGS.sizes), tuple(int(b) for b in FLAGS.batches),
-                           FLAGS.max_new_tokens, threads=FLAGS.threads)
+                           FLAGS.max_new_tokens, threads=FLAGS.threads,
+                           parts=tuple(FLAGS.parts), train_batch=FLAGS.train_batch)
     elif argv[1] == "decode":
       decode_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.max_new_tokens,
                        tuple(int(b) for b in FLAGS.batches))

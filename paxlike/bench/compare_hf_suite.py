@@ -10,6 +10,9 @@ systems run the same numbers. Rows at batch 1 and 8 on the same random prompts:
   paxlike  ar           `samplers.ar` compiled (one `while_loop`)
   paxlike  speculative  `samplers.speculative` compiled, same draft and gamma, greedy
 
+and, with `parts` including "train", a training row per system (`compare_hf_train`: the same
+weights, batches and AdamW step in PyTorch and in paxlike's train step).
+
 The draft is the target's embedding, first `draft_layers` blocks, final norm and head; the
 target's later blocks have their output projections damped by `damping`, so the draft agrees
 with the target's argmax often but not always (random weights, nothing trained: acceptance is set
@@ -38,7 +41,7 @@ import numpy as np
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from paxlike import interchange
-from paxlike.bench import harness
+from paxlike.bench import compare_hf_train, harness
 from paxlike.errors import UserError
 from samplers import ar, speculative
 from samplers.core.logits import SamplingParams
@@ -187,8 +190,11 @@ COLUMNS = ("target", "params", "system", "method", "batch", "tokens_per_s", "rat
 
 def run(out: str | None, sizes: tuple[str, ...] = ("10M", "50M"), batches: tuple[int, ...] = (1, 8),
         new_tokens: int = 64, gamma: int = 4, draft_layers: int = 2, damping: float = 0.05,
-        repeats: int = 3, threads: int = 2) -> dict[str, Any]:
-  """Measures every size, prints the table and writes the JSON report."""
+        repeats: int = 3, threads: int = 2, parts: tuple[str, ...] = ("decode", "train"),
+        train_batch: int = 8, train_seq_len: int = 256, train_steps: int = 5,
+        train_warmup: int = 2) -> dict[str, Any]:
+  """Measures every size (decode rows, then train rows), prints the tables and writes the JSON
+  report."""
   try:
     import torch
     import transformers
@@ -197,15 +203,24 @@ def run(out: str | None, sizes: tuple[str, ...] = ("10M", "50M"), batches: tuple
   unknown = [s for s in sizes if s not in TARGETS]
   if unknown:
     raise UserError(f"unknown size(s) {unknown}; valid: {', '.join(TARGETS)}")
+  unknown = [p for p in parts if p not in ("decode", "train")]
+  if unknown:
+    raise UserError(f"unknown part(s) {unknown}; valid: decode, train")
   rows = []
-  for size in sizes:
+  for size in sizes if "decode" in parts else ():
     rows += measure(size, TARGETS[size], batches, new_tokens, gamma, draft_layers, damping,
                     repeats, threads)
     harness.print_table(rows, COLUMNS)
+  if "train" in parts:
+    rows += compare_hf_train.run_rows(sizes, TARGETS, train_batch, train_seq_len, train_steps,
+                                      train_warmup, threads)
   config = {"threads": threads, "torch_threads": torch.get_num_threads(),
             "cpu_affinity": len(os.sched_getaffinity(0)), "new_tokens": new_tokens,
             "prompt_len": PROMPT_LEN, "gamma": gamma, "draft_layers": draft_layers,
-            "damping": damping, "repeats": repeats, "dtype": "float32",
+            "damping": damping, "repeats": repeats, "dtype": "float32", "parts": list(parts),
+            "train": {"batch": train_batch, "seq_len": train_seq_len, "steps": train_steps,
+                      "warmup": train_warmup,
+                      "optimizer": dataclasses.asdict(compare_hf_train.OPTIMIZER)},
             "torch": torch.__version__, "transformers": transformers.__version__,
             "targets": {s: dataclasses.asdict(TARGETS[s]) for s in sizes},
             "draft": "the target's embedding, first draft_layers blocks, final norm and head; "
