@@ -108,6 +108,9 @@ class TrainConfig:
     trainable: a regular expression over '/'-joined parameter paths (e.g.
       "acceptance_head|parscale"); parameters it does not match (re.search) are frozen: zero
       updates, no weight decay, not counted in the clipped gradient norm. "" trains everything.
+    microbatches: gradient accumulation: each step's batch_size rows are processed as this many
+      microbatches of batch_size / microbatches rows, their gradients averaged before the one
+      optimizer update (a batch whose activations do not fit). 1 processes the batch at once.
   """
 
   steps: int = 200
@@ -117,6 +120,7 @@ class TrainConfig:
   distill_weight: float = 1.0
   init_from: str = ""
   trainable: str = ""
+  microbatches: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +193,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.steps": (lambda v: v >= 0, ">= 0"),
     "train.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
     "train.batch_size": (lambda v: v > 0, "> 0"),
+    "train.microbatches": (lambda v: v > 0, "> 0"),
     "train.distill_weight": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "eval.every_steps": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
     "eval.batches": (lambda v: v >= 1, ">= 1"),

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -38,12 +39,20 @@ from paxlike.train_state import TrainState, boxed_init, state_layout
 
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    teacher: Any = None, distill_weight: float = 1.0) -> Callable:
+                    teacher: Any = None, distill_weight: float = 1.0,
+                    microbatches: int = 1) -> Callable:
   """(state, batch [B, L + 1] int32, teacher_params=None) -> (state, metrics).
 
   The loss is the model's own objective (`model.loss`, see `models.build`), given a key folded
   from the state's RNG and the step; with a teacher its logits on the batch are passed along for
   distillation.
+
+  With `microbatches` k > 1 (gradient accumulation, for a batch whose activations do not fit) the
+  batch is split into k microbatches of B / k rows, row i going to microbatch i mod k so that each
+  keeps the batch's sharding; their gradients, losses and metrics are averaged in a `lax.scan`,
+  one microbatch's activations alive at a time. Microbatch j's objective gets the step's key
+  folded with j. For an objective that averages over its rows (next-token cross-entropy) this is
+  the full batch's gradient, up to float32 rounding.
   """
 
   def loss_fn(params, batch, teacher_params, key):
@@ -53,10 +62,27 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, schedule: opta
           teacher.logits(teacher_params, model.teacher_inputs(batch)))
     return model.loss(params, batch, key, teacher_logits, distill_weight)
 
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulated(params, batch, teacher_params, key):
+    """grad_fn's ((loss, parts), grads), averaged over the microbatches of `batch`."""
+    rows = batch.shape[0] // microbatches
+    split = batch.reshape(rows, microbatches, *batch.shape[1:]).swapaxes(0, 1)
+
+    def add(total, indexed):
+      index, chunk = indexed
+      out = grad_fn(params, chunk, teacher_params, jax.random.fold_in(key, index))
+      return jax.tree.map(jnp.add, total, out), None
+
+    shapes = jax.eval_shape(grad_fn, params, split[0], teacher_params, key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    total, _ = jax.lax.scan(add, zeros, (jnp.arange(microbatches), split))
+    return jax.tree.map(lambda x: x / microbatches, total)
+
   def train_step(state: TrainState, batch: jax.Array, teacher_params: Any = None):
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
-                                                                     teacher_params, key)
+    gradients = grad_fn if microbatches == 1 else accumulated
+    (loss, parts), grads = gradients(state.params, batch, teacher_params, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
@@ -179,7 +205,7 @@ class Trainer:
       teacher_model, teacher_shardings = teacher_layout.model, teacher_layout.state_shardings.params
     self._train_step = jax.jit(
         make_train_step(self.model, self.tx, self.schedule, teacher_model,
-                        self.exp.train.distill_weight),
+                        self.exp.train.distill_weight, self.exp.train.microbatches),
         in_shardings=(self.state_shardings, self.batch_sharding, teacher_shardings),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
     self._eval_step = jax.jit(

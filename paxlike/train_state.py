@@ -94,6 +94,12 @@ def _check_divisible(exp: Experiment, mesh: Mesh, boxed: TrainState) -> None:
   if exp.train.batch_size % batch_shards:
     raise UserError(f"train.batch_size={exp.train.batch_size} is not divisible by "
                     f"mesh.data x mesh.fsdp = {batch_shards}")
+  micro = exp.train.microbatches
+  if exp.train.batch_size % (micro * batch_shards):
+    raise UserError(f"train.batch_size={exp.train.batch_size} does not split into "
+                    f"train.microbatches={micro} microbatches of a multiple of mesh.data x "
+                    f"mesh.fsdp = {batch_shards} rows; make batch_size a multiple of "
+                    f"{micro * batch_shards}")
   if exp.data.seq_len % shape["sequence"]:
     raise UserError(f"data.seq_len={exp.data.seq_len} is not divisible by "
                     f"mesh.sequence={shape['sequence']}")

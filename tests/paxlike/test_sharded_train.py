@@ -11,6 +11,7 @@ import pytest
 
 from paxlike import config as config_lib
 from paxlike import registry
+from paxlike.errors import UserError
 from paxlike.train import Trainer, make_train_step
 
 registry.load_modules()
@@ -27,9 +28,10 @@ MESHES = {
 }
 
 
-def _trainer(tmp_path, mesh: dict) -> Trainer:
+def _trainer(tmp_path, mesh: dict, *extra: str) -> Trainer:
   overrides = [f"mesh.{k}={v}" for k, v in mesh.items() if k != "attention"]
   overrides.append(f"model.attention={mesh.get('attention', 'dense')}")
+  overrides += extra
   exp = config_lib.apply_overrides(registry.get("tiny"), overrides)
   return Trainer(exp, tmp_path, log=lambda _: None)
 
@@ -54,9 +56,14 @@ def reference(tmp_path_factory, batches):
   return losses, jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("name", list(MESHES))
+@pytest.mark.parametrize("name", [*MESHES, "mixed-2-microbatches"])
 def test_sharded_step_matches_single_device(name, tmp_path, batches, reference):
-  trainer = _trainer(tmp_path, MESHES[name])
+  """Also with gradient accumulation: 2 microbatches of 4 rows, each split over data x fsdp,
+  take the full batch's step."""
+  if name.endswith("microbatches"):
+    trainer = _trainer(tmp_path, MESHES["mixed"], "train.microbatches=2")
+  else:
+    trainer = _trainer(tmp_path, MESHES[name])
   state = trainer.init_state()
   losses = []
   for batch in batches:
@@ -64,8 +71,8 @@ def test_sharded_step_matches_single_device(name, tmp_path, batches, reference):
     losses.append(float(metrics["loss"]))
   ref_losses, ref_params = reference
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), jax.device_get(state.params),
-               ref_params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5),
+               jax.device_get(state.params), ref_params)
 
   mesh = trainer.mesh.shape
   query = state.params["blocks_0"]["attention"]["query"]["kernel"]  # (embed, heads, head_dim)
@@ -134,3 +141,8 @@ def test_sharded_objectives_match_single_device(name, tmp_path, batches):
                jax.device_get(state.params), jax.device_get(dense.params))
   leaves = jax.tree.leaves(state.params)  # and the mesh was used, not ignored
   assert sum(x.addressable_shards[0].data.size < x.size for x in leaves) >= len(leaves) // 2
+
+
+def test_microbatches_that_do_not_split_the_batch_are_refused(tmp_path):
+  with pytest.raises(UserError, match="train.microbatches=4 .* multiple of 16"):
+    _trainer(tmp_path, MESHES["mixed"], "train.microbatches=4")
