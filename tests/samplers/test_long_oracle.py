@@ -14,6 +14,8 @@ oracle catches it with p < POWER (1e-9) in every case.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,14 +58,22 @@ def _leak(fresh_trace) -> None:
                       lambda mass, fallback: normalise(mass + EPS * fallback, fallback))
 
 
+@functools.cache
+def _exact_joint(prompt: tuple[int, ...], sampling, eos_id, pad_id) -> np.ndarray:
+  """The target's exact joint of STEPS tokens after `prompt` (enumerated once per process: every
+  case here samples the same target)."""
+  return prefix_toy.exact_joint(TARGET, list(prompt), STEPS, distribution(sampling), eos_id,
+                                pad_id)
+
+
 def _p_values(config, seed: int = 0) -> tuple[list[float], dict]:
   """(windows p-value per prompt of ROWS samples each, the run's stats)."""
   prompt, lengths = ar.pad_prompts([p for p in PROMPTS for _ in range(ROWS)])
   out = SAMPLERS[type(config)](MODEL, TARGET, MODEL, DRAFT, prompt, lengths,
                                jax.random.key(seed), config)
   tokens = np.asarray(out.tokens).reshape(len(PROMPTS), ROWS, STEPS)
-  joints = [prefix_toy.exact_joint(TARGET, p, STEPS, distribution(config.sampling),
-                                   config.eos_id, config.pad_id) for p in PROMPTS]
+  joints = [_exact_joint(tuple(p), config.sampling, config.eos_id, config.pad_id)
+            for p in PROMPTS]
   return ([windows_p_value(rows, joint) for rows, joint in zip(tokens, joints)],
           {name: float(value) for name, value in out.stats.items()})
 
