@@ -76,7 +76,7 @@ class AcceptanceDraftLM(CausalLM):
 
   @property
   def module(self) -> AcceptanceTransformer:
-    return AcceptanceTransformer(self.config)
+    return AcceptanceTransformer(self.config, remat=self.remat)
 
   def apply_with_acceptance(self, params, tokens: jax.Array, positions: jax.Array,
                             cache: KVCache) -> tuple[jax.Array, jax.Array, KVCache]:

@@ -24,6 +24,7 @@ class TransformerModel:
   """A validated config and the sizes, module and fresh parameters it implies."""
 
   config: ModelConfig
+  remat: str = "none"  # the blocks' rematerialisation policy in training (`Transformer.remat`)
 
   def __post_init__(self):
     self.config.validate()
@@ -44,7 +45,7 @@ class TransformerModel:
 
   @property
   def module(self) -> nn.Module:
-    return Transformer(self.config)
+    return Transformer(self.config, remat=self.remat)
 
   def init(self, key: jax.Array) -> dict:
     """Fresh float32 parameters, unboxed (plain arrays). For the logical axis names, use

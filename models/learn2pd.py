@@ -95,7 +95,7 @@ class Learn2PD(MaskedDiffusionLM):
 
   @property
   def module(self) -> FilteredTransformer:
-    return FilteredTransformer(self.config)
+    return FilteredTransformer(self.config, remat=self.remat)
 
   def denoise_with_finality(self, params, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """tokens [B, T] int32 -> ([B, T, V] SUBS log-probs as `denoise`, [B, T] float32 logits of

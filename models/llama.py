@@ -187,16 +187,30 @@ class Block(nn.Module):
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv
 
 
+# Rematerialisation policies of the blocks (`Transformer.remat`, set by `train.remat`): what each
+# block keeps from its forward pass for the backward pass; the rest is recomputed.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the projections' outputs
+}
+
+
 class Transformer(nn.Module):
-  """The decoder. `config` must pass `ModelConfig.validate()`."""
+  """The decoder. `config` must pass `ModelConfig.validate()`.
+
+  `remat` ("none" or a `REMAT_POLICIES` name) wraps each block in `nn.remat` with that policy:
+  training memory for recomputation, the parameters and outputs unchanged.
+  """
 
   config: ModelConfig
+  remat: str = "none"
 
   def setup(self):
     cfg = self.config
     self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
                           embedding_init=_normal(cfg.init_std, ("vocab", "embed")))
-    self.blocks = [Block(cfg) for _ in range(cfg.num_layers)]
+    block = Block if self.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[self.remat])
+    self.blocks = [block(cfg) for _ in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype))
     if not cfg.tie_embeddings:
       self.head = _dense(cfg, cfg.vocab_size, ("embed", "vocab"))

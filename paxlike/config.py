@@ -111,6 +111,10 @@ class TrainConfig:
     microbatches: gradient accumulation: each step's batch_size rows are processed as this many
       microbatches of batch_size / microbatches rows, their gradients averaged before the one
       optimizer update (a batch whose activations do not fit). 1 processes the batch at once.
+    remat: what each transformer block keeps for the backward pass: "none" (everything),
+      "dots" (its projections' outputs; attention and elementwise ops are recomputed) or "full"
+      (only its input; the block's forward runs again). Less activation memory, more compute;
+      the same gradients.
   """
 
   steps: int = 200
@@ -121,6 +125,7 @@ class TrainConfig:
   init_from: str = ""
   trainable: str = ""
   microbatches: int = 1
+  remat: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +175,7 @@ TRAINING_IDENTITY = ("model", "data", "optimizer", "schedule", "train.seed", "tr
 SAMPLE_MUTABLE = ("sampler", "eval", "run", "mesh", "checkpoint")
 
 _SCHEDULE_KINDS = ("cosine", "wsd", "constant")
+_REMAT = ("none", "dots", "full")  # models.llama.REMAT_POLICIES and none
 # The range of every numeric field outside the model and sampler sections (which check their own):
 # key -> (is the value valid, what a valid value is).
 _RANGES: dict[str, tuple[Any, str]] = {
@@ -215,6 +221,8 @@ def validate(exp: Experiment) -> Experiment:
   checks = [
       (exp.data.seq_len <= exp.model.max_len,
        f"data.seq_len={exp.data.seq_len} exceeds model.max_len={exp.model.max_len}"),
+      (exp.train.remat in _REMAT,
+       f"train.remat={exp.train.remat!r} is unknown; valid: {', '.join(_REMAT)}"),
       (exp.schedule.kind in _SCHEDULE_KINDS,
        f"schedule.kind={exp.schedule.kind!r} is unknown; valid: {', '.join(_SCHEDULE_KINDS)}"),
       (not exp.model.acceptance_head or not exp.train.steps or exp.train.teacher_workdir,

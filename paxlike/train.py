@@ -267,6 +267,12 @@ class Trainer:
     with rules.activate(self.mesh):
       return self._train_step(state, batch, self.teacher_params)
 
+  def lowered_train_step(self, state: TrainState, batch: jax.Array) -> jax.stages.Lowered:
+    """The train step lowered for these arguments' shapes; `.compile()` gives its memory and
+    cost analyses (the bench reads them)."""
+    with rules.activate(self.mesh):
+      return self._train_step.lower(state, batch, self.teacher_params)
+
   def evaluate(self, params: Any) -> tuple[float, float]:
     """Mean held-out loss (nats/token) and bits per byte (tokens are bytes)."""
     total, count = 0.0, 0.0

@@ -68,7 +68,7 @@ def state_layout(exp: Experiment) -> StateLayout:
   except ValueError as e:
     raise UserError(str(e)) from None
   try:
-    model = build_model(exp.model)
+    model = dataclasses.replace(build_model(exp.model), remat=exp.train.remat)
   except ValueError as e:
     raise UserError(str(e)) from None
   tx = make_optimizer(exp.optimizer, exp.schedule, exp.train.steps, exp.train.trainable)

@@ -16,6 +16,8 @@ flags.DEFINE_string("workdir", None, "Cache folder for suites that train models 
 flags.DEFINE_list("experiments", ["tiny", "demo", "lm_11m"], "Experiments to measure (train "
                   "suite); lm_11m is the ~11M-parameter model at sequence length 256.")
 flags.DEFINE_integer("steps", 10, "Timed steps after the compile warm-up.")
+flags.DEFINE_list("remat", ["none"], "Block rematerialisation policies to measure each experiment "
+                  "under (train suite): none, dots, full.")
 flags.DEFINE_list("seq_lens", ["2048", "4096", "8192", "16384", "32768"],
                   "Sequence lengths (parallelism suite).")
 flags.DEFINE_integer("timed_up_to", 8192, "Longest sequence that is also timed (parallelism "
@@ -105,7 +107,7 @@ def main(argv: list[str]) -> int:
     elif argv[1] == "parallelism":
       parallelism_suite.run(FLAGS.out, [int(n) for n in FLAGS.seq_lens], FLAGS.timed_up_to)
     else:
-      train_suite.run(FLAGS.experiments, FLAGS.steps, FLAGS.out)
+      train_suite.run(FLAGS.experiments, FLAGS.steps, FLAGS.out, tuple(FLAGS.remat))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

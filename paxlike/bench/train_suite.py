@@ -15,6 +15,7 @@ from typing import Any
 import jax
 
 from models.config import ModelConfig
+from paxlike import config as config_lib
 from paxlike import registry
 from paxlike.bench import harness
 from paxlike.config import Experiment
@@ -45,6 +46,7 @@ def bench_experiment(exp: Experiment, steps: int, peak: float) -> dict[str, Any]
     state, metrics = trainer.train_step(state, batches[0])
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
+    memory = trainer.lowered_train_step(state, batches[0]).compile().memory_analysis()
     times = []
     for batch in batches[1:]:
       start = time.perf_counter()
@@ -57,6 +59,7 @@ def bench_experiment(exp: Experiment, steps: int, peak: float) -> dict[str, Any]
     flops = train_flops_per_token(exp.model, exp.data.seq_len) * tokens
     return {
         "experiment": exp.name,
+        "remat": exp.train.remat,
         "params": Trainer.param_count(state.params),
         "batch": exp.train.batch_size,
         "seq_len": exp.data.seq_len,
@@ -69,17 +72,25 @@ def bench_experiment(exp: Experiment, steps: int, peak: float) -> dict[str, Any]
         "model_tflops_per_s": flops / median / 1e12,
         "peak_tflops_per_s": peak / 1e12,
         "mfu": flops / median / peak,
+        # The step's compiled scratch memory per device: activations kept for the backward pass.
+        "temp_mib": memory.temp_size_in_bytes / 2**20 if memory else None,
     }
 
 
-def run(experiments: list[str], steps: int, out: str | None) -> dict[str, Any]:
+def run(experiments: list[str], steps: int, out: str | None,
+        remat: tuple[str, ...] = ("none",)) -> dict[str, Any]:
+  """Each experiment under each remat policy (`train.remat`)."""
   registry.load_modules()
   peak = harness.matmul_peak_flops()
   rows = []
   for name in experiments:
-    exp = registry.get(name)
-    exp = dataclasses.replace(exp, mesh=dataclasses.replace(exp.mesh, data=-1))
-    rows.append(bench_experiment(exp, steps, peak))
-  harness.print_table(rows, ["experiment", "params", "batch", "seq_len", "compile_s", "step_s",
-                             "tokens_per_s", "mfu"])
-  return harness.write_report(out, "train", {"experiments": experiments, "steps": steps}, rows)
+    for policy in remat:
+      exp = registry.get(name)
+      exp = config_lib.validate(dataclasses.replace(
+          exp, mesh=dataclasses.replace(exp.mesh, data=-1),
+          train=dataclasses.replace(exp.train, remat=policy)))
+      rows.append(bench_experiment(exp, steps, peak))
+  harness.print_table(rows, ["experiment", "remat", "params", "batch", "seq_len", "compile_s",
+                             "step_s", "tokens_per_s", "mfu", "temp_mib"])
+  return harness.write_report(out, "train", {"experiments": experiments, "steps": steps,
+                                             "remat": list(remat)}, rows)

@@ -56,15 +56,21 @@ def reference(tmp_path_factory, batches):
   return losses, jax.device_get(state.params)
 
 
-@pytest.mark.parametrize("name", [*MESHES, "mixed-2-microbatches"])
+# Variants of the step that must not change it: gradient accumulation (2 microbatches of 4 rows,
+# each split over data x fsdp) and the blocks' rematerialisation policies.
+VARIANTS = {"mixed-2-microbatches": ("mixed", "train.microbatches=2"),
+            "data-remat-dots": ("data", "train.remat=dots"),
+            "mixed-remat-full": ("mixed", "train.remat=full")}
+
+
+@pytest.mark.parametrize("name", [*MESHES, *VARIANTS])
 def test_sharded_step_matches_single_device(name, tmp_path, batches, reference):
-  """Also with gradient accumulation: 2 microbatches of 4 rows, each split over data x fsdp,
-  take the full batch's step."""
-  if name.endswith("microbatches"):
-    trainer = _trainer(tmp_path, MESHES["mixed"], "train.microbatches=2")
-  else:
-    trainer = _trainer(tmp_path, MESHES[name])
+  mesh, *extra = VARIANTS.get(name, (name,))
+  trainer = _trainer(tmp_path, MESHES[mesh], *extra)
   state = trainer.init_state()
+  if "remat" in name:  # the policy is applied: the blocks' recomputation is fenced off
+    lowered = trainer.lowered_train_step(state, trainer.to_global_batch(batches[0])).as_text()
+    assert lowered.count("optimization_barrier") >= 2, "no rematerialised block in the step"
   losses = []
   for batch in batches:
     state, metrics = trainer.train_step(state, trainer.to_global_batch(batch))
@@ -146,3 +152,8 @@ def test_sharded_objectives_match_single_device(name, tmp_path, batches):
 def test_microbatches_that_do_not_split_the_batch_are_refused(tmp_path):
   with pytest.raises(UserError, match="train.microbatches=4 .* multiple of 16"):
     _trainer(tmp_path, MESHES["mixed"], "train.microbatches=4")
+
+
+def test_an_unknown_remat_policy_names_the_valid_ones():
+  with pytest.raises(UserError, match="train.remat='some' is unknown; valid: none, dots, full"):
+    config_lib.validate(config_lib.apply_overrides(registry.get("tiny"), ["train.remat=some"]))
