@@ -27,15 +27,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from paxlike import interchange
 from paxlike.bench import harness
 from paxlike.config import OptimizerConfig, ScheduleConfig
-from paxlike.optim import make_optimizer
-from paxlike.train import make_train_step
+from paxlike.optim import learning_rate_schedule, make_optimizer
+from paxlike.train import Trainer, make_train_step
 from paxlike.train_state import TrainState
 
 OPTIMIZER = OptimizerConfig(learning_rate=1e-3)
@@ -46,7 +45,7 @@ def _paxlike_step(config: ModelConfig, params: Any):
   """(step(batch) -> loss, as a float once computed) for paxlike, state held inside."""
   model = CausalLM(config)
   tx = make_optimizer(OPTIMIZER, SCHEDULE, total_steps=1)
-  schedule = optax.constant_schedule(OPTIMIZER.learning_rate)
+  schedule = learning_rate_schedule(OPTIMIZER, SCHEDULE, total_steps=1)
   step_fn = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
   holder = {"state": TrainState(step=jnp.zeros([], jnp.int32), params=params,
                                 opt_state=tx.init(params),
@@ -106,7 +105,7 @@ def measure(size: str, config: ModelConfig, batch: int, seq_len: int, steps: int
       losses[name].append(step(tokens))  # float(): waits for the step
       if index >= warmup:
         times[name].append(time.perf_counter() - start)
-  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  count = Trainer.param_count(params)
   loss_diff = max(abs(a - b) for a, b in zip(losses["hf"], losses["paxlike"]))
   per_step = batch * seq_len
   rows = []
