@@ -8,7 +8,8 @@ it up from this table.
 from __future__ import annotations
 
 from samplers import adaptive, ar, assd, block_diffusion, contrastive, edlm, entropy_switch
-from samplers import jacobi, learned_unmask, mdlm, spectr, speculative, tree, unmask
+from samplers import jacobi, learned_unmask, mdlm, prompt_lookup, spectr, speculative, tree
+from samplers import unmask
 from samplers.spec import SamplerSpec
 
 SPECS: dict[str, SamplerSpec] = {spec.kind: spec for spec in (
@@ -19,6 +20,7 @@ SPECS: dict[str, SamplerSpec] = {spec.kind: spec for spec in (
     tree.DYNAMIC_SPEC,
     adaptive.SPEC,
     jacobi.SPEC,
+    prompt_lookup.SPEC,
     contrastive.SPEC,
     entropy_switch.SPEC,
     mdlm.SPEC,

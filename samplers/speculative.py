@@ -23,8 +23,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers.core import draft_verify, rng, verify
-from samplers.core.logits import SamplingParams, probs
+from samplers.core import draft_verify, rng
+from samplers.core.logits import SamplingParams
 from samplers.core.protocol import CausalModel, SampleOutput, check_max_new_tokens
 from samplers.spec import SamplerSpec
 
@@ -77,7 +77,6 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
   slots = draft_verify.check_pair(target, draft, prompt_len, config)
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
-  draw_rows = jax.vmap(verify.draw)
   greedy = config.sampling.greedy
 
   def round_fn(caches, seq, context):
@@ -106,21 +105,8 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
     logits, target_cache = target.apply(target_params, scored, window,
                                         target_cache.replace(lengths=context - 1))
-    if greedy:
-      emitted, count = verify.greedy_chain(drafts, logits)
-      return (target_cache, draft_cache), emitted, count
-    q = jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)], axis=1)  # [B, gamma, V]
-    p = probs(logits, config.sampling)  # [B, gamma + 1, V]
-
-    accepted, tokens = jax.vmap(jax.vmap(verify.single_draft))(verify_u[:, :gamma],
-                                                               p[:, :gamma], q, drafts)
-    count = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1, dtype=jnp.int32)  # [B] in [0, gamma]
-    bonus = draw_rows(verify_u[:, gamma, 1:], p[:, gamma])
-    at_rejection = jnp.take_along_axis(tokens, jnp.minimum(count, gamma - 1)[:, None], axis=1)[:, 0]
-    last = jnp.where(count < gamma, at_rejection, bonus)
-    index = jnp.arange(gamma + 1)[None, :]
-    padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
-    emitted = jnp.where(index < count[:, None], padded, last[:, None])
+    q = None if greedy else jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)], 1)
+    emitted, count = draft_verify.verify_chain(drafts, q, logits, verify_u, config.sampling)
     return (target_cache, draft_cache), emitted, count
 
   return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,
