@@ -8,7 +8,7 @@ it up from this table.
 from __future__ import annotations
 
 from samplers import adaptive, ar, assd, block_diffusion, contrastive, edlm, entropy_switch
-from samplers import jacobi, learned_unmask, mdlm, prompt_lookup, spectr, speculative, tree
+from samplers import jacobi, learned_unmask, lookahead, mdlm, prompt_lookup, spectr, speculative, tree
 from samplers import unmask
 from samplers.spec import SamplerSpec
 
@@ -21,6 +21,7 @@ SPECS: dict[str, SamplerSpec] = {spec.kind: spec for spec in (
     adaptive.SPEC,
     jacobi.SPEC,
     prompt_lookup.SPEC,
+    lookahead.SPEC,
     contrastive.SPEC,
     entropy_switch.SPEC,
     mdlm.SPEC,
