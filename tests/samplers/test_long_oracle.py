@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samplers import adaptive, ar, assd, prompt_lookup, spectr, speculative, tree
+from samplers import adaptive, ar, assd, lookahead, prompt_lookup, spectr, speculative, tree
 from samplers.core import verify
 from samplers.core.logits import SamplingParams
 from tests.samplers import prefix_toy
@@ -46,13 +46,17 @@ CASES = {
                                                       confidence_threshold=0.5),
     "prompt_lookup-g3": prompt_lookup.PromptLookupConfig(num_draft_tokens=3, max_new_tokens=STEPS,
                                                          max_ngram=2),
+    "lookahead-w2-n3-g2": lookahead.LookaheadConfig(window=2, ngram=3, candidates=2,
+                                                    max_new_tokens=STEPS),
 }
 SAMPLERS = {speculative.SpeculativeConfig: speculative.sample, spectr.SpecTrConfig: spectr.sample,
             tree.TreeConfig: tree.sample, tree.DynamicTreeConfig: tree.sample,
             adaptive.AdaptiveConfig: adaptive.sample,
             # no draft model: the draft is copied from the row's own text
             prompt_lookup.PromptLookupConfig: lambda target, params, _, __, *rest:
-                prompt_lookup.sample(target, params, *rest)}
+                prompt_lookup.sample(target, params, *rest),
+            lookahead.LookaheadConfig: lambda target, params, _, __, *rest:
+                lookahead.sample(target, params, *rest)}
 
 
 def _leak(fresh_trace) -> None:
