@@ -14,7 +14,8 @@ under one tree attention mask (each token sees the committed prefix and its own 
   The paper scores all levels in every call; here the levels are earlier calls' windows, so a
   call scores 1 + W + G (N - 1) tokens instead of 1 + W (N - 1) + G (N - 1).
 - the verification branch: the G newest pooled n-grams that start with the root, each a chain
-  of N - 1 draft tokens.
+  of N - 1 draft tokens. With `text_ngrams` the pool also holds the n-grams of the row's own
+  text, so repeated text is drafted as in prompt lookup (`samplers.prompt_lookup`).
 
 Greedy verification takes the branch (the window counts as one) whose leading tokens the
 target's argmaxes confirm the longest, plus the target's token after it. Sampled verification
@@ -50,6 +51,8 @@ class LookaheadConfig:
     ngram: N >= 2, the pool's n-gram size (a candidate drafts N - 1 tokens).
     candidates: G >= 1, pooled n-grams verified per call.
     pool_size: n-grams kept per row (the oldest are overwritten).
+    text_ngrams: the pool also takes the n-grams of the row's own text (its prompt, then each
+      committed token's), as prompt lookup drafts from it.
     max_new_tokens: N_new, tokens generated per row at most.
     sampling: how tokens are drawn.
     eos_id: a row stops after emitting it; None never stops early.
@@ -60,7 +63,8 @@ class LookaheadConfig:
   ngram: int
   candidates: int
   max_new_tokens: int
-  pool_size: int = 64
+  pool_size: int = 128
+  text_ngrams: bool = True
   sampling: SamplingParams = SamplingParams()
   eos_id: int | None = None
   pad_id: int = 0
@@ -134,10 +138,12 @@ class Lookahead:
     trajectories: [B, W, N - 1] int32; [:, j, -1] is window guess g_j, [:, j, :-1] the tokens
       it was predicted after (oldest first).
     pool: the row's n-grams.
+    seen: [B] int32 the row's text below this position is in the pool (with text_ngrams).
   """
 
   trajectories: jax.Array
   pool: ngram_pool.NgramPool
+  seen: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("target", "config"))
@@ -173,8 +179,12 @@ def sample(target: CausalModel, target_params, prompt: jax.Array, prompt_lengths
 
   def round_fn(caches, seq, context):
     cache, state = caches
+    pool = state.pool
+    if config.text_ngrams:  # the n-grams ending at the tokens committed since the last call
+      ends = state.seen[:, None] + jnp.arange(depth_max + 1)[None, :]
+      pool = ngram_pool.insert(pool, *ngram_pool.ending_at(seq, ends, n, context))
     root = jnp.take_along_axis(seq, (context - 1)[:, None], axis=1)  # [B, 1]
-    drafts, found = ngram_pool.select(state.pool, root[:, 0], config.candidates)
+    drafts, found = ngram_pool.select(pool, root[:, 0], config.candidates)
     guesses = state.trajectories[:, :, -1]
     tokens = jnp.concatenate([guesses, drafts.reshape(batch, -1)], axis=1)  # [B, M]
     valid = jnp.concatenate([jnp.ones((batch, window), bool), jnp.repeat(found, n - 1, 1)], 1)
@@ -200,15 +210,19 @@ def sample(target: CausalModel, target_params, prompt: jax.Array, prompt_lengths
     # Jacobi update: guess j of the next call is o_{j + count} (committed tokens skipped)
     moved = jnp.clip(count[:, None] + jnp.arange(window)[None, :], 0, window - 1)[:, :, None]
     state = Lookahead(trajectories=jnp.take_along_axis(grams[:, :, 1:], moved, axis=1),
-                      pool=ngram_pool.insert(state.pool, grams))
+                      pool=ngram_pool.insert(pool, grams), seen=context)
     return (cache, state), emitted, count
 
   logits, cache = prefill(target, target_params, prompt, target.init_cache(batch, cache_slots))
   # the first window: the prompt's last W tokens (the paper seeds it from the prompt too)
   seed = jnp.clip(prompt_lengths[:, None] - window + jnp.arange(window)[None, :], 0, None)
   first = jnp.take_along_axis(prompt, seed, axis=1)[:, :, None]
-  state = Lookahead(trajectories=jnp.broadcast_to(first, (batch, window, n - 1)),
-                    pool=ngram_pool.empty(batch, config.pool_size, n))
+  pool = ngram_pool.empty(batch, config.pool_size, n)
+  if config.text_ngrams:
+    ends = jnp.broadcast_to(jnp.arange(prompt_len), prompt.shape)
+    pool = ngram_pool.insert(pool, *ngram_pool.ending_at(prompt, ends, n, prompt_lengths))
+  state = Lookahead(trajectories=jnp.broadcast_to(first, (batch, window, n - 1)), pool=pool,
+                    seen=prompt_lengths)
   out = draft_verify.decode(round_fn, (cache, state), last_prompt_logits(logits, prompt_lengths),
                             prompt, prompt_lengths, keys, config)
   return out.replace(stats={k: v for k, v in out.stats.items() if k != "draft_calls"})
@@ -216,23 +230,28 @@ def sample(target: CausalModel, target_params, prompt: jax.Array, prompt_lengths
 
 @dataclasses.dataclass(frozen=True)
 class LookaheadOptions:
-  """`sampler.*` settings of kind "lookahead" (no second model).
+  """`sampler.*` settings of kind "lookahead" (no second model). The defaults suit a small model
+  on a CPU, where every extra token in a call costs; an accelerator affords a wider window and
+  more candidates (the paper uses W = 15, N = 5, G = 15 on a 7B model).
 
   Attributes:
     window: W, Jacobi guesses in the lookahead branch.
     ngram: N, the n-gram size of the pool (candidates draft N - 1 tokens); 2 <= N <= W + 1.
     candidates: G, pooled n-grams verified per target call.
     pool_size: n-grams kept per row.
+    text_ngrams: the pool also takes the n-grams of the row's own text (prompt and output).
   """
 
-  window: int = 5
-  ngram: int = 4
-  candidates: int = 4
-  pool_size: int = 64
+  window: int = 1
+  ngram: int = 5
+  candidates: int = 2
+  pool_size: int = 128
+  text_ngrams: bool = True
 
 
 SPEC = SamplerSpec(
     "lookahead", LookaheadOptions, sample,
     lambda o, decode: LookaheadConfig(window=o.window, ngram=o.ngram, candidates=o.candidates,
-                                      pool_size=o.pool_size, **decode.common()),
+                                      pool_size=o.pool_size, text_ngrams=o.text_ngrams,
+                                      **decode.common()),
     slack=lambda o: o.window + o.candidates * (o.ngram - 1) - 1)

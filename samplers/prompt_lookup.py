@@ -5,7 +5,7 @@ with Reference: Lossless Acceleration of Large Language Models"). No draft model
 takes the row's last n committed tokens (n from `max_ngram` down to `min_ngram`), finds their
 most recent earlier occurrence in the prompt or the generated text, and drafts the gamma tokens
 that followed it. The target scores the last token and the gamma drafts in one call, and the
-speculative rule verifies them.
+speculative rule verifies them; a round where no row's text matches is a plain one-token step.
 
 Guarantee: the draft is a deterministic function of the row's committed tokens, so its draft
 distribution q is one-hot: a draft token x is accepted with probability p(x), and a rejection
@@ -131,15 +131,28 @@ def sample(target: CausalModel, target_params, prompt: jax.Array, prompt_lengths
   greedy = config.sampling.greedy
 
   def round_fn(cache, seq, context):
-    """The target's cache holds all of the row's `context` tokens but the last."""
-    drafts, _ = lookup(seq, context, gamma, config.max_ngram, config.min_ngram)
+    """The target's cache holds all of the row's `context` tokens but the last. When no row's
+    text has a match, the round is one AR step (a 1-token call instead of gamma + 1)."""
+    drafts, matched = lookup(seq, context, gamma, config.max_ngram, config.min_ngram)
     window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
-    scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
-    logits, cache = target.apply(target_params, scored, window, cache.replace(lengths=context - 1))
+    root = jnp.take_along_axis(seq, window[:, :1], axis=1)
+    cache = cache.replace(lengths=context - 1)
     verify_u = None if greedy else draft_verify.position_uniforms(keys, window + 1, 1 + vocab)
-    q = None if greedy else jax.nn.one_hot(drafts, vocab, dtype=jnp.float32)
-    emitted, count = draft_verify.verify_chain(drafts, q, logits, verify_u, config.sampling)
-    return cache, emitted, count
+
+    def verify_drafts(cache):
+      logits, cache = target.apply(target_params, jnp.concatenate([root, drafts], axis=1),
+                                   window, cache)
+      q = None if greedy else jax.nn.one_hot(drafts, vocab, dtype=jnp.float32)
+      emitted, count = draft_verify.verify_chain(drafts, q, logits, verify_u, config.sampling)
+      return cache, emitted, count
+
+    def step(cache):  # nothing to copy anywhere: emit one token from p_1
+      logits, cache = target.apply(target_params, root, window[:, :1], cache)
+      u = None if greedy else verify_u[:, 0, 1:]
+      token = draft_verify.draw_draft(u, logits[:, 0], config.sampling)[0]
+      return cache, jnp.broadcast_to(token[:, None], (batch, gamma + 1)), jnp.zeros_like(context)
+
+    return jax.lax.cond(jnp.any(matched > 0), verify_drafts, step, cache)
 
   logits, cache = prefill(target, target_params, prompt, target.init_cache(batch, slots))
   out = draft_verify.decode(round_fn, cache, last_prompt_logits(logits, prompt_lengths), prompt,
@@ -158,9 +171,9 @@ class PromptLookupOptions:
     min_ngram: the shortest suffix tried when no longer one matches.
   """
 
-  num_draft_tokens: int = 6
+  num_draft_tokens: int = 4
   max_ngram: int = 3
-  min_ngram: int = 1
+  min_ngram: int = 2
 
 
 SPEC = SamplerSpec(

@@ -13,6 +13,9 @@ target's top-two logits, < 1e-4, are counted rather than failed). Adaptive draft
 with both stopping rules, the head rule on `pair_draft_head` (the draft plus an acceptance head,
 trained and cached like the pair), and reports its draft calls against the fixed-length
 speculative row of the same batch and temperature.
+Every row names its `text`: "held_out" prompts, or for the draft-free kinds (prompt lookup,
+lookahead) also "repeating" ones, which end with the target's own greedy continuation
+(`repeating`), the text those kinds are for.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ from paxlike.run import Run
 
 NEAR_TIE = 1e-4
 
-SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi")
+SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi", "prompt_lookup",
+            "lookahead")
+DRAFT_FREE = ("prompt_lookup", "lookahead")  # the kinds also measured on repeating text
+TEXTS = ("held_out", "repeating")
+REPEAT_TOKENS = 64  # the target's own greedy tokens appended to a "repeating" prompt
 ADAPTIVE_RULES = ("confidence", "head")  # one "adaptive" row each, after "speculative"
 GREEDY_ONLY = ("jacobi",)
 NUM_DRAFT_TOKENS = 6  # gamma of the fixed-length drafted samplers (and adaptive's most)
@@ -66,6 +73,18 @@ def prompts(batch: int, length: int = 32) -> tuple[np.ndarray, np.ndarray]:
   starts = np.linspace(0, len(held_out) - length - 1, batch).astype(int)
   rows = [np.concatenate([[tokenizer.EOS_ID], held_out[s:s + length]]) for s in starts]
   return np.stack(rows).astype(np.int32), np.full([batch], length + 1, np.int32)
+
+
+def repeating(model, params, cfg, prompt: np.ndarray,
+              lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """The "repeating" prompts: each held-out prompt followed by the target's own greedy
+  continuation of REPEAT_TOKENS tokens. Greedy decoding of a small model falls into loops, so
+  what follows such a prompt largely repeats text the prompt holds (the case prompt lookup and
+  lookahead are for; on real workloads: code edits, quoted passages, retrieved documents)."""
+  config = dataclasses.replace(cfg, kind="ar", temperature=0.0, max_new_tokens=REPEAT_TOKENS)
+  decoder = generate.CompiledDecoder(model, params, prompt, lengths, config)
+  continuation = decoder.result(decoder.run(), 1.0)[0]
+  return np.concatenate([prompt, continuation], axis=1).astype(np.int32), lengths + REPEAT_TOKENS
 
 
 def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
@@ -101,8 +120,10 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   variants = [(kind, rule) for kind in SAMPLERS
               for rule in (ADAPTIVE_RULES if kind == "adaptive" else (None,))]
   rows = []
-  for batch in batches:
+  for batch, text in [(batch, text) for batch in batches for text in TEXTS]:
     prompt, lengths = prompts(batch)
+    if text == "repeating":
+      prompt, lengths = repeating(target_model, target_params, base, prompt, lengths)
     for temperature in (0.0, 1.0):
       cfg = dataclasses.replace(base, temperature=temperature)
       compiled = lambda c, *draft: generate.CompiledDecoder(target_model, target_params, prompt,
@@ -113,15 +134,17 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
       ties = near_ties(target_model, target_params, prompt, ar_tokens) if temperature == 0 else None
       group, ar_times = [], []
       for kind, rule in variants:
-        if temperature and kind in GREEDY_ONLY:
+        if (temperature and kind in GREEDY_ONLY) or (text != TEXTS[0] and kind not in DRAFT_FREE):
           continue
-        decoder = compiled(variant(cfg, kind, rule), *drafts[rule or "confidence"])
+        sampler = variant(cfg, kind, rule)
+        second = drafts[rule or "confidence"] if sampler.spec.second_model else ()
+        decoder = compiled(sampler, *second)
         first = decoder.run()
         (ar_t, variant_t), _ = harness.interleaved_times([ar.run, decoder.run], repeats)
         ar_times += ar_t
         tokens, _, stats = decoder.result(first, statistics.median(variant_t))
         row = _row(stats, temperature, [a / v for a, v in zip(ar_t, variant_t)]) | {
-            "near_ties": ties}
+            "near_ties": ties, "text": text}
         if kind == "speculative":
           fixed = stats
         if rule:  # draft calls saved against fixed-length speculative, measured in this run
@@ -133,8 +156,9 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
           row["mismatched_rows"] = int(np.sum(np.any(tokens != ar_tokens, axis=1)))
         group.append(row)
       ar_stats = ar.result(ar_out, statistics.median(ar_times))[2]
-      rows += [_row(ar_stats, temperature, [1.0]) | {"near_ties": ties}, *group]
-  harness.print_table(rows, ["sampler", "adaptive_rule", "batch", "temperature", "tokens_per_s",
+      rows += [_row(ar_stats, temperature, [1.0]) | {"near_ties": ties, "text": text}, *group]
+  harness.print_table(rows, ["sampler", "adaptive_rule", "text", "batch", "temperature",
+                             "tokens_per_s",
                              "speedup_vs_ar", "tokens_per_target_call", "acceptance",
                              "draft_calls", "draft_calls_saved", "greedy_equal_ar"])
   config = {"target": config_lib.to_dict(target.exp.model), "draft": config_lib.to_dict(draft.exp.model),

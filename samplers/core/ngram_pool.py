@@ -34,20 +34,23 @@ def empty(batch: int, size: int, n: int) -> NgramPool:
                    clock=jnp.zeros((batch,), jnp.int32))
 
 
-def insert(pool: NgramPool, grams: jax.Array) -> NgramPool:
+def insert(pool: NgramPool, grams: jax.Array, valid: jax.Array | None = None) -> NgramPool:
   """Adds each row's new n-grams [B, K, N] that the row's pool (and an earlier new one) lacks.
 
   The k-th inserted n-gram of a row goes to ring slot (clock + k) mod P, overwriting the oldest
-  entry once the ring is full. K may exceed P; then only the last P inserted survive.
+  entry once the ring is full. K may exceed P; then only the last P inserted survive. `valid`
+  [B, K] bool (default all) leaves out the n-grams marked False.
   """
   size = pool.stamp.shape[1]
   count = grams.shape[1]
   same = jnp.all(grams[:, :, None, :] == pool.grams[:, None, :, :], axis=-1)  # [B, K, P]
   in_pool = jnp.any(same & (pool.stamp[:, None, :] >= 0), axis=-1)
   pairs = jnp.all(grams[:, :, None, :] == grams[:, None, :, :], axis=-1)  # [B, K, K]
+  if valid is not None:
+    pairs &= valid[:, None, :]  # only an earlier valid n-gram makes a repeat
   earlier = jnp.tril(jnp.ones((count, count), bool), -1)
   repeated = jnp.any(pairs & earlier[None], axis=-1)
-  fresh = ~in_pool & ~repeated  # [B, K]
+  fresh = ~in_pool & ~repeated & (True if valid is None else valid)  # [B, K]
   order = jnp.cumsum(fresh, axis=1, dtype=jnp.int32) - 1  # k-th fresh n-gram of its row
   stamp = pool.clock[:, None] + order
   # a fresh n-gram that a later fresh one of the same call overwrites (K > P) is dropped
@@ -72,7 +75,17 @@ def select(pool: NgramPool, first: jax.Array, count: int) -> tuple[jax.Array, ja
   return grams[:, :, 1:], score >= 0
 
 
-def windows(tokens: jax.Array, n: int) -> jax.Array:
-  """All n-grams of each row's token sequence: tokens [B, L] -> [B, L - n + 1, N]."""
-  starts = jnp.arange(tokens.shape[1] - n + 1)[:, None] + jnp.arange(n)[None, :]
-  return tokens[:, starts]
+def ending_at(tokens: jax.Array, ends: jax.Array, n: int,
+              length: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The n-grams of each row's text that end at the given positions.
+
+  Args:
+    tokens: [B, S] int32 each row's text; ends: [B, K] int32 positions of the n-grams' last
+      tokens; n: static; length: [B] int32 valid tokens per row.
+  Returns:
+    (grams [B, K, N] int32, valid [B, K] bool: the n-gram lies inside [0, length)).
+  """
+  starts = ends - (n - 1)
+  index = starts[:, :, None] + jnp.arange(n)[None, None, :]
+  grams = jax.vmap(lambda row, i: row[i])(tokens, jnp.clip(index, 0, tokens.shape[1] - 1))
+  return grams, (starts >= 0) & (ends < length[:, None])

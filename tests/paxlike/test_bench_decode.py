@@ -9,7 +9,7 @@ from paxlike.bench import decode_suite
 
 @pytest.mark.slow
 def test_decode_suite_rows(tmp_path, capsys):
-  """Its time is compiling: 15 decoders, three trainers and the teacher text's samplers, on
+  """Its time is compiling: 23 decoders, three trainers and the teacher text's samplers, on
   one-layer models; the rows are those of the full suite."""
   out = tmp_path / "decode.json"
   small = ("model.num_layers=1", "model.d_model=128", "model.num_heads=4", "model.mlp_dim=256",
@@ -21,6 +21,8 @@ def test_decode_suite_rows(tmp_path, capsys):
   rows = report["rows"]
   assert {r["sampler"] for r in rows} == {"ar", *decode_suite.SAMPLERS}
   assert {(r["batch"], r["temperature"]) for r in rows} == {(3, 0.0), (3, 1.0)}
+  assert {r["text"] for r in rows} == set(decode_suite.TEXTS)
+  assert {r["sampler"] for r in rows if r["text"] == "repeating"} == {"ar", *decode_suite.DRAFT_FREE}
   assert all(r["temperature"] == 0.0 for r in rows if r["sampler"] in decode_suite.GREEDY_ONLY)
   for row in rows:
     for key in ("tokens_per_s", "tokens_per_target_call", "speedup_vs_ar", "near_ties"):
