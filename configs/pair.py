@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from configs.lm import DATA_DIR
-from models.config import ModelConfig
+from models.config import DraftHeadsConfig, ModelConfig
 from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment, OptimizerConfig,
                             RunConfig, SamplerConfig, ScheduleConfig, TrainConfig)
 from paxlike.registry import register
@@ -67,10 +67,30 @@ def pair_draft_head() -> Experiment:
   draft = pair_draft()
   return dataclasses.replace(
       draft,
-      model=dataclasses.replace(draft.model, acceptance_head=True),
+      model=dataclasses.replace(draft.model, draft_heads=DraftHeadsConfig(acceptance=True)),
       optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=10),
       checkpoint=CheckpointConfig(every_steps=100, keep=1),
       train=TrainConfig(steps=100, batch_size=16, init_from="runs/pair_draft",
                         teacher_workdir="runs/pair_target", trainable="acceptance_head"),
+  )
+
+
+@register
+def pair_medusa() -> Experiment:
+  """pair_target with 4 Medusa heads for `sampler.kind=medusa`. The target's weights are copied
+  from train.init_from (pair_target's run; default runs/pair_target) and frozen; only the heads
+  learn (Medusa-1). Train them on the target's own continuations (`paxlike.teacher_text`;
+  --set data.path=<that file>), as the decode bench does: 300 steps, a few minutes on 2 cores
+  (the frozen target's forward pass dominates)."""
+  target = pair_target()
+  return dataclasses.replace(
+      target,
+      model=dataclasses.replace(target.model, draft_heads=DraftHeadsConfig(medusa=4)),
+      optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
+      schedule=ScheduleConfig(kind="cosine", warmup_steps=20),
+      checkpoint=CheckpointConfig(every_steps=300, keep=1),
+      train=TrainConfig(steps=300, batch_size=16, init_from="runs/pair_target",
+                        trainable="medusa"),
+      eval=EvalConfig(every_steps=0, batches=8),
   )

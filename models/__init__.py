@@ -10,6 +10,7 @@
 - `kv_cache`: the per-layer key/value cache with per-row write pointers, rollback, compaction.
 - `causal_lm`: `CausalLM`, the decoder behind the causal model protocol of `samplers`.
 - `acceptance_head`: a draft with a SpecDec++ acceptance head.
+- `medusa`: a target with Medusa heads that draft several tokens ahead.
 - `parscale`: ParScale's parallel streams of one decoder.
 - `diffusion`, `noise_schedule`: masked-diffusion denoisers (MDLM) and their schedules.
 - `asarm`: any-subset autoregressive models (for ASSD).

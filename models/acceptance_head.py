@@ -7,7 +7,7 @@ p; `samplers.adaptive` (rule "head") stops a row's drafting once 1 - prod_i a_i 
 threshold. The head reads the hidden state with its gradient stopped, so it never changes the
 draft's own distribution.
 
-Training (`loss`, `model.acceptance_head=true`): the draft's weights come from a trained draft
+Training (`loss`, `model.draft_heads.acceptance=true`): the draft's weights come from a trained draft
 (`train.init_from`) and stay frozen (`train.trainable="acceptance_head"`); the teacher
 (`train.teacher_workdir`) is the target. At every position the label is the expected acceptance of
 a token drawn from the draft, sum_x min(p(x), q(x)) = 1 - TV(p, q) (p, q at temperature 1), and
@@ -71,7 +71,7 @@ def _recorded(variables: dict) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class AcceptanceDraftLM(CausalLM):
-  """A `CausalLM` with an acceptance head (`model.acceptance_head=true`): a draft for
+  """A `CausalLM` with an acceptance head (`model.draft_heads.acceptance=true`): a draft for
   `samplers.adaptive`'s rule "head", trained by `loss` against a target."""
 
   @property
@@ -99,7 +99,7 @@ class AcceptanceDraftLM(CausalLM):
     least any prediction reaches: 0 is a perfect head)."""
     del key, distill_weight
     if teacher_logits is None:
-      raise ValueError("model.acceptance_head=true trains the acceptance head against a target: "
+      raise ValueError("model.draft_heads.acceptance=true trains the acceptance head against a target: "
                        "set train.teacher_workdir to the target's run")
     logits, acceptance_logit = self.logits_with_acceptance(params, self.teacher_inputs(batch))
     label = acceptance_label(teacher_logits, logits)

@@ -17,6 +17,7 @@ from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from models.diffusion import MaskedDiffusionLM
 from models.learn2pd import Learn2PD
+from models.medusa import MedusaLM
 
 _KINDS = {"llama": CausalLM, "mdlm": MaskedDiffusionLM, "asarm": AnySubsetARM,
           "learn2pd": Learn2PD}
@@ -25,6 +26,8 @@ _KINDS = {"llama": CausalLM, "mdlm": MaskedDiffusionLM, "asarm": AnySubsetARM,
 def build_model(config: ModelConfig):
   """The model object of `config.kind` (validated)."""
   config.validate()
-  if config.acceptance_head:
+  if config.draft_heads.acceptance:
     return AcceptanceDraftLM(config)
+  if config.draft_heads.medusa:
+    return MedusaLM(config)
   return _KINDS[config.kind](config)

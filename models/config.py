@@ -124,6 +124,33 @@ class FinalityConfig:
                        f"{self.dim} and {self.steps}")
 
 
+@dataclasses.dataclass(frozen=True)
+class DraftHeadsConfig:
+  """Heads a "llama" model carries for drafting (`model.draft_heads.*`); the model's own weights
+  are frozen while they train (`train.trainable`).
+
+  Attributes:
+    acceptance: a SpecDec++ acceptance head (`models.acceptance_head`) on a draft, used by the
+      adaptive sampler's rule "head" to stop drafting.
+    medusa: K >= 0 Medusa heads on a target (`models.medusa`), head k predicting the token k + 1
+      places past the next one; the `medusa` sampler drafts a token tree from them.
+  """
+
+  acceptance: bool = False
+  medusa: int = 0
+
+  def validate(self, kind: str, streams: int) -> None:
+    """ValueError unless the heads sit on a plain causal model (kind "llama", one stream)."""
+    if self.medusa < 0:
+      raise ValueError(f"model.draft_heads.medusa must be >= 0 heads, got {self.medusa}")
+    if self.acceptance and self.medusa:
+      raise ValueError("model.draft_heads: set acceptance (a draft's head) or medusa (a target's "
+                       "heads), not both")
+    if (self.acceptance or self.medusa) and (kind != "llama" or streams > 1):
+      raise ValueError(f"model.draft_heads needs a plain causal model (model.kind='llama', "
+                       f"model.parscale.streams=1), got kind {kind!r} with {streams} streams")
+
+
 # Flat field names of configs stored before the family sections: old name -> (section, field).
 LEGACY_FIELDS = {
     "parscale_streams": ("parscale", "streams"),
@@ -137,6 +164,7 @@ LEGACY_FIELDS = {
     "response_after": ("diffusion", "response_after"),
     "finality_dim": ("finality", "dim"),
     "finality_steps": ("finality", "steps"),
+    "acceptance_head": ("draft_heads", "acceptance"),
 }
 
 
@@ -176,9 +204,8 @@ class ModelConfig:
     diffusion: mask token, attention blocks, masking schedule and conditioning of "mdlm",
       "asarm" and "learn2pd" (`DiffusionConfig`).
     finality: the filter head and training trajectories of "learn2pd" (`FinalityConfig`).
-    acceptance_head: a "llama" draft with a SpecDec++ acceptance head
-      (`models.acceptance_head`), trained against a target and used by the adaptive sampler's
-      rule "head" to stop drafting.
+    draft_heads: heads for drafting on a "llama" model: a SpecDec++ acceptance head on a draft
+      or Medusa heads on a target (`DraftHeadsConfig`).
   """
 
   kind: str = "llama"
@@ -205,7 +232,7 @@ class ModelConfig:
   init_from: str = ""
   diffusion: DiffusionConfig = DiffusionConfig()
   finality: FinalityConfig = FinalityConfig()
-  acceptance_head: bool = False
+  draft_heads: DraftHeadsConfig = DraftHeadsConfig()
 
   @property
   def resolved_head_dim(self) -> int:
@@ -264,10 +291,7 @@ class ModelConfig:
     self._validate_diffusion()
     if self.kind == "learn2pd":
       self.finality.validate()
-    if self.acceptance_head and (self.kind != "llama" or self.parscale.streams > 1):
-      raise ValueError(f"model.acceptance_head=true needs a plain causal draft "
-                       f"(model.kind='llama', model.parscale.streams=1), got kind {self.kind!r} "
-                       f"with {self.parscale.streams} streams")
+    self.draft_heads.validate(self.kind, self.parscale.streams)
 
   def _validate_diffusion(self) -> None:
     """The diffusion section against the kind, vocabulary, max_len and attention."""

@@ -225,12 +225,15 @@ def validate(exp: Experiment) -> Experiment:
        f"train.remat={exp.train.remat!r} is unknown; valid: {', '.join(_REMAT)}"),
       (exp.schedule.kind in _SCHEDULE_KINDS,
        f"schedule.kind={exp.schedule.kind!r} is unknown; valid: {', '.join(_SCHEDULE_KINDS)}"),
-      (not exp.model.acceptance_head or not exp.train.steps or exp.train.teacher_workdir,
-       "model.acceptance_head=true trains the acceptance head against a target: set "
+      (not exp.model.draft_heads.acceptance or not exp.train.steps or exp.train.teacher_workdir,
+       "model.draft_heads.acceptance=true trains the acceptance head against a target: set "
        "train.teacher_workdir=<the target's run>"),
-      (not exp.model.acceptance_head or not exp.train.steps or exp.train.trainable,
-       "model.acceptance_head=true trains only the head: set train.trainable=acceptance_head "
+      (not exp.model.draft_heads.acceptance or not exp.train.steps or exp.train.trainable,
+       "model.draft_heads.acceptance=true trains only the head: set train.trainable=acceptance_head "
        "(and train.init_from=<the trained draft's run>) so the draft's weights stay as trained"),
+      (not exp.model.draft_heads.medusa or not exp.train.steps or exp.train.trainable,
+       "model.draft_heads.medusa trains only the heads: set train.trainable=medusa (and "
+       "train.init_from=<the trained target's run>) so the target's weights stay as trained"),
   ]
   for ok, message in checks:
     if not ok:

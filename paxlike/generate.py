@@ -43,11 +43,17 @@ def encode_prompts(prompts: list[str], max_len: int,
 # What each kind of first model a sampler takes is, for error messages (`SamplerSpec.model`).
 _MODEL_NAMES = {"causal": "a causal model", "denoiser": "a masked-diffusion model (model.kind=mdlm)",
                 "any_subset": "an any-subset AR model (model.kind=asarm)",
-                "finality": "a denoiser with a finality head (model.kind=learn2pd)"}
+                "finality": "a denoiser with a finality head (model.kind=learn2pd)",
+                "medusa": "a causal model with Medusa heads (model.draft_heads.medusa=K)"}
+# A model of the key's kind also serves samplers that take the value's.
+_ALSO = {"finality": "denoiser", "medusa": "causal"}
 
 
 def _model_kind(model) -> str:
-  """Which of `spec.MODEL_KINDS` `model` is (a finality denoiser is also a denoiser)."""
+  """Which of `spec.MODEL_KINDS` `model` is (a finality denoiser is also a denoiser, a model
+  with Medusa heads also a causal model)."""
+  if getattr(model, "num_medusa_heads", 0):
+    return "medusa"
   if hasattr(model, "denoise_with_finality"):
     return "finality"
   if hasattr(model, "denoise"):
@@ -58,10 +64,9 @@ def _model_kind(model) -> str:
 def _check_model_kind(spec: SamplerSpec, model) -> None:
   """UserError when the sampler kind does not fit the model."""
   have = _model_kind(model)
-  if spec.model == have or (spec.model == "denoiser" and have == "finality"):
+  if spec.model in (have, _ALSO.get(have)):
     return
-  fitting = [kind for kind, s in registry.SPECS.items()
-             if s.model == have or (s.model == "denoiser" and have == "finality")]
+  fitting = [kind for kind, s in registry.SPECS.items() if s.model in (have, _ALSO.get(have))]
   raise UserError(f"sampler.kind={spec.kind} needs {_MODEL_NAMES[spec.model]}; this run's model "
                   f"is {_MODEL_NAMES[have]}: use sampler.kind={', '.join(fitting)}")
 

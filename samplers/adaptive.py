@@ -168,7 +168,7 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
   gamma, vocab = config.num_draft_tokens, target.vocab_size
   if config.rule == "head" and not hasattr(draft, "apply_with_acceptance"):
     raise ValueError("adaptive rule 'head' needs a draft with an acceptance head "
-                     "(apply_with_acceptance; e.g. a model with model.acceptance_head=true trained "
+                     "(apply_with_acceptance; e.g. a model with model.draft_heads.acceptance=true trained "
                      "by the pair_draft_head experiment); this draft has none: train one or use "
                      "rule 'confidence'")
   slots = draft_verify.check_pair(target, draft, prompt_len, config)
@@ -236,7 +236,7 @@ class AdaptiveOptions:
     rule: how a row's drafting stops, one of RULES: "confidence" (after a position where the
       draft's max probability is under confidence_threshold) or "head" (SpecDec++: once the
       draft's acceptance head predicts a rejection with probability over stop_threshold; needs
-      a draft trained with model.acceptance_head=true, e.g. the pair_draft_head experiment).
+      a draft trained with model.draft_heads.acceptance=true, e.g. the pair_draft_head experiment).
     confidence_threshold, stop_threshold: in [0, 1].
   """
 

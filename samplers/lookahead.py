@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from samplers.core import draft_verify, ngram_pool, rng, slots, tree_shape, tree_walk
-from samplers.core.logits import SamplingParams, probs
+from samplers.core.logits import SamplingParams
 from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
                                     last_prompt_logits, prefill)
 from samplers.spec import SamplerSpec
@@ -192,18 +192,15 @@ def sample(target: CausalModel, target_params, prompt: jax.Array, prompt_lengths
     logits, cache = target.apply(target_params, jnp.concatenate([root, tokens], axis=1),
                                  positions, cache.replace(lengths=context - 1), mask)
     top = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)  # [B, 1 + M]
-    if config.sampling.greedy:
+    if config.sampling.greedy:  # the longest confirmed branch (a walk would take the first)
       walk = functools.partial(longest_branch, parent=parent, nodes=nodes)
       count, last, path = jax.vmap(walk)(top, tokens, valid)
+      emitted = tree_walk.emitted_along(tokens, count, last, path)
     else:
       decided = context[:, None] + jnp.arange(depth_max + 1)
       u = draft_verify.position_uniforms(keys, decided, size + vocab)
-      qs = jax.nn.one_hot(tokens, vocab, dtype=jnp.float32)  # deterministic drafts
-      count, last, path = jax.vmap(tree_walk.walk, in_axes=(0, 0, 0, 0, None, 0))(
-          u, probs(logits, config.sampling), qs, tokens, jnp.asarray(parent), valid)
-    path_tokens = jnp.take_along_axis(tokens, path, axis=1)
-    emitted = jnp.where(jnp.arange(depth_max + 1)[None, :] < count[:, None],
-                        jnp.concatenate([path_tokens, path_tokens[:, :1]], axis=1), last[:, None])
+      count, path, emitted = tree_walk.verify(logits, tokens, jnp.asarray(parent), valid,
+                                              depth_max, config.sampling, u)
     cache = slots.compact(target, cache, cache_slots, context[:, None] + path, context)
     outputs = top[:, 1:window + 1, None]  # [B, W, 1] o_j, the prediction after guess g_j
     grams = jnp.concatenate([state.trajectories, outputs], axis=2)  # [B, W, N]

@@ -8,8 +8,8 @@ it up from this table.
 from __future__ import annotations
 
 from samplers import adaptive, ar, assd, block_diffusion, contrastive, edlm, entropy_switch
-from samplers import jacobi, learned_unmask, lookahead, mdlm, prompt_lookup, spectr, speculative, tree
-from samplers import unmask
+from samplers import jacobi, learned_unmask, lookahead, mdlm, medusa, prompt_lookup, spectr
+from samplers import speculative, tree, unmask
 from samplers.spec import SamplerSpec
 
 SPECS: dict[str, SamplerSpec] = {spec.kind: spec for spec in (
@@ -22,6 +22,7 @@ SPECS: dict[str, SamplerSpec] = {spec.kind: spec for spec in (
     jacobi.SPEC,
     prompt_lookup.SPEC,
     lookahead.SPEC,
+    medusa.SPEC,
     contrastive.SPEC,
     entropy_switch.SPEC,
     mdlm.SPEC,

@@ -15,8 +15,8 @@ from typing import Any, Callable
 from samplers.core.logits import SamplingParams
 
 # What a sampler's first model must be: a causal LM, a masked-diffusion denoiser, an any-subset
-# AR model, or a denoiser with a Learn2PD finality head.
-MODEL_KINDS = ("causal", "denoiser", "any_subset", "finality")
+# AR model, a denoiser with a Learn2PD finality head, or a causal LM with Medusa heads.
+MODEL_KINDS = ("causal", "denoiser", "any_subset", "finality", "medusa")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,4 +90,4 @@ class SamplerSpec:
   @property
   def takes_canvas(self) -> bool:
     """Diffusion-style: fills masks of a canvas instead of extending prompts."""
-    return self.model != "causal"
+    return self.model not in ("causal", "medusa")

@@ -323,18 +323,8 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     logits, target_cache = target.apply(
         target_params, jnp.concatenate([last_two[:, 1:], tokens], axis=1), positions,
         target_cache.replace(lengths=context - 1), mask)
-    parent = jnp.broadcast_to(parent, (batch, size))
-    if greedy:
-      top = jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)  # [B, 1 + N]
-      walk = functools.partial(tree_walk.greedy_walk, depth_max=depth_max)
-      count, last, path = jax.vmap(walk)(top, tokens, parent, valid)
-    else:
-      p = probs(logits, config.sampling)  # [B, 1 + N, V]
-      count, last, path = jax.vmap(tree_walk.walk)(u[..., width:], p, qs, tokens, parent, valid)
-    path_tokens = jnp.take_along_axis(tokens, path, axis=1)  # [B, D]
-    index = jnp.arange(depth_max + 1)[None, :]
-    emitted = jnp.where(index < count[:, None],
-                        jnp.concatenate([path_tokens, path_tokens[:, :1]], axis=1), last[:, None])
+    count, path, emitted = tree_walk.verify(logits, tokens, parent, valid, depth_max,
+                                            config.sampling, u[..., width:], qs)
     source = context[:, None] + path  # node j sits at slot context + j
     target_cache = slots.compact(target, target_cache, cache_slots, source, context)
     if depth_max > 1:  # the draft's last call held the nodes above depth D

@@ -11,7 +11,7 @@ import pytest
 
 from models.acceptance_head import AcceptanceDraftLM, acceptance_label
 from models.build import build_model
-from models.config import ModelConfig
+from models.config import DraftHeadsConfig, ModelConfig
 from paxlike import config as config_lib
 from paxlike import generate, registry
 from paxlike.errors import UserError
@@ -34,7 +34,7 @@ def test_the_label_is_one_minus_the_total_variation_distance():
 
 def test_build_model_gives_the_head_and_its_gradient_reaches_only_the_head():
   config = ModelConfig(num_layers=1, d_model=16, num_heads=2, num_kv_heads=2, mlp_dim=32,
-                       vocab_size=32, max_len=16, acceptance_head=True)
+                       vocab_size=32, max_len=16, draft_heads=DraftHeadsConfig(acceptance=True))
   model = build_model(config)
   assert isinstance(model, AcceptanceDraftLM)
   params = random_params(model)
@@ -59,9 +59,9 @@ def test_bad_adaptive_settings_are_named():
     with pytest.raises(UserError, match=message):
       config_lib.validate(config_lib.apply_overrides(tiny, [override, "sampler.kind=adaptive"]))
   with pytest.raises(UserError, match="set train.teacher_workdir"):
-    config_lib.validate(config_lib.apply_overrides(tiny, ["model.acceptance_head=true"]))
+    config_lib.validate(config_lib.apply_overrides(tiny, ["model.draft_heads.acceptance=true"]))
   with pytest.raises(UserError, match="set train.trainable=acceptance_head"):
-    config_lib.validate(config_lib.apply_overrides(tiny, ["model.acceptance_head=true",
+    config_lib.validate(config_lib.apply_overrides(tiny, ["model.draft_heads.acceptance=true",
                                                           "train.teacher_workdir=runs/t"]))
 
 
@@ -85,7 +85,7 @@ def test_the_trainer_fits_the_head_on_a_frozen_draft_and_samplers_use_it(tmp_pat
   _, draft_params = _train(tmp_path / "draft", "train.steps=2",
                            "checkpoint.every_steps=2")
   head, head_params = _train(
-      tmp_path / "head", "model.acceptance_head=true", "train.steps=30",
+      tmp_path / "head", "model.draft_heads.acceptance=true", "train.steps=30",
       "checkpoint.every_steps=30", "optimizer.learning_rate=1e-2",
       f"train.init_from={tmp_path / 'draft'}", f"train.teacher_workdir={tmp_path / 'teacher'}",
       "train.trainable=acceptance_head")

@@ -129,6 +129,7 @@ def test_stored_flat_model_config_loads_into_the_sections():
   assert exp.model == expected and exp.train == registry.get("tiny").train
   partial = {"kind": "llama", "parscale_streams": 2, "parscale_prefix_len": 8}  # old, sparse
   assert config_lib.from_dict(ModelConfig, partial).parscale == ParScaleConfig(2, 8)
+  assert config_lib.from_dict(ModelConfig, {"acceptance_head": True}).draft_heads.acceptance
   new = config_lib.to_dict(expected)
   assert ModelConfig.upgrade_legacy(new) is new  # current layout: untouched
   with pytest.raises(ValueError, match="both mask_id=258 .* and diffusion.mask_id=7"):

@@ -48,7 +48,7 @@ def test_overrides_set_the_kind_first_and_name_the_valid_settings():
   tree = config_lib.apply_overrides(exp, ["sampler.branching=2,1", "sampler.kind=tree"])
   assert tree.sampler.kind == "tree" and tree.sampler.branching == (2, 1)
   with pytest.raises(UserError, match="'sampler.branching' for sampler.kind=ar: it is a setting "
-                                      "of sampler.kind=tree; add --set sampler.kind=tree"):
+                                      "of sampler.kind=tree / medusa; add --set sampler.kind=tree"):
     config_lib.apply_overrides(exp, ["sampler.branching=2,1"])
   with pytest.raises(UserError, match="sampler.tree_branching is now sampler.branching"):
     config_lib.apply_overrides(exp, ["sampler.kind=tree", "sampler.tree_branching=2"])

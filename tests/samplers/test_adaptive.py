@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from models.acceptance_head import AcceptanceDraftLM
+from models.config import DraftHeadsConfig
 from samplers import adaptive, ar, speculative
 from samplers.core import verify
 from samplers.core.logits import SamplingParams
@@ -110,7 +111,7 @@ LLAMA_PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1], [9], [10, 11, 12], [4, 4
                  [20, 21, 22, 23, 24, 25], [31]]
 LLAMA_STEPS = 16
 LLAMA_GAMMA = 4
-HEAD_LLAMA = AcceptanceDraftLM(dataclasses.replace(llama_pair.DRAFT.config, acceptance_head=True))
+HEAD_LLAMA = AcceptanceDraftLM(dataclasses.replace(llama_pair.DRAFT.config, draft_heads=DraftHeadsConfig(acceptance=True)))
 
 
 @pytest.fixture(scope="module")

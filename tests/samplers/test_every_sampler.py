@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from models.build import build_model
-from models.config import DiffusionConfig, ModelConfig
+from models.config import DiffusionConfig, DraftHeadsConfig, ModelConfig
 from parallelism import rules
 from parallelism.mesh import make_mesh
 from samplers import ar, registry, repeated
@@ -48,6 +48,7 @@ _CONFIGS = {
                               diffusion=DiffusionConfig(mask_id=MASK_ID)),
     "finality": ModelConfig(kind="learn2pd", num_layers=1, **_SHAPE,
                             diffusion=DiffusionConfig(mask_id=MASK_ID)),
+    "medusa": ModelConfig(num_layers=1, draft_heads=DraftHeadsConfig(medusa=2), **_SHAPE),
 }
 # One mesh with every axis a decode shards over: a mesh per axis pair compiled every kind twice
 # (a minute of the suite) without covering more.
@@ -62,6 +63,7 @@ GREEDY_ONLY = {"jacobi"}
 OPTIONS = {"mdlm": {"steps": 4}, "edlm": {"steps": 4}, "block": {"block_length": 2},
            "speculative": {"num_draft_tokens": 2}, "adaptive": {"num_draft_tokens": 2},
            "spectr": {"num_draft_tokens": 2}, "tree": {"branching": (2, 1)},
+           "medusa": {"branching": (2, 1)},
            "dynamic_tree": {"node_budget": 4, "max_depth": 2}}  # kinds that refuse to sample; they decode greedily here
 KEYS = jax.random.split(jax.random.key(3), len(PROMPTS))  # one key per row
 

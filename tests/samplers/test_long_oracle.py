@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samplers import adaptive, ar, assd, lookahead, prompt_lookup, spectr, speculative, tree
+from samplers import adaptive, ar, assd, lookahead, medusa, prompt_lookup, spectr, speculative, tree
 from samplers.core import verify
 from samplers.core.logits import SamplingParams
 from tests.samplers import prefix_toy
 from tests.samplers import toy_denoiser as td
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, draw, windows_p_value
+from tests.samplers.toy_heads import WithHeads
 
 VOCAB, STEPS, ROWS = 3, 8, 100_000
 EPS = 0.03
@@ -35,6 +36,8 @@ TARGET = MODEL.init(jax.random.key(1))
 DRAFT = {"table": TARGET["table"] + jax.random.normal(jax.random.key(2), TARGET["table"].shape),
          "mult": TARGET["mult"]}
 PROMPTS = [[1, 2, 0], [2]]  # ragged: the second row is right-padded
+HEADS = WithHeads(MODEL, 2)  # Medusa heads on the target: table rows after each token
+HEADS_PARAMS = {"base": TARGET, "heads": HEADS.random_heads(jax.random.key(3))}
 
 CASES = {
     "speculative-g3": speculative.SpeculativeConfig(num_draft_tokens=3, max_new_tokens=STEPS),
@@ -48,6 +51,7 @@ CASES = {
                                                          max_ngram=2),
     "lookahead-w2-n3-g2": lookahead.LookaheadConfig(window=2, ngram=3, candidates=2,
                                                     max_new_tokens=STEPS),
+    "medusa-21": medusa.MedusaConfig(branching=(2, 1), max_new_tokens=STEPS),
 }
 SAMPLERS = {speculative.SpeculativeConfig: speculative.sample, spectr.SpecTrConfig: spectr.sample,
             tree.TreeConfig: tree.sample, tree.DynamicTreeConfig: tree.sample,
@@ -56,7 +60,9 @@ SAMPLERS = {speculative.SpeculativeConfig: speculative.sample, spectr.SpecTrConf
             prompt_lookup.PromptLookupConfig: lambda target, params, _, __, *rest:
                 prompt_lookup.sample(target, params, *rest),
             lookahead.LookaheadConfig: lambda target, params, _, __, *rest:
-                lookahead.sample(target, params, *rest)}
+                lookahead.sample(target, params, *rest),
+            medusa.MedusaConfig: lambda _, __, ___, ____, *rest:
+                medusa.sample(HEADS, HEADS_PARAMS, *rest)}
 
 
 def _leak(fresh_trace) -> None:

@@ -1,0 +1,177 @@
+"""Medusa decoding: a token tree drafted by the target's own extra heads, verified in one call.
+
+Cai et al. 2024 ("Medusa: Simple LLM Inference Acceleration Framework with Multiple Decoding
+Heads"). The target carries K heads (`models.medusa`): at position t, head k predicts the token
+at t + 1 + k. So the call that scores a row's last accepted token also drafts the next round:
+with y the token the row emits after it, head 1 proposes the token after y, head 2 the one after
+that, and so on. A static tree (branching b_1, ..., b_D, D <= K) takes the top b_d tokens of head
+d at depth d, under every node of depth d - 1 (the heads do not see the tree, so every parent
+gets the same children). The target scores the root y and the tree in one call with a tree
+attention mask, the verifier walks it from the root (`samplers.core.tree_walk`), the cache keeps
+the accepted path, and the heads at the path's last node draft the next tree. One target call per
+round, no draft model.
+
+Guarantee: the children are deterministic (the heads' top tokens, given the row's past), so each
+is verified as a point mass: accepted with probability p_cur(c), else removed from p_cur
+(recursive rejection, SpecInfer). Every row's output therefore has exactly the target's
+distribution at any temperature, and greedy output equals greedy AR token for token (up to
+numerical near-ties between batched and single-token target calls). Medusa's "typical
+acceptance", which is faster and lossy, is not implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samplers.core import draft_verify, rng, slots, tree_shape, tree_walk
+from samplers.core.logits import SamplingParams
+from samplers.core.protocol import SampleOutput, check_max_new_tokens, last_prompt_logits
+from samplers.spec import SamplerSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaConfig:
+  """Attributes:
+    branching: children per node at each depth, e.g. (3, 2, 1); depth d takes head d's top b_d.
+    max_new_tokens: N, tokens generated per row at most.
+    sampling: how tokens are drawn.
+    eos_id: a row stops after emitting it; None never stops early.
+    pad_id: fills `SampleOutput.tokens` after a row's end.
+  """
+
+  branching: tuple[int, ...]
+  max_new_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  def __post_init__(self):
+    tree_shape.validate(self.branching)
+    check_max_new_tokens(self.max_new_tokens)
+
+  @property
+  def num_draft_tokens(self) -> int:
+    """D, the tree's depth: tokens a round may accept before its last."""
+    return len(self.branching)
+
+  @property
+  def num_nodes(self) -> int:
+    return tree_shape.static_tree(tuple(self.branching)).num_nodes
+
+
+def check_target(target, prompt_len: int, config: MedusaConfig) -> int:
+  """Cache slots per row (P + N - 1 + nodes); ValueError if the target cannot run the tree."""
+  heads = getattr(target, "num_medusa_heads", 0)
+  if not hasattr(target, "apply_with_heads") or heads < 1:
+    raise ValueError("sampler.kind=medusa needs a target with Medusa heads (apply_with_heads; "
+                     "e.g. a model with model.draft_heads.medusa=K trained on a frozen target, "
+                     "the pair_medusa experiment)")
+  if len(config.branching) > heads:
+    raise ValueError(f"the tree's depth {len(config.branching)} (branching {config.branching}) "
+                     f"exceeds the target's {heads} Medusa heads; one head drafts each depth")
+  if max(config.branching) > target.vocab_size:
+    raise ValueError(f"tree spec malformed: branching factor {max(config.branching)} exceeds "
+                     f"vocab_size {target.vocab_size}")
+  need = prompt_len + config.max_new_tokens - 1 + config.num_nodes
+  if need > target.max_len:
+    raise ValueError(f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} - 1 + "
+                     f"tree nodes {config.num_nodes} = {need} exceeds the target's max_len "
+                     f"{target.max_len}; shorten the prompt or lower max_new_tokens or the tree")
+  return need
+
+
+def tree_tokens(heads: jax.Array, branching: tuple[int, ...]) -> jax.Array:
+  """Each row's tree: heads [B, K, V] logits -> tokens [B, N] int32 in `tree_shape.static_tree`
+  order, the node at depth d that is its parent's i-th child holding head d's i-th top token."""
+  tree = tree_shape.static_tree(branching)
+  levels = []
+  for d, (size, b) in enumerate(zip(tree.level_sizes, branching)):
+    top = jax.lax.top_k(heads[:, d], b)[1]  # [B, b]
+    levels.append(top[:, np.arange(size) % b])
+  return jnp.concatenate(levels, axis=1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("target", "config"))
+def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
+           config: MedusaConfig) -> SampleOutput:
+  """Generates up to N tokens per row after right-padded prompts with Medusa heads.
+
+  Args:
+    target: a hashable causal model with `apply_with_heads(params, tokens, positions, cache,
+      mask) -> (logits [B, T, V], heads [B, T, K, V], cache)` and `num_medusa_heads` (static).
+    target_params: its parameters (the heads' included).
+    prompt: [B, P] int32 right-padded; prompt_lengths: [B] int32 in [1, P].
+    key: one key, or one per row (`rng.row_keys`); the position decided at depth d is verified
+      with its `draft_verify.position_uniforms` of width N + V (N tree nodes).
+    config: static `MedusaConfig`.
+  Returns:
+    SampleOutput with tokens [B, N] and the statistics of `draft_verify.decode` without
+    `draft_calls` (the heads run inside the target's calls; `drafted_tokens` counts D per row
+    and round, `acceptance` is accepted tokens per depth offered).
+  Raises:
+    ValueError: the target has no (or too few) heads, or P + N - 1 + nodes exceeds max_len.
+  """
+  batch, prompt_len = prompt.shape
+  branching = tuple(config.branching)
+  cache_slots = check_target(target, prompt_len, config)
+  tree = tree_shape.static_tree(branching)
+  size, depth_max, vocab = tree.num_nodes, len(branching), target.vocab_size
+  mask = jnp.broadcast_to(tree_shape.feed_mask(tree.ancestors, 1), (batch, 1 + size, 1 + size))
+  parent, valid = jnp.asarray(tree.parent), jnp.ones((batch, size), bool)
+  keys = rng.row_keys(key, batch)
+  prompt_lengths = prompt_lengths.astype(jnp.int32)
+
+  def round_fn(caches, seq, context):
+    """The cache holds all of the row's `context` tokens but the last (the root); `heads`
+    [B, K, V] are the heads' logits at the token before the root."""
+    cache, heads = caches
+    tokens = tree_tokens(heads, branching)
+    root = jnp.take_along_axis(seq, (context - 1)[:, None], axis=1)
+    positions = context[:, None] - 1 + jnp.concatenate([jnp.zeros(1, jnp.int32), tree.depth])
+    logits, all_heads, cache = target.apply_with_heads(
+        target_params, jnp.concatenate([root, tokens], axis=1), positions,
+        cache.replace(lengths=context - 1), mask)
+    u = None
+    if not config.sampling.greedy:
+      decided = context[:, None] + jnp.arange(depth_max + 1)
+      u = draft_verify.position_uniforms(keys, decided, size + vocab)
+    count, path, emitted = tree_walk.verify(logits, tokens, parent, valid, depth_max,
+                                            config.sampling, u)
+    cache = slots.compact(target, cache, cache_slots, context[:, None] + path, context)
+    last_node = jnp.where(count > 0, jnp.take_along_axis(path, jnp.maximum(count - 1, 0)[:, None],
+                                                         axis=1)[:, 0] + 1, 0)
+    heads = jnp.take_along_axis(all_heads, last_node[:, None, None, None], axis=1)[:, 0]
+    return (cache, heads), emitted, count
+
+  positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), prompt.shape)
+  logits, heads, cache = target.apply_with_heads(target_params, prompt, positions,
+                                                 target.init_cache(batch, cache_slots))
+  last = (prompt_lengths - 1)[:, None, None, None]
+  out = draft_verify.decode(round_fn, (cache, jnp.take_along_axis(heads, last, axis=1)[:, 0]),
+                            last_prompt_logits(logits, prompt_lengths), prompt, prompt_lengths,
+                            keys, config)
+  return out.replace(stats={k: v for k, v in out.stats.items() if k != "draft_calls"})
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaOptions:
+  """`sampler.*` settings of kind "medusa" (no second model: the target carries the heads,
+  `model.draft_heads.medusa=K`).
+
+  Attributes:
+    branching: children per node at each depth (depth d from head d's top tokens); its length
+      is at most K.
+  """
+
+  branching: tuple[int, ...] = (3, 2, 1)
+
+
+SPEC = SamplerSpec(
+    "medusa", MedusaOptions, sample,
+    lambda o, decode: MedusaConfig(branching=tuple(o.branching), **decode.common()),
+    model="medusa", slack=lambda o: tree_shape.static_tree(tuple(o.branching)).num_nodes - 1)
