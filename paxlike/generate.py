@@ -82,8 +82,12 @@ def _sampler(cfg: SamplerConfig, max_new: int, model, params, draft, draft_param
     return spec.sample, (model, params), config
   if draft is None:
     raise UserError(f"sampler.kind={cfg.kind} needs a second model (the {spec.second_model} model): "
-                    "--set sampler.draft_workdir=DIR (a trained causal run with the same "
-                    "vocabulary)")
+                    f"--set sampler.draft_workdir=DIR (a trained run of "
+                    f"{_MODEL_NAMES[spec.second_kind]} with the same vocabulary)")
+  if spec.second_kind not in (_model_kind(draft), _ALSO.get(_model_kind(draft))):
+    raise UserError(f"sampler.kind={cfg.kind} needs {_MODEL_NAMES[spec.second_kind]} as its "
+                    f"{spec.second_model} model (sampler.draft_workdir); that run's model is "
+                    f"{_MODEL_NAMES[_model_kind(draft)]}")
   pair = (draft, draft_params, model, params) if spec.second_first else (
       model, params, draft, draft_params)
   return spec.sample, pair, config

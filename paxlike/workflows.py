@@ -110,22 +110,31 @@ def _show_samples(model, params, prompts: list[str], cfg: config_lib.SamplerConf
 
 
 def _side_by_side(trainer: Trainer, params, draft, draft_params) -> dict:
-  """AR and the configured drafted sampler on the same prompt, timed interleaved (medians of 9
-  runs each): speed, calls, equal text."""
+  """AR, the configured drafted sampler and prompt lookup (no draft: copies from the row's own
+  text) on the same prompt, timed interleaved (medians of 9 runs each): speed, calls, equal text."""
   cfg = trainer.exp.sampler
-  (ar_texts, ar_stats), (texts, stats) = generate.side_by_side(
-      trainer.model, params, [cfg.prompt], [dataclasses.replace(cfg, kind="ar"), cfg], draft,
-      draft_params)
-  _print(f"--- sample ({cfg.kind}, temperature {cfg.temperature}) ---\n{cfg.prompt}{texts[0]}\n---")
-  same = texts == ar_texts
-  _print(f"{'sampler':<12} {'tokens/s':>9} {'speedup':>8} {'tokens/target call':>19} "
+  kinds = ["ar", cfg.kind, "prompt_lookup"]
+  results = generate.side_by_side(
+      trainer.model, params, [cfg.prompt], [dataclasses.replace(cfg, kind=kind) for kind in kinds],
+      draft, draft_params)
+  ar_texts = results[0][0]
+  _print(f"--- sample ({cfg.kind}, temperature {cfg.temperature}) ---\n{cfg.prompt}"
+         f"{results[1][0][0]}\n---")
+  _print(f"{'sampler':<14} {'tokens/s':>9} {'speedup':>8} {'tokens/target call':>19} "
          f"{'acceptance':>10}  same text as AR")
-  _print(f"{'ar':<12} {ar_stats['tokens_per_s']:>9,.0f} {1.0:>8.2f} {1.0:>19.2f} {'-':>10}  -")
-  _print(f"{cfg.kind:<12} {stats['tokens_per_s']:>9,.0f} {stats['speedup_vs_first']:>8.2f} "
-         f"{stats['tokens_per_target_call']:>19.2f} {stats['acceptance']:>10.2f}  {same}")
-  return {"ar_tokens_per_s": ar_stats["tokens_per_s"], f"{cfg.kind}_tokens_per_s":
-          stats["tokens_per_s"], "speedup": stats["speedup_vs_first"],
-          "acceptance": stats["acceptance"], "same_text_as_ar": same}
+  summary = {"ar_tokens_per_s": results[0][1]["tokens_per_s"]}
+  for kind, (texts, stats) in zip(kinds, results):
+    if kind == "ar":
+      _print(f"{'ar':<14} {stats['tokens_per_s']:>9,.0f} {1.0:>8.2f} {1.0:>19.2f} {'-':>10}  -")
+      continue
+    same = texts == ar_texts
+    _print(f"{kind:<14} {stats['tokens_per_s']:>9,.0f} {stats['speedup_vs_first']:>8.2f} "
+           f"{stats['tokens_per_target_call']:>19.2f} {stats['acceptance']:>10.2f}  {same}")
+    prefix = "" if kind == cfg.kind else f"{kind}_"
+    summary |= {f"{kind}_tokens_per_s": stats["tokens_per_s"],
+                f"{prefix}speedup": stats["speedup_vs_first"],
+                f"{prefix}acceptance": stats["acceptance"], f"{prefix}same_text_as_ar": same}
+  return summary
 
 
 def train(exp: Experiment, workdir: Path) -> int:

@@ -69,6 +69,8 @@ class SamplerSpec:
       (model, params, second, second_params) in that order, unless `second_first`.
     second_first: the second model comes first in `sample`'s arguments (entropy switching
       decodes with the small model and consults the large one).
+    second_kind: what the second model must be, one of MODEL_KINDS (a causal draft, or a
+      denoiser that drafts for a causal target).
     slack: options -> cache slots needed past prompt + generated tokens (a draft window).
     fit: (options, prompt length, tokens that fit) -> tokens to generate (e.g. whole blocks).
   """
@@ -80,12 +82,14 @@ class SamplerSpec:
   model: str = "causal"
   second_model: str = ""
   second_first: bool = False
+  second_kind: str = "causal"
   slack: Callable[[Any], int] = no_slack
   fit: Callable[[Any, int, int], int] = whole_tokens
 
   def __post_init__(self):
-    if self.model not in MODEL_KINDS:
-      raise ValueError(f"SamplerSpec {self.kind}: model={self.model!r}; valid: {MODEL_KINDS}")
+    for field, value in (("model", self.model), ("second_kind", self.second_kind)):
+      if value not in MODEL_KINDS:
+        raise ValueError(f"SamplerSpec {self.kind}: {field}={value!r}; valid: {MODEL_KINDS}")
 
   @property
   def takes_canvas(self) -> bool:

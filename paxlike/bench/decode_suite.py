@@ -12,7 +12,9 @@ Greedy rows compare their tokens with AR's from the same run (positions after a 
 target's top-two logits, < 1e-4, are counted rather than failed). Adaptive draft length runs
 with both stopping rules, the head rule on `pair_draft_head` (the draft plus an acceptance head,
 trained and cached like the pair), and reports its draft calls against the fixed-length
-speculative row of the same batch and temperature.
+speculative row of the same batch and temperature. Medusa decodes the target with 4 heads
+(`pair_medusa`: the target's weights frozen, the heads trained on the same continuations as the
+draft, cached likewise).
 Every row names its `text`: "held_out" prompts, or for the draft-free kinds (prompt lookup,
 lookahead) also "repeating" ones, which end with the target's own greedy continuation
 (`repeating`), the text those kinds are for.
@@ -37,8 +39,8 @@ from paxlike.run import Run
 
 NEAR_TIE = 1e-4
 
-SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi", "prompt_lookup",
-            "lookahead")
+SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi", "medusa",
+            "prompt_lookup", "lookahead")
 DRAFT_FREE = ("prompt_lookup", "lookahead")  # the kinds also measured on repeating text
 TEXTS = ("held_out", "repeating")
 REPEAT_TOKENS = 64  # the target's own greedy tokens appended to a "repeating" prompt
@@ -112,7 +114,11 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   head = trained("pair_draft_head", root / "pair_draft_head",
                  [f"train.init_from={root / 'pair_draft'}", *on_target, *short(draft_steps),
                   *draft_overrides])
+  medusa = trained("pair_medusa", root / "pair_medusa",
+                   [f"train.init_from={root / 'pair_target'}", f"data.path={text}",
+                    *short(draft_steps), *target_overrides])
   target_model, target_params, _ = target.restore()
+  medusa_model, medusa_params, _ = medusa.restore()
   draft_model, draft_params, _ = draft.restore()
   head_model, head_params, _ = head.restore()
   drafts = {"confidence": (draft_model, draft_params), "head": (head_model, head_params)}
@@ -126,8 +132,10 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
       prompt, lengths = repeating(target_model, target_params, base, prompt, lengths)
     for temperature in (0.0, 1.0):
       cfg = dataclasses.replace(base, temperature=temperature)
-      compiled = lambda c, *draft: generate.CompiledDecoder(target_model, target_params, prompt,
-                                                            lengths, c, *draft)
+      def compiled(c, *draft):  # medusa decodes the target with its heads (same weights)
+        model = (medusa_model, medusa_params) if c.kind == "medusa" else (target_model,
+                                                                          target_params)
+        return generate.CompiledDecoder(*model, prompt, lengths, c, *draft)
       ar = compiled(dataclasses.replace(cfg, kind="ar"))
       ar_out = ar.run()  # warm-up; every run of a sampler is the same (same key)
       ar_tokens = ar.result(ar_out, 1.0)[0]

@@ -61,7 +61,8 @@ GREEDY_ONLY = {"jacobi"}
 # The drafted kinds draft little (2 tokens, small trees): their draft loops are unrolled, so
 # their programs, and compile times, grow with the draft length.
 OPTIONS = {"mdlm": {"steps": 4}, "edlm": {"steps": 4}, "block": {"block_length": 2},
-           "speculative": {"num_draft_tokens": 2}, "adaptive": {"num_draft_tokens": 2},
+           "speculative": {"num_draft_tokens": 2},
+           "diffusion_drafted": {"num_draft_tokens": 2}, "adaptive": {"num_draft_tokens": 2},
            "spectr": {"num_draft_tokens": 2}, "tree": {"branching": (2, 1)},
            "medusa": {"branching": (2, 1)},
            "dynamic_tree": {"node_budget": 4, "max_depth": 2}}  # kinds that refuse to sample; they decode greedily here
@@ -81,7 +82,7 @@ def _models(kind: str) -> tuple:
   first = _model("block" if kind == "block" else spec.model)
   if not spec.second_model:
     return first
-  second = _model("second")
+  second = _model("second" if spec.second_kind == "causal" else spec.second_kind)
   return (*second, *first) if spec.second_first else (*first, *second)
 
 

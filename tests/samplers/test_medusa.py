@@ -14,7 +14,7 @@ from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 from tests.samplers import oracle, toy
 from tests.samplers.test_speculative import _successor
-from tests.samplers.toy_heads import WithHeads
+from tests.samplers.toy_drafters import WithHeads
 
 GREEDY = SamplingParams(temperature=0.0)
 

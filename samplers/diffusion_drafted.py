@@ -1,0 +1,140 @@
+"""Diffusion-drafted speculative decoding: a masked-diffusion model drafts a causal target's next
+gamma tokens in one denoiser call, and the target verifies them in one call.
+
+Each round masks everything after the row's committed tokens, asks the denoiser for the clean
+token at the next gamma positions (its per-position marginals q_i given the prefix; SUBS, Sahoo
+et al. 2024), draws draft i from q_i after the row's temperature / top-k / top-p, independently
+of the other drafts, and verifies the chain with speculative sampling (Leviathan et al. 2023;
+Chen et al. 2023): accept draft i with probability min(1, p_i(x_i) / q_i(x_i)) until the first
+rejection, then draw from norm(max(0, p_i - q_i)); a bonus token from p_{gamma+1} when all pass.
+
+Why this is exact. Speculative sampling is exact for any proposal, provided the q used to verify
+draft i is the law draft i was drawn from given everything drawn before it. Here x_i is drawn
+from the marginal q_i and independently of x_1..x_{i-1}, so its law given those drafts is q_i
+itself: the rule needs the marginals, not the denoiser's joint. (Using anything else, e.g. the
+denoiser's conditional given the earlier drafts, would be wrong unless the drafts were drawn from
+it.) So every row's output has exactly the target's distribution at any temperature, and greedy
+output equals greedy AR token for token. What the denoiser's quality changes is only how many
+drafts pass. The denoiser has no cache here (it re-reads the prefix each round), so it pays when
+it is much smaller than the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from samplers.core import draft_verify, rng
+from samplers.core.logits import SamplingParams
+from samplers.core.protocol import (SampleOutput, check_max_new_tokens, check_vocabularies,
+                                    last_prompt_logits, prefill)
+from samplers.spec import SamplerSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionDraftedConfig:
+  """Attributes:
+    num_draft_tokens: gamma >= 1, tokens the denoiser drafts per round (one denoiser call).
+    max_new_tokens: N, tokens generated per row at most.
+    sampling: how tokens are drawn; applied identically to the target and the marginals.
+    eos_id: a row stops after emitting it; None never stops early.
+    pad_id: fills `SampleOutput.tokens` after a row's end.
+  """
+
+  num_draft_tokens: int
+  max_new_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.num_draft_tokens < 1:
+      raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
+    check_max_new_tokens(self.max_new_tokens)
+
+
+def _check(target, denoiser, prompt_len: int, config) -> int:
+  """Cache slots per row (P + N + gamma - 1); ValueError if the pair cannot run it."""
+  if not hasattr(denoiser, "denoise"):
+    raise ValueError("sampler.kind=diffusion_drafted drafts with a masked-diffusion denoiser "
+                     "(model.kind=mdlm) as its second model; the second model given has no "
+                     "`denoise`")
+  check_vocabularies(target, denoiser, ("target", "denoiser"))
+  gamma, steps = config.num_draft_tokens, config.max_new_tokens
+  need = prompt_len + steps + gamma - 1
+  for name, model, room in (("target", target, need), ("denoiser", denoiser, need + 1)):
+    if room > model.max_len:
+      raise ValueError(f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens "
+                       f"{gamma} = {need + 1} exceeds the {name}'s max_len {model.max_len}; "
+                       f"shorten the prompt or lower max_new_tokens or num_draft_tokens")
+  return need
+
+
+@functools.partial(jax.jit, static_argnames=("target", "denoiser", "config"))
+def sample(target, target_params, denoiser, denoiser_params, prompt: jax.Array,
+           prompt_lengths: jax.Array, key: jax.Array,
+           config: DiffusionDraftedConfig) -> SampleOutput:
+  """Generates up to N tokens per row after right-padded prompts, drafted by a denoiser.
+
+  Args:
+    target: a hashable causal model (static); target_params: its parameters.
+    denoiser: a hashable `samplers.core.denoiser_protocol.Denoiser` with the target's vocabulary
+      (static); denoiser_params: its parameters.
+    prompt: [B, P] int32 right-padded; prompt_lengths: [B] int32 in [1, P].
+    key: one key, or one per row (`rng.row_keys`); randomness per position as in
+      `samplers.speculative`.
+    config: static `DiffusionDraftedConfig`.
+  Returns:
+    SampleOutput with tokens [B, N] and the statistics of `draft_verify.decode`; `draft_calls`
+    counts denoiser calls (one per round, plus one for the prefill's place in the count).
+  Raises:
+    ValueError: the second model is not a denoiser, vocabularies differ, or P + N + gamma
+      exceeds a model's max_len.
+  """
+  batch, prompt_len = prompt.shape
+  gamma, vocab = config.num_draft_tokens, target.vocab_size
+  slots = _check(target, denoiser, prompt_len, config)
+  keys = rng.row_keys(key, batch)
+  prompt_lengths = prompt_lengths.astype(jnp.int32)
+  greedy = config.sampling.greedy
+  draw = jax.vmap(draft_verify.draw_draft, in_axes=(1, 1, None), out_axes=1)
+
+  def round_fn(cache, seq, context):
+    """The target's cache holds all of the row's `context` tokens but the last."""
+    visible = jnp.arange(seq.shape[1])[None, :] < context[:, None]
+    marginals = denoiser.denoise(denoiser_params, jnp.where(visible, seq, denoiser.mask_id))
+    window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
+    draft_logits = jnp.take_along_axis(marginals, window[:, 1:, None], axis=1)  # [B, gamma, V]
+    noise, verify_u = draft_verify.round_noise(keys, context, gamma, vocab, greedy)
+    drafts, q = draw(noise, draft_logits, config.sampling)  # each from its own marginal
+    scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
+    logits, cache = target.apply(target_params, scored, window, cache.replace(lengths=context - 1))
+    emitted, count = draft_verify.verify_chain(drafts, q, logits, verify_u, config.sampling)
+    return cache, emitted, count
+
+  logits, cache = prefill(target, target_params, prompt, target.init_cache(batch, slots))
+  out = draft_verify.decode(round_fn, cache, last_prompt_logits(logits, prompt_lengths), prompt,
+                            prompt_lengths, keys, config)
+  rounds = out.stats["target_calls"] - 1
+  return out.replace(stats={**out.stats, "draft_calls": 1 + rounds})
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionDraftedOptions:
+  """`sampler.*` settings of kind "diffusion_drafted" (second model: a masked-diffusion
+  denoiser with the target's vocabulary, `--set sampler.draft_workdir=<its run>`).
+
+  Attributes:
+    num_draft_tokens: gamma, tokens the denoiser drafts per round in one call.
+  """
+
+  num_draft_tokens: int = 4
+
+
+SPEC = SamplerSpec(
+    "diffusion_drafted", DiffusionDraftedOptions, sample,
+    lambda o, decode: DiffusionDraftedConfig(o.num_draft_tokens, **decode.common()),
+    second_model="denoiser", second_kind="denoiser", slack=lambda o: o.num_draft_tokens)

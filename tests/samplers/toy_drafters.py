@@ -1,0 +1,73 @@
+"""Drafters for toy causal models: Medusa heads (`samplers.medusa`) and a denoiser
+(`samplers.diffusion_drafted`).
+
+`WithHeads(base, K)` meets the causal protocol through `base` and adds `apply_with_heads`: head k's
+logits after a token are a table row `heads[token, k]` (params {"base": ..., "heads": [V, K, V]}),
+so the drafts vary with the context and can be made good or bad at will; the sampler's exactness
+must not depend on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class WithHeads:
+  base: Any
+  num_medusa_heads: int
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base.vocab_size
+
+  @property
+  def max_len(self) -> int:
+    return self.base.max_len
+
+  def init_cache(self, batch: int, max_len: int | None = None):
+    return self.base.init_cache(batch, max_len)
+
+  def apply(self, params, tokens, positions, cache, attention_mask=None):
+    return self.base.apply(params["base"], tokens, positions, cache, attention_mask)
+
+  def apply_with_heads(self, params, tokens, positions, cache, attention_mask=None):
+    logits, cache = self.apply(params, tokens, positions, cache, attention_mask)
+    return logits, params["heads"][tokens], cache
+
+  def random_heads(self, key: jax.Array, scale: float = 2.0) -> jax.Array:
+    shape = (self.vocab_size, self.num_medusa_heads, self.vocab_size)
+    return scale * jax.random.normal(key, shape, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class NearestTokenDenoiser:
+  """A toy masked-diffusion denoiser (`samplers.core.denoiser_protocol.Denoiser`): the logits
+  at a masked position are `params[x, d]` ([V, D, V]) for the nearest visible token x on its left
+  at distance d (clipped to D - 1; x = 0 when none). SUBS: a visible position keeps its token,
+  the mask is never predicted. Its marginals depend on the prefix, which is all a drafter for a
+  causal target needs to be tested with."""
+
+  vocab_size: int
+  max_len: int
+  mask_id: int
+  block_size: int = 0
+
+  def denoise(self, params, tokens):
+    index = jnp.arange(tokens.shape[1])[None, :]
+    visible = tokens != self.mask_id
+    last = jax.lax.cummax(jnp.where(visible, index, -1), axis=1)
+    nearest = jnp.where(last >= 0, jnp.take_along_axis(tokens, jnp.clip(last, 0), axis=1), 0)
+    distance = jnp.clip(index - last, 0, params.shape[1] - 1)
+    logits = params[nearest, distance]
+    own = jax.nn.one_hot(tokens, self.vocab_size, dtype=bool)
+    logits = jnp.where(visible[..., None], jnp.where(own, 0.0, -jnp.inf), logits)
+    return logits.at[..., self.mask_id].set(-jnp.inf)
+
+  def random_params(self, key: jax.Array, depth: int = 4, scale: float = 2.0) -> jax.Array:
+    shape = (self.vocab_size, depth, self.vocab_size)
+    return scale * jax.random.normal(key, shape, jnp.float32)
