@@ -17,7 +17,7 @@ from paxlike import registry
 from paxlike.metrics import read_metrics
 from paxlike.run import Run
 from paxlike.train import Trainer
-from samplers import ar, jacobi, tree
+from samplers import ar, jacobi, lookahead, prompt_lookup, tree
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 
@@ -172,9 +172,10 @@ def test_greedy_ar_is_the_argmax_of_the_full_forward(target):
 
 
 @pytest.mark.slow
-def test_tree_and_jacobi_decoders_equal_greedy_ar_with_a_parscale_target(target):
+def test_tree_jacobi_and_draft_free_decoders_equal_greedy_ar_with_a_parscale_target(target):
   """Token trees (tree mask, rollback, slot compaction of every stream's cache) with the base
-  model as draft, and Jacobi iteration, reproduce greedy AR on the ParScale target."""
+  model as draft, Jacobi iteration, prompt lookup and lookahead reproduce greedy AR on the
+  ParScale target."""
   model, params, expected, draft, draft_params = target
   prompt, lengths = ar.pad_prompts(PROMPTS)
   out = tree.sample(model, params, draft, draft_params, prompt, lengths, jax.random.key(0),
@@ -183,6 +184,14 @@ def test_tree_and_jacobi_decoders_equal_greedy_ar_with_a_parscale_target(target)
   assert 0 < float(out.stats["acceptance"]) and int(out.stats["target_calls"]) < STEPS
   out = jacobi.sample(model, params, prompt, lengths, jax.random.key(0),
                       jacobi.JacobiConfig(block_size=4, max_new_tokens=STEPS))
+  np.testing.assert_array_equal(out.tokens, expected)
+  # the draft-free kinds: copies from the row's text, and the lookahead tree (compacted caches)
+  out = prompt_lookup.sample(model, params, prompt, lengths, jax.random.key(0),
+                             prompt_lookup.PromptLookupConfig(3, STEPS, sampling=GREEDY))
+  np.testing.assert_array_equal(out.tokens, expected)
+  out = lookahead.sample(model, params, prompt, lengths, jax.random.key(0),
+                         lookahead.LookaheadConfig(window=2, ngram=3, candidates=2,
+                                                   max_new_tokens=STEPS, sampling=GREEDY))
   np.testing.assert_array_equal(out.tokens, expected)
 
 

@@ -17,7 +17,7 @@ from models.config import ModelConfig
 from parallelism import rules
 from parallelism.mesh import make_mesh
 from parallelism.sequence_attention import VARIANTS, attention
-from samplers import ar
+from samplers import ar, lookahead, prompt_lookup
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 
@@ -178,3 +178,20 @@ def test_sampling_with_sequence_parallel_prefill_equals_dense(params):
     np.testing.assert_allclose(got, want, atol=MODEL_TOL)
   np.testing.assert_array_equal(filled.lengths, want_cache.lengths)
   np.testing.assert_array_equal(actual.tokens, expected.tokens)
+
+
+@pytest.mark.slow
+def test_draft_free_decoders_on_a_sequence_parallel_prefilled_target_equal_dense_ar(params):
+  """Prompt lookup and lookahead read the ring-prefilled cache like AR does (batch 3)."""
+  prompt, lengths = ar.pad_prompts([[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1]])
+  greedy = SamplingParams(temperature=0.0)
+  expected = ar.sample(CausalLM(MODEL), params, prompt, lengths, jax.random.key(0),
+                       ar.ARConfig(max_new_tokens=8, sampling=greedy))
+  ring_model = CausalLM(dataclasses.replace(MODEL, attention="ring"))
+  configs = [(prompt_lookup.sample, prompt_lookup.PromptLookupConfig(3, 8, sampling=greedy)),
+             (lookahead.sample, lookahead.LookaheadConfig(window=2, ngram=3, candidates=2,
+                                                          max_new_tokens=8, sampling=greedy))]
+  with rules.activate(make_mesh(data=2, sequence=4)):
+    for sample, config in configs:
+      out = sample(ring_model, params, prompt, lengths, jax.random.key(0), config)
+      np.testing.assert_array_equal(out.tokens, expected.tokens)
