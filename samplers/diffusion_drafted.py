@@ -38,6 +38,9 @@ from samplers.spec import SamplerSpec
 class DiffusionDraftedConfig:
   """Attributes:
     num_draft_tokens: gamma >= 1, tokens the denoiser drafts per round (one denoiser call).
+    context_window: the denoiser sees the row's last `context_window` tokens before the masks
+      (0: the whole row). Any window keeps decoding exact (the drafts are still drawn from the
+      marginals they are verified with); a short one makes the uncached denoiser call cheap.
     max_new_tokens: N, tokens generated per row at most.
     sampling: how tokens are drawn; applied identically to the target and the marginals.
     eos_id: a row stops after emitting it; None never stops early.
@@ -46,6 +49,7 @@ class DiffusionDraftedConfig:
 
   num_draft_tokens: int
   max_new_tokens: int
+  context_window: int = 0
   sampling: SamplingParams = SamplingParams()
   eos_id: int | None = None
   pad_id: int = 0
@@ -53,6 +57,9 @@ class DiffusionDraftedConfig:
   def __post_init__(self):
     if self.num_draft_tokens < 1:
       raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
+    if self.context_window < 0:
+      raise ValueError(f"context_window must be >= 0 (0: the whole row), got "
+                       f"{self.context_window}")
     check_max_new_tokens(self.max_new_tokens)
 
 
@@ -104,10 +111,16 @@ def sample(target, target_params, denoiser, denoiser_params, prompt: jax.Array,
 
   def round_fn(cache, seq, context):
     """The target's cache holds all of the row's `context` tokens but the last."""
-    visible = jnp.arange(seq.shape[1])[None, :] < context[:, None]
-    marginals = denoiser.denoise(denoiser_params, jnp.where(visible, seq, denoiser.mask_id))
+    width = seq.shape[1] if not config.context_window else min(
+        config.context_window + gamma, seq.shape[1])
+    start = jnp.clip(context + gamma - width, 0, seq.shape[1] - width)  # [B] the canvas's first
+    index = start[:, None] + jnp.arange(width)[None, :]
+    canvas = jnp.where(index < context[:, None], jnp.take_along_axis(seq, index, axis=1),
+                       denoiser.mask_id)
+    marginals = denoiser.denoise(denoiser_params, canvas)  # [B, width, V]
     window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
-    draft_logits = jnp.take_along_axis(marginals, window[:, 1:, None], axis=1)  # [B, gamma, V]
+    draft_logits = jnp.take_along_axis(marginals, (window[:, 1:] - start[:, None])[:, :, None],
+                                       axis=1)  # [B, gamma, V]
     noise, verify_u = draft_verify.round_noise(keys, context, gamma, vocab, greedy)
     drafts, q = draw(noise, draft_logits, config.sampling)  # each from its own marginal
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
@@ -129,12 +142,15 @@ class DiffusionDraftedOptions:
 
   Attributes:
     num_draft_tokens: gamma, tokens the denoiser drafts per round in one call.
+    context_window: tokens of the row the denoiser sees before the masks (0: all of it).
   """
 
   num_draft_tokens: int = 4
+  context_window: int = 32
 
 
 SPEC = SamplerSpec(
     "diffusion_drafted", DiffusionDraftedOptions, sample,
-    lambda o, decode: DiffusionDraftedConfig(o.num_draft_tokens, **decode.common()),
+    lambda o, decode: DiffusionDraftedConfig(o.num_draft_tokens, context_window=o.context_window,
+                                             **decode.common()),
     second_model="denoiser", second_kind="denoiser", slack=lambda o: o.num_draft_tokens)

@@ -23,10 +23,10 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
-@pytest.mark.parametrize("drafter", ["exact", "random"])
+@pytest.mark.parametrize("drafter", ["exact", "random", "random, window 2"])
 def test_equals_greedy_ar_on_a_table_model(batch, drafter):
   """An `exact` denoiser knows the successor target (every draft passes), a `random` one mostly
-  does not; both give AR's tokens."""
+  does not, and may see only the last 2 tokens; all give AR's tokens."""
   vocab = 8
   model = toy.TrigramLM(vocab_size=vocab, max_len=40)
   denoiser = NearestTokenDenoiser(vocab, 48, mask_id=vocab - 1)
@@ -42,8 +42,9 @@ def test_equals_greedy_ar_on_a_table_model(batch, drafter):
                            for _ in range(batch)])
   expected = ar.sample(model, params, *padded, jax.random.key(0),
                        ar.ARConfig(max_new_tokens=16, sampling=GREEDY))
-  config = diffusion_drafted.DiffusionDraftedConfig(num_draft_tokens=4, max_new_tokens=16,
-                                                    sampling=GREEDY)
+  config = diffusion_drafted.DiffusionDraftedConfig(
+      num_draft_tokens=4, max_new_tokens=16, sampling=GREEDY,
+      context_window=2 if drafter.endswith("window 2") else 0)
   got = diffusion_drafted.sample(model, params, denoiser, denoiser_params, *padded,
                                  jax.random.key(0), config)
   np.testing.assert_array_equal(got.tokens, expected.tokens)

@@ -55,8 +55,8 @@ CASES = {
     "lookahead-w2-n3-g2": lookahead.LookaheadConfig(window=2, ngram=3, candidates=2,
                                                     max_new_tokens=STEPS),
     "medusa-21": medusa.MedusaConfig(branching=(2, 1), max_new_tokens=STEPS),
-    "diffusion_drafted-g3": diffusion_drafted.DiffusionDraftedConfig(num_draft_tokens=3,
-                                                                     max_new_tokens=STEPS),
+    "diffusion_drafted-g3-w2": diffusion_drafted.DiffusionDraftedConfig(
+        num_draft_tokens=3, max_new_tokens=STEPS, context_window=2),
 }
 SAMPLERS = {speculative.SpeculativeConfig: speculative.sample, spectr.SpecTrConfig: spectr.sample,
             tree.TreeConfig: tree.sample, tree.DynamicTreeConfig: tree.sample,
