@@ -4,17 +4,17 @@ Cai et al. 2024 ("Medusa: Simple LLM Inference Acceleration Framework with Multi
 Heads"). The target carries K heads (`models.medusa`): at position t, head k predicts the token
 at t + 1 + k. So the call that scores a row's last accepted token also drafts the next round:
 with y the token the row emits after it, head 1 proposes the token after y, head 2 the one after
-that, and so on. A static tree (branching b_1, ..., b_D, D <= K) takes the top b_d tokens of head
-d at depth d, under every node of depth d - 1 (the heads do not see the tree, so every parent
-gets the same children). The target scores the root y and the tree in one call with a tree
+that, and so on. A static tree (branching b_1, ..., b_D, D <= K) takes b_d tokens from head d at
+depth d (its top ones when greedy, distinct draws from it when sampling), under every node of
+depth d - 1 (the heads do not see the tree, so every parent gets the same children). The target scores the root y and the tree in one call with a tree
 attention mask, the verifier walks it from the root (`samplers.core.tree_walk`), the cache keeps
 the accepted path, and the heads at the path's last node draft the next tree. One target call per
 round, no draft model.
 
-Guarantee: the children are deterministic (the heads' top tokens, given the row's past), so each
-is verified as a point mass: accepted with probability p_cur(c), else removed from p_cur
-(recursive rejection, SpecInfer). Every row's output therefore has exactly the target's
-distribution at any temperature, and greedy output equals greedy AR token for token (up to
+Guarantee: greedy children are the heads' top tokens, verified as point masses; sampled children
+are distinct draws from the heads' distributions, each verified with the law it was drawn from
+given its earlier siblings (recursive rejection, SpecInfer). Every row's output therefore has
+exactly the target's distribution at any temperature, and greedy output equals greedy AR token for token (up to
 numerical near-ties between batched and single-token target calls). Medusa's "typical
 acceptance", which is faster and lossy, is not implemented.
 """
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers.core import draft_verify, rng, slots, tree_shape, tree_walk
-from samplers.core.logits import SamplingParams
+from samplers.core import draft_verify, rng, slots, tree_shape, tree_walk, verify
+from samplers.core.logits import SamplingParams, probs
 from samplers.core.protocol import SampleOutput, check_max_new_tokens, last_prompt_logits
 from samplers.spec import SamplerSpec
 
@@ -85,15 +85,32 @@ def check_target(target, prompt_len: int, config: MedusaConfig) -> int:
   return need
 
 
-def tree_tokens(heads: jax.Array, branching: tuple[int, ...]) -> jax.Array:
-  """Each row's tree: heads [B, K, V] logits -> tokens [B, N] int32 in `tree_shape.static_tree`
-  order, the node at depth d that is its parent's i-th child holding head d's i-th top token."""
+def tree_tokens(heads: jax.Array, branching: tuple[int, ...], sampling: SamplingParams,
+                noise: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
+  """Each row's tree from the heads' logits heads [B, K, V], in `tree_shape.static_tree` order.
+
+  Greedy: the node at depth d that is its parent's i-th child holds head d's i-th top token.
+  Sampled: depth d's b_d children are distinct draws from head d's distribution q_d (after the
+  row's temperature / top-k / top-p; Gumbel top-b with uniforms noise [B, D, V]), the same under
+  every parent of depth d - 1 (the walk visits one), and child i's law given the earlier ones
+  is q_d without them, renormalised (`verify.without_replacement`).
+  Returns (tokens [B, N] int32, qs [B, N, V] the laws the nodes were drawn from, None when
+  greedy: verification then treats them as point masses).
+  """
   tree = tree_shape.static_tree(branching)
-  levels = []
+  tokens, qs = [], []
   for d, (size, b) in enumerate(zip(tree.level_sizes, branching)):
-    top = jax.lax.top_k(heads[:, d], b)[1]  # [B, b]
-    levels.append(top[:, np.arange(size) % b])
-  return jnp.concatenate(levels, axis=1).astype(jnp.int32)
+    sibling = np.arange(size) % b
+    if sampling.greedy:
+      tokens.append(jax.lax.top_k(heads[:, d], b)[1][:, sibling])
+      continue
+    q = probs(heads[:, d], sampling)  # [B, V]
+    children = jax.lax.top_k(jnp.log(q) - jnp.log(-jnp.log(noise[:, d])), b)[1]  # [B, b]
+    laws = jax.vmap(verify.without_replacement)(q, children, jnp.ones(children.shape, bool))
+    tokens.append(children[:, sibling])
+    qs.append(laws[:, sibling])
+  tokens = jnp.concatenate(tokens, axis=1).astype(jnp.int32)
+  return tokens, (None if sampling.greedy else jnp.concatenate(qs, axis=1))
 
 
 @functools.partial(jax.jit, static_argnames=("target", "config"))
@@ -130,18 +147,20 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
     """The cache holds all of the row's `context` tokens but the last (the root); `heads`
     [B, K, V] are the heads' logits at the token before the root."""
     cache, heads = caches
-    tokens = tree_tokens(heads, branching)
+    u = None
+    if not config.sampling.greedy:  # position context + d - 1 draws depth d and verifies it
+      decided = context[:, None] + jnp.arange(depth_max + 1)
+      u = draft_verify.position_uniforms(keys, decided, vocab + size + vocab)
+    tokens, qs = tree_tokens(heads, branching, config.sampling,
+                             None if u is None else u[:, :depth_max, :vocab])
     root = jnp.take_along_axis(seq, (context - 1)[:, None], axis=1)
     positions = context[:, None] - 1 + jnp.concatenate([jnp.zeros(1, jnp.int32), tree.depth])
     logits, all_heads, cache = target.apply_with_heads(
         target_params, jnp.concatenate([root, tokens], axis=1), positions,
         cache.replace(lengths=context - 1), mask)
-    u = None
-    if not config.sampling.greedy:
-      decided = context[:, None] + jnp.arange(depth_max + 1)
-      u = draft_verify.position_uniforms(keys, decided, size + vocab)
     count, path, emitted = tree_walk.verify(logits, tokens, parent, valid, depth_max,
-                                            config.sampling, u)
+                                            config.sampling, None if u is None else u[..., vocab:],
+                                            qs)
     cache = slots.compact(target, cache, cache_slots, context[:, None] + path, context)
     last_node = jnp.where(count > 0, jnp.take_along_axis(path, jnp.maximum(count - 1, 0)[:, None],
                                                          axis=1)[:, 0] + 1, 0)

@@ -21,8 +21,15 @@ GREEDY = SamplingParams(temperature=0.0)
 
 def test_tree_tokens_take_head_d_top_tokens_at_depth_d():
   heads = jnp.asarray([[[0.0, 3.0, 2.0, 1.0], [5.0, 0.0, 0.0, 4.0]]])  # [B=1, K=2, V=4]
-  tokens = medusa.tree_tokens(heads, (2, 2))
+  tokens, qs = medusa.tree_tokens(heads, (2, 2), GREEDY)
   np.testing.assert_array_equal(tokens, [[1, 2, 0, 3, 0, 3]])  # depth 2 repeats under each
+  assert qs is None  # point masses
+  noise = jax.random.uniform(jax.random.key(0), (1, 2, 4), minval=1e-6)
+  tokens, qs = medusa.tree_tokens(heads, (2, 2), SamplingParams(temperature=1.0), noise)
+  tokens, qs = np.asarray(tokens[0]), np.asarray(qs[0])
+  assert tokens[0] != tokens[1] and list(tokens[2:4]) == list(tokens[4:6])  # distinct siblings
+  np.testing.assert_allclose(qs[0], jax.nn.softmax(heads[0, 0]), rtol=1e-5)
+  assert qs[1, tokens[0]] == 0 and abs(qs[1].sum() - 1) < 1e-5  # without the first child
 
 
 @pytest.mark.parametrize("batch", [1, 3, 8])
