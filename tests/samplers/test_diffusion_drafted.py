@@ -22,8 +22,8 @@ from tests.samplers.toy_drafters import NearestTokenDenoiser
 GREEDY = SamplingParams(temperature=0.0)
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8])
-@pytest.mark.parametrize("drafter", ["exact", "random", "random, window 2"])
+@pytest.mark.parametrize("batch, drafter", [(1, "exact"), (8, "exact"), (3, "random"),
+                                            (8, "random, window 2")])
 def test_equals_greedy_ar_on_a_table_model(batch, drafter):
   """An `exact` denoiser knows the successor target (every draft passes), a `random` one mostly
   does not, and may see only the last 2 tokens; all give AR's tokens."""

@@ -53,7 +53,7 @@ CASES = {
     "prompt_lookup-g3": prompt_lookup.PromptLookupConfig(num_draft_tokens=3, max_new_tokens=STEPS,
                                                          max_ngram=2),
     "lookahead-w2-n3-g2": lookahead.LookaheadConfig(window=2, ngram=3, candidates=2,
-                                                    max_new_tokens=STEPS),
+                                                    max_new_tokens=STEPS, pool_size=8),
     "medusa-21": medusa.MedusaConfig(branching=(2, 1), max_new_tokens=STEPS),
     "diffusion_drafted-g3-w2": diffusion_drafted.DiffusionDraftedConfig(
         num_draft_tokens=3, max_new_tokens=STEPS, context_window=2),

@@ -32,8 +32,8 @@ def test_tree_tokens_take_head_d_top_tokens_at_depth_d():
   assert qs[1, tokens[0]] == 0 and abs(qs[1].sum() - 1) < 1e-5  # without the first child
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8])
-@pytest.mark.parametrize("heads", ["oracle", "random"])
+@pytest.mark.parametrize("batch, heads", [(1, "oracle"), (8, "oracle"), (3, "random"),
+                                          (8, "random")])
 def test_equals_greedy_ar_on_a_table_model(batch, heads):
   """`oracle` heads propose the successor model's true continuation (every draft accepted),
   `random` heads mostly wrong ones; both give AR's tokens."""
