@@ -29,8 +29,8 @@ import jax.numpy as jnp
 
 from samplers.core import draft_verify, rng
 from samplers.core.logits import SamplingParams
-from samplers.core.protocol import (SampleOutput, check_max_new_tokens, check_vocabularies,
-                                    last_prompt_logits, prefill)
+from samplers.core.protocol import (SampleOutput, check_max_new_tokens, check_num_draft_tokens,
+                                    check_vocabularies, last_prompt_logits, prefill)
 from samplers.spec import SamplerSpec
 
 
@@ -55,8 +55,7 @@ class DiffusionDraftedConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    if self.num_draft_tokens < 1:
-      raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
+    check_num_draft_tokens(self.num_draft_tokens)
     if self.context_window < 0:
       raise ValueError(f"context_window must be >= 0 (0: the whole row), got "
                        f"{self.context_window}")
@@ -71,12 +70,11 @@ def _check(target, denoiser, prompt_len: int, config) -> int:
                      "`denoise`")
   check_vocabularies(target, denoiser, ("target", "denoiser"))
   gamma, steps = config.num_draft_tokens, config.max_new_tokens
-  need = prompt_len + steps + gamma - 1
-  for name, model, room in (("target", target, need), ("denoiser", denoiser, need + 1)):
-    if room > model.max_len:
-      raise ValueError(f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens "
-                       f"{gamma} = {need + 1} exceeds the {name}'s max_len {model.max_len}; "
-                       f"shorten the prompt or lower max_new_tokens or num_draft_tokens")
+  need = prompt_len + steps + gamma - 1  # the target's cache; the denoiser's canvas is need + 1
+  formula = f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens {gamma}"
+  lower = "max_new_tokens or num_draft_tokens"
+  draft_verify.check_room({"target": target}, need, f"{formula} - 1", lower)
+  draft_verify.check_room({"denoiser": denoiser}, need + 1, formula, lower)
   return need
 
 

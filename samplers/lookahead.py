@@ -167,11 +167,10 @@ def sample(target: CausalModel, target_params, prompt: jax.Array, prompt_lengths
   vocab, size = target.vocab_size, config.num_nodes
   depth_max, window, n = config.num_draft_tokens, config.window, config.ngram
   cache_slots = prompt_len + config.max_new_tokens - 1 + size
-  if cache_slots > target.max_len:
-    raise ValueError(f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} - 1 + "
-                     f"window {window} + candidates {config.candidates} x (ngram {n} - 1) = "
-                     f"{cache_slots} exceeds the target's max_len {target.max_len}; shorten the "
-                     f"prompt or lower max_new_tokens, window or candidates")
+  draft_verify.check_room({"target": target}, cache_slots,
+                          f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} - "
+                          f"1 + window {window} + candidates {config.candidates} x (ngram {n} - 1)",
+                          "max_new_tokens, window or candidates")
   parent, depth, ancestors, nodes = branches(window, n - 1, config.candidates)
   mask = jnp.broadcast_to(tree_shape.feed_mask(ancestors, 1), (batch, 1 + size, 1 + size))
   keys = rng.row_keys(key, batch)

@@ -51,7 +51,7 @@ class MedusaConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    tree_shape.validate(self.branching)
+    object.__setattr__(self, "branching", tree_shape.validate(self.branching))
     check_max_new_tokens(self.max_new_tokens)
 
   @property
@@ -61,7 +61,7 @@ class MedusaConfig:
 
   @property
   def num_nodes(self) -> int:
-    return tree_shape.static_tree(tuple(self.branching)).num_nodes
+    return tree_shape.static_tree(self.branching).num_nodes
 
 
 def check_target(target, prompt_len: int, config: MedusaConfig) -> int:
@@ -78,10 +78,9 @@ def check_target(target, prompt_len: int, config: MedusaConfig) -> int:
     raise ValueError(f"tree spec malformed: branching factor {max(config.branching)} exceeds "
                      f"vocab_size {target.vocab_size}")
   need = prompt_len + config.max_new_tokens - 1 + config.num_nodes
-  if need > target.max_len:
-    raise ValueError(f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} - 1 + "
-                     f"tree nodes {config.num_nodes} = {need} exceeds the target's max_len "
-                     f"{target.max_len}; shorten the prompt or lower max_new_tokens or the tree")
+  draft_verify.check_room({"target": target}, need,
+                          f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} "
+                          f"- 1 + tree nodes {config.num_nodes}", "max_new_tokens or the tree size")
   return need
 
 
@@ -134,7 +133,7 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
     ValueError: the target has no (or too few) heads, or P + N - 1 + nodes exceeds max_len.
   """
   batch, prompt_len = prompt.shape
-  branching = tuple(config.branching)
+  branching = config.branching
   cache_slots = check_target(target, prompt_len, config)
   tree = tree_shape.static_tree(branching)
   size, depth_max, vocab = tree.num_nodes, len(branching), target.vocab_size

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from samplers.core import draft_verify, rng
 from samplers.core.logits import SamplingParams
 from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
-                                    last_prompt_logits, prefill)
+                                    check_num_draft_tokens, last_prompt_logits, prefill)
 from samplers.spec import SamplerSpec
 
 
@@ -52,8 +52,7 @@ class PromptLookupConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    if self.num_draft_tokens < 1:
-      raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
+    check_num_draft_tokens(self.num_draft_tokens)
     if not 1 <= self.min_ngram <= self.max_ngram:
       raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
                        f"max_ngram={self.max_ngram}")
@@ -121,11 +120,9 @@ def sample(target: CausalModel, target_params, prompt: jax.Array, prompt_lengths
   batch, prompt_len = prompt.shape
   gamma, vocab = config.num_draft_tokens, target.vocab_size
   slots = prompt_len + config.max_new_tokens + gamma - 1
-  if slots > target.max_len:
-    raise ValueError(f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} + "
-                     f"num_draft_tokens {gamma} - 1 = {slots} exceeds the target's max_len "
-                     f"{target.max_len}; shorten the prompt or lower max_new_tokens or "
-                     f"num_draft_tokens")
+  draft_verify.check_room({"target": target}, slots,
+                          f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} + "
+                          f"num_draft_tokens {gamma} - 1", "max_new_tokens or num_draft_tokens")
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
   greedy = config.sampling.greedy

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from samplers.core import draft_verify, rng, rows, verify
 from samplers.core.logits import SamplingParams, probs
 from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
-                               last_prompt_logits, prefill_method, prompt_positions)
+                                    check_num_draft_tokens, last_prompt_logits, prefill_method,
+                                    prompt_positions)
 from samplers.spec import SamplerSpec
 
 
@@ -57,8 +58,7 @@ class SpecTrConfig:
   def __post_init__(self):
     if self.num_drafts < 1:
       raise ValueError(f"num_drafts (k) must be >= 1, got {self.num_drafts}")
-    if self.num_draft_tokens < 1:
-      raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
+    check_num_draft_tokens(self.num_draft_tokens)
     check_max_new_tokens(self.max_new_tokens)
 
 

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 
 from samplers.core import draft_verify, rng
 from samplers.core.logits import SamplingParams
-from samplers.core.protocol import CausalModel, SampleOutput, check_max_new_tokens
+from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+                                    check_num_draft_tokens)
 from samplers.spec import SamplerSpec
 
 
@@ -46,8 +47,7 @@ class SpeculativeConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    if self.num_draft_tokens < 1:
-      raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {self.num_draft_tokens}")
+    check_num_draft_tokens(self.num_draft_tokens)
     check_max_new_tokens(self.max_new_tokens)
 
 

@@ -135,7 +135,7 @@ def _check(target: CausalModel, draft: CausalModel, prompt_len: int, config) -> 
       raise ValueError(f"tree spec malformed: branching factor {widest} exceeds vocab_size "
                        f"{target.vocab_size}; distinct children need branching <= vocab_size")
   need = prompt_len + config.max_new_tokens - 1 + config.num_nodes
-  draft_verify.check_room(target, draft, need,
+  draft_verify.check_room({"target": target, "draft": draft}, need,
                           f"prompt length {prompt_len} + max_new_tokens {config.max_new_tokens} "
                           f"- 1 + tree nodes {config.num_nodes}", "max_new_tokens or the tree size")
   return need

@@ -123,22 +123,22 @@ def check_pair(target: CausalModel, draft: CausalModel, prompt_len: int, config)
   check_vocabularies(target, draft, ("target", "draft"))
   gamma, steps = config.num_draft_tokens, config.max_new_tokens
   need = prompt_len + steps + gamma - 1
-  check_room(target, draft, need,
+  check_room({"target": target, "draft": draft}, need,
              f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens {gamma} - 1",
              "max_new_tokens or num_draft_tokens")
   return need
 
 
-def check_room(target: CausalModel, draft: CausalModel, need: int, formula: str,
-               lower: str) -> None:
-  """ValueError when `need` cache slots (`formula` says how they add up) exceed either model's
-  max_len; `lower` names the settings that would shrink it."""
-  for name, model in (("target", target), ("draft", draft)):
+def check_room(models: dict[str, Any], need: int, formula: str, lower: str) -> None:
+  """ValueError when `need` slots (`formula` says how they add up) exceed the max_len of one of
+  `models` (role -> model, e.g. {"target": ..., "draft": ...}); `lower` names the settings that
+  would shrink it. With several models the message lists every max_len."""
+  for name, model in models.items():
     if need > model.max_len:
-      raise ValueError(
-          f"{formula} = {need} exceeds the {name}'s max_len {model.max_len} (target max_len "
-          f"{target.max_len}, draft max_len {draft.max_len}); shorten the prompt or lower "
-          f"{lower}")
+      every = ", ".join(f"{role} max_len {m.max_len}" for role, m in models.items())
+      raise ValueError(f"{formula} = {need} exceeds the {name}'s max_len {model.max_len}"
+                       f"{f' ({every})' if len(models) > 1 else ''}; shorten the prompt or "
+                       f"lower {lower}")
 
 
 def _write(seq: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:

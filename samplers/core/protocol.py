@@ -97,6 +97,12 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def check_num_draft_tokens(num_draft_tokens: int) -> None:
+  """ValueError unless a drafted sampler's config drafts at least one token per round."""
+  if num_draft_tokens < 1:
+    raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {num_draft_tokens}")
+
+
 def check_vocabularies(first: Any, second: Any, names: tuple[str, str]) -> None:
   """ValueError unless two models (anything with `vocab_size`) share one vocabulary size.
 

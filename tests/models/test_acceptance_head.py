@@ -75,6 +75,15 @@ def _train(workdir, *overrides):
   return trainer, Run(workdir).restore().params
 
 
+def assert_frozen(trained_params, original_params) -> None:
+  """Every parameter of `original_params` is in `trained_params`, bit for bit (frozen weights)."""
+  flat = lambda params: {param_path(p): np.asarray(v)
+                         for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  trained, original = flat(trained_params), flat(original_params)
+  for name, value in original.items():
+    np.testing.assert_array_equal(trained[name], value, err_msg=f"{name} should be frozen")
+
+
 @pytest.mark.slow
 def test_the_trainer_fits_the_head_on_a_frozen_draft_and_samplers_use_it(tmp_path):
   """teacher (2 layers) -> draft (1 layer) -> head (draft frozen, 30 steps): the loss falls, the
@@ -92,11 +101,7 @@ def test_the_trainer_fits_the_head_on_a_frozen_draft_and_samplers_use_it(tmp_pat
   records = [r for r in read_metrics(tmp_path / "head" / "metrics.jsonl") if "bce_excess" in r]
   assert records[-1]["loss"] < 0.8 * records[0]["loss"], (records[0], records[-1])
   assert records[-1]["bce_excess"] < 0.5 * records[0]["bce_excess"], (records[0], records[-1])
-  flat = lambda params: {param_path(p): np.asarray(v)
-                         for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  trained, original = flat(head_params), flat(draft_params)
-  for name, value in original.items():
-    np.testing.assert_array_equal(trained[name], value, err_msg=f"{name} should be frozen")
+  assert_frozen(head_params, draft_params)
 
   prompt, lengths = generate.encode_prompts(["ROMEO:", "JULIET: O"], 128)
   base = dataclasses.replace(teacher.exp.sampler, max_new_tokens=24, temperature=0.0)

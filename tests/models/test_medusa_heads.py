@@ -16,9 +16,8 @@ from paxlike import config as config_lib
 from paxlike import generate, registry
 from paxlike.errors import UserError
 from paxlike.metrics import read_metrics
-from paxlike.optim import param_path
 from tests.models.random_params import random_params
-from tests.models.test_acceptance_head import _train
+from tests.models.test_acceptance_head import _train, assert_frozen
 from tests.paxlike import cli
 
 registry.load_modules()
@@ -65,11 +64,7 @@ def test_the_trainer_fits_the_heads_on_a_frozen_target_and_the_sampler_uses_them
       f"train.init_from={tmp_path / 'target'}", "train.trainable=medusa")
   records = [r for r in read_metrics(tmp_path / "medusa" / "metrics.jsonl") if "loss" in r]
   assert records[-1]["loss"] < 0.9 * records[0]["loss"], (records[0], records[-1])
-  flat = lambda params: {param_path(p): np.asarray(v)
-                         for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  trained, original = flat(heads_params), flat(target_params)
-  for name, value in original.items():
-    np.testing.assert_array_equal(trained[name], value, err_msg=f"{name} should be frozen")
+  assert_frozen(heads_params, target_params)
 
   prompt, lengths = generate.encode_prompts(["ROMEO:", "JULIET: O"], 128)
   base = dataclasses.replace(target.exp.sampler, max_new_tokens=24, temperature=0.0)
