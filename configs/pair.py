@@ -94,3 +94,22 @@ def pair_medusa() -> Experiment:
                         trainable="medusa"),
       eval=EvalConfig(every_steps=0, batches=8),
   )
+
+
+@register
+def pair_eagle() -> Experiment:
+  """pair_target with an EAGLE draft head for `sampler.kind=eagle`. The target's weights are
+  copied from train.init_from (pair_target's run; default runs/pair_target) and frozen; only the
+  head learns (one decoder block over the target's features). Train it on the target's own
+  continuations (`paxlike.teacher_text`; --set data.path=<that file>), as the decode bench does."""
+  target = pair_target()
+  return dataclasses.replace(
+      target,
+      model=dataclasses.replace(target.model, draft_heads=DraftHeadsConfig(eagle=True)),
+      optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
+      schedule=ScheduleConfig(kind="cosine", warmup_steps=20),
+      checkpoint=CheckpointConfig(every_steps=400, keep=1),
+      train=TrainConfig(steps=400, batch_size=16, init_from="runs/pair_target",
+                        trainable="eagle"),
+      eval=EvalConfig(every_steps=0, batches=8),
+  )

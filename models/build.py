@@ -17,6 +17,7 @@ from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from models.diffusion import MaskedDiffusionLM
 from models.learn2pd import Learn2PD
+from models.eagle import EagleLM
 from models.medusa import MedusaLM
 
 _KINDS = {"llama": CausalLM, "mdlm": MaskedDiffusionLM, "asarm": AnySubsetARM,
@@ -30,4 +31,6 @@ def build_model(config: ModelConfig):
     return AcceptanceDraftLM(config)
   if config.draft_heads.medusa:
     return MedusaLM(config)
+  if config.draft_heads.eagle:
+    return EagleLM(config)
   return _KINDS[config.kind](config)

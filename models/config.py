@@ -134,19 +134,22 @@ class DraftHeadsConfig:
       adaptive sampler's rule "head" to stop drafting.
     medusa: K >= 0 Medusa heads on a target (`models.medusa`), head k predicting the token k + 1
       places past the next one; the `medusa` sampler drafts a token tree from them.
+    eagle: an EAGLE draft head on a target (`models.eagle`): one decoder block over the target's
+      features; the `eagle` sampler drafts with it.
   """
 
   acceptance: bool = False
   medusa: int = 0
+  eagle: bool = False
 
   def validate(self, kind: str, streams: int) -> None:
     """ValueError unless the heads sit on a plain causal model (kind "llama", one stream)."""
     if self.medusa < 0:
       raise ValueError(f"model.draft_heads.medusa must be >= 0 heads, got {self.medusa}")
-    if self.acceptance and self.medusa:
-      raise ValueError("model.draft_heads: set acceptance (a draft's head) or medusa (a target's "
-                       "heads), not both")
-    if (self.acceptance or self.medusa) and (kind != "llama" or streams > 1):
+    if sum([self.acceptance, self.medusa > 0, self.eagle]) > 1:
+      raise ValueError("model.draft_heads: set one of acceptance (a draft's head), medusa or eagle "
+                       "(a target's heads), not several")
+    if (self.acceptance or self.medusa or self.eagle) and (kind != "llama" or streams > 1):
       raise ValueError(f"model.draft_heads needs a plain causal model (model.kind='llama', "
                        f"model.parscale.streams=1), got kind {kind!r} with {streams} streams")
 

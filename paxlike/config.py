@@ -234,6 +234,9 @@ def validate(exp: Experiment) -> Experiment:
       (not exp.model.draft_heads.medusa or not exp.train.steps or exp.train.trainable,
        "model.draft_heads.medusa trains only the heads: set train.trainable=medusa (and "
        "train.init_from=<the trained target's run>) so the target's weights stay as trained"),
+      (not exp.model.draft_heads.eagle or not exp.train.steps or exp.train.trainable,
+       "model.draft_heads.eagle=true trains only the head: set train.trainable=eagle (and "
+       "train.init_from=<the trained target's run>) so the target's weights stay as trained"),
   ]
   for ok, message in checks:
     if not ok:

@@ -44,16 +44,19 @@ def encode_prompts(prompts: list[str], max_len: int,
 _MODEL_NAMES = {"causal": "a causal model", "denoiser": "a masked-diffusion model (model.kind=mdlm)",
                 "any_subset": "an any-subset AR model (model.kind=asarm)",
                 "finality": "a denoiser with a finality head (model.kind=learn2pd)",
-                "medusa": "a causal model with Medusa heads (model.draft_heads.medusa=K)"}
+                "medusa": "a causal model with Medusa heads (model.draft_heads.medusa=K)",
+                "eagle": "a causal model with an EAGLE draft head (model.draft_heads.eagle=true)"}
 # A model of the key's kind also serves samplers that take the value's.
-_ALSO = {"finality": "denoiser", "medusa": "causal"}
+_ALSO = {"finality": "denoiser", "medusa": "causal", "eagle": "causal"}
 
 
 def _model_kind(model) -> str:
   """Which of `spec.MODEL_KINDS` `model` is (a finality denoiser is also a denoiser, a model
-  with Medusa heads also a causal model)."""
+  with Medusa heads or an EAGLE head also a causal model)."""
   if getattr(model, "num_medusa_heads", 0):
     return "medusa"
+  if getattr(model, "has_eagle_head", False):
+    return "eagle"
   if hasattr(model, "denoise_with_finality"):
     return "finality"
   if hasattr(model, "denoise"):

@@ -15,8 +15,10 @@ from typing import Any, Callable
 from samplers.core.logits import SamplingParams
 
 # What a sampler's first model must be: a causal LM, a masked-diffusion denoiser, an any-subset
-# AR model, a denoiser with a Learn2PD finality head, or a causal LM with Medusa heads.
-MODEL_KINDS = ("causal", "denoiser", "any_subset", "finality", "medusa")
+# AR model, a denoiser with a Learn2PD finality head, or a causal LM with Medusa heads or an EAGLE
+# draft head.
+MODEL_KINDS = ("causal", "denoiser", "any_subset", "finality", "medusa", "eagle")
+CAUSAL_KINDS = ("causal", "medusa", "eagle")  # the kinds that extend prompts token by token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,4 +96,4 @@ class SamplerSpec:
   @property
   def takes_canvas(self) -> bool:
     """Diffusion-style: fills masks of a canvas instead of extending prompts."""
-    return self.model not in ("causal", "medusa")
+    return self.model not in CAUSAL_KINDS

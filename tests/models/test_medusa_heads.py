@@ -49,7 +49,7 @@ def test_bad_medusa_settings_are_named():
     config_lib.validate(config_lib.apply_overrides(tiny, ["model.draft_heads.medusa=2"]))
   with pytest.raises(UserError, match="must be >= 0 heads"):
     config_lib.validate(config_lib.apply_overrides(tiny, ["model.draft_heads.medusa=-1"]))
-  with pytest.raises(ValueError, match="not both"):
+  with pytest.raises(ValueError, match="not several"):
     dataclasses.replace(CONFIG, draft_heads=DraftHeadsConfig(acceptance=True, medusa=2)).validate()
 
 

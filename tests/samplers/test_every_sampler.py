@@ -49,6 +49,7 @@ _CONFIGS = {
     "finality": ModelConfig(kind="learn2pd", num_layers=1, **_SHAPE,
                             diffusion=DiffusionConfig(mask_id=MASK_ID)),
     "medusa": ModelConfig(num_layers=1, draft_heads=DraftHeadsConfig(medusa=2), **_SHAPE),
+    "eagle": ModelConfig(num_layers=1, draft_heads=DraftHeadsConfig(eagle=True), **_SHAPE),
 }
 # One mesh with every axis a decode shards over: a mesh per axis pair compiled every kind twice
 # (a minute of the suite) without covering more.
@@ -64,7 +65,7 @@ OPTIONS = {"mdlm": {"steps": 4}, "edlm": {"steps": 4}, "block": {"block_length":
            "speculative": {"num_draft_tokens": 2},
            "diffusion_drafted": {"num_draft_tokens": 2}, "adaptive": {"num_draft_tokens": 2},
            "spectr": {"num_draft_tokens": 2}, "tree": {"branching": (2, 1)},
-           "medusa": {"branching": (2, 1)},
+           "medusa": {"branching": (2, 1)}, "eagle": {"num_draft_tokens": 2},
            "dynamic_tree": {"node_budget": 4, "max_depth": 2}}  # kinds that refuse to sample; they decode greedily here
 KEYS = jax.random.split(jax.random.key(3), len(PROMPTS))  # one key per row
 

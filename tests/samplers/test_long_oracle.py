@@ -21,14 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from samplers import adaptive, ar, assd, diffusion_drafted, lookahead, medusa, prompt_lookup
+from samplers import adaptive, ar, assd, diffusion_drafted, eagle, lookahead, medusa
+from samplers import prompt_lookup
 from samplers import spectr, speculative, tree
 from samplers.core import verify
 from samplers.core.logits import SamplingParams
 from tests.samplers import prefix_toy
 from tests.samplers import toy_denoiser as td
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, draw, windows_p_value
-from tests.samplers.toy_drafters import NearestTokenDenoiser, WithHeads
+from tests.samplers.toy_drafters import NearestTokenDenoiser, WithFeatureHead, WithHeads
 
 VOCAB, STEPS, ROWS = 3, 8, 100_000
 EPS = 0.03
@@ -39,6 +40,8 @@ DRAFT = {"table": TARGET["table"] + jax.random.normal(jax.random.key(2), TARGET[
 PROMPTS = [[1, 2, 0], [2]]  # ragged: the second row is right-padded
 HEADS = WithHeads(MODEL, 2)  # Medusa heads on the target: table rows after each token
 HEADS_PARAMS = {"base": TARGET, "heads": HEADS.random_heads(jax.random.key(3))}
+FEATURE_HEAD = WithFeatureHead(MODEL)  # an EAGLE-style head on the target: tables of features
+FEATURE_HEAD_PARAMS = {"base": TARGET, "head": jax.random.normal(jax.random.key(5), (VOCAB,) * 3)}
 DENOISER = NearestTokenDenoiser(VOCAB, 24, mask_id=VOCAB - 1)  # drafts tokens 0 and 1 only
 DENOISER_PARAMS = DENOISER.random_params(jax.random.key(4))
 
@@ -55,6 +58,7 @@ CASES = {
     "lookahead-w2-n3-g2": lookahead.LookaheadConfig(window=2, ngram=3, candidates=2,
                                                     max_new_tokens=STEPS, pool_size=8),
     "medusa-21": medusa.MedusaConfig(branching=(2, 1), max_new_tokens=STEPS),
+    "eagle-g3": eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=STEPS),
     "diffusion_drafted-g3-w2": diffusion_drafted.DiffusionDraftedConfig(
         num_draft_tokens=3, max_new_tokens=STEPS, context_window=2),
 }
@@ -68,6 +72,8 @@ SAMPLERS = {speculative.SpeculativeConfig: speculative.sample, spectr.SpecTrConf
                 lookahead.sample(target, params, *rest),
             medusa.MedusaConfig: lambda _, __, ___, ____, *rest:
                 medusa.sample(HEADS, HEADS_PARAMS, *rest),
+            eagle.EagleConfig: lambda _, __, ___, ____, *rest:
+                eagle.sample(FEATURE_HEAD, FEATURE_HEAD_PARAMS, *rest),
             diffusion_drafted.DiffusionDraftedConfig: lambda target, params, _, __, *rest:
                 diffusion_drafted.sample(target, params, DENOISER, DENOISER_PARAMS, *rest)}
 

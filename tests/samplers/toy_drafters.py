@@ -1,5 +1,5 @@
-"""Drafters for toy causal models: Medusa heads (`samplers.medusa`) and a denoiser
-(`samplers.diffusion_drafted`).
+"""Drafters for toy causal models: Medusa heads (`samplers.medusa`), an EAGLE-style feature head
+(`samplers.eagle`) and a denoiser (`samplers.diffusion_drafted`).
 
 `WithHeads(base, K)` meets the causal protocol through `base` and adds `apply_with_heads`: head k's
 logits after a token are a table row `heads[token, k]` (params {"base": ..., "heads": [V, K, V]}),
@@ -14,6 +14,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from tests.samplers.toy import TrigramLM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,52 @@ class WithHeads:
   def random_heads(self, key: jax.Array, scale: float = 2.0) -> jax.Array:
     shape = (self.vocab_size, self.num_medusa_heads, self.vocab_size)
     return scale * jax.random.normal(key, shape, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithFeatureHead:
+  """`base` (params {"base": ...}) with an EAGLE-style head (params {"head": [V, V, V]}).
+
+  The target's feature at a position is the one-hot of its token. The head's logits for the
+  token after a pair (f_t, x_{t+1}) are head[argmax f_t, x_{t+1}] plus head[x_t, x_{t+1}] with
+  x_t read from the head's own cache (a `toy.TrigramLM` over the pairs' tokens): with the
+  target's trigram table as `head`, both terms are the target's logits, so the drafts are right
+  exactly when the sampler hands the head the right features and keeps its cache right. Its
+  predicted feature is the one-hot of x_{t+1}, the true one.
+  """
+
+  base: Any
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base.vocab_size
+
+  @property
+  def max_len(self) -> int:
+    return self.base.max_len
+
+  def init_cache(self, batch: int, max_len: int | None = None):
+    return self.base.init_cache(batch, max_len)
+
+  def apply(self, params, tokens, positions, cache, attention_mask=None):
+    return self.base.apply(params["base"], tokens, positions, cache, attention_mask)
+
+  def apply_with_features(self, params, tokens, positions, cache, attention_mask=None):
+    logits, cache = self.apply(params, tokens, positions, cache, attention_mask)
+    return logits, jax.nn.one_hot(tokens, self.vocab_size), cache
+
+  def init_draft_cache(self, batch: int, max_len: int | None = None):
+    return self._pairs.init_cache(batch, max_len)
+
+  def draft(self, params, features, tokens, positions, cache, attention_mask=None):
+    from_cache, cache = self._pairs.apply(params["head"], tokens, positions, cache,
+                                          attention_mask)
+    from_features = params["head"][jnp.argmax(features, axis=-1), tokens]
+    return from_cache + from_features, jax.nn.one_hot(tokens, self.vocab_size), cache
+
+  @property
+  def _pairs(self) -> TrigramLM:
+    return TrigramLM(self.vocab_size, self.max_len)
 
 
 @dataclasses.dataclass(frozen=True)

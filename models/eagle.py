@@ -1,0 +1,159 @@
+"""A causal target with an EAGLE draft head (Li et al. 2024, "EAGLE: Speculative Sampling Requires
+Rethinking Feature Uncertainty").
+
+The target's *features* are its final normalised hidden states, f_t at position t: what its
+vocabulary projection turns into the distribution of token t + 1. The draft head autoregresses
+on features rather than tokens. Its input at position t is the pair (f_t, x_{t+1}): the feature
+and the token sampled from it, which removes the feature's uncertainty about which token came
+next. A fully connected layer maps concat(embed(x_{t+1}), f_t) [2E] to E, one decoder block (the
+target's own block shape, with its own one-layer KV cache) turns it into the predicted feature
+f'_{t+1}, and the target's (frozen) vocabulary projection turns f'_{t+1} into the draft's
+distribution of token t + 2. While drafting, the head feeds its own predicted features back in.
+
+Training (`loss`, `model.draft_heads.eagle=true`): the target's weights come from its trained run
+(`train.init_from`) and stay frozen (`train.trainable="eagle"`); the loss is EAGLE's,
+SmoothL1(f'_{t+1}, f_{t+1}) + CLS_WEIGHT * CE(p_{t+2}, p'_{t+2}) against the target's own
+features and distributions, with the input features jittered by uniform noise in
+[-FEATURE_NOISE, FEATURE_NOISE] (EAGLE's augmentation against the errors of the head's own
+predicted features, which it reads while drafting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from models.causal_lm import CausalLM
+from models.kv_cache import KVCache
+from models.llama import Block, Transformer, _dense
+
+CLS_WEIGHT = 0.1  # EAGLE's weight of the classification term
+FEATURE_NOISE = 0.1  # EAGLE's training noise: U(-FEATURE_NOISE, FEATURE_NOISE) per unit
+
+
+class EagleHead(nn.Module):
+  """(features [B, T, E], embedded next tokens [B, T, E]) -> predicted next features [B, T, E]."""
+
+  config: object
+
+  @nn.compact
+  def __call__(self, features, embedded, positions, mask=None, cache=None):
+    """`positions` [B, T] int32; `mask` and `cache` as `llama.Block` (cache: the head's one
+    layer). Returns ([B, T, E] predicted features, the block's keys/values)."""
+    cfg = self.config
+    x = _dense(cfg, cfg.d_model, ("mlp", "embed"), name="fuse")(
+        jnp.concatenate([embedded.astype(features.dtype), features], axis=-1))
+    return Block(cfg, name="layer")(x, positions, mask, cache)
+
+
+class EagleTransformer(Transformer):
+  """The Llama decoder (same parameter paths) plus `eagle`. Every target call records its
+  features (the final normalised hidden states, [B, T, E]) in "intermediates" as "features"."""
+
+  def setup(self):
+    super().setup()
+    self.eagle = EagleHead(self.config)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    features = self.final_norm(x)
+    self.sow("intermediates", "features", features)
+    if self.is_initializing():  # `init` runs the plain forward: create the head's parameters too
+      tokens = jnp.zeros(features.shape[:2], jnp.int32)
+      self.draft(features, tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape))
+    return self._project(features)
+
+  def _project(self, features: jax.Array) -> jax.Array:
+    """[B, T, E] features -> [B, T, V] float32 logits (the target's vocabulary projection)."""
+    logits = self.embed.attend(features) if self.config.tie_embeddings else self.head(features)
+    return logits.astype(jnp.float32)
+
+  def draft(self, features, tokens, positions, cache=None, mask=None):
+    """The head on pairs (features [B, T, E], next tokens [B, T]) at `positions` [B, T].
+
+    Without `cache`, causal over the T pairs (training); with one (a one-layer KVCache), the
+    pairs are appended to it (`mask` [B, T, T] over them, None = causal). Returns ([B, T, V]
+    float32 draft logits, [B, T, E] predicted features, the updated cache or None).
+    """
+    steps = tokens.shape[1]
+    if cache is not None and mask is None:
+      mask = jnp.tril(jnp.ones((1, steps, steps), bool))
+    layer_cache = None if cache is None else (cache.keys[0], cache.values[0], cache.lengths)
+    predicted, (k, v) = self.eagle(jax.lax.stop_gradient(features), self.embed(tokens),
+                                   positions, mask, layer_cache)
+    if cache is not None:
+      cache = cache.replace(keys=(k,), values=(v,), lengths=cache.lengths + steps)
+    return self._project(predicted), predicted, cache
+
+
+def _features(variables: dict) -> jax.Array:
+  return variables["intermediates"]["features"][0]
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleLM(CausalLM):
+  """A `CausalLM` with an EAGLE draft head (`model.draft_heads.eagle=true`): a target for
+  `samplers.eagle`, its head trained by `loss` on a frozen target."""
+
+  has_eagle_head = True
+
+  @property
+  def feature_dim(self) -> int:
+    return self.config.d_model
+
+  @property
+  def module(self) -> EagleTransformer:
+    return EagleTransformer(self.config, remat=self.remat)
+
+  def apply_with_features(self, params, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                          attention_mask: jax.Array | None = None
+                          ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """`apply` plus the target's features: ([B, T, V] logits, [B, T, E] features, cache)."""
+    (logits, cache), variables = self.module.apply(
+        {"params": params}, tokens, positions, cache, attention_mask, method=Transformer.decode,
+        mutable=["intermediates"])
+    return logits, _features(variables), cache
+
+  def init_draft_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    """An empty one-layer cache for the draft head."""
+    cfg = self.config
+    return KVCache.zeros(1, batch, max_len or cfg.max_len, cfg.num_kv_heads,
+                         cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
+
+  def draft(self, params, features: jax.Array, tokens: jax.Array, positions: jax.Array,
+            cache: KVCache, attention_mask: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """Appends T pairs (features [B, T, E] of positions t, tokens [B, T] at t + 1) at positions
+    t [B, T] to the head's cache: ([B, T, V] draft logits of the tokens at t + 2, [B, T, E]
+    predicted features of t + 1, cache advanced by T)."""
+    return self.module.apply({"params": params}, features, tokens, positions, cache,
+                             attention_mask, method=EagleTransformer.draft)
+
+  def features(self, params, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Full causal forward: tokens [B, T] -> ([B, T, V] logits, [B, T, E] features)."""
+    logits, variables = self.module.apply({"params": params}, tokens, mutable=["intermediates"])
+    return logits, _features(variables)
+
+  def loss(self, params, batch: jax.Array, key: jax.Array, teacher_logits: jax.Array | None = None,
+           distill_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """EAGLE's loss on batch [B, L + 1] (module docstring), over the L - 1 pairs (f_t, x_{t+1});
+    metrics `feature_loss`, `cls_loss` and `draft_top1`, the fraction of pairs where the head's
+    argmax is the target's (its greedy acceptance of a first draft)."""
+    del teacher_logits, distill_weight
+    tokens = batch[:, :-1]
+    logits, features = jax.lax.stop_gradient(self.features(params, tokens))
+    noisy = features + FEATURE_NOISE * jax.random.uniform(key, features.shape, minval=-1.0)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1] - 1), tokens[:, 1:].shape)
+    draft_logits, predicted, _ = self.module.apply(
+        {"params": params}, noisy[:, :-1], tokens[:, 1:], positions, method=EagleTransformer.draft)
+    feature_loss = jnp.mean(optax.huber_loss(predicted, features[:, 1:]))  # smooth L1
+    target = jax.nn.softmax(logits[:, 1:])
+    cls_loss = -jnp.mean(jnp.sum(target * jax.nn.log_softmax(draft_logits), axis=-1))
+    top1 = jnp.mean(jnp.argmax(draft_logits, -1) == jnp.argmax(logits[:, 1:], -1))
+    return feature_loss + CLS_WEIGHT * cls_loss, {"feature_loss": feature_loss,
+                                                   "cls_loss": cls_loss, "draft_top1": top1}
+
+

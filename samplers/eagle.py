@@ -1,0 +1,178 @@
+"""EAGLE decoding: drafts from a head that autoregresses on the target's own features.
+
+Li et al. 2024 ("EAGLE: Speculative Sampling Requires Rethinking Feature Uncertainty"). The
+target carries a draft head (`models.eagle`): given the target's feature f_t at position t (its
+final normalised hidden state) and the token x_{t+1}, the head predicts the feature at t + 1,
+and the target's vocabulary projection of it is the draft's distribution of x_{t+2}. Drafting
+feeds the head's predicted features back in, so gamma drafts cost gamma calls of one decoder
+block, with no separate draft model.
+
+A round, for a row whose target cache holds every context token but the last (the root, at
+c - 1):
+1. One head call appends the pairs the last verification made known, (f_t, x_{t+1}) for the
+   root's position and the tokens accepted before it, to the head's own one-layer cache, and
+   drafts the token at c from the last of them.
+2. gamma - 1 more head calls each feed (predicted feature, draft) and draft the next token.
+3. The target scores the root and the gamma drafts in one call, which also returns their true
+   features, and the speculative rule (`draft_verify.verify_chain`) accepts a prefix.
+The true features of the root and of the accepted drafts are the next round's pairs; the head's
+cache is rolled back past its predicted-feature entries by moving its pointer.
+
+Guarantee: drafts are drawn from the head's distribution q (after the row's temperature / top-k
+/ top-p) and verified with it, so every row's output has exactly the target's distribution at any
+temperature; greedy output equals greedy AR token for token (up to numerical near-ties between
+batched and single-token target calls). EAGLE-2's dynamic draft tree is not implemented: the
+draft is a chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from samplers.core import draft_verify, rng
+from samplers.core.logits import SamplingParams
+from samplers.core.protocol import (SampleOutput, check_max_new_tokens, check_num_draft_tokens,
+                                    last_prompt_logits, prompt_positions)
+from samplers.spec import SamplerSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleConfig:
+  """Attributes:
+    num_draft_tokens: gamma >= 1, tokens the head drafts per round.
+    max_new_tokens: N, tokens generated per row at most.
+    sampling: how tokens are drawn; applied identically to target and head.
+    eos_id: a row stops after emitting it; None never stops early.
+    pad_id: fills `SampleOutput.tokens` after a row's end.
+  """
+
+  num_draft_tokens: int
+  max_new_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  eos_id: int | None = None
+  pad_id: int = 0
+
+  def __post_init__(self):
+    check_num_draft_tokens(self.num_draft_tokens)
+    check_max_new_tokens(self.max_new_tokens)
+
+
+def check_target(target, prompt_len: int, config: EagleConfig) -> int:
+  """Cache slots per row (P + N + gamma - 1, for the target and the head); ValueError if the
+  target has no EAGLE head or too few slots."""
+  if not all(hasattr(target, name) for name in ("apply_with_features", "draft",
+                                                "init_draft_cache")):
+    raise ValueError("sampler.kind=eagle needs a target with an EAGLE draft head "
+                     "(apply_with_features, draft, init_draft_cache; e.g. a model with "
+                     "model.draft_heads.eagle=true trained on a frozen target, the pair_eagle "
+                     "experiment)")
+  gamma, steps = config.num_draft_tokens, config.max_new_tokens
+  need = prompt_len + steps + gamma - 1
+  draft_verify.check_room({"target": target}, need,
+                          f"prompt length {prompt_len} + max_new_tokens {steps} + "
+                          f"num_draft_tokens {gamma} - 1", "max_new_tokens or num_draft_tokens")
+  return need
+
+
+@functools.partial(jax.jit, static_argnames=("target", "config"))
+def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, key: jax.Array,
+           config: EagleConfig) -> SampleOutput:
+  """Generates up to N tokens per row after right-padded prompts with the target's EAGLE head.
+
+  Args:
+    target: a hashable causal model (static) with
+      `apply_with_features(params, tokens, positions, cache, mask) -> (logits [B, T, V],
+      features [B, T, E], cache)`, `init_draft_cache(batch, slots)` and
+      `draft(params, features [B, T, E], tokens [B, T], positions [B, T], draft_cache, mask)
+      -> (logits [B, T, V], predicted features [B, T, E], draft_cache)`, where pair i is the
+      feature at position positions[i] and the token after it.
+    target_params: its parameters (the head's included).
+    prompt: [B, P] int32 right-padded; prompt_lengths: [B] int32 in [1, P].
+    key: one key, or one per row (`rng.row_keys`); randomness per position as in
+      `samplers.speculative`.
+    config: static `EagleConfig`.
+  Returns:
+    SampleOutput with tokens [B, N] and the statistics of `draft_verify.decode`
+    (`draft_calls` counts head calls: gamma per round).
+  Raises:
+    ValueError: the target has no EAGLE head, or P + N + gamma - 1 exceeds max_len.
+  """
+  batch, prompt_len = prompt.shape
+  gamma, vocab = config.num_draft_tokens, target.vocab_size
+  slots = check_target(target, prompt_len, config)
+  keys = rng.row_keys(key, batch)
+  prompt_lengths = prompt_lengths.astype(jnp.int32)
+  greedy = config.sampling.greedy
+
+  def round_fn(caches, seq, context):
+    """At a round's start the target holds all of the row's `context` tokens but the last; the
+    head holds the pairs of positions below context - 1 - pending, and `features` [B, gamma + 1,
+    E] are the true features of the `pending` [B] positions after them (the root's the last)."""
+    target_cache, draft_cache, features, pending = caches
+    pending = jnp.minimum(pending, context - 1)  # finished rows only: their context stops
+    noise, verify_u = draft_verify.round_noise(keys, context, gamma, vocab, greedy)
+    start = context - 1 - pending
+    positions = start[:, None] + jnp.arange(gamma + 1)
+    tokens = jnp.take_along_axis(seq, positions + 1, axis=1)  # the token after each feature
+    logits, predicted, draft_cache = target.draft(target_params, features, tokens, positions,
+                                                  draft_cache.replace(lengths=start))
+    last = (pending - 1)[:, None, None]
+    first, q_first = draft_verify.draw_draft(
+        noise[:, 0], jnp.take_along_axis(logits, last, axis=1)[:, 0], config.sampling)
+    feature = jnp.take_along_axis(predicted, last, axis=1)  # [B, 1, E] the root's, predicted
+
+    def draft_step(carry, inputs):  # feeds (feature of position c + i - 2, draft i), draws i + 1
+      token, feature, cache = carry
+      i, step_noise = inputs
+      logits, feature, cache = target.draft(target_params, feature, token[:, None],
+                                            (context + i - 2)[:, None], cache)
+      token, q = draft_verify.draw_draft(step_noise, logits[:, 0], config.sampling)
+      return (token, feature, cache), (token, q)
+
+    (_, _, draft_cache), (rest, q_rest) = jax.lax.scan(
+        draft_step, (first, feature, draft_cache.replace(lengths=context - 1)),
+        (jnp.arange(1, gamma), jnp.moveaxis(noise[:, 1:], 1, 0)))
+    drafts = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, gamma]
+
+    window = context[:, None] - 1 + jnp.arange(gamma + 1)
+    scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
+    logits, features, target_cache = target.apply_with_features(
+        target_params, scored, window, target_cache.replace(lengths=context - 1))
+    q = None if greedy else jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)], 1)
+    emitted, count = draft_verify.verify_chain(drafts, q, logits, verify_u, config.sampling)
+    return (target_cache, draft_cache, features, count + 1), emitted, count
+
+  logits, features, target_cache = target.apply_with_features(
+      target_params, prompt, prompt_positions(prompt), target.init_cache(batch, slots))
+  # The head reads the prompt's pairs (f_t, x_{t+1}), t < P - 1; the last prompt token's feature
+  # waits for the first generated token, which `decode` draws.
+  _, _, draft_cache = target.draft(target_params, features[:, :-1], prompt[:, 1:],
+                                   prompt_positions(prompt)[:, :-1],
+                                   target.init_draft_cache(batch, slots))
+  last = jnp.take_along_axis(features, (prompt_lengths - 1)[:, None, None], axis=1)
+  pending = jnp.zeros((batch, gamma + 1, features.shape[-1]), features.dtype).at[:, :1].set(last)
+  return draft_verify.decode(
+      round_fn, (target_cache, draft_cache, pending, jnp.ones((batch,), jnp.int32)),
+      last_prompt_logits(logits, prompt_lengths), prompt, prompt_lengths, keys, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleOptions:
+  """`sampler.*` settings of kind "eagle" (no second model: the target carries the head,
+  `model.draft_heads.eagle=true`).
+
+  Attributes:
+    num_draft_tokens: gamma, tokens the head drafts per target call.
+  """
+
+  num_draft_tokens: int = 4
+
+
+SPEC = SamplerSpec(
+    "eagle", EagleOptions, sample,
+    lambda o, decode: EagleConfig(o.num_draft_tokens, **decode.common()),
+    model="eagle", slack=lambda o: o.num_draft_tokens)

@@ -1,0 +1,103 @@
+"""The EAGLE head: built from the config, the cached draft calls equal the cache-free head, the
+loss trains only the head, and the trainer fits it on a frozen target that the eagle sampler then
+decodes (greedy = AR) from Python and from the CLI."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.build import build_model
+from models.config import DraftHeadsConfig, ModelConfig
+from models.eagle import EagleLM
+from paxlike import config as config_lib
+from paxlike import generate, registry
+from paxlike.errors import UserError
+from paxlike.metrics import read_metrics
+from tests.models.random_params import random_params
+from tests.models.test_acceptance_head import _train, assert_frozen
+from tests.paxlike import cli
+
+registry.load_modules()
+CONFIG = ModelConfig(num_layers=1, d_model=16, num_heads=2, num_kv_heads=2, mlp_dim=32,
+                     vocab_size=32, max_len=16, draft_heads=DraftHeadsConfig(eagle=True))
+
+
+def test_features_are_what_the_logits_project_and_cached_drafts_equal_the_cache_free_head():
+  model = build_model(CONFIG)
+  assert isinstance(model, EagleLM)
+  params = random_params(model)
+  tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 32)
+  logits, features = model.features(params, tokens)
+  assert features.shape == (2, 10, 16)
+  np.testing.assert_allclose(model.logits(params, tokens), logits, rtol=1e-5, atol=1e-5)
+  cached_logits, cached_features, _ = model.apply_with_features(
+      params, tokens, jnp.broadcast_to(jnp.arange(10), (2, 10)), model.init_cache(2))
+  np.testing.assert_allclose(cached_features, features, rtol=1e-4, atol=1e-4)
+
+  positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  whole, predicted, _ = model.module.apply({"params": params}, features[:, :-1], tokens[:, 1:],
+                                           positions, method=model.module.draft)
+  # the same pairs through the cache: 4 pairs, 3 garbage pairs rolled back, then the other 5
+  cache = model.init_draft_cache(2)
+  first, _, cache = model.draft(params, features[:, :4], tokens[:, 1:5], positions[:, :4], cache)
+  _, _, cache = model.draft(params, 7.0 + features[:, :3], tokens[:, :3], positions[:, 4:7],
+                            cache)
+  rest, rest_predicted, cache = model.draft(params, features[:, 4:9], tokens[:, 5:10],
+                                            positions[:, 4:9], cache.replace(lengths=cache.lengths - 3))
+  np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), whole, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(rest_predicted, predicted[:, 4:], rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(cache.lengths, [9, 9])
+
+
+def test_only_the_head_gets_gradients_and_bad_settings_are_named():
+  model = build_model(CONFIG)
+  params = random_params(model)
+  batch = jax.random.randint(jax.random.key(2), (2, 9), 0, 32)
+  grads, parts = jax.jit(jax.grad(lambda p: model.loss(p, batch, jax.random.key(0)),
+                                  has_aux=True))(params)
+  norms = {name: float(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(tree)))
+           for name, tree in grads.items()}
+  # the target's blocks see none (stopped features); its projection's are dropped by the
+  # trainer's train.trainable=eagle
+  assert norms.pop("eagle") > 0 and not any(v for k, v in norms.items() if k.startswith("blocks"))
+  assert set(parts) == {"feature_loss", "cls_loss", "draft_top1"}
+  tiny = registry.get("tiny")
+  with pytest.raises(UserError, match="set train.trainable=eagle"):
+    config_lib.validate(config_lib.apply_overrides(tiny, ["model.draft_heads.eagle=true"]))
+  with pytest.raises(ValueError, match="not several"):
+    dataclasses.replace(CONFIG, draft_heads=DraftHeadsConfig(medusa=2, eagle=True)).validate()
+
+
+@pytest.mark.slow
+def test_the_trainer_fits_the_head_on_a_frozen_target_and_the_sampler_uses_it(tmp_path):
+  """target (3 steps) -> head (target frozen, 30 steps): the loss falls, the target's weights
+  are untouched; greedy EAGLE decoding equals greedy AR, from Python and the CLI."""
+  target, target_params = _train(tmp_path / "target", "train.steps=3", "checkpoint.every_steps=3")
+  head, head_params = _train(
+      tmp_path / "eagle", "model.draft_heads.eagle=true", "train.steps=30",
+      "checkpoint.every_steps=30", "optimizer.learning_rate=1e-2",
+      f"train.init_from={tmp_path / 'target'}", "train.trainable=eagle")
+  records = [r for r in read_metrics(tmp_path / "eagle" / "metrics.jsonl") if "loss" in r]
+  assert records[-1]["loss"] < 0.9 * records[0]["loss"], (records[0], records[-1])
+  assert_frozen(head_params, target_params)
+
+  prompt, lengths = generate.encode_prompts(["ROMEO:", "JULIET: O"], 128)
+  base = dataclasses.replace(target.exp.sampler, max_new_tokens=24, temperature=0.0)
+  ar_tokens, _, _ = generate.decode(head.model, head_params, prompt, lengths, base)
+  tokens, _, stats = generate.decode(head.model, head_params, prompt, lengths,
+                                     dataclasses.replace(base, kind="eagle", num_draft_tokens=3))
+  np.testing.assert_array_equal(tokens, ar_tokens)
+  assert stats["target_calls"] <= 24
+  with pytest.raises(UserError, match="kind=eagle needs a causal model with an EAGLE draft head"):
+    generate.decode(target.model, target_params, prompt, lengths,
+                    dataclasses.replace(base, kind="eagle"))
+
+  result = cli.run(f"--workdir={tmp_path / 'eagle'}", "--mode=sample", "--prompt=ROMEO:",
+                   "--set", "sampler.kind=eagle", "--set", "sampler.num_draft_tokens=3",
+                   "--set", "sampler.temperature=0", "--set", "sampler.max_new_tokens=24")
+  assert result.returncode == 0, result.stderr
+  stats = cli.last_json(result.stdout)
+  assert stats["sampler"] == "eagle" and stats["target_calls"] <= 24
