@@ -136,16 +136,28 @@ class DraftHeadsConfig:
       places past the next one; the `medusa` sampler drafts a token tree from them.
     eagle: an EAGLE draft head on a target (`models.eagle`): one decoder block over the target's
       features; the `eagle` sampler drafts with it.
+    eagle_mlp_dim: the head block's MLP width; 0 means the target's `mlp_dim` (the paper's). A
+      narrower one drafts faster where weight reads dominate a call (a CPU at batch 1).
+    eagle_rollout: training-time test steps (EAGLE-3): the head also learns from pairs whose
+      features are its own predictions, up to this many steps ahead; 1 is EAGLE-1's training.
   """
 
   acceptance: bool = False
   medusa: int = 0
   eagle: bool = False
+  eagle_mlp_dim: int = 0
+  eagle_rollout: int = 1
 
   def validate(self, kind: str, streams: int) -> None:
     """ValueError unless the heads sit on a plain causal model (kind "llama", one stream)."""
     if self.medusa < 0:
       raise ValueError(f"model.draft_heads.medusa must be >= 0 heads, got {self.medusa}")
+    if self.eagle_rollout < 1:
+      raise ValueError(f"model.draft_heads.eagle_rollout must be >= 1 step, got "
+                       f"{self.eagle_rollout}")
+    if self.eagle_mlp_dim < 0:
+      raise ValueError(f"model.draft_heads.eagle_mlp_dim must be >= 0 (0: the target's mlp_dim), "
+                       f"got {self.eagle_mlp_dim}")
     if sum([self.acceptance, self.medusa > 0, self.eagle]) > 1:
       raise ValueError("model.draft_heads: set one of acceptance (a draft's head), medusa or eagle "
                        "(a target's heads), not several")

@@ -6,9 +6,9 @@ vocabulary projection turns into the distribution of token t + 1. The draft head
 on features rather than tokens. Its input at position t is the pair (f_t, x_{t+1}): the feature
 and the token sampled from it, which removes the feature's uncertainty about which token came
 next. A fully connected layer maps concat(embed(x_{t+1}), f_t) [2E] to E, one decoder block (the
-target's own block shape, with its own one-layer KV cache) turns it into the predicted feature
-f'_{t+1}, and the target's (frozen) vocabulary projection turns f'_{t+1} into the draft's
-distribution of token t + 2. While drafting, the head feeds its own predicted features back in.
+target's block shape, its MLP width `model.draft_heads.eagle_mlp_dim`, with its own one-layer
+KV cache) turns it into the predicted feature f'_{t+1}, and the target's (frozen) vocabulary
+projection turns f'_{t+1} into the draft's distribution of token t + 2. While drafting, the head feeds its own predicted features back in.
 
 Training (`loss`, `model.draft_heads.eagle=true`): the target's weights come from its trained run
 (`train.init_from`) and stay frozen (`train.trainable="eagle"`); the loss is EAGLE's,
@@ -25,6 +25,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from models.causal_lm import CausalLM
@@ -47,7 +48,8 @@ class EagleHead(nn.Module):
     cfg = self.config
     x = _dense(cfg, cfg.d_model, ("mlp", "embed"), name="fuse")(
         jnp.concatenate([embedded.astype(features.dtype), features], axis=-1))
-    return Block(cfg, name="layer")(x, positions, mask, cache)
+    width = cfg.draft_heads.eagle_mlp_dim or cfg.mlp_dim
+    return Block(dataclasses.replace(cfg, mlp_dim=width), name="layer")(x, positions, mask, cache)
 
 
 class EagleTransformer(Transformer):
@@ -74,8 +76,9 @@ class EagleTransformer(Transformer):
   def draft(self, features, tokens, positions, cache=None, mask=None):
     """The head on pairs (features [B, T, E], next tokens [B, T]) at `positions` [B, T].
 
-    Without `cache`, causal over the T pairs (training); with one (a one-layer KVCache), the
-    pairs are appended to it (`mask` [B, T, T] over them, None = causal). Returns ([B, T, V]
+    Without `cache`, over the T pairs alone (training; `mask` [B or 1, T, T], None = causal);
+    with one (a one-layer KVCache), the pairs are appended to it (`mask` over them, None =
+    causal). Returns ([B, T, V]
     float32 draft logits, [B, T, E] predicted features, the updated cache or None).
     """
     steps = tokens.shape[1]
@@ -139,21 +142,67 @@ class EagleLM(CausalLM):
 
   def loss(self, params, batch: jax.Array, key: jax.Array, teacher_logits: jax.Array | None = None,
            distill_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """EAGLE's loss on batch [B, L + 1] (module docstring), over the L - 1 pairs (f_t, x_{t+1});
-    metrics `feature_loss`, `cls_loss` and `draft_top1`, the fraction of pairs where the head's
-    argmax is the target's (its greedy acceptance of a first draft)."""
+    """EAGLE's loss on batch [B, L + 1] (module docstring) over the L - 1 pairs (f_t, x_{t+1}),
+    averaged over the rollout's steps (`rollout_mask`; `model.draft_heads.eagle_rollout`).
+    Metrics: `feature_loss`, `cls_loss`, and `draft_top1` (`draft_top1_k` for rollout step k),
+    the fraction of pairs where the head's argmax is the target's: its greedy acceptance of a
+    first (k-th) draft."""
     del teacher_logits, distill_weight
     tokens = batch[:, :-1]
     logits, features = jax.lax.stop_gradient(self.features(params, tokens))
-    noisy = features + FEATURE_NOISE * jax.random.uniform(key, features.shape, minval=-1.0)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1] - 1), tokens[:, 1:].shape)
-    draft_logits, predicted, _ = self.module.apply(
-        {"params": params}, noisy[:, :-1], tokens[:, 1:], positions, method=EagleTransformer.draft)
-    feature_loss = jnp.mean(optax.huber_loss(predicted, features[:, 1:]))  # smooth L1
     target = jax.nn.softmax(logits[:, 1:])
-    cls_loss = -jnp.mean(jnp.sum(target * jax.nn.log_softmax(draft_logits), axis=-1))
-    top1 = jnp.mean(jnp.argmax(draft_logits, -1) == jnp.argmax(logits[:, 1:], -1))
-    return feature_loss + CLS_WEIGHT * cls_loss, {"feature_loss": feature_loss,
-                                                   "cls_loss": cls_loss, "draft_top1": top1}
+    noisy = features[:, :-1] + FEATURE_NOISE * jax.random.uniform(key, features[:, :-1].shape,
+                                                                   minval=-1.0)
+    steps = self.config.draft_heads.eagle_rollout
+    total, metrics = jnp.float32(0.0), {}
+    for k, (draft_logits, predicted) in enumerate(zip(*self.rollout(params, noisy, tokens[:, 1:],
+                                                                    steps)), start=1):
+      feature_loss = jnp.mean(optax.huber_loss(predicted, features[:, 1:]))  # smooth L1
+      cls_loss = -jnp.mean(jnp.sum(target * jax.nn.log_softmax(draft_logits), axis=-1))
+      total += (feature_loss + CLS_WEIGHT * cls_loss) / steps
+      top1 = jnp.mean(jnp.argmax(draft_logits, -1) == jnp.argmax(logits[:, 1:], -1))
+      if k == 1:
+        metrics |= {"feature_loss": feature_loss, "cls_loss": cls_loss, "draft_top1": top1}
+      else:
+        metrics[f"draft_top1_{k}"] = top1
+    return total, metrics
+
+  def rollout(self, params, features: jax.Array, tokens: jax.Array,
+              steps: int) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The head on L pairs (features [B, L, E] of positions 0..L-1, tokens [B, L] after them),
+    then `steps` - 1 times on the same pairs with the features it predicted one step earlier
+    (`rollout_mask`; f_0 stays as given). Returns per step ([B, L, V] logits, [B, L, E]
+    predicted features): step k's output at t is what the head drafts k-th after a verified
+    context of positions <= t - k + 1."""
+    length = tokens.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
+    inputs, logits, predicted = [features], [], []
+    for k in range(1, steps + 1):
+      out, feature, _ = self.module.apply(
+          {"params": params}, jnp.concatenate(inputs, axis=1), jnp.tile(tokens, (1, k)),
+          jnp.tile(positions, (1, k)), None, jnp.asarray(rollout_mask(k, length))[None],
+          method=EagleTransformer.draft)
+      logits.append(out[:, -length:])
+      predicted.append(feature[:, -length:])
+      inputs.append(jnp.concatenate([features[:, :1], predicted[-1][:, :-1]], axis=1))
+    return logits, predicted
 
 
+def rollout_mask(step: int, length: int) -> np.ndarray:
+  """[step * L, step * L] bool attention of EAGLE-3's training-time test over `step` copies of
+  the L pairs (copy m: pairs whose features are the head's own (m - 1)-step predictions).
+
+  While drafting, the head's m-th draft after a verified context reads the pairs of that context
+  (true features) and the m - 1 pairs it fed itself since (predicted features). So copy m's pair
+  at position t sees copy 1's pairs at positions <= t - m + 1 and copy m' 's pair at position
+  t - (m - m') for 2 <= m' <= m (itself included), which trains the head on its own mistakes.
+  """
+  index = np.arange(length)
+  mask = np.zeros((step * length, step * length), bool)
+  for m in range(1, step + 1):
+    rows = slice((m - 1) * length, m * length)
+    mask[rows, :length] = index[None, :] <= index[:, None] - m + 1
+    for earlier in range(2, m + 1):
+      cols = slice((earlier - 1) * length, earlier * length)
+      mask[rows, cols] = index[None, :] == index[:, None] - (m - earlier)
+  return mask

@@ -52,8 +52,31 @@ def test_features_are_what_the_logits_project_and_cached_drafts_equal_the_cache_
   np.testing.assert_array_equal(cache.lengths, [9, 9])
 
 
-def test_only_the_head_gets_gradients_and_bad_settings_are_named():
+def test_the_training_rollout_is_what_the_head_drafts_from_its_cache():
+  """Step k of `rollout` at position t equals the k-th draft of the cached head after the
+  verified pairs 0..t - k + 1, fed its own predicted features (the sampler's drafting loop)."""
   model = build_model(CONFIG)
+  params = random_params(model)
+  tokens = jax.random.randint(jax.random.key(3), (2, 9), 0, 32)
+  _, features = model.features(params, tokens)
+  pairs_f, pairs_x = features[:, :-1], tokens[:, 1:]
+  logits, predicted = model.rollout(params, pairs_f, pairs_x, 3)
+  positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+  for verified in (0, 2, 4):  # the last verified pair's position
+    out, feature, cache = model.draft(params, pairs_f[:, :verified + 1], pairs_x[:, :verified + 1],
+                                      positions[:, :verified + 1], model.init_draft_cache(2))
+    for k in range(1, 4):
+      t = verified + k - 1
+      np.testing.assert_allclose(out[:, -1], logits[k - 1][:, t], rtol=2e-4, atol=2e-4)
+      np.testing.assert_allclose(feature[:, -1], predicted[k - 1][:, t], rtol=2e-4, atol=2e-4)
+      if k < 3:
+        out, feature, cache = model.draft(params, feature[:, -1:], pairs_x[:, t + 1:t + 2],
+                                          positions[:, t + 1:t + 2], cache)
+
+
+def test_only_the_head_gets_gradients_and_bad_settings_are_named():
+  model = build_model(dataclasses.replace(CONFIG, draft_heads=DraftHeadsConfig(eagle=True,
+                                                                              eagle_rollout=2)))
   params = random_params(model)
   batch = jax.random.randint(jax.random.key(2), (2, 9), 0, 32)
   grads, parts = jax.jit(jax.grad(lambda p: model.loss(p, batch, jax.random.key(0)),
@@ -63,7 +86,7 @@ def test_only_the_head_gets_gradients_and_bad_settings_are_named():
   # the target's blocks see none (stopped features); its projection's are dropped by the
   # trainer's train.trainable=eagle
   assert norms.pop("eagle") > 0 and not any(v for k, v in norms.items() if k.startswith("blocks"))
-  assert set(parts) == {"feature_loss", "cls_loss", "draft_top1"}
+  assert set(parts) == {"feature_loss", "cls_loss", "draft_top1", "draft_top1_2"}
   tiny = registry.get("tiny")
   with pytest.raises(UserError, match="set train.trainable=eagle"):
     config_lib.validate(config_lib.apply_overrides(tiny, ["model.draft_heads.eagle=true"]))
