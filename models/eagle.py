@@ -120,6 +120,15 @@ class EagleLM(CausalLM):
         mutable=["intermediates"])
     return logits, _features(variables), cache
 
+  def prefill_with_features(self, params, tokens: jax.Array, positions: jax.Array,
+                            cache: KVCache) -> tuple[jax.Array, jax.Array, KVCache]:
+    """`prefill` (the first call, with `config.attention`: sequence-parallel on a mesh) plus the
+    features: ([B, T, V] logits, [B, T, E] features, cache)."""
+    (logits, cache), variables = self.module.apply(
+        {"params": params}, tokens, positions, cache, method=Transformer.prefill,
+        mutable=["intermediates"])
+    return logits, _features(variables), cache
+
   def init_draft_cache(self, batch: int, max_len: int | None = None) -> KVCache:
     """An empty one-layer cache for the draft head."""
     cfg = self.config

@@ -89,7 +89,9 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
       features [B, T, E], cache)`, `init_draft_cache(batch, slots)` and
       `draft(params, features [B, T, E], tokens [B, T], positions [B, T], draft_cache, mask)
       -> (logits [B, T, V], predicted features [B, T, E], draft_cache)`, where pair i is the
-      feature at position positions[i] and the token after it.
+      feature at position positions[i] and the token after it. It may define
+      `prefill_with_features` (same as apply_with_features on an empty cache, e.g.
+      sequence-parallel) for the prompt's call.
     target_params: its parameters (the head's included).
     prompt: [B, P] int32 right-padded; prompt_lengths: [B] int32 in [1, P].
     key: one key, or one per row (`rng.row_keys`); randomness per position as in
@@ -146,8 +148,9 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
     emitted, count = draft_verify.verify_chain(drafts, q, logits, verify_u, config.sampling)
     return (target_cache, draft_cache, features, count + 1), emitted, count
 
-  logits, features, target_cache = target.apply_with_features(
-      target_params, prompt, prompt_positions(prompt), target.init_cache(batch, slots))
+  prefill = getattr(target, "prefill_with_features", target.apply_with_features)
+  logits, features, target_cache = prefill(target_params, prompt, prompt_positions(prompt),
+                                           target.init_cache(batch, slots))
   # The head reads the prompt's pairs (f_t, x_{t+1}), t < P - 1; the last prompt token's feature
   # waits for the first generated token, which `decode` draws.
   _, _, draft_cache = target.draft(target_params, features[:, :-1], prompt[:, 1:],

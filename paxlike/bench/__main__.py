@@ -28,8 +28,8 @@ flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (decode and compare-hf sui
 flags.DEFINE_list("sizes", ["10M", "50M"], "Target sizes (compare-hf suite).")
 flags.DEFINE_integer("train_steps", 24000, "Training steps of the masked-diffusion model; the "
                      "others train for a fraction of them (diffusion suite).")
-flags.DEFINE_list("samplers", [], "Sampler names to run, e.g. topk,distilled (diffusion suite; "
-                  "default all).")
+flags.DEFINE_list("samplers", [], "Sampler names to run, e.g. topk,distilled (diffusion suite) "
+                  "or eagle,speculative (decode suite, beside AR); default all.")
 flags.DEFINE_integer("examples", 64, "Held-out prompts per task (diffusion suite).")
 flags.DEFINE_integer("prompt_seed", None, "Seed of the held-out prompts (diffusion suite; default "
                      "the reported ones); another seed gives other prompts to choose settings on.")
@@ -92,7 +92,8 @@ def main(argv: list[str]) -> int:
                            parts=tuple(FLAGS.parts), train_batch=FLAGS.train_batch)
     elif argv[1] == "decode":
       decode_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.max_new_tokens,
-                       tuple(int(b) for b in FLAGS.batches))
+                       tuple(int(b) for b in FLAGS.batches),
+                       samplers=tuple(FLAGS.samplers) or decode_suite.SAMPLERS)
     elif argv[1] == "engine":
       engine_suite.run(FLAGS.out, tuple(FLAGS.shapes), tuple(int(b) for b in FLAGS.engine_batches),
                        tuple(FLAGS.targets), tuple(int(b) for b in FLAGS.batches),

@@ -13,8 +13,8 @@ target's top-two logits, < 1e-4, are counted rather than failed). Adaptive draft
 with both stopping rules, the head rule on `pair_draft_head` (the draft plus an acceptance head,
 trained and cached like the pair), and reports its draft calls against the fixed-length
 speculative row of the same batch and temperature. Medusa decodes the target with 4 heads
-(`pair_medusa`: the target's weights frozen, the heads trained on the same continuations as the
-draft, cached likewise).
+(`pair_medusa`) and EAGLE with its feature-level draft head (`pair_eagle`): the target's weights
+frozen, the heads trained on the same continuations as the draft, cached likewise.
 Every row names its `text`: "held_out" prompts, or for the draft-free kinds (prompt lookup,
 lookahead) also "repeating" ones, which end with the target's own greedy continuation
 (`repeating`), the text those kinds are for.
@@ -35,12 +35,15 @@ from paxlike import config as config_lib
 from paxlike import generate, registry, teacher_text, tokenizer
 from paxlike.bench import harness
 from paxlike.data import load_corpus
+from paxlike.errors import UserError
 from paxlike.run import Run
+from samplers import registry as sampler_registry
 
 NEAR_TIE = 1e-4
 
 SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi", "medusa",
-            "prompt_lookup", "lookahead")
+            "eagle", "prompt_lookup", "lookahead")
+HEADED = ("medusa", "eagle")  # the kinds that decode the target with its draft heads (pair_KIND)
 DRAFT_FREE = ("prompt_lookup", "lookahead")  # the kinds also measured on repeating text
 TEXTS = ("held_out", "repeating")
 REPEAT_TOKENS = 64  # the target's own greedy tokens appended to a "repeating" prompt
@@ -93,10 +96,16 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
         batches: tuple[int, ...] = (1, 8), repeats: int = 9,
         train_steps: tuple[int, int] | None = None,
         target_overrides: tuple[str, ...] = (),
-        draft_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-  """Runs the suite; `train_steps` (target, draft) shortens training and `target_overrides` /
-  `draft_overrides` (`--set`-style, e.g. a smaller model.d_model) reshape the target / the draft
-  and its head (tests, smoke runs)."""
+        draft_overrides: tuple[str, ...] = (),
+        samplers: tuple[str, ...] = SAMPLERS) -> dict[str, Any]:
+  """Runs the suite for `samplers` (a subset of SAMPLERS, each beside AR); `train_steps`
+  (target, draft) shortens training and `target_overrides` / `draft_overrides` (`--set`-style,
+  e.g. a smaller model.d_model) reshape the target / the draft and its head (tests, smoke
+  runs). Only the models the chosen samplers need are trained."""
+  unknown = sorted(set(samplers) - set(SAMPLERS))
+  if unknown:
+    raise UserError(f"--samplers: {', '.join(unknown)} not in the decode suite; valid: "
+                    f"{', '.join(SAMPLERS)}")
   registry.load_modules()
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
   short = lambda n: [f"train.steps={n}", f"checkpoint.every_steps={n}"] if n else []
@@ -108,33 +117,36 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
     print(f"writing the target's continuations to {text} (cached for later runs)", flush=True)
     sizes = dict(prompts=16, new_tokens=64) if train_steps else {}
     teacher_text.write(root / "pair_target", text, **sizes)
+  if "adaptive" in samplers:  # its rows report draft calls saved against speculative's
+    samplers = ("speculative", *samplers)
   on_target = [f"train.teacher_workdir={root / 'pair_target'}", f"data.path={text}"]
-  draft = trained("pair_draft", root / "pair_draft",
-                  [*on_target, *short(draft_steps), *draft_overrides])
-  head = trained("pair_draft_head", root / "pair_draft_head",
-                 [f"train.init_from={root / 'pair_draft'}", *on_target, *short(draft_steps),
-                  *draft_overrides])
-  medusa = trained("pair_medusa", root / "pair_medusa",
-                   [f"train.init_from={root / 'pair_target'}", f"data.path={text}",
-                    *short(draft_steps), *target_overrides])
+  drafts = {}
+  if any(sampler_registry.get(kind).second_model for kind in samplers):
+    draft = trained("pair_draft", root / "pair_draft",
+                    [*on_target, *short(draft_steps), *draft_overrides])
+    head = trained("pair_draft_head", root / "pair_draft_head",
+                   [f"train.init_from={root / 'pair_draft'}", *on_target, *short(draft_steps),
+                    *draft_overrides])
+    drafts = {"confidence": draft.restore()[:2], "head": head.restore()[:2],
+              "config": config_lib.to_dict(draft.exp.model)}
+  headed = {kind: trained(f"pair_{kind}", root / f"pair_{kind}",
+                          [f"train.init_from={root / 'pair_target'}", f"data.path={text}",
+                           *short(draft_steps), *target_overrides]).restore()[:2]
+            for kind in HEADED if kind in samplers}
   target_model, target_params, _ = target.restore()
-  medusa_model, medusa_params, _ = medusa.restore()
-  draft_model, draft_params, _ = draft.restore()
-  head_model, head_params, _ = head.restore()
-  drafts = {"confidence": (draft_model, draft_params), "head": (head_model, head_params)}
   base = dataclasses.replace(target.exp.sampler, max_new_tokens=max_new_tokens, top_p=1.0, top_k=0)
-  variants = [(kind, rule) for kind in SAMPLERS
+  variants = [(kind, rule) for kind in SAMPLERS if kind in samplers
               for rule in (ADAPTIVE_RULES if kind == "adaptive" else (None,))]
   rows = []
-  for batch, text in [(batch, text) for batch in batches for text in TEXTS]:
+  texts = TEXTS if set(samplers) & set(DRAFT_FREE) else TEXTS[:1]
+  for batch, text in [(batch, text) for batch in batches for text in texts]:
     prompt, lengths = prompts(batch)
     if text == "repeating":
       prompt, lengths = repeating(target_model, target_params, base, prompt, lengths)
     for temperature in (0.0, 1.0):
       cfg = dataclasses.replace(base, temperature=temperature)
-      def compiled(c, *draft):  # medusa decodes the target with its heads (same weights)
-        model = (medusa_model, medusa_params) if c.kind == "medusa" else (target_model,
-                                                                          target_params)
+      def compiled(c, *draft):  # medusa and eagle decode the target with its heads (same weights)
+        model = headed.get(c.kind, (target_model, target_params))
         return generate.CompiledDecoder(*model, prompt, lengths, c, *draft)
       ar = compiled(dataclasses.replace(cfg, kind="ar"))
       ar_out = ar.run()  # warm-up; every run of a sampler is the same (same key)
@@ -169,7 +181,7 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
                              "tokens_per_s",
                              "speedup_vs_ar", "tokens_per_target_call", "acceptance",
                              "draft_calls", "draft_calls_saved", "greedy_equal_ar"])
-  config = {"target": config_lib.to_dict(target.exp.model), "draft": config_lib.to_dict(draft.exp.model),
+  config = {"target": config_lib.to_dict(target.exp.model), "draft": drafts.get("config"),
             "max_new_tokens": max_new_tokens, "repeats": repeats, "draft_data": str(text),
             "samplers": {f"{kind}/{rule}" if rule else kind:
                          config_lib.to_dict(variant(base, kind, rule)) for kind, rule in variants}}

@@ -9,7 +9,7 @@ from paxlike.bench import decode_suite
 
 @pytest.mark.slow
 def test_decode_suite_rows(tmp_path, capsys):
-  """Its time is compiling: 23 decoders, three trainers and the teacher text's samplers, on
+  """Its time is compiling: 25 decoders, five trainers and the teacher text's samplers, on
   one-layer models; the rows are those of the full suite."""
   out = tmp_path / "decode.json"
   small = ("model.num_layers=1", "model.d_model=128", "model.num_heads=4", "model.mlp_dim=256",
