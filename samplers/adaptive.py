@@ -45,8 +45,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from samplers.core import draft_verify, rng, verify
-from samplers.core.logits import SamplingParams, probs
+from samplers.core import draft_verify, rng
+from samplers.core.logits import SamplingParams
 from samplers.core.protocol import CausalModel, SampleOutput, check_max_new_tokens
 from samplers.spec import SamplerSpec
 
@@ -114,30 +114,6 @@ def _stops(config: AdaptiveConfig, score: jax.Array,
     survival = survival * score
     return 1.0 - survival > config.stop_threshold, survival
   return score < config.confidence_threshold, survival
-
-
-def _verify(u: jax.Array, p: jax.Array, q: jax.Array, drafts: jax.Array,
-            lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Speculative verification of each row's first lengths[b] drafts.
-
-  Args:
-    u: [B, gamma + 1, 1 + V] uniforms (position i verifies draft i; the bonus uses u[b, k, 1:]).
-    p: [B, gamma + 1, V] target distributions; q: [B, gamma, V] the drafts' distributions.
-    drafts: [B, gamma] int32; lengths: [B] int32 in [1, gamma].
-  Returns:
-    (emitted [B, gamma + 1] int32, accepted [B] int32 in [0, lengths]): row b emits
-    emitted[b, :accepted[b] + 1].
-  """
-  gamma = drafts.shape[1]
-  accepted, tokens = jax.vmap(jax.vmap(verify.single_draft))(u[:, :gamma], p[:, :gamma], q, drafts)
-  accepted &= jnp.arange(gamma)[None, :] < lengths[:, None]
-  count = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1, dtype=jnp.int32)
-  at = lambda x, i: jnp.take_along_axis(x, i.reshape(i.shape + (1,) * (x.ndim - 1)), axis=1)[:, 0]
-  bonus = jax.vmap(verify.draw)(at(u, lengths)[:, 1:], at(p, lengths))
-  last = jnp.where(count < lengths, at(tokens, jnp.minimum(count, gamma - 1)), bonus)
-  index = jnp.arange(gamma + 1)[None, :]
-  padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
-  return jnp.where(index < count[:, None], padded, last[:, None]), count
 
 
 @functools.partial(jax.jit, static_argnames=("target", "draft", "config"))
@@ -215,11 +191,8 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), s["drafts"]], axis=1)
     logits, target_cache = target.apply(target_params, scored, window,
                                         target_cache.replace(lengths=context - 1))
-    if greedy:
-      emitted, count = verify.greedy_chain(s["drafts"], logits, s["lengths"])
-    else:
-      p = probs(logits, config.sampling)  # [B, gamma + 1, V]
-      emitted, count = _verify(verify_u, p, s["q"], s["drafts"], s["lengths"])
+    emitted, count = draft_verify.verify_chain(s["drafts"], s.get("q"), logits, verify_u,
+                                               config.sampling, s["lengths"])
     return (target_cache, s["cache"]), emitted, count, s["lengths"], s["i"]
 
   return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,

@@ -12,17 +12,19 @@ c - 1):
 1. One head call appends the pairs the last verification made known, (f_t, x_{t+1}) for the
    root's position and the tokens accepted before it, to the head's own one-layer cache, and
    drafts the token at c from the last of them.
-2. gamma - 1 more head calls each feed (predicted feature, draft) and draft the next token.
+2. Up to gamma - 1 more head calls each feed (predicted feature, draft) and draft the next
+   token; with `confidence_threshold` a row stops after a draft the head is unsure of (EAGLE-2's
+   confidence-driven drafting, along a chain), and the loop ends when every row has stopped.
 3. The target scores the root and the gamma drafts in one call, which also returns their true
    features, and the speculative rule (`draft_verify.verify_chain`) accepts a prefix.
 The true features of the root and of the accepted drafts are the next round's pairs; the head's
 cache is rolled back past its predicted-feature entries by moving its pointer.
 
 Guarantee: drafts are drawn from the head's distribution q (after the row's temperature / top-k
-/ top-p) and verified with it, so every row's output has exactly the target's distribution at any
-temperature; greedy output equals greedy AR token for token (up to numerical near-ties between
-batched and single-token target calls). EAGLE-2's dynamic draft tree is not implemented: the
-draft is a chain.
+/ top-p) and verified with it, and whether a position is drafted depends on the head alone, so
+every row's output has exactly the target's distribution at any temperature; greedy output
+equals greedy AR token for token (up to numerical near-ties between batched and single-token
+target calls). EAGLE-2's dynamic draft tree is not implemented: the draft is a chain.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ from samplers.spec import SamplerSpec
 @dataclasses.dataclass(frozen=True)
 class EagleConfig:
   """Attributes:
-    num_draft_tokens: gamma >= 1, tokens the head drafts per round.
+    num_draft_tokens: gamma >= 1, the most tokens the head drafts per round.
     max_new_tokens: N, tokens generated per row at most.
     sampling: how tokens are drawn; applied identically to target and head.
     eos_id: a row stops after emitting it; None never stops early.
     pad_id: fills `SampleOutput.tokens` after a row's end.
+    confidence_threshold: a row stops drafting after a draft whose head confidence (its raw max
+      probability) is under this; 0 always drafts gamma.
   """
 
   num_draft_tokens: int
@@ -55,10 +59,14 @@ class EagleConfig:
   sampling: SamplingParams = SamplingParams()
   eos_id: int | None = None
   pad_id: int = 0
+  confidence_threshold: float = 0.0
 
   def __post_init__(self):
     check_num_draft_tokens(self.num_draft_tokens)
     check_max_new_tokens(self.max_new_tokens)
+    if not 0.0 <= self.confidence_threshold <= 1.0:
+      raise ValueError(f"confidence_threshold must be in [0, 1], got "
+                       f"{self.confidence_threshold}")
 
 
 def check_target(target, prompt_len: int, config: EagleConfig) -> int:
@@ -98,8 +106,8 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
       `samplers.speculative`.
     config: static `EagleConfig`.
   Returns:
-    SampleOutput with tokens [B, N] and the statistics of `draft_verify.decode`
-    (`draft_calls` counts head calls: gamma per round).
+    SampleOutput with tokens [B, N] and the statistics of `draft_verify.decode` with ragged
+    drafts (`draft_calls` counts head calls, `mean_draft_length`, `draft_calls_saved`).
   Raises:
     ValueError: the target has no EAGLE head, or P + N + gamma - 1 exceeds max_len.
   """
@@ -110,7 +118,7 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
   prompt_lengths = prompt_lengths.astype(jnp.int32)
   greedy = config.sampling.greedy
 
-  def round_fn(caches, seq, context):
+  def round_fn(caches, seq, context, active):
     """At a round's start the target holds all of the row's `context` tokens but the last; the
     head holds the pairs of positions below context - 1 - pending, and `features` [B, gamma + 1,
     E] are the true features of the `pending` [B] positions after them (the root's the last)."""
@@ -123,30 +131,44 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
     logits, predicted, draft_cache = target.draft(target_params, features, tokens, positions,
                                                   draft_cache.replace(lengths=start))
     last = (pending - 1)[:, None, None]
-    first, q_first = draft_verify.draw_draft(
-        noise[:, 0], jnp.take_along_axis(logits, last, axis=1)[:, 0], config.sampling)
-    feature = jnp.take_along_axis(predicted, last, axis=1)  # [B, 1, E] the root's, predicted
+    logits = jnp.take_along_axis(logits, last, axis=1)[:, 0]
+    first, q_first = draft_verify.draw_draft(noise[:, 0], logits, config.sampling)
+    state = dict(i=jnp.int32(1), cache=draft_cache.replace(lengths=context - 1),
+                 feature=jnp.take_along_axis(predicted, last, axis=1),  # the root's, predicted
+                 drafting=active & (confidence(logits) >= config.confidence_threshold),
+                 lengths=jnp.ones((batch,), jnp.int32),
+                 drafts=jnp.zeros((batch, gamma), jnp.int32).at[:, 0].set(first))
+    if not greedy:
+      state["q"] = jnp.zeros((batch, gamma, vocab), jnp.float32).at[:, 0].set(q_first)
 
-    def draft_step(carry, inputs):  # feeds (feature of position c + i - 2, draft i), draws i + 1
-      token, feature, cache = carry
-      i, step_noise = inputs
-      logits, feature, cache = target.draft(target_params, feature, token[:, None],
-                                            (context + i - 2)[:, None], cache)
-      token, q = draft_verify.draw_draft(step_noise, logits[:, 0], config.sampling)
-      return (token, feature, cache), (token, q)
+    def draft_step(s):  # feeds (feature of position c + i - 2, draft i), drafts position i + 1
+      i = s["i"]
+      fed = jax.lax.dynamic_index_in_dim(s["drafts"], i - 1, axis=1)  # [B, 1]
+      logits, feature, cache = target.draft(target_params, s["feature"], fed,
+                                            (context + i - 2)[:, None], s["cache"])
+      token, q = draft_verify.draw_draft(
+          jax.lax.dynamic_index_in_dim(noise, i, axis=1, keepdims=False), logits[:, 0],
+          config.sampling)
+      drafting = s["drafting"]
+      out = dict(i=i + 1, cache=cache, feature=feature,
+                 drafting=drafting & (confidence(logits[:, 0]) >= config.confidence_threshold),
+                 lengths=s["lengths"] + drafting.astype(jnp.int32),
+                 drafts=s["drafts"].at[:, i].set(token))
+      if not greedy:
+        out["q"] = s["q"].at[:, i].set(q)
+      return out
 
-    (_, _, draft_cache), (rest, q_rest) = jax.lax.scan(
-        draft_step, (first, feature, draft_cache.replace(lengths=context - 1)),
-        (jnp.arange(1, gamma), jnp.moveaxis(noise[:, 1:], 1, 0)))
-    drafts = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, gamma]
+    s = jax.lax.while_loop(lambda s: (s["i"] < gamma) & jnp.any(s["drafting"]), draft_step, state)
 
     window = context[:, None] - 1 + jnp.arange(gamma + 1)
-    scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
+    scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), s["drafts"]],
+                             axis=1)
     logits, features, target_cache = target.apply_with_features(
         target_params, scored, window, target_cache.replace(lengths=context - 1))
-    q = None if greedy else jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)], 1)
-    emitted, count = draft_verify.verify_chain(drafts, q, logits, verify_u, config.sampling)
-    return (target_cache, draft_cache, features, count + 1), emitted, count
+    emitted, count = draft_verify.verify_chain(s["drafts"], s.get("q"), logits, verify_u,
+                                               config.sampling, s["lengths"])
+    return ((target_cache, s["cache"], features, count + 1), emitted, count, s["lengths"],
+            s["i"])
 
   prefill = getattr(target, "prefill_with_features", target.apply_with_features)
   logits, features, target_cache = prefill(target_params, prompt, prompt_positions(prompt),
@@ -160,7 +182,13 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
   pending = jnp.zeros((batch, gamma + 1, features.shape[-1]), features.dtype).at[:, :1].set(last)
   return draft_verify.decode(
       round_fn, (target_cache, draft_cache, pending, jnp.ones((batch,), jnp.int32)),
-      last_prompt_logits(logits, prompt_lengths), prompt, prompt_lengths, keys, config)
+      last_prompt_logits(logits, prompt_lengths), prompt, prompt_lengths, keys, config,
+      ragged_drafts=True)
+
+
+def confidence(logits: jax.Array) -> jax.Array:
+  """[B, V] -> [B] the head's raw max probability (whatever the sampling settings)."""
+  return jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,13 +197,18 @@ class EagleOptions:
   `model.draft_heads.eagle=true`).
 
   Attributes:
-    num_draft_tokens: gamma, tokens the head drafts per target call.
+    num_draft_tokens: gamma, the most tokens the head drafts per target call.
+    confidence_threshold: a row stops drafting after a draft the head is less sure of (EAGLE-2's
+      observation: the head's confidence tracks the draft's chance of acceptance); 0 drafts
+      gamma every round.
   """
 
   num_draft_tokens: int = 4
+  confidence_threshold: float = 0.0
 
 
 SPEC = SamplerSpec(
     "eagle", EagleOptions, sample,
-    lambda o, decode: EagleConfig(o.num_draft_tokens, **decode.common()),
+    lambda o, decode: EagleConfig(o.num_draft_tokens,
+                                  confidence_threshold=o.confidence_threshold, **decode.common()),
     model="eagle", slack=lambda o: o.num_draft_tokens)

@@ -83,32 +83,37 @@ def draw_draft(noise: jax.Array, logits: jax.Array,
 
 
 def verify_chain(drafts: jax.Array, q: jax.Array | None, logits: jax.Array,
-                 verify_u: jax.Array | None,
-                 sampling: SamplingParams) -> tuple[jax.Array, jax.Array]:
-  """Verifies each row's chain of gamma drafts with one target pass (Leviathan et al. 2023).
+                 verify_u: jax.Array | None, sampling: SamplingParams,
+                 lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Verifies each row's chain of drafts with one target pass (Leviathan et al. 2023).
 
   Draft i is accepted with probability min(1, p_i / q_i) until the first rejection, where a token
-  is drawn from `verify.residual(p_i, q_i)`; after gamma acceptances a bonus token is drawn from
-  p_{gamma+1}. A deterministic draft (n-gram lookup) passes one-hot q. Greedy uses the closed
-  form `verify.greedy_chain` and needs neither q nor uniforms.
+  is drawn from `verify.residual(p_i, q_i)`; after k acceptances of a row's k drafts a bonus
+  token is drawn from p_{k+1}. A deterministic draft (n-gram lookup) passes one-hot q. Greedy
+  uses the closed form `verify.greedy_chain` and needs neither q nor uniforms.
 
   Args:
     drafts: [B, gamma] int32; q: [B, gamma, V] the distributions they were drawn from (None
       when greedy); logits: [B, gamma + 1, V] the target's after the context's last token and
       after each draft; verify_u: [B, gamma + 1, 1 + V] uniforms (`round_noise`), None if greedy.
+    lengths: [B] int32 in [1, gamma], the drafts each row proposed (adaptive draft lengths; the
+      positions after them are ignored); None: all gamma.
   Returns:
     (emitted [B, gamma + 1] int32, accepted [B] int32): row b emits emitted[b, :accepted[b] + 1].
   """
   if sampling.greedy:
-    return verify.greedy_chain(drafts, logits)
+    return verify.greedy_chain(drafts, logits, lengths)
   gamma = drafts.shape[1]
+  if lengths is None:
+    lengths = jnp.full(drafts.shape[:1], gamma, jnp.int32)
   p = probs(logits, sampling)  # [B, gamma + 1, V]
   accepted, tokens = jax.vmap(jax.vmap(verify.single_draft))(verify_u[:, :gamma], p[:, :gamma],
                                                              q, drafts)
-  count = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1, dtype=jnp.int32)  # [B] in [0, gamma]
-  bonus = jax.vmap(verify.draw)(verify_u[:, gamma, 1:], p[:, gamma])
-  at_rejection = jnp.take_along_axis(tokens, jnp.minimum(count, gamma - 1)[:, None], axis=1)[:, 0]
-  last = jnp.where(count < gamma, at_rejection, bonus)
+  accepted &= jnp.arange(gamma)[None, :] < lengths[:, None]
+  count = jnp.sum(jnp.cumprod(accepted, axis=1), axis=1, dtype=jnp.int32)  # [B] in [0, lengths]
+  at = lambda x, i: jnp.take_along_axis(x, i.reshape(i.shape + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+  bonus = jax.vmap(verify.draw)(at(verify_u, lengths)[:, 1:], at(p, lengths))
+  last = jnp.where(count < lengths, at(tokens, jnp.minimum(count, gamma - 1)), bonus)
   padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
   emitted = jnp.where(jnp.arange(gamma + 1)[None, :] < count[:, None], padded, last[:, None])
   return emitted, count

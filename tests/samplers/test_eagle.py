@@ -37,11 +37,13 @@ def _toy(batch: int, head: str, max_len: int = 40):
   return model, {"base": table, "head": heads[head]}
 
 
-@pytest.mark.parametrize("batch, head", [(1, "right"), (8, "right"), (3, "random"),
-                                         (8, "random")])
-def test_equals_greedy_ar_on_a_table_model(batch, head):
+@pytest.mark.parametrize("batch, head, threshold", [(1, "right", 0.0), (8, "right", 0.0),
+                                                    (3, "random", 0.0), (8, "random", 0.0),
+                                                    (8, "random", 0.95)])
+def test_equals_greedy_ar_on_a_table_model(batch, head, threshold):
   """A `right` head drafts the target's own continuation (every draft accepted), a `random`
-  one mostly wrong tokens; both give AR's tokens."""
+  one mostly wrong tokens; both give AR's tokens, and so does a row that stops drafting where
+  the head is unsure (`confidence_threshold`)."""
   model, params = _toy(batch, head)
   rng = np.random.default_rng(batch)
   padded = ar.pad_prompts([rng.integers(0, VOCAB, rng.integers(1, 6)).tolist()
@@ -49,10 +51,13 @@ def test_equals_greedy_ar_on_a_table_model(batch, head):
   expected = ar.sample(model, params, *padded, jax.random.key(0),
                        ar.ARConfig(max_new_tokens=16, sampling=GREEDY))
   got = eagle.sample(model, params, *padded, jax.random.key(0),
-                     eagle.EagleConfig(num_draft_tokens=4, max_new_tokens=16, sampling=GREEDY))
+                     eagle.EagleConfig(num_draft_tokens=4, max_new_tokens=16, sampling=GREEDY,
+                                       confidence_threshold=threshold))
   np.testing.assert_array_equal(got.tokens, expected.tokens)
   stats = {k: float(v) for k, v in got.stats.items()}
-  if head == "right":
+  if threshold:
+    assert 1.0 <= stats["mean_draft_length"] < 3.5 and stats["draft_calls_saved"] > 0, stats
+  elif head == "right":
     assert stats["acceptance"] > 0.95 and stats["tokens_per_target_call"] > 3.0, stats
   else:
     assert stats["acceptance"] < 0.6, stats

@@ -52,13 +52,14 @@ CASES = {
     "dynamic-n5-d3": tree.DynamicTreeConfig(node_budget=5, max_depth=3, max_new_tokens=STEPS,
                                             max_children=2),
     "adaptive-confidence-g3": adaptive.AdaptiveConfig(num_draft_tokens=3, max_new_tokens=STEPS,
-                                                      confidence_threshold=0.5),
+                                                      confidence_threshold=0.7),
     "prompt_lookup-g3": prompt_lookup.PromptLookupConfig(num_draft_tokens=3, max_new_tokens=STEPS,
                                                          max_ngram=2),
     "lookahead-w2-n3-g2": lookahead.LookaheadConfig(window=2, ngram=3, candidates=2,
                                                     max_new_tokens=STEPS, pool_size=8),
     "medusa-21": medusa.MedusaConfig(branching=(2, 1), max_new_tokens=STEPS),
-    "eagle-g3": eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=STEPS),
+    "eagle-g3-c0.7": eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=STEPS,
+                                       confidence_threshold=0.7),
     "diffusion_drafted-g3-w2": diffusion_drafted.DiffusionDraftedConfig(
         num_draft_tokens=3, max_new_tokens=STEPS, context_window=2),
 }
