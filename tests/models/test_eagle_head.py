@@ -13,12 +13,10 @@ from models.build import build_model
 from models.config import DraftHeadsConfig, ModelConfig
 from models.eagle import EagleLM
 from paxlike import config as config_lib
-from paxlike import generate, registry
+from paxlike import registry
 from paxlike.errors import UserError
-from paxlike.metrics import read_metrics
+from tests.models.frozen_target import check_heads_fit_and_decode
 from tests.models.random_params import random_params
-from tests.models.test_acceptance_head import _train, assert_frozen
-from tests.paxlike import cli
 
 registry.load_modules()
 CONFIG = ModelConfig(num_layers=1, d_model=16, num_heads=2, num_kv_heads=2, mlp_dim=32,
@@ -98,29 +96,6 @@ def test_only_the_head_gets_gradients_and_bad_settings_are_named():
 def test_the_trainer_fits_the_head_on_a_frozen_target_and_the_sampler_uses_it(tmp_path):
   """target (3 steps) -> head (target frozen, 30 steps): the loss falls, the target's weights
   are untouched; greedy EAGLE decoding equals greedy AR, from Python and the CLI."""
-  target, target_params = _train(tmp_path / "target", "train.steps=3", "checkpoint.every_steps=3")
-  head, head_params = _train(
-      tmp_path / "eagle", "model.draft_heads.eagle=true", "train.steps=30",
-      "checkpoint.every_steps=30", "optimizer.learning_rate=1e-2",
-      f"train.init_from={tmp_path / 'target'}", "train.trainable=eagle")
-  records = [r for r in read_metrics(tmp_path / "eagle" / "metrics.jsonl") if "loss" in r]
-  assert records[-1]["loss"] < 0.9 * records[0]["loss"], (records[0], records[-1])
-  assert_frozen(head_params, target_params)
-
-  prompt, lengths = generate.encode_prompts(["ROMEO:", "JULIET: O"], 128)
-  base = dataclasses.replace(target.exp.sampler, max_new_tokens=24, temperature=0.0)
-  ar_tokens, _, _ = generate.decode(head.model, head_params, prompt, lengths, base)
-  tokens, _, stats = generate.decode(head.model, head_params, prompt, lengths,
-                                     dataclasses.replace(base, kind="eagle", num_draft_tokens=3))
-  np.testing.assert_array_equal(tokens, ar_tokens)
-  assert stats["target_calls"] <= 24
-  with pytest.raises(UserError, match="kind=eagle needs a causal model with an EAGLE draft head"):
-    generate.decode(target.model, target_params, prompt, lengths,
-                    dataclasses.replace(base, kind="eagle"))
-
-  result = cli.run(f"--workdir={tmp_path / 'eagle'}", "--mode=sample", "--prompt=ROMEO:",
-                   "--set", "sampler.kind=eagle", "--set", "sampler.num_draft_tokens=3",
-                   "--set", "sampler.temperature=0", "--set", "sampler.max_new_tokens=24")
-  assert result.returncode == 0, result.stderr
-  stats = cli.last_json(result.stdout)
-  assert stats["sampler"] == "eagle" and stats["target_calls"] <= 24
+  check_heads_fit_and_decode(tmp_path, "eagle", "model.draft_heads.eagle=true",
+                             {"num_draft_tokens": 3}, ["num_draft_tokens=3"],
+                             "a causal model with an EAGLE draft head")

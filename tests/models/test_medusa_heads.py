@@ -13,12 +13,10 @@ from models.build import build_model
 from models.config import DraftHeadsConfig, ModelConfig
 from models.medusa import MedusaLM
 from paxlike import config as config_lib
-from paxlike import generate, registry
+from paxlike import registry
 from paxlike.errors import UserError
-from paxlike.metrics import read_metrics
+from tests.models.frozen_target import check_heads_fit_and_decode
 from tests.models.random_params import random_params
-from tests.models.test_acceptance_head import _train, assert_frozen
-from tests.paxlike import cli
 
 registry.load_modules()
 CONFIG = ModelConfig(num_layers=1, d_model=16, num_heads=2, num_kv_heads=2, mlp_dim=32,
@@ -57,29 +55,6 @@ def test_bad_medusa_settings_are_named():
 def test_the_trainer_fits_the_heads_on_a_frozen_target_and_the_sampler_uses_them(tmp_path):
   """target (3 steps) -> heads (target frozen, 30 steps): head 1's loss falls, the target's
   weights are untouched; greedy Medusa decoding equals greedy AR, from Python and the CLI."""
-  target, target_params = _train(tmp_path / "target", "train.steps=3", "checkpoint.every_steps=3")
-  heads, heads_params = _train(
-      tmp_path / "medusa", "model.draft_heads.medusa=2", "train.steps=30",
-      "checkpoint.every_steps=30", "optimizer.learning_rate=1e-2",
-      f"train.init_from={tmp_path / 'target'}", "train.trainable=medusa")
-  records = [r for r in read_metrics(tmp_path / "medusa" / "metrics.jsonl") if "loss" in r]
-  assert records[-1]["loss"] < 0.9 * records[0]["loss"], (records[0], records[-1])
-  assert_frozen(heads_params, target_params)
-
-  prompt, lengths = generate.encode_prompts(["ROMEO:", "JULIET: O"], 128)
-  base = dataclasses.replace(target.exp.sampler, max_new_tokens=24, temperature=0.0)
-  ar_tokens, _, _ = generate.decode(heads.model, heads_params, prompt, lengths, base)
-  tokens, _, stats = generate.decode(heads.model, heads_params, prompt, lengths,
-                                     dataclasses.replace(base, kind="medusa", branching=(2, 1)))
-  np.testing.assert_array_equal(tokens, ar_tokens)
-  assert stats["target_calls"] <= 24
-  with pytest.raises(UserError, match="kind=medusa needs a causal model with Medusa heads"):
-    generate.decode(target.model, target_params, prompt, lengths,
-                    dataclasses.replace(base, kind="medusa"))
-
-  result = cli.run(f"--workdir={tmp_path / 'medusa'}", "--mode=sample", "--prompt=ROMEO:",
-                   "--set", "sampler.kind=medusa", "--set", "sampler.branching=2,1",
-                   "--set", "sampler.temperature=0", "--set", "sampler.max_new_tokens=24")
-  assert result.returncode == 0, result.stderr
-  stats = cli.last_json(result.stdout)
-  assert stats["sampler"] == "medusa" and stats["target_calls"] <= 24
+  check_heads_fit_and_decode(tmp_path, "medusa", "model.draft_heads.medusa=2",
+                             {"branching": (2, 1)}, ["branching=2,1"],
+                             "a causal model with Medusa heads")

@@ -19,9 +19,10 @@ from tests.samplers.toy import TrigramLM
 
 
 @dataclasses.dataclass(frozen=True)
-class WithHeads:
+class OnBase:
+  """A causal toy `base` (its params under "base") that a drafter extends."""
+
   base: Any
-  num_medusa_heads: int
 
   @property
   def vocab_size(self) -> int:
@@ -36,6 +37,11 @@ class WithHeads:
 
   def apply(self, params, tokens, positions, cache, attention_mask=None):
     return self.base.apply(params["base"], tokens, positions, cache, attention_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithHeads(OnBase):
+  num_medusa_heads: int = 1
 
   def apply_with_heads(self, params, tokens, positions, cache, attention_mask=None):
     logits, cache = self.apply(params, tokens, positions, cache, attention_mask)
@@ -47,7 +53,7 @@ class WithHeads:
 
 
 @dataclasses.dataclass(frozen=True)
-class WithFeatureHead:
+class WithFeatureHead(OnBase):
   """`base` (params {"base": ...}) with an EAGLE-style head (params {"head": [V, V, V]}).
 
   The target's feature at a position is the one-hot of its token. The head's logits for the
@@ -57,22 +63,6 @@ class WithFeatureHead:
   exactly when the sampler hands the head the right features and keeps its cache right. Its
   predicted feature is the one-hot of x_{t+1}, the true one.
   """
-
-  base: Any
-
-  @property
-  def vocab_size(self) -> int:
-    return self.base.vocab_size
-
-  @property
-  def max_len(self) -> int:
-    return self.base.max_len
-
-  def init_cache(self, batch: int, max_len: int | None = None):
-    return self.base.init_cache(batch, max_len)
-
-  def apply(self, params, tokens, positions, cache, attention_mask=None):
-    return self.base.apply(params["base"], tokens, positions, cache, attention_mask)
 
   def apply_with_features(self, params, tokens, positions, cache, attention_mask=None):
     logits, cache = self.apply(params, tokens, positions, cache, attention_mask)
