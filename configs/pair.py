@@ -83,17 +83,7 @@ def pair_medusa() -> Experiment:
   learn (Medusa-1). Train them on the target's own continuations (`paxlike.teacher_text`;
   --set data.path=<that file>), as the decode bench does: 300 steps, a few minutes on 2 cores
   (the frozen target's forward pass dominates)."""
-  target = pair_target()
-  return dataclasses.replace(
-      target,
-      model=dataclasses.replace(target.model, draft_heads=DraftHeadsConfig(medusa=4)),
-      optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
-      schedule=ScheduleConfig(kind="cosine", warmup_steps=20),
-      checkpoint=CheckpointConfig(every_steps=300, keep=1),
-      train=TrainConfig(steps=300, batch_size=16, init_from="runs/pair_target",
-                        trainable="medusa"),
-      eval=EvalConfig(every_steps=0, batches=8),
-  )
+  return _heads_on_target(DraftHeadsConfig(medusa=4), "medusa", steps=300)
 
 
 @register
@@ -104,15 +94,21 @@ def pair_eagle() -> Experiment:
   as wide as the target's blocks costs more per draft than its extra acceptance earns; a 3-step
   training-time test). Train it on the target's own continuations (`paxlike.teacher_text`;
   --set data.path=<that file>), as the decode bench does: 400 steps, about 8 minutes on 2 cores."""
+  return _heads_on_target(DraftHeadsConfig(eagle=True, eagle_mlp_dim=256, eagle_rollout=3),
+                          "eagle", steps=400)
+
+
+def _heads_on_target(heads: DraftHeadsConfig, trainable: str, steps: int) -> Experiment:
+  """pair_target carrying `heads`, which train alone (`train.trainable`) for `steps` steps on
+  the target's weights from train.init_from (default runs/pair_target)."""
   target = pair_target()
   return dataclasses.replace(
       target,
-      model=dataclasses.replace(target.model, draft_heads=DraftHeadsConfig(
-          eagle=True, eagle_mlp_dim=256, eagle_rollout=3)),
+      model=dataclasses.replace(target.model, draft_heads=heads),
       optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=20),
-      checkpoint=CheckpointConfig(every_steps=400, keep=1),
-      train=TrainConfig(steps=400, batch_size=16, init_from="runs/pair_target",
-                        trainable="eagle"),
+      checkpoint=CheckpointConfig(every_steps=steps, keep=1),
+      train=TrainConfig(steps=steps, batch_size=16, init_from="runs/pair_target",
+                        trainable=trainable),
       eval=EvalConfig(every_steps=0, batches=8),
   )
