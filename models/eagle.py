@@ -8,7 +8,8 @@ and the token sampled from it, which removes the feature's uncertainty about whi
 next. A fully connected layer maps concat(embed(x_{t+1}), f_t) [2E] to E, one decoder block (the
 target's block shape, its MLP width `model.draft_heads.eagle_mlp_dim`, with its own one-layer
 KV cache) turns it into the predicted feature f'_{t+1}, and the target's (frozen) vocabulary
-projection turns f'_{t+1} into the draft's distribution of token t + 2. While drafting, the head feeds its own predicted features back in.
+projection turns f'_{t+1} into the draft's distribution of token t + 2. While drafting, the head
+feeds its own predicted features back in.
 
 Training (`loss`, `model.draft_heads.eagle=true`): the target's weights come from its trained run
 (`train.init_from`) and stay frozen (`train.trainable="eagle"`); the loss is EAGLE's,
@@ -71,15 +72,15 @@ class EagleTransformer(Transformer):
   def _project(self, features: jax.Array) -> jax.Array:
     """[B, T, E] features -> [B, T, V] float32 logits (the target's vocabulary projection)."""
     logits = self.embed.attend(features) if self.config.tie_embeddings else self.head(features)
-    return logits.astype(jnp.float32)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def draft(self, features, tokens, positions, cache=None, mask=None):
     """The head on pairs (features [B, T, E], next tokens [B, T]) at `positions` [B, T].
 
     Without `cache`, over the T pairs alone (training; `mask` [B or 1, T, T], None = causal);
     with one (a one-layer KVCache), the pairs are appended to it (`mask` over them, None =
-    causal). Returns ([B, T, V]
-    float32 draft logits, [B, T, E] predicted features, the updated cache or None).
+    causal). Returns ([B, T, V] float32 draft logits, [B, T, E] predicted features, the updated
+    cache or None).
     """
     steps = tokens.shape[1]
     if cache is not None and mask is None:

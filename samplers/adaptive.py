@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from samplers.core import draft_verify, rng
-from samplers.core.logits import SamplingParams
+from samplers.core.logits import SamplingParams, confidence
 from samplers.core.protocol import CausalModel, SampleOutput, check_max_new_tokens
 from samplers.spec import SamplerSpec
 
@@ -99,7 +99,7 @@ def _draft_call(draft: CausalModel, params, rule: str):
   else:
     def call(tokens, positions, cache):
       logits, cache = draft.apply(params, tokens, positions, cache)
-      return logits, jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1), cache
+      return logits, confidence(logits), cache
   return call
 
 

@@ -9,9 +9,9 @@ block, with no separate draft model.
 
 A round, for a row whose target cache holds every context token but the last (the root, at
 c - 1):
-1. One head call appends the pairs the last verification made known, (f_t, x_{t+1}) for the
-   root's position and the tokens accepted before it, to the head's own one-layer cache, and
-   drafts the token at c from the last of them.
+1. One head call appends the pairs the last verification made known, (f_t, x_{t+1}) whose
+   token x_{t+1} is the root or one of the tokens accepted before it, to the head's own
+   one-layer cache, and drafts the token at c from the last of them.
 2. Up to gamma - 1 more head calls each feed (predicted feature, draft) and draft the next
    token; with `confidence_threshold` a row stops after a draft the head is unsure of (EAGLE-2's
    confidence-driven drafting, along a chain), and the loop ends when every row has stopped.
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from samplers.core import draft_verify, rng
-from samplers.core.logits import SamplingParams
+from samplers.core.logits import SamplingParams, confidence
 from samplers.core.protocol import (SampleOutput, check_max_new_tokens, check_num_draft_tokens,
                                     last_prompt_logits, prompt_positions)
 from samplers.spec import SamplerSpec
@@ -121,7 +121,8 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
   def round_fn(caches, seq, context, active):
     """At a round's start the target holds all of the row's `context` tokens but the last; the
     head holds the pairs of positions below context - 1 - pending, and `features` [B, gamma + 1,
-    E] are the true features of the `pending` [B] positions after them (the root's the last)."""
+    E] are the true features of the `pending` [B] positions after them (the last, f_{c-2},
+    pairs with the root x_{c-1})."""
     target_cache, draft_cache, features, pending = caches
     pending = jnp.minimum(pending, context - 1)  # finished rows only: their context stops
     noise, verify_u = draft_verify.round_noise(keys, context, gamma, vocab, greedy)
@@ -141,7 +142,7 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
     if not greedy:
       state["q"] = jnp.zeros((batch, gamma, vocab), jnp.float32).at[:, 0].set(q_first)
 
-    def draft_step(s):  # feeds (feature of position c + i - 2, draft i), drafts position i + 1
+    def draft_step(s):  # feeds (f' of position c + i - 2, drafts[i - 1]), drafts position c + i
       i = s["i"]
       fed = jax.lax.dynamic_index_in_dim(s["drafts"], i - 1, axis=1)  # [B, 1]
       logits, feature, cache = target.draft(target_params, s["feature"], fed,
@@ -175,20 +176,16 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
                                            target.init_cache(batch, slots))
   # The head reads the prompt's pairs (f_t, x_{t+1}), t < P - 1; the last prompt token's feature
   # waits for the first generated token, which `decode` draws.
-  _, _, draft_cache = target.draft(target_params, features[:, :-1], prompt[:, 1:],
-                                   prompt_positions(prompt)[:, :-1],
-                                   target.init_draft_cache(batch, slots))
+  draft_cache = target.init_draft_cache(batch, slots)
+  if prompt_len > 1:
+    _, _, draft_cache = target.draft(target_params, features[:, :-1], prompt[:, 1:],
+                                     prompt_positions(prompt)[:, :-1], draft_cache)
   last = jnp.take_along_axis(features, (prompt_lengths - 1)[:, None, None], axis=1)
   pending = jnp.zeros((batch, gamma + 1, features.shape[-1]), features.dtype).at[:, :1].set(last)
   return draft_verify.decode(
       round_fn, (target_cache, draft_cache, pending, jnp.ones((batch,), jnp.int32)),
       last_prompt_logits(logits, prompt_lengths), prompt, prompt_lengths, keys, config,
       ragged_drafts=True)
-
-
-def confidence(logits: jax.Array) -> jax.Array:
-  """[B, V] -> [B] the head's raw max probability (whatever the sampling settings)."""
-  return jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -112,14 +112,15 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   target_steps, draft_steps = train_steps or (0, 0)
   target = trained("pair_target", root / "pair_target",
                    [*short(target_steps), *target_overrides])
-  text = root / "pair_target" / "teacher_text.txt"
-  if not text.exists():
-    print(f"writing the target's continuations to {text} (cached for later runs)", flush=True)
+  continuations = root / "pair_target" / "teacher_text.txt"
+  if not continuations.exists():
+    print(f"writing the target's continuations to {continuations} (cached for later runs)",
+          flush=True)
     sizes = dict(prompts=16, new_tokens=64) if train_steps else {}
-    teacher_text.write(root / "pair_target", text, **sizes)
+    teacher_text.write(root / "pair_target", continuations, **sizes)
   if "adaptive" in samplers:  # its rows report draft calls saved against speculative's
     samplers = ("speculative", *samplers)
-  on_target = [f"train.teacher_workdir={root / 'pair_target'}", f"data.path={text}"]
+  on_target = [f"train.teacher_workdir={root / 'pair_target'}", f"data.path={continuations}"]
   drafts = {}
   if any(sampler_registry.get(kind).second_model for kind in samplers):
     draft = trained("pair_draft", root / "pair_draft",
@@ -130,7 +131,8 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
     drafts = {"confidence": draft.restore()[:2], "head": head.restore()[:2],
               "config": config_lib.to_dict(draft.exp.model)}
   headed = {kind: trained(f"pair_{kind}", root / f"pair_{kind}",
-                          [f"train.init_from={root / 'pair_target'}", f"data.path={text}",
+                          [f"train.init_from={root / 'pair_target'}",
+                           f"data.path={continuations}",
                            *short(draft_steps), *target_overrides]).restore()[:2]
             for kind in HEADED if kind in samplers}
   target_model, target_params, _ = target.restore()
@@ -182,7 +184,8 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
                              "speedup_vs_ar", "tokens_per_target_call", "acceptance",
                              "draft_calls", "draft_calls_saved", "greedy_equal_ar"])
   config = {"target": config_lib.to_dict(target.exp.model), "draft": drafts.get("config"),
-            "max_new_tokens": max_new_tokens, "repeats": repeats, "draft_data": str(text),
+            "max_new_tokens": max_new_tokens, "repeats": repeats,
+            "draft_data": str(continuations),
             "samplers": {f"{kind}/{rule}" if rule else kind:
                          config_lib.to_dict(variant(base, kind, rule)) for kind, rule in variants}}
   return harness.write_report(out, "decode", config, rows)

@@ -1,6 +1,7 @@
-"""The compiled loop shared by draft-then-verify samplers (speculative, SpecTr, tree, adaptive).
+"""The compiled loop shared by draft-then-verify samplers (speculative, SpecTr, tree, adaptive,
+EAGLE, Medusa, prompt lookup, ...).
 
-A sampler supplies one *round*: draft gamma tokens after each row's context, verify them in one
+A sampler supplies one *round*: draft up to gamma tokens after each row's context, verify them in one
 target pass, and return the tokens the row emits (accepted drafts, then one residual or bonus
 token). This module owns the rest: checking the model pair, the per-position randomness, the
 first token from the target's prefill, and a `lax.while_loop` that appends each row's tokens at

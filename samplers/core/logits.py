@@ -87,3 +87,9 @@ def sample_token(key: jax.Array, logits: jax.Array, params: SamplingParams) -> j
   if params.greedy:
     return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, process_logits(logits, params), axis=-1).astype(jnp.int32)
+
+
+def confidence(logits: jax.Array) -> jax.Array:
+  """[..., V] -> [...] the raw max probability (whatever the sampling settings): a drafter's
+  confidence in its top token, which adaptive draft lengths stop on."""
+  return jnp.max(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), axis=-1)

@@ -44,7 +44,8 @@ def test_features_are_what_the_logits_project_and_cached_drafts_equal_the_cache_
   _, _, cache = model.draft(params, 7.0 + features[:, :3], tokens[:, :3], positions[:, 4:7],
                             cache)
   rest, rest_predicted, cache = model.draft(params, features[:, 4:9], tokens[:, 5:10],
-                                            positions[:, 4:9], cache.replace(lengths=cache.lengths - 3))
+                                            positions[:, 4:9],
+                                            cache.replace(lengths=cache.lengths - 3))
   np.testing.assert_allclose(jnp.concatenate([first, rest], axis=1), whole, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(rest_predicted, predicted[:, 4:], rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(cache.lengths, [9, 9])

@@ -63,6 +63,17 @@ def test_equals_greedy_ar_on_a_table_model(batch, head, threshold):
     assert stats["acceptance"] < 0.6, stats
 
 
+def test_one_token_prompts():
+  """P = 1: the head starts from no prompt pairs, only the first token's feature."""
+  model, params = _toy(1, "right")
+  padded = ar.pad_prompts([[3], [5]])
+  expected = ar.sample(model, params, *padded, jax.random.key(0),
+                       ar.ARConfig(max_new_tokens=8, sampling=GREEDY))
+  got = eagle.sample(model, params, *padded, jax.random.key(0),
+                     eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=8, sampling=GREEDY))
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+
+
 def test_equals_greedy_ar_on_a_llama_with_a_head():
   config = ModelConfig(vocab_size=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                        mlp_dim=64, max_len=48, init_std=0.5, tie_embeddings=False,
@@ -95,10 +106,12 @@ def test_rows_follow_their_keys_whatever_the_batch_order_and_under_vmap():
   model = WithFeatureHead(toy.TOY)
   params = {"base": toy.TARGET, "head": toy.TOY.init(jax.random.key(3))}
   prompt, lengths = ar.pad_prompts([[1, 2], [3], [0, 1, 2], [2, 2]])
-  config = eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=6, eos_id=0)
-  run = lambda order, row_keys: eagle.sample(model, params, prompt[order], lengths[order],
-                                             row_keys, config)
-  oracle.assert_rows_follow_their_keys(run)
+  for threshold in (0.0, 0.6):  # rows that stop drafting early share the draft loop
+    config = eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=6, eos_id=0,
+                               confidence_threshold=threshold)
+    run = lambda order, row_keys: eagle.sample(model, params, prompt[order], lengths[order],
+                                               row_keys, config)
+    oracle.assert_rows_follow_their_keys(run)
 
 
 def test_bad_input_is_a_clear_error():
