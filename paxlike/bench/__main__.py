@@ -1,5 +1,5 @@
 """`python -m paxlike.bench SUITE [--out FILE] [--workdir DIR]`; suites: train, parallelism, decode,
-engine, compare-hf, diffusion, scaling. `python -m paxlike.bench table REPORT.json [--columns a,b]`
+engine, compare-hf, diffusion, scaling, serve. `python -m paxlike.bench table REPORT.json [--columns a,b]`
 prints a report's rows as a Markdown table (how the tables in docs/ are made)."""
 
 from __future__ import annotations
@@ -43,13 +43,16 @@ flags.DEFINE_list("targets", ["1.6M", "9.5M"], "Target shapes of the drafted sam
 flags.DEFINE_string("dtype", "float32", "Compute dtype of the models (engine suite); bfloat16 on "
                     "accelerators.")
 flags.DEFINE_list("columns", [], "Columns of `table` (default: every key of the rows).")
+flags.DEFINE_list("rates", ["2", "8", "32"], "Request arrival rates per second (serve suite).")
+flags.DEFINE_integer("requests", 48, "Requests per rate (serve suite).")
 flags.DEFINE_list("parts", ["decode", "train"], "What compare-hf measures: decode (AR and "
                   "speculative generation) and/or train (one AdamW step per batch).")
 flags.DEFINE_integer("train_batch", 8, "Batch size of compare-hf's train rows.")
 flags.DEFINE_integer("threads", 2, "CPU threads for both systems (compare-hf suite): the process "
                      "is pinned to this many cores and torch.set_num_threads is set to it.")
 
-SUITES = ("train", "parallelism", "decode", "engine", "compare-hf", "diffusion", "scaling")
+SUITES = ("train", "parallelism", "decode", "engine", "compare-hf", "diffusion", "scaling",
+          "serve")
 SIMULATED_DEVICES = "--xla_force_host_platform_device_count"
 
 
@@ -81,7 +84,7 @@ def main(argv: list[str]) -> int:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:max(1, FLAGS.threads)])
   from paxlike.bench import compare_hf_suite, decode_suite, diffusion_suite, engine_suite
   from paxlike.bench import parallelism_suite
-  from paxlike.bench import scaling_suite, train_suite
+  from paxlike.bench import scaling_suite, serve_suite, train_suite
   from paxlike.checkpointing import quiet_orbax_logging
   from paxlike.errors import UserError
   quiet_orbax_logging()
@@ -103,6 +106,9 @@ def main(argv: list[str]) -> int:
                           only=tuple(FLAGS.samplers),
                           prompt_seed=diffusion_suite.PROMPT_SEED if FLAGS.prompt_seed is None
                           else FLAGS.prompt_seed)
+    elif argv[1] == "serve":
+      serve_suite.run(FLAGS.workdir, FLAGS.out, tuple(float(r) for r in FLAGS.rates),
+                      FLAGS.requests)
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":

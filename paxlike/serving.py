@@ -1,0 +1,169 @@
+"""Serving a stream of requests: static batching against continuous batching, in wall-clock time.
+
+A request arrives at a time, with a prompt and a number of tokens to generate. Two policies:
+
+* `serve_static`: when the server is idle it takes the requests that have arrived (up to
+  `batch`) and decodes them as one batch with `samplers.ar` until the longest is done; nothing is
+  admitted meanwhile, and a request's tokens are returned when its batch ends.
+* `serve_continuous`: `samplers.continuous` slots; between compiled steps of `steps_per_sync`
+  tokens the scheduler frees finished slots and admits waiting requests into them.
+
+Both compile everything before the clock starts and report per request its arrival, the time
+its first token was ready and the time it was done. A static batch returns its tokens when it
+ends; its requests' first-token time is that of the batch's first step, taken at the batch's
+mean step time, so time per output token compares the two policies' decode steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from samplers import ar, continuous
+from samplers.core.logits import SamplingParams
+
+OUTPUT_BUCKET = 16  # static batches decode to their longest request, rounded up to this
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """prompt: [P] int32 token ids; max_new_tokens: tokens to generate; arrival_s: seconds after
+  the trace starts; seed: the request's own key (`jax.random.key(seed)`)."""
+
+  prompt: np.ndarray
+  max_new_tokens: int
+  arrival_s: float
+  seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+  """A finished request: its tokens [max_new_tokens] and its times in seconds after the start."""
+
+  tokens: np.ndarray
+  arrival_s: float
+  first_token_s: float
+  done_s: float
+
+
+def poisson_trace(prompts: list[np.ndarray], new_tokens: list[int], rate: float,
+                  seed: int = 0) -> list[Request]:
+  """Requests with exponential inter-arrival times of mean 1 / rate seconds, in order."""
+  gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(prompts))
+  return [Request(np.asarray(p, np.int32), int(n), float(t), i)
+          for i, (p, n, t) in enumerate(zip(prompts, new_tokens, np.cumsum(gaps)))]
+
+
+def _padded(prompts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+  out = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    out[i, :len(p)] = p
+  return out, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def _bucket(n: int) -> int:
+  return -(-n // OUTPUT_BUCKET) * OUTPUT_BUCKET
+
+
+def reference(model, params, requests: list[Request], sampling: SamplingParams) -> list[np.ndarray]:
+  """Each request decoded alone by `samplers.ar` with its own key (one compile for all)."""
+  width, longest = max(len(r.prompt) for r in requests), max(r.max_new_tokens for r in requests)
+  config = ar.ARConfig(max_new_tokens=longest, sampling=sampling)
+  out = []
+  for r in requests:
+    prompt, length = _padded([r.prompt], width)
+    tokens = ar.sample(model, params, jnp.asarray(prompt), jnp.asarray(length),
+                       jax.random.key(r.seed)[None], config).tokens
+    out.append(np.asarray(tokens[0, :r.max_new_tokens]))
+  return out
+
+
+def serve_static(model, params, requests: list[Request], batch: int,
+                 sampling: SamplingParams) -> list[Served]:
+  """The static policy (module docstring); batches are padded to `batch` rows."""
+  width = max(len(r.prompt) for r in requests)
+  lengths = sorted({_bucket(r.max_new_tokens) for r in requests})
+  decoders = {n: ar.sample.lower(model, params, jnp.zeros((batch, width), jnp.int32),
+                                 jnp.ones((batch,), jnp.int32),
+                                 jax.random.split(jax.random.key(0), batch),
+                                 ar.ARConfig(max_new_tokens=n, sampling=sampling)).compile()
+              for n in lengths}
+  waiting, served = collections.deque(requests), {}
+  start = time.perf_counter()
+  clock = lambda: time.perf_counter() - start
+  while waiting:
+    if waiting[0].arrival_s > clock():
+      time.sleep(waiting[0].arrival_s - clock())
+    now, taken = clock(), []
+    while waiting and len(taken) < batch and waiting[0].arrival_s <= now:
+      taken.append(waiting.popleft())
+    rows = taken + [taken[0]] * (batch - len(taken))  # padding rows: discarded
+    began, steps = clock(), _bucket(max(r.max_new_tokens for r in taken))
+    prompt, prompt_lengths = _padded([r.prompt for r in rows], width)
+    keys = jnp.stack([jax.random.key(r.seed) for r in rows])
+    out = decoders[steps](params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), keys)
+    tokens, done = np.asarray(out.tokens), clock()
+    first = began + (done - began) / steps  # the batch's first step, at its mean step time
+    for row, r in enumerate(taken):
+      served[id(r)] = Served(tokens[row, :r.max_new_tokens], r.arrival_s, first, done)
+  return [served[id(r)] for r in requests]
+
+
+def serve_continuous(model, params, requests: list[Request], num_slots: int,
+                     sampling: SamplingParams, steps_per_sync: int = 4) -> list[Served]:
+  """The continuous policy (module docstring) with `num_slots` slots."""
+  config = continuous.ContinuousConfig(
+      num_slots=num_slots, max_new_tokens=max(r.max_new_tokens for r in requests),
+      prompt_width=max(len(r.prompt) for r in requests), sampling=sampling)
+  slots = continuous.init(model, config)
+
+  def admit(slots, slot: int, r: Request):
+    prompt, length = _padded([r.prompt], config.prompt_width)
+    return continuous.admit(model, params, slots, jnp.int32(slot), jnp.asarray(prompt[0]),
+                            jnp.int32(length[0]), jax.random.key(r.seed),
+                            jnp.int32(r.max_new_tokens), config)
+
+  warm = continuous.step(model, params, admit(slots, 0, requests[0]), config, steps_per_sync)
+  jax.block_until_ready(warm)  # compiled before the clock starts
+  slots = continuous.init(model, config)
+  waiting, owner, first, served = collections.deque(requests), {}, {}, {}
+  start = time.perf_counter()
+  clock = lambda: time.perf_counter() - start
+  while waiting or owner:
+    if not owner and waiting[0].arrival_s > clock():
+      time.sleep(waiting[0].arrival_s - clock())
+    now = clock()
+    admitted = []
+    for slot in range(num_slots):
+      if slot not in owner and waiting and waiting[0].arrival_s <= now:
+        owner[slot] = waiting.popleft()
+        slots = admit(slots, slot, owner[slot])
+        admitted.append(slot)
+    if admitted:
+      jax.block_until_ready(slots.last)
+      first.update({id(owner[slot]): clock() for slot in admitted})
+    slots = continuous.step(model, params, slots, config, steps_per_sync)
+    active = np.asarray(slots.active)
+    done = clock()
+    for slot in [s for s in owner if not active[s]]:
+      r = owner.pop(slot)
+      served[id(r)] = Served(np.asarray(slots.tokens[slot, :r.max_new_tokens]), r.arrival_s,
+                             first[id(r)], done)
+  return [served[id(r)] for r in requests]
+
+
+def summary(served: list[Served]) -> dict[str, float]:
+  """Throughput (generated tokens/s from the first arrival to the last completion), time to
+  first token and time per output token (after the first), p50 and p99, in seconds."""
+  tokens = sum(len(s.tokens) for s in served)
+  span = max(s.done_s for s in served) - min(s.arrival_s for s in served)
+  ttft = [s.first_token_s - s.arrival_s for s in served]
+  tpot = [(s.done_s - s.first_token_s) / max(len(s.tokens) - 1, 1) for s in served]
+  pct = lambda xs, q: round(float(np.percentile(xs, q)), 4)
+  return {"throughput": round(tokens / span, 1), "ttft_p50": pct(ttft, 50),
+          "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}
