@@ -1,0 +1,52 @@
+"""Serving a request trace: both policies return every request's batch-1 AR tokens, and the
+`serve` bench writes its rows (shortened)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from models.causal_lm import CausalLM
+from models.config import ModelConfig
+from paxlike import serving
+from paxlike.bench import serve_suite
+from samplers.core.logits import SamplingParams
+from tests.models.random_params import random_params
+
+
+def test_static_and_continuous_policies_return_each_requests_own_decode():
+  model = CausalLM(ModelConfig(vocab_size=32, num_layers=1, d_model=32, num_heads=4,
+                               num_kv_heads=2, mlp_dim=64, max_len=64, init_std=0.5,
+                               tie_embeddings=False))
+  params = random_params(model)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, 32, rng.integers(2, 9)) for _ in range(7)]
+  trace = serving.poisson_trace(prompts, rng.integers(2, 20, 7).tolist(), rate=100.0)
+  assert all(a.arrival_s < b.arrival_s for a, b in zip(trace, trace[1:]))
+  for temperature in (0.0, 1.0):
+    sampling = SamplingParams(temperature=temperature)
+    reference = serving.reference(model, params, trace, sampling)
+    for served in (serving.serve_static(model, params, trace, 3, sampling),
+                   serving.serve_continuous(model, params, trace, 3, sampling, 2)):
+      for s, want in zip(served, reference):
+        np.testing.assert_array_equal(s.tokens, want)
+        assert s.arrival_s <= s.first_token_s <= s.done_s
+      summary = serving.summary(served)
+      assert summary["throughput"] > 0 and summary["ttft_p50"] <= summary["ttft_p99"]
+
+
+@pytest.mark.slow
+def test_serve_suite_rows(tmp_path):
+  out = tmp_path / "serve.json"
+  small = ("model.num_layers=1", "model.d_model=64", "model.num_heads=2", "model.num_kv_heads=2",
+           "model.mlp_dim=128", "eval.batches=1")
+  report = serve_suite.run(str(tmp_path / "cache"), str(out), rates=(50.0, 400.0), requests=6,
+                           batch=3, target_overrides=small, train_steps=2)
+  assert json.loads(out.read_text())["suite"] == "serve"
+  rows = report["rows"]
+  assert {(r["policy"], r["rate"]) for r in rows} == {
+      (p, rate) for p in serve_suite.POLICIES for rate in (50.0, 400.0)}
+  for row in rows:
+    assert row["greedy_equal_ar"], row
+    for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):
+      assert row[key] >= 0

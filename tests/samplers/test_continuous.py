@@ -1,0 +1,77 @@
+"""Continuous batching: a request's tokens are its batch-1 AR decode with its own key, whatever
+its slot, its neighbours and when it was admitted (greedy and sampled); bad settings are named."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.causal_lm import CausalLM
+from models.config import ModelConfig
+from samplers import ar, continuous
+from samplers.core.logits import SamplingParams
+from tests.models.random_params import random_params
+
+MODEL = CausalLM(ModelConfig(vocab_size=32, num_layers=2, d_model=32, num_heads=4,
+                             num_kv_heads=2, mlp_dim=64, max_len=64, init_std=0.5,
+                             tie_embeddings=False))
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1], [9], [4, 4, 2]]
+LIMITS = [10, 6, 12, 3, 1]
+KEYS = jax.random.split(jax.random.key(7), len(PROMPTS))
+
+
+def _serve(params, order, config, steps):
+  """Admits the requests in `order` into free slots, stepping `steps` tokens between checks;
+  returns each request's tokens."""
+  slots, waiting, owner, out = continuous.init(MODEL, config), list(order), {}, {}
+  while waiting or owner:
+    active = np.asarray(slots.active)
+    for slot in range(config.num_slots):
+      if slot in owner and not active[slot]:
+        out[owner.pop(slot)] = np.asarray(slots.tokens[slot])
+      if slot not in owner and waiting:
+        i = waiting.pop(0)
+        prompt = np.zeros(config.prompt_width, np.int32)
+        prompt[:len(PROMPTS[i])] = PROMPTS[i]
+        slots = continuous.admit(MODEL, params, slots, jnp.int32(slot), jnp.asarray(prompt),
+                                 jnp.int32(len(PROMPTS[i])), KEYS[i], jnp.int32(LIMITS[i]),
+                                 config)
+        owner[slot] = i
+    slots = continuous.step(MODEL, params, slots, config, steps=steps)
+  return out
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_requests_equal_their_batch_one_ar_decode_whatever_their_slot(temperature):
+  params = random_params(MODEL)
+  sampling = SamplingParams(temperature=temperature)
+  want = [np.asarray(ar.sample(MODEL, params, *ar.pad_prompts([p]), KEYS[i][None],
+                               ar.ARConfig(max_new_tokens=LIMITS[i], sampling=sampling)).tokens[0])
+          for i, p in enumerate(PROMPTS)]
+  for slots, order, steps in [(2, [0, 1, 2, 3, 4], 2), (3, [4, 3, 2, 1, 0], 1)]:
+    config = continuous.ContinuousConfig(num_slots=slots, max_new_tokens=12, prompt_width=8,
+                                         sampling=sampling)
+    got = _serve(params, order, config, steps)
+    for i in range(len(PROMPTS)):
+      np.testing.assert_array_equal(got[i][:LIMITS[i]], want[i], err_msg=f"request {i}")
+      assert np.all(got[i][LIMITS[i]:] == config.pad_id)
+
+
+def test_eos_ends_a_request_and_bad_settings_are_named():
+  params = random_params(MODEL)
+  greedy = SamplingParams(temperature=0.0)
+  plain = continuous.ContinuousConfig(num_slots=2, max_new_tokens=12, prompt_width=8,
+                                      sampling=greedy)
+  tokens = _serve(params, [0], plain, 4)[0]
+  eos = int(tokens[3])  # request 0's fourth token, made its eos
+  config = continuous.ContinuousConfig(num_slots=2, max_new_tokens=12, prompt_width=8,
+                                       sampling=greedy, eos_id=eos)
+  ended = _serve(params, [0], config, 4)[0]
+  stop = list(tokens).index(eos) + 1
+  np.testing.assert_array_equal(ended[:stop], tokens[:stop])
+  assert np.all(ended[stop:] == config.pad_id)
+  with pytest.raises(ValueError, match="exceeds the model's max_len 64"):
+    continuous.init(MODEL, continuous.ContinuousConfig(num_slots=2, max_new_tokens=60,
+                                                       prompt_width=8))
+  with pytest.raises(ValueError, match="num_slots and prompt_width must be >= 1"):
+    continuous.ContinuousConfig(num_slots=0, max_new_tokens=4, prompt_width=8)
