@@ -44,7 +44,7 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype of the models (engine sui
                     "accelerators.")
 flags.DEFINE_list("columns", [], "Columns of `table` (default: every key of the rows).")
 flags.DEFINE_list("rates", ["2", "8", "32"], "Request arrival rates per second (serve suite).")
-flags.DEFINE_integer("requests", 48, "Requests per rate (serve suite).")
+flags.DEFINE_integer("requests", 96, "Requests per rate (serve suite).")
 flags.DEFINE_list("parts", ["decode", "train"], "What compare-hf measures: decode (AR and "
                   "speculative generation) and/or train (one AdamW step per batch).")
 flags.DEFINE_integer("train_batch", 8, "Batch size of compare-hf's train rows.")

@@ -42,7 +42,7 @@ def trace_inputs(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]
 
 
 def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8.0, 32.0),
-        requests: int = 48, batch: int = 8, steps_per_sync: int = 4,
+        requests: int = 96, batch: int = 8, steps_per_sync: int = 4,
         target_overrides: tuple[str, ...] = (), train_steps: int = 0) -> dict[str, Any]:
   """Serves `requests` requests at each rate with each policy; `target_overrides` and
   `train_steps` reshape and shorten the target's training (tests, smoke runs)."""
