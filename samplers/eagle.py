@@ -15,8 +15,9 @@ c - 1):
 2. Up to gamma - 1 more head calls each feed (predicted feature, draft) and draft the next
    token; with `confidence_threshold` a row stops after a draft the head is unsure of (EAGLE-2's
    confidence-driven drafting, along a chain), and the loop ends when every row has stopped.
-3. The target scores the root and the gamma drafts in one call, which also returns their true
-   features, and the speculative rule (`draft_verify.verify_chain`) accepts a prefix.
+3. The target scores the root and gamma draft positions in one call (a row's positions after its
+   last draft are ignored), which also returns their true features, and the speculative rule
+   (`draft_verify.verify_chain`) accepts a prefix of the row's drafts.
 The true features of the root and of the accepted drafts are the next round's pairs; the head's
 cache is rolled back past its predicted-feature entries by moving its pointer.
 
