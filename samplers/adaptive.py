@@ -162,38 +162,26 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
     logits, score, draft_cache = draft_call(jnp.take_along_axis(seq, last_two, axis=1), last_two,
                                             draft_cache.replace(lengths=context - 2))
-    first, q_first = draft_verify.draw_draft(noise[:, 0], logits[:, 1], config.sampling)
-    stop, survival = _stops(config, score[:, 1], jnp.ones((batch,), jnp.float32))
-    state = dict(i=jnp.int32(1), cache=draft_cache, survival=survival,
-                 drafting=active & ~stop, lengths=jnp.ones((batch,), jnp.int32),
-                 drafts=jnp.zeros((batch, gamma), jnp.int32).at[:, 0].set(first))
-    if not greedy:
-      state["q"] = jnp.zeros((batch, gamma, vocab), jnp.float32).at[:, 0].set(q_first)
 
-    def draft_step(s):  # feeds draft i (at position context + i - 1), drafts position i + 1
-      i = s["i"]
-      fed = jax.lax.dynamic_index_in_dim(s["drafts"], i - 1, axis=1)  # [B, 1]
-      logits, score, cache = draft_call(fed, (context + i - 1)[:, None], s["cache"])
-      token, q = draft_verify.draw_draft(
-          jax.lax.dynamic_index_in_dim(noise, i, axis=1, keepdims=False), logits[:, 0],
-          config.sampling)
-      stop, survival = _stops(config, score[:, 0], s["survival"])
-      drafting = s["drafting"]
-      out = dict(i=i + 1, cache=cache, survival=jnp.where(drafting, survival, s["survival"]),
-                 drafting=drafting & ~stop, lengths=s["lengths"] + drafting.astype(jnp.int32),
-                 drafts=s["drafts"].at[:, i].set(token))
-      if not greedy:
-        out["q"] = s["q"].at[:, i].set(q)
-      return out
+    def feed(i, fed, carry):  # feeds draft i (at position context + i - 1)
+      logits, score, cache = draft_call(fed, (context + i - 1)[:, None], carry[0])
+      return logits[:, 0], (cache, score[:, 0], carry[2])
 
-    s = jax.lax.while_loop(lambda s: (s["i"] < gamma) & jnp.any(s["drafting"]), draft_step, state)
+    def stops(logits, carry):
+      cache, score, survival = carry
+      stop, survival = _stops(config, score, survival)
+      return stop, (cache, score, survival)
+
+    s, (draft_cache, _, _) = draft_verify.draft_chain(
+        logits[:, 1], (draft_cache, score[:, 1], jnp.ones((batch,), jnp.float32)), feed, stops,
+        noise, active, gamma, config.sampling)
 
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), s["drafts"]], axis=1)
     logits, target_cache = target.apply(target_params, scored, window,
                                         target_cache.replace(lengths=context - 1))
     emitted, count = draft_verify.verify_chain(s["drafts"], s.get("q"), logits, verify_u,
                                                config.sampling, s["lengths"])
-    return (target_cache, s["cache"]), emitted, count, s["lengths"], s["i"]
+    return (target_cache, draft_cache), emitted, count, s["lengths"], s["calls"]
 
   return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,
                                          prompt, prompt_lengths, slots, keys, config,

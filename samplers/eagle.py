@@ -133,34 +133,18 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
     logits, predicted, draft_cache = target.draft(target_params, features, tokens, positions,
                                                   draft_cache.replace(lengths=start))
     last = (pending - 1)[:, None, None]
-    logits = jnp.take_along_axis(logits, last, axis=1)[:, 0]
-    first, q_first = draft_verify.draw_draft(noise[:, 0], logits, config.sampling)
-    state = dict(i=jnp.int32(1), cache=draft_cache.replace(lengths=context - 1),
-                 feature=jnp.take_along_axis(predicted, last, axis=1),  # the root's, predicted
-                 drafting=active & (confidence(logits) >= config.confidence_threshold),
-                 lengths=jnp.ones((batch,), jnp.int32),
-                 drafts=jnp.zeros((batch, gamma), jnp.int32).at[:, 0].set(first))
-    if not greedy:
-      state["q"] = jnp.zeros((batch, gamma, vocab), jnp.float32).at[:, 0].set(q_first)
 
-    def draft_step(s):  # feeds (f' of position c + i - 2, drafts[i - 1]), drafts position c + i
-      i = s["i"]
-      fed = jax.lax.dynamic_index_in_dim(s["drafts"], i - 1, axis=1)  # [B, 1]
-      logits, feature, cache = target.draft(target_params, s["feature"], fed,
-                                            (context + i - 2)[:, None], s["cache"])
-      token, q = draft_verify.draw_draft(
-          jax.lax.dynamic_index_in_dim(noise, i, axis=1, keepdims=False), logits[:, 0],
-          config.sampling)
-      drafting = s["drafting"]
-      out = dict(i=i + 1, cache=cache, feature=feature,
-                 drafting=drafting & (confidence(logits[:, 0]) >= config.confidence_threshold),
-                 lengths=s["lengths"] + drafting.astype(jnp.int32),
-                 drafts=s["drafts"].at[:, i].set(token))
-      if not greedy:
-        out["q"] = s["q"].at[:, i].set(q)
-      return out
+    def feed(i, fed, carry):  # feeds (f' of position c + i - 2, drafts[i - 1]), drafts c + i
+      cache, feature = carry
+      logits, feature, cache = target.draft(target_params, feature, fed,
+                                            (context + i - 2)[:, None], cache)
+      return logits[:, 0], (cache, feature)
 
-    s = jax.lax.while_loop(lambda s: (s["i"] < gamma) & jnp.any(s["drafting"]), draft_step, state)
+    stops = lambda logits, carry: (confidence(logits) < config.confidence_threshold, carry)
+    s, (draft_cache, _) = draft_verify.draft_chain(
+        jnp.take_along_axis(logits, last, axis=1)[:, 0],
+        (draft_cache.replace(lengths=context - 1), jnp.take_along_axis(predicted, last, axis=1)),
+        feed, stops, noise, active, gamma, config.sampling)
 
     window = context[:, None] - 1 + jnp.arange(gamma + 1)
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), s["drafts"]],
@@ -169,8 +153,8 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
         target_params, scored, window, target_cache.replace(lengths=context - 1))
     emitted, count = draft_verify.verify_chain(s["drafts"], s.get("q"), logits, verify_u,
                                                config.sampling, s["lengths"])
-    return ((target_cache, s["cache"], features, count + 1), emitted, count, s["lengths"],
-            s["i"])
+    return ((target_cache, draft_cache, features, count + 1), emitted, count, s["lengths"],
+            s["calls"])
 
   prefill = getattr(target, "prefill_with_features", target.apply_with_features)
   logits, features, target_cache = prefill(target_params, prompt, prompt_positions(prompt),

@@ -83,6 +83,53 @@ def draw_draft(noise: jax.Array, logits: jax.Array,
   return jax.vmap(verify.draw)(noise, q), q
 
 
+def draft_chain(first_logits: jax.Array, carry: Any, feed: Callable, stops: Callable,
+                noise: jax.Array, active: jax.Array, gamma: int,
+                sampling: SamplingParams) -> tuple[dict[str, Any], Any]:
+  """Drafts up to gamma tokens per row, each row stopping on its own (adaptive draft lengths).
+
+  Draft 1 is drawn from `first_logits` [B, V]; while a row drafts, draft i + 1 is drawn from
+  `feed(i, drafts[:, i - 1:i] [B, 1], carry) -> (logits [B, V], carry)`. After each draft,
+  `stops(logits, carry) -> (stop [B] bool, carry)` (its distribution's logits) says whether the
+  row stops there; the stopping draft is still proposed. The loop (`lax.while_loop`) ends when
+  every `active` row has stopped or drafted gamma, which is where draft calls are saved.
+  Whether position i is drafted depends on the drafter alone, never on the target, which keeps
+  the verification exact.
+
+  Args:
+    noise: [B, gamma, V] the drafts' uniforms (`round_noise`; [B, gamma, 0] when greedy).
+    active: [B] bool, the rows not yet finished (the others stop at once).
+  Returns:
+    ({"drafts": [B, gamma] int32, "lengths": [B] int32 in [1, gamma], "calls": [] int32 (1 +
+    the feed calls), "q": [B, gamma, V] their distributions, absent when greedy}, carry).
+  """
+  batch, vocab = first_logits.shape
+  first, q_first = draw_draft(noise[:, 0], first_logits, sampling)
+  stop, carry = stops(first_logits, carry)
+  state = dict(i=jnp.int32(1), carry=carry, drafting=active & ~stop,
+               lengths=jnp.ones((batch,), jnp.int32),
+               drafts=jnp.zeros((batch, gamma), jnp.int32).at[:, 0].set(first))
+  if not sampling.greedy:
+    state["q"] = jnp.zeros((batch, gamma, vocab), jnp.float32).at[:, 0].set(q_first)
+
+  def body(s):
+    i = s["i"]
+    logits, carry = feed(i, jax.lax.dynamic_index_in_dim(s["drafts"], i - 1, axis=1), s["carry"])
+    token, q = draw_draft(jax.lax.dynamic_index_in_dim(noise, i, axis=1, keepdims=False), logits,
+                          sampling)
+    stop, carry = stops(logits, carry)
+    out = dict(i=i + 1, carry=carry, drafting=s["drafting"] & ~stop,
+               lengths=s["lengths"] + s["drafting"].astype(jnp.int32),
+               drafts=s["drafts"].at[:, i].set(token))
+    if not sampling.greedy:
+      out["q"] = s["q"].at[:, i].set(q)
+    return out
+
+  s = jax.lax.while_loop(lambda s: (s["i"] < gamma) & jnp.any(s["drafting"]), body, state)
+  return {"drafts": s["drafts"], "lengths": s["lengths"], "calls": s["i"],
+          **({"q": s["q"]} if "q" in s else {})}, s["carry"]
+
+
 def verify_chain(drafts: jax.Array, q: jax.Array | None, logits: jax.Array,
                  verify_u: jax.Array | None, sampling: SamplingParams,
                  lengths: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
