@@ -1,8 +1,8 @@
 """The compiled loop shared by draft-then-verify samplers (speculative, SpecTr, tree, adaptive,
 EAGLE, Medusa, prompt lookup, ...).
 
-A sampler supplies one *round*: draft up to gamma tokens after each row's context, verify them in one
-target pass, and return the tokens the row emits (accepted drafts, then one residual or bonus
+A sampler supplies one *round*: draft up to gamma tokens after each row's context, verify them in
+one target pass, and return the tokens the row emits (accepted drafts, then one residual or bonus
 token). This module owns the rest: checking the model pair, the per-position randomness, the
 first token from the target's prefill, and a `lax.while_loop` that appends each row's tokens at
 its own pointer, cuts rows at eos / max_new_tokens, and counts statistics.
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 from samplers.core import emit, verify
 from samplers.core.logits import SamplingParams, probs
-from samplers.core.protocol import (CausalModel, SampleOutput, check_vocabularies, last_prompt_logits,
-                               prefill)
+from samplers.core.protocol import (CausalModel, SampleOutput, check_vocabularies,
+                                    last_prompt_logits, prefill)
 
 # (caches, seq [B, S] prompt + generated tokens, context_lengths [B]) ->
 #   (caches, emitted [B, gamma + 1] int32, accepted [B] int32): row b emits
