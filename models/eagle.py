@@ -105,10 +105,6 @@ class EagleLM(CausalLM):
   has_eagle_head = True
 
   @property
-  def feature_dim(self) -> int:
-    return self.config.d_model
-
-  @property
   def module(self) -> EagleTransformer:
     return EagleTransformer(self.config, remat=self.remat)
 

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 
 from samplers.core import draft_verify, rng
 from samplers.core.logits import SamplingParams, confidence
-from samplers.core.protocol import CausalModel, SampleOutput, check_max_new_tokens
+from samplers.core.protocol import (CausalModel, SampleOutput, check_max_new_tokens,
+                                    check_probabilities)
 from samplers.spec import SamplerSpec
 
 RULES = ("confidence", "head")
@@ -84,9 +85,7 @@ class AdaptiveConfig:
     check_max_new_tokens(self.max_new_tokens)
     if self.rule not in RULES:
       raise ValueError(f"adaptive rule {self.rule!r} is unknown; valid rules: {', '.join(RULES)}")
-    for name in ("confidence_threshold", "stop_threshold"):
-      if not 0.0 <= getattr(self, name) <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+    check_probabilities(self, "confidence_threshold", "stop_threshold")
 
 
 def _draft_call(draft: CausalModel, params, rule: str):

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 from samplers.core import draft_verify, rng
 from samplers.core.logits import SamplingParams, confidence
 from samplers.core.protocol import (SampleOutput, check_max_new_tokens, check_num_draft_tokens,
-                                    last_prompt_logits, prompt_positions)
+                                    check_probabilities, last_prompt_logits,
+                                    prompt_positions)
 from samplers.spec import SamplerSpec
 
 
@@ -65,9 +66,7 @@ class EagleConfig:
   def __post_init__(self):
     check_num_draft_tokens(self.num_draft_tokens)
     check_max_new_tokens(self.max_new_tokens)
-    if not 0.0 <= self.confidence_threshold <= 1.0:
-      raise ValueError(f"confidence_threshold must be in [0, 1], got "
-                       f"{self.confidence_threshold}")
+    check_probabilities(self, "confidence_threshold")
 
 
 def check_target(target, prompt_len: int, config: EagleConfig) -> int:
@@ -79,12 +78,7 @@ def check_target(target, prompt_len: int, config: EagleConfig) -> int:
                      "(apply_with_features, draft, init_draft_cache; e.g. a model with "
                      "model.draft_heads.eagle=true trained on a frozen target, the pair_eagle "
                      "experiment)")
-  gamma, steps = config.num_draft_tokens, config.max_new_tokens
-  need = prompt_len + steps + gamma - 1
-  draft_verify.check_room({"target": target}, need,
-                          f"prompt length {prompt_len} + max_new_tokens {steps} + "
-                          f"num_draft_tokens {gamma} - 1", "max_new_tokens or num_draft_tokens")
-  return need
+  return draft_verify.chain_room({"target": target}, prompt_len, config)
 
 
 @functools.partial(jax.jit, static_argnames=("target", "config"))

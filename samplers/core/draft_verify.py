@@ -168,15 +168,18 @@ def verify_chain(drafts: jax.Array, q: jax.Array | None, logits: jax.Array,
 
 
 def check_pair(target: CausalModel, draft: CausalModel, prompt_len: int, config) -> int:
-  """Cache slots per row a decode needs; ValueError if the pair cannot run it.
-
-  The verify window reaches gamma - 1 slots past prompt + max_new_tokens (drafts after the last
-  needed token are scored and discarded), so both models need P + N + gamma - 1 <= max_len.
-  """
+  """Cache slots per row a decode needs; ValueError if the pair cannot run it (`chain_room`)."""
   check_vocabularies(target, draft, ("target", "draft"))
+  return chain_room({"target": target, "draft": draft}, prompt_len, config)
+
+
+def chain_room(models: dict[str, Any], prompt_len: int, config) -> int:
+  """Cache slots per row of a chain of up to gamma drafts, P + N + gamma - 1: the verify window
+  reaches gamma - 1 slots past prompt + max_new_tokens (drafts after the last needed token are
+  scored and discarded). ValueError (`check_room`) when one of `models` has fewer."""
   gamma, steps = config.num_draft_tokens, config.max_new_tokens
   need = prompt_len + steps + gamma - 1
-  check_room({"target": target, "draft": draft}, need,
+  check_room(models, need,
              f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens {gamma} - 1",
              "max_new_tokens or num_draft_tokens")
   return need

@@ -103,6 +103,13 @@ def check_num_draft_tokens(num_draft_tokens: int) -> None:
     raise ValueError(f"num_draft_tokens (gamma) must be >= 1, got {num_draft_tokens}")
 
 
+def check_probabilities(config: Any, *names: str) -> None:
+  """ValueError unless each of the config's fields `names` (thresholds) is in [0, 1]."""
+  for name in names:
+    if not 0.0 <= getattr(config, name) <= 1.0:
+      raise ValueError(f"{name} must be in [0, 1], got {getattr(config, name)}")
+
+
 def check_vocabularies(first: Any, second: Any, names: tuple[str, str]) -> None:
   """ValueError unless two models (anything with `vocab_size`) share one vocabulary size.
 

@@ -91,6 +91,10 @@ def test_only_the_head_gets_gradients_and_bad_settings_are_named():
     config_lib.validate(config_lib.apply_overrides(tiny, ["model.draft_heads.eagle=true"]))
   with pytest.raises(ValueError, match="not several"):
     dataclasses.replace(CONFIG, draft_heads=DraftHeadsConfig(medusa=2, eagle=True)).validate()
+  with pytest.raises(ValueError, match="eagle_rollout must be >= 1 step"):
+    DraftHeadsConfig(eagle=True, eagle_rollout=0).validate("llama", 1)
+  with pytest.raises(ValueError, match="eagle_mlp_dim must be >= 0"):
+    DraftHeadsConfig(eagle=True, eagle_mlp_dim=-1).validate("llama", 1)
 
 
 @pytest.mark.slow

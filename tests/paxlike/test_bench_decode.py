@@ -5,6 +5,13 @@ import json
 import pytest
 
 from paxlike.bench import decode_suite
+from paxlike.errors import UserError
+
+
+def test_an_unknown_sampler_is_named_before_anything_trains(tmp_path):
+  with pytest.raises(UserError, match="--samplers: nope not in the decode suite; valid: "):
+    decode_suite.run(str(tmp_path), None, samplers=("eagle", "nope"))
+  assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow

@@ -124,3 +124,5 @@ def test_bad_input_is_a_clear_error():
     eagle.sample(model, params, prompt, lengths, jax.random.key(0), config)
   with pytest.raises(ValueError, match="num_draft_tokens"):
     eagle.EagleConfig(num_draft_tokens=0, max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"confidence_threshold must be in \[0, 1\]"):
+    eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, confidence_threshold=1.5)
