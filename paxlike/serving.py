@@ -114,24 +114,72 @@ def serve_static(model, params, requests: list[Request], batch: int,
   return [served[id(r)] for r in requests]
 
 
+class ARSlots:
+  """The continuous-batch engine of `continuous_ar`: between checks, `steps_per_sync` AR steps.
+
+  An engine owns the slots' programs: `init(requests)` (empty slots sized for the trace),
+  `admit(slots, slot, request)`, `advance(slots)` and `warm_up(slots, requests)` (compiles every
+  program it may run, and measures what its policy needs, before the clock starts)."""
+
+  def __init__(self, model, params, num_slots: int, sampling: SamplingParams,
+               steps_per_sync: int = 4, max_draft_tokens: int = 0, draft=None,
+               draft_params=None):
+    self.model, self.params, self.num_slots, self.sampling = model, params, num_slots, sampling
+    self.steps_per_sync, self.max_draft_tokens = steps_per_sync, max_draft_tokens
+    self.draft, self.draft_params = draft, draft_params
+    self.config = None
+
+  def init(self, requests: list[Request]) -> continuous.Slots:
+    self.config = continuous.ContinuousConfig(
+        num_slots=self.num_slots, max_new_tokens=max(r.max_new_tokens for r in requests),
+        prompt_width=max(len(r.prompt) for r in requests), sampling=self.sampling,
+        max_draft_tokens=self.max_draft_tokens)
+    return continuous.init(self.model, self.config, self.draft)
+
+  def admit(self, slots: continuous.Slots, slot: int, r: Request) -> continuous.Slots:
+    prompt, length = _padded([r.prompt], self.config.prompt_width)
+    return continuous.admit(self.model, self.params, slots, jnp.int32(slot),
+                            jnp.asarray(prompt[0]), jnp.int32(length[0]), jax.random.key(r.seed),
+                            jnp.int32(r.max_new_tokens), self.config, self.draft,
+                            self.draft_params)
+
+  def full(self, slots: continuous.Slots, requests: list[Request]) -> continuous.Slots:
+    """Every slot admitted with one of `requests` (warm-ups and cost measurements)."""
+    for slot in range(self.num_slots):
+      slots = self.admit(slots, slot, requests[slot % len(requests)])
+    return slots
+
+  def ar_step(self, slots: continuous.Slots) -> continuous.Slots:
+    return continuous.step(self.model, self.params, slots, self.config, self.steps_per_sync)
+
+  def advance(self, slots: continuous.Slots) -> continuous.Slots:
+    return self.ar_step(slots)
+
+  def warm_up(self, slots: continuous.Slots, requests: list[Request]) -> continuous.Slots:
+    for _ in range(2):  # fresh and stepped slots alike
+      slots = self.advance(self.admit(slots, 0, requests[0]))
+    return slots
+
+
+def time_program(program, slots, repeats: int = 5) -> tuple[float, object]:
+  """(median seconds of `program(slots) -> slots` over `repeats` calls after one, the slots)."""
+  times = []
+  for _ in range(repeats + 1):
+    start = time.perf_counter()
+    slots = jax.block_until_ready(program(slots))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times[1:])), slots
+
+
 def serve_continuous(model, params, requests: list[Request], num_slots: int,
-                     sampling: SamplingParams, steps_per_sync: int = 4) -> list[Served]:
-  """The continuous policy (module docstring) with `num_slots` slots."""
-  config = continuous.ContinuousConfig(
-      num_slots=num_slots, max_new_tokens=max(r.max_new_tokens for r in requests),
-      prompt_width=max(len(r.prompt) for r in requests), sampling=sampling)
-  slots = continuous.init(model, config)
-
-  def admit(slots, slot: int, r: Request):
-    prompt, length = _padded([r.prompt], config.prompt_width)
-    return continuous.admit(model, params, slots, jnp.int32(slot), jnp.asarray(prompt[0]),
-                            jnp.int32(length[0]), jax.random.key(r.seed),
-                            jnp.int32(r.max_new_tokens), config)
-
-  for _ in range(2):  # compiled before the clock starts, for fresh and stepped slots alike
-    slots = continuous.step(model, params, admit(slots, 0, requests[0]), config, steps_per_sync)
-  jax.block_until_ready(slots)
-  slots = continuous.init(model, config)
+                     sampling: SamplingParams, steps_per_sync: int = 4,
+                     engine: ARSlots | None = None) -> list[Served]:
+  """The continuous policy (module docstring) with `num_slots` slots: AR steps, or the
+  programs of `engine` (e.g. `paxlike.speculative_serving`'s)."""
+  engine = engine or ARSlots(model, params, num_slots, sampling, steps_per_sync)
+  jax.block_until_ready(engine.warm_up(engine.init(requests), requests))
+  slots = engine.init(requests)
+  generated = jax.jit(continuous.generated, static_argnames="config")
   waiting, owner, first, served = collections.deque(requests), {}, {}, {}
   start = time.perf_counter()
   clock = lambda: time.perf_counter() - start
@@ -143,16 +191,16 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
     for slot in range(num_slots):
       if slot not in owner and waiting and waiting[0].arrival_s <= now:
         owner[slot] = waiting.popleft()
-        slots = admit(slots, slot, owner[slot])
+        slots = engine.admit(slots, slot, owner[slot])
         admitted.append(slot)
     if admitted:
-      jax.block_until_ready(slots.last)
+      jax.block_until_ready(slots.n)
       first.update({id(owner[slot]): clock() for slot in admitted})
-    slots = continuous.step(model, params, slots, config, steps_per_sync)
+    slots = engine.advance(slots)
     active = np.asarray(slots.active)
     done = clock()
     finished = [s for s in owner if not active[s]]
-    tokens = np.asarray(slots.tokens) if finished else None  # one transfer, no slicing program
+    tokens = np.asarray(generated(slots, config=engine.config)) if finished else None
     for slot in finished:
       r = owner.pop(slot)
       served[id(r)] = Served(tokens[slot, :r.max_new_tokens], r.arrival_s, first[id(r)], done)

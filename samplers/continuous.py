@@ -1,19 +1,24 @@
-"""Continuous batching for AR decoding: a fixed set of slots, each holding one request.
+"""Continuous batching: a fixed set of slots, each holding one request, for AR and speculative
+decoding.
 
 Static batching decodes a batch until its slowest row ends, and admits nothing meanwhile.
 Continuous batching (Orca, Yu et al. 2022; vLLM) keeps S slots of one KV cache: a finished
 request's slot takes the next waiting one, so the batch stays full under load. The compiled
 programs keep static shapes: `admit` prefills one request into one slot (its prompt right-padded
-to a fixed width), `step` advances every slot by k tokens; a host-side scheduler
-(`paxlike.serving`) decides what to admit between steps.
+to a fixed width), `step` advances every slot by k AR tokens, and `samplers.continuous_spec`
+advances them by speculative rounds; a host-side scheduler (`paxlike.serving`) decides what to
+admit, and which program to run, between calls.
 
-Each slot has its own write pointer, so requests of different lengths share the cache; a slot
-that is free or finished still computes (static shapes) but its pointer does not move and its
-output is not written.
+Each slot holds its request's prompt and generated tokens (`seq`) and its own pointers, so
+requests of different lengths share the cache; a slot that is free or finished still computes
+(static shapes) but its pointers do not move and nothing is committed. With a draft model the
+slots also hold its cache; AR steps leave it behind, and the next speculative round catches it
+up (`draft_length`).
 
-Guarantee: a request's tokens are those of `samplers.ar` decoding it alone with its own key
-(the token at absolute position t drawn with fold_in(key, t)): they do not depend on its slot or
-its neighbours (tested; greedy up to numerical near-ties between batched and single-row calls).
+Guarantee: with AR steps, a request's tokens are those of `samplers.ar` decoding it alone with
+its own key (the token at absolute position t drawn with fold_in(key, t)): they do not depend on
+its slot or its neighbours (tested; greedy up to numerical near-ties between batched and
+single-row calls).
 """
 
 from __future__ import annotations
@@ -25,20 +30,22 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from samplers.core import rng
+from samplers.core import draft_verify, emit, rng
 from samplers.core.logits import SamplingParams, sample_token
-from samplers.core.protocol import CausalModel, check_max_new_tokens, last_prompt_logits, prefill
+from samplers.core.protocol import (CausalModel, check_max_new_tokens, check_vocabularies,
+                                    last_prompt_logits, prefill)
 
 
 @dataclasses.dataclass(frozen=True)
 class ContinuousConfig:
   """Attributes:
     num_slots: S, requests decoded at once.
-    max_new_tokens: N, the most tokens a request may ask for (the output buffer's width).
+    max_new_tokens: N, the most tokens a request may ask for.
     prompt_width: P, the width prompts are right-padded to for `admit`.
     sampling: how tokens are drawn.
     eos_id: a request ends after emitting it; None never ends early.
     pad_id: fills a slot's output after its request's end.
+    max_draft_tokens: G, the longest speculative round the slots make room for (0: AR only).
   """
 
   num_slots: int
@@ -47,17 +54,20 @@ class ContinuousConfig:
   sampling: SamplingParams = SamplingParams()
   eos_id: int | None = None
   pad_id: int = 0
+  max_draft_tokens: int = 0
 
   def __post_init__(self):
     check_max_new_tokens(self.max_new_tokens)
     if self.num_slots < 1 or self.prompt_width < 1:
       raise ValueError(f"num_slots and prompt_width must be >= 1, got {self.num_slots} and "
                        f"{self.prompt_width}")
+    if self.max_draft_tokens < 0:
+      raise ValueError(f"max_draft_tokens must be >= 0, got {self.max_draft_tokens}")
 
   @property
   def cache_len(self) -> int:
-    """Cache slots per row: the longest prompt plus the most new tokens."""
-    return self.prompt_width + self.max_new_tokens
+    """Cache slots per row: the longest prompt, the most new tokens and a round's overhang."""
+    return self.prompt_width + self.max_new_tokens + self.max_draft_tokens
 
 
 @flax.struct.dataclass
@@ -65,38 +75,56 @@ class Slots:
   """The decode state of S slots.
 
   Attributes:
-    cache: the model's cache with S rows.
-    last: [S] int32 each slot's newest token (at position `length`, not yet in the cache).
-    length: [S] int32 tokens in each slot's cache (its prompt and all but its newest token).
-    tokens: [S, N] int32 each slot's generated tokens (pad after its end).
-    count: [S] int32 tokens generated so far.
+    cache: the target's cache with S rows; it holds each slot's tokens but its newest.
+    draft_cache: the draft's cache with S rows, or None without a draft.
+    seq: [S, P + N + G] int32 each slot's prompt, then its generated tokens.
+    prompt_length: [S] int32.
+    n: [S] int32 tokens generated so far (the newest, at prompt_length + n - 1, not yet cached).
     limit: [S] int32 tokens its request asked for.
     keys: [S] typed keys, one per request.
     active: [S] bool: holds a request that has not ended.
+    draft_length: [S] int32 leading tokens of `seq` the draft's cache holds.
+    accepted, drafted, rejected: [] int32 drafts accepted and proposed by active slots so far,
+      and their rounds that ended in a rejection (for the serving policies' acceptance
+      estimates: accepted / (accepted + rejected) estimates the per-draft acceptance rate).
   """
 
   cache: object
-  last: jax.Array
-  length: jax.Array
-  tokens: jax.Array
-  count: jax.Array
+  draft_cache: object
+  seq: jax.Array
+  prompt_length: jax.Array
+  n: jax.Array
   limit: jax.Array
   keys: jax.Array
   active: jax.Array
+  draft_length: jax.Array
+  accepted: jax.Array
+  drafted: jax.Array
+  rejected: jax.Array
+
+  @property
+  def context(self) -> jax.Array:
+    """[S] int32 tokens each slot holds (prompt and generated)."""
+    return self.prompt_length + self.n
 
 
-def init(model: CausalModel, config: ContinuousConfig) -> Slots:
-  """S free slots."""
+def init(model: CausalModel, config: ContinuousConfig, draft: CausalModel | None = None) -> Slots:
+  """S free slots (with the draft's cache too when a draft is given)."""
   slots = config.num_slots
   zeros = lambda: jnp.zeros((slots,), jnp.int32)  # distinct buffers: the slots are donated
-  if config.cache_len > model.max_len:
-    raise ValueError(f"prompt_width {config.prompt_width} + max_new_tokens "
-                     f"{config.max_new_tokens} = {config.cache_len} exceeds the model's max_len "
-                     f"{model.max_len}; lower either")
-  return Slots(cache=model.init_cache(slots, config.cache_len), last=zeros(), length=zeros(),
-               tokens=jnp.full((slots, config.max_new_tokens), config.pad_id, jnp.int32),
-               count=zeros(), limit=zeros(), keys=jax.random.split(jax.random.key(0), slots),
-               active=jnp.zeros((slots,), bool))
+  models = {"target": model, **({"draft": draft} if draft is not None else {})}
+  if draft is not None:
+    check_vocabularies(model, draft, ("target", "draft"))
+  draft_verify.check_room(
+      models, config.cache_len,
+      f"prompt_width {config.prompt_width} + max_new_tokens {config.max_new_tokens} + "
+      f"max_draft_tokens {config.max_draft_tokens}", "any of them")
+  return Slots(cache=model.init_cache(slots, config.cache_len),
+               draft_cache=None if draft is None else draft.init_cache(slots, config.cache_len),
+               seq=jnp.zeros((slots, config.cache_len), jnp.int32), prompt_length=zeros(),
+               n=zeros(), limit=zeros(), keys=jax.random.split(jax.random.key(0), slots),
+               active=jnp.zeros((slots,), bool), draft_length=zeros(), accepted=jnp.int32(0),
+               drafted=jnp.int32(0), rejected=jnp.int32(0))
 
 
 def _draw(keys: jax.Array, positions: jax.Array, logits: jax.Array,
@@ -106,16 +134,60 @@ def _draw(keys: jax.Array, positions: jax.Array, logits: jax.Array,
                                                       logits, sampling)
 
 
-def _ended(token: jax.Array, count: jax.Array, limit: jax.Array, config: ContinuousConfig):
-  ended = count >= limit
-  return ended if config.eos_id is None else ended | (token == config.eos_id)
+def commit(slots: Slots, new: jax.Array, count: jax.Array, config: ContinuousConfig) -> Slots:
+  """Appends new[s, :count[s]] [S, W] to each active slot, cut after eos and at its limit."""
+  seq, n, done = draft_verify.commit(slots.seq, slots.prompt_length, slots.n, ~slots.active, new,
+                                     count, slots.limit, config.eos_id)
+  return slots.replace(seq=seq, n=n, active=~done)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config"), donate_argnames=("slots",))
+def _put(whole: jax.Array, one: jax.Array, slot: jax.Array) -> jax.Array:
+  return jax.lax.dynamic_update_slice_in_dim(whole, one.astype(whole.dtype), slot, axis=0)
+
+
+PER_SLOT = ("cache", "draft_cache", "seq", "prompt_length", "n", "limit", "keys", "active",
+            "draft_length")  # the fields with a slot axis
+
+
+def _prefilled(model: CausalModel, params, prompt: jax.Array, prompt_length: jax.Array,
+               keys: jax.Array, limit: jax.Array, config: ContinuousConfig,
+               draft: CausalModel | None, draft_params) -> Slots:
+  """K requests prefilled into K fresh slots, each with its first token drawn."""
+  rows = prompt.shape[0]
+  logits, cache = prefill(model, params, prompt, model.init_cache(rows, config.cache_len))
+  first = _draw(keys, prompt_length, last_prompt_logits(logits, prompt_length), config.sampling)
+  draft_cache = None
+  if draft is not None:
+    draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(rows, config.cache_len))[1]
+  slots = Slots(cache=cache, draft_cache=draft_cache,
+                seq=jnp.zeros((rows, config.cache_len), jnp.int32).at[:, :prompt.shape[1]].set(
+                    prompt),
+                prompt_length=prompt_length, n=jnp.zeros((rows,), jnp.int32), limit=limit,
+                keys=keys, active=jnp.ones((rows,), bool), draft_length=prompt_length - 1,
+                accepted=jnp.int32(0), drafted=jnp.int32(0), rejected=jnp.int32(0))
+  return commit(slots, first[:, None], jnp.ones((rows,), jnp.int32), config)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "draft"))
+def fill(model: CausalModel, params, prompt: jax.Array, prompt_length: jax.Array,
+         keys: jax.Array, limit: jax.Array, config: ContinuousConfig,
+         draft: CausalModel | None = None, draft_params=None) -> Slots:
+  """All S slots at once, each prefilled with a request (and into the draft's cache).
+
+  Args:
+    prompt: [S, P] int32 prompts right-padded to `config.prompt_width`; prompt_length: [S] int32.
+    keys: [S] the requests' typed keys; limit: [S] int32 tokens each asks for, in [1, N].
+  """
+  return _prefilled(model, params, prompt, prompt_length.astype(jnp.int32), keys,
+                    limit.astype(jnp.int32), config, draft, draft_params)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "draft"),
+                   donate_argnames=("slots",))
 def admit(model: CausalModel, params, slots: Slots, slot: jax.Array, prompt: jax.Array,
-          prompt_length: jax.Array, key: jax.Array, limit: jax.Array,
-          config: ContinuousConfig) -> Slots:
-  """Prefills one request into `slot` and draws its first token.
+          prompt_length: jax.Array, key: jax.Array, limit: jax.Array, config: ContinuousConfig,
+          draft: CausalModel | None = None, draft_params=None) -> Slots:
+  """Prefills one request into `slot` (and into the draft's cache) and draws its first token.
 
   Args:
     slot: [] int32 a free slot's index.
@@ -124,38 +196,31 @@ def admit(model: CausalModel, params, slots: Slots, slot: jax.Array, prompt: jax
   Returns:
     the slots with the request in `slot` (already ended if its first token ends it).
   """
-  logits, row = prefill(model, params, prompt[None], model.init_cache(1, config.cache_len))
-  row = row.replace(lengths=prompt_length[None])
-  first = _draw(key[None], prompt_length[None], last_prompt_logits(logits, prompt_length[None]),
-                config.sampling)[0]
-  put = lambda whole, one: jax.lax.dynamic_update_slice_in_dim(whole, one.astype(whole.dtype),
-                                                               slot, axis=0)
-  tokens = jnp.full((config.max_new_tokens,), config.pad_id, jnp.int32).at[0].set(first)
-  return slots.replace(
-      cache=jax.tree.map(put, slots.cache, row), last=slots.last.at[slot].set(first),
-      length=slots.length.at[slot].set(prompt_length), tokens=put(slots.tokens, tokens[None]),
-      count=slots.count.at[slot].set(1), limit=slots.limit.at[slot].set(limit),
-      keys=put(slots.keys, key[None]),
-      active=slots.active.at[slot].set(~_ended(first, jnp.int32(1), limit, config)))
+  row = _prefilled(model, params, prompt[None], prompt_length[None], key[None], limit[None],
+                   config, draft, draft_params)
+  put = lambda whole, one: _put(whole, one, slot)
+  return slots.replace(**{field: jax.tree.map(put, getattr(slots, field), getattr(row, field))
+                          for field in PER_SLOT})
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "steps"),
                    donate_argnames=("slots",))
 def step(model: CausalModel, params, slots: Slots, config: ContinuousConfig,
          steps: int = 1) -> Slots:
-  """Advances every active slot by up to `steps` tokens (one model call each)."""
+  """Advances every active slot by up to `steps` AR tokens (one target call each)."""
 
   def one(_, s: Slots) -> Slots:
-    logits, cache = model.apply(params, s.last[:, None], s.length[:, None],
-                                s.cache.replace(lengths=s.length))
-    token = _draw(s.keys, s.length + 1, logits[:, 0], config.sampling)
-    write = s.active & (s.count < config.max_new_tokens)
-    index = jnp.minimum(s.count, config.max_new_tokens - 1)
-    tokens = s.tokens.at[jnp.arange(token.shape[0]), index].set(
-        jnp.where(write, token, s.tokens[jnp.arange(token.shape[0]), index]))
-    count = s.count + s.active
-    return s.replace(cache=cache, last=jnp.where(s.active, token, s.last),
-                     length=s.length + s.active, tokens=tokens, count=count,
-                     active=s.active & ~_ended(token, count, s.limit, config))
+    context = s.context
+    last = jnp.take_along_axis(s.seq, (context - 1)[:, None], axis=1)
+    logits, cache = model.apply(params, last, (context - 1)[:, None],
+                                s.cache.replace(lengths=context - 1))
+    token = _draw(s.keys, context, logits[:, 0], config.sampling)
+    return commit(s.replace(cache=cache), token[:, None], jnp.ones_like(s.n), config)
 
   return jax.lax.fori_loop(0, steps, one, slots)
+
+
+def generated(slots: Slots, config: ContinuousConfig) -> jax.Array:
+  """[S, N] int32 each slot's generated tokens, pad_id after them."""
+  return emit.generated(slots.seq, slots.prompt_length, slots.n, config.max_new_tokens,
+                        config.pad_id)

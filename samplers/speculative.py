@@ -86,27 +86,14 @@ def sample(target: CausalModel, target_params, draft: CausalModel, draft_params,
     target_cache, draft_cache = caches
     window = context[:, None] - 1 + jnp.arange(gamma + 1)  # [B, gamma + 1] positions
     noise, verify_u = draft_verify.round_noise(keys, context, gamma, vocab, greedy)
-    last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
-    logits, draft_cache = draft.apply(draft_params, jnp.take_along_axis(seq, last_two, axis=1),
-                                      last_two, draft_cache.replace(lengths=context - 2))
-    first, q_first = draft_verify.draw_draft(noise[:, 0], logits[:, 1], config.sampling)
-
-    def draft_step(carry, inputs):  # feeds draft i (at position context + i - 1), draws draft i + 1
-      token, cache = carry
-      i, step_noise = inputs
-      logits, cache = draft.apply(draft_params, token[:, None], (context + i - 1)[:, None], cache)
-      token, q = draft_verify.draw_draft(step_noise, logits[:, 0], config.sampling)
-      return (token, cache), (token, q)
-
-    (_, draft_cache), (rest, q_rest) = jax.lax.scan(
-        draft_step, (first, draft_cache), (jnp.arange(1, gamma), jnp.moveaxis(noise[:, 1:], 1, 0)))
-    drafts = jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, gamma]
-
+    chain = draft_verify.draft_after(draft, draft_params, seq, context, draft_cache, noise, gamma,
+                                     config.sampling)
+    drafts, draft_cache = chain["drafts"], chain["cache"]
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
     logits, target_cache = target.apply(target_params, scored, window,
                                         target_cache.replace(lengths=context - 1))
-    q = None if greedy else jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)], 1)
-    emitted, count = draft_verify.verify_chain(drafts, q, logits, verify_u, config.sampling)
+    emitted, count = draft_verify.verify_chain(drafts, chain["q"], logits, verify_u,
+                                               config.sampling)
     return (target_cache, draft_cache), emitted, count
 
   return draft_verify.prefill_and_decode(round_fn, target, target_params, draft, draft_params,

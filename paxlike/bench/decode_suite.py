@@ -64,6 +64,18 @@ def trained(name: str, workdir: Path, overrides: list[str] = ()) -> Run:
   return harness.trained(config_lib.apply_overrides(registry.get(name), list(overrides)), workdir)
 
 
+def drafting_on_target(root: Path, small: bool = False) -> list[str]:
+  """The overrides that train a drafter on the trained `pair_target`'s own continuations (greedy
+  and T = 1, written once into its cache; `small`: a few short ones, for smoke runs)."""
+  continuations = root / "pair_target" / "teacher_text.txt"
+  if not continuations.exists():
+    print(f"writing the target's continuations to {continuations} (cached for later runs)",
+          flush=True)
+    teacher_text.write(root / "pair_target", continuations,
+                       **(dict(prompts=16, new_tokens=64) if small else {}))
+  return [f"train.teacher_workdir={root / 'pair_target'}", f"data.path={continuations}"]
+
+
 def near_ties(model, params, prompt: np.ndarray, tokens: np.ndarray) -> int:
   """Greedy steps whose top-two target logits differ by less than NEAR_TIE (equal-length prompts)."""
   sequence = jnp.asarray(np.concatenate([prompt, tokens], axis=1))
@@ -112,15 +124,10 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   target_steps, draft_steps = train_steps or (0, 0)
   target = trained("pair_target", root / "pair_target",
                    [*short(target_steps), *target_overrides])
-  continuations = root / "pair_target" / "teacher_text.txt"
-  if not continuations.exists():
-    print(f"writing the target's continuations to {continuations} (cached for later runs)",
-          flush=True)
-    sizes = dict(prompts=16, new_tokens=64) if train_steps else {}
-    teacher_text.write(root / "pair_target", continuations, **sizes)
   if "adaptive" in samplers:  # its rows report draft calls saved against speculative's
     samplers = ("speculative", *samplers)
-  on_target = [f"train.teacher_workdir={root / 'pair_target'}", f"data.path={continuations}"]
+  on_target = drafting_on_target(root, small=bool(train_steps))
+  continuations = root / "pair_target" / "teacher_text.txt"
   drafts = {}
   if any(sampler_registry.get(kind).second_model for kind in samplers):
     draft = trained("pair_draft", root / "pair_draft",

@@ -7,9 +7,13 @@ the same trace (`paxlike.serving`), greedy; a row reports throughput (generated 
 from the first arrival to the last completion), time to first token and time per output token
 (p50, p99), and whether every request's tokens equal its batch-1 AR decode.
 
-Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest) and
-`continuous_ar` (`batch` slots, refilled between steps). Speculative continuous batching,
-SmartSpec and TETRIS are not built yet.
+Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest),
+`continuous_ar` (`batch` slots, refilled between calls of 4 AR steps), and with the decode
+suite's `pair_draft` (trained or loaded likewise): `continuous_speculative` (rounds of
+NUM_DRAFT_TOKENS drafts per slot), `smartspec` (0..NUM_DRAFT_TOKENS per call by expected goodput)
+and `tetris` (batch draft selection, NUM_DRAFT_TOKENS drafted per slot); see
+`paxlike.speculative_serving`. Policies are interleaved: each rate runs every policy on the same
+trace before the next rate.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from paxlike import registry, serving, tokenizer
+from paxlike import registry, serving, speculative_serving, tokenizer
 from paxlike.bench import harness
-from paxlike.bench.decode_suite import trained
+from paxlike.bench.decode_suite import drafting_on_target, trained
 from paxlike.data import load_corpus
+from paxlike.errors import UserError
 from samplers.core.logits import SamplingParams
 
-POLICIES = ("static", "continuous_ar")
+POLICIES = ("static", "continuous_ar", "continuous_speculative", "smartspec", "tetris")
+NUM_DRAFT_TOKENS = 4
 PROMPT_BYTES = (16, 64)
 NEW_TOKENS = (16, 96)
 
@@ -41,11 +47,27 @@ def trace_inputs(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]
   return prompts, rng.integers(NEW_TOKENS[0], NEW_TOKENS[1] + 1, count).tolist()
 
 
+def _choices(engine) -> dict[str, Any]:
+  """What a speculative policy chose: SmartSpec's calls per gamma, and both adaptive policies'
+  measured cost per call (seconds, full slots) of each gamma / verify width."""
+  if isinstance(engine, speculative_serving.SmartSpec):
+    return {"calls_per_gamma": engine.chosen.tolist(),
+            "cost_per_gamma_s": [round(float(c), 5) for c in engine.costs]}
+  if isinstance(engine, speculative_serving.Tetris):
+    return {"cost_per_width_s": [round(float(c), 5) for c in engine.costs]}
+  return {}
+
+
 def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8.0, 32.0),
         requests: int = 96, batch: int = 8, steps_per_sync: int = 4,
-        target_overrides: tuple[str, ...] = (), train_steps: int = 0) -> dict[str, Any]:
-  """Serves `requests` requests at each rate with each policy; `target_overrides` and
-  `train_steps` reshape and shorten the target's training (tests, smoke runs)."""
+        target_overrides: tuple[str, ...] = (), train_steps: int = 0,
+        policies: tuple[str, ...] = POLICIES) -> dict[str, Any]:
+  """Serves `requests` requests at each rate with each of `policies`; `target_overrides` and
+  `train_steps` reshape and shorten the target's and the draft's training (tests, smoke runs)."""
+  unknown = sorted(set(policies) - set(POLICIES))
+  if unknown:
+    raise UserError(f"--policies: {', '.join(unknown)} not in the serve suite; valid: "
+                    f"{', '.join(POLICIES)}")
   registry.load_modules()
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
   short = [f"train.steps={train_steps}", f"checkpoint.every_steps={train_steps}"] if train_steps \
@@ -53,23 +75,43 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
   model, params, _ = trained("pair_target", root / "pair_target",
                              [*short, *target_overrides]).restore()
   greedy = SamplingParams(temperature=0.0)
+  gamma = NUM_DRAFT_TOKENS
+  if set(policies) - {"static", "continuous_ar"}:
+    draft_model, draft_params, _ = trained(
+        "pair_draft", root / "pair_draft",
+        [*drafting_on_target(root, small=bool(train_steps)), *short,
+         *target_overrides]).restore()
+    pair = (model, params, draft_model, draft_params, batch, greedy)
+    engines = {"continuous_speculative": lambda: speculative_serving.FixedGamma(*pair, gamma),
+               "smartspec": lambda: speculative_serving.SmartSpec(*pair, gamma),
+               "tetris": lambda: speculative_serving.Tetris(*pair, gamma)}
   prompts, new_tokens = trace_inputs(requests)
   reference = serving.reference(model, params, serving.poisson_trace(prompts, new_tokens, 1.0),
                                 greedy)
   serve = {"static": lambda trace: serving.serve_static(model, params, trace, batch, greedy),
            "continuous_ar": lambda trace: serving.serve_continuous(model, params, trace, batch,
                                                                    greedy, steps_per_sync)}
+  used = {}  # policy -> its last engine, whose choices the row reports
+
+  def speculative(name, trace):
+    used[name] = engines[name]()
+    return serving.serve_continuous(model, params, trace, batch, greedy, engine=used[name])
+
+  for name in set(policies) - set(serve):
+    serve[name] = lambda trace, name=name: speculative(name, trace)
   rows = []
   for rate in rates:
     trace = serving.poisson_trace(prompts, new_tokens, rate)
-    for policy in POLICIES:
+    for policy in [p for p in POLICIES if p in policies]:
       served = serve[policy](trace)
       equal = all(np.array_equal(s.tokens, r) for s, r in zip(served, reference))
       rows.append({"policy": policy, "rate": rate, **serving.summary(served),
-                   "greedy_equal_ar": equal, "requests": requests, "batch": batch})
+                   "greedy_equal_ar": equal, "requests": requests, "batch": batch,
+                   **_choices(used.get(policy))})
   harness.print_table(rows, ["policy", "rate", "throughput", "ttft_p50", "ttft_p99", "tpot_p50",
                              "tpot_p99", "greedy_equal_ar"])
   config = {"target": "pair_target", "rates": list(rates), "requests": requests, "batch": batch,
-            "steps_per_sync": steps_per_sync, "prompt_bytes": list(PROMPT_BYTES),
+            "steps_per_sync": steps_per_sync, "num_draft_tokens": NUM_DRAFT_TOKENS,
+            "draft": "pair_draft", "policies": list(policies), "prompt_bytes": list(PROMPT_BYTES),
             "new_tokens": list(NEW_TOKENS)}
   return harness.write_report(out, "serve", config, rows)

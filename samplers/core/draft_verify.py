@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from samplers.core import emit, verify
-from samplers.core.logits import SamplingParams, probs
+from samplers.core.logits import SamplingParams, confidence, probs
 from samplers.core.protocol import (CausalModel, SampleOutput, check_vocabularies,
                                     last_prompt_logits, prefill)
 
@@ -81,6 +81,42 @@ def draw_draft(noise: jax.Array, logits: jax.Array,
     return jnp.argmax(logits.astype(jnp.float32), axis=-1).astype(jnp.int32), None
   q = probs(logits, sampling)
   return jax.vmap(verify.draw)(noise, q), q
+
+
+def draft_after(draft: CausalModel, draft_params, seq: jax.Array, context: jax.Array, cache: Any,
+                noise: jax.Array, gamma: int, sampling: SamplingParams) -> dict[str, Any]:
+  """A separate draft model's chain of gamma tokens after each row's `context` tokens.
+
+  Cache invariant: the draft holds all of a row's tokens but the last two. It re-reads them (the
+  second-to-last is missing after a round whose drafts were all accepted), draws draft 1, then
+  feeds each draft to draw the next: gamma draft calls in all.
+
+  Args:
+    seq: [B, S] int32 each row's tokens; context: [B] int32 how many it holds.
+    noise: [B, gamma, V] the drafts' uniforms (`round_noise`; [B, gamma, 0] when greedy).
+  Returns:
+    {"drafts": [B, gamma] int32, "q": [B, gamma, V] their distributions (None when greedy),
+    "confidence": [B, gamma] float32 each draft's top probability (`logits.confidence`),
+    "cache": the draft's cache holding positions up to context + gamma - 2}.
+  """
+  last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
+  logits, cache = draft.apply(draft_params, jnp.take_along_axis(seq, last_two, axis=1), last_two,
+                              cache.replace(lengths=context - 2))
+  first, q_first = draw_draft(noise[:, 0], logits[:, 1], sampling)
+
+  def step(carry, inputs):  # feeds draft i (at position context + i - 1), draws draft i + 1
+    token, cache = carry
+    i, step_noise = inputs
+    logits, cache = draft.apply(draft_params, token[:, None], (context + i - 1)[:, None], cache)
+    token, q = draw_draft(step_noise, logits[:, 0], sampling)
+    return (token, cache), (token, q, confidence(logits[:, 0]))
+
+  (_, cache), (rest, q_rest, c_rest) = jax.lax.scan(
+      step, (first, cache), (jnp.arange(1, gamma), jnp.moveaxis(noise[:, 1:], 1, 0)))
+  q = None if sampling.greedy else jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)],
+                                                   axis=1)
+  return {"drafts": jnp.concatenate([first[:, None], rest.T], axis=1), "q": q, "cache": cache,
+          "confidence": jnp.concatenate([confidence(logits[:, 1])[:, None], c_rest.T], axis=1)}
 
 
 def draft_chain(first_logits: jax.Array, carry: Any, feed: Callable, stops: Callable,
@@ -144,8 +180,9 @@ def verify_chain(drafts: jax.Array, q: jax.Array | None, logits: jax.Array,
     drafts: [B, gamma] int32; q: [B, gamma, V] the distributions they were drawn from (None
       when greedy); logits: [B, gamma + 1, V] the target's after the context's last token and
       after each draft; verify_u: [B, gamma + 1, 1 + V] uniforms (`round_noise`), None if greedy.
-    lengths: [B] int32 in [1, gamma], the drafts each row proposed (adaptive draft lengths; the
-      positions after them are ignored); None: all gamma.
+    lengths: [B] int32 in [0, gamma], the drafts each row proposed (adaptive draft lengths, batch
+      draft selection; the positions after them are ignored, and a row with none emits one token
+      drawn from p_1, an AR step); None: all gamma.
   Returns:
     (emitted [B, gamma + 1] int32, accepted [B] int32): row b emits emitted[b, :accepted[b] + 1].
   """
@@ -204,13 +241,14 @@ def _write(seq: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
   return seq.at[rows, slots].set(new, mode="drop")
 
 
-def _commit(seq, prompt_lengths, n, done, new, count, config):
-  """Appends new[b, :count[b]] to each unfinished row, cut after eos and at max_new_tokens.
+def commit(seq, prompt_lengths, n, done, new, count, max_new_tokens, eos_id):
+  """Appends new[b, :count[b]] to each unfinished row, cut after eos and at max_new_tokens
+  (an int, or [B] int32: each row's own limit).
 
   Tokens past a row's cut are written too but lie beyond its length, so nothing reads them.
   Returns (seq, n, done).
   """
-  _, committed, done = emit.block(new, count, n, done, config.max_new_tokens, config.eos_id)
+  _, committed, done = emit.block(new, count, n, done, max_new_tokens, eos_id)
   return _write(seq, new, prompt_lengths + n), committed, done
 
 
@@ -250,8 +288,8 @@ def decode(round_fn: Round | RaggedRound, caches: Any, first_logits: jax.Array,
     first = jax.vmap(verify.draw)(noise, probs(first_logits, config.sampling))
   seq = jnp.zeros((batch, prompt_len + steps + gamma), jnp.int32).at[:, :prompt_len].set(prompt)
   none = jnp.zeros((batch,), bool)
-  seq, n, done = _commit(seq, prompt_lengths, jnp.zeros((batch,), jnp.int32), none,
-                         first[:, None], jnp.ones((batch,), jnp.int32), config)
+  seq, n, done = commit(seq, prompt_lengths, jnp.zeros((batch,), jnp.int32), none,
+                        first[:, None], jnp.ones((batch,), jnp.int32), steps, config.eos_id)
   zero = jnp.int32(0)
   state = dict(seq=seq, n=n, done=done, caches=caches, rounds=zero, row_rounds=zero,
                accepted=zero, rejections=zero, drafted=zero, draft_calls=zero)
@@ -265,7 +303,8 @@ def decode(round_fn: Round | RaggedRound, caches: Any, first_logits: jax.Array,
     else:
       caches, new, accepted = round_fn(s["caches"], s["seq"], context)
       drafted, calls = jnp.full_like(accepted, gamma), jnp.int32(gamma)
-    seq, n, done = _commit(s["seq"], prompt_lengths, s["n"], s["done"], new, accepted + 1, config)
+    seq, n, done = commit(s["seq"], prompt_lengths, s["n"], s["done"], new, accepted + 1, steps,
+                          config.eos_id)
     return dict(seq=seq, n=n, done=done, caches=caches, rounds=s["rounds"] + 1,
                 row_rounds=s["row_rounds"] + jnp.sum(active, dtype=jnp.int32),
                 accepted=s["accepted"] + jnp.sum(jnp.where(active, accepted, 0)),

@@ -78,7 +78,7 @@ def greedy_chain(drafts: jax.Array, target_logits: jax.Array,
     drafts: [B, G] int32 proposed tokens.
     target_logits: [B, G + 1, V] the target's logits after the context's last token and after
       each draft.
-    lengths: [B] int32 in [1, G], drafts each row proposed (None: all G).
+    lengths: [B] int32 in [0, G], drafts each row proposed (None: all G).
   Returns:
     (emitted [B, G + 1] int32, accepted [B] int32): row b emits emitted[b, :accepted[b] + 1],
     exactly what `single_draft` emits with one-hot p and q.

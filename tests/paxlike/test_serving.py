@@ -1,5 +1,6 @@
-"""Serving a request trace: both policies return every request's batch-1 AR tokens, and the
-`serve` bench writes its rows (shortened)."""
+"""Serving a request trace: every policy returns each request's batch-1 AR tokens (static and
+continuous AR greedy and sampled, the speculative ones greedy), and the `serve` bench writes its
+rows (shortened)."""
 
 import json
 
@@ -8,20 +9,27 @@ import pytest
 
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
-from paxlike import serving
+import jax
+
+from paxlike import serving, speculative_serving
 from paxlike.bench import serve_suite
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 
 
-def test_static_and_continuous_policies_return_each_requests_own_decode():
-  model = CausalLM(ModelConfig(vocab_size=32, num_layers=1, d_model=32, num_heads=4,
-                               num_kv_heads=2, mlp_dim=64, max_len=64, init_std=0.5,
-                               tie_embeddings=False))
-  params = random_params(model)
+MODEL = CausalLM(ModelConfig(vocab_size=32, num_layers=1, d_model=32, num_heads=4,
+                             num_kv_heads=2, mlp_dim=64, max_len=64, init_std=0.5,
+                             tie_embeddings=False))
+
+
+def _trace():
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, 32, rng.integers(2, 9)) for _ in range(7)]
-  trace = serving.poisson_trace(prompts, rng.integers(2, 20, 7).tolist(), rate=100.0)
+  return serving.poisson_trace(prompts, rng.integers(2, 20, 7).tolist(), rate=100.0)
+
+
+def test_static_and_continuous_policies_return_each_requests_own_decode():
+  model, params, trace = MODEL, random_params(MODEL), _trace()
   assert all(a.arrival_s < b.arrival_s for a, b in zip(trace, trace[1:]))
   for temperature in (0.0, 1.0):
     sampling = SamplingParams(temperature=temperature)
@@ -33,6 +41,24 @@ def test_static_and_continuous_policies_return_each_requests_own_decode():
         assert s.arrival_s <= s.first_token_s <= s.done_s
       summary = serving.summary(served)
       assert summary["throughput"] > 0 and summary["ttft_p50"] <= summary["ttft_p99"]
+
+
+def test_speculative_policies_return_each_requests_greedy_decode():
+  params = random_params(MODEL)
+  draft = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape), params)
+  trace, greedy = _trace(), SamplingParams(temperature=0.0)
+  reference = serving.reference(MODEL, params, trace, greedy)
+  pair = (MODEL, params, MODEL, draft, 3, greedy)
+  engines = {"continuous_speculative": speculative_serving.FixedGamma(*pair, gamma=2),
+             "smartspec": speculative_serving.SmartSpec(*pair, max_draft_tokens=3),
+             "tetris": speculative_serving.Tetris(*pair, max_draft_tokens=3, budget=4)}
+  for name, engine in engines.items():
+    served = serving.serve_continuous(MODEL, params, trace, 3, greedy, engine=engine)
+    for s, want in zip(served, reference):
+      np.testing.assert_array_equal(s.tokens, want, err_msg=name)
+  smartspec, tetris = engines["smartspec"], engines["tetris"]
+  assert np.all(smartspec.costs > 0) and smartspec.chosen.sum() > 0
+  assert tetris.costs.shape == (4,) and np.all(tetris.costs > 0)
 
 
 @pytest.mark.slow

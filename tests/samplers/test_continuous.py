@@ -28,7 +28,7 @@ def _serve(params, order, config, steps):
     active = np.asarray(slots.active)
     for slot in range(config.num_slots):
       if slot in owner and not active[slot]:
-        out[owner.pop(slot)] = np.asarray(slots.tokens[slot])
+        out[owner.pop(slot)] = np.asarray(continuous.generated(slots, config)[slot])
       if slot not in owner and waiting:
         i = waiting.pop(0)
         prompt = np.zeros(config.prompt_width, np.int32)
@@ -70,7 +70,7 @@ def test_eos_ends_a_request_and_bad_settings_are_named():
   stop = list(tokens).index(eos) + 1
   np.testing.assert_array_equal(ended[:stop], tokens[:stop])
   assert np.all(ended[stop:] == config.pad_id)
-  with pytest.raises(ValueError, match="exceeds the model's max_len 64"):
+  with pytest.raises(ValueError, match="exceeds the target.s max_len 64"):
     continuous.init(MODEL, continuous.ContinuousConfig(num_slots=2, max_new_tokens=60,
                                                        prompt_width=8))
   with pytest.raises(ValueError, match="num_slots and prompt_width must be >= 1"):

@@ -1,0 +1,123 @@
+"""Speculative decoding under load: the continuous-batch engines of `serving.serve_continuous`'s
+speculative policies, each a choice of `samplers.continuous_spec` programs between checks.
+
+* `FixedGamma` (`continuous_speculative`): every call, `rounds_per_sync` rounds of gamma drafts
+  per slot.
+* `SmartSpec` (`smartspec`; Liu et al. 2024, "Optimizing Speculative Decoding for Serving Large
+  Language Models Using Goodput"): each call picks gamma in 0..G, the one with the most
+  expected tokens per second. Before the clock starts it times each program with every slot
+  full (gamma = 0 is `steps_per_sync` plain AR steps), which is the cost model at this batch
+  size; while serving it keeps a running per-draft acceptance rate a (decayed counts of accepted
+  drafts and of rejections, a = accepted / (accepted + rejections), the geometric maximum
+  likelihood estimate). A round of gamma drafts then yields (1 - a^(gamma + 1)) / (1 - a)
+  tokens per slot on average (Leviathan et al. 2023), and AR steps one per step.
+* `Tetris` (`tetris`; Wu et al. 2025): every call, `rounds_per_sync` rounds of
+  `continuous_spec.select`: G drafts per slot, the `budget` most likely verified, at the width
+  with the most expected tokens per second under costs measured per width before the clock.
+
+A policy's choices depend only on drafts and on past acceptance, never on the target's next
+logits, so every request's tokens keep the target's distribution, and greedy ones equal AR.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from paxlike.serving import ARSlots, Request, time_program
+from samplers import continuous, continuous_spec
+from samplers.core.logits import SamplingParams
+
+
+class FixedGamma(ARSlots):
+  """`rounds_per_sync` rounds of `gamma` drafts per slot between checks."""
+
+  def __init__(self, target, target_params, draft, draft_params, num_slots: int,
+               sampling: SamplingParams, gamma: int, rounds_per_sync: int = 1,
+               steps_per_sync: int = 4, max_draft_tokens: int = 0):
+    super().__init__(target, target_params, num_slots, sampling, steps_per_sync,
+                     max(gamma, max_draft_tokens), draft, draft_params)
+    self.gamma, self.rounds = gamma, rounds_per_sync
+
+  def speculate(self, slots: continuous.Slots, gamma: int) -> continuous.Slots:
+    return continuous_spec.speculate(self.model, self.params, self.draft, self.draft_params,
+                                     slots, self.config, gamma, self.rounds)
+
+  def advance(self, slots: continuous.Slots) -> continuous.Slots:
+    return self.speculate(slots, self.gamma)
+
+
+class SmartSpec(FixedGamma):
+  """gamma in 0..`max_draft_tokens` per call by expected goodput (module docstring).
+
+  Attributes after `warm_up`: costs [G + 1] seconds per call of each program, full slots;
+  `chosen`, the count of calls per gamma while serving."""
+
+  def __init__(self, target, target_params, draft, draft_params, num_slots: int,
+               sampling: SamplingParams, max_draft_tokens: int, rounds_per_sync: int = 1,
+               steps_per_sync: int = 4, decay: float = 0.9, prior: float = 0.5):
+    super().__init__(target, target_params, draft, draft_params, num_slots, sampling,
+                     max_draft_tokens, rounds_per_sync, steps_per_sync)
+    self.decay, self.prior = decay, prior
+    self.costs = np.ones(max_draft_tokens + 1)
+    self._reset()
+
+  def _reset(self):
+    self.counts = np.asarray([self.prior, 1.0 - self.prior])  # decayed (accepted, rejections)
+    self.seen = np.zeros(2)
+    self.chosen = np.zeros(self.gamma + 1, int)
+
+  def program(self, gamma: int):
+    return self.ar_step if gamma == 0 else lambda s: self.speculate(s, gamma)
+
+  def warm_up(self, slots, requests: list[Request]):
+    for gamma in range(self.gamma + 1):
+      self.costs[gamma], slots = time_program(self.program(gamma), self.full(slots, requests))
+    self._reset()
+    return slots
+
+  def expected_tokens(self) -> np.ndarray:
+    """[G + 1] expected tokens per slot per call of each program, at the running acceptance."""
+    a = min(self.counts[0] / self.counts.sum(), 1 - 1e-6)
+    gammas = np.arange(self.gamma + 1)
+    per_round = (1 - a ** (gammas + 1)) / (1 - a)
+    return np.where(gammas == 0, self.steps_per_sync, self.rounds * per_round)
+
+  def advance(self, slots):
+    gamma = int(np.argmax(self.expected_tokens() / self.costs))
+    self.chosen[gamma] += 1
+    slots = self.program(gamma)(slots)
+    seen = np.asarray([int(slots.accepted), int(slots.rejected)], float)
+    self.counts = self.decay * self.counts + (seen - self.seen)
+    self.seen = seen
+    return slots
+
+
+class Tetris(FixedGamma):
+  """`continuous_spec.select` rounds: `max_draft_tokens` drafts per slot, `budget` verified
+  (default: all of them, S x G; the width is still chosen by expected goodput).
+
+  Attributes after `warm_up`: costs [G + 1] seconds per call verifying w = 0..G drafts per slot."""
+
+  def __init__(self, target, target_params, draft, draft_params, num_slots: int,
+               sampling: SamplingParams, max_draft_tokens: int, budget: int | None = None,
+               rounds_per_sync: int = 1, steps_per_sync: int = 4):
+    super().__init__(target, target_params, draft, draft_params, num_slots, sampling,
+                     max_draft_tokens, rounds_per_sync, steps_per_sync)
+    self.budget = budget or num_slots * max_draft_tokens
+    self.costs = np.ones(max_draft_tokens + 1, np.float32)
+
+  def select(self, slots, costs):
+    return continuous_spec.select(self.model, self.params, self.draft, self.draft_params, slots,
+                                  self.config, self.budget, costs, self.rounds)
+
+  def warm_up(self, slots, requests: list[Request]):
+    costs = []
+    for width in range(self.gamma + 1):  # a cost vector that only this width can win
+      forced = np.where(np.arange(self.gamma + 1) == width, 1.0, 1e9).astype(np.float32)
+      cost, slots = time_program(lambda s, c=forced: self.select(s, c), self.full(slots, requests))
+      costs.append(cost)
+    self.costs = np.asarray(costs, np.float32)  # the warm-up's argument type: no retrace
+    return slots
+
+  def advance(self, slots):
+    return self.select(slots, self.costs)
