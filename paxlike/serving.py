@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers import ar, continuous
+from samplers import ar, chunked_prefill, continuous
 from samplers.core.logits import SamplingParams
 
 OUTPUT_BUCKET = 16  # static batches decode to their longest request, rounded up to this
+PROMPT_BUCKET = 64  # `continuous.admit` pads a prompt to a multiple of this (one compile each)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +138,22 @@ class ARSlots:
     return continuous.init(self.model, self.config, self.draft)
 
   def admit(self, slots: continuous.Slots, slot: int, r: Request) -> continuous.Slots:
-    prompt, length = _padded([r.prompt], self.config.prompt_width)
+    prompt, length = _padded([r.prompt], self.prompt_width(r))
     return continuous.admit(self.model, self.params, slots, jnp.int32(slot),
                             jnp.asarray(prompt[0]), jnp.int32(length[0]), jax.random.key(r.seed),
                             jnp.int32(r.max_new_tokens), self.config, self.draft,
                             self.draft_params)
+
+  def prompt_width(self, r: Request) -> int:
+    """The width `admit` pads r's prompt to: its length rounded up to PROMPT_BUCKET, so a short
+    prompt's prefill does not pay for the trace's longest."""
+    return min(-(-len(r.prompt) // PROMPT_BUCKET) * PROMPT_BUCKET, self.config.prompt_width)
+
+  def compile_admits(self, slots, requests: list[Request]):
+    """Admits one request of each prompt width the trace needs (compiles them)."""
+    for r in {self.prompt_width(r): r for r in requests}.values():
+      slots = self.admit(slots, 0, r)
+    return slots
 
   def full(self, slots: continuous.Slots, requests: list[Request]) -> continuous.Slots:
     """Every slot admitted with one of `requests` (warm-ups and cost measurements)."""
@@ -177,9 +189,10 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
   """The continuous policy (module docstring) with `num_slots` slots: AR steps, or the
   programs of `engine` (e.g. `paxlike.speculative_serving`'s)."""
   engine = engine or ARSlots(model, params, num_slots, sampling, steps_per_sync)
-  jax.block_until_ready(engine.warm_up(engine.init(requests), requests))
-  slots = engine.init(requests)
   generated = jax.jit(continuous.generated, static_argnames="config")
+  slots = engine.warm_up(engine.compile_admits(engine.init(requests), requests), requests)
+  jax.block_until_ready(generated(slots, config=engine.config))
+  slots = engine.init(requests)
   waiting, owner, first, served = collections.deque(requests), {}, {}, {}
   start = time.perf_counter()
   clock = lambda: time.perf_counter() - start
@@ -187,24 +200,71 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
     if not owner and waiting[0].arrival_s > clock():
       time.sleep(waiting[0].arrival_s - clock())
     now = clock()
-    admitted = []
     for slot in range(num_slots):
       if slot not in owner and waiting and waiting[0].arrival_s <= now:
         owner[slot] = waiting.popleft()
         slots = engine.admit(slots, slot, owner[slot])
-        admitted.append(slot)
-    if admitted:
-      jax.block_until_ready(slots.n)
-      first.update({id(owner[slot]): clock() for slot in admitted})
+    _first_tokens(slots, owner, first, clock)
     slots = engine.advance(slots)
-    active = np.asarray(slots.active)
+    active, n = np.asarray(slots.active), _first_tokens(slots, owner, first, clock)
     done = clock()
-    finished = [s for s in owner if not active[s]]
+    finished = [s for s in owner if not active[s] and n[s] >= 1]  # n = 0: still prefilling
     tokens = np.asarray(generated(slots, config=engine.config)) if finished else None
     for slot in finished:
       r = owner.pop(slot)
       served[id(r)] = Served(tokens[slot, :r.max_new_tokens], r.arrival_s, first[id(r)], done)
   return [served[id(r)] for r in requests]
+
+
+def _first_tokens(slots, owner: dict, first: dict, clock) -> np.ndarray:
+  """Notes the time of every owned slot's first token that is ready now; returns n [S]."""
+  n = np.asarray(slots.n)
+  now = clock()
+  for slot, r in owner.items():
+    if n[slot] >= 1 and id(r) not in first:
+      first[id(r)] = now
+  return n
+
+
+class ChunkedARSlots(ARSlots):
+  """`continuous_ar` with chunked prefill (`samplers.chunked_prefill`): a request enters its slot
+  without computing anything, and each call feeds the oldest incomplete prompt's next `chunk`
+  tokens before its `steps_per_sync` AR steps."""
+
+  def __init__(self, model, params, num_slots: int, sampling: SamplingParams,
+               steps_per_sync: int = 4, chunk: int = 32):
+    super().__init__(model, params, num_slots, sampling, steps_per_sync)
+    self.chunk, self.pending = chunk, []  # [slot, prompt tokens not yet fed]
+
+  def init(self, requests: list[Request]) -> continuous.Slots:
+    self.pending = []
+    return super().init(requests)
+
+  def admit(self, slots, slot: int, r: Request):
+    prompt, length = _padded([r.prompt], self.config.prompt_width)
+    self.pending.append([slot, int(length[0])])
+    return chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt[0]),
+                                   jnp.int32(length[0]), jax.random.key(r.seed),
+                                   jnp.int32(r.max_new_tokens), self.config)
+
+  def advance(self, slots):
+    if not self.pending:
+      return self.ar_step(slots)
+    slot, left = self.pending[0]
+    slots = chunked_prefill.step_with_chunk(self.model, self.params, slots, jnp.int32(slot),
+                                            self.config, self.chunk, self.steps_per_sync)
+    self.pending[0][1] -= self.chunk
+    if self.pending[0][1] <= 0:
+      self.pending.pop(0)
+    return slots
+
+  def warm_up(self, slots, requests: list[Request]):
+    for _ in range(2):
+      slots = self.admit(slots, 0, requests[0])
+      while self.pending:  # chunks with AR steps
+        slots = self.advance(slots)
+      slots = self.advance(slots)  # AR steps alone
+    return slots
 
 
 def summary(served: list[Served]) -> dict[str, float]:

@@ -84,6 +84,8 @@ class Slots:
     keys: [S] typed keys, one per request.
     active: [S] bool: holds a request that has not ended.
     draft_length: [S] int32 leading tokens of `seq` the draft's cache holds.
+    prefilled: [S] int32 prompt tokens in the target's cache (all of them once a request is
+      admitted; `samplers.chunked_prefill` feeds them a chunk at a time).
     accepted, drafted, rejected: [] int32 drafts accepted and proposed by active slots so far,
       and their rounds that ended in a rejection (for the serving policies' acceptance
       estimates: accepted / (accepted + rejected) estimates the per-draft acceptance rate).
@@ -98,6 +100,7 @@ class Slots:
   keys: jax.Array
   active: jax.Array
   draft_length: jax.Array
+  prefilled: jax.Array
   accepted: jax.Array
   drafted: jax.Array
   rejected: jax.Array
@@ -123,11 +126,12 @@ def init(model: CausalModel, config: ContinuousConfig, draft: CausalModel | None
                draft_cache=None if draft is None else draft.init_cache(slots, config.cache_len),
                seq=jnp.zeros((slots, config.cache_len), jnp.int32), prompt_length=zeros(),
                n=zeros(), limit=zeros(), keys=jax.random.split(jax.random.key(0), slots),
-               active=jnp.zeros((slots,), bool), draft_length=zeros(), accepted=jnp.int32(0),
+               active=jnp.zeros((slots,), bool), draft_length=zeros(), prefilled=zeros(),
+               accepted=jnp.int32(0),
                drafted=jnp.int32(0), rejected=jnp.int32(0))
 
 
-def _draw(keys: jax.Array, positions: jax.Array, logits: jax.Array,
+def draw_at(keys: jax.Array, positions: jax.Array, logits: jax.Array,
           sampling: SamplingParams) -> jax.Array:
   """[S] tokens at absolute `positions` [S], each slot with its own request's key."""
   return jax.vmap(sample_token, in_axes=(0, 0, None))(rng.position_keys(keys, positions),
@@ -146,7 +150,7 @@ def _put(whole: jax.Array, one: jax.Array, slot: jax.Array) -> jax.Array:
 
 
 PER_SLOT = ("cache", "draft_cache", "seq", "prompt_length", "n", "limit", "keys", "active",
-            "draft_length")  # the fields with a slot axis
+            "draft_length", "prefilled")  # the fields with a slot axis
 
 
 def _prefilled(model: CausalModel, params, prompt: jax.Array, prompt_length: jax.Array,
@@ -155,7 +159,7 @@ def _prefilled(model: CausalModel, params, prompt: jax.Array, prompt_length: jax
   """K requests prefilled into K fresh slots, each with its first token drawn."""
   rows = prompt.shape[0]
   logits, cache = prefill(model, params, prompt, model.init_cache(rows, config.cache_len))
-  first = _draw(keys, prompt_length, last_prompt_logits(logits, prompt_length), config.sampling)
+  first = draw_at(keys, prompt_length, last_prompt_logits(logits, prompt_length), config.sampling)
   draft_cache = None
   if draft is not None:
     draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(rows, config.cache_len))[1]
@@ -164,6 +168,7 @@ def _prefilled(model: CausalModel, params, prompt: jax.Array, prompt_length: jax
                     prompt),
                 prompt_length=prompt_length, n=jnp.zeros((rows,), jnp.int32), limit=limit,
                 keys=keys, active=jnp.ones((rows,), bool), draft_length=prompt_length - 1,
+                prefilled=prompt_length,
                 accepted=jnp.int32(0), drafted=jnp.int32(0), rejected=jnp.int32(0))
   return commit(slots, first[:, None], jnp.ones((rows,), jnp.int32), config)
 
@@ -214,7 +219,7 @@ def step(model: CausalModel, params, slots: Slots, config: ContinuousConfig,
     last = jnp.take_along_axis(s.seq, (context - 1)[:, None], axis=1)
     logits, cache = model.apply(params, last, (context - 1)[:, None],
                                 s.cache.replace(lengths=context - 1))
-    token = _draw(s.keys, context, logits[:, 0], config.sampling)
+    token = draw_at(s.keys, context, logits[:, 0], config.sampling)
     return commit(s.replace(cache=cache), token[:, None], jnp.ones_like(s.n), config)
 
   return jax.lax.fori_loop(0, steps, one, slots)

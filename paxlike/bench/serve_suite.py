@@ -14,6 +14,10 @@ NUM_DRAFT_TOKENS drafts per slot), `smartspec` (0..NUM_DRAFT_TOKENS per call by 
 and `tetris` (batch draft selection, NUM_DRAFT_TOKENS drafted per slot); see
 `paxlike.speculative_serving`. Policies are interleaved: each rate runs every policy on the same
 trace before the next rate.
+
+A second trace, `with_long`, makes a quarter of the prompts long (LONG_PROMPT_BYTES) and serves
+it with `continuous_ar` without and with chunked prefill (`chunked_prefill`: C tokens of a
+prompt per call, `serving.ChunkedARSlots`); rows name their trace in `prompts`.
 """
 
 from __future__ import annotations
@@ -33,15 +37,22 @@ from samplers.core.logits import SamplingParams
 POLICIES = ("static", "continuous_ar", "continuous_speculative", "smartspec", "tetris")
 NUM_DRAFT_TOKENS = 4
 PROMPT_BYTES = (16, 64)
+LONG_PROMPT_BYTES = (256, 384)
+LONG_SHARE = 0.25  # of the `with_long` trace's prompts
 NEW_TOKENS = (16, 96)
+CHUNK = 32  # chunked prefill's tokens per call
 
 
-def trace_inputs(count: int, seed: int = 0) -> tuple[list[np.ndarray], list[int]]:
-  """`count` prompts (eos first, then 16-64 held-out bytes) and new-token counts (16-96)."""
+def trace_inputs(count: int, seed: int = 0,
+                 long_share: float = 0.0) -> tuple[list[np.ndarray], list[int]]:
+  """`count` prompts (eos first, then 16-64 held-out bytes, or LONG_PROMPT_BYTES for a
+  `long_share` of them) and new-token counts (16-96)."""
   rng = np.random.default_rng(seed)
   held_out = load_corpus(registry.get("pair_target").data).held_out
   prompts = []
-  for size in rng.integers(PROMPT_BYTES[0], PROMPT_BYTES[1] + 1, count):
+  for _ in range(count):
+    low, high = LONG_PROMPT_BYTES if rng.random() < long_share else PROMPT_BYTES
+    size = int(rng.integers(low, high + 1))
     start = int(rng.integers(0, len(held_out) - size))
     prompts.append(np.concatenate([[tokenizer.EOS_ID], held_out[start:start + size]]))
   return prompts, rng.integers(NEW_TOKENS[0], NEW_TOKENS[1] + 1, count).tolist()
@@ -58,12 +69,26 @@ def _choices(engine) -> dict[str, Any]:
   return {}
 
 
+def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: SamplingParams):
+  """policy -> a function making its fresh engine (None: static batching)."""
+  pair = (model, params, *draft, batch, sampling)
+  gamma = NUM_DRAFT_TOKENS
+  return {"static": None,
+          "continuous_ar": lambda: serving.ARSlots(model, params, batch, sampling, steps_per_sync),
+          "continuous_speculative": lambda: speculative_serving.FixedGamma(*pair, gamma),
+          "smartspec": lambda: speculative_serving.SmartSpec(*pair, gamma),
+          "tetris": lambda: speculative_serving.Tetris(*pair, gamma),
+          "chunked": lambda: serving.ChunkedARSlots(model, params, batch, sampling,
+                                                    steps_per_sync, CHUNK)}
+
+
 def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8.0, 32.0),
         requests: int = 96, batch: int = 8, steps_per_sync: int = 4,
         target_overrides: tuple[str, ...] = (), train_steps: int = 0,
-        policies: tuple[str, ...] = POLICIES) -> dict[str, Any]:
-  """Serves `requests` requests at each rate with each of `policies`; `target_overrides` and
-  `train_steps` reshape and shorten the target's and the draft's training (tests, smoke runs)."""
+        policies: tuple[str, ...] = POLICIES, long_prompts: bool = True) -> dict[str, Any]:
+  """Serves `requests` requests at each rate with each of `policies` (and, with `long_prompts`,
+  the `with_long` trace); `target_overrides` and `train_steps` reshape and shorten the target's
+  and the draft's training (tests, smoke runs)."""
   unknown = sorted(set(policies) - set(POLICIES))
   if unknown:
     raise UserError(f"--policies: {', '.join(unknown)} not in the serve suite; valid: "
@@ -75,43 +100,37 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
   model, params, _ = trained("pair_target", root / "pair_target",
                              [*short, *target_overrides]).restore()
   greedy = SamplingParams(temperature=0.0)
-  gamma = NUM_DRAFT_TOKENS
+  draft = (None, None)
   if set(policies) - {"static", "continuous_ar"}:
-    draft_model, draft_params, _ = trained(
-        "pair_draft", root / "pair_draft",
-        [*drafting_on_target(root, small=bool(train_steps)), *short,
-         *target_overrides]).restore()
-    pair = (model, params, draft_model, draft_params, batch, greedy)
-    engines = {"continuous_speculative": lambda: speculative_serving.FixedGamma(*pair, gamma),
-               "smartspec": lambda: speculative_serving.SmartSpec(*pair, gamma),
-               "tetris": lambda: speculative_serving.Tetris(*pair, gamma)}
-  prompts, new_tokens = trace_inputs(requests)
-  reference = serving.reference(model, params, serving.poisson_trace(prompts, new_tokens, 1.0),
-                                greedy)
-  serve = {"static": lambda trace: serving.serve_static(model, params, trace, batch, greedy),
-           "continuous_ar": lambda trace: serving.serve_continuous(model, params, trace, batch,
-                                                                   greedy, steps_per_sync)}
-  used = {}  # policy -> its last engine, whose choices the row reports
-
-  def speculative(name, trace):
-    used[name] = engines[name]()
-    return serving.serve_continuous(model, params, trace, batch, greedy, engine=used[name])
-
-  for name in set(policies) - set(serve):
-    serve[name] = lambda trace, name=name: speculative(name, trace)
+    draft = trained("pair_draft", root / "pair_draft",
+                    [*drafting_on_target(root, small=bool(train_steps)), *short,
+                     *target_overrides]).restore()[:2]
+  engines = _engines(model, params, draft, batch, steps_per_sync, greedy)
+  runs = [("short", p, 0) for p in POLICIES if p in policies]
+  if long_prompts:
+    runs += [("with_long", "continuous_ar", 0), ("with_long", "continuous_ar", CHUNK)]
+  inputs = {"short": trace_inputs(requests)}
+  if long_prompts:
+    inputs["with_long"] = trace_inputs(requests, long_share=LONG_SHARE)
+  references = {name: serving.reference(model, params, serving.poisson_trace(*pair, 1.0), greedy)
+                for name, pair in inputs.items()}
   rows = []
   for rate in rates:
-    trace = serving.poisson_trace(prompts, new_tokens, rate)
-    for policy in [p for p in POLICIES if p in policies]:
-      served = serve[policy](trace)
-      equal = all(np.array_equal(s.tokens, r) for s, r in zip(served, reference))
-      rows.append({"policy": policy, "rate": rate, **serving.summary(served),
-                   "greedy_equal_ar": equal, "requests": requests, "batch": batch,
-                   **_choices(used.get(policy))})
-  harness.print_table(rows, ["policy", "rate", "throughput", "ttft_p50", "ttft_p99", "tpot_p50",
-                             "tpot_p99", "greedy_equal_ar"])
-  config = {"target": "pair_target", "rates": list(rates), "requests": requests, "batch": batch,
-            "steps_per_sync": steps_per_sync, "num_draft_tokens": NUM_DRAFT_TOKENS,
-            "draft": "pair_draft", "policies": list(policies), "prompt_bytes": list(PROMPT_BYTES),
-            "new_tokens": list(NEW_TOKENS)}
+    for prompts, policy, chunk in runs:
+      trace = serving.poisson_trace(*inputs[prompts], rate)
+      engine = engines["chunked" if chunk else policy]
+      engine = engine and engine()
+      served = (serving.serve_continuous(model, params, trace, batch, greedy, engine=engine)
+                if engine else serving.serve_static(model, params, trace, batch, greedy))
+      equal = all(np.array_equal(s.tokens, r) for s, r in zip(served, references[prompts]))
+      rows.append({"policy": policy, "prompts": prompts, "chunked_prefill": chunk, "rate": rate,
+                   **serving.summary(served), "greedy_equal_ar": equal, "requests": requests,
+                   "batch": batch, **_choices(engine)})
+  harness.print_table(rows, ["policy", "prompts", "chunked_prefill", "rate", "throughput",
+                             "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "greedy_equal_ar"])
+  config = {"target": "pair_target", "draft": "pair_draft", "rates": list(rates),
+            "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
+            "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),
+            "prompt_bytes": list(PROMPT_BYTES), "long_prompt_bytes": list(LONG_PROMPT_BYTES),
+            "long_share": LONG_SHARE, "chunk": CHUNK, "new_tokens": list(NEW_TOKENS)}
   return harness.write_report(out, "serve", config, rows)

@@ -34,8 +34,10 @@ def test_static_and_continuous_policies_return_each_requests_own_decode():
   for temperature in (0.0, 1.0):
     sampling = SamplingParams(temperature=temperature)
     reference = serving.reference(model, params, trace, sampling)
+    chunked = serving.ChunkedARSlots(model, params, 3, sampling, steps_per_sync=2, chunk=3)
     for served in (serving.serve_static(model, params, trace, 3, sampling),
-                   serving.serve_continuous(model, params, trace, 3, sampling, 2)):
+                   serving.serve_continuous(model, params, trace, 3, sampling, 2),
+                   serving.serve_continuous(model, params, trace, 3, sampling, engine=chunked)):
       for s, want in zip(served, reference):
         np.testing.assert_array_equal(s.tokens, want)
         assert s.arrival_s <= s.first_token_s <= s.done_s
@@ -70,8 +72,10 @@ def test_serve_suite_rows(tmp_path):
                            batch=3, target_overrides=small, train_steps=2)
   assert json.loads(out.read_text())["suite"] == "serve"
   rows = report["rows"]
-  assert {(r["policy"], r["rate"]) for r in rows} == {
-      (p, rate) for p in serve_suite.POLICIES for rate in (50.0, 400.0)}
+  assert {(r["policy"], r["prompts"], r["chunked_prefill"], r["rate"]) for r in rows} == {
+      *[(p, "short", 0, rate) for p in serve_suite.POLICIES for rate in (50.0, 400.0)],
+      *[("continuous_ar", "with_long", c, rate) for c in (0, serve_suite.CHUNK)
+        for rate in (50.0, 400.0)]}
   for row in rows:
     assert row["greedy_equal_ar"], row
     for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):

@@ -1,5 +1,6 @@
 """Continuous batching: a request's tokens are its batch-1 AR decode with its own key, whatever
-its slot, its neighbours and when it was admitted (greedy and sampled); bad settings are named."""
+its slot, its neighbours and when it was admitted (greedy and sampled), also when its prompt is
+prefilled in chunks beside decoding; bad settings are named."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
-from samplers import ar, continuous
+from samplers import ar, chunked_prefill, continuous
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 
@@ -75,3 +76,61 @@ def test_eos_ends_a_request_and_bad_settings_are_named():
                                                        prompt_width=8))
   with pytest.raises(ValueError, match="num_slots and prompt_width must be >= 1"):
     continuous.ContinuousConfig(num_slots=0, max_new_tokens=4, prompt_width=8)
+
+
+def test_chunked_prefill_gives_the_one_shot_cache_and_the_same_tokens():
+  params = random_params(MODEL)
+  greedy = SamplingParams(temperature=0.0)
+  config = continuous.ContinuousConfig(num_slots=2, max_new_tokens=12, prompt_width=8,
+                                       sampling=greedy)
+  prompt = np.zeros(8, np.int32)
+  prompt[:5] = PROMPTS[0]
+  args = (jnp.asarray(prompt), jnp.int32(5), KEYS[0], jnp.int32(LIMITS[0]))
+  one_shot = continuous.admit(MODEL, params, continuous.init(MODEL, config), jnp.int32(1), *args,
+                              config)
+  slots = chunked_prefill.enqueue(continuous.init(MODEL, config), jnp.int32(1), *args, config)
+  for _ in range(3):  # chunks of 2: positions 0-1, 2-3, 4 (the third completes the prompt)
+    assert not bool(slots.active[1])
+    slots = chunked_prefill.step_with_chunk(MODEL, params, slots, jnp.int32(1), config, chunk=2,
+                                            steps=0)
+  assert bool(slots.active[1]) and int(slots.n[1]) == 1 and int(slots.prefilled[1]) == 5
+  for got, want in zip(slots.cache.keys + slots.cache.values,
+                       one_shot.cache.keys + one_shot.cache.values):
+    np.testing.assert_allclose(got[1, :, :5], want[1, :, :5], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(slots.seq[1], one_shot.seq[1])  # the same first token
+  with pytest.raises(ValueError, match=r"chunk must be in \[1, max_new_tokens \+ max_draft_"):
+    chunked_prefill.step_with_chunk(MODEL, params, slots, jnp.int32(1), config, chunk=13)
+
+
+def test_requests_prefilled_in_chunks_beside_decoding_equal_their_ar_decode():
+  params = random_params(MODEL)
+  greedy = SamplingParams(temperature=0.0)
+  config = continuous.ContinuousConfig(num_slots=2, max_new_tokens=12, prompt_width=8,
+                                       sampling=greedy)
+  want = [np.asarray(ar.sample(MODEL, params, *ar.pad_prompts([p]), KEYS[i][None],
+                               ar.ARConfig(max_new_tokens=LIMITS[i], sampling=greedy)).tokens[0])
+          for i, p in enumerate(PROMPTS)]
+  slots, waiting, owner, pending, out = continuous.init(MODEL, config), [0, 1, 2, 3, 4], {}, [], {}
+  while waiting or owner:
+    active, n = np.asarray(slots.active), np.asarray(slots.n)
+    for slot in range(config.num_slots):
+      if slot in owner and not active[slot] and n[slot] >= 1:
+        out[owner.pop(slot)] = np.asarray(continuous.generated(slots, config)[slot])
+      if slot not in owner and waiting:
+        i = waiting.pop(0)
+        prompt = np.zeros(config.prompt_width, np.int32)
+        prompt[:len(PROMPTS[i])] = PROMPTS[i]
+        slots = chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt),
+                                        jnp.int32(len(PROMPTS[i])), KEYS[i],
+                                        jnp.int32(LIMITS[i]), config)
+        owner[slot] = i
+        pending.append(slot)
+    if pending:
+      slots = chunked_prefill.step_with_chunk(MODEL, params, slots, jnp.int32(pending[0]),
+                                              config, chunk=2, steps=1)
+      if int(slots.prefilled[pending[0]]) == len(PROMPTS[owner[pending[0]]]):
+        pending.pop(0)
+    else:
+      slots = continuous.step(MODEL, params, slots, config, steps=1)
+  for i in range(len(PROMPTS)):
+    np.testing.assert_array_equal(out[i][:LIMITS[i]], want[i], err_msg=f"request {i}")
