@@ -28,7 +28,7 @@ from samplers import ar, chunked_prefill, continuous
 from samplers.core.logits import SamplingParams
 
 OUTPUT_BUCKET = 16  # static batches decode to their longest request, rounded up to this
-PROMPT_BUCKET = 64  # `continuous.admit` pads a prompt to a multiple of this (one compile each)
+PROMPT_BUCKET = 64  # the narrowest admission prefill (widths double from here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,28 +138,51 @@ class ARSlots:
     return continuous.init(self.model, self.config, self.draft)
 
   def admit(self, slots: continuous.Slots, slot: int, r: Request) -> continuous.Slots:
-    prompt, length = _padded([r.prompt], self.prompt_width(r))
-    return continuous.admit(self.model, self.params, slots, jnp.int32(slot),
-                            jnp.asarray(prompt[0]), jnp.int32(length[0]), jax.random.key(r.seed),
-                            jnp.int32(r.max_new_tokens), self.config, self.draft,
-                            self.draft_params)
+    return self.admit_all(slots, [(slot, r)])
 
-  def prompt_width(self, r: Request) -> int:
-    """The width `admit` pads r's prompt to: its length rounded up to PROMPT_BUCKET, so a short
-    prompt's prefill does not pay for the trace's longest."""
-    return min(-(-len(r.prompt) // PROMPT_BUCKET) * PROMPT_BUCKET, self.config.prompt_width)
+  def admit_all(self, slots: continuous.Slots,
+                pairs: list[tuple[int, Request]]) -> continuous.Slots:
+    """Admits every (slot, request) in one prefill call: its rows padded to a power of two and
+    its width to the longest prompt's bucket (`buckets`), so few programs are compiled."""
+    rows, width = self.buckets(pairs)
+    prompt, length = _padded([r.prompt for _, r in pairs], width)
+    pad = rows - len(pairs)
+    slot = np.asarray([s for s, _ in pairs] + [self.num_slots] * pad, np.int32)  # padding: dropped
+    prompt = np.concatenate([prompt, np.zeros((pad, width), np.int32)])
+    length = np.concatenate([length, np.ones(pad, np.int32)])
+    keys = jnp.stack([jax.random.key(r.seed) for _, r in pairs] + [jax.random.key(0)] * pad)
+    limit = np.asarray([r.max_new_tokens for _, r in pairs] + [1] * pad, np.int32)
+    return continuous.admit(self.model, self.params, slots, jnp.asarray(slot), jnp.asarray(prompt),
+                            jnp.asarray(length), keys, jnp.asarray(limit), self.config,
+                            self.draft, self.draft_params)
+
+  def buckets(self, pairs: list[tuple[int, Request]]) -> tuple[int, int]:
+    """(rows, width) of the prefill call that admits `pairs`: the next power of two (at most
+    S) and the longest prompt rounded up to a power of two >= PROMPT_BUCKET (at most the
+    trace's longest), so that a short prompt's prefill does not pay for the trace's longest."""
+    rows = min(1 << (len(pairs) - 1).bit_length(), self.num_slots)
+    longest = max(len(r.prompt) for _, r in pairs)
+    width = PROMPT_BUCKET
+    while width < longest:
+      width *= 2
+    return rows, min(width, self.config.prompt_width)
 
   def compile_admits(self, slots, requests: list[Request]):
-    """Admits one request of each prompt width the trace needs (compiles them)."""
-    for r in {self.prompt_width(r): r for r in requests}.values():
-      slots = self.admit(slots, 0, r)
+    """Runs every admission program the trace may need (compiles them before the clock)."""
+    by_width = {self.buckets([(0, r)])[1]: r for r in requests}
+    for r in by_width.values():
+      rows = 1
+      while True:
+        slots = self.admit_all(slots, [(slot, r) for slot in range(rows)])
+        if rows >= self.num_slots:
+          break
+        rows = min(2 * rows, self.num_slots)
     return slots
 
   def full(self, slots: continuous.Slots, requests: list[Request]) -> continuous.Slots:
     """Every slot admitted with one of `requests` (warm-ups and cost measurements)."""
-    for slot in range(self.num_slots):
-      slots = self.admit(slots, slot, requests[slot % len(requests)])
-    return slots
+    return self.admit_all(slots, [(slot, requests[slot % len(requests)])
+                                  for slot in range(self.num_slots)])
 
   def ar_step(self, slots: continuous.Slots) -> continuous.Slots:
     return continuous.step(self.model, self.params, slots, self.config, self.steps_per_sync)
@@ -199,11 +222,13 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
   while waiting or owner:
     if not owner and waiting[0].arrival_s > clock():
       time.sleep(waiting[0].arrival_s - clock())
-    now = clock()
+    now, pairs = clock(), []
     for slot in range(num_slots):
       if slot not in owner and waiting and waiting[0].arrival_s <= now:
         owner[slot] = waiting.popleft()
-        slots = engine.admit(slots, slot, owner[slot])
+        pairs.append((slot, owner[slot]))
+    if pairs:
+      slots = engine.admit_all(slots, pairs)
     _first_tokens(slots, owner, first, clock)
     slots = engine.advance(slots)
     active, n = np.asarray(slots.active), _first_tokens(slots, owner, first, clock)
@@ -246,6 +271,14 @@ class ChunkedARSlots(ARSlots):
     return chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt[0]),
                                    jnp.int32(length[0]), jax.random.key(r.seed),
                                    jnp.int32(r.max_new_tokens), self.config)
+
+  def admit_all(self, slots, pairs: list[tuple[int, Request]]):
+    for slot, r in pairs:
+      slots = self.admit(slots, slot, r)
+    return slots
+
+  def compile_admits(self, slots, requests: list[Request]):
+    return self.admit(slots, 0, requests[0])  # one program: prompts padded to the widest
 
   def advance(self, slots):
     if not self.pending:

@@ -63,16 +63,28 @@ class SmartSpec(FixedGamma):
 
   def _reset(self):
     self.counts = np.asarray([self.prior, 1.0 - self.prior])  # decayed (accepted, rejections)
-    self.seen = np.zeros(2)
     self.chosen = np.zeros(self.gamma + 1, int)
+
+  def init(self, requests: list[Request]):
+    self.seen = np.zeros(2)  # the new slots' counters (accepted, rejections)
+    return super().init(requests)
 
   def program(self, gamma: int):
     return self.ar_step if gamma == 0 else lambda s: self.speculate(s, gamma)
 
   def warm_up(self, slots, requests: list[Request]):
+    """Times each program with every slot full; the acceptance of the timed rounds becomes the
+    running estimate's starting counts (without them an estimate that starts low would keep
+    choosing AR steps, which teach it nothing)."""
+    counts = np.zeros(2)
     for gamma in range(self.gamma + 1):
-      self.costs[gamma], slots = time_program(self.program(gamma), self.full(slots, requests))
+      slots = self.full(slots, requests)
+      before = np.asarray([int(slots.accepted), int(slots.rejected)], float)
+      self.costs[gamma], slots = time_program(self.program(gamma), slots)
+      counts += np.asarray([int(slots.accepted), int(slots.rejected)], float) - before
     self._reset()
+    if counts.sum() > 0:
+      self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
     return slots
 
   def expected_tokens(self) -> np.ndarray:

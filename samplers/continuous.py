@@ -145,10 +145,6 @@ def commit(slots: Slots, new: jax.Array, count: jax.Array, config: ContinuousCon
   return slots.replace(seq=seq, n=n, active=~done)
 
 
-def _put(whole: jax.Array, one: jax.Array, slot: jax.Array) -> jax.Array:
-  return jax.lax.dynamic_update_slice_in_dim(whole, one.astype(whole.dtype), slot, axis=0)
-
-
 PER_SLOT = ("cache", "draft_cache", "seq", "prompt_length", "n", "limit", "keys", "active",
             "draft_length", "prefilled")  # the fields with a slot axis
 
@@ -192,19 +188,25 @@ def fill(model: CausalModel, params, prompt: jax.Array, prompt_length: jax.Array
 def admit(model: CausalModel, params, slots: Slots, slot: jax.Array, prompt: jax.Array,
           prompt_length: jax.Array, key: jax.Array, limit: jax.Array, config: ContinuousConfig,
           draft: CausalModel | None = None, draft_params=None) -> Slots:
-  """Prefills one request into `slot` (and into the draft's cache) and draws its first token.
+  """Prefills one request, or K at once, into free slots (and into the draft's cache) and draws
+  each one's first token. K requests share one prefill call of K rows, which costs far less
+  than K calls of one.
 
   Args:
-    slot: [] int32 a free slot's index.
-    prompt: [P] int32 the prompt right-padded to `config.prompt_width`; prompt_length: [] int32.
-    key: the request's typed key; limit: [] int32 tokens it asks for, in [1, N].
+    slot: [] int32 a free slot's index, or [K] (an index >= S marks a padding row, dropped).
+    prompt: [P'] or [K, P'] int32 prompts right-padded to any P' <= `config.prompt_width`;
+      prompt_length: [] or [K] int32.
+    key: the requests' typed keys ([] or [K]); limit: [] or [K] int32 tokens each asks for, in
+      [1, N].
   Returns:
-    the slots with the request in `slot` (already ended if its first token ends it).
+    the slots with the requests in theirs (already ended if a first token ends one).
   """
-  row = _prefilled(model, params, prompt[None], prompt_length[None], key[None], limit[None],
-                   config, draft, draft_params)
-  put = lambda whole, one: _put(whole, one, slot)
-  return slots.replace(**{field: jax.tree.map(put, getattr(slots, field), getattr(row, field))
+  if slot.ndim == 0:
+    slot, prompt, prompt_length, key, limit = (x[None] for x in (slot, prompt, prompt_length,
+                                                                  key, limit))
+  rows = _prefilled(model, params, prompt, prompt_length, key, limit, config, draft, draft_params)
+  put = lambda whole, new: whole.at[slot].set(new.astype(whole.dtype), mode="drop")
+  return slots.replace(**{field: jax.tree.map(put, getattr(slots, field), getattr(rows, field))
                           for field in PER_SLOT})
 
 
