@@ -130,6 +130,8 @@ class ARSlots:
     self.draft, self.draft_params = draft, draft_params
     self.config = None
 
+  deferred_admission = False  # True: admitted requests reach the slots in the next `advance`
+
   def init(self, requests: list[Request]) -> continuous.Slots:
     self.config = continuous.ContinuousConfig(
         num_slots=self.num_slots, max_new_tokens=max(r.max_new_tokens for r in requests),
@@ -144,17 +146,22 @@ class ARSlots:
                 pairs: list[tuple[int, Request]]) -> continuous.Slots:
     """Admits every (slot, request) in one prefill call: its rows padded to a power of two and
     its width to the longest prompt's bucket (`buckets`), so few programs are compiled."""
+    slot, *inputs = self.admission(pairs)
+    return continuous.admit(self.model, self.params, slots, slot, *inputs, self.config,
+                            self.draft, self.draft_params)
+
+  def admission(self, pairs: list[tuple[int, Request]]) -> tuple[jax.Array, ...]:
+    """(slot [K], prompt [K, W], prompt_length [K], keys [K], limit [K]) admitting `pairs`,
+    padded to `buckets` (padding rows: slot S, which `continuous.admit` drops)."""
     rows, width = self.buckets(pairs)
     prompt, length = _padded([r.prompt for _, r in pairs], width)
     pad = rows - len(pairs)
-    slot = np.asarray([s for s, _ in pairs] + [self.num_slots] * pad, np.int32)  # padding: dropped
+    slot = np.asarray([s for s, _ in pairs] + [self.num_slots] * pad, np.int32)
     prompt = np.concatenate([prompt, np.zeros((pad, width), np.int32)])
     length = np.concatenate([length, np.ones(pad, np.int32)])
     keys = jnp.stack([jax.random.key(r.seed) for _, r in pairs] + [jax.random.key(0)] * pad)
     limit = np.asarray([r.max_new_tokens for _, r in pairs] + [1] * pad, np.int32)
-    return continuous.admit(self.model, self.params, slots, jnp.asarray(slot), jnp.asarray(prompt),
-                            jnp.asarray(length), keys, jnp.asarray(limit), self.config,
-                            self.draft, self.draft_params)
+    return jnp.asarray(slot), jnp.asarray(prompt), jnp.asarray(length), keys, jnp.asarray(limit)
 
   def buckets(self, pairs: list[tuple[int, Request]]) -> tuple[int, int]:
     """(rows, width) of the prefill call that admits `pairs`: the next power of two (at most
@@ -229,7 +236,8 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
         pairs.append((slot, owner[slot]))
     if pairs:
       slots = engine.admit_all(slots, pairs)
-    _first_tokens(slots, owner, first, clock)
+    if not engine.deferred_admission:
+      _first_tokens(slots, owner, first, clock)
     slots = engine.advance(slots)
     active, n = np.asarray(slots.active), _first_tokens(slots, owner, first, clock)
     done = clock()
@@ -239,6 +247,47 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
       r = owner.pop(slot)
       served[id(r)] = Served(tokens[slot, :r.max_new_tokens], r.arrival_s, first[id(r)], done)
   return [served[id(r)] for r in requests]
+
+
+class SplitARSlots(ARSlots):
+  """`continuous_ar` with prefill and decode on different devices (Splitwise, Patel et al. 2024,
+  "Splitwise: Efficient Generative LLM Inference Using Phase Splitting"): admissions prefill on
+  `prefill_device`, the slots decode on `decode_device`, and the prefilled rows (their caches
+  and first tokens) are handed over with `jax.device_put`. An admission is dispatched without
+  waiting; the next `advance` dispatches the decode steps first, so that the prefill runs beside
+  them, then places the rows into their slots."""
+
+  deferred_admission = True
+
+  def __init__(self, model, params, num_slots: int, sampling: SamplingParams,
+               steps_per_sync: int = 4, prefill_device=None, decode_device=None):
+    devices = jax.devices()
+    if len(devices) < 2 and (prefill_device is None or decode_device is None):
+      raise ValueError("phase splitting needs two devices (prefill, decode); this process has "
+                       f"{len(devices)}")
+    self.prefill_device = prefill_device or devices[0]
+    self.decode_device = decode_device or devices[1]
+    super().__init__(model, jax.device_put(params, self.decode_device), num_slots, sampling,
+                     steps_per_sync)
+    self.prefill_params = jax.device_put(params, self.prefill_device)
+    self.handover = []
+
+  def init(self, requests: list[Request]) -> continuous.Slots:
+    self.handover = []
+    return jax.device_put(super().init(requests), self.decode_device)
+
+  def admit_all(self, slots, pairs: list[tuple[int, Request]]):
+    slot, *inputs = jax.device_put(self.admission(pairs), self.prefill_device)
+    rows = continuous.fill(self.model, self.prefill_params, *inputs, self.config)
+    self.handover.append((slot, rows))
+    return slots
+
+  def advance(self, slots):
+    slots = self.ar_step(slots)
+    for slot, rows in self.handover:
+      slots = continuous.place(slots, *jax.device_put((slot, rows), self.decode_device))
+    self.handover = []
+    return slots
 
 
 def _first_tokens(slots, owner: dict, first: dict, clock) -> np.ndarray:

@@ -173,14 +173,28 @@ def _prefilled(model: CausalModel, params, prompt: jax.Array, prompt_length: jax
 def fill(model: CausalModel, params, prompt: jax.Array, prompt_length: jax.Array,
          keys: jax.Array, limit: jax.Array, config: ContinuousConfig,
          draft: CausalModel | None = None, draft_params=None) -> Slots:
-  """All S slots at once, each prefilled with a request (and into the draft's cache).
+  """K fresh slots, each prefilled with a request (and into the draft's cache): all S slots at
+  once, or K rows for `place` (prefill on one device, decode on another).
 
   Args:
-    prompt: [S, P] int32 prompts right-padded to `config.prompt_width`; prompt_length: [S] int32.
-    keys: [S] the requests' typed keys; limit: [S] int32 tokens each asks for, in [1, N].
+    prompt: [K, P'] int32 prompts right-padded to any P' <= `config.prompt_width`;
+      prompt_length: [K] int32.
+    keys: [K] the requests' typed keys; limit: [K] int32 tokens each asks for, in [1, N].
   """
   return _prefilled(model, params, prompt, prompt_length.astype(jnp.int32), keys,
                     limit.astype(jnp.int32), config, draft, draft_params)
+
+
+def _place(slots: Slots, slot: jax.Array, rows: Slots) -> Slots:
+  put = lambda whole, new: whole.at[slot].set(new.astype(whole.dtype), mode="drop")
+  return slots.replace(**{field: jax.tree.map(put, getattr(slots, field), getattr(rows, field))
+                          for field in PER_SLOT})
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def place(slots: Slots, slot: jax.Array, rows: Slots) -> Slots:
+  """Puts K prefilled `rows` (`fill`) into slots `slot` [K] (an index >= S is dropped)."""
+  return _place(slots, slot, rows)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "draft"),
@@ -204,10 +218,8 @@ def admit(model: CausalModel, params, slots: Slots, slot: jax.Array, prompt: jax
   if slot.ndim == 0:
     slot, prompt, prompt_length, key, limit = (x[None] for x in (slot, prompt, prompt_length,
                                                                   key, limit))
-  rows = _prefilled(model, params, prompt, prompt_length, key, limit, config, draft, draft_params)
-  put = lambda whole, new: whole.at[slot].set(new.astype(whole.dtype), mode="drop")
-  return slots.replace(**{field: jax.tree.map(put, getattr(slots, field), getattr(rows, field))
-                          for field in PER_SLOT})
+  return _place(slots, slot, _prefilled(model, params, prompt, prompt_length, key, limit, config,
+                                        draft, draft_params))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "steps"),

@@ -17,7 +17,9 @@ trace before the next rate.
 
 A second trace, `with_long`, makes a quarter of the prompts long (LONG_PROMPT_BYTES) and serves
 it with `continuous_ar` without and with chunked prefill (`chunked_prefill`: C tokens of a
-prompt per call, `serving.ChunkedARSlots`); rows name their trace in `prompts`.
+prompt per call, `serving.ChunkedARSlots`); rows name their trace in `prompts`. With two
+devices or more, `continuous_ar` also runs with prefill on the first and decode on the second
+(`phase_split`, `serving.SplitARSlots`); on a CPU host the suite simulates two devices.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from paxlike import registry, serving, speculative_serving, tokenizer
@@ -79,7 +82,8 @@ def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: Sa
           "smartspec": lambda: speculative_serving.SmartSpec(*pair, gamma),
           "tetris": lambda: speculative_serving.Tetris(*pair, gamma),
           "chunked": lambda: serving.ChunkedARSlots(model, params, batch, sampling,
-                                                    steps_per_sync, CHUNK)}
+                                                    steps_per_sync, CHUNK),
+          "split": lambda: serving.SplitARSlots(model, params, batch, sampling, steps_per_sync)}
 
 
 def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8.0, 32.0),
@@ -106,9 +110,12 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                     [*drafting_on_target(root, small=bool(train_steps)), *short,
                      *target_overrides]).restore()[:2]
   engines = _engines(model, params, draft, batch, steps_per_sync, greedy)
-  runs = [("short", p, 0) for p in POLICIES if p in policies]
+  runs = [("short", p, p) for p in POLICIES if p in policies]
+  if "continuous_ar" in policies and len(jax.devices()) >= 2:
+    runs.append(("short", "continuous_ar", "split"))
   if long_prompts:
-    runs += [("with_long", "continuous_ar", 0), ("with_long", "continuous_ar", CHUNK)]
+    runs += [("with_long", "continuous_ar", "continuous_ar"), ("with_long", "continuous_ar",
+                                                               "chunked")]
   inputs = {"short": trace_inputs(requests)}
   if long_prompts:
     inputs["with_long"] = trace_inputs(requests, long_share=LONG_SHARE)
@@ -116,17 +123,19 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                 for name, pair in inputs.items()}
   rows = []
   for rate in rates:
-    for prompts, policy, chunk in runs:
+    for prompts, policy, variant in runs:
       trace = serving.poisson_trace(*inputs[prompts], rate)
-      engine = engines["chunked" if chunk else policy]
-      engine = engine and engine()
+      engine = engines[variant] and engines[variant]()
       served = (serving.serve_continuous(model, params, trace, batch, greedy, engine=engine)
                 if engine else serving.serve_static(model, params, trace, batch, greedy))
       equal = all(np.array_equal(s.tokens, r) for s, r in zip(served, references[prompts]))
-      rows.append({"policy": policy, "prompts": prompts, "chunked_prefill": chunk, "rate": rate,
+      rows.append({"policy": policy, "prompts": prompts,
+                   "chunked_prefill": CHUNK if variant == "chunked" else 0,
+                   "phase_split": variant == "split", "rate": rate,
                    **serving.summary(served), "greedy_equal_ar": equal, "requests": requests,
                    "batch": batch, **_choices(engine)})
-  harness.print_table(rows, ["policy", "prompts", "chunked_prefill", "rate", "throughput",
+  harness.print_table(rows, ["policy", "prompts", "chunked_prefill", "phase_split", "rate",
+                             "throughput",
                              "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "greedy_equal_ar"])
   config = {"target": "pair_target", "draft": "pair_draft", "rates": list(rates),
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,

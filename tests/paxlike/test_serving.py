@@ -1,6 +1,6 @@
 """Serving a request trace: every policy returns each request's batch-1 AR tokens (static and
-continuous AR greedy and sampled, the speculative ones greedy), and the `serve` bench writes its
-rows (shortened)."""
+continuous AR, with chunked prefill and with prefill and decode on two devices, greedy and
+sampled; the speculative ones greedy), and the `serve` bench writes its rows (shortened)."""
 
 import json
 
@@ -35,9 +35,11 @@ def test_static_and_continuous_policies_return_each_requests_own_decode():
     sampling = SamplingParams(temperature=temperature)
     reference = serving.reference(model, params, trace, sampling)
     chunked = serving.ChunkedARSlots(model, params, 3, sampling, steps_per_sync=2, chunk=3)
+    split = serving.SplitARSlots(model, params, 3, sampling, steps_per_sync=2)
     for served in (serving.serve_static(model, params, trace, 3, sampling),
                    serving.serve_continuous(model, params, trace, 3, sampling, 2),
-                   serving.serve_continuous(model, params, trace, 3, sampling, engine=chunked)):
+                   serving.serve_continuous(model, params, trace, 3, sampling, engine=chunked),
+                   serving.serve_continuous(model, params, trace, 3, sampling, engine=split)):
       for s, want in zip(served, reference):
         np.testing.assert_array_equal(s.tokens, want)
         assert s.arrival_s <= s.first_token_s <= s.done_s
@@ -72,9 +74,11 @@ def test_serve_suite_rows(tmp_path):
                            batch=3, target_overrides=small, train_steps=2)
   assert json.loads(out.read_text())["suite"] == "serve"
   rows = report["rows"]
-  assert {(r["policy"], r["prompts"], r["chunked_prefill"], r["rate"]) for r in rows} == {
-      *[(p, "short", 0, rate) for p in serve_suite.POLICIES for rate in (50.0, 400.0)],
-      *[("continuous_ar", "with_long", c, rate) for c in (0, serve_suite.CHUNK)
+  assert {(r["policy"], r["prompts"], r["chunked_prefill"], r["phase_split"], r["rate"])
+          for r in rows} == {
+      *[(p, "short", 0, False, rate) for p in serve_suite.POLICIES for rate in (50.0, 400.0)],
+      *[("continuous_ar", "short", 0, True, rate) for rate in (50.0, 400.0)],  # 8 test devices
+      *[("continuous_ar", "with_long", c, False, rate) for c in (0, serve_suite.CHUNK)
         for rate in (50.0, 400.0)]}
   for row in rows:
     assert row["greedy_equal_ar"], row
