@@ -79,13 +79,9 @@ def main(argv: list[str]) -> int:
     print(f"usage: python -m paxlike.bench SUITE [--out FILE]; suites: {', '.join(SUITES)}; or "
           f"python -m paxlike.bench table REPORT.json [--columns a,b]", file=sys.stderr)
     return 2
-  if argv[1] in ("parallelism", "serve") and SIMULATED_DEVICES not in os.environ.get("XLA_FLAGS",
-                                                                                       ""):
-    # Before jax is first imported: simulated CPU devices for the 'sequence' axis (8) or for
-    # phase splitting (2: prefill, decode). Accelerator platforms ignore the flag.
-    count = 8 if argv[1] == "parallelism" else 2
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SIMULATED_DEVICES}={count}"
-    os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"].strip()
+  if argv[1] == "parallelism" and SIMULATED_DEVICES not in os.environ.get("XLA_FLAGS", ""):
+    # Before jax is first imported: 8 simulated CPU devices for the 'sequence' axis.
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SIMULATED_DEVICES}=8".strip()
   if argv[1] == "compare-hf":  # before jax starts its thread pool
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:max(1, FLAGS.threads)])
   from paxlike.bench import compare_hf_suite, decode_suite, diffusion_suite, engine_suite

@@ -19,7 +19,9 @@ A second trace, `with_long`, makes a quarter of the prompts long (LONG_PROMPT_BY
 it with `continuous_ar` without and with chunked prefill (`chunked_prefill`: C tokens of a
 prompt per call, `serving.ChunkedARSlots`); rows name their trace in `prompts`. With two
 devices or more, `continuous_ar` also runs with prefill on the first and decode on the second
-(`phase_split`, `serving.SplitARSlots`); on a CPU host the suite simulates two devices.
+(`phase_split`, `serving.SplitARSlots`). A CPU host has one device: simulating two
+(`--xla_force_host_platform_device_count=2`) gives each half the cores and halves every row's
+speed, so there the split is only tested, not measured.
 """
 
 from __future__ import annotations
