@@ -191,15 +191,27 @@ class ARSlots:
     return self.admit_all(slots, [(slot, requests[slot % len(requests)])
                                   for slot in range(self.num_slots)])
 
-  def ar_step(self, slots: continuous.Slots) -> continuous.Slots:
-    return continuous.step(self.model, self.params, slots, self.config, self.steps_per_sync)
+  def row_buckets(self) -> list[int]:
+    """The row counts programs are compiled for: powers of two below S, and S."""
+    return sorted({min(1 << i, self.num_slots) for i in range(self.num_slots.bit_length() + 1)})
 
-  def advance(self, slots: continuous.Slots) -> continuous.Slots:
-    return self.ar_step(slots)
+  def rows(self, occupied: int) -> int:
+    """The rows a call computes when the first `occupied` slots hold every request
+    (`continuous.on_rows`): the smallest bucket that covers them."""
+    return min(r for r in self.row_buckets() if r >= occupied)
+
+  def ar_step(self, slots: continuous.Slots, rows: int | None = None) -> continuous.Slots:
+    return continuous.step(self.model, self.params, slots, self.config, self.steps_per_sync,
+                           rows)
+
+  def advance(self, slots: continuous.Slots, rows: int | None = None) -> continuous.Slots:
+    """One call of the policy's program on the first `rows` slots (None: all)."""
+    return self.ar_step(slots, rows)
 
   def warm_up(self, slots: continuous.Slots, requests: list[Request]) -> continuous.Slots:
-    for _ in range(2):  # fresh and stepped slots alike
-      slots = self.advance(self.admit(slots, 0, requests[0]))
+    for rows in self.row_buckets():  # fresh and stepped slots alike
+      for _ in range(2):
+        slots = self.advance(self.admit(slots, 0, requests[0]), rows)
     return slots
 
 
@@ -238,7 +250,7 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
       slots = engine.admit_all(slots, pairs)
     if not engine.deferred_admission:
       _first_tokens(slots, owner, first, clock)
-    slots = engine.advance(slots)
+    slots = engine.advance(slots, engine.rows(max(owner) + 1))  # admitted: lowest free slots
     active, n = np.asarray(slots.active), _first_tokens(slots, owner, first, clock)
     done = clock()
     finished = [s for s in owner if not active[s] and n[s] >= 1]  # n = 0: still prefilling
@@ -282,10 +294,10 @@ class SplitARSlots(ARSlots):
     self.handover.append((slot, rows))
     return slots
 
-  def advance(self, slots):
-    slots = self.ar_step(slots)
-    for slot, rows in self.handover:
-      slots = continuous.place(slots, *jax.device_put((slot, rows), self.decode_device))
+  def advance(self, slots, rows: int | None = None):
+    slots = self.ar_step(slots, rows)
+    for slot, prefilled in self.handover:
+      slots = continuous.place(slots, *jax.device_put((slot, prefilled), self.decode_device))
     self.handover = []
     return slots
 
@@ -329,23 +341,24 @@ class ChunkedARSlots(ARSlots):
   def compile_admits(self, slots, requests: list[Request]):
     return self.admit(slots, 0, requests[0])  # one program: prompts padded to the widest
 
-  def advance(self, slots):
+  def advance(self, slots, rows: int | None = None):
     if not self.pending:
-      return self.ar_step(slots)
+      return self.ar_step(slots, rows)
     slot, left = self.pending[0]
     slots = chunked_prefill.step_with_chunk(self.model, self.params, slots, jnp.int32(slot),
-                                            self.config, self.chunk, self.steps_per_sync)
+                                            self.config, self.chunk, self.steps_per_sync, rows)
     self.pending[0][1] -= self.chunk
     if self.pending[0][1] <= 0:
       self.pending.pop(0)
     return slots
 
   def warm_up(self, slots, requests: list[Request]):
-    for _ in range(2):
-      slots = self.admit(slots, 0, requests[0])
-      while self.pending:  # chunks with AR steps
-        slots = self.advance(slots)
-      slots = self.advance(slots)  # AR steps alone
+    for rows in self.row_buckets():
+      for _ in range(2):
+        slots = self.admit(slots, 0, requests[0])
+        while self.pending:  # chunks with AR steps
+          slots = self.advance(slots, rows)
+        slots = self.advance(slots, rows)  # AR steps alone
     return slots
 
 

@@ -38,19 +38,20 @@ class FixedGamma(ARSlots):
                      max(gamma, max_draft_tokens), draft, draft_params)
     self.gamma, self.rounds = gamma, rounds_per_sync
 
-  def speculate(self, slots: continuous.Slots, gamma: int) -> continuous.Slots:
+  def speculate(self, slots: continuous.Slots, gamma: int,
+                rows: int | None = None) -> continuous.Slots:
     return continuous_spec.speculate(self.model, self.params, self.draft, self.draft_params,
-                                     slots, self.config, gamma, self.rounds)
+                                     slots, self.config, gamma, self.rounds, rows)
 
-  def advance(self, slots: continuous.Slots) -> continuous.Slots:
-    return self.speculate(slots, self.gamma)
+  def advance(self, slots: continuous.Slots, rows: int | None = None) -> continuous.Slots:
+    return self.speculate(slots, self.gamma, rows)
 
 
 class SmartSpec(FixedGamma):
   """gamma in 0..`max_draft_tokens` per call by expected goodput (module docstring).
 
-  Attributes after `warm_up`: costs [G + 1] seconds per call of each program, full slots;
-  `chosen`, the count of calls per gamma while serving."""
+  Attributes after `warm_up`: costs {rows: [G + 1] seconds per call of each program on that many
+  rows}; `chosen`, the count of calls per gamma while serving."""
 
   def __init__(self, target, target_params, draft, draft_params, num_slots: int,
                sampling: SamplingParams, max_draft_tokens: int, rounds_per_sync: int = 1,
@@ -58,7 +59,7 @@ class SmartSpec(FixedGamma):
     super().__init__(target, target_params, draft, draft_params, num_slots, sampling,
                      max_draft_tokens, rounds_per_sync, steps_per_sync)
     self.decay, self.prior = decay, prior
-    self.costs = np.ones(max_draft_tokens + 1)
+    self.costs = {rows: np.ones(max_draft_tokens + 1) for rows in self.row_buckets()}
     self._reset()
 
   def _reset(self):
@@ -69,19 +70,21 @@ class SmartSpec(FixedGamma):
     self.seen = np.zeros(2)  # the new slots' counters (accepted, rejections)
     return super().init(requests)
 
-  def program(self, gamma: int):
-    return self.ar_step if gamma == 0 else lambda s: self.speculate(s, gamma)
+  def program(self, gamma: int, rows: int):
+    return (lambda s: self.ar_step(s, rows)) if gamma == 0 else (
+        lambda s: self.speculate(s, gamma, rows))
 
   def warm_up(self, slots, requests: list[Request]):
     """Times each program with every slot full; the acceptance of the timed rounds becomes the
     running estimate's starting counts (without them an estimate that starts low would keep
     choosing AR steps, which teach it nothing)."""
     counts = np.zeros(2)
-    for gamma in range(self.gamma + 1):
-      slots = self.full(slots, requests)
-      before = np.asarray([int(slots.accepted), int(slots.rejected)], float)
-      self.costs[gamma], slots = time_program(self.program(gamma), slots)
-      counts += np.asarray([int(slots.accepted), int(slots.rejected)], float) - before
+    for rows in self.row_buckets():
+      for gamma in range(self.gamma + 1):
+        slots = self.full(slots, requests)
+        before = np.asarray([int(slots.accepted), int(slots.rejected)], float)
+        self.costs[rows][gamma], slots = time_program(self.program(gamma, rows), slots)
+        counts += np.asarray([int(slots.accepted), int(slots.rejected)], float) - before
     self._reset()
     if counts.sum() > 0:
       self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
@@ -94,10 +97,11 @@ class SmartSpec(FixedGamma):
     per_round = (1 - a ** (gammas + 1)) / (1 - a)
     return np.where(gammas == 0, self.steps_per_sync, self.rounds * per_round)
 
-  def advance(self, slots):
-    gamma = int(np.argmax(self.expected_tokens() / self.costs))
+  def advance(self, slots, rows: int | None = None):
+    rows = rows or self.num_slots
+    gamma = int(np.argmax(self.expected_tokens() / self.costs[rows]))
     self.chosen[gamma] += 1
-    slots = self.program(gamma)(slots)
+    slots = self.program(gamma, rows)(slots)
     seen = np.asarray([int(slots.accepted), int(slots.rejected)], float)
     self.counts = self.decay * self.counts + (seen - self.seen)
     self.seen = seen
@@ -108,7 +112,8 @@ class Tetris(FixedGamma):
   """`continuous_spec.select` rounds: `max_draft_tokens` drafts per slot, `budget` verified
   (default: all of them, S x G; the width is still chosen by expected goodput).
 
-  Attributes after `warm_up`: costs [G + 1] seconds per call verifying w = 0..G drafts per slot."""
+  Attributes after `warm_up`: costs {rows: [G + 1] seconds per call on that many rows verifying
+  w = 0..G drafts per slot}."""
 
   def __init__(self, target, target_params, draft, draft_params, num_slots: int,
                sampling: SamplingParams, max_draft_tokens: int, budget: int | None = None,
@@ -116,20 +121,24 @@ class Tetris(FixedGamma):
     super().__init__(target, target_params, draft, draft_params, num_slots, sampling,
                      max_draft_tokens, rounds_per_sync, steps_per_sync)
     self.budget = budget or num_slots * max_draft_tokens
-    self.costs = np.ones(max_draft_tokens + 1, np.float32)
+    self.costs = {rows: np.ones(max_draft_tokens + 1, np.float32) for rows in self.row_buckets()}
 
-  def select(self, slots, costs):
+  def select(self, slots, costs, rows: int):
     return continuous_spec.select(self.model, self.params, self.draft, self.draft_params, slots,
-                                  self.config, self.budget, costs, self.rounds)
+                                  self.config, min(self.budget, rows * self.gamma), costs,
+                                  self.rounds, rows)
 
   def warm_up(self, slots, requests: list[Request]):
-    costs = []
-    for width in range(self.gamma + 1):  # a cost vector that only this width can win
-      forced = np.where(np.arange(self.gamma + 1) == width, 1.0, 1e9).astype(np.float32)
-      cost, slots = time_program(lambda s, c=forced: self.select(s, c), self.full(slots, requests))
-      costs.append(cost)
-    self.costs = np.asarray(costs, np.float32)  # the warm-up's argument type: no retrace
+    for rows in self.row_buckets():
+      costs = []
+      for width in range(self.gamma + 1):  # a cost vector that only this width can win
+        forced = np.where(np.arange(self.gamma + 1) == width, 1.0, 1e9).astype(np.float32)
+        cost, slots = time_program(lambda s, c=forced, r=rows: self.select(s, c, r),
+                                   self.full(slots, requests))
+        costs.append(cost)
+      self.costs[rows] = np.asarray(costs, np.float32)  # the warm-up's argument type: no retrace
     return slots
 
-  def advance(self, slots):
-    return self.select(slots, self.costs)
+  def advance(self, slots, rows: int | None = None):
+    rows = rows or self.num_slots
+    return self.select(slots, self.costs[rows], rows)

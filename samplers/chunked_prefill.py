@@ -49,13 +49,14 @@ def enqueue(slots: Slots, slot: jax.Array, prompt: jax.Array, prompt_length: jax
                        draft_length=slots.draft_length.at[slot].set(0))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "chunk", "steps"),
+@functools.partial(jax.jit, static_argnames=("model", "config", "chunk", "steps", "rows"),
                    donate_argnames=("slots",))
 def step_with_chunk(model: CausalModel, params, slots: Slots, slot: jax.Array,
-                    config: ContinuousConfig, chunk: int, steps: int = 1) -> Slots:
+                    config: ContinuousConfig, chunk: int, steps: int = 1,
+                    rows: int | None = None) -> Slots:
   """Feeds the next `chunk` prompt tokens of `slot` (an `enqueue`d request) into its cache and
   draws its first token if they complete the prompt, then advances every active slot by `steps`
-  AR tokens (`continuous.step`)."""
+  AR tokens (`continuous.step`, on the first `rows` slots with `rows`)."""
   check_chunk(chunk, config)
   start, length = slots.prefilled[slot], slots.prompt_length[slot]
   positions = start + jnp.arange(chunk)
@@ -74,4 +75,4 @@ def step_with_chunk(model: CausalModel, params, slots: Slots, slot: jax.Array,
       jnp.minimum(start + chunk, length)), active=slots.active | (only & completes))
   slots = continuous.commit(slots, jnp.broadcast_to(first, (config.num_slots, 1)),
                             (only & completes).astype(jnp.int32), config)
-  return continuous.step(model, params, slots, config, steps)
+  return continuous.step(model, params, slots, config, steps, rows)

@@ -222,11 +222,27 @@ def admit(model: CausalModel, params, slots: Slots, slot: jax.Array, prompt: jax
                                         draft, draft_params))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "steps"),
+def on_rows(fn, slots: Slots, rows: int | None) -> Slots:
+  """`fn(slots) -> slots` applied to the first `rows` slots only (None: all of them).
+
+  A program's cost follows the rows it computes, not the requests it holds: at low load, with
+  requests admitted into the lowest free slots, running on the smallest power of two of rows
+  that covers them costs what a batch of that size costs. The rest are left as they are."""
+  if rows is None or rows >= slots.n.shape[0]:
+    return fn(slots)
+  head = fn(slots.replace(**{f: jax.tree.map(lambda x: x[:rows], getattr(slots, f))
+                             for f in PER_SLOT}))
+  put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, axis=0)
+  return head.replace(**{f: jax.tree.map(put, getattr(slots, f), getattr(head, f))
+                         for f in PER_SLOT})
+
+
+@functools.partial(jax.jit, static_argnames=("model", "config", "steps", "rows"),
                    donate_argnames=("slots",))
-def step(model: CausalModel, params, slots: Slots, config: ContinuousConfig,
-         steps: int = 1) -> Slots:
-  """Advances every active slot by up to `steps` AR tokens (one target call each)."""
+def step(model: CausalModel, params, slots: Slots, config: ContinuousConfig, steps: int = 1,
+         rows: int | None = None) -> Slots:
+  """Advances every active slot by up to `steps` AR tokens (one target call each); with `rows`,
+  only the first `rows` slots are computed (`on_rows`)."""
 
   def one(_, s: Slots) -> Slots:
     context = s.context
@@ -236,7 +252,7 @@ def step(model: CausalModel, params, slots: Slots, config: ContinuousConfig,
     token = draw_at(s.keys, context, logits[:, 0], config.sampling)
     return commit(s.replace(cache=cache), token[:, None], jnp.ones_like(s.n), config)
 
-  return jax.lax.fori_loop(0, steps, one, slots)
+  return on_rows(lambda s: jax.lax.fori_loop(0, steps, one, s), slots, rows)
 
 
 def generated(slots: Slots, config: ContinuousConfig) -> jax.Array:

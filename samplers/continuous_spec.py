@@ -103,11 +103,14 @@ def _check_gamma(gamma: int, config: ContinuousConfig) -> None:
                      f"room the slots were made with), got {gamma}")
 
 
-@functools.partial(jax.jit, static_argnames=("target", "draft", "config", "gamma", "rounds"),
+@functools.partial(jax.jit,
+                   static_argnames=("target", "draft", "config", "gamma", "rounds", "rows"),
                    donate_argnames=("slots",))
 def speculate(target: CausalModel, target_params, draft: CausalModel, draft_params,
-              slots: Slots, config: ContinuousConfig, gamma: int, rounds: int = 1) -> Slots:
-  """`rounds` rounds in which every active slot drafts gamma tokens (1 <= gamma <= G)."""
+              slots: Slots, config: ContinuousConfig, gamma: int, rounds: int = 1,
+              rows: int | None = None) -> Slots:
+  """`rounds` rounds in which every active slot drafts gamma tokens (1 <= gamma <= G); with
+  `rows`, only the first `rows` slots are computed (`continuous.on_rows`)."""
   _check_gamma(gamma, config)
 
   def choose(chain, slots):
@@ -115,7 +118,7 @@ def speculate(target: CausalModel, target_params, draft: CausalModel, draft_para
     return lengths, functools.partial(_verify, target, width=gamma)
 
   one = lambda _, s: _round(target, target_params, draft, draft_params, s, config, gamma, choose)
-  return jax.lax.fori_loop(0, rounds, one, slots)
+  return continuous.on_rows(lambda s: jax.lax.fori_loop(0, rounds, one, s), slots, rows)
 
 
 def selection(confidence: jax.Array, active: jax.Array, budget: int,
@@ -143,13 +146,16 @@ def selection(confidence: jax.Array, active: jax.Array, budget: int,
   return jnp.minimum(lengths, width), width
 
 
-@functools.partial(jax.jit, static_argnames=("target", "draft", "config", "budget", "rounds"),
+@functools.partial(jax.jit,
+                   static_argnames=("target", "draft", "config", "budget", "rounds", "rows"),
                    donate_argnames=("slots",))
 def select(target: CausalModel, target_params, draft: CausalModel, draft_params, slots: Slots,
-           config: ContinuousConfig, budget: int, costs: jax.Array, rounds: int = 1) -> Slots:
+           config: ContinuousConfig, budget: int, costs: jax.Array, rounds: int = 1,
+           rows: int | None = None) -> Slots:
   """`rounds` TETRIS rounds: G = `config.max_draft_tokens` drafts per slot, the `budget` most
   likely verified at the width `selection` picks under `costs` [G + 1] (seconds per round that
-  verifies w = 0..G drafts per slot; one compiled program, the width switched inside)."""
+  verifies w = 0..G drafts per slot; one compiled program, the width switched inside); with
+  `rows`, only the first `rows` slots are computed (`continuous.on_rows`)."""
   gamma = config.max_draft_tokens
   _check_gamma(gamma, config)
   if budget < 1:
@@ -165,4 +171,4 @@ def select(target: CausalModel, target_params, draft: CausalModel, draft_params,
     return lengths, lambda *args: jax.lax.switch(width, branches, *args)
 
   one = lambda _, s: _round(target, target_params, draft, draft_params, s, config, gamma, choose)
-  return jax.lax.fori_loop(0, rounds, one, slots)
+  return continuous.on_rows(lambda s: jax.lax.fori_loop(0, rounds, one, s), slots, rows)

@@ -65,12 +65,13 @@ def trace_inputs(count: int, seed: int = 0,
 
 def _choices(engine) -> dict[str, Any]:
   """What a speculative policy chose: SmartSpec's calls per gamma, and both adaptive policies'
-  measured cost per call (seconds, full slots) of each gamma / verify width."""
+  measured cost per call (seconds, by rows computed) of each gamma / verify width."""
+  costs = lambda: {str(rows): [round(float(c), 5) for c in per] for rows, per in
+                   engine.costs.items()}
   if isinstance(engine, speculative_serving.SmartSpec):
-    return {"calls_per_gamma": engine.chosen.tolist(),
-            "cost_per_gamma_s": [round(float(c), 5) for c in engine.costs]}
+    return {"calls_per_gamma": engine.chosen.tolist(), "cost_per_gamma_s": costs()}
   if isinstance(engine, speculative_serving.Tetris):
-    return {"cost_per_width_s": [round(float(c), 5) for c in engine.costs]}
+    return {"cost_per_width_s": costs()}
   return {}
 
 
