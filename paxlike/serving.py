@@ -44,12 +44,15 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class Served:
-  """A finished request: its tokens [max_new_tokens] and its times in seconds after the start."""
+  """A finished request: its tokens [max_new_tokens], its times in seconds after the start, and
+  the gaps its tokens after the first arrived with (seconds per token between the checks that
+  saw them: the inter-token latency a streaming client sees)."""
 
   tokens: np.ndarray
   arrival_s: float
   first_token_s: float
   done_s: float
+  gaps: tuple[float, ...] = ()
 
 
 def poisson_trace(prompts: list[np.ndarray], new_tokens: list[int], rate: float,
@@ -111,7 +114,8 @@ def serve_static(model, params, requests: list[Request], batch: int,
     tokens, done = np.asarray(out.tokens), clock()
     first = began + (done - began) / steps  # the batch's first step, at its mean step time
     for row, r in enumerate(taken):
-      served[id(r)] = Served(tokens[row, :r.max_new_tokens], r.arrival_s, first, done)
+      gaps = ((done - began) / steps,) * (r.max_new_tokens - 1)  # the same mean step time
+      served[id(r)] = Served(tokens[row, :r.max_new_tokens], r.arrival_s, first, done, gaps)
   return [served[id(r)] for r in requests]
 
 
@@ -235,7 +239,8 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
   slots = engine.warm_up(engine.compile_admits(engine.init(requests), requests), requests)
   jax.block_until_ready(generated(slots, config=engine.config))
   slots = engine.init(requests)
-  waiting, owner, first, served = collections.deque(requests), {}, {}, {}
+  waiting, owner, served = collections.deque(requests), {}, {}
+  seen = _Seen(owner)
   start = time.perf_counter()
   clock = lambda: time.perf_counter() - start
   while waiting or owner:
@@ -249,16 +254,41 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
     if pairs:
       slots = engine.admit_all(slots, pairs)
     if not engine.deferred_admission:
-      _first_tokens(slots, owner, first, clock)
+      seen.note(slots, clock)
     slots = engine.advance(slots, engine.rows(max(owner) + 1))  # admitted: lowest free slots
-    active, n = np.asarray(slots.active), _first_tokens(slots, owner, first, clock)
+    active, n = np.asarray(slots.active), seen.note(slots, clock)
     done = clock()
     finished = [s for s in owner if not active[s] and n[s] >= 1]  # n = 0: still prefilling
     tokens = np.asarray(generated(slots, config=engine.config)) if finished else None
     for slot in finished:
       r = owner.pop(slot)
-      served[id(r)] = Served(tokens[slot, :r.max_new_tokens], r.arrival_s, first[id(r)], done)
+      served[id(r)] = Served(tokens[slot, :r.max_new_tokens], r.arrival_s, seen.first[id(r)],
+                             done, tuple(seen.gaps[id(r)]))
   return [served[id(r)] for r in requests]
+
+
+class _Seen:
+  """What the scheduler has seen of each owned request: its first token's time, then the gaps
+  its later tokens arrived with."""
+
+  def __init__(self, owner: dict):
+    self.owner, self.first, self.gaps, self.last = owner, {}, collections.defaultdict(list), {}
+
+  def note(self, slots, clock) -> np.ndarray:
+    """Reads the slots' token counts n [S] (returned) and notes what is new."""
+    n = np.asarray(slots.n)
+    now = clock()
+    for slot, r in self.owner.items():
+      if n[slot] < 1:
+        continue
+      if id(r) not in self.first:
+        self.first[id(r)], self.last[id(r)] = now, (n[slot], now)
+        continue
+      count, then = self.last[id(r)]
+      if n[slot] > count:
+        self.gaps[id(r)] += [(now - then) / (n[slot] - count)] * int(n[slot] - count)
+        self.last[id(r)] = (n[slot], now)
+    return n
 
 
 class SplitARSlots(ARSlots):
@@ -302,23 +332,14 @@ class SplitARSlots(ARSlots):
     return slots
 
 
-def _first_tokens(slots, owner: dict, first: dict, clock) -> np.ndarray:
-  """Notes the time of every owned slot's first token that is ready now; returns n [S]."""
-  n = np.asarray(slots.n)
-  now = clock()
-  for slot, r in owner.items():
-    if n[slot] >= 1 and id(r) not in first:
-      first[id(r)] = now
-  return n
-
-
 class ChunkedARSlots(ARSlots):
-  """`continuous_ar` with chunked prefill (`samplers.chunked_prefill`): a request enters its slot
-  without computing anything, and each call feeds the oldest incomplete prompt's next `chunk`
-  tokens before its `steps_per_sync` AR steps."""
+  """`continuous_ar` with chunked prefill (`samplers.chunked_prefill`): a prompt longer than
+  `chunk` tokens enters its slot without computing anything, and each call feeds the oldest
+  incomplete prompt's next `chunk` tokens before its `steps_per_sync` AR steps; shorter prompts
+  are admitted as by `ARSlots` (one prefill call for all of them)."""
 
   def __init__(self, model, params, num_slots: int, sampling: SamplingParams,
-               steps_per_sync: int = 4, chunk: int = 32):
+               steps_per_sync: int = 4, chunk: int = 64):
     super().__init__(model, params, num_slots, sampling, steps_per_sync)
     self.chunk, self.pending = chunk, []  # [slot, prompt tokens not yet fed]
 
@@ -326,7 +347,7 @@ class ChunkedARSlots(ARSlots):
     self.pending = []
     return super().init(requests)
 
-  def admit(self, slots, slot: int, r: Request):
+  def enqueue(self, slots, slot: int, r: Request):
     prompt, length = _padded([r.prompt], self.config.prompt_width)
     self.pending.append([slot, int(length[0])])
     return chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt[0]),
@@ -334,12 +355,22 @@ class ChunkedARSlots(ARSlots):
                                    jnp.int32(r.max_new_tokens), self.config)
 
   def admit_all(self, slots, pairs: list[tuple[int, Request]]):
+    short = [(slot, r) for slot, r in pairs if len(r.prompt) <= self.chunk]
+    if short:
+      slots = super().admit_all(slots, short)
     for slot, r in pairs:
-      slots = self.admit(slots, slot, r)
+      if len(r.prompt) > self.chunk:
+        slots = self.enqueue(slots, slot, r)
     return slots
 
-  def compile_admits(self, slots, requests: list[Request]):
-    return self.admit(slots, 0, requests[0])  # one program: prompts padded to the widest
+  def warm_up(self, slots, requests: list[Request]):
+    for rows in self.row_buckets():
+      for _ in range(2):
+        slots = self.enqueue(slots, 0, requests[0])
+        while self.pending:  # chunks with AR steps
+          slots = self.advance(slots, rows)
+        slots = self.advance(slots, rows)  # AR steps alone
+    return slots
 
   def advance(self, slots, rows: int | None = None):
     if not self.pending:
@@ -352,23 +383,17 @@ class ChunkedARSlots(ARSlots):
       self.pending.pop(0)
     return slots
 
-  def warm_up(self, slots, requests: list[Request]):
-    for rows in self.row_buckets():
-      for _ in range(2):
-        slots = self.admit(slots, 0, requests[0])
-        while self.pending:  # chunks with AR steps
-          slots = self.advance(slots, rows)
-        slots = self.advance(slots, rows)  # AR steps alone
-    return slots
-
 
 def summary(served: list[Served]) -> dict[str, float]:
-  """Throughput (generated tokens/s from the first arrival to the last completion), time to
-  first token and time per output token (after the first), p50 and p99, in seconds."""
+  """Throughput (generated tokens/s from the first arrival to the last completion), and p50 and
+  p99 in seconds of: time to first token, time per output token (a request's mean after its
+  first) and inter-token latency (every token's gap, pooled over requests)."""
   tokens = sum(len(s.tokens) for s in served)
   span = max(s.done_s for s in served) - min(s.arrival_s for s in served)
   ttft = [s.first_token_s - s.arrival_s for s in served]
   tpot = [(s.done_s - s.first_token_s) / max(len(s.tokens) - 1, 1) for s in served]
+  gaps = [gap for s in served for gap in s.gaps] or [0.0]
   pct = lambda xs, q: round(float(np.percentile(xs, q)), 4)
   return {"throughput": round(tokens / span, 1), "ttft_p50": pct(ttft, 50),
-          "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99)}
+          "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
+          "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99)}

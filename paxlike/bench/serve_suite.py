@@ -4,8 +4,9 @@ The target is the decode suite's `pair_target` (trained or loaded from `--workdi
 held-out tinyshakespeare snippets of 16-64 bytes (uniform), each asking for 16-96 new tokens
 (uniform), arriving as a Poisson process at each rate (requests per second). Each policy serves
 the same trace (`paxlike.serving`), greedy; a row reports throughput (generated tokens per second
-from the first arrival to the last completion), time to first token and time per output token
-(p50, p99), and whether every request's tokens equal its batch-1 AR decode.
+from the first arrival to the last completion), time to first token, time per output token (a
+request's mean) and inter-token latency (each token's gap as the scheduler saw it), p50 and p99,
+and whether every request's tokens equal its batch-1 AR decode.
 
 Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest),
 `continuous_ar` (`batch` slots, refilled between calls of 4 AR steps), and with the decode
@@ -45,7 +46,7 @@ PROMPT_BYTES = (16, 64)
 LONG_PROMPT_BYTES = (256, 384)
 LONG_SHARE = 0.25  # of the `with_long` trace's prompts
 NEW_TOKENS = (16, 96)
-CHUNK = 32  # chunked prefill's tokens per call
+CHUNK = 64  # chunked prefill: tokens per call, of prompts longer than this
 
 
 def trace_inputs(count: int, seed: int = 0,
@@ -138,8 +139,8 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                    **serving.summary(served), "greedy_equal_ar": equal, "requests": requests,
                    "batch": batch, **_choices(engine)})
   harness.print_table(rows, ["policy", "prompts", "chunked_prefill", "phase_split", "rate",
-                             "throughput",
-                             "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "greedy_equal_ar"])
+                             "throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99",
+                             "itl_p50", "itl_p99", "greedy_equal_ar"])
   config = {"target": "pair_target", "draft": "pair_draft", "rates": list(rates),
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),

@@ -45,6 +45,8 @@ def test_static_and_continuous_policies_return_each_requests_own_decode():
         assert s.arrival_s <= s.first_token_s <= s.done_s
       summary = serving.summary(served)
       assert summary["throughput"] > 0 and summary["ttft_p50"] <= summary["ttft_p99"]
+      assert 0 < summary["itl_p50"] <= summary["itl_p99"]
+      assert all(len(s.gaps) <= len(s.tokens) - 1 for s in served)
 
 
 def test_speculative_policies_return_each_requests_greedy_decode():
@@ -84,5 +86,6 @@ def test_serve_suite_rows(tmp_path):
         for rate in (50.0, 400.0)]}
   for row in rows:
     assert row["greedy_equal_ar"], row
-    for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):
+    for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
+                "itl_p99"):
       assert row[key] >= 0
