@@ -21,25 +21,34 @@ LIMITS = [10, 6, 12, 3, 1]
 KEYS = jax.random.split(jax.random.key(7), len(PROMPTS))
 
 
-def _serve(params, order, config, steps):
-  """Admits the requests in `order` into free slots, stepping `steps` tokens between checks;
-  returns each request's tokens."""
-  slots, waiting, owner, out = continuous.init(MODEL, config), list(order), {}, {}
+def serve(params, order, config, program, draft=None, draft_params=None, admit=None):
+  """Admits the requests in `order` into free slots (`continuous.admit`, or `admit(slots, slot,
+  request index)`) and runs `program(slots, call index)` between checks; returns (each request's
+  tokens, the final slots)."""
+  def one_shot(slots, slot, i):
+    prompt = np.zeros(config.prompt_width, np.int32)
+    prompt[:len(PROMPTS[i])] = PROMPTS[i]
+    return continuous.admit(MODEL, params, slots, jnp.int32(slot), jnp.asarray(prompt),
+                            jnp.int32(len(PROMPTS[i])), KEYS[i], jnp.int32(LIMITS[i]), config,
+                            draft, draft_params)
+
+  slots = continuous.init(MODEL, config, draft)
+  waiting, owner, out, calls = list(order), {}, {}, 0
   while waiting or owner:
-    active = np.asarray(slots.active)
+    active, n = np.asarray(slots.active), np.asarray(slots.n)
     for slot in range(config.num_slots):
-      if slot in owner and not active[slot]:
+      if slot in owner and not active[slot] and n[slot] >= 1:  # n = 0: still prefilling
         out[owner.pop(slot)] = np.asarray(continuous.generated(slots, config)[slot])
       if slot not in owner and waiting:
-        i = waiting.pop(0)
-        prompt = np.zeros(config.prompt_width, np.int32)
-        prompt[:len(PROMPTS[i])] = PROMPTS[i]
-        slots = continuous.admit(MODEL, params, slots, jnp.int32(slot), jnp.asarray(prompt),
-                                 jnp.int32(len(PROMPTS[i])), KEYS[i], jnp.int32(LIMITS[i]),
-                                 config)
-        owner[slot] = i
-    slots = continuous.step(MODEL, params, slots, config, steps=steps)
-  return out
+        owner[slot] = waiting.pop(0)
+        slots = (admit or one_shot)(slots, slot, owner[slot])
+    slots, calls = program(slots, calls), calls + 1
+  return out, slots
+
+
+def _serve(params, order, config, steps):
+  return serve(params, order, config,
+               lambda slots, _: continuous.step(MODEL, params, slots, config, steps=steps))[0]
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -110,27 +119,26 @@ def test_requests_prefilled_in_chunks_beside_decoding_equal_their_ar_decode():
   want = [np.asarray(ar.sample(MODEL, params, *ar.pad_prompts([p]), KEYS[i][None],
                                ar.ARConfig(max_new_tokens=LIMITS[i], sampling=greedy)).tokens[0])
           for i, p in enumerate(PROMPTS)]
-  slots, waiting, owner, pending, out = continuous.init(MODEL, config), [0, 1, 2, 3, 4], {}, [], {}
-  while waiting or owner:
-    active, n = np.asarray(slots.active), np.asarray(slots.n)
-    for slot in range(config.num_slots):
-      if slot in owner and not active[slot] and n[slot] >= 1:
-        out[owner.pop(slot)] = np.asarray(continuous.generated(slots, config)[slot])
-      if slot not in owner and waiting:
-        i = waiting.pop(0)
-        prompt = np.zeros(config.prompt_width, np.int32)
-        prompt[:len(PROMPTS[i])] = PROMPTS[i]
-        slots = chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt),
-                                        jnp.int32(len(PROMPTS[i])), KEYS[i],
-                                        jnp.int32(LIMITS[i]), config)
-        owner[slot] = i
-        pending.append(slot)
-    if pending:
-      slots = chunked_prefill.step_with_chunk(MODEL, params, slots, jnp.int32(pending[0]),
-                                              config, chunk=2, steps=1)
-      if int(slots.prefilled[pending[0]]) == len(PROMPTS[owner[pending[0]]]):
-        pending.pop(0)
-    else:
-      slots = continuous.step(MODEL, params, slots, config, steps=1)
+  pending = []  # [slot, prompt tokens not yet fed]
+
+  def enqueue(slots, slot, i):
+    prompt = np.zeros(config.prompt_width, np.int32)
+    prompt[:len(PROMPTS[i])] = PROMPTS[i]
+    pending.append([slot, len(PROMPTS[i])])
+    return chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt),
+                                   jnp.int32(len(PROMPTS[i])), KEYS[i], jnp.int32(LIMITS[i]),
+                                   config)
+
+  def program(slots, _):
+    if not pending:
+      return continuous.step(MODEL, params, slots, config, steps=1)
+    slots = chunked_prefill.step_with_chunk(MODEL, params, slots, jnp.int32(pending[0][0]),
+                                            config, chunk=2, steps=1)
+    pending[0][1] -= 2
+    if pending[0][1] <= 0:
+      pending.pop(0)
+    return slots
+
+  out = serve(params, [0, 1, 2, 3, 4], config, program, admit=enqueue)[0]
   for i in range(len(PROMPTS)):
     np.testing.assert_array_equal(out[i][:LIMITS[i]], want[i], err_msg=f"request {i}")

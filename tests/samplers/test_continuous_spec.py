@@ -16,13 +16,8 @@ from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 from tests.samplers import prefix_toy
 from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, windows_p_value
+from tests.samplers.test_continuous import KEYS, LIMITS, MODEL, PROMPTS, serve
 
-MODEL = CausalLM(ModelConfig(vocab_size=32, num_layers=2, d_model=32, num_heads=4,
-                             num_kv_heads=2, mlp_dim=64, max_len=64, init_std=0.5,
-                             tie_embeddings=False))
-PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1], [9], [4, 4, 2]]
-LIMITS = [10, 6, 12, 3, 1]
-KEYS = jax.random.split(jax.random.key(7), len(PROMPTS))
 G = 3
 
 
@@ -35,25 +30,7 @@ def _params():
 
 
 def _serve(target, draft, order, config, program):
-  """Admits the requests in `order` into free slots and runs `program(slots, call index)`
-  between checks; returns each request's tokens."""
-  slots = continuous.init(MODEL, config, MODEL)
-  waiting, owner, out, calls = list(order), {}, {}, 0
-  while waiting or owner:
-    active = np.asarray(slots.active)
-    for slot in range(config.num_slots):
-      if slot in owner and not active[slot]:
-        out[owner.pop(slot)] = np.asarray(continuous.generated(slots, config)[slot])
-      if slot not in owner and waiting:
-        i = waiting.pop(0)
-        prompt = np.zeros(config.prompt_width, np.int32)
-        prompt[:len(PROMPTS[i])] = PROMPTS[i]
-        slots = continuous.admit(MODEL, target, slots, jnp.int32(slot), jnp.asarray(prompt),
-                                 jnp.int32(len(PROMPTS[i])), KEYS[i], jnp.int32(LIMITS[i]),
-                                 config, MODEL, draft)
-        owner[slot] = i
-    slots, calls = program(slots, calls), calls + 1
-  return out, slots
+  return serve(target, order, config, program, MODEL, draft)
 
 
 def _config(slots, sampling):
