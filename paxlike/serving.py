@@ -1,17 +1,20 @@
 """Serving a stream of requests: static batching against continuous batching, in wall-clock time.
 
-A request arrives at a time, with a prompt and a number of tokens to generate. Two policies:
+A request arrives at a time, with a prompt and a number of tokens to generate. Two loops:
 
 * `serve_static`: when the server is idle it takes the requests that have arrived (up to
   `batch`) and decodes them as one batch with `samplers.ar` until the longest is done; nothing is
   admitted meanwhile, and a request's tokens are returned when its batch ends.
-* `serve_continuous`: `samplers.continuous` slots; between compiled steps of `steps_per_sync`
-  tokens the scheduler frees finished slots and admits waiting requests into them.
+* `serve_continuous`: `samplers.continuous` slots; between calls of an engine's program the
+  scheduler frees finished slots, admits every waiting request into the lowest free ones, and
+  runs the program on the rows that cover the occupied slots. Engines here: `ARSlots` (AR steps),
+  `ChunkedARSlots` (chunked prefill), `SplitARSlots` (prefill and decode on two devices); the
+  speculative ones are in `paxlike.speculative_serving`.
 
 Both compile everything before the clock starts and report per request its arrival, the time
-its first token was ready and the time it was done. A static batch returns its tokens when it
-ends; its requests' first-token time is that of the batch's first step, taken at the batch's
-mean step time, so time per output token compares the two policies' decode steps.
+its first token was ready, the time it was done and the gaps its tokens arrived with. A static
+batch returns its tokens when it ends; its requests' first-token time and gaps are taken at the
+batch's mean step time, so the latencies compare the two loops' decode steps.
 """
 
 from __future__ import annotations

@@ -4,10 +4,13 @@ decoding.
 Static batching decodes a batch until its slowest row ends, and admits nothing meanwhile.
 Continuous batching (Orca, Yu et al. 2022; vLLM) keeps S slots of one KV cache: a finished
 request's slot takes the next waiting one, so the batch stays full under load. The compiled
-programs keep static shapes: `admit` prefills one request into one slot (its prompt right-padded
-to a fixed width), `step` advances every slot by k AR tokens, and `samplers.continuous_spec`
-advances them by speculative rounds; a host-side scheduler (`paxlike.serving`) decides what to
-admit, and which program to run, between calls.
+programs keep static shapes: `admit` prefills K requests into K free slots in one call (prompts
+right-padded to a bucket width), `step` advances every slot by k AR tokens, and
+`samplers.continuous_spec` advances them by speculative rounds (`samplers.chunked_prefill`
+admits long prompts a chunk at a time; `fill` and `place` split admission across devices). Any
+of them can run on the first k slots only (`on_rows`), so that a call costs what its load costs.
+A host-side scheduler (`paxlike.serving`) decides what to admit, and which program to run on
+how many rows, between calls.
 
 Each slot holds its request's prompt and generated tokens (`seq`) and its own pointers, so
 requests of different lengths share the cache; a slot that is free or finished still computes
