@@ -7,11 +7,10 @@ speculative policies, each a choice of `samplers.continuous_spec` programs betwe
   Language Models Using Goodput"): each call picks gamma in 0..G, the one with the most
   expected tokens per second. Before the clock starts it times each program with every slot
   full (gamma = 0 is `steps_per_sync` plain AR steps), which is the cost model at this batch
-  size. While serving it keeps, per gamma, the tokens per slot-round its rounds have yielded
-  (decayed); for gammas not yet seen, a running per-draft acceptance rate a (decayed counts of
-  accepted drafts and of rejections, a = accepted / (accepted + rejections), the geometric
-  maximum likelihood estimate) gives (1 - a^(gamma + 1)) / (1 - a) tokens per slot-round
-  (Leviathan et al. 2023). AR steps yield one token per step.
+  size; while serving it keeps a running per-draft acceptance rate a (decayed counts of accepted
+  drafts and of rejections, a = accepted / (accepted + rejections), the geometric maximum
+  likelihood estimate). A round of gamma drafts then yields (1 - a^(gamma + 1)) / (1 - a)
+  tokens per slot on average (Leviathan et al. 2023), and AR steps one per step.
 * `Tetris` (`tetris`; Wu et al. 2025): every call, `rounds_per_sync` rounds of
   `continuous_spec.select`: G drafts per slot, the `budget` most likely verified, at the width
   with the most expected tokens per second under costs measured per width before the clock.
@@ -51,16 +50,8 @@ class FixedGamma(ARSlots):
 class SmartSpec(FixedGamma):
   """gamma in 0..`max_draft_tokens` per call by expected goodput (module docstring).
 
-  A gamma's tokens per round come from its own rounds where there are enough of them (decayed
-  counts of accepted drafts and of slot-rounds, per gamma): acceptance is bursty (easy stretches
-  accept every draft), and the geometric formula, which assumes each draft is accepted
-  independently, under-predicts long drafts. The formula, at the running per-draft acceptance,
-  covers the gammas not yet seen.
-
   Attributes after `warm_up`: costs {rows: [G + 1] seconds per call of each program on that many
   rows}; `chosen`, the count of calls per gamma while serving."""
-
-  MIN_ROUNDS = 8.0  # decayed slot-rounds of a gamma before its own figure replaces the formula
 
   def __init__(self, target, target_params, draft, draft_params, num_slots: int,
                sampling: SamplingParams, max_draft_tokens: int, rounds_per_sync: int = 1,
@@ -73,56 +64,37 @@ class SmartSpec(FixedGamma):
 
   def _reset(self):
     self.counts = np.asarray([self.prior, 1.0 - self.prior])  # decayed (accepted, rejections)
-    self.observed = np.zeros((self.gamma + 1, 2))  # per gamma: decayed (accepted, slot-rounds)
     self.chosen = np.zeros(self.gamma + 1, int)
 
   def init(self, requests: list[Request]):
-    self.seen = np.zeros(3)  # the new slots' counters (accepted, rejections, drafted)
+    self.seen = np.zeros(2)  # the new slots' counters (accepted, rejections)
     return super().init(requests)
 
   def program(self, gamma: int, rows: int):
     return (lambda s: self.ar_step(s, rows)) if gamma == 0 else (
         lambda s: self.speculate(s, gamma, rows))
 
-  @staticmethod
-  def _counters(slots) -> np.ndarray:
-    return np.asarray([int(slots.accepted), int(slots.rejected), int(slots.drafted)], float)
-
-  def _observe(self, gamma: int, delta: np.ndarray, decay: float) -> None:
-    """Folds one call's counter changes (accepted, rejections, drafted) into the estimates."""
-    self.counts = decay * self.counts + delta[:2]
-    if gamma > 0 and delta[2] > 0:
-      self.observed[gamma] = decay * self.observed[gamma] + [delta[0], delta[2] / gamma]
-
   def warm_up(self, slots, requests: list[Request]):
-    """Times each program with every slot full; the acceptance of the timed rounds starts the
-    running estimates, weighted as a window of recent calls (without them an estimate that
-    starts low would keep choosing AR steps, which teach it nothing)."""
-    totals = np.zeros((self.gamma + 1, 3))
+    """Times each program with every slot full; the acceptance of the timed rounds becomes the
+    running estimate's starting counts (without them an estimate that starts low would keep
+    choosing AR steps, which teach it nothing)."""
+    counts = np.zeros(2)
     for rows in self.row_buckets():
       for gamma in range(self.gamma + 1):
         slots = self.full(slots, requests)
-        before = self._counters(slots)
+        before = np.asarray([int(slots.accepted), int(slots.rejected)], float)
         self.costs[rows][gamma], slots = time_program(self.program(gamma, rows), slots)
-        totals[gamma] += self._counters(slots) - before
+        counts += np.asarray([int(slots.accepted), int(slots.rejected)], float) - before
     self._reset()
-    window = 1 / (1 - self.decay)
-    if totals[:, :2].sum() > 0:
-      self.counts = totals[:, :2].sum(0) / totals[:, :2].sum() * window
-    for gamma in range(1, self.gamma + 1):
-      rounds = totals[gamma, 2] / gamma
-      if rounds > 0:
-        self.observed[gamma] = [totals[gamma, 0] / rounds * self.MIN_ROUNDS, self.MIN_ROUNDS]
+    if counts.sum() > 0:
+      self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
     return slots
 
   def expected_tokens(self) -> np.ndarray:
-    """[G + 1] expected tokens per slot per call of each program."""
+    """[G + 1] expected tokens per slot per call of each program, at the running acceptance."""
     a = min(self.counts[0] / self.counts.sum(), 1 - 1e-6)
     gammas = np.arange(self.gamma + 1)
-    formula = (1 - a ** (gammas + 1)) / (1 - a)
-    accepted, rounds = self.observed.T
-    seen = rounds >= self.MIN_ROUNDS
-    per_round = np.where(seen, 1 + accepted / np.maximum(rounds, 1e-9), formula)
+    per_round = (1 - a ** (gammas + 1)) / (1 - a)
     return np.where(gammas == 0, self.steps_per_sync, self.rounds * per_round)
 
   def advance(self, slots, rows: int | None = None):
@@ -130,8 +102,8 @@ class SmartSpec(FixedGamma):
     gamma = int(np.argmax(self.expected_tokens() / self.costs[rows]))
     self.chosen[gamma] += 1
     slots = self.program(gamma, rows)(slots)
-    seen = self._counters(slots)
-    self._observe(gamma, seen - self.seen, self.decay)
+    seen = np.asarray([int(slots.accepted), int(slots.rejected)], float)
+    self.counts = self.decay * self.counts + (seen - self.seen)
     self.seen = seen
     return slots
 

@@ -64,9 +64,6 @@ def test_speculative_policies_return_each_requests_greedy_decode():
       np.testing.assert_array_equal(s.tokens, want, err_msg=name)
   smartspec, tetris = engines["smartspec"], engines["tetris"]
   assert smartspec.chosen.sum() > 0
-  assert np.all(smartspec.observed[1:, 1] > 0)  # every gamma's rounds seen in the warm-up
-  expected = smartspec.expected_tokens()
-  assert expected[0] == smartspec.steps_per_sync and np.all(expected[1:] >= 1)
   for engine in (smartspec, tetris):  # a cost per program and per row count (1, 2, 3 slots)
     assert sorted(engine.costs) == [1, 2, 3]
     assert all(c.shape == (4,) and np.all(c > 0) for c in engine.costs.values())
@@ -92,15 +89,3 @@ def test_serve_suite_rows(tmp_path):
     for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
                 "itl_p99"):
       assert row[key] >= 0
-
-
-def test_smartspec_uses_a_gammas_own_rounds_once_it_has_enough_and_the_formula_before():
-  params = random_params(MODEL)
-  engine = speculative_serving.SmartSpec(MODEL, params, MODEL, params, 3,
-                                         SamplingParams(temperature=0.0), max_draft_tokens=3)
-  engine._observe(2, np.asarray([30.0, 2.0, 20.0]), 0.9)  # 10 slot-rounds of 2 drafts, 30 taken
-  expected = engine.expected_tokens()
-  assert expected[2] == 4.0  # 1 + 30 / 10: its own figure, above the formula's at any a < 1
-  a = (0.9 * 0.5 + 30) / (0.9 * 1.0 + 32)  # the prior's counts decayed by 0.9, plus the call's
-  np.testing.assert_allclose(expected[3], (1 - a ** 4) / (1 - a))  # gamma 3: not seen yet
-  assert expected[0] == engine.steps_per_sync
