@@ -171,10 +171,10 @@ class ARSlots:
     return jnp.asarray(slot), jnp.asarray(prompt), jnp.asarray(length), keys, jnp.asarray(limit)
 
   def buckets(self, pairs: list[tuple[int, Request]]) -> tuple[int, int]:
-    """(rows, width) of the prefill call that admits `pairs`: the next power of two (at most
-    S) and the longest prompt rounded up to a power of two >= PROMPT_BUCKET (at most the
+    """(rows, width) of the prefill call that admits `pairs`: the smallest row bucket that holds
+    them (`rows`) and the longest prompt rounded up to a power of two >= PROMPT_BUCKET (at most the
     trace's longest), so that a short prompt's prefill does not pay for the trace's longest."""
-    rows = min(1 << (len(pairs) - 1).bit_length(), self.num_slots)
+    rows = self.rows(len(pairs))
     longest = max(len(r.prompt) for _, r in pairs)
     width = PROMPT_BUCKET
     while width < longest:
@@ -185,12 +185,8 @@ class ARSlots:
     """Runs every admission program the trace may need (compiles them before the clock)."""
     by_width = {self.buckets([(0, r)])[1]: r for r in requests}
     for r in by_width.values():
-      rows = 1
-      while True:
+      for rows in self.row_buckets():
         slots = self.admit_all(slots, [(slot, r) for slot in range(rows)])
-        if rows >= self.num_slots:
-          break
-        rows = min(2 * rows, self.num_slots)
     return slots
 
   def full(self, slots: continuous.Slots, requests: list[Request]) -> continuous.Slots:

@@ -33,9 +33,9 @@ class FixedGamma(ARSlots):
 
   def __init__(self, target, target_params, draft, draft_params, num_slots: int,
                sampling: SamplingParams, gamma: int, rounds_per_sync: int = 1,
-               steps_per_sync: int = 4, max_draft_tokens: int = 0):
-    super().__init__(target, target_params, num_slots, sampling, steps_per_sync,
-                     max(gamma, max_draft_tokens), draft, draft_params)
+               steps_per_sync: int = 4):
+    super().__init__(target, target_params, num_slots, sampling, steps_per_sync, gamma, draft,
+                     draft_params)
     self.gamma, self.rounds = gamma, rounds_per_sync
 
   def speculate(self, slots: continuous.Slots, gamma: int,
@@ -70,6 +70,11 @@ class SmartSpec(FixedGamma):
     self.seen = np.zeros(2)  # the new slots' counters (accepted, rejections)
     return super().init(requests)
 
+  @staticmethod
+  def _counters(slots) -> np.ndarray:
+    """The slots' running (accepted drafts, rejections)."""
+    return np.asarray([int(slots.accepted), int(slots.rejected)], float)
+
   def program(self, gamma: int, rows: int):
     return (lambda s: self.ar_step(s, rows)) if gamma == 0 else (
         lambda s: self.speculate(s, gamma, rows))
@@ -82,9 +87,9 @@ class SmartSpec(FixedGamma):
     for rows in self.row_buckets():
       for gamma in range(self.gamma + 1):
         slots = self.full(slots, requests)
-        before = np.asarray([int(slots.accepted), int(slots.rejected)], float)
+        before = self._counters(slots)
         self.costs[rows][gamma], slots = time_program(self.program(gamma, rows), slots)
-        counts += np.asarray([int(slots.accepted), int(slots.rejected)], float) - before
+        counts += self._counters(slots) - before
     self._reset()
     if counts.sum() > 0:
       self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
@@ -102,7 +107,7 @@ class SmartSpec(FixedGamma):
     gamma = int(np.argmax(self.expected_tokens() / self.costs[rows]))
     self.chosen[gamma] += 1
     slots = self.program(gamma, rows)(slots)
-    seen = np.asarray([int(slots.accepted), int(slots.rejected)], float)
+    seen = self._counters(slots)
     self.counts = self.decay * self.counts + (seen - self.seen)
     self.seen = seen
     return slots

@@ -79,7 +79,7 @@ def _round(target, target_params, draft, draft_params, slots: Slots, config: Con
   (lengths [S] in [0, gamma], verify(target_params, slots, drafts) -> (logits, cache))` say which
   to verify and how, verify, commit."""
   vocab, sampling = target.vocab_size, config.sampling
-  slots = catch_up(draft, draft_params, slots, min(gamma + 2, config.max_draft_tokens + 2))
+  slots = catch_up(draft, draft_params, slots, gamma + 2)  # gamma <= G: writes stay in the cache
   context, active = slots.context, slots.active
   noise, verify_u = draft_verify.round_noise(slots.keys, context, gamma, vocab, sampling.greedy)
   chain = draft_verify.draft_after(draft, draft_params, slots.seq, context, slots.draft_cache,

@@ -64,6 +64,11 @@ def trained(name: str, workdir: Path, overrides: list[str] = ()) -> Run:
   return harness.trained(config_lib.apply_overrides(registry.get(name), list(overrides)), workdir)
 
 
+def shortened(steps: int) -> list[str]:
+  """The overrides that cut an experiment's training to `steps` (0: as registered)."""
+  return [f"train.steps={steps}", f"checkpoint.every_steps={steps}"] if steps else []
+
+
 def drafting_on_target(root: Path, small: bool = False) -> list[str]:
   """The overrides that train a drafter on the trained `pair_target`'s own continuations (greedy
   and T = 1, written once into its cache; `small`: a few short ones, for smoke runs)."""
@@ -120,10 +125,9 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
                     f"{', '.join(SAMPLERS)}")
   registry.load_modules()
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
-  short = lambda n: [f"train.steps={n}", f"checkpoint.every_steps={n}"] if n else []
   target_steps, draft_steps = train_steps or (0, 0)
   target = trained("pair_target", root / "pair_target",
-                   [*short(target_steps), *target_overrides])
+                   [*shortened(target_steps), *target_overrides])
   if "adaptive" in samplers:  # its rows report draft calls saved against speculative's
     samplers = ("speculative", *samplers)
   on_target = drafting_on_target(root, small=bool(train_steps))
@@ -131,16 +135,16 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   drafts = {}
   if any(sampler_registry.get(kind).second_model for kind in samplers):
     draft = trained("pair_draft", root / "pair_draft",
-                    [*on_target, *short(draft_steps), *draft_overrides])
+                    [*on_target, *shortened(draft_steps), *draft_overrides])
     head = trained("pair_draft_head", root / "pair_draft_head",
-                   [f"train.init_from={root / 'pair_draft'}", *on_target, *short(draft_steps),
+                   [f"train.init_from={root / 'pair_draft'}", *on_target, *shortened(draft_steps),
                     *draft_overrides])
     drafts = {"confidence": draft.restore()[:2], "head": head.restore()[:2],
               "config": config_lib.to_dict(draft.exp.model)}
   headed = {kind: trained(f"pair_{kind}", root / f"pair_{kind}",
                           [f"train.init_from={root / 'pair_target'}",
                            f"data.path={continuations}",
-                           *short(draft_steps), *target_overrides]).restore()[:2]
+                           *shortened(draft_steps), *target_overrides]).restore()[:2]
             for kind in HEADED if kind in samplers}
   target_model, target_params, _ = target.restore()
   base = dataclasses.replace(target.exp.sampler, max_new_tokens=max_new_tokens, top_p=1.0, top_k=0)

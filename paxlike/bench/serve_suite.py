@@ -35,7 +35,7 @@ import numpy as np
 
 from paxlike import registry, serving, speculative_serving, tokenizer
 from paxlike.bench import harness
-from paxlike.bench.decode_suite import drafting_on_target, trained
+from paxlike.bench.decode_suite import drafting_on_target, shortened, trained
 from paxlike.data import load_corpus
 from paxlike.errors import UserError
 from samplers.core.logits import SamplingParams
@@ -103,8 +103,7 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                     f"{', '.join(POLICIES)}")
   registry.load_modules()
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
-  short = [f"train.steps={train_steps}", f"checkpoint.every_steps={train_steps}"] if train_steps \
-      else []
+  short = shortened(train_steps)
   model, params, _ = trained("pair_target", root / "pair_target",
                              [*short, *target_overrides]).restore()
   greedy = SamplingParams(temperature=0.0)

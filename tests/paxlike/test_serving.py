@@ -13,6 +13,7 @@ import jax
 
 from paxlike import serving, speculative_serving
 from paxlike.bench import serve_suite
+from paxlike.errors import UserError
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 
@@ -89,3 +90,29 @@ def test_serve_suite_rows(tmp_path):
     for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
                 "itl_p99"):
       assert row[key] >= 0
+
+
+def test_smartspec_picks_the_gamma_with_the_most_expected_tokens_per_second():
+  params = random_params(MODEL)
+  engine = speculative_serving.SmartSpec(MODEL, params, MODEL, params, 3,
+                                         SamplingParams(temperature=0.0), max_draft_tokens=3)
+  a = 0.8
+  engine.counts = np.asarray([a, 1 - a])
+  np.testing.assert_allclose(engine.expected_tokens(),
+                             [4, 1 + a, 1 + a + a ** 2, 1 + a + a ** 2 + a ** 3])
+  engine.init(_trace())
+  cheap_rounds = np.asarray([4.0, 1.0, 1.0, 1.0])  # 4 AR steps cost 4 rounds
+  engine.costs[3] = cheap_rounds
+  chosen = []
+  engine.program = lambda gamma, rows: chosen.append(gamma) or (lambda s: s)
+  engine._counters = lambda slots: engine.seen
+  engine.advance(None, 3)
+  assert chosen == [3]  # 2.95 tokens per unit against AR's 1
+  engine.costs[3] = np.asarray([1.0, 1.0, 1.0, 1.0])  # AR steps as cheap as a round
+  engine.advance(None, 3)
+  assert chosen == [3, 0]
+
+
+def test_an_unknown_serving_policy_is_named():
+  with pytest.raises(UserError, match="--policies: fastest not in the serve suite; valid: static"):
+    serve_suite.run(None, None, policies=("static", "fastest"))

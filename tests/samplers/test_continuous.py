@@ -142,3 +142,20 @@ def test_requests_prefilled_in_chunks_beside_decoding_equal_their_ar_decode():
   out = serve(params, [0, 1, 2, 3, 4], config, program, admit=enqueue)[0]
   for i in range(len(PROMPTS)):
     np.testing.assert_array_equal(out[i][:LIMITS[i]], want[i], err_msg=f"request {i}")
+
+
+def test_a_step_on_the_first_rows_leaves_the_others_and_matches_a_step_on_all():
+  params = random_params(MODEL)
+  config = continuous.ContinuousConfig(num_slots=3, max_new_tokens=12, prompt_width=8,
+                                       sampling=SamplingParams(temperature=0.0))
+  prompt, lengths = ar.pad_prompts(PROMPTS[:3])
+  prompt = jnp.pad(prompt, ((0, 0), (0, 8 - prompt.shape[1])))
+  fresh = lambda: continuous.fill(MODEL, params, prompt, lengths, KEYS[:3], jnp.asarray(LIMITS[:3]),
+                                  config)
+  before = fresh()
+  on_two = continuous.step(MODEL, params, fresh(), config, steps=3, rows=2)
+  on_all = continuous.step(MODEL, params, fresh(), config, steps=3)
+  np.testing.assert_array_equal(on_two.n, [4, 4, 1])  # slot 2 did not move
+  np.testing.assert_array_equal(on_two.seq[2], before.seq[2])
+  np.testing.assert_array_equal(on_two.seq[:2], on_all.seq[:2])
+  np.testing.assert_array_equal(on_two.cache.keys[0][2], before.cache.keys[0][2])
