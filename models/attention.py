@@ -7,32 +7,46 @@ Kept apart from the linen modules; the sequence-parallel variants live in
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from models import dense_attention
 from parallelism import sequence_attention
 
 # Finite rather than -inf: a fully masked row then softmaxes to uniform instead of NaN.
 _MASKED = -1e30
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float,
-         inv_freq: jax.Array | None = None) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array | np.ndarray, theta: float,
+         inv_freq: jax.Array | np.ndarray | None = None) -> jax.Array:
   """Rotates feature pairs (i, i + D/2) by angle `position * theta**(-2i/D)` (Llama/NeoX layout).
+
+  Positions given as a numpy array (a cache-free forward's 0..T-1, known when tracing) make the
+  rotation's sines and cosines constants of the program. Computed from traced positions, XLA:CPU
+  fuses sin and cos into every consumer, evaluating them once per head and again in the backward
+  pass: 8% of a train step of the 12 x d256 model at T = 256.
 
   Args:
     x: [B, T, H, D] queries or keys, any float dtype.
-    positions: [B, T] int32 position ids.
+    positions: [B, T] int32 position ids (a jax array, or a numpy array when static).
     theta: rotary base.
     inv_freq: [D/2] float32 frequencies replacing `theta**(-2i/D)` (scaled RoPE), or None.
   Returns:
     [B, T, H, D] in x's dtype; the rotation itself is computed in float32.
   """
-  half = x.shape[-1] // 2
-  if inv_freq is None:
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  static = isinstance(positions, np.ndarray) and not isinstance(inv_freq, jax.Array)
+  if static and (positions == positions[:1]).all():
+    positions = positions[:1]  # one row, broadcast over the batch
+  # Static positions: evaluated now, by the same XLA operations, into constants of the program.
+  with jax.ensure_compile_time_eval() if static else contextlib.nullcontext():
+    half = x.shape[-1] // 2
+    if inv_freq is None:
+      inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = jnp.asarray(positions).astype(jnp.float32)[..., None] * inv_freq  # [B or 1, T, D/2]
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -148,14 +162,14 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, kind: str) -> jax
 
   Args:
     q: [B, T, H, D] rotated queries; k, v: [B, T, KVH, D].
-    kind: "dense" (`attend` with a causal mask) or a `parallelism.sequence_attention` variant,
+    kind: "dense" (`dense_attention.causal`: `attend` under a causal mask, with a hand-written
+      backward pass and the invisible key blocks skipped) or a `parallelism.sequence_attention` variant,
       sequence-parallel over the context mesh's 'sequence' axis.
   Returns:
     [B, T, H, D] in q's dtype.
   """
   if kind == "dense":
-    steps = q.shape[1]
-    return attend(q, k, v, jnp.tril(jnp.ones((1, steps, steps), bool)))
+    return dense_attention.causal(q, k, v)
   return sequence_attention.attention(q, k, v, kind=kind, causal=True)
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import attention, parscale
+from models import attention, dense_attention, fused, parscale
 from models.config import ModelConfig
 from models.kv_cache import KVCache, write_slots
 
@@ -75,7 +75,7 @@ def _residual_std(cfg: ModelConfig) -> float:
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale, computed in float32 and returned in `dtype`."""
+  """x / rms(x) * scale, computed in float32 and returned in `dtype` (`fused.rms_norm`)."""
 
   eps: float
   dtype: jnp.dtype
@@ -84,9 +84,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), jnp.float32)
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    return (x * scale).astype(self.dtype)
+    return fused.rms_norm(x, scale, self.eps).astype(self.dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> np.ndarray | None:
@@ -157,7 +155,7 @@ class Attention(nn.Module):
     elif mask is None:
       out = attention.causal_attention(q, k, v, cfg.attention)
     else:
-      out = attention.attend(q, k, v, mask)
+      out = dense_attention.attend(q, k, v, mask)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
     out = _dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), contract=2,
                  std=_residual_std(cfg), name="out")(out)
@@ -165,7 +163,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)), the gate with a fused backward (`fused.swiglu`)."""
 
   config: ModelConfig
 
@@ -175,7 +173,7 @@ class Mlp(nn.Module):
     cfg = self.config
     gate = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), name="gate")(x)
     up = _dense(cfg, cfg.mlp_dim, ("embed", "mlp"), name="up")(x)
-    h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    h = nn.with_logical_constraint(fused.swiglu(gate, up), ("batch", "length", "mlp"))
     return _dense(cfg, cfg.d_model, ("mlp", "embed"), std=_residual_std(cfg), name="down")(h)
 
 
@@ -238,8 +236,8 @@ class Transformer(nn.Module):
     Returns:
       [B, T, V] float32 logits.
     """
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    if positions is None:  # static, so that the rotary sines and cosines are constants
+      positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
     return self._logits(self._causal(tokens, positions, mask)[0])
 
   def prefill(self, tokens: jax.Array, positions: jax.Array,
