@@ -231,13 +231,18 @@ def on_rows(fn, slots: Slots, rows: int | None) -> Slots:
   A program's cost follows the rows it computes, not the requests it holds: at low load, with
   requests admitted into the lowest free slots, running on the smallest power of two of rows
   that covers them costs what a batch of that size costs. The rest are left as they are."""
+  return on_rows_with(lambda s: (fn(s), None), slots, rows)[0]
+
+
+def on_rows_with(fn, slots: Slots, rows: int | None):
+  """`on_rows` for `fn(slots) -> (slots, extra)`: (the slots, `extra` of the first `rows`)."""
   if rows is None or rows >= slots.n.shape[0]:
     return fn(slots)
-  head = fn(slots.replace(**{f: jax.tree.map(lambda x: x[:rows], getattr(slots, f))
-                             for f in PER_SLOT}))
+  head, extra = fn(slots.replace(**{f: jax.tree.map(lambda x: x[:rows], getattr(slots, f))
+                                    for f in PER_SLOT}))
   put = lambda whole, part: jax.lax.dynamic_update_slice_in_dim(whole, part, 0, axis=0)
   return head.replace(**{f: jax.tree.map(put, getattr(slots, f), getattr(head, f))
-                         for f in PER_SLOT})
+                         for f in PER_SLOT}), extra
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "steps", "rows"),

@@ -73,28 +73,44 @@ def _verify(target: CausalModel, target_params, slots: Slots, drafts: jax.Array,
   return jnp.pad(logits, ((0, 0), (0, gamma - width), (0, 0))), cache
 
 
-def _round(target, target_params, draft, draft_params, slots: Slots, config: ContinuousConfig,
-           gamma: int, choose) -> Slots:
-  """One round: catch the draft up, draft gamma tokens per slot, let `choose(chain, slots) ->
-  (lengths [S] in [0, gamma], verify(target_params, slots, drafts) -> (logits, cache))` say which
-  to verify and how, verify, commit."""
-  vocab, sampling = target.vocab_size, config.sampling
+def _draft_stage(draft, draft_params, slots: Slots, config: ContinuousConfig, gamma: int,
+                 vocab: int):
+  """Catches the draft up and drafts gamma tokens per slot: (slots with the draft's new cache,
+  the chain {drafts [S, gamma], q, confidence [S, gamma]}, the verify uniforms)."""
   slots = catch_up(draft, draft_params, slots, gamma + 2)  # gamma <= G: writes stay in the cache
-  context, active = slots.context, slots.active
-  noise, verify_u = draft_verify.round_noise(slots.keys, context, gamma, vocab, sampling.greedy)
-  chain = draft_verify.draft_after(draft, draft_params, slots.seq, context, slots.draft_cache,
-                                   noise, gamma, sampling)
-  lengths, verify = choose(chain, slots)
+  noise, verify_u = draft_verify.round_noise(slots.keys, slots.context, gamma,
+                                             vocab, config.sampling.greedy)
+  chain = draft_verify.draft_after(draft, draft_params, slots.seq, slots.context,
+                                   slots.draft_cache, noise, gamma, config.sampling)
+  slots = slots.replace(draft_cache=chain["cache"])
+  return slots, {k: chain[k] for k in ("drafts", "q", "confidence")} | {"verify_u": verify_u}
+
+
+def _verify_stage(target, target_params, slots: Slots, config: ContinuousConfig, chain,
+                  lengths: jax.Array, verify) -> Slots:
+  """Verifies each slot's first `lengths` drafts of `chain` with one `verify(target_params, slots,
+  drafts) -> (logits, cache)` call, counts and commits."""
+  active = slots.active
   logits, cache = verify(target_params, slots, chain["drafts"])
-  emitted, count = draft_verify.verify_chain(chain["drafts"], chain["q"], logits, verify_u,
-                                             sampling, lengths)
+  emitted, count = draft_verify.verify_chain(chain["drafts"], chain["q"], logits,
+                                             chain["verify_u"], config.sampling, lengths)
   slots = slots.replace(
-      cache=cache, draft_cache=chain["cache"],
+      cache=cache,
       accepted=slots.accepted + jnp.sum(jnp.where(active, count, 0)),
       drafted=slots.drafted + jnp.sum(jnp.where(active, lengths, 0)),
       rejected=slots.rejected + jnp.sum(active & (count < lengths), dtype=jnp.int32))
   slots = continuous.commit(slots, emitted, count + 1, config)
   return slots.replace(draft_length=jnp.where(active, slots.context - 2, slots.draft_length))
+
+
+def _round(target, target_params, draft, draft_params, slots: Slots, config: ContinuousConfig,
+           gamma: int, choose) -> Slots:
+  """One round: catch the draft up, draft gamma tokens per slot, let `choose(chain, slots) ->
+  (lengths [S] in [0, gamma], verify(target_params, slots, drafts) -> (logits, cache))` say which
+  to verify and how, verify, commit."""
+  slots, chain = _draft_stage(draft, draft_params, slots, config, gamma, target.vocab_size)
+  lengths, verify = choose(chain, slots)
+  return _verify_stage(target, target_params, slots, config, chain, lengths, verify)
 
 
 def _check_gamma(gamma: int, config: ContinuousConfig) -> None:
@@ -121,8 +137,16 @@ def speculate(target: CausalModel, target_params, draft: CausalModel, draft_para
   return continuous.on_rows(lambda s: jax.lax.fori_loop(0, rounds, one, s), slots, rows)
 
 
-def selection(confidence: jax.Array, active: jax.Array, budget: int,
-              costs: jax.Array) -> tuple[jax.Array, jax.Array]:
+def chain_values(confidence: jax.Array, active: jax.Array,
+                 calibration: jax.Array | float = 1.0) -> jax.Array:
+  """[S, G] the estimated probability that each slot's j-th draft is accepted: the product of
+  min(1, calibration x top probability) along the chain; -1 on free slots."""
+  per_draft = jnp.minimum(1.0, calibration * confidence)
+  return jnp.where(active[:, None], jnp.cumprod(per_draft, axis=1), -1.0)
+
+
+def selection(confidence: jax.Array, active: jax.Array, budget: int, costs: jax.Array,
+              calibration: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
   """TETRIS's choice of drafts to verify (module docstring).
 
   Args:
@@ -130,12 +154,14 @@ def selection(confidence: jax.Array, active: jax.Array, budget: int,
     active: [S] bool slots holding a request.
     budget: the most drafts verified per round, over the batch.
     costs: [G + 1] float32 seconds of a round that verifies w drafts per slot, w = 0..G.
+    calibration: [] float32 scale of the top probabilities (`chain_values`), e.g. the observed
+      ratio of accepted to expected drafts; 1 trusts the draft.
   Returns:
     (lengths [S] int32 in [0, width]: drafts verified per slot, width [] int32: the verify width,
     the w maximising (active slots + expected accepted drafts) / costs[w]).
   """
   slots, gamma = confidence.shape
-  value = jnp.where(active[:, None], jnp.cumprod(confidence, axis=1), -1.0)  # [S, G]
+  value = chain_values(confidence, active, calibration)  # [S, G]
   top = jax.lax.top_k(value.reshape(-1), min(budget, slots * gamma))[1]  # ties: earlier drafts
   chosen = jnp.zeros(slots * gamma, bool).at[top].set(True).reshape(slots, gamma)
   chosen &= active[:, None]
@@ -172,3 +198,41 @@ def select(target: CausalModel, target_params, draft: CausalModel, draft_params,
 
   one = lambda _, s: _round(target, target_params, draft, draft_params, s, config, gamma, choose)
   return continuous.on_rows(lambda s: jax.lax.fori_loop(0, rounds, one, s), slots, rows)
+
+
+@functools.partial(jax.jit, static_argnames=("draft", "config", "budget", "vocab", "rows"),
+                   donate_argnames=("slots",))
+def propose(draft: CausalModel, draft_params, slots: Slots, config: ContinuousConfig,
+            budget: int, costs: jax.Array, vocab: int, rows: int | None = None,
+            calibration: jax.Array | float = 1.0):
+  """The first half of a `select` round as its own program: draft G tokens per slot and choose
+  which to verify (`selection` under `calibration`). Returns (slots, proposal: the chain with
+  `lengths` [S], `width` [], and `chosen` [] drafts with `confidence_sum` [] top probabilities).
+
+  With `verify_proposal`, a round is two programs and the host reads `width` in between, so the
+  target call is compiled per width: inside `select`, `lax.switch` hands the target's cache
+  through a conditional, which XLA:CPU copies (2.6 of 18.7 ms of a round on 8 slots of the
+  bench's pair)."""
+  gamma = config.max_draft_tokens
+  _check_gamma(gamma, config)
+
+  def stage(s):
+    s, chain = _draft_stage(draft, draft_params, s, config, gamma, vocab)
+    lengths, width = selection(chain["confidence"], s.active, budget, costs, calibration)
+    chosen = jnp.arange(gamma) < lengths[:, None]
+    return s, chain | {"lengths": lengths, "width": width, "chosen": jnp.sum(chosen),
+                       "confidence_sum": jnp.sum(jnp.where(chosen, chain["confidence"], 0.0))}
+
+  return continuous.on_rows_with(stage, slots, rows)
+
+
+@functools.partial(jax.jit, static_argnames=("target", "config", "width", "rows"),
+                   donate_argnames=("slots",))
+def verify_proposal(target: CausalModel, target_params, slots: Slots, config: ContinuousConfig,
+                    proposal, width: int, rows: int | None = None) -> Slots:
+  """The second half: one target call over each slot's last token and `width` drafts
+  (`int(proposal["width"])`), verification of the chosen ones and commit."""
+  verify = functools.partial(_verify, target, width=width)
+  return continuous.on_rows(
+      lambda s: _verify_stage(target, target_params, s, config, proposal, proposal["lengths"],
+                              verify), slots, rows)

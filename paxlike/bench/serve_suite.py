@@ -72,7 +72,7 @@ def _choices(engine) -> dict[str, Any]:
   if isinstance(engine, speculative_serving.SmartSpec):
     return {"calls_per_gamma": engine.chosen.tolist(), "cost_per_gamma_s": costs()}
   if isinstance(engine, speculative_serving.Tetris):
-    return {"cost_per_width_s": costs()}
+    return {"rounds_per_width": engine.widths.tolist(), "cost_per_width_s": costs()}
   return {}
 
 

@@ -38,6 +38,13 @@ def _config(slots, sampling):
                                      sampling=sampling, max_draft_tokens=G)
 
 
+def _propose_and_verify(target, draft, slots, config, costs, calibration=1.0):
+  slots, proposal = continuous_spec.propose(MODEL, draft, slots, config, 4, costs,
+                                            MODEL.vocab_size, calibration=calibration)
+  return continuous_spec.verify_proposal(MODEL, target, slots, config, proposal,
+                                         int(proposal["width"]))
+
+
 def _programs(target, draft, config):
   costs = jnp.asarray([1.0, 1.1, 1.2, 1.3])
   return {
@@ -45,13 +52,14 @@ def _programs(target, draft, config):
                                                             config, gamma=2),
       "tetris": lambda s, i: continuous_spec.select(MODEL, target, MODEL, draft, s, config,
                                                     budget=4, costs=costs),
+      "tetris, two programs": lambda s, i: _propose_and_verify(target, draft, s, config, costs),
       "mixed": lambda s, i: (continuous.step(MODEL, target, s, config, steps=2) if i % 3 == 0
                              else continuous_spec.speculate(MODEL, target, MODEL, draft, s,
                                                             config, gamma=1 + i % 3)),
   }
 
 
-@pytest.mark.parametrize("policy", ["fixed gamma", "tetris", "mixed"])
+@pytest.mark.parametrize("policy", ["fixed gamma", "tetris", "tetris, two programs", "mixed"])
 def test_greedy_requests_equal_their_batch_one_ar_decode(policy):
   target, draft = _params()
   greedy = SamplingParams(temperature=0.0)
@@ -76,6 +84,30 @@ def test_sampled_requests_follow_their_keys_whatever_their_slot():
                        _programs(target, draft, config)["fixed gamma"])[0])
   for i in range(len(PROMPTS)):
     np.testing.assert_array_equal(outs[0][i], outs[1][i], err_msg=f"request {i}")
+
+
+def test_two_program_tetris_rounds_equal_one_program_rounds_when_sampled():
+  """`propose` + `verify_proposal` (the serving engine's round) is `select` split in two."""
+  target, draft = _params()
+  config = _config(2, SamplingParams(temperature=1.0))
+  programs = _programs(target, draft, config)
+  one = _serve(target, draft, [0, 1, 2, 3, 4], config, programs["tetris"])[0]
+  two = _serve(target, draft, [0, 1, 2, 3, 4], config, programs["tetris, two programs"])[0]
+  for i in range(len(PROMPTS)):
+    np.testing.assert_array_equal(one[i], two[i], err_msg=f"request {i}")
+
+
+def test_calibration_scales_each_draft_before_the_chain_product():
+  confidence = jnp.asarray([[0.5, 0.8, 0.9], [0.2, 0.2, 0.2]])
+  active = jnp.asarray([True, False])
+  values = continuous_spec.chain_values(confidence, active, 1.5)
+  np.testing.assert_allclose(values[0], [0.75, 0.75, 0.75 * 1.0], rtol=1e-6)  # 1.2, 1.35 -> 1
+  np.testing.assert_array_equal(values[1], [-1, -1, -1])  # a free slot
+  # a calibrated draft earns a wider verify than the raw one under the same costs
+  costs = jnp.asarray([1.0, 1.6, 2.0, 2.4])
+  _, raw = continuous_spec.selection(confidence, active, 3, costs)
+  _, calibrated = continuous_spec.selection(confidence, active, 3, costs, 1.5)
+  assert int(raw) == 0 and int(calibrated) == 3
 
 
 def test_catch_up_gives_the_draft_the_cache_a_prefill_would():
