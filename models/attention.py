@@ -163,8 +163,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, kind: str) -> jax
   Args:
     q: [B, T, H, D] rotated queries; k, v: [B, T, KVH, D].
     kind: "dense" (`dense_attention.causal`: `attend` under a causal mask, with a hand-written
-      backward pass and the invisible key blocks skipped) or a `parallelism.sequence_attention` variant,
-      sequence-parallel over the context mesh's 'sequence' axis.
+      backward pass and the invisible key blocks skipped) or a `parallelism.sequence_attention`
+      variant, sequence-parallel over the context mesh's 'sequence' axis.
   Returns:
     [B, T, H, D] in q's dtype.
   """
