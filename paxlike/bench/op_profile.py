@@ -30,6 +30,7 @@ _COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 _SCOPE = re.compile(r"op_name=\"([^\"]+)\"")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _OPERAND = re.compile(r"%([\w.\-]+)")
+_DOT = re.compile(r"\S+\s+dot\(")  # an instruction's body: "f32[8,4]{1,0} dot(%a, %b), ..."
 # Thunks that only run other thunks (their events enclose their bodies' events).
 _CONTAINERS = ("while", "conditional", "call")
 MODEL_SCOPE = "Transformer."
@@ -137,21 +138,68 @@ def _charge(events: list[tuple[float, float, str]]) -> dict[str, float]:
   return charged
 
 
-def profile(run: Callable[[], Any], hlo_text: str) -> list[OpTime]:
-  """Runs `run()` once (already compiled and warm) under the profiler; per-instruction times.
+def matmul_instructions(hlo_text: str) -> set[str]:
+  """Names of the instructions that multiply matrices: dots, and fusions whose computation holds
+  one (XLA:CPU's YNNPACK/XNNPACK fusions of a dot with its elementwise neighbours)."""
+  dots, computations_with_dot, calls, computation = set(), set(), {}, None
+  for line in hlo_text.splitlines():
+    instruction = _INSTRUCTION.match(line)
+    if instruction is None:
+      header = _COMPUTATION.match(line)
+      computation = header.group(1) if header else computation
+      continue
+    name, body = instruction.groups()
+    if _DOT.match(body):
+      dots.add(name)
+      computations_with_dot.add(computation)
+    called = _CALLS.search(body)
+    if called:
+      calls[name] = called.group(1)
+  return dots | {name for name, called in calls.items() if called in computations_with_dot}
 
-  Returns the instructions sorted by time, each with its scope and category; time when no thunk
-  runs (dispatch) is charged to the next thunk, time when several run is split among them.
-  """
+
+def busy_split(events: list[tuple[float, float, str]], matmuls: set[str]) -> dict[str, float]:
+  """Seconds of the profiled span when a matmul runs (`matmul_s`), when only other thunks run
+  (`other_s`) and when none runs (`idle_s`: the runtime dispatching the next thunk).
+
+  Unlike `_charge`, which splits concurrent time between the thunks that share it (so a cheap
+  reduction running beside a matmul looks expensive), this says what the step would lose if
+  everything but its matmuls were free."""
+  out = {"matmul_s": 0.0, "other_s": 0.0, "idle_s": 0.0}
+  changes = collections.defaultdict(lambda: [0, 0])  # time -> [thunks, matmuls] starting - ending
+  for start, end, op in events:
+    for time, sign in ((start, 1), (end, -1)):
+      changes[time][0] += sign
+      changes[time][1] += sign * (op in matmuls)
+  running = [0, 0]
+  points = sorted(changes)
+  for left, right in zip(points, points[1:]):
+    running = [running[0] + changes[left][0], running[1] + changes[left][1]]
+    key = "idle_s" if not running[0] else "matmul_s" if running[1] else "other_s"
+    out[key] += (right - left) * 1e-9
+  return out
+
+
+def trace_events(run: Callable[[], Any]) -> list[tuple[float, float, str]]:
+  """Runs `run()` once (already compiled and warm) under the profiler: its thunk events."""
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
-  scopes = hlo_scopes(hlo_text)
   with tempfile.TemporaryDirectory() as folder:
     with jax.profiler.trace(folder):
       run()
     files = sorted(Path(folder).rglob("*.xplane.pb"))
     if not files:
       raise RuntimeError(f"the profiler wrote no trace under {folder}")
-    events = _thunk_events(ProfileData.from_file(str(files[0])).planes)
+    return _thunk_events(ProfileData.from_file(str(files[0])).planes)
+
+
+def profile(run: Callable[[], Any], hlo_text: str) -> list[OpTime]:
+  """Runs `run()` once (already compiled and warm) under the profiler; per-instruction times.
+
+  Returns the instructions sorted by time, each with its scope and category; time when no thunk
+  runs (dispatch) is charged to the next thunk, time when several run is split among them.
+  """
+  scopes = hlo_scopes(hlo_text)
+  events = trace_events(run)
   counts = collections.Counter(op for _, _, op in events)
   out = []
   for op, seconds in _charge(events).items():

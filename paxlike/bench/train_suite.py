@@ -2,7 +2,9 @@
 
 MFU is measured against this machine's own float32 matmul peak (`harness.matmul_peak_flops`),
 so it says how much of the achievable matmul throughput the whole step (attention, norms,
-optimizer, data transfer included) attains.
+optimizer, data transfer included) attains. One profiled step says where the rest goes: the
+shares of its span when a matmul runs, when only other operations run, and when none runs
+(`op_profile.busy_split`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import jax
 from models.config import ModelConfig
 from paxlike import config as config_lib
 from paxlike import registry
-from paxlike.bench import harness
+from paxlike.bench import harness, op_profile
 from paxlike.config import Experiment
 from paxlike.train import Trainer
 
@@ -46,13 +48,23 @@ def bench_experiment(exp: Experiment, steps: int, peak: float) -> dict[str, Any]
     state, metrics = trainer.train_step(state, batches[0])
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - start
-    memory = trainer.lowered_train_step(state, batches[0]).compile().memory_analysis()
+    compiled = trainer.lowered_train_step(state, batches[0]).compile()
+    memory = compiled.memory_analysis()
     times = []
     for batch in batches[1:]:
       start = time.perf_counter()
       state, metrics = trainer.train_step(state, batch)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
+    holder = {"state": state}
+
+    def profiled_step():
+      holder["state"], out = trainer.train_step(holder["state"], batches[-1])
+      jax.block_until_ready(out)
+
+    busy = op_profile.busy_split(op_profile.trace_events(profiled_step),
+                                 op_profile.matmul_instructions(compiled.as_text()))
+    span = sum(busy.values()) or 1.0
     times.sort()
     median = times[len(times) // 2]
     tokens = exp.train.batch_size * exp.data.seq_len
@@ -74,6 +86,11 @@ def bench_experiment(exp: Experiment, steps: int, peak: float) -> dict[str, Any]
         "mfu": flops / median / peak,
         # The step's compiled scratch memory per device: activations kept for the backward pass.
         "temp_mib": memory.temp_size_in_bytes / 2**20 if memory else None,
+        # One profiled step: shares of its span when a matmul runs, when only other operations
+        # run, and when none runs (the runtime dispatching the next one).
+        "matmul_share": busy["matmul_s"] / span,
+        "other_share": busy["other_s"] / span,
+        "idle_share": busy["idle_s"] / span,
     }
 
 
@@ -91,6 +108,7 @@ def run(experiments: list[str], steps: int, out: str | None,
           train=dataclasses.replace(exp.train, remat=policy)))
       rows.append(bench_experiment(exp, steps, peak))
   harness.print_table(rows, ["experiment", "remat", "params", "batch", "seq_len", "compile_s",
-                             "step_s", "tokens_per_s", "mfu", "temp_mib"])
+                             "step_s", "tokens_per_s", "mfu", "temp_mib", "matmul_share",
+                             "other_share", "idle_share"])
   return harness.write_report(out, "train", {"experiments": experiments, "steps": steps,
                                              "remat": list(remat)}, rows)

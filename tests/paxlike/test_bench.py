@@ -26,6 +26,8 @@ def test_train_suite_writes_json(tmp_path):
   row = report["rows"][0]
   assert row["experiment"] == "tiny" and row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1.5
   assert row["compile_s"] > 0 and row["step_s_min"] <= row["step_s"] <= row["step_s_max"]
+  shares = [row["matmul_share"], row["other_share"], row["idle_share"]]
+  assert row["matmul_share"] > 0 and sum(shares) == pytest.approx(1.0)
 
 
 def test_unknown_suite_is_a_clear_error():

@@ -49,3 +49,30 @@ def test_profile_of_a_compiled_loop_charges_its_thunks():
   assert split["model"] == 0 and split["engine"] > 0  # no model scope in this program
   assert any(o.count >= 20 for o in ops)  # the loop body's thunks ran once per iteration
   assert op_profile.top(ops, 3)[0]["share"] > 0
+
+
+def test_busy_split_says_when_a_matmul_runs_when_only_others_do_and_when_none_does():
+  events = [(0, 10, "dot.1"), (5, 15, "add.2"), (20, 30, "add.3"), (25, 40, "fusion.4")]
+  split = op_profile.busy_split(events, {"dot.1", "fusion.4"})
+  assert split["matmul_s"] == pytest.approx(25e-9)  # 0-10 and 25-40
+  assert split["other_s"] == pytest.approx(10e-9)  # 10-15 and 20-25
+  assert split["idle_s"] == pytest.approx(5e-9)  # 15-20
+
+
+def test_matmul_instructions_are_dots_and_fusions_holding_one():
+  hlo = HLO + """
+%fused_computation.7 (a: f32[4,4], b: f32[4,4]) -> f32[4,4] {
+  %a = f32[4,4]{1,0} parameter(0)
+  %b = f32[4,4]{1,0} parameter(1)
+  ROOT %dot_general.8 = f32[4,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %other (x: f32[4,4]) -> f32[4,4] {
+  %x = f32[4,4]{1,0} parameter(0)
+  %ynn_fusion.9 = f32[4,4]{1,0} fusion(%x, %x), kind=kCustom, calls=%fused_computation.7
+  ROOT %dot.10 = f32[4,4]{1,0} dot(%ynn_fusion.9, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+"""
+  found = op_profile.matmul_instructions(hlo)
+  assert {"ynn_fusion.9", "dot.10"} <= found
+  assert not {"fusion.1", "copy.3", "add.4"} & found
