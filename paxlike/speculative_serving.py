@@ -120,7 +120,7 @@ class Tetris(FixedGamma):
   The draft's top probabilities are calibrated against what the target accepts: under greedy
   verification a draft passes when the two argmaxes agree, which happens more often than the
   draft's top probability says (on the bench's pair, uncalibrated TETRIS chose width 1 in 365 of
-  412 rounds and served 15% fewer tokens per second than fixed gamma). Each probability is scaled
+  412 rounds and served 17% fewer tokens per second than fixed gamma). Each probability is scaled
   by the ratio of the running per-draft acceptance (decayed counts of accepted drafts and
   rejections, as in `SmartSpec`, started from the warm-up) to the running mean top probability
   of the verified drafts.
