@@ -28,6 +28,11 @@ from samplers import continuous, continuous_spec
 from samplers.core.logits import SamplingParams
 
 
+def _counters(slots: continuous.Slots) -> np.ndarray:
+  """The slots' running (accepted drafts, rejections), read on the host."""
+  return np.asarray([int(slots.accepted), int(slots.rejected)], float)
+
+
 class FixedGamma(ARSlots):
   """`rounds_per_sync` rounds of `gamma` drafts per slot between checks."""
 
@@ -70,11 +75,6 @@ class SmartSpec(FixedGamma):
     self.seen = np.zeros(2)  # the new slots' counters (accepted, rejections)
     return super().init(requests)
 
-  @staticmethod
-  def _counters(slots) -> np.ndarray:
-    """The slots' running (accepted drafts, rejections)."""
-    return np.asarray([int(slots.accepted), int(slots.rejected)], float)
-
   def program(self, gamma: int, rows: int):
     return (lambda s: self.ar_step(s, rows)) if gamma == 0 else (
         lambda s: self.speculate(s, gamma, rows))
@@ -87,9 +87,9 @@ class SmartSpec(FixedGamma):
     for rows in self.row_buckets():
       for gamma in range(self.gamma + 1):
         slots = self.full(slots, requests)
-        before = self._counters(slots)
+        before = _counters(slots)
         self.costs[rows][gamma], slots = time_program(self.program(gamma, rows), slots)
-        counts += self._counters(slots) - before
+        counts += _counters(slots) - before
     self._reset()
     if counts.sum() > 0:
       self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
@@ -107,15 +107,16 @@ class SmartSpec(FixedGamma):
     gamma = int(np.argmax(self.expected_tokens() / self.costs[rows]))
     self.chosen[gamma] += 1
     slots = self.program(gamma, rows)(slots)
-    seen = self._counters(slots)
+    seen = _counters(slots)
     self.counts = self.decay * self.counts + (seen - self.seen)
     self.seen = seen
     return slots
 
 
 class Tetris(FixedGamma):
-  """`continuous_spec.select` rounds: `max_draft_tokens` drafts per slot, `budget` verified
-  (default: all of them, S x G; the width is still chosen by expected goodput).
+  """TETRIS rounds (`continuous_spec.propose`, then `verify_proposal` at the chosen width):
+  `max_draft_tokens` drafts per slot, `budget` verified (default: all of them, S x G; the width
+  is still chosen by expected goodput).
 
   The draft's top probabilities are calibrated against what the target accepts: under greedy
   verification a draft passes when the two argmaxes agree, which happens more often than the
@@ -150,16 +151,16 @@ class Tetris(FixedGamma):
   def select(self, slots, costs, rows: int):
     """`rounds_per_sync` rounds, each `continuous_spec.propose` then `verify_proposal` at the
     width it chose (two programs: no conditional over the target's cache)."""
-    before = np.asarray([int(slots.accepted), int(slots.rejected)], float)
+    before = _counters(slots)
     for _ in range(self.rounds):
       slots, proposal = continuous_spec.propose(
           self.draft, self.draft_params, slots, self.config, min(self.budget, rows * self.gamma),
-          costs, self.model.vocab_size, rows, self.calibration())
+          costs, rows, self.calibration())
       width = int(proposal["width"])
       self.widths[width] += 1
       slots = continuous_spec.verify_proposal(self.model, self.params, slots, self.config,
                                               proposal, width, rows)
-      after = np.asarray([int(slots.accepted), int(slots.rejected)], float)
+      after = _counters(slots)
       seen = [float(proposal["confidence_sum"]), float(proposal["chosen"])]
       self.observed = self.decay * self.observed + np.concatenate([after - before, seen])
       before = after

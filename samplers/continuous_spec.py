@@ -73,13 +73,13 @@ def _verify(target: CausalModel, target_params, slots: Slots, drafts: jax.Array,
   return jnp.pad(logits, ((0, 0), (0, gamma - width), (0, 0))), cache
 
 
-def _draft_stage(draft, draft_params, slots: Slots, config: ContinuousConfig, gamma: int,
-                 vocab: int):
+def _draft_stage(draft, draft_params, slots: Slots, config: ContinuousConfig, gamma: int):
   """Catches the draft up and drafts gamma tokens per slot: (slots with the draft's new cache,
-  the chain {drafts [S, gamma], q, confidence [S, gamma]}, the verify uniforms)."""
+  the chain {drafts [S, gamma], q, confidence [S, gamma], verify_u (the verify uniforms)}).
+  The draft's vocabulary is the target's (`continuous.init` checks it)."""
   slots = catch_up(draft, draft_params, slots, gamma + 2)  # gamma <= G: writes stay in the cache
   noise, verify_u = draft_verify.round_noise(slots.keys, slots.context, gamma,
-                                             vocab, config.sampling.greedy)
+                                             draft.vocab_size, config.sampling.greedy)
   chain = draft_verify.draft_after(draft, draft_params, slots.seq, slots.context,
                                    slots.draft_cache, noise, gamma, config.sampling)
   slots = slots.replace(draft_cache=chain["cache"])
@@ -108,7 +108,7 @@ def _round(target, target_params, draft, draft_params, slots: Slots, config: Con
   """One round: catch the draft up, draft gamma tokens per slot, let `choose(chain, slots) ->
   (lengths [S] in [0, gamma], verify(target_params, slots, drafts) -> (logits, cache))` say which
   to verify and how, verify, commit."""
-  slots, chain = _draft_stage(draft, draft_params, slots, config, gamma, target.vocab_size)
+  slots, chain = _draft_stage(draft, draft_params, slots, config, gamma)
   lengths, verify = choose(chain, slots)
   return _verify_stage(target, target_params, slots, config, chain, lengths, verify)
 
@@ -135,6 +135,19 @@ def speculate(target: CausalModel, target_params, draft: CausalModel, draft_para
 
   one = lambda _, s: _round(target, target_params, draft, draft_params, s, config, gamma, choose)
   return continuous.on_rows(lambda s: jax.lax.fori_loop(0, rounds, one, s), slots, rows)
+
+
+def _check_selection(config: ContinuousConfig, budget: int, costs) -> jax.Array:
+  """TETRIS's settings (`select`, `propose`), named when wrong; the costs as float32."""
+  gamma = config.max_draft_tokens
+  _check_gamma(gamma, config)
+  if budget < 1:
+    raise ValueError(f"budget (drafts verified per round) must be >= 1, got {budget}")
+  costs = jnp.asarray(costs, jnp.float32)
+  if costs.shape != (gamma + 1,):
+    raise ValueError(f"costs must hold one time per verify width 0..{gamma}, shape "
+                     f"({gamma + 1},), got {costs.shape}")
+  return costs
 
 
 def chain_values(confidence: jax.Array, active: jax.Array,
@@ -183,13 +196,7 @@ def select(target: CausalModel, target_params, draft: CausalModel, draft_params,
   verifies w = 0..G drafts per slot; one compiled program, the width switched inside); with
   `rows`, only the first `rows` slots are computed (`continuous.on_rows`)."""
   gamma = config.max_draft_tokens
-  _check_gamma(gamma, config)
-  if budget < 1:
-    raise ValueError(f"budget (drafts verified per round) must be >= 1, got {budget}")
-  costs = jnp.asarray(costs, jnp.float32)
-  if costs.shape != (gamma + 1,):
-    raise ValueError(f"costs must hold one time per verify width 0..{gamma}, shape "
-                     f"({gamma + 1},), got {costs.shape}")
+  costs = _check_selection(config, budget, costs)
 
   def choose(chain, slots):
     lengths, width = selection(chain["confidence"], slots.active, budget, costs)
@@ -200,10 +207,10 @@ def select(target: CausalModel, target_params, draft: CausalModel, draft_params,
   return continuous.on_rows(lambda s: jax.lax.fori_loop(0, rounds, one, s), slots, rows)
 
 
-@functools.partial(jax.jit, static_argnames=("draft", "config", "budget", "vocab", "rows"),
+@functools.partial(jax.jit, static_argnames=("draft", "config", "budget", "rows"),
                    donate_argnames=("slots",))
 def propose(draft: CausalModel, draft_params, slots: Slots, config: ContinuousConfig,
-            budget: int, costs: jax.Array, vocab: int, rows: int | None = None,
+            budget: int, costs: jax.Array, rows: int | None = None,
             calibration: jax.Array | float = 1.0):
   """The first half of a `select` round as its own program: draft G tokens per slot and choose
   which to verify (`selection` under `calibration`). Returns (slots, proposal: the chain with
@@ -214,10 +221,10 @@ def propose(draft: CausalModel, draft_params, slots: Slots, config: ContinuousCo
   through a conditional, which XLA:CPU copies (2.6 of 18.7 ms of a round on 8 slots of the
   bench's pair)."""
   gamma = config.max_draft_tokens
-  _check_gamma(gamma, config)
+  costs = _check_selection(config, budget, costs)
 
   def stage(s):
-    s, chain = _draft_stage(draft, draft_params, s, config, gamma, vocab)
+    s, chain = _draft_stage(draft, draft_params, s, config, gamma)
     lengths, width = selection(chain["confidence"], s.active, budget, costs, calibration)
     chosen = jnp.arange(gamma) < lengths[:, None]
     return s, chain | {"lengths": lengths, "width": width, "chosen": jnp.sum(chosen),

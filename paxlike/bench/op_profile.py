@@ -46,6 +46,18 @@ class OpTime:
   count: int
 
 
+def _instructions(hlo_text: str):
+  """(computation, instruction name, the text after its '=') of every instruction in HLO text."""
+  computation = None
+  for line in hlo_text.splitlines():
+    instruction = _INSTRUCTION.match(line)
+    if instruction is None:
+      header = _COMPUTATION.match(line)
+      computation = header.group(1) if header else computation
+      continue
+    yield (computation, *instruction.groups())
+
+
 def hlo_scopes(hlo_text: str) -> dict[str, str]:
   """Instruction name -> op_name scope, from a compiled program's HLO text.
 
@@ -54,15 +66,7 @@ def hlo_scopes(hlo_text: str) -> dict[str, str]:
   holds, else of their operands, so that every thunk is charged somewhere sensible.
   """
   scopes, operands, calls, members = {}, {}, {}, {}
-  computation = None
-  for line in hlo_text.splitlines():
-    instruction = _INSTRUCTION.match(line)
-    if instruction is None:
-      header = _COMPUTATION.match(line)
-      if header:
-        computation = header.group(1)
-      continue
-    name, body = instruction.groups()
+  for computation, name, body in _instructions(hlo_text):
     members.setdefault(computation, []).append(name)
     scope = _SCOPE.search(body)
     if scope:
@@ -141,14 +145,8 @@ def _charge(events: list[tuple[float, float, str]]) -> dict[str, float]:
 def matmul_instructions(hlo_text: str) -> set[str]:
   """Names of the instructions that multiply matrices: dots, and fusions whose computation holds
   one (XLA:CPU's YNNPACK/XNNPACK fusions of a dot with its elementwise neighbours)."""
-  dots, computations_with_dot, calls, computation = set(), set(), {}, None
-  for line in hlo_text.splitlines():
-    instruction = _INSTRUCTION.match(line)
-    if instruction is None:
-      header = _COMPUTATION.match(line)
-      computation = header.group(1) if header else computation
-      continue
-    name, body = instruction.groups()
+  dots, computations_with_dot, calls = set(), set(), {}
+  for computation, name, body in _instructions(hlo_text):
     if _DOT.match(body):
       dots.add(name)
       computations_with_dot.add(computation)

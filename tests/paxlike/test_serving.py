@@ -116,3 +116,16 @@ def test_smartspec_picks_the_gamma_with_the_most_expected_tokens_per_second():
 def test_an_unknown_serving_policy_is_named():
   with pytest.raises(UserError, match="--policies: fastest not in the serve suite; valid: static"):
     serve_suite.run(None, None, policies=("static", "fastest"))
+
+
+def test_tetris_calibration_is_acceptance_over_mean_top_probability():
+  """1 until drafts are seen; then the running per-draft acceptance over the running mean top
+  probability of the verified drafts, clipped to [0.25, 4]."""
+  params = random_params(MODEL)
+  tetris = speculative_serving.Tetris(MODEL, params, MODEL, params, 2,
+                                      SamplingParams(temperature=0.0), max_draft_tokens=3)
+  assert float(tetris.calibration()) == 1.0
+  tetris.observed = np.asarray([8.0, 2.0, 5.0, 10.0])  # acceptance 0.8, mean top probability 0.5
+  assert float(tetris.calibration()) == pytest.approx(1.6)
+  tetris.observed = np.asarray([1.0, 0.0, 0.1, 10.0])  # 1 / 0.01, clipped
+  assert float(tetris.calibration()) == 4.0

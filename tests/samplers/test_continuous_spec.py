@@ -40,7 +40,7 @@ def _config(slots, sampling):
 
 def _propose_and_verify(target, draft, slots, config, costs, calibration=1.0):
   slots, proposal = continuous_spec.propose(MODEL, draft, slots, config, 4, costs,
-                                            MODEL.vocab_size, calibration=calibration)
+                                            calibration=calibration)
   return continuous_spec.verify_proposal(MODEL, target, slots, config, proposal,
                                          int(proposal["width"]))
 
