@@ -28,11 +28,6 @@ from samplers import continuous, continuous_spec
 from samplers.core.logits import SamplingParams
 
 
-def _counters(slots: continuous.Slots) -> np.ndarray:
-  """The slots' running (accepted drafts, rejections), read on the host."""
-  return np.asarray([int(slots.accepted), int(slots.rejected)], float)
-
-
 class FixedGamma(ARSlots):
   """`rounds_per_sync` rounds of `gamma` drafts per slot between checks."""
 
@@ -42,6 +37,11 @@ class FixedGamma(ARSlots):
     super().__init__(target, target_params, num_slots, sampling, steps_per_sync, gamma, draft,
                      draft_params)
     self.gamma, self.rounds = gamma, rounds_per_sync
+
+  @staticmethod
+  def _counters(slots: continuous.Slots) -> np.ndarray:
+    """The slots' running (accepted drafts, rejections), read on the host."""
+    return np.asarray([int(slots.accepted), int(slots.rejected)], float)
 
   def speculate(self, slots: continuous.Slots, gamma: int,
                 rows: int | None = None) -> continuous.Slots:
@@ -87,9 +87,9 @@ class SmartSpec(FixedGamma):
     for rows in self.row_buckets():
       for gamma in range(self.gamma + 1):
         slots = self.full(slots, requests)
-        before = _counters(slots)
+        before = self._counters(slots)
         self.costs[rows][gamma], slots = time_program(self.program(gamma, rows), slots)
-        counts += _counters(slots) - before
+        counts += self._counters(slots) - before
     self._reset()
     if counts.sum() > 0:
       self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
@@ -107,7 +107,7 @@ class SmartSpec(FixedGamma):
     gamma = int(np.argmax(self.expected_tokens() / self.costs[rows]))
     self.chosen[gamma] += 1
     slots = self.program(gamma, rows)(slots)
-    seen = _counters(slots)
+    seen = self._counters(slots)
     self.counts = self.decay * self.counts + (seen - self.seen)
     self.seen = seen
     return slots
@@ -151,7 +151,7 @@ class Tetris(FixedGamma):
   def select(self, slots, costs, rows: int):
     """`rounds_per_sync` rounds, each `continuous_spec.propose` then `verify_proposal` at the
     width it chose (two programs: no conditional over the target's cache)."""
-    before = _counters(slots)
+    before = self._counters(slots)
     for _ in range(self.rounds):
       slots, proposal = continuous_spec.propose(
           self.draft, self.draft_params, slots, self.config, min(self.budget, rows * self.gamma),
@@ -160,7 +160,7 @@ class Tetris(FixedGamma):
       self.widths[width] += 1
       slots = continuous_spec.verify_proposal(self.model, self.params, slots, self.config,
                                               proposal, width, rows)
-      after = _counters(slots)
+      after = self._counters(slots)
       seen = [float(proposal["confidence_sum"]), float(proposal["chosen"])]
       self.observed = self.decay * self.observed + np.concatenate([after - before, seen])
       before = after
