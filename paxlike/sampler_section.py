@@ -35,7 +35,8 @@ LEGACY_NAMES = {
     "diffusion_steps": "steps", "noise_schedule": "schedule",
     "unmask_rule": "rule", "unmask_confidence": "confidence", "unmask_k": "k",
     "unmask_threshold": "threshold", "unmask_factor": "factor", "unmask_slots": "slots",
-    "block_cached": "cached", "assd_order": "order", "assd_reuse_drafts": "reuse_drafts",
+    "assd_order": "order", "assd_reuse_drafts": "reuse_drafts",
+    "block_cached": "cache", "cached": "cache",  # a bool before the Fast-dLLM caches
 }
 
 
@@ -114,7 +115,11 @@ class SamplerConfig:
   @staticmethod
   def upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
     """A section stored by the earlier flat schema (every kind's settings, prefixed), reduced to
-    the shared settings and those of its kind under their present names."""
+    the shared settings and those of its kind under their present names. A block section's
+    boolean `cached` (before the Fast-dLLM caches) becomes `cache` "exact" or "none"."""
+    if data.get("kind") == "block" and ("cached" in data or "block_cached" in data):
+      data = {k: v for k, v in data.items() if k not in ("cached", "block_cached")} | {
+          "cache": "exact" if data.get("cached", data.get("block_cached")) else "none"}
     if "unmask_rule" not in data:  # the flat schema always stored it
       return data
     cls = class_of(data.get("kind", "ar"))

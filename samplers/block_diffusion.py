@@ -1,17 +1,26 @@
 """Block (semi-autoregressive) diffusion decoding: the canvas is decoded in blocks of fixed
 length, left to right; inside a block an unmasking rule (`samplers.unmask`) runs until the block
-has no mask left (LLaDA's semi-AR remasking; Block Diffusion, Arriola et al. 2025; Fast-dLLM).
+has no mask left (LLaDA's semi-AR remasking; Block Diffusion, Arriola et al. 2025; Fast-dLLM,
+Wu et al. 2025).
 
-Cache-free (`cached=False`), each step scores the whole canvas with `denoise` (later blocks still
-masked) and the rule only commits inside the current block. Cached (`cached=True`, a
-`CachedDenoiser`), each step scores only the current block on top of a KV cache of the finished
-blocks, and a finished block is written into the cache by one more call (prompt-only blocks cost
-that one call each: a chunked prefill; the last block is never written). Caching needs a
-block-causal model whose blocks are these blocks (`model.block_size == block_length`): then the
-cached result equals the cache-free one exactly, because no block attends to a later one. With
-any other model (a bidirectional one: block_size 0) the finished blocks' cached keys and values
-never see the later blocks, so the result is only an approximation: `sample` refuses it unless
-`approximate_cache=True` asks for it (the `diffusion` bench does, to measure the deviation).
+`BlockConfig.cache` says how the other blocks are scored:
+
+- "none": each step scores the whole canvas with `denoise` (later blocks still masked) and the
+  rule commits only inside the current block.
+- "exact": each step scores only the current block on top of a KV cache of the finished blocks,
+  and a finished block is written into the cache by one more call (prompt-only blocks cost that
+  one call each: a chunked prefill; the last block is never written). It needs a block-causal
+  model whose blocks are these blocks (`model.block_size == block_length`): then the result
+  equals "none" exactly, because no block attends to a later one.
+- "prefix" and "dual": Fast-dLLM's approximate caches for a bidirectional denoiser. A block's
+  first step scores the whole canvas and keeps every position's keys and values (the refresh);
+  its later steps reuse them. "prefix" recomputes the current block and everything after it
+  on top of the cached prefix; "dual" recomputes only the current block, on top of the cached
+  prefix and suffix. Cached keys are stale by the tokens committed since the refresh (they do
+  not see them), so the result approximates "none"; the `diffusion` bench measures how often a
+  row differs. Exact cases (tested): a block decoded in one step (its only step is the
+  refresh), and a one-layer model (its keys and values depend on their own token only). A block
+  with no mask in any row costs nothing.
 
 Randomness: a row's n-th own denoising step (counted over its blocks; a step in which its current
 block has no mask left is not its step) draws fold_in(row_key, n), [block_length, ...] uniforms.
@@ -26,6 +35,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from samplers.core import canvas as canvas_lib
 from samplers import unmask
@@ -35,28 +45,52 @@ from samplers.core.protocol import SampleOutput
 from samplers.spec import SamplerSpec
 
 
+CACHES = ("none", "exact", "prefix", "dual")
+_FAST_DLLM = ("prefix", "dual")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
   """Attributes:
     block_length: positions per block; must divide the canvas length.
     rule: the unmasking rule inside a block.
-    cached: score blocks on a KV cache of the finished ones (needs a `CachedDenoiser` with
-      `block_size == block_length`, or `approximate_cache`).
-    approximate_cache: allow `cached` with a model whose blocks are not these blocks (a
-      bidirectional one): an approximation, not the model's decoding (for measuring it).
+    cache: one of CACHES (see the module docstring): "exact" needs a `CachedDenoiser` with
+      `block_size == block_length`; "prefix" and "dual" (approximate) a bidirectional one.
   """
 
   block_length: int
   rule: unmask.UnmaskConfig = unmask.UnmaskConfig()
-  cached: bool = True
-  approximate_cache: bool = False
+  cache: str = "exact"
 
   def __post_init__(self):
     if self.block_length < 1:
       raise ValueError(f"block_length must be >= 1, got {self.block_length}")
+    if self.cache not in CACHES:
+      raise ValueError(f"cache {self.cache!r} is unknown; valid: {', '.join(CACHES)}")
     if self.rule.slots is not None:
       raise ValueError(f"rule.slots={self.rule.slots}: continuous batching is for unmask.sample; "
                        f"block decoding runs all rows together, so leave rule.slots None")
+
+
+def check_cache(model: Denoiser, config: BlockConfig) -> None:
+  """ValueError when `config.cache` does not suit the model, naming the caches that do."""
+  size = config.block_length
+  if config.cache != "none" and not hasattr(model, "init_cache"):
+    raise ValueError(f"cache={config.cache!r} needs a CachedDenoiser (init_cache/apply); "
+                     f"pass cache='none' for this model")
+  kind = ("bidirectional (block_size 0)" if not model.block_size else
+          f"block-causal with blocks of {model.block_size}")
+  if config.cache == "exact" and model.block_size != size:
+    raise ValueError(
+        f"the exact block cache needs a block-causal model whose blocks are the decoding blocks; "
+        f"this model is {kind}, so cached finished blocks would never see the later ones and the "
+        f"result would not be the model's. Use a block-causal model with "
+        f"model.diffusion.block_size equal to sampler.block_length ({size}), decode without the "
+        f"cache: cache='none' (`--set sampler.cache=none`), or with Fast-dLLM's approximate "
+        f"caches of a bidirectional model: cache='prefix' or 'dual'")
+  if config.cache in _FAST_DLLM and model.block_size:
+    raise ValueError(f"cache={config.cache!r} (Fast-dLLM) is for a bidirectional denoiser; this "
+                     f"model is {kind}: use cache='exact' with blocks of {model.block_size}")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config"))
@@ -65,97 +99,151 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
   """Fills every mask of `canvas` [B, L] block by block.
 
   Args:
-    model: a hashable `Denoiser` (a `CachedDenoiser` when config.cached); params: its parameters.
+    model: a hashable `Denoiser` (a `CachedDenoiser` unless config.cache is "none");
+      params: its parameters.
     canvas: [B, L] int32 with mask ids where tokens are generated; L a multiple of block_length.
     key: one key or one per row; the n-th denoising step of a row (counted over all blocks, only
       the steps in which the row's current block still has a mask) uses fold_in(row_key, n).
     config: static `BlockConfig`.
   Returns:
-    SampleOutput with the completed canvas; stats `model_calls` (denoising steps of the batch
-    plus cache writes), `denoise_steps` (of the batch), `generated_tokens`, `tokens_per_call`.
+    SampleOutput with the completed canvas; stats `model_calls` (calls of the batch: denoising
+    steps plus cache writes), `denoise_steps` (of the batch), `generated_tokens`,
+    `tokens_per_call`; with "prefix" or "dual" also `refresh_calls` (whole-canvas calls, one per
+    block with a mask; counted in model_calls and denoise_steps).
   Raises:
-    ValueError: if L is not a multiple of block_length, or the model cannot be cached (not a
-      `CachedDenoiser`, or, without approximate_cache, model.block_size != block_length).
+    ValueError: if L is not a multiple of block_length, or the cache does not suit the model
+      (`check_cache`).
   """
   canvas_lib.check_model(model, canvas)
+  length = canvas.shape[1]
+  if length % config.block_length:
+    raise ValueError(f"the canvas length {length} is not divisible by block_length "
+                     f"{config.block_length}; pad the canvas or choose a block length that "
+                     f"divides it")
+  check_cache(model, config)
+  keys = rng.row_keys(key, canvas.shape[0])
+  state = (canvas.astype(jnp.int32), jnp.zeros((canvas.shape[0],), jnp.int32), jnp.int32(0))
+  if config.cache in _FAST_DLLM:
+    return _fast_dllm(model, params, canvas, keys, config, state)
+  return _block_by_block(model, params, canvas, keys, config, state)
+
+
+def _commit(model, config: BlockConfig, keys, state, start, logits):
+  """One unmasking step of the current block (from `start`) given its logits [B, size, V]:
+  (tokens, steps, calls) advanced; a row whose block is done commits nothing and keeps its step
+  count."""
+  tokens, steps, calls = state
+  size = config.block_length
+  block = jax.lax.dynamic_slice_in_dim(tokens, start, size, axis=1)
+  masked = block == model.mask_id
+  u = canvas_lib.step_uniforms(keys, steps, (size, model.vocab_size + 1))
+  block = unmask.step(config.rule, logits, block, masked, model.mask_id, u)
+  steps = steps + jnp.any(masked, axis=1).astype(jnp.int32)
+  return jax.lax.dynamic_update_slice_in_dim(tokens, block, start, axis=1), steps, calls + 1
+
+
+def _block_has_mask(model, size: int, start):
+  return lambda state: jnp.any(
+      jax.lax.dynamic_slice_in_dim(state[0], start, size, axis=1) == model.mask_id)
+
+
+def _block_by_block(model, params, canvas, keys, config: BlockConfig, state) -> SampleOutput:
+  """The "none" and "exact" caches: a loop over blocks with one program for all of them."""
   batch, length = canvas.shape
   size = config.block_length
-  if length % size:
-    raise ValueError(f"the canvas length {length} is not divisible by block_length {size}; "
-                     f"pad the canvas or choose a block length that divides it")
-  if config.cached and not hasattr(model, "init_cache"):
-    raise ValueError("cached block decoding needs a CachedDenoiser (init_cache/apply); "
-                     "pass cached=False for this model")
-  if config.cached and not config.approximate_cache and model.block_size != size:
-    kind = ("bidirectional (block_size 0)" if not model.block_size else
-            f"block-causal with blocks of {model.block_size}")
-    raise ValueError(
-        f"cached block decoding is exact only with a block-causal model whose blocks are the "
-        f"decoding blocks; this model is {kind}, so the cached finished blocks would never see "
-        f"the later ones and the result would not be the model's. Use a block-causal model with "
-        f"model.diffusion.block_size equal to sampler.block_length ({size}), or decode without "
-        f"the cache: cached=False (`--set sampler.cached=false`); "
-        f"BlockConfig(approximate_cache=True) accepts the approximation knowingly")
   blocks = length // size
-  keys = rng.row_keys(key, batch)
+  cached = config.cache == "exact"
   full = jnp.ones((batch, size, size), bool)
 
-  def score(tokens, block, cache, start):
-    if config.cached:
-      positions = jnp.broadcast_to(start + jnp.arange(size), (batch, size))
-      logits, _ = model.apply(params, block, positions, cache.replace(
-          lengths=jnp.full((batch,), start, jnp.int32)), full)
-      return logits
-    return jax.lax.dynamic_slice_in_dim(model.denoise(params, tokens), start, size, axis=1)
+  def on_cache(cache, tokens, start):
+    block = jax.lax.dynamic_slice_in_dim(tokens, start, size, axis=1)
+    positions = jnp.broadcast_to(start + jnp.arange(size), (batch, size))
+    return model.apply(params, block, positions, cache.replace(
+        lengths=jnp.full((batch,), start, jnp.int32)), full)
 
-  def decode_block(index, state):
-    tokens, cache, steps, denoise = state
+  def decode_block(index, carry):
+    state, cache = carry
     start = index * size
 
-    def step(inner):
-      tokens, steps, denoise = inner
-      block = jax.lax.dynamic_slice_in_dim(tokens, start, size, axis=1)
-      masked = block == model.mask_id
-      logits = score(tokens, block, cache, start)
-      u = canvas_lib.step_uniforms(keys, steps, (size, model.vocab_size + 1))
-      block = unmask.step(config.rule, logits, block, masked, model.mask_id, u)
-      # a row whose block is done commits nothing and keeps its step count
-      steps = steps + jnp.any(masked, axis=1).astype(jnp.int32)
-      return jax.lax.dynamic_update_slice_in_dim(tokens, block, start, axis=1), steps, denoise + 1
+    def step(state):
+      logits = (on_cache(cache, state[0], start)[0] if cached else
+                jax.lax.dynamic_slice_in_dim(model.denoise(params, state[0]), start, size, 1))
+      return _commit(model, config, keys, state, start, logits)
 
-    def unfinished(inner):
-      block = jax.lax.dynamic_slice_in_dim(inner[0], start, size, axis=1)
-      return jnp.any(block == model.mask_id)
+    state = jax.lax.while_loop(_block_has_mask(model, size, start), step, state)
+    if cached:  # every finished block but the last is written
+      cache = jax.lax.cond(index == blocks - 1, lambda c: c,
+                           lambda c: on_cache(c, state[0], start)[1], cache)
+    return state, cache
 
-    tokens, steps, denoise = jax.lax.while_loop(unfinished, step, (tokens, steps, denoise))
-    if config.cached:
-      def write(cache):
-        block = jax.lax.dynamic_slice_in_dim(tokens, start, size, axis=1)
-        positions = jnp.broadcast_to(start + jnp.arange(size), (batch, size))
-        _, cache = model.apply(params, block, positions, cache.replace(
-            lengths=jnp.full((batch,), start, jnp.int32)), full)
-        return cache
-      cache = jax.lax.cond(index == blocks - 1, lambda c: c, write, cache)
-    return tokens, cache, steps, denoise
-
-  cache = model.init_cache(batch, length) if config.cached else None
-  state = (canvas.astype(jnp.int32), cache, jnp.zeros((batch,), jnp.int32), jnp.int32(0))
-  tokens, _, _, denoise = jax.lax.fori_loop(0, blocks, decode_block, state)
-  writes = blocks - 1 if config.cached else 0  # every finished block but the last
+  cache = model.init_cache(batch, length) if cached else None
+  (tokens, _, denoise), _ = jax.lax.fori_loop(0, blocks, decode_block, (state, cache))
+  writes = blocks - 1 if cached else 0
   return canvas_lib.output(canvas, tokens, model.mask_id, denoise + writes, denoise_steps=denoise)
+
+
+def _refresh_order(cache: str, start: int, size: int, length: int) -> tuple[np.ndarray, int]:
+  """(the positions in their refresh slots [L], the block's first slot): "prefix" keeps the
+  canvas order; "dual" moves the block to the end, so that all the slots below it (kept during
+  the block's steps) are the prefix and the suffix."""
+  order = np.arange(length)
+  if cache == "prefix":
+    return order, start
+  return np.concatenate([order[:start], order[start + size:], order[start:start + size]]), (
+      length - size)
+
+
+def _fast_dllm(model, params, canvas, keys, config: BlockConfig, state) -> SampleOutput:
+  """The "prefix" and "dual" caches. Blocks are a Python loop: the prefix cache's steps score
+  the canvas from the block on, a shape that differs per block.
+
+  The refresh writes every position into the cache, the current block's last for "dual", so that
+  a step's new block, written over its own slots, sees every other slot below `cache.lengths`
+  (slot order is free: keys carry their rotary positions)."""
+  batch, length = canvas.shape
+  size = config.block_length
+  refreshes = jnp.int32(0)
+  for start in range(0, length, size):
+    order, at = _refresh_order(config.cache, start, size, length)
+    rows = lambda t: jnp.broadcast_to(t, (batch, len(t)))
+
+    def decode(state, start=start, order=order, at=at):
+      tokens = state[0]
+      logits, cache = model.apply(params, tokens[:, order], rows(order),
+                                  model.init_cache(batch, length),
+                                  jnp.ones((batch, length, length), bool))
+      state = _commit(model, config, keys, state, start, logits[:, at:at + size])
+      cache = cache.replace(lengths=jnp.full((batch,), at, jnp.int32))
+
+      def step(state):
+        stop = length if config.cache == "prefix" else start + size
+        new = state[0][:, start:stop]
+        logits, _ = model.apply(params, new, rows(np.arange(start, stop)), cache,
+                                jnp.ones((batch, stop - start, stop - start), bool))
+        return _commit(model, config, keys, state, start, logits[:, :size])
+
+      return jax.lax.while_loop(_block_has_mask(model, size, start), step, state)
+
+    has_mask = _block_has_mask(model, size, start)(state)
+    state = jax.lax.cond(has_mask, decode, lambda s: s, state)
+    refreshes = refreshes + has_mask.astype(jnp.int32)
+  tokens, _, calls = state
+  return canvas_lib.output(canvas, tokens, model.mask_id, calls, denoise_steps=calls,
+                           refresh_calls=refreshes)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockOptions:
   """`sampler.*` settings of kind "block" (a masked-diffusion model): blocks of block_length,
-  the unmasking rule inside each (fields as `unmask.UnmaskOptions`), finished blocks KV-cached
-  when `cached` (exact, and allowed, only for a block-causal model with
-  model.diffusion.block_size == block_length; cached=false for any other, e.g. a bidirectional
-  MDLM). The generation is shortened to whole blocks.
+  the unmasking rule inside each (fields as `unmask.UnmaskOptions`), and how the other blocks are
+  scored, `cache`: "exact" (the default: finished blocks KV-cached, only for a block-causal model
+  with model.diffusion.block_size == block_length), "none" (the whole canvas every step), or
+  Fast-dLLM's approximate "prefix" or "dual" caches of a bidirectional model, refreshed once per
+  block. The generation is shortened to whole blocks.
   """
 
   block_length: int = 16
-  cached: bool = True
+  cache: str = "exact"
   rule: str = "threshold"
   confidence: str = "max_prob"
   k: int = 1
@@ -169,5 +257,5 @@ def _whole_blocks(options: BlockOptions, prompt_len: int, max_new: int) -> int:
 
 SPEC = SamplerSpec(
     "block", BlockOptions, sample,
-    lambda o, decode: BlockConfig(o.block_length, unmask.rule_of(o, decode), o.cached),
+    lambda o, decode: BlockConfig(o.block_length, unmask.rule_of(o, decode), o.cache),
     model="denoiser", fit=_whole_blocks)

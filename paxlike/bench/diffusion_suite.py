@@ -1,7 +1,7 @@
 """The `diffusion` suite: diffusion-style samplers on the parallel-decoding task suite.
 
-Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) six small models
-on it: a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model, a
+Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) the small models
+that the chosen samplers need (`--samplers`; all six for every row): a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model, a
 causal Llama (the EDLM energy and the judge of generative perplexity), the Learn2PD finality
 head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head) and a student
 MDLM self-distilled on the MDLM's own one-token-per-call answers (`paxlike.diffusion_teacher`),
@@ -10,9 +10,10 @@ Every sampler then answers the same held-out prompts of every task, each row a c
 corpus lines: a solved example of the task, then the prompt with its answer masked and the
 line's known padding. A row per sampler and task (and `all`) reports model calls per generated
 token, tokens/s (median of 3 after a compile warm-up), task accuracy beside the task's chance
-levels, the AR model's perplexity of the answers, and for block decoding the cached result's
-deviation from the cache-free one (exact for the block-causal model; the bidirectional row opts
-into the approximation with `approximate_cache`). Rows with "(S slots)" decode by continuous
+levels, the AR model's perplexity of the answers, and for block decoding with a cache the
+fraction of rows that differ from cache-free decoding (`cache_deviation`) and the cache-free
+accuracy (exact for the block-causal model; the `fast_dllm` rows measure Fast-dLLM's
+approximate prefix and dual caches on the bidirectional model). Rows with "(S slots)" decode by continuous
 batching (`samplers.core.refill`): calls of S rows are counted as S / (prompts per task) of a
 batch call."""
 
@@ -48,8 +49,8 @@ ONE_CALL_MIN_T = 0.9  # the student's second stage: responses >= 90% masked (one
 ONE_CALL_ROWS = 0.5  # ... on half of each batch's rows; the others keep t ~ (1e-3, 1]
 ONE_CALL_CYCLES = 2  # the second stage's runs of steps // 2, each from the last (warm restarts)
 AR_STEPS = 3000  # the causal judge and EDLM energy; a 2-layer one solves sort by 700 steps
-SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block", "distilled",
-                 "learned", "edlm", "assd")  # the `sampler` of the rows (`samplers`)
+SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block",
+                 "fast_dllm", "distilled", "learned", "edlm", "assd")  # the `sampler` of the rows (`samplers`)
 GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 
@@ -77,9 +78,10 @@ def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path |
   )
 
 
-def models(root: Path, corpus: Path, steps: int,
-           model_overrides: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
-  """The suite's (model, params) by name, trained in `root`/<steps>_steps unless cached there (a
+def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...] = (),
+           wanted: tuple[str, ...] | set[str] = SAMPLER_MODELS) -> dict[str, tuple[Any, Any]]:
+  """The suite's (model, params) by name, those `wanted` (and the MDLM the others start from),
+  trained in `root`/<steps>_steps unless cached there (a
   new step count trains afresh instead of resuming under another schedule). The bidirectional
   MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
@@ -111,7 +113,10 @@ def models(root: Path, corpus: Path, steps: int,
       "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS)),
       "learn2pd": finality_experiment(corpus, part(16), mdlm_dir),
   }
-  pairs = {name: trained(shaped(exp), root / exp.name) for name, exp in specs.items()}
+  pairs = {name: trained(shaped(exp), root / exp.name) for name, exp in specs.items()
+           if name in wanted or name == "mdlm"}
+  if "mdlm_student" not in wanted:
+    return pairs
   answers_path = root / "self_answers.txt"
   student = shaped(experiment("tasks_mdlm_student", "mdlm", answers_path, part(2), mdlm_dir,
                               learning_rate=1e-3))  # a third of the MDLM's: a fine-tune
@@ -223,14 +228,16 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair,
       Sampler("threshold", "tau=0.7", unmask.sample, pair, rule("threshold", threshold=0.7)),
       Sampler("factor", "f=1", unmask.sample, pair, rule("factor", factor=1.0)),
       Sampler("greedy_safe", "1-1/(N+1)", unmask.sample, pair, rule("greedy_safe")),
-      # deliberately approximate: the bidirectional model's cache, to measure its deviation
-      Sampler("block", f"bidirectional, cached, L={BLOCK}, k=1", block_diffusion.sample, pair,
-              block_diffusion.BlockConfig(BLOCK, rule(k=1), cached=True, approximate_cache=True)),
       Sampler("block", f"block-causal, cached, L={BLOCK}, k=1", block_diffusion.sample,
-              block_pair, block_diffusion.BlockConfig(BLOCK, rule(k=1), cached=True)),
+              block_pair, block_diffusion.BlockConfig(BLOCK, rule(k=1))),
       Sampler("block", f"block-causal, cached, L={BLOCK}, tau=0.9", block_diffusion.sample,
-              block_pair, block_diffusion.BlockConfig(BLOCK, rule("threshold"), cached=True)),
+              block_pair, block_diffusion.BlockConfig(BLOCK, rule("threshold"))),
   ]
+  # Fast-dLLM's approximate caches of the bidirectional model, against its cache-free decoding
+  for cache in ("prefix", "dual"):
+    for label, unmasking in (("k=1", rule(k=1)), ("tau=0.9", rule("threshold"))):
+      out.append(Sampler("fast_dllm", f"{cache} cache, L={BLOCK}, {label}", block_diffusion.sample,
+                         pair, block_diffusion.BlockConfig(BLOCK, unmasking, cache)))
   out += [Sampler("distilled", "k=1", unmask.sample, student_pair, rule(k=1)),
           Sampler("distilled", "k=8 (one call)", unmask.sample, student_pair, rule(k=8))]
   out += [Sampler("distilled", f"tau={tau}", unmask.sample, student_pair,
@@ -269,9 +276,18 @@ def selection(only: tuple[str, ...]) -> Any:
   return lambda s: not only or s.name in only or f"{s.name}/{s.setting}" in only
 
 
-def cache_free(s: Sampler) -> Sampler:
-  """The same block sampler without the prefix cache."""
-  return dataclasses.replace(s, config=dataclasses.replace(s.config, cached=False))
+def needed_models(keep) -> set[str]:
+  """The `SAMPLER_MODELS` that the samplers kept by `keep` (`selection`) decode with, and the AR
+  judge: found by building the rows with each model's name in place of its pair."""
+  named = samplers(*[(name, name) for name in SAMPLER_MODELS])
+  return {"ar"} | {m for s in named if keep(s) for m in s.leading if isinstance(m, str)}
+
+
+def cache_free(s: Sampler) -> Sampler | None:
+  """The same block sampler without its cache (None for other samplers)."""
+  if not isinstance(s.config, block_diffusion.BlockConfig):
+    return None
+  return dataclasses.replace(s, config=dataclasses.replace(s.config, cache="none"))
 
 
 def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 24000,
@@ -287,7 +303,7 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   if not corpus.exists():
     tasks.write_corpus(corpus, CORPUS_LINES, seed=0)
   steps = train_steps
-  trained_models = models(root, corpus, steps, model_overrides)
+  trained_models = models(root, corpus, steps, model_overrides, needed_models(keep))
   mdlm_pair, (ar_model, ar_params) = trained_models["mdlm"], trained_models["ar"]
   judge = (jax.jit(ar_model.logits), ar_params)  # for `answer_nll`: compiled once
   mask_id = mdlm_pair[0].mask_id
@@ -295,12 +311,13 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   batches = {t.name: canvases(t, examples, mask_id, prompt_seed) for t in suite}
   rows = []
   shape = next(iter(batches.values()))[0]
-  chosen = samplers(*(trained_models[k] for k in SAMPLER_MODELS))
+  chosen = samplers(*(trained_models.get(k, (None, None)) for k in SAMPLER_MODELS))
   for s in [s for s in chosen if keep(s)]:
     timed = Timed(s, shape)
-    reference = Timed(cache_free(s), shape) if s.name == "block" else None
+    reference = Timed(cache_free(s), shape) if cache_free(s) else None
     totals = dict(correct=0, count=0, generated=0, calls=0.0, energy=0.0, wall=0.0, nll=0.0,
-                  scored=0, deviating=0, chance=0.0, independent=0.0, row_calls=0.0)
+                  scored=0, deviating=0, free_correct=0, chance=0.0, independent=0.0,
+                  row_calls=0.0)
     for task in suite:
       canvas, prompts = batches[task.name]
       tokens, stats = timed(canvas, repeats)
@@ -309,9 +326,14 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
       row = _row(s, task.name, correct, len(prompts), stats, nll, scored, task.chance,
                  task.independent_chance)
       if reference is not None:
-        differs = np.any(reference(canvas, 1)[0] != tokens, axis=1)
-        row["cache_deviation"] = round(float(np.mean(differs)), 4)
+        free = reference(canvas, 1)[0]
+        differs = np.any(free != tokens, axis=1)
+        free_correct = sum(task.check(p, a) for p, a in zip(prompts, answers(free, canvas,
+                                                                              mask_id)))
+        row.update(cache_deviation=round(float(np.mean(differs)), 4),
+                   cache_free_accuracy=round(free_correct / len(prompts), 4))
         totals["deviating"] += int(np.sum(differs))
+        totals["free_correct"] += free_correct
       rows.append(row)
       totals.update(correct=totals["correct"] + correct, count=totals["count"] + len(prompts),
                     generated=totals["generated"] + stats["generated_tokens"],
@@ -331,14 +353,16 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
       stats["row_model_calls"] = totals["row_calls"]
     row = _row(s, "all", totals["correct"], totals["count"], stats, totals["nll"],
                totals["scored"], totals["chance"], totals["independent"])
-    if s.name == "block":
-      row["cache_deviation"] = round(totals["deviating"] / totals["count"], 4)
+    if reference is not None:
+      row.update(cache_deviation=round(totals["deviating"] / totals["count"], 4),
+                 cache_free_accuracy=round(totals["free_correct"] / totals["count"], 4))
     rows.append(row)
   summary = [r for r in rows if r["task"] == "all"]
   harness.print_table(summary, ["sampler", "setting", "model_calls_per_token", "tokens_per_call",
                                 "tokens_per_call_with_energy", "row_tokens_per_call",
                                 "task_accuracy", "chance_accuracy", "independent_chance",
-                                "gen_ppl", "tokens_per_s", "exact", "cache_deviation"])
+                                "gen_ppl", "tokens_per_s", "exact", "cache_deviation",
+                                "cache_free_accuracy"])
   config = {"models": {name: config_lib.to_dict(pair[0].config)
                        for name, pair in trained_models.items()},
             "train_steps": steps, "examples_per_task": examples, "prompt_seed": prompt_seed,
@@ -371,4 +395,5 @@ def _row(s: Sampler, task: str, correct: int, count: int, stats: dict, nll: floa
       "gen_ppl": round(float(np.exp(nll / max(scored, 1))), 3),
       "tokens_per_s": round(generated / stats["wall_s"], 1), "wall_s": round(stats["wall_s"], 4),
       "compile_s": round(stats["compile_s"], 3), "exact": s.exact, "cache_deviation": None,
+      "cache_free_accuracy": None,
   }

@@ -18,7 +18,8 @@ def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
   out = tmp_path / "diffusion.json"
   chosen = ("topk/k=1", "topk/k=8 (one call)", "block/block-causal, cached, L=8, k=1",
             "learned/tau=0.9", "assd/g=4, reuse, T=1", "edlm/S=1, K=8, T=1", "distilled/k=1",
-            "distilled/k=8 (one call)", "distilled/margin >= 0.2 (4 slots)")  # one row per property
+            "distilled/k=8 (one call)", "distilled/margin >= 0.2 (4 slots)",
+            "fast_dllm/dual cache, L=8, k=1")  # one row per property
   report = diffusion_suite.run(str(tmp_path), str(out), examples=2, train_steps=4, repeats=1,
                                only=chosen, model_overrides=SMALL)
   assert json.loads(out.read_text())["suite"] == "diffusion"
@@ -37,6 +38,8 @@ def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
     assert row["chance_accuracy"] > 0 and row["gen_ppl"] > 0
     if row["sampler"] == "block" and row["setting"].startswith("block-causal"):
       assert row["cache_deviation"] == 0.0  # the block-causal model's cache is exact
+    if row["sampler"] in ("block", "fast_dllm"):
+      assert 0 <= row["cache_deviation"] <= 1 and 0 <= row["cache_free_accuracy"] <= 1, row
     if row["sampler"] == "edlm" and row["setting"].startswith("S=1,"):  # + one AR energy call
       assert row["tokens_per_call_with_energy"] == pytest.approx(row["tokens_per_call"] / 2, abs=2e-3)
     elif row["sampler"] != "edlm":
@@ -73,6 +76,15 @@ def test_an_unknown_setting_is_named_before_any_training():
   assert keep(diffusion_suite.Sampler("distilled", "margin >= 0.2 (4 slots)", None, (), None))
   with pytest.raises(UserError, match="unknown sampler.*distilled/nope.*name/setting"):
     diffusion_suite.selection(("distilled/nope",))
+
+
+def test_only_the_models_of_the_chosen_samplers_are_trained():
+  keep = diffusion_suite.selection(("fast_dllm", "topk/k=1"))
+  assert diffusion_suite.needed_models(keep) == {"mdlm", "ar"}
+  keep = diffusion_suite.selection(("block/block-causal, cached, L=8, k=1", "edlm"))
+  assert diffusion_suite.needed_models(keep) == {"mdlm", "mdlm_block", "ar"}
+  assert diffusion_suite.needed_models(diffusion_suite.selection(())) == set(
+      diffusion_suite.SAMPLER_MODELS)
 
 
 def test_model_overrides_set_model_fields_only(tmp_path):

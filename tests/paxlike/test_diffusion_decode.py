@@ -68,17 +68,19 @@ def test_bad_diffusion_input_is_a_clear_error():
 
 def test_cached_block_decoding_of_a_bidirectional_model_is_a_clear_error():
   """Cached blocks are exact only for a block-causal model of the same blocks; the default
-  cached=true on a bidirectional MDLM is refused with the fixes, cached=false decodes."""
+  cache=exact on a bidirectional MDLM is refused with the fixes; cache=none and Fast-dLLM's
+  approximate caches decode."""
   model, params = built("mdlm")  # bidirectional: model.diffusion.block_size 0
   prompt, lengths = np.array([[258, 97]], np.int32), np.array([2], np.int32)
   cfg = SamplerConfig(kind="block", block_length=5, max_new_tokens=8)  # canvas: 2 blocks of 5
   with pytest.raises(UserError, match=r"this model is bidirectional \(block_size 0\).*"
                                       r"model.diffusion.block_size equal to sampler.block_length "
-                                      r"\(5\).*`--set sampler.cached=false`"):
+                                      r"\(5\).*`--set sampler.cache=none`"):
     generate.decode(model, params, prompt, lengths, cfg)
-  _, counts, _ = generate.decode(model, params, prompt, lengths,
-                                 dataclasses.replace(cfg, cached=False))
-  assert counts.shape == (1,)
+  for cache in ("none", "prefix", "dual"):
+    _, counts, _ = generate.decode(model, params, prompt, lengths,
+                                   dataclasses.replace(cfg, cache=cache))
+    assert counts.shape == (1,)
 
 
 def test_a_negative_unmask_slots_is_a_clear_error():

@@ -78,6 +78,11 @@ def test_a_section_stored_by_the_flat_schema_still_loads():
   got = config_lib.from_dict(SamplerConfig, legacy)
   assert got == SamplerConfig(kind="tree", max_new_tokens=40, temperature=0.0, seed=1,
                               prompt="p", branching=(3, 1), children="top")
+  for cached, cache in ((True, "exact"), (False, "none")):  # block's bool, flat and per kind
+    for stored in (legacy | {"kind": "block", "block_cached": cached},
+                   {"kind": "block", "block_length": 4, "cached": cached}):
+      got = config_lib.from_dict(SamplerConfig, stored)
+      assert got.cache == cache and got.kind == "block"
 
 
 def _tiny_causal():

@@ -122,7 +122,7 @@ def test_committed_tokens_never_change_and_no_mask_remains(sampler):
   canvas = jnp.array([[0, 3, 3, 1, 3, 2], [3, 3, 3, 3, 3, 3]], jnp.int32)
   config = {"unmask": unmask.UnmaskConfig(k=2, sampling=T1),
             "ancestral": mdlm.AncestralConfig(3, sampling=T1),
-            "block": block_diffusion.BlockConfig(3, cached=False)}[sampler]
+            "block": block_diffusion.BlockConfig(3, cache="none")}[sampler]
   fn = {"unmask": unmask.sample, "ancestral": mdlm.sample, "block": block_diffusion.sample}
   out = fn[sampler](model, None, canvas, jax.random.key(2), config)
   tokens = np.asarray(out.tokens)
@@ -182,8 +182,8 @@ def test_block_causal_cache_equals_cache_free():
   keys = jax.random.split(jax.random.key(3), 256)
   rule = unmask.UnmaskConfig(rule="threshold", threshold=0.5, sampling=T1)
   outs = [jax.vmap(lambda k: block_diffusion.sample(
-      model, params, canvas, k, block_diffusion.BlockConfig(2, rule, cached)))(keys)
-          for cached in (True, False)]
+      model, params, canvas, k, block_diffusion.BlockConfig(2, rule, cache)))(keys)
+          for cache in ("exact", "none")]
   np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
   steps = np.asarray(outs[1].stats["denoise_steps"])
   np.testing.assert_array_equal(outs[1].stats["model_calls"], steps)
@@ -193,8 +193,8 @@ def test_block_causal_cache_equals_cache_free():
 BLOCK_JOINT = td.random_joint(1, 2, 8)  # 2 tokens over 8 positions: 4 blocks of 2
 
 
-@pytest.mark.parametrize("block_size,cached", [(2, True), (2, False), (0, False)])
-def test_a_block_decoded_row_does_not_depend_on_its_batch(block_size, cached):
+@pytest.mark.parametrize("block_size,cache", [(2, "exact"), (2, "none"), (0, "none")])
+def test_a_block_decoded_row_does_not_depend_on_its_batch(block_size, cache):
   """Rows with prompts of different lengths finish their blocks after different numbers of steps;
   each row's draws follow its own steps, so a row decoded alone, in the batch and vmapped gets the
   same tokens (sampled, several seeds)."""
@@ -203,7 +203,7 @@ def test_a_block_decoded_row_does_not_depend_on_its_batch(block_size, cached):
   canvas = jnp.array([[0] + [m] * 7, [1, 0, 1] + [m] * 5, [m] * 8, [1, 1, 0, 1, 0, m, m, m]],
                      jnp.int32)
   rule = unmask.UnmaskConfig(rule="threshold", threshold=0.7, sampling=T1)
-  config = block_diffusion.BlockConfig(2, rule, cached)
+  config = block_diffusion.BlockConfig(2, rule, cache)
   run = lambda c, k: block_diffusion.sample(model, params, c, k, config).tokens
   for seed in range(6):
     keys = jax.random.split(jax.random.key(seed), len(canvas))
@@ -215,20 +215,26 @@ def test_a_block_decoded_row_does_not_depend_on_its_batch(block_size, cached):
       np.testing.assert_array_equal(run(canvas[i:i + 1], keys[i:i + 1])[0], batched[i])
 
 
-def test_cached_blocks_need_a_block_causal_model_of_the_same_blocks():
-  """Cached decoding of a bidirectional model (or of other blocks) is refused with the fixes
-  named; `approximate_cache=True` runs it knowingly."""
+def test_each_cache_is_refused_on_the_models_it_does_not_suit():
+  """The exact cache needs a block-causal model of the same blocks (a bidirectional one and one
+  of other blocks are refused with the fixes named); Fast-dLLM's caches need a bidirectional
+  one; an unknown cache names the valid ones."""
   rule = unmask.UnmaskConfig(k=1, sampling=T1)
   for model in (td.TabularDenoiser(VOCAB, LENGTH), td.TabularDenoiser(VOCAB, LENGTH, 4)):
     params = model.params(JOINT)
     with pytest.raises(ValueError, match=(
-        r"cached block decoding is exact only .*block_size equal to sampler.block_length \(2\).*"
-        r"cached=False \(`--set sampler.cached=false`\)")):
+        r"exact block cache needs .*block_size equal to sampler.block_length \(2\).*"
+        r"cache='none' \(`--set sampler.cache=none`\).*cache='prefix' or 'dual'")):
       block_diffusion.sample(model, params, MASKS, jax.random.key(0),
                              block_diffusion.BlockConfig(2, rule))
-    out = block_diffusion.sample(model, params, MASKS, jax.random.key(0),
-                                 block_diffusion.BlockConfig(2, rule, approximate_cache=True))
-    assert np.all(np.asarray(out.tokens) < VOCAB)
+  block_causal = td.TabularDenoiser(VOCAB, LENGTH, 2)
+  for cache in ("prefix", "dual"):
+    with pytest.raises(ValueError, match=rf"cache='{cache}' \(Fast-dLLM\) is for a bidirectional "
+                                         r"denoiser; .*use cache='exact' with blocks of 2"):
+      block_diffusion.sample(block_causal, block_causal.params(JOINT), MASKS, jax.random.key(0),
+                             block_diffusion.BlockConfig(2, rule, cache))
+  with pytest.raises(ValueError, match="cache 'stale' is unknown; valid: none, exact, prefix"):
+    block_diffusion.BlockConfig(2, rule, "stale")
 
 
 @pytest.mark.slow
@@ -308,7 +314,7 @@ def test_bad_input_is_a_clear_error():
   params = model.params(JOINT)
   with pytest.raises(ValueError, match="not divisible by block_length"):
     block_diffusion.sample(model, params, MASKS, jax.random.key(0),
-                           block_diffusion.BlockConfig(3, cached=False))
+                           block_diffusion.BlockConfig(3, cache="none"))
   with pytest.raises(ValueError, match="steps must be >= 1"):
     mdlm.AncestralConfig(0)
   with pytest.raises(ValueError, match="exceeds the 4 canvas positions"):

@@ -1,0 +1,93 @@
+"""Fast-dLLM's approximate caches of block decoding (`block_diffusion`, cache "prefix" and "dual")
+on small bidirectional MDLMs with random weights.
+
+The caches are approximations, so the oracle is the cases where they are exact: a one-layer model
+(its keys and values depend on their own token only, and a cached token does not change inside a
+block) and a block decoded in one step (its only step is the refresh). There the cached result
+must equal cache-free block decoding token for token; a dual cache whose block does not see the
+suffix is caught.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.build import build_model
+from models.config import DiffusionConfig, ModelConfig
+from samplers import block_diffusion, unmask
+from samplers.core.logits import SamplingParams
+
+MASK = 31
+SHAPE = dict(vocab_size=32, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=24,
+             init_std=0.5, diffusion=DiffusionConfig(mask_id=MASK))
+RULES = {"k=1, greedy": unmask.UnmaskConfig(k=1),
+         "tau=0.2, T=1": unmask.UnmaskConfig("threshold", threshold=0.2,
+                                             sampling=SamplingParams(temperature=1.0))}
+
+
+def denoiser(layers: int):
+  model = build_model(ModelConfig(kind="mdlm", num_layers=layers, **SHAPE))
+  return model, model.init(jax.random.key(layers))
+
+
+def canvas() -> jax.Array:
+  """[4, 24]: blocks of 4, the first a prompt in every row (no refresh), then prompts of
+  several lengths, text after the masks (a suffix to see) and masks to the end."""
+  m = MASK
+  rows = [[1, 2, 3, 4] + [m] * 8 + [4, 5] + [m] * 6 + [6, 7, 8, 9],
+          [8, 8, 8, 8] + [m] * 20,
+          [5] * 9 + [m] * 11 + [2, 2, 2, 2],
+          [7, 1, 2, 3] + [m] * 3 + [3] * 5 + [m] * 12]
+  return jnp.asarray(rows, jnp.int32)
+
+
+def decode(model, params, cache, rule, size=4, rows=None):
+  tokens = canvas() if rows is None else canvas()[rows]
+  keys = jax.random.split(jax.random.key(7), 4)
+  keys = keys if rows is None else keys[rows]
+  return block_diffusion.sample(model, params, tokens, keys,
+                                block_diffusion.BlockConfig(size, rule, cache))
+
+
+@pytest.mark.parametrize("rule", RULES, ids=list(RULES))
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_one_layer_model_decodes_as_without_the_cache(cache, rule):
+  model, params = denoiser(1)
+  free = decode(model, params, "none", RULES[rule])
+  cached = decode(model, params, cache, RULES[rule])
+  np.testing.assert_array_equal(cached.tokens, free.tokens)
+  assert not np.any(np.asarray(cached.tokens) == MASK)
+  np.testing.assert_array_equal(cached.stats["model_calls"], free.stats["model_calls"])
+  assert int(cached.stats["refresh_calls"]) == 5  # the blocks with a mask in some row (of 6)
+
+
+def test_one_step_per_block_decodes_as_without_the_cache():
+  """With k = the block length the refresh is a block's only step: exact for any depth."""
+  model, params = denoiser(3)
+  rule = unmask.UnmaskConfig(k=4)
+  free = decode(model, params, "none", rule)
+  for cache in ("prefix", "dual"):
+    np.testing.assert_array_equal(decode(model, params, cache, rule).tokens, free.tokens)
+
+
+def test_a_dual_cache_whose_block_misses_the_suffix_is_caught(fresh_trace):
+  model, params = denoiser(1)
+  rule = RULES["k=1, greedy"]
+  free = np.asarray(decode(model, params, "none", rule).tokens)
+  fresh_trace.setattr(block_diffusion, "_refresh_order",
+                      lambda cache, start, size, length: (np.arange(length), start))
+  broken = np.asarray(decode(model, params, "dual", rule).tokens)
+  assert np.all(np.sum(broken != free, axis=1) >= 3)  # every row, 5-12 of its tokens
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_row_does_not_depend_on_its_batch(cache):
+  """Deep model, sampled: the cache is approximate, yet a row's tokens are the same alone and in
+  a batch whose rows finish their blocks after other numbers of steps."""
+  model, params = denoiser(2)
+  rule = RULES["tau=0.2, T=1"]
+  batched = np.asarray(decode(model, params, cache, rule).tokens)
+  for i in range(4):
+    alone = decode(model, params, cache, rule, rows=np.array([i]))
+    np.testing.assert_array_equal(alone.tokens[0], batched[i])
