@@ -13,7 +13,9 @@ token, tokens/s (median of 3 after a compile warm-up), task accuracy beside the 
 levels, the AR model's perplexity of the answers, and for block decoding with a cache the
 fraction of rows that differ from cache-free decoding (`cache_deviation`) and the cache-free
 accuracy (exact for the block-causal model; the `fast_dllm` rows measure Fast-dLLM's
-approximate prefix and dual caches on the bidirectional model). Rows with "(S slots)" decode by continuous
+approximate prefix and dual caches on the bidirectional model). The `diffusion_drafted` rows
+(`diffusion_drafted_rows`) decode the AR judge exactly, drafted by the MDLM, against plain AR.
+Rows with "(S slots)" decode by continuous
 batching (`samplers.core.refill`): calls of S rows are counted as S / (prompts per task) of a
 batch call."""
 
@@ -31,7 +33,7 @@ import numpy as np
 from models.config import DiffusionConfig, FinalityConfig, ModelConfig
 from paxlike import config as config_lib
 from paxlike import diffusion_teacher, tasks, tokenizer
-from paxlike.bench import harness
+from paxlike.bench import diffusion_drafted_rows, harness
 from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment,
                             OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig)
 from paxlike.errors import UserError
@@ -50,7 +52,7 @@ ONE_CALL_ROWS = 0.5  # ... on half of each batch's rows; the others keep t ~ (1e
 ONE_CALL_CYCLES = 2  # the second stage's runs of steps // 2, each from the last (warm restarts)
 AR_STEPS = 3000  # the causal judge and EDLM energy; a 2-layer one solves sort by 700 steps
 SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block",
-                 "fast_dllm", "distilled", "learned", "edlm", "assd")  # the `sampler` of the rows (`samplers`)
+                 "fast_dllm", "distilled", "learned", "edlm", "assd", "diffusion_drafted")  # the `sampler` of the rows (`samplers`)
 GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 
@@ -261,6 +263,9 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair,
       out.append(Sampler("assd", f"g={g}{', reuse' if reuse else ''}, {temperature}", assd.sample,
                          asarm_pair, assd.ASSDConfig(g, sampling=sampling, reuse_drafts=reuse),
                          exact=True))
+  # the exact diffusion-drafted AR decoder: the AR judge drafted by the MDLM (config: gamma)
+  out += [Sampler("diffusion_drafted", f"g={g}", None, (*ar_pair, *pair), g, exact=True)
+          for g in diffusion_drafted_rows.GAMMAS]
   return out
 
 
@@ -313,6 +318,10 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   shape = next(iter(batches.values()))[0]
   chosen = samplers(*(trained_models.get(k, (None, None)) for k in SAMPLER_MODELS))
   for s in [s for s in chosen if keep(s)]:
+    if s.name == "diffusion_drafted":  # a causal target's rows (`diffusion_drafted_rows`)
+      rows += diffusion_drafted_rows.rows(trained_models["ar"], mdlm_pair, suite, batches,
+                                          mask_id, repeats, gammas=(s.config,))
+      continue
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if cache_free(s) else None
     totals = dict(correct=0, count=0, generated=0, calls=0.0, energy=0.0, wall=0.0, nll=0.0,
@@ -362,7 +371,8 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
                                 "tokens_per_call_with_energy", "row_tokens_per_call",
                                 "task_accuracy", "chance_accuracy", "independent_chance",
                                 "gen_ppl", "tokens_per_s", "exact", "cache_deviation",
-                                "cache_free_accuracy"])
+                                "cache_free_accuracy", "tokens_per_target_call",
+                                "speedup_vs_ar", "greedy_equal_ar"])
   config = {"models": {name: config_lib.to_dict(pair[0].config)
                        for name, pair in trained_models.items()},
             "train_steps": steps, "examples_per_task": examples, "prompt_seed": prompt_seed,
