@@ -70,6 +70,10 @@ class DiffusionConfig:
     min_t_rows: the fraction of each training batch's rows (interleaved) whose t comes from
       (min_t, 1]; the others draw from the default (1e-3, 1]. Below 1, a student trains on nearly
       fully masked responses without forgetting the partly masked states that its later calls see.
+    certainty_weight: "mdlm" training adds this times dParallel's certainty-forcing term
+      (`models.diffusion.certainty`: the entropy at the masked positions already predicted
+      correctly) to the ELBO; trained on the model's own answers (a self-distilled student) it
+      makes them confident enough to be unmasked in parallel. 0 (default): the ELBO alone.
     response_after: conditional training (`models.conditioning`): one ASCII character; on each
       line the tokens after it are the response, the only ones noised, ordered or generated in
       training; the rest is the always-clean prompt. "" trains the unconditional model of whole
@@ -81,6 +85,7 @@ class DiffusionConfig:
   schedule: str = "loglinear"
   min_t: float = DIFFUSION_MIN_T
   min_t_rows: float = 1.0
+  certainty_weight: float = 0.0
   response_after: str = ""
 
   def validate(self) -> None:
@@ -95,6 +100,9 @@ class DiffusionConfig:
     if not 0 <= self.min_t_rows <= 1:
       raise ValueError(f"model.diffusion.min_t_rows={self.min_t_rows} must be in [0, 1]: the "
                        f"fraction of rows whose t comes from (min_t, 1]")
+    if self.certainty_weight < 0:
+      raise ValueError(f"model.diffusion.certainty_weight={self.certainty_weight} must be >= 0 "
+                       f"(0: the ELBO alone)")
     if self.block_size < 0:
       raise ValueError(f"model.diffusion.block_size={self.block_size} must be 0 (bidirectional) "
                        "or a positive divisor of model.max_len")

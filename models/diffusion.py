@@ -158,6 +158,11 @@ class MaskedDiffusionLM(TransformerModel):
            floor: float | jax.Array = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """One-sample ELBO estimate per row: tokens [B, L] -> ([B] nats, metrics). Unbiased for the
     continuous-time bound when floor = 0."""
+    rows, metrics, _, _ = self._elbo_terms(params, tokens, key, floor)
+    return rows, metrics
+
+  def _elbo_terms(self, params, tokens, key, floor):
+    """(ELBO rows [B], metrics, logits [B, L, V] with the mask excluded, masked [B, L])."""
     noisy, masked, t = self.corrupt(tokens, key, floor)
     logits = self.clean_logits(params, noisy, tokens)
     logits = jnp.where(jnp.arange(self.vocab_size) == self.mask_id, -jnp.inf, logits)
@@ -167,7 +172,7 @@ class MaskedDiffusionLM(TransformerModel):
     count = jnp.maximum(jnp.sum(masked), 1)
     metrics = {"masked_nll": jnp.sum(jnp.where(masked, nll, 0.0)) / count,
                "mask_rate": jnp.mean(masked.astype(jnp.float32))}
-    return rows, metrics
+    return rows, metrics, logits, masked
 
   def _noisable_count(self, tokens: jax.Array) -> jax.Array:
     """How many tokens the bound covers: all, or the response tokens (at least 1)."""
@@ -177,14 +182,20 @@ class MaskedDiffusionLM(TransformerModel):
   def loss(self, params, batch: jax.Array, key: jax.Array, teacher_logits: jax.Array | None = None,
            distill_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """ELBO per (noisable) token, nats, of the first L tokens of batch [B, L + 1], t from
-    (model.diffusion.min_t, 1] on `model.diffusion.min_t_rows` of the rows (`row_floors`)."""
+    (model.diffusion.min_t, 1] on `model.diffusion.min_t_rows` of the rows (`row_floors`), plus
+    `model.diffusion.certainty_weight` times the certainty term (`certainty`)."""
     del distill_weight
     reject_teacher(teacher_logits)
     tokens = batch[:, :-1]
-    floors = row_floors(tokens.shape[0], self.config.diffusion.min_t,
-                        self.config.diffusion.min_t_rows)
-    rows, metrics = self.elbo(params, tokens, key, floors)
-    return jnp.sum(rows) / self._noisable_count(tokens), metrics
+    diffusion = self.config.diffusion
+    floors = row_floors(tokens.shape[0], diffusion.min_t, diffusion.min_t_rows)
+    rows, metrics, logits, masked = self._elbo_terms(params, tokens, key, floors)
+    loss = jnp.sum(rows) / self._noisable_count(tokens)
+    if diffusion.certainty_weight:
+      entropy, correct = certainty(logits, tokens, masked)
+      metrics = dict(metrics, certainty_entropy=entropy, correct_masked=correct)
+      loss = loss + diffusion.certainty_weight * entropy
+    return loss, metrics
 
   def eval_nll(self, params, batch: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(summed ELBO in nats, noisable token count) over the first L tokens of batch [B, L + 1]: an
@@ -198,6 +209,28 @@ class MaskedDiffusionLM(TransformerModel):
   def teacher_inputs(batch: jax.Array) -> jax.Array:
     """Distillation is for causal models; `loss` rejects teacher logits."""
     return batch[:, :-1]
+
+
+def certainty(logits: jax.Array, tokens: jax.Array, masked: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+  """dParallel's certainty-forcing term (Chen et al. 2025): the mean entropy, nats, of the
+  model's distributions at the masked positions it already predicts correctly (argmax equal to
+  the clean token; the selection carries no gradient), and the share of masked positions that
+  are. Minimising it makes correct predictions confident, so that threshold rules commit them in
+  parallel, without pushing confidence onto wrong ones.
+
+  Args:
+    logits: [B, L, V] with the mask's logit -inf; tokens: [B, L] clean; masked: [B, L] bool.
+  Returns:
+    (entropy [], correct share []).
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  finite = jnp.where(jnp.isfinite(logp), logp, 0.0)  # the mask's -inf: no 0 * inf gradient
+  entropy = -jnp.sum(jnp.exp(logp) * finite, axis=-1)
+  right = masked & (jnp.argmax(logits, axis=-1) == tokens)
+  count = jnp.sum(right)
+  mean = jnp.sum(jnp.where(right, entropy, 0.0)) / jnp.maximum(count, 1)
+  return mean, count / jnp.maximum(jnp.sum(masked), 1)
 
 
 def sequence_positions(tokens: jax.Array) -> jax.Array:

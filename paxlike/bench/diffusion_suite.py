@@ -5,7 +5,9 @@ that the chosen samplers need (`--samplers`; all six for every row): a bidirecti
 causal Llama (the EDLM energy and the judge of generative perplexity), the Learn2PD finality
 head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head) and a student
 MDLM self-distilled on the MDLM's own one-token-per-call answers (`paxlike.diffusion_teacher`),
-then with half of its rows on nearly fully masked answers, so that it decodes in fewer calls.
+then with half of its rows on nearly fully masked answers, so that it decodes in fewer calls, and
+dParallel's student: the same with certainty forcing (`models.diffusion.certainty`; the
+`certain` rows). `diffusion_models` trains them.
 Every sampler then answers the same held-out prompts of every task, each row a canvas of two
 corpus lines: a solved example of the task, then the prompt with its answer masked and the
 line's known padding. A row per sampler and task (and `all`) reports model calls per generated
@@ -30,117 +32,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import DiffusionConfig, FinalityConfig, ModelConfig
 from paxlike import config as config_lib
-from paxlike import diffusion_teacher, tasks, tokenizer
+from paxlike import tasks, tokenizer
 from paxlike.bench import diffusion_drafted_rows, harness
-from paxlike.config import (CheckpointConfig, DataConfig, EvalConfig, Experiment,
-                            OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig)
+from paxlike.bench.diffusion_models import BLOCK, SAMPLER_MODELS, models
 from paxlike.errors import UserError
 from samplers import assd, block_diffusion, edlm, learned_unmask, mdlm, unmask
 from samplers.core.logits import SamplingParams
 
 CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
-BLOCK = 8  # block length of block decoding and of the block-causal model; divides LINE_WIDTH
-SEQ_LEN = 2 * tasks.LINE_WIDTH  # training windows of 2 whole lines, aligned with line starts
-STUDENT_LINES = 100_000  # the most teacher-answered lines the student trains on
-SAMPLER_MODELS = ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd",
-                  "mdlm_student")  # the `models` that `samplers` takes, in order
 PROMPT_SEED = 10_000  # the held-out prompts of the rows (the corpus is drawn with seed 0)
-ONE_CALL_MIN_T = 0.9  # the student's second stage: responses >= 90% masked (one-call states)
-ONE_CALL_ROWS = 0.5  # ... on half of each batch's rows; the others keep t ~ (1e-3, 1]
-ONE_CALL_CYCLES = 2  # the second stage's runs of steps // 2, each from the last (warm restarts)
-AR_STEPS = 3000  # the causal judge and EDLM energy; a 2-layer one solves sort by 700 steps
 SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block",
-                 "fast_dllm", "distilled", "learned", "edlm", "assd", "diffusion_drafted")  # the `sampler` of the rows (`samplers`)
+                 "fast_dllm", "distilled", "certain", "learned", "edlm", "assd",
+                 "diffusion_drafted")  # the `sampler` of the rows (`samplers`)
 GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
-
-
-def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path | None = None,
-               learning_rate: float = 3e-3, finality: FinalityConfig = FinalityConfig(),
-               **diffusion: Any) -> Experiment:
-  """A ~0.7M-parameter model of the task corpus. The diffusion-style kinds are conditional
-  (`model.diffusion.response_after` '='): trained to fill answers given their prompts. `init_from`
-  fine-tunes from another run of the same shape (every parameter copied). `diffusion`: further
-  `model.diffusion` fields (e.g. block_size); `finality`: the `model.finality` section."""
-  conditional = {} if kind == "llama" else {"response_after": "="}
-  return Experiment(
-      name=name,
-      model=ModelConfig(kind=kind, num_layers=4, d_model=128, num_heads=4, num_kv_heads=4,
-                        mlp_dim=256, max_len=SEQ_LEN,
-                        diffusion=DiffusionConfig(**conditional, **diffusion), finality=finality),
-      data=DataConfig(path=str(corpus), seq_len=SEQ_LEN, eval_fraction=0.02),
-      optimizer=OptimizerConfig(learning_rate=learning_rate, weight_decay=0.0),
-      schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
-      checkpoint=CheckpointConfig(every_steps=steps, keep=1),
-      train=TrainConfig(steps=steps, batch_size=32,
-                        init_from=str(init_from) if init_from else ""),
-      eval=EvalConfig(every_steps=0, batches=2),
-      run=RunConfig(log_every=250, sample_after_train=False),
-  )
-
-
-def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...] = (),
-           wanted: tuple[str, ...] | set[str] = SAMPLER_MODELS) -> dict[str, tuple[Any, Any]]:
-  """The suite's (model, params) by name, those `wanted` (and the MDLM the others start from),
-  trained in `root`/<steps>_steps unless cached there (a
-  new step count trains afresh instead of resuming under another schedule). The bidirectional
-  MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
-  shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
-  too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much); the AR judge
-  trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), the Learn2PD
-  head for steps // 16. The student is fine-tuned from the MDLM for steps // 2 at a third of its
-  learning rate on the first 4 * student steps * batch lines of the corpus (at most
-  STUDENT_LINES), each answered by the MDLM's greedy top-1 unmasking given its prompt alone
-  (`diffusion_teacher`; written once to `root`/<steps>_steps/self_answers.txt), then on the same
-  answers with t drawn from (ONE_CALL_MIN_T, 1] on half of each batch's rows
-  (`model.diffusion.min_t`, `model.diffusion.min_t_rows`): the nearly fully masked responses that
-  few-call decoding starts from, which plain MDLM training visits rarely (a 4-token answer is all
-  masked in 20% of rows at t ~ U(0, 1)), while the other rows keep the partly masked states of
-  the later calls. That second stage runs ONE_CALL_CYCLES times for steps // 2, each run from the
-  last (warm restarts of the cosine schedule; one call keeps improving with steps).
-  `model_overrides`: `--set`-style model.* fields of every model (tests: a smaller one); the
-  cache does not tell them apart, so give other overrides another `root`."""
-  root = root / f"{steps}_steps"
-  mdlm_dir = root / "tasks_mdlm"
-  part = lambda n: max(1, steps // n)
-  if bad := [o for o in model_overrides if not o.startswith("model.")]:
-    raise UserError(f"model_overrides set model.* fields only, got {', '.join(bad)}")
-  shaped = lambda exp: config_lib.apply_overrides(exp, model_overrides)  # every model alike
-  specs = {
-      "mdlm": experiment("tasks_mdlm", "mdlm", corpus, steps),
-      "mdlm_block": experiment("tasks_mdlm_block", "mdlm", corpus, part(4), mdlm_dir,
-                               block_size=BLOCK),
-      "asarm": experiment("tasks_asarm", "asarm", corpus, part(8), mdlm_dir),
-      "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS)),
-      "learn2pd": finality_experiment(corpus, part(16), mdlm_dir),
-  }
-  pairs = {name: trained(shaped(exp), root / exp.name) for name, exp in specs.items()
-           if name in wanted or name == "mdlm"}
-  if "mdlm_student" not in wanted:
-    return pairs
-  answers_path = root / "self_answers.txt"
-  student = shaped(experiment("tasks_mdlm_student", "mdlm", answers_path, part(2), mdlm_dir,
-                              learning_rate=1e-3))  # a third of the MDLM's: a fine-tune
-  if not answers_path.exists():
-    lines = min(STUDENT_LINES, 4 * student.train.steps * student.train.batch_size)
-    print(f"writing the MDLM's own answers to {lines} training lines", flush=True)
-    diffusion_teacher.write(mdlm_dir, answers_path, lines)
-  pairs["mdlm_student_stage1"] = trained(student, root / student.name)
-  previous = root / student.name
-  for cycle in range(1, ONE_CALL_CYCLES + 1):
-    mixed = shaped(experiment(f"tasks_mdlm_student_mixed{cycle if cycle > 1 else ''}", "mdlm",
-                              answers_path, part(2), previous, learning_rate=1e-3,
-                              min_t=ONE_CALL_MIN_T, min_t_rows=ONE_CALL_ROWS))
-    previous = root / mixed.name
-    pairs["mdlm_student"] = trained(mixed, previous)
-  return pairs
-
-
-def trained(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
-  """(model, params) of `exp`, trained in `workdir` first unless its last step is saved there."""
-  model, params, _ = harness.trained(exp, workdir).restore()
-  return model, params
 
 
 def canvases(task: tasks.Task, count: int, mask_id: int,
@@ -207,15 +112,8 @@ class Timed:
     return np.asarray(out.tokens), stats
 
 
-def finality_experiment(corpus: Path, steps: int, denoiser_workdir: Path) -> Experiment:
-  """The Learn2PD head on the frozen denoiser trained in `denoiser_workdir` (same shape)."""
-  exp = experiment("tasks_learn2pd", "learn2pd", corpus, steps, denoiser_workdir,
-                   finality=FinalityConfig(dim=64, steps=8))
-  return dataclasses.replace(exp, train=dataclasses.replace(exp.train, trainable="^filter/"))
-
-
-def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair,
-             student_pair) -> list[Sampler]:
+def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair, student_pair,
+             certain_pair) -> list[Sampler]:
   model, params = mdlm_pair
   pair = (model, params)
   rule = unmask.UnmaskConfig
@@ -252,6 +150,14 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair,
                                      slots=n or None)) for n in (0, 4, 16)]
   out.append(Sampler("distilled", "margin >= 0.25", unmask.sample, student_pair,
                      rule("threshold", threshold=0.25, confidence="margin")))
+  # dParallel's student: the same recipe with certainty forcing, on the distilled rows' rules
+  out += [Sampler("certain", "k=1", unmask.sample, certain_pair, rule(k=1)),
+          Sampler("certain", "k=8 (one call)", unmask.sample, certain_pair, rule(k=8))]
+  out += [Sampler("certain", f"tau={tau}", unmask.sample, certain_pair,
+                  rule("threshold", threshold=tau)) for tau in (0.9, 0.7, 0.5)]
+  out += [Sampler("certain", f"margin >= 0.2{f' ({n} slots)' if n else ''}", unmask.sample,
+                  certain_pair, rule("threshold", threshold=0.2, confidence="margin",
+                                     slots=n or None)) for n in (0, 4)]
   for tau in (0.9, 0.7):
     out.append(Sampler("learned", f"tau={tau}", learned_unmask.sample, learned_pair,
                        learned_unmask.LearnedUnmaskConfig(tau)))

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from paxlike import tasks
-from paxlike.bench import diffusion_suite
+from paxlike.bench import diffusion_models, diffusion_suite
 from paxlike.errors import UserError
 
 
@@ -19,7 +19,8 @@ def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
   chosen = ("topk/k=1", "topk/k=8 (one call)", "block/block-causal, cached, L=8, k=1",
             "learned/tau=0.9", "assd/g=4, reuse, T=1", "edlm/S=1, K=8, T=1", "distilled/k=1",
             "distilled/k=8 (one call)", "distilled/margin >= 0.2 (4 slots)",
-            "fast_dllm/dual cache, L=8, k=1", "diffusion_drafted/g=4")  # one row per property
+            "fast_dllm/dual cache, L=8, k=1", "diffusion_drafted/g=4",
+            "certain/tau=0.9")  # one row per property
   report = diffusion_suite.run(str(tmp_path), str(out), examples=2, train_steps=4, repeats=1,
                                only=chosen, model_overrides=SMALL)
   assert json.loads(out.read_text())["suite"] == "diffusion"
@@ -53,15 +54,18 @@ def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
   assert {(m["num_layers"], m["d_model"]) for m in config.values()} == {(1, 32)}  # SMALL, all
   diffusion = {name: model["diffusion"] for name, model in config.items()}
   assert diffusion["asarm"]["response_after"] == "=" and diffusion["mdlm_block"]["block_size"] == 8
-  assert diffusion["mdlm_student"]["min_t"] == diffusion_suite.ONE_CALL_MIN_T  # stage 2
-  assert diffusion["mdlm_student"]["min_t_rows"] == diffusion_suite.ONE_CALL_ROWS
+  assert diffusion["mdlm_student"]["min_t"] == diffusion_models.ONE_CALL_MIN_T  # stage 2
+  assert diffusion["mdlm_student"]["min_t_rows"] == diffusion_models.ONE_CALL_ROWS
   assert diffusion["mdlm_student_stage1"]["min_t"] == diffusion["mdlm"]["min_t"]
+  assert diffusion["mdlm_certain"]["certainty_weight"] == diffusion_models.CERTAINTY_WEIGHT
+  assert diffusion["mdlm_student"]["certainty_weight"] == 0.0
+  assert diffusion["mdlm_certain"]["min_t"] == diffusion_models.ONE_CALL_MIN_T
   student = (tmp_path / "diffusion" / "4_steps" / "self_answers.txt").read_bytes()
-  assert len(student) % diffusion_suite.SEQ_LEN == 0  # whole windows of the teacher's answers
+  assert len(student) % diffusion_models.SEQ_LEN == 0  # whole windows of the teacher's answers
   with pytest.raises(UserError, match="unknown sampler"):
     diffusion_suite.run(str(tmp_path), None, only=("topk", "nope"))
   capsys.readouterr()
-  diffusion_suite.models(tmp_path / "diffusion", tmp_path / "diffusion" / "tasks_20000.txt", 4,
+  diffusion_models.models(tmp_path / "diffusion", tmp_path / "diffusion" / "tasks_20000.txt", 4,
                          SMALL)
   assert "training" not in capsys.readouterr().out  # the suite's model cache is reused
 
@@ -87,9 +91,9 @@ def test_only_the_models_of_the_chosen_samplers_are_trained():
   keep = diffusion_suite.selection(("block/block-causal, cached, L=8, k=1", "edlm"))
   assert diffusion_suite.needed_models(keep) == {"mdlm", "mdlm_block", "ar"}
   assert diffusion_suite.needed_models(diffusion_suite.selection(())) == set(
-      diffusion_suite.SAMPLER_MODELS)
+      diffusion_models.SAMPLER_MODELS)
 
 
 def test_model_overrides_set_model_fields_only(tmp_path):
   with pytest.raises(UserError, match="model.* fields only.*train.steps=1"):
-    diffusion_suite.models(tmp_path, tmp_path / "corpus.txt", 8, ("train.steps=1",))
+    diffusion_models.models(tmp_path, tmp_path / "corpus.txt", 8, ("train.steps=1",))

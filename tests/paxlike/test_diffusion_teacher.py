@@ -11,7 +11,7 @@ import pytest
 from models.build import build_model
 from models.config import DiffusionConfig, ModelConfig
 from paxlike import diffusion_teacher, interchange, tasks, tokenizer
-from paxlike.bench import diffusion_suite, harness
+from paxlike.bench import diffusion_models, harness
 from paxlike.errors import UserError
 from paxlike.run import Run
 from samplers import unmask
@@ -57,7 +57,7 @@ def test_answers_depend_on_their_own_line_alone_and_keep_the_prompts():
 @pytest.mark.slow
 def test_write_reanswers_training_lines_and_keeps_unclean_answers(tmp_path, monkeypatch):
   corpus = tasks.write_corpus(tmp_path / "tasks.txt", 400, seed=0)
-  exp = diffusion_suite.experiment("teacher", "mdlm", corpus, steps=2)
+  exp = diffusion_models.experiment("teacher", "mdlm", corpus, steps=2)
   harness.trained(exp, tmp_path / "teacher")
   path, answered, kept = diffusion_teacher.write(tmp_path / "teacher", tmp_path / "out.txt",
                                                  lines=10, batch=4)
