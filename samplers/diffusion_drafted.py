@@ -38,13 +38,18 @@ from samplers.spec import SamplerSpec
 class DiffusionDraftedConfig:
   """Attributes:
     num_draft_tokens: gamma >= 1, tokens the denoiser drafts per round (one denoiser call).
-    context_window: the denoiser sees the row's last `context_window` tokens before the masks
-      (0: the whole row). Any window keeps decoding exact (the drafts are still drawn from the
-      marginals they are verified with); a short one makes the uncached denoiser call cheap.
+    context_window: the denoiser sees the row's last `context_window` tokens before the masks,
+      on a canvas of context_window + gamma (0: the whole row, on a canvas as wide as the
+      batch's). Any window keeps decoding exact (the drafts are still drawn from the marginals
+      they are verified with); a short one makes the uncached denoiser call cheap, and with APD's
+      mixture a window keeps a row's tokens independent of the batch's prompt width.
     max_new_tokens: N, tokens generated per row at most.
     sampling: how tokens are drawn; applied identically to the target and the marginals.
     eos_id: a row stops after emitting it; None never stops early.
     pad_id: fills `SampleOutput.tokens` after a row's end.
+    mixture: R in [0, 1]. 0 (this sampler): drafts are verified against the target, exactly.
+      R > 0 is APD (`samplers.apd`, lossy): they are verified against the multiplicative mixture
+      p_D^R p_target^(1 - R) of their marginal and the target's conditional, renormalised.
   """
 
   num_draft_tokens: int
@@ -53,8 +58,11 @@ class DiffusionDraftedConfig:
   sampling: SamplingParams = SamplingParams()
   eos_id: int | None = None
   pad_id: int = 0
+  mixture: float = 0.0
 
   def __post_init__(self):
+    if not 0.0 <= self.mixture <= 1.0:
+      raise ValueError(f"mixture (APD's R) must be in [0, 1], got {self.mixture}")
     check_num_draft_tokens(self.num_draft_tokens)
     if self.context_window < 0:
       raise ValueError(f"context_window must be >= 0 (0: the whole row), got "
@@ -74,7 +82,12 @@ def _check(target, denoiser, prompt_len: int, config) -> int:
   formula = f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens {gamma}"
   lower = "max_new_tokens or num_draft_tokens"
   draft_verify.check_room({"target": target}, need, f"{formula} - 1", lower)
-  draft_verify.check_room({"denoiser": denoiser}, need + 1, formula, lower)
+  if config.context_window:
+    draft_verify.check_room({"denoiser": denoiser}, config.context_window + gamma,
+                            f"context_window {config.context_window} + num_draft_tokens {gamma}",
+                            "context_window or num_draft_tokens")
+  else:
+    draft_verify.check_room({"denoiser": denoiser}, need + 1, formula, lower)
   return need
 
 
@@ -109,8 +122,10 @@ def sample(target, target_params, denoiser, denoiser_params, prompt: jax.Array,
 
   def round_fn(cache, seq, context):
     """The target's cache holds all of the row's `context` tokens but the last."""
-    width = seq.shape[1] if not config.context_window else min(
-        config.context_window + gamma, seq.shape[1])
+    # A window's canvas is always window + gamma wide (a short row's masks run past its
+    # drafts), so what a row's denoiser sees does not depend on the batch's prompt width.
+    width = config.context_window + gamma if config.context_window else seq.shape[1]
+    seq = jnp.pad(seq, ((0, 0), (0, max(0, width - seq.shape[1]))))
     start = jnp.clip(context + gamma - width, 0, seq.shape[1] - width)  # [B] the canvas's first
     index = start[:, None] + jnp.arange(width)[None, :]
     canvas = jnp.where(index < context[:, None], jnp.take_along_axis(seq, index, axis=1),
@@ -123,6 +138,10 @@ def sample(target, target_params, denoiser, denoiser_params, prompt: jax.Array,
     drafts, q = draw(noise, draft_logits, config.sampling)  # each from its own marginal
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), drafts], axis=1)
     logits, cache = target.apply(target_params, scored, window, cache.replace(lengths=context - 1))
+    if config.mixture:  # APD: the drafted positions' target is the mixture (the bonus: target)
+      mixed = ((1.0 - config.mixture) * jax.nn.log_softmax(logits[:, :gamma], axis=-1)
+               + config.mixture * jax.nn.log_softmax(draft_logits, axis=-1))
+      logits = jnp.concatenate([mixed, logits[:, gamma:]], axis=1)
     emitted, count = draft_verify.verify_chain(drafts, q, logits, verify_u, config.sampling)
     return cache, emitted, count
 

@@ -7,7 +7,8 @@ it up from this table.
 
 from __future__ import annotations
 
-from samplers import adaptive, ar, assd, block_diffusion, contrastive, diffusion_drafted, eagle
+from samplers import adaptive, apd, ar, assd, block_diffusion, contrastive, diffusion_drafted
+from samplers import eagle
 from samplers import edlm
 from samplers import entropy_switch
 from samplers import jacobi, learned_unmask, lookahead, mdlm, medusa, prompt_lookup, spectr
@@ -27,6 +28,7 @@ SPECS: dict[str, SamplerSpec] = {spec.kind: spec for spec in (
     medusa.SPEC,
     eagle.SPEC,
     diffusion_drafted.SPEC,
+    apd.SPEC,
     contrastive.SPEC,
     entropy_switch.SPEC,
     mdlm.SPEC,

@@ -1,5 +1,5 @@
 """The `diffusion` suite's rows of the exact diffusion-drafted AR decoder
-(`samplers.diffusion_drafted`): the suite's causal model (the AR judge, `tasks_ar`) answers every
+(`samplers.diffusion_drafted`), and of APD (`samplers.apd`, its lossy mixture rule): the suite's causal model (the AR judge, `tasks_ar`) answers every
 held-out prompt greedily, its drafts drawn from the bidirectional MDLM's marginals, against plain
 greedy AR (`samplers.ar`) on the same prompts.
 
@@ -44,9 +44,9 @@ def _static(value: Any) -> bool:
 
 
 def task_row(ar_pair, mdlm_pair, task, canvas: np.ndarray, prompts: list[str], mask_id: int,
-             gamma: int, repeats: int) -> dict[str, Any]:
+             gamma: int, repeats: int, mixture: float = 0.0) -> dict[str, Any]:
   """The row of one task at draft length `gamma` (clipped to the answer's length:
-  `num_draft_tokens`)."""
+  `num_draft_tokens`); `mixture` > 0: APD's lossy rule (`samplers.apd`), row `apd`."""
   (target, target_params), (denoiser, denoiser_params) = ar_pair, mdlm_pair
   prompt, lengths = (jnp.asarray(a) for a in prompts_of(canvas, mask_id))
   new, key = task.answer_length, jax.random.key(0)
@@ -55,7 +55,7 @@ def task_row(ar_pair, mdlm_pair, task, canvas: np.ndarray, prompts: list[str], m
   drafted = _compiled(diffusion_drafted.sample, target, target_params, denoiser,
                       denoiser_params, prompt, lengths, key,
                       diffusion_drafted.DiffusionDraftedConfig(min(gamma, new), new,
-                                                               sampling=GREEDY))
+                                                               sampling=GREEDY, mixture=mixture))
   plain(), drafted()  # warm-up
   (ar_times, times), (ar_out, out) = timing.interleaved_times([plain, drafted], repeats)
   ratios = [a / d for a, d in zip(ar_times, times)]
@@ -63,7 +63,8 @@ def task_row(ar_pair, mdlm_pair, task, canvas: np.ndarray, prompts: list[str], m
   answers = [tokenizer.decode(row) for row in tokens]
   generated = float(out.stats["generated_tokens"])
   return {
-      "sampler": "diffusion_drafted", "setting": f"g={gamma}", "task": task.name,
+      "sampler": "apd" if mixture else "diffusion_drafted",
+      "setting": f"R={mixture}, g={gamma}" if mixture else f"g={gamma}", "task": task.name,
       "temperature": 0.0, "batch": len(canvas), "num_draft_tokens": min(gamma, new),
       "tokens_per_target_call": round(float(out.stats["tokens_per_target_call"]), 3),
       "acceptance": round(float(out.stats["acceptance"]), 3),
@@ -75,19 +76,19 @@ def task_row(ar_pair, mdlm_pair, task, canvas: np.ndarray, prompts: list[str], m
       "speedup_vs_ar": round(statistics.median(ratios), 3),
       "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
       "greedy_equal_ar": bool(np.array_equal(tokens, np.asarray(ar_out.tokens))),
-      "exact": True, "generated_tokens": generated,
+      "exact": not mixture, "generated_tokens": generated,
   }
 
 
 def rows(ar_pair, mdlm_pair, suite, batches: dict, mask_id: int, repeats: int,
-         gammas: tuple[int, ...] = GAMMAS) -> list[dict[str, Any]]:
+         gammas: tuple[int, ...] = GAMMAS, mixture: float = 0.0) -> list[dict[str, Any]]:
   """One row per gamma and task, and per gamma an `all` row: accuracy over every prompt,
   tokens/s and tokens per target call weighted by the tokens generated, speedup the median
   of the tasks' medians."""
   out = []
   for gamma in gammas:
-    per_task = [task_row(ar_pair, mdlm_pair, task, *batches[task.name], mask_id, gamma, repeats)
-                for task in suite]
+    per_task = [task_row(ar_pair, mdlm_pair, task, *batches[task.name], mask_id, gamma, repeats,
+                         mixture) for task in suite]
     out += per_task
     weight = [r["generated_tokens"] for r in per_task]
     mean = lambda key: round(float(np.average([r[key] for r in per_task], weights=weight)), 3)

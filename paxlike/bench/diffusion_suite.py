@@ -16,7 +16,8 @@ levels, the AR model's perplexity of the answers, and for block decoding with a 
 fraction of rows that differ from cache-free decoding (`cache_deviation`) and the cache-free
 accuracy (exact for the block-causal model; the `fast_dllm` rows measure Fast-dLLM's
 approximate prefix and dual caches on the bidirectional model). The `diffusion_drafted` rows
-(`diffusion_drafted_rows`) decode the AR judge exactly, drafted by the MDLM, against plain AR.
+(`diffusion_drafted_rows`) decode the AR judge exactly, drafted by the MDLM, against plain AR;
+the `apd` rows run APD's lossy mixture rule on the same pair.
 Rows with "(S slots)" decode by continuous
 batching (`samplers.core.refill`): calls of S rows are counted as S / (prompts per task) of a
 batch call."""
@@ -44,7 +45,7 @@ CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
 PROMPT_SEED = 10_000  # the held-out prompts of the rows (the corpus is drawn with seed 0)
 SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block",
                  "fast_dllm", "distilled", "certain", "learned", "edlm", "assd",
-                 "diffusion_drafted")  # the `sampler` of the rows (`samplers`)
+                 "diffusion_drafted", "apd")  # the `sampler` of the rows (`samplers`)
 GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 
@@ -170,8 +171,10 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair, student_p
                          asarm_pair, assd.ASSDConfig(g, sampling=sampling, reuse_drafts=reuse),
                          exact=True))
   # the exact diffusion-drafted AR decoder: the AR judge drafted by the MDLM (config: gamma)
-  out += [Sampler("diffusion_drafted", f"g={g}", None, (*ar_pair, *pair), g, exact=True)
+  out += [Sampler("diffusion_drafted", f"g={g}", None, (*ar_pair, *pair), (g, 0.0), exact=True)
           for g in diffusion_drafted_rows.GAMMAS]
+  # APD, lossy: the same pair, drafts verified against the mixture p_D^R p_AR^(1 - R)
+  out += [Sampler("apd", f"R={r}, g=8", None, (*ar_pair, *pair), (8, r)) for r in (0.5, 0.8)]
   return out
 
 
@@ -224,9 +227,9 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   shape = next(iter(batches.values()))[0]
   chosen = samplers(*(trained_models.get(k, (None, None)) for k in SAMPLER_MODELS))
   for s in [s for s in chosen if keep(s)]:
-    if s.name == "diffusion_drafted":  # a causal target's rows (`diffusion_drafted_rows`)
+    if s.name in ("diffusion_drafted", "apd"):  # a causal model's rows (config: gamma, R)
       rows += diffusion_drafted_rows.rows(trained_models["ar"], mdlm_pair, suite, batches,
-                                          mask_id, repeats, gammas=(s.config,))
+                                          mask_id, repeats, (s.config[0],), s.config[1])
       continue
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if cache_free(s) else None

@@ -63,7 +63,8 @@ GREEDY_ONLY = {"jacobi"}
 # their programs, and compile times, grow with the draft length.
 OPTIONS = {"mdlm": {"steps": 4}, "edlm": {"steps": 4}, "block": {"block_length": 2},
            "speculative": {"num_draft_tokens": 2},
-           "diffusion_drafted": {"num_draft_tokens": 2}, "adaptive": {"num_draft_tokens": 2},
+           "diffusion_drafted": {"num_draft_tokens": 2}, "apd": {"num_draft_tokens": 2},
+           "adaptive": {"num_draft_tokens": 2},
            "spectr": {"num_draft_tokens": 2}, "tree": {"branching": (2, 1)},
            "medusa": {"branching": (2, 1)}, "eagle": {"num_draft_tokens": 2},
            "dynamic_tree": {"node_budget": 4, "max_depth": 2}}  # kinds that refuse to sample; they decode greedily here
