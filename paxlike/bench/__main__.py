@@ -31,6 +31,8 @@ flags.DEFINE_integer("train_steps", 24000, "Training steps of the masked-diffusi
 flags.DEFINE_list("samplers", [], "Sampler names to run, e.g. topk,distilled (diffusion suite) "
                   "or eagle,speculative (decode suite, beside AR); default all.")
 flags.DEFINE_integer("examples", 64, "Held-out prompts per task (diffusion suite).")
+flags.DEFINE_integer("student_cycles", 2, "Runs of the students' second stage, each from the "
+                     "last (diffusion suite; the cache keeps every run, so 1 reuses the first).")
 flags.DEFINE_integer("prompt_seed", None, "Seed of the held-out prompts (diffusion suite; default "
                      "the reported ones); another seed gives other prompts to choose settings on.")
 flags.DEFINE_integer("prompts_per_task", 8, "Held-out prompts per task, 64 samples each (scaling "
@@ -105,7 +107,7 @@ def main(argv: list[str]) -> int:
                        new_tokens=FLAGS.max_new_tokens, dtype=FLAGS.dtype)
     elif argv[1] == "diffusion":
       diffusion_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.examples, FLAGS.train_steps,
-                          only=tuple(FLAGS.samplers),
+                          only=tuple(FLAGS.samplers), student_cycles=FLAGS.student_cycles,
                           prompt_seed=diffusion_suite.PROMPT_SEED if FLAGS.prompt_seed is None
                           else FLAGS.prompt_seed)
     elif argv[1] == "serve":

@@ -53,7 +53,8 @@ def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path |
 
 
 def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...] = (),
-           wanted: tuple[str, ...] | set[str] = SAMPLER_MODELS) -> dict[str, tuple[Any, Any]]:
+           wanted: tuple[str, ...] | set[str] = SAMPLER_MODELS,
+           cycles: int = ONE_CALL_CYCLES) -> dict[str, tuple[Any, Any]]:
   """The suite's (model, params) by name, those `wanted` (and the MDLM the others start from),
   trained in `root`/<steps>_steps unless cached there (a
   new step count trains afresh instead of resuming under another schedule). The bidirectional
@@ -69,8 +70,8 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
   (`model.diffusion.min_t`, `model.diffusion.min_t_rows`): the nearly fully masked responses that
   few-call decoding starts from, which plain MDLM training visits rarely (a 4-token answer is all
   masked in 20% of rows at t ~ U(0, 1)), while the other rows keep the partly masked states of
-  the later calls. That second stage runs ONE_CALL_CYCLES times for steps // 2, each run from the
-  last (warm restarts of the cosine schedule; one call keeps improving with steps).
+  the later calls. That second stage runs `cycles` (ONE_CALL_CYCLES) times for steps // 2, each
+  run from the last (warm restarts of the cosine schedule; one call keeps improving with steps).
   The dParallel student (`mdlm_certain`) shares the student's first stage and runs the same
   second stage with dParallel's certainty forcing added (`model.diffusion.certainty_weight` =
   CERTAINTY_WEIGHT), so the two differ by that term alone.
@@ -107,7 +108,7 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
     if name not in wanted:
       continue
     previous = root / student.name
-    for cycle in range(1, ONE_CALL_CYCLES + 1):
+    for cycle in range(1, cycles + 1):
       mixed = shaped(experiment(f"{prefix}{cycle if cycle > 1 else ''}", "mdlm", answers_path,
                                 part(2), previous, learning_rate=1e-3, min_t=ONE_CALL_MIN_T,
                                 min_t_rows=ONE_CALL_ROWS, certainty_weight=certainty))

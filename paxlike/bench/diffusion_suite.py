@@ -36,7 +36,7 @@ import numpy as np
 from paxlike import config as config_lib
 from paxlike import tasks, tokenizer
 from paxlike.bench import diffusion_drafted_rows, harness
-from paxlike.bench.diffusion_models import BLOCK, SAMPLER_MODELS, models
+from paxlike.bench.diffusion_models import BLOCK, ONE_CALL_CYCLES, SAMPLER_MODELS, models
 from paxlike.errors import UserError
 from samplers import assd, block_diffusion, edlm, learned_unmask, mdlm, unmask
 from samplers.core.logits import SamplingParams
@@ -206,18 +206,20 @@ def cache_free(s: Sampler) -> Sampler | None:
 
 def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 24000,
         repeats: int = 3, only: tuple[str, ...] = (), prompt_seed: int = PROMPT_SEED,
-        model_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+        model_overrides: tuple[str, ...] = (),
+        student_cycles: int = ONE_CALL_CYCLES) -> dict[str, Any]:
   """Runs the suite; `examples` prompts per task drawn with `prompt_seed` (another seed: other
   prompts, to choose settings on without touching the reported ones), `train_steps` of the MDLM
-  and `model_overrides` of every model (`models`; tests: fewer, smaller); `only` keeps some
-  samplers (`selection`; all when empty)."""
+  and `model_overrides` of every model (`models`; tests: fewer, smaller), `student_cycles` runs
+  of the students' second stage; `only` keeps some samplers (`selection`; all when empty)."""
   keep = selection(only)  # checked before any training
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser() / "diffusion"
   corpus = root / f"tasks_{CORPUS_LINES}.txt"
   if not corpus.exists():
     tasks.write_corpus(corpus, CORPUS_LINES, seed=0)
   steps = train_steps
-  trained_models = models(root, corpus, steps, model_overrides, needed_models(keep))
+  trained_models = models(root, corpus, steps, model_overrides, needed_models(keep),
+                          student_cycles)
   mdlm_pair, (ar_model, ar_params) = trained_models["mdlm"], trained_models["ar"]
   judge = (jax.jit(ar_model.logits), ar_params)  # for `answer_nll`: compiled once
   mask_id = mdlm_pair[0].mask_id
@@ -284,7 +286,8 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
                                 "speedup_vs_ar", "greedy_equal_ar"])
   config = {"models": {name: config_lib.to_dict(pair[0].config)
                        for name, pair in trained_models.items()},
-            "train_steps": steps, "examples_per_task": examples, "prompt_seed": prompt_seed,
+            "train_steps": steps, "student_cycles": student_cycles,
+            "examples_per_task": examples, "prompt_seed": prompt_seed,
             "block": BLOCK,
             "line_width": tasks.LINE_WIDTH, "repeats": repeats}
   return harness.write_report(out, "diffusion", config, rows)
