@@ -330,6 +330,9 @@ class ModelConfig:
     if diffusion.block_size and self.kind not in ("mdlm", "learn2pd"):
       raise ValueError(f"model.diffusion.block_size={diffusion.block_size} applies to kinds mdlm "
                        f"and learn2pd, not {self.kind!r}; set it to 0")
+    if diffusion.certainty_weight and self.kind != "mdlm":
+      raise ValueError(f"model.diffusion.certainty_weight={diffusion.certainty_weight} is a term "
+                       f"of the mdlm loss, not of kind {self.kind!r}; set it to 0")
     if self.kind in DENOISER_KINDS and self.attention != "dense":
       raise ValueError(f"model.kind={self.kind!r} needs model.attention='dense' (its masks are "
                        f"not causal), got {self.attention!r}")

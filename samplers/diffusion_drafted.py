@@ -39,10 +39,11 @@ class DiffusionDraftedConfig:
   """Attributes:
     num_draft_tokens: gamma >= 1, tokens the denoiser drafts per round (one denoiser call).
     context_window: the denoiser sees the row's last `context_window` tokens before the masks,
-      on a canvas of context_window + gamma (0: the whole row, on a canvas as wide as the
-      batch's). Any window keeps decoding exact (the drafts are still drawn from the marginals
-      they are verified with); a short one makes the uncached denoiser call cheap, and with APD's
-      mixture a window keeps a row's tokens independent of the batch's prompt width.
+      on a canvas of min(context_window + gamma, the denoiser's max_len) (0: the whole row, on
+      a canvas as wide as the batch's). Any window keeps decoding exact (the drafts are still
+      drawn from the marginals they are verified with); a short one makes the uncached
+      denoiser call cheap, and with APD's mixture a window keeps a row's tokens independent of
+      the batch's prompt width.
     max_new_tokens: N, tokens generated per row at most.
     sampling: how tokens are drawn; applied identically to the target and the marginals.
     eos_id: a row stops after emitting it; None never stops early.
@@ -73,19 +74,18 @@ class DiffusionDraftedConfig:
 def _check(target, denoiser, prompt_len: int, config) -> int:
   """Cache slots per row (P + N + gamma - 1); ValueError if the pair cannot run it."""
   if not hasattr(denoiser, "denoise"):
-    raise ValueError("sampler.kind=diffusion_drafted drafts with a masked-diffusion denoiser "
-                     "(model.kind=mdlm) as its second model; the second model given has no "
-                     "`denoise`")
+    raise ValueError("sampler.kind=diffusion_drafted (and apd) drafts with a masked-diffusion "
+                     "denoiser (model.kind=mdlm) as its second model; the second model given "
+                     "has no `denoise`")
   check_vocabularies(target, denoiser, ("target", "denoiser"))
   gamma, steps = config.num_draft_tokens, config.max_new_tokens
   need = prompt_len + steps + gamma - 1  # the target's cache; the denoiser's canvas is need + 1
   formula = f"prompt length {prompt_len} + max_new_tokens {steps} + num_draft_tokens {gamma}"
   lower = "max_new_tokens or num_draft_tokens"
   draft_verify.check_room({"target": target}, need, f"{formula} - 1", lower)
-  if config.context_window:
-    draft_verify.check_room({"denoiser": denoiser}, config.context_window + gamma,
-                            f"context_window {config.context_window} + num_draft_tokens {gamma}",
-                            "context_window or num_draft_tokens")
+  if config.context_window:  # the canvas: min(window + gamma, max_len), at least a token + gamma
+    draft_verify.check_room({"denoiser": denoiser}, gamma + 1, f"num_draft_tokens {gamma} + 1",
+                            "num_draft_tokens")
   else:
     draft_verify.check_room({"denoiser": denoiser}, need + 1, formula, lower)
   return need
@@ -122,9 +122,10 @@ def sample(target, target_params, denoiser, denoiser_params, prompt: jax.Array,
 
   def round_fn(cache, seq, context):
     """The target's cache holds all of the row's `context` tokens but the last."""
-    # A window's canvas is always window + gamma wide (a short row's masks run past its
-    # drafts), so what a row's denoiser sees does not depend on the batch's prompt width.
-    width = config.context_window + gamma if config.context_window else seq.shape[1]
+    # A window's canvas is always min(window + gamma, max_len) wide (a short row's masks run
+    # past its drafts), so what a row's denoiser sees does not depend on the batch's width.
+    width = (min(config.context_window + gamma, denoiser.max_len) if config.context_window
+             else seq.shape[1])
     seq = jnp.pad(seq, ((0, 0), (0, max(0, width - seq.shape[1]))))
     start = jnp.clip(context + gamma - width, 0, seq.shape[1] - width)  # [B] the canvas's first
     index = start[:, None] + jnp.arange(width)[None, :]

@@ -1,14 +1,14 @@
 """The `diffusion` suite's rows of the exact diffusion-drafted AR decoder
-(`samplers.diffusion_drafted`), and of APD (`samplers.apd`, its lossy mixture rule): the suite's causal model (the AR judge, `tasks_ar`) answers every
-held-out prompt greedily, its drafts drawn from the bidirectional MDLM's marginals, against plain
-greedy AR (`samplers.ar`) on the same prompts.
+(`samplers.diffusion_drafted`), and of APD (`samplers.apd`, its lossy mixture rule): the suite's
+causal model (the AR judge, `tasks_ar`) answers every held-out prompt greedily, its drafts drawn
+from the bidirectional MDLM's marginals, against plain greedy AR (`samplers.ar`) on the same
+prompts.
 
-A row's prompt is its canvas up to the first mask (the solved example line, then the prompt);
-both decoders generate the task's answer_length tokens. The pair is timed interleaved, `repeats`
+A row's prompt is its canvas up to the first mask (the solved example line, then the prompt); both
+decoders generate the task's answer_length tokens. The pair is timed interleaved, `repeats`
 back-to-back (AR, drafted) calls after a compile warm-up: `speedup_vs_ar` is the median of the
 pairs' time ratios (`speedup_range` their min and max). `greedy_equal_ar` compares the tokens,
-`task_accuracy` scores the drafted answers (the AR model's, when greedy-equal).
-"""
+`task_accuracy` scores the drafted answers (the AR model's, when greedy-equal)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def rows(ar_pair, mdlm_pair, suite, batches: dict, mask_id: int, repeats: int,
     weight = [r["generated_tokens"] for r in per_task]
     mean = lambda key: round(float(np.average([r[key] for r in per_task], weights=weight)), 3)
     out.append(dict(
-        per_task[0], task="all", num_draft_tokens=gamma, tokens_per_target_call=mean(
+        per_task[0], task="all", num_draft_tokens=max(r["num_draft_tokens"] for r in per_task),
+        tokens_per_target_call=mean(
             "tokens_per_target_call"), acceptance=mean("acceptance"),
         task_accuracy=round(float(np.mean([r["task_accuracy"] for r in per_task])), 4),
         chance_accuracy=None, tokens_per_s=mean("tokens_per_s"),

@@ -1,26 +1,24 @@
 """The `diffusion` suite: diffusion-style samplers on the parallel-decoding task suite.
 
 Writes the task corpus (`paxlike.tasks`) and trains (or loads from `--workdir`) the small models
-that the chosen samplers need (`--samplers`; all six for every row): a bidirectional MDLM, a block-causal MDLM (blocks of BLOCK), an any-subset AR model, a
-causal Llama (the EDLM energy and the judge of generative perplexity), the Learn2PD finality
-head on the frozen MDLM (`train.init_from` its run, `train.trainable` the head) and a student
-MDLM self-distilled on the MDLM's own one-token-per-call answers (`paxlike.diffusion_teacher`),
-then with half of its rows on nearly fully masked answers, so that it decodes in fewer calls, and
-dParallel's student: the same with certainty forcing (`models.diffusion.certainty`; the
-`certain` rows). `diffusion_models` trains them.
-Every sampler then answers the same held-out prompts of every task, each row a canvas of two
-corpus lines: a solved example of the task, then the prompt with its answer masked and the
+that the chosen samplers need (`--samplers`; all six for every row): a bidirectional MDLM, a
+block-causal MDLM (blocks of BLOCK), an any-subset AR model, a causal Llama (the EDLM energy and
+the judge of generative perplexity), the Learn2PD finality head on the frozen MDLM
+(`train.init_from` its run, `train.trainable` the head) and a student MDLM self-distilled on the
+MDLM's own one-token-per-call answers (`paxlike.diffusion_teacher`), then with half of its rows on
+nearly fully masked answers, so that it decodes in fewer calls, and dParallel's student: the same
+with certainty forcing (`models.diffusion.certainty`; the `certain` rows). `diffusion_models`
+trains them. Every sampler then answers the same held-out prompts of every task, each row a canvas
+of two corpus lines: a solved example of the task, then the prompt with its answer masked and the
 line's known padding. A row per sampler and task (and `all`) reports model calls per generated
 token, tokens/s (median of 3 after a compile warm-up), task accuracy beside the task's chance
-levels, the AR model's perplexity of the answers, and for block decoding with a cache the
-fraction of rows that differ from cache-free decoding (`cache_deviation`) and the cache-free
-accuracy (exact for the block-causal model; the `fast_dllm` rows measure Fast-dLLM's
-approximate prefix and dual caches on the bidirectional model). The `diffusion_drafted` rows
-(`diffusion_drafted_rows`) decode the AR judge exactly, drafted by the MDLM, against plain AR;
-the `apd` rows run APD's lossy mixture rule on the same pair.
-Rows with "(S slots)" decode by continuous
-batching (`samplers.core.refill`): calls of S rows are counted as S / (prompts per task) of a
-batch call."""
+levels, the AR model's perplexity of the answers, and for block decoding with a cache the fraction
+of rows that differ from cache-free decoding (`cache_deviation`) and the cache-free accuracy (exact
+for the block-causal model; the `fast_dllm` rows measure Fast-dLLM's approximate prefix and dual
+caches on the bidirectional model). The `diffusion_drafted` rows (`diffusion_drafted_rows`) decode
+the AR judge exactly, drafted by the MDLM, against plain AR; the `apd` rows run APD's lossy mixture
+rule on the same pair. Rows with "(S slots)" decode by continuous batching
+(`samplers.core.refill`): calls of S rows are counted as S / (prompts per task) of a batch call."""
 
 from __future__ import annotations
 

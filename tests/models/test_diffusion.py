@@ -220,6 +220,13 @@ def test_certainty_is_the_mean_entropy_where_a_masked_prediction_is_right():
   np.testing.assert_allclose(float(share), 2 / 3, rtol=1e-6)
 
 
+def test_certainty_forcing_is_refused_outside_the_mdlm_loss():
+  for kind in ("asarm", "learn2pd"):
+    with pytest.raises(ValueError, match=f"certainty_weight=1.0 is a term of the mdlm loss, not of "
+                                         f"kind '{kind}'"):
+      dataclasses.replace(_diffusion(TINY, certainty_weight=1.0), kind=kind).validate()
+
+
 def test_certainty_forcing_adds_its_weighted_term_and_lowers_the_entropy():
   """The loss is the ELBO plus weight x certainty on the same draw; a few steps with it leave
   the right predictions less uncertain than the same steps on the ELBO alone (and finite: the

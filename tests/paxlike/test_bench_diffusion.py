@@ -32,7 +32,8 @@ def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
     assert row["greedy_equal_ar"] and row["exact"] and row["speedup_vs_ar"] > 0, row
     assert 1.0 <= row["tokens_per_target_call"] <= 1 + row["num_draft_tokens"], row
   for row in [r for r in rows if r["sampler"] == "apd"]:
-    assert not row["exact"] and 1.0 <= row["tokens_per_target_call"] <= 9, row
+    assert not row["exact"] and 1.0 <= row["tokens_per_target_call"] <= 1 + row[
+        "num_draft_tokens"], row
   for row in [r for r in rows if r["sampler"] not in ("diffusion_drafted", "apd")]:
     assert 0.0 <= row["task_accuracy"] <= 1.0 and row["tokens_per_call"] > 0, row
     if row["sampler"] in ("topk", "distilled") and row["setting"] == "k=1":

@@ -35,39 +35,43 @@ def pair():
   return scorer, scorer.init(jax.random.key(1)), denoiser, denoiser.init(jax.random.key(2))
 
 
-def exact_joint(mixture: float) -> np.ndarray:
-  """[V, V] p_AR(x1 | prompt) * p_T(x2 | prompt, x1), the mixture renormalised over V."""
+def exact_joint(mixture: float, temperature: float) -> np.ndarray:
+  """[V, V] p_AR(x1 | prompt) * p_T(x2 | prompt, x1) at `temperature`: the mixture of the
+  log-probabilities, divided by the temperature and renormalised over V."""
   scorer, scorer_params, denoiser, denoiser_params = pair()
   rows = np.concatenate([np.repeat(PROMPT, VOCAB, 0), np.arange(VOCAB)[:, None]], axis=1)
-  first = jax.nn.softmax(scorer.logits(scorer_params, jnp.asarray(PROMPT))[0, -1])
+  first = jax.nn.softmax(scorer.logits(scorer_params, jnp.asarray(PROMPT))[0, -1] / temperature)
   second_ar = jax.nn.log_softmax(scorer.logits(scorer_params, jnp.asarray(rows))[:, -1], -1)
   canvas = np.concatenate([rows, np.full((VOCAB, 2), MASK)], axis=1)  # the sampler's canvas
   second_d = jax.nn.log_softmax(denoiser.denoise(denoiser_params, jnp.asarray(canvas))[:, 4], -1)
   mixed = (1 - mixture) * second_ar + (mixture * second_d if mixture else 0.0)  # 0 * -inf
-  second = jax.nn.softmax(mixed, axis=-1)
+  second = jax.nn.softmax(mixed / temperature, axis=-1)
   return np.asarray(first[:, None] * second, np.float64)
 
 
-def run_row(mixture: float):
+def run_row(mixture: float, temperature: float):
   scorer, scorer_params, denoiser, denoiser_params = pair()
-  config = diffusion_drafted.DiffusionDraftedConfig(1, 2, sampling=T1, mixture=mixture)
+  config = diffusion_drafted.DiffusionDraftedConfig(
+      1, 2, sampling=SamplingParams(temperature=temperature), mixture=mixture)
   lengths = jnp.asarray([3])
   return lambda key: diffusion_drafted.sample(scorer, scorer_params, denoiser, denoiser_params,
                                               jnp.asarray(PROMPT), lengths, key[None], config)
 
 
 @pytest.mark.slow
-def test_a_drafted_token_follows_the_mixture_and_a_missing_mixture_is_caught():
-  tokens, _ = draw(run_row(0.6))
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_a_drafted_token_follows_the_mixture_and_a_missing_mixture_is_caught(temperature):
+  tokens, _ = draw(run_row(0.6, temperature))
   tokens = tokens[:, :2]
-  p, _, _ = p_value(tokens, exact_joint(0.6))
+  p, _, _ = p_value(tokens, exact_joint(0.6, temperature))
   assert p > SIGNIFICANCE, p
-  broken, _, _ = p_value(tokens, exact_joint(0.0))  # the causal model alone
+  broken, _, _ = p_value(tokens, exact_joint(0.0, temperature))  # the causal model alone
   assert broken < POWER, broken
 
 
 def test_the_ends_of_the_mixture():
-  """R = 0 is greedy AR exactly; R = 1 accepts every draft (gamma tokens per round)."""
+  """R = 0 is greedy AR exactly; R = 1 accepts every draft (gamma tokens per round, plus the
+  causal model's bonus token), the drafts being the denoiser's greedy marginals."""
   scorer, scorer_params, denoiser, denoiser_params = pair()
   prompt, lengths = (jnp.asarray(a) for a in ar.pad_prompts([[1, 2, 3], [4, 5], [6]]))
   expected = ar.sample(scorer, scorer_params, prompt, lengths, jax.random.key(0),
@@ -78,7 +82,11 @@ def test_the_ends_of_the_mixture():
   np.testing.assert_array_equal(run(0.0).tokens, expected.tokens)
   full = run(1.0)
   assert float(full.stats["acceptance"]) == 1.0
-  assert int(full.stats["target_calls"]) == 1 + 2  # 1 + 4 + 4 tokens: prefill and two rounds
+  assert int(full.stats["target_calls"]) == 1 + 2  # 1 + 5 + 3: the prefill's token, two rounds
+  canvas = np.concatenate([np.asarray(prompt)[:1, :3], np.asarray(full.tokens)[:1, :1],
+                           np.full((1, 3 + 9 + 4 - 4), MASK)], axis=1)  # row 0's first round
+  marginals = denoiser.denoise(denoiser_params, jnp.asarray(canvas))[0, 4:8]
+  np.testing.assert_array_equal(full.tokens[0, 1:5], jnp.argmax(marginals, axis=-1))
 
 
 def test_the_kind_builds_its_mixture_and_refuses_a_bad_one():

@@ -71,6 +71,17 @@ def test_one_step_per_block_decodes_as_without_the_cache():
     np.testing.assert_array_equal(decode(model, params, cache, rule).tokens, free.tokens)
 
 
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_deep_model_reads_the_stale_cache(cache):
+  """Three layers, one token per step: the cached keys miss the tokens committed since the
+  refresh, so some row differs from cache-free decoding (a cache that recomputed everything
+  would not)."""
+  model, params = denoiser(3)
+  rule = RULES["k=1, greedy"]
+  free = np.asarray(decode(model, params, "none", rule).tokens)
+  assert np.any(np.asarray(decode(model, params, cache, rule).tokens) != free)
+
+
 def test_a_dual_cache_whose_block_misses_the_suffix_is_caught(fresh_trace):
   model, params = denoiser(1)
   rule = RULES["k=1, greedy"]
