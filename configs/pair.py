@@ -112,3 +112,24 @@ def _heads_on_target(heads: DraftHeadsConfig, trainable: str, steps: int) -> Exp
                         trainable=trainable),
       eval=EvalConfig(every_steps=0, batches=8),
   )
+
+
+@register
+def pair_cllm() -> Experiment:
+  """pair_target fine-tuned for Jacobi decoding (`sampler.kind=jacobi`, blocks of 8) by CLLM's
+  consistency objective (`models.consistency`): the weights start from train.init_from and the
+  frozen copy in train.teacher_workdir (both pair_target's run; default runs/pair_target) gives
+  the Jacobi trajectories of each window's last 8 places. Train it on the target's own
+  continuations (`paxlike.teacher_text`; --set data.path=<that file>), as the decode bench does:
+  600 steps of 16 windows of 64 tokens, about 15 minutes on 2 cores."""
+  target = pair_target()
+  return dataclasses.replace(
+      target,
+      data=dataclasses.replace(target.data, seq_len=64),
+      optimizer=OptimizerConfig(learning_rate=5e-4, weight_decay=0.0),
+      schedule=ScheduleConfig(kind="cosine", warmup_steps=20),
+      checkpoint=CheckpointConfig(every_steps=600, keep=1),
+      train=TrainConfig(steps=600, batch_size=16, init_from="runs/pair_target",
+                        teacher_workdir="runs/pair_target", consistency_block=8),
+      eval=EvalConfig(every_steps=0, batches=8),
+  )

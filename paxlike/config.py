@@ -14,6 +14,7 @@ import types
 import typing
 from typing import Any, Mapping, Sequence
 
+from models import consistency
 from models.config import ModelConfig
 from paxlike import sampler_section
 from paxlike.errors import UserError
@@ -115,6 +116,12 @@ class TrainConfig:
       "dots" (its projections' outputs; attention and elementwise ops are recomputed) or "full"
       (only its input; the block's forward runs again). Less activation memory, more compute;
       the same gradients.
+    consistency_block: n > 0 trains for Jacobi decoding of blocks of n with CLLM's consistency
+      objective (`models.consistency`): the teacher (train.teacher_workdir, the frozen target)
+      Jacobi-iterates the block after each window's first seq_len + 1 - n tokens, and the model
+      learns to predict the fixed point from any state of that trajectory, plus the fixed point's
+      next-token cross-entropy. Start from the target (train.init_from). 0 trains as usual.
+    consistency_ar_weight: the weight of that next-token term beside the consistency term.
   """
 
   steps: int = 200
@@ -126,6 +133,8 @@ class TrainConfig:
   trainable: str = ""
   microbatches: int = 1
   remat: str = "none"
+  consistency_block: int = 0
+  consistency_ar_weight: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,6 +246,7 @@ def validate(exp: Experiment) -> Experiment:
       (not exp.model.draft_heads.eagle or not exp.train.steps or exp.train.trainable,
        "model.draft_heads.eagle=true trains only the head: set train.trainable=eagle (and "
        "train.init_from=<the trained target's run>) so the target's weights stay as trained"),
+      *_consistency_checks(exp),
   ]
   for ok, message in checks:
     if not ok:
@@ -248,6 +258,21 @@ def validate(exp: Experiment) -> Experiment:
     raise UserError(f"train.trainable={exp.train.trainable!r} is not a valid regular expression "
                     f"({e}); e.g. 'acceptance_head' or 'parscale|lm_head'") from None
   return exp
+
+
+def _consistency_checks(exp: Experiment) -> list[tuple[bool, str]]:
+  """(ok, message) pairs of `train.consistency_block` beyond the model's own (`consistency`)."""
+  train = exp.train
+  try:
+    consistency.validate(train.consistency_block, exp.model, exp.data.seq_len)
+  except ValueError as e:
+    return [(False, str(e))]
+  return [] if not train.consistency_block else [
+      (bool(train.teacher_workdir) or not train.steps,
+       "train.consistency_block learns the teacher's Jacobi fixed points: set "
+       "train.teacher_workdir=<the target's run> (and train.init_from=<the same run>)"),
+      (train.consistency_ar_weight >= 0, f"train.consistency_ar_weight must be >= 0, got "
+       f"{train.consistency_ar_weight}")]
 
 
 # ----------------------------------------------------------------------------- flat views

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from models import consistency
 from parallelism import rules
 from paxlike import atomic
 from paxlike import data as data_lib
@@ -40,12 +41,14 @@ from paxlike.train_state import TrainState, boxed_init, state_layout
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     teacher: Any = None, distill_weight: float = 1.0,
-                    microbatches: int = 1) -> Callable:
+                    microbatches: int = 1, consistency_block: int = 0,
+                    consistency_ar_weight: float = 1.0) -> Callable:
   """(state, batch [B, L + 1] int32, teacher_params=None) -> (state, metrics).
 
   The loss is the model's own objective (`model.loss`, see `models.build`), given a key folded
   from the state's RNG and the step; with a teacher its logits on the batch are passed along for
-  distillation.
+  distillation. With `consistency_block` n > 0 the loss is instead CLLM's consistency objective
+  for Jacobi decoding of blocks of n (`models.consistency`), on the teacher's Jacobi trajectories.
 
   With `microbatches` k > 1 (gradient accumulation, for a batch whose activations do not fit) the
   batch is split into k microbatches of B / k rows, row i going to microbatch i mod k so that each
@@ -56,6 +59,10 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, schedule: opta
   """
 
   def loss_fn(params, batch, teacher_params, key):
+    if consistency_block:
+      trajectory = jax.lax.stop_gradient(consistency.teacher_trajectory(
+          teacher, teacher_params, batch, consistency_block))
+      return consistency.loss(model, params, batch, trajectory, key, consistency_ar_weight)
     teacher_logits = None
     if teacher is not None:
       teacher_logits = jax.lax.stop_gradient(
@@ -163,6 +170,12 @@ class Trainer:
     if teacher.exp.model.max_len < self.exp.data.seq_len:
       raise UserError(f"the teacher's model.max_len={teacher.exp.model.max_len} is shorter than "
                       f"data.seq_len={self.exp.data.seq_len}")
+    if self.exp.train.consistency_block and (teacher.exp.model.kind != "llama"
+                                             or teacher.exp.model.parscale.streams > 1):
+      raise UserError(f"train.consistency_block needs a plain causal teacher (model.kind='llama', "
+                      f"one stream) in train.teacher_workdir={path!r}, got kind "
+                      f"{teacher.exp.model.kind!r} with {teacher.exp.model.parscale.streams} "
+                      "streams")
     return teacher
 
   @functools.cached_property
@@ -205,7 +218,8 @@ class Trainer:
       teacher_model, teacher_shardings = teacher_layout.model, teacher_layout.state_shardings.params
     self._train_step = jax.jit(
         make_train_step(self.model, self.tx, self.schedule, teacher_model,
-                        self.exp.train.distill_weight, self.exp.train.microbatches),
+                        self.exp.train.distill_weight, self.exp.train.microbatches,
+                        self.exp.train.consistency_block, self.exp.train.consistency_ar_weight),
         in_shardings=(self.state_shardings, self.batch_sharding, teacher_shardings),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
     self._eval_step = jax.jit(

@@ -14,7 +14,11 @@ with both stopping rules, the head rule on `pair_draft_head` (the draft plus an 
 trained and cached like the pair), and reports its draft calls against the fixed-length
 speculative row of the same batch and temperature. Medusa decodes the target with 4 heads
 (`pair_medusa`) and EAGLE with its feature-level draft head (`pair_eagle`): the target's weights
-frozen, the heads trained on the same continuations as the draft, cached likewise.
+frozen, the heads trained on the same continuations as the draft, cached likewise. Jacobi decoding
+also runs on `pair_cllm`, the target fine-tuned on the same continuations by CLLM's consistency
+objective (`models.consistency`), a second `jacobi` row with `model` "pair_cllm": its
+`greedy_equal_ar` compares with that model's own greedy AR (the decoder's guarantee) and
+`equal_to_target` counts the rows equal to the target's greedy AR (what the fine-tuning kept).
 Every row names its `text`: "held_out" prompts, or for the draft-free kinds (prompt lookup,
 lookahead) also "repeating" ones, which end with the target's own greedy continuation
 (`repeating`), the text those kinds are for.
@@ -49,6 +53,7 @@ TEXTS = ("held_out", "repeating")
 REPEAT_TOKENS = 64  # the target's own greedy tokens appended to a "repeating" prompt
 ADAPTIVE_RULES = ("confidence", "head")  # one "adaptive" row each, after "speculative"
 GREEDY_ONLY = ("jacobi",)
+CONSISTENCY = "pair_cllm"  # the target fine-tuned for Jacobi decoding (`jacobi`'s second row)
 NUM_DRAFT_TOKENS = 6  # gamma of the fixed-length drafted samplers (and adaptive's most)
 
 
@@ -146,10 +151,15 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
                            f"data.path={continuations}",
                            *shortened(draft_steps), *target_overrides]).restore()[:2]
             for kind in HEADED if kind in samplers}
+  if "jacobi" in samplers:
+    headed[CONSISTENCY] = trained(CONSISTENCY, root / CONSISTENCY, [
+        f"train.init_from={root / 'pair_target'}", f"train.teacher_workdir={root / 'pair_target'}",
+        f"data.path={continuations}", *shortened(draft_steps), *target_overrides]).restore()[:2]
   target_model, target_params, _ = target.restore()
   base = dataclasses.replace(target.exp.sampler, max_new_tokens=max_new_tokens, top_p=1.0, top_k=0)
   variants = [(kind, rule) for kind in SAMPLERS if kind in samplers
               for rule in (ADAPTIVE_RULES if kind == "adaptive" else (None,))]
+  variants += [("jacobi", CONSISTENCY)] if "jacobi" in samplers else []
   rows = []
   texts = TEXTS if set(samplers) & set(DRAFT_FREE) else TEXTS[:1]
   for batch, text in [(batch, text) for batch in batches for text in texts]:
@@ -158,8 +168,8 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
       prompt, lengths = repeating(target_model, target_params, base, prompt, lengths)
     for temperature in (0.0, 1.0):
       cfg = dataclasses.replace(base, temperature=temperature)
-      def compiled(c, *draft):  # medusa and eagle decode the target with its heads (same weights)
-        model = headed.get(c.kind, (target_model, target_params))
+      def compiled(c, *draft, model_name=None):  # medusa and eagle: the target with its heads
+        model = headed.get(model_name or c.kind, (target_model, target_params))
         return generate.CompiledDecoder(*model, prompt, lengths, c, *draft)
       ar = compiled(dataclasses.replace(cfg, kind="ar"))
       ar_out = ar.run()  # warm-up; every run of a sampler is the same (same key)
@@ -169,9 +179,10 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
       for kind, rule in variants:
         if (temperature and kind in GREEDY_ONLY) or (text != TEXTS[0] and kind not in DRAFT_FREE):
           continue
-        sampler = variant(cfg, kind, rule)
+        model_name = rule if rule == CONSISTENCY else None
+        sampler = variant(cfg, kind, None if model_name else rule)
         second = drafts[rule or "confidence"] if sampler.spec.second_model else ()
-        decoder = compiled(sampler, *second)
+        decoder = compiled(sampler, *second, model_name=model_name)
         first = decoder.run()
         (ar_t, variant_t), _ = harness.interleaved_times([ar.run, decoder.run], repeats)
         ar_times += ar_t
@@ -180,17 +191,23 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
             "near_ties": ties, "text": text}
         if kind == "speculative":
           fixed = stats
-        if rule:  # draft calls saved against fixed-length speculative, measured in this run
+        if kind == "adaptive":  # draft calls saved against fixed-length speculative, this run
           row |= {"adaptive_rule": rule, "mean_draft_length": stats["mean_draft_length"],
                   "draft_calls_saved": fixed["draft_calls"] - stats["draft_calls"],
                   "target_calls_added": stats["target_calls"] - fixed["target_calls"]}
         if temperature == 0.0:
-          row["greedy_equal_ar"] = bool(np.array_equal(tokens, ar_tokens))
-          row["mismatched_rows"] = int(np.sum(np.any(tokens != ar_tokens, axis=1)))
+          own = ar_tokens
+          if model_name:  # its own greedy AR, and how many rows still equal the target's
+            own_ar = compiled(dataclasses.replace(cfg, kind="ar"), model_name=model_name)
+            own = own_ar.result(own_ar.run(), 1.0)[0]
+            row |= {"model": model_name, "equal_to_target": int(np.sum(np.all(
+                tokens == ar_tokens, axis=1))), "rows": len(tokens)}
+          row["greedy_equal_ar"] = bool(np.array_equal(tokens, own))
+          row["mismatched_rows"] = int(np.sum(np.any(tokens != own, axis=1)))
         group.append(row)
       ar_stats = ar.result(ar_out, statistics.median(ar_times))[2]
       rows += [_row(ar_stats, temperature, [1.0]) | {"near_ties": ties, "text": text}, *group]
-  harness.print_table(rows, ["sampler", "adaptive_rule", "text", "batch", "temperature",
+  harness.print_table(rows, ["sampler", "adaptive_rule", "model", "text", "batch", "temperature",
                              "tokens_per_s",
                              "speedup_vs_ar", "tokens_per_target_call", "acceptance",
                              "draft_calls", "draft_calls_saved", "greedy_equal_ar"])
@@ -198,7 +215,8 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
             "max_new_tokens": max_new_tokens, "repeats": repeats,
             "draft_data": str(continuations),
             "samplers": {f"{kind}/{rule}" if rule else kind:
-                         config_lib.to_dict(variant(base, kind, rule)) for kind, rule in variants}}
+                         config_lib.to_dict(variant(base, kind, rule if kind == "adaptive" else None))
+                         for kind, rule in variants}}
   return harness.write_report(out, "decode", config, rows)
 
 
