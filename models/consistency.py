@@ -9,8 +9,9 @@ wrong guess, so it commits little more than one token per call. CLLM fine-tunes 
 any state of a Jacobi trajectory to the fixed point:
 
 - the trajectory (`teacher_trajectory`): a frozen copy of the target (`train.teacher_workdir`)
-  Jacobi-iterates the block that follows each window's prefix, from the sampler's first guess (the
-  first token repeated), to the fixed point: n calls of n tokens on the prefix cached once;
+  Jacobi-iterates the block that follows each window's prefix, from the sampler's first guesses
+  (the last committed token repeated), to the fixed point: n calls of n tokens on the prefix
+  cached once;
 - the consistency term: cross-entropy of y* given a state drawn uniformly from the trajectory
   (CLLM's global consistency loss with hard labels; the frozen target's fixed point stands in for
   the paper's stop-gradient copy of the model, so the labels are the target's greedy tokens);
@@ -42,8 +43,9 @@ def validate(block: int, model: Any, seq_len: int) -> None:
     raise ValueError(f"train.consistency_block must be 0 (off) or a Jacobi block >= 2, got {block}")
   if (model.kind != "llama" or model.parscale.streams > 1 or heads.acceptance or heads.medusa
       or heads.eagle):
-    raise ValueError("train.consistency_block trains a plain causal model for Jacobi decoding: "
-                     "model.kind='llama', one stream, no draft heads")
+    raise ValueError(f"train.consistency_block trains a plain causal model for Jacobi decoding "
+                     f"(model.kind='llama', one stream, no draft heads), got kind {model.kind!r}, "
+                     f"{model.parscale.streams} streams, draft heads {heads}")
   if seq_len < block + 1:
     raise ValueError(f"train.consistency_block={block} needs data.seq_len >= {block + 1} (a "
                      f"prefix before the block), got {seq_len}")
@@ -68,9 +70,10 @@ def teacher_trajectory(teacher: Any, params: Any, batch: jax.Array,
     batch: [B, L + 1] int32 windows; the first m = L + 1 - block tokens are the prefix.
     block: n >= 2, the Jacobi block (the last prefix token and n - 1 guesses per call).
   Returns:
-    states [n - 1, B, n - 1] int32, the guesses before each call (state t has at least t + 1
-    leading guesses at the fixed point), and fixed [B, n] int32, y*: the teacher's greedy
-    continuation of the prefix.
+    states [n, B, n - 1] int32, the guesses before each call (state t has at least t leading
+    guesses at the fixed point; state 0 is the last prefix token repeated, as the sampler
+    guesses after its prefill and after a call that confirms the whole block), and fixed [B, n]
+    int32, y*: the teacher's greedy continuation of the prefix.
   """
   rows = batch.shape[0]
   prefix, m = split(batch, block)
@@ -85,14 +88,13 @@ def teacher_trajectory(teacher: Any, params: Any, batch: jax.Array,
                               positions, cache)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  first = call(jnp.broadcast_to(prefix[:, -1:], (rows, block - 1)))[:, :1]  # y*_1, for sure
-  start = jnp.broadcast_to(first, (rows, block - 1))  # the sampler's first guesses
+  start = jnp.broadcast_to(prefix[:, -1:], (rows, block - 1))  # the sampler's first guesses
 
   def step(guesses, _):
     outputs = call(guesses)
     return outputs[:, :-1], (guesses, outputs)
 
-  _, (states, outputs) = jax.lax.scan(step, start, None, length=block - 1)
+  _, (states, outputs) = jax.lax.scan(step, start, None, length=block)
   return states, outputs[-1]
 
 
@@ -107,13 +109,13 @@ def loss(model: Any, params: Any, batch: jax.Array, trajectory: tuple[jax.Array,
 
   Args:
     model: the causal model being trained (`logits(params, tokens [B, T]) -> [B, T, V]`).
-    trajectory: (states [n - 1, B, n - 1], fixed [B, n]) from `teacher_trajectory`.
+    trajectory: (states [n, B, n - 1], fixed [B, n]) from `teacher_trajectory`.
     key: draws each row's state from the trajectory.
     ar_weight: weight of the AR term.
   Returns:
     (consistency + ar_weight * AR, metrics): `consistency_nll`, `ar_nll`, and `leading_correct`,
-    the mean number of leading block tokens the model predicts right from the drawn state (the
-    tokens a Jacobi call could confirm from it, less one).
+    the mean number of block tokens the model predicts right from the drawn state before its
+    first miss.
   """
   states, fixed = trajectory
   count, rows, _ = states.shape

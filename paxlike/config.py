@@ -267,7 +267,12 @@ def _consistency_checks(exp: Experiment) -> list[tuple[bool, str]]:
     consistency.validate(train.consistency_block, exp.model, exp.data.seq_len)
   except ValueError as e:
     return [(False, str(e))]
-  return [] if not train.consistency_block else [
+  if not train.consistency_block:
+    return [(train.consistency_ar_weight == 1.0, "train.consistency_ar_weight is used only with "
+             "train.consistency_block > 0; leave it at 1.0 or set the block")]
+  return [
+      (train.distill_weight == 1.0, "train.distill_weight does not apply to consistency training "
+       "(train.consistency_block > 0); weigh its terms with train.consistency_ar_weight"),
       (bool(train.teacher_workdir) or not train.steps,
        "train.consistency_block learns the teacher's Jacobi fixed points: set "
        "train.teacher_workdir=<the target's run> (and train.init_from=<the same run>)"),

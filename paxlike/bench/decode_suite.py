@@ -214,9 +214,10 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   config = {"target": config_lib.to_dict(target.exp.model), "draft": drafts.get("config"),
             "max_new_tokens": max_new_tokens, "repeats": repeats,
             "draft_data": str(continuations),
-            "samplers": {f"{kind}/{rule}" if rule else kind:
-                         config_lib.to_dict(variant(base, kind, rule if kind == "adaptive" else None))
-                         for kind, rule in variants}}
+            "samplers": {
+                f"{kind}/{rule}" if rule else kind:
+                config_lib.to_dict(variant(base, kind, rule if kind == "adaptive" else None))
+                for kind, rule in variants}}
   return harness.write_report(out, "decode", config, rows)
 
 
