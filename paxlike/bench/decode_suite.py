@@ -205,6 +205,8 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
           row["greedy_equal_ar"] = bool(np.array_equal(tokens, own))
           row["mismatched_rows"] = int(np.sum(np.any(tokens != own, axis=1)))
         group.append(row)
+      if not group:  # every chosen kind is greedy only (or only for the other text)
+        continue
       ar_stats = ar.result(ar_out, statistics.median(ar_times))[2]
       rows += [_row(ar_stats, temperature, [1.0]) | {"near_ties": ties, "text": text}, *group]
   harness.print_table(rows, ["sampler", "adaptive_rule", "model", "text", "batch", "temperature",
