@@ -20,7 +20,9 @@ Wu et al. 2025).
   not see them), so the result approximates "none"; the `diffusion` bench measures how often a
   row differs. Exact cases (tested): a block decoded in one step (its only step is the
   refresh), and a one-layer model (its keys and values depend on their own token only). A block
-  with no mask in any row costs nothing.
+  with no mask in any row costs nothing. `refresh_every` r > 0 refreshes every r-th step of a
+  block (dKV-Cache's and Fast-dLLM v2's periodic refresh): staler keys for fewer whole-canvas
+  calls; r = 1 decodes as "none" does.
 
 Randomness: a row's n-th own denoising step (counted over its blocks; a step in which its current
 block has no mask left is not its step) draws fold_in(row_key, n), [block_length, ...] uniforms.
@@ -56,17 +58,25 @@ class BlockConfig:
     rule: the unmasking rule inside a block.
     cache: one of CACHES (see the module docstring): "exact" needs a `CachedDenoiser` with
       `block_size == block_length`; "prefix" and "dual" (approximate) a bidirectional one.
+    refresh_every: with "prefix" or "dual", a block's steps per refresh: every refresh_every-th
+      step of a block scores the whole canvas again (1: every step, which is decoding without
+      the cache); 0 refreshes once per block, Fast-dLLM's schedule.
   """
 
   block_length: int
   rule: unmask.UnmaskConfig = unmask.UnmaskConfig()
   cache: str = "exact"
+  refresh_every: int = 0
 
   def __post_init__(self):
     if self.block_length < 1:
       raise ValueError(f"block_length must be >= 1, got {self.block_length}")
     if self.cache not in CACHES:
       raise ValueError(f"cache {self.cache!r} is unknown; valid: {', '.join(CACHES)}")
+    if self.refresh_every < 0 or (self.refresh_every and self.cache not in _FAST_DLLM):
+      raise ValueError(f"refresh_every={self.refresh_every} must be 0 (once per block) or a "
+                       f"number of steps >= 1 with cache 'prefix' or 'dual' (got cache "
+                       f"{self.cache!r})")
     if self.rule.slots is not None:
       raise ValueError(f"rule.slots={self.rule.slots}: continuous batching is for unmask.sample; "
                        f"block decoding runs all rows together, so leave rule.slots None")
@@ -108,8 +118,9 @@ def sample(model: Denoiser, params, canvas: jax.Array, key: jax.Array,
   Returns:
     SampleOutput with the completed canvas; stats `model_calls` (calls of the batch: denoising
     steps plus cache writes), `denoise_steps` (of the batch), `generated_tokens`,
-    `tokens_per_call`; with "prefix" or "dual" also `refresh_calls` (whole-canvas calls, one per
-    block with a mask; counted in model_calls and denoise_steps).
+    `tokens_per_call`; with "prefix" or "dual" also `refresh_calls` (whole-canvas calls: one per
+    block with a mask, or one per refresh_every of its steps; counted in model_calls and
+    denoise_steps).
   Raises:
     ValueError: if L is not a multiple of block_length, or the cache does not suit the model
       (`check_cache`).
@@ -202,32 +213,38 @@ def _fast_dllm(model, params, canvas, keys, config: BlockConfig, state) -> Sampl
   (slot order is free: keys carry their rotary positions)."""
   batch, length = canvas.shape
   size = config.block_length
-  refreshes = jnp.int32(0)
+  every = config.refresh_every
+  rows = lambda t: jnp.broadcast_to(t, (batch, len(t)))
+  carry = (state, jnp.int32(0))  # and the refreshes so far
   for start in range(0, length, size):
     order, at = _refresh_order(config.cache, start, size, length)
-    rows = lambda t: jnp.broadcast_to(t, (batch, len(t)))
+    has_mask = _block_has_mask(model, size, start)
 
-    def decode(state, start=start, order=order, at=at):
-      tokens = state[0]
-      logits, cache = model.apply(params, tokens[:, order], rows(order),
+    def refreshed(carry, start=start, order=order, at=at, has_mask=has_mask):
+      """A refresh and its step, then cached steps until the block is done or the next refresh
+      is due (after `every` steps; never with `every` 0)."""
+      state, refreshes = carry
+      logits, cache = model.apply(params, state[0][:, order], rows(order),
                                   model.init_cache(batch, length),
                                   jnp.ones((batch, length, length), bool))
       state = _commit(model, config, keys, state, start, logits[:, at:at + size])
       cache = cache.replace(lengths=jnp.full((batch,), at, jnp.int32))
 
-      def step(state):
+      def step(inner):
+        state, taken = inner
         stop = length if config.cache == "prefix" else start + size
         new = state[0][:, start:stop]
         logits, _ = model.apply(params, new, rows(np.arange(start, stop)), cache,
                                 jnp.ones((batch, stop - start, stop - start), bool))
-        return _commit(model, config, keys, state, start, logits[:, :size])
+        return _commit(model, config, keys, state, start, logits[:, :size]), taken + 1
 
-      return jax.lax.while_loop(_block_has_mask(model, size, start), step, state)
+      more = ((lambda inner: has_mask(inner[0])) if not every else
+              (lambda inner: has_mask(inner[0]) & (inner[1] < every)))
+      state, _ = jax.lax.while_loop(more, step, (state, jnp.int32(1)))
+      return state, refreshes + 1
 
-    has_mask = _block_has_mask(model, size, start)(state)
-    state = jax.lax.cond(has_mask, decode, lambda s: s, state)
-    refreshes = refreshes + has_mask.astype(jnp.int32)
-  tokens, _, calls = state
+    carry = jax.lax.while_loop(lambda c, has_mask=has_mask: has_mask(c[0]), refreshed, carry)
+  (tokens, _, calls), refreshes = carry
   return canvas_lib.output(canvas, tokens, model.mask_id, calls, denoise_steps=calls,
                            refresh_calls=refreshes)
 
@@ -239,7 +256,7 @@ class BlockOptions:
   scored, `cache`: "exact" (the default: finished blocks KV-cached, only for a block-causal model
   with model.diffusion.block_size == block_length), "none" (the whole canvas every step), or
   Fast-dLLM's approximate "prefix" or "dual" caches of a bidirectional model, refreshed once per
-  block. The generation is shortened to whole blocks.
+  block, or every `refresh_every` steps of a block. The generation is shortened to whole blocks.
   """
 
   block_length: int = 16
@@ -249,6 +266,7 @@ class BlockOptions:
   k: int = 1
   threshold: float = 0.9
   factor: float = 1.0
+  refresh_every: int = 0
 
 
 def _whole_blocks(options: BlockOptions, prompt_len: int, max_new: int) -> int:
@@ -257,5 +275,6 @@ def _whole_blocks(options: BlockOptions, prompt_len: int, max_new: int) -> int:
 
 SPEC = SamplerSpec(
     "block", BlockOptions, sample,
-    lambda o, decode: BlockConfig(o.block_length, unmask.rule_of(o, decode), o.cache),
+    lambda o, decode: BlockConfig(o.block_length, unmask.rule_of(o, decode), o.cache,
+                                  o.refresh_every),
     model="denoiser", fit=_whole_blocks)

@@ -132,11 +132,14 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair, student_p
       Sampler("block", f"block-causal, cached, L={BLOCK}, tau=0.9", block_diffusion.sample,
               block_pair, block_diffusion.BlockConfig(BLOCK, rule("threshold"))),
   ]
-  # Fast-dLLM's approximate caches of the bidirectional model, against its cache-free decoding
-  for cache in ("prefix", "dual"):
+  # Fast-dLLM's approximate caches of the bidirectional model, against its cache-free decoding:
+  # refreshed once per block (the paper's schedule) and every other step of a block
+  for cache, every in [(c, r) for c in ("prefix", "dual") for r in (0, 2)]:
     for label, unmasking in (("k=1", rule(k=1)), ("tau=0.9", rule("threshold"))):
-      out.append(Sampler("fast_dllm", f"{cache} cache, L={BLOCK}, {label}", block_diffusion.sample,
-                         pair, block_diffusion.BlockConfig(BLOCK, unmasking, cache)))
+      out.append(Sampler(
+          "fast_dllm", f"{cache} cache, L={BLOCK}, {label}{f', refresh {every}' if every else ''}",
+          block_diffusion.sample, pair, block_diffusion.BlockConfig(BLOCK, unmasking, cache,
+                                                                    every)))
   out += [Sampler("distilled", "k=1", unmask.sample, student_pair, rule(k=1)),
           Sampler("distilled", "k=8 (one call)", unmask.sample, student_pair, rule(k=8))]
   out += [Sampler("distilled", f"tau={tau}", unmask.sample, student_pair,
@@ -199,7 +202,8 @@ def cache_free(s: Sampler) -> Sampler | None:
   """The same block sampler without its cache (None for other samplers)."""
   if not isinstance(s.config, block_diffusion.BlockConfig):
     return None
-  return dataclasses.replace(s, config=dataclasses.replace(s.config, cache="none"))
+  free = dataclasses.replace(s.config, cache="none", refresh_every=0)
+  return dataclasses.replace(s, config=free)
 
 
 def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 24000,

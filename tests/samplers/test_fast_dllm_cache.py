@@ -42,12 +42,12 @@ def canvas() -> jax.Array:
   return jnp.asarray(rows, jnp.int32)
 
 
-def decode(model, params, cache, rule, size=4, rows=None):
+def decode(model, params, cache, rule, size=4, rows=None, refresh_every=0):
   tokens = canvas() if rows is None else canvas()[rows]
   keys = jax.random.split(jax.random.key(7), 4)
   keys = keys if rows is None else keys[rows]
   return block_diffusion.sample(model, params, tokens, keys,
-                                block_diffusion.BlockConfig(size, rule, cache))
+                                block_diffusion.BlockConfig(size, rule, cache, refresh_every))
 
 
 @pytest.mark.parametrize("rule", RULES, ids=list(RULES))
@@ -80,6 +80,37 @@ def test_a_deep_model_reads_the_stale_cache(cache):
   rule = RULES["k=1, greedy"]
   free = np.asarray(decode(model, params, "none", rule).tokens)
   assert np.any(np.asarray(decode(model, params, cache, rule).tokens) != free)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=list(RULES))
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_refreshing_every_step_decodes_as_without_the_cache_at_any_depth(cache, rule):
+  """refresh_every=1: every step scores the whole canvas, so the three-layer model that reads
+  stale keys once per block decodes exactly as cache-free; every call is a refresh."""
+  model, params = denoiser(3)
+  free = decode(model, params, "none", RULES[rule])
+  cached = decode(model, params, cache, RULES[rule], refresh_every=1)
+  np.testing.assert_array_equal(cached.tokens, free.tokens)
+  assert int(cached.stats["refresh_calls"]) == int(cached.stats["model_calls"]) == int(
+      free.stats["model_calls"])
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_refreshing_every_other_step_counts_its_refreshes(cache):
+  """One token per step (k = 1): a block whose rows need s steps is refreshed ceil(s / 2) times;
+  the canvas's five masked blocks need 4 steps each (a row with all four masked), so 10."""
+  model, params = denoiser(3)
+  out = decode(model, params, cache, RULES["k=1, greedy"], refresh_every=2)
+  assert int(out.stats["model_calls"]) == 20 and int(out.stats["refresh_calls"]) == 10
+  assert not np.any(np.asarray(out.tokens) == MASK)
+
+
+def test_refresh_every_without_a_fast_dllm_cache_is_refused():
+  with pytest.raises(ValueError, match="refresh_every=2 must be 0 .* with cache 'prefix' or "
+                     "'dual' .got cache 'none'"):
+    block_diffusion.BlockConfig(4, RULES["k=1, greedy"], "none", 2)
+  with pytest.raises(ValueError, match="refresh_every=-1"):
+    block_diffusion.BlockConfig(4, RULES["k=1, greedy"], "dual", -1)
 
 
 def test_a_dual_cache_whose_block_misses_the_suffix_is_caught(fresh_trace):
