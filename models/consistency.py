@@ -33,12 +33,16 @@ import jax.numpy as jnp
 from models.losses import next_token_nll
 
 
-def validate(block: int, model: Any, seq_len: int) -> None:
-  """ValueError unless `block` (train.consistency_block) is 0 (off), or a Jacobi block >= 2 for a
-  plain causal `model` (a ModelConfig) whose windows of `seq_len` leave a prefix before it."""
+def validate(train: Any, model: Any, seq_len: int) -> None:
+  """ValueError unless the `train` section's consistency settings (`consistency_block`,
+  `consistency_ar_weight`) suit it, the `model` (a ModelConfig: a plain causal one) and windows
+  of `seq_len` tokens (a prefix before the block)."""
+  block, heads = train.consistency_block, model.draft_heads
   if not block:
+    if train.consistency_ar_weight != 1.0:
+      raise ValueError("train.consistency_ar_weight is used only with train.consistency_block "
+                       "> 0; leave it at 1.0 or set the block")
     return
-  heads = model.draft_heads
   if block < 2:
     raise ValueError(f"train.consistency_block must be 0 (off) or a Jacobi block >= 2, got {block}")
   if (model.kind != "llama" or model.parscale.streams > 1 or heads.acceptance or heads.medusa
@@ -49,6 +53,17 @@ def validate(block: int, model: Any, seq_len: int) -> None:
   if seq_len < block + 1:
     raise ValueError(f"train.consistency_block={block} needs data.seq_len >= {block + 1} (a "
                      f"prefix before the block), got {seq_len}")
+  if train.steps and not train.teacher_workdir:
+    raise ValueError("train.consistency_block learns the teacher's Jacobi fixed points: set "
+                     "train.teacher_workdir=<the target's run> (and train.init_from=<the same "
+                     "run>)")
+  if train.consistency_ar_weight < 0:
+    raise ValueError(f"train.consistency_ar_weight must be >= 0, got "
+                     f"{train.consistency_ar_weight}")
+  if train.distill_weight != 1.0:
+    raise ValueError("train.distill_weight does not apply to consistency training "
+                     "(train.consistency_block > 0); weigh its terms with "
+                     "train.consistency_ar_weight")
 
 
 def split(batch: jax.Array, block: int) -> tuple[jax.Array, int]:

@@ -221,6 +221,7 @@ def validate(exp: Experiment) -> Experiment:
   value is."""
   try:
     exp.model.validate()
+    consistency.validate(exp.train, exp.model, exp.data.seq_len)
   except ValueError as e:
     raise UserError(str(e)) from None
   values = flatten(exp)
@@ -246,7 +247,6 @@ def validate(exp: Experiment) -> Experiment:
       (not exp.model.draft_heads.eagle or not exp.train.steps or exp.train.trainable,
        "model.draft_heads.eagle=true trains only the head: set train.trainable=eagle (and "
        "train.init_from=<the trained target's run>) so the target's weights stay as trained"),
-      *_consistency_checks(exp),
   ]
   for ok, message in checks:
     if not ok:
@@ -258,26 +258,6 @@ def validate(exp: Experiment) -> Experiment:
     raise UserError(f"train.trainable={exp.train.trainable!r} is not a valid regular expression "
                     f"({e}); e.g. 'acceptance_head' or 'parscale|lm_head'") from None
   return exp
-
-
-def _consistency_checks(exp: Experiment) -> list[tuple[bool, str]]:
-  """(ok, message) pairs of `train.consistency_block` beyond the model's own (`consistency`)."""
-  train = exp.train
-  try:
-    consistency.validate(train.consistency_block, exp.model, exp.data.seq_len)
-  except ValueError as e:
-    return [(False, str(e))]
-  if not train.consistency_block:
-    return [(train.consistency_ar_weight == 1.0, "train.consistency_ar_weight is used only with "
-             "train.consistency_block > 0; leave it at 1.0 or set the block")]
-  return [
-      (train.distill_weight == 1.0, "train.distill_weight does not apply to consistency training "
-       "(train.consistency_block > 0); weigh its terms with train.consistency_ar_weight"),
-      (bool(train.teacher_workdir) or not train.steps,
-       "train.consistency_block learns the teacher's Jacobi fixed points: set "
-       "train.teacher_workdir=<the target's run> (and train.init_from=<the same run>)"),
-      (train.consistency_ar_weight >= 0, f"train.consistency_ar_weight must be >= 0, got "
-       f"{train.consistency_ar_weight}")]
 
 
 # ----------------------------------------------------------------------------- flat views
