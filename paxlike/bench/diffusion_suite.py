@@ -140,26 +140,14 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair, student_p
           "fast_dllm", f"{cache} cache, L={BLOCK}, {label}{f', refresh {every}' if every else ''}",
           block_diffusion.sample, pair, block_diffusion.BlockConfig(BLOCK, unmasking, cache,
                                                                     every)))
-  out += [Sampler("distilled", "k=1", unmask.sample, student_pair, rule(k=1)),
-          Sampler("distilled", "k=8 (one call)", unmask.sample, student_pair, rule(k=8))]
-  out += [Sampler("distilled", f"tau={tau}", unmask.sample, student_pair,
-                  rule("threshold", threshold=tau)) for tau in (0.9, 0.7, 0.5)]
   # the margins were chosen on other prompts (`--prompt_seed 30000 --examples 256`): there 0.2
   # gives 4.17 tokens per call per row at 0.653, 0.25 4.03 at 0.658, against 90% of one token per
   # step, 0.634; 0.2 leaves continuous batching (slots) room above 4 per call of the batch
-  out += [Sampler("distilled", f"margin >= 0.2{f' ({n} slots)' if n else ''}", unmask.sample,
-                  student_pair, rule("threshold", threshold=0.2, confidence="margin",
-                                     slots=n or None)) for n in (0, 4, 16)]
+  out += student_rows("distilled", student_pair, slots=(0, 4, 16))
   out.append(Sampler("distilled", "margin >= 0.25", unmask.sample, student_pair,
                      rule("threshold", threshold=0.25, confidence="margin")))
   # dParallel's student: the same recipe with certainty forcing, on the distilled rows' rules
-  out += [Sampler("certain", "k=1", unmask.sample, certain_pair, rule(k=1)),
-          Sampler("certain", "k=8 (one call)", unmask.sample, certain_pair, rule(k=8))]
-  out += [Sampler("certain", f"tau={tau}", unmask.sample, certain_pair,
-                  rule("threshold", threshold=tau)) for tau in (0.9, 0.7, 0.5)]
-  out += [Sampler("certain", f"margin >= 0.2{f' ({n} slots)' if n else ''}", unmask.sample,
-                  certain_pair, rule("threshold", threshold=0.2, confidence="margin",
-                                     slots=n or None)) for n in (0, 4)]
+  out += student_rows("certain", certain_pair, slots=(0, 4))
   for tau in (0.9, 0.7):
     out.append(Sampler("learned", f"tau={tau}", learned_unmask.sample, learned_pair,
                        learned_unmask.LearnedUnmaskConfig(tau)))
@@ -177,6 +165,19 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair, student_p
   # APD, lossy: the same pair, drafts verified against the mixture p_D^R p_AR^(1 - R)
   out += [Sampler("apd", f"R={r}, g=8", None, (*ar_pair, *pair), (8, r)) for r in (0.5, 0.8)]
   return out
+
+
+def student_rows(name: str, pair, slots: tuple[int, ...]) -> list[Sampler]:
+  """A student's rows: one token per call, one call, thresholds 0.9/0.7/0.5, and the margin rule
+  >= 0.2 decoded as one batch (0) or by continuous batching of each of `slots`."""
+  rule = unmask.UnmaskConfig
+  out = [Sampler(name, "k=1", unmask.sample, pair, rule(k=1)),
+         Sampler(name, "k=8 (one call)", unmask.sample, pair, rule(k=8))]
+  out += [Sampler(name, f"tau={tau}", unmask.sample, pair, rule("threshold", threshold=tau))
+          for tau in (0.9, 0.7, 0.5)]
+  return out + [Sampler(name, f"margin >= 0.2{f' ({n} slots)' if n else ''}", unmask.sample, pair,
+                        rule("threshold", threshold=0.2, confidence="margin", slots=n or None))
+                for n in slots]
 
 
 def selection(only: tuple[str, ...]) -> Any:

@@ -22,8 +22,8 @@ from paxlike import generate, registry
 from paxlike.errors import UserError
 from paxlike.metrics import read_metrics
 from paxlike.run import Run
-from paxlike.train import Trainer
 from tests.models.random_params import random_params
+from tests.paxlike.test_distill import _exp, _train
 
 registry.load_modules()
 
@@ -110,16 +110,6 @@ def test_leading_matches_counts_only_the_unbroken_prefix():
   got = consistency.leading_matches(jnp.array([[1, 2, 3], [1, 0, 3], [0, 2, 3]]),
                                     jnp.array([[1, 2, 3]] * 3))
   np.testing.assert_array_equal(got, [3, 1, 0])
-
-
-def _exp(*overrides):
-  return config_lib.apply_overrides(registry.get("tiny"), list(overrides))
-
-
-def _train(exp, workdir):
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config_lib.to_json(exp))
-  return Trainer(exp, workdir, log=lambda _: None).run()
 
 
 def test_bad_consistency_settings_are_named(tmp_path):
