@@ -25,7 +25,8 @@ Guarantee: drafts are drawn from the head's distribution q (after the row's temp
 / top-p) and verified with it, and whether a position is drafted depends on the head alone, so
 every row's output has exactly the target's distribution at any temperature; greedy output
 equals greedy AR token for token (up to numerical near-ties between batched and single-token
-target calls). EAGLE-2's dynamic draft tree is not implemented: the draft is a chain.
+target calls). With `tree_nodes` the head drafts EAGLE-2's dynamic tree instead
+(`samplers.eagle_tree`, same guarantee).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from samplers import eagle_tree
 from samplers.core import draft_verify, rng
 from samplers.core.logits import SamplingParams, confidence
 from samplers.core.protocol import (SampleOutput, check_max_new_tokens, check_num_draft_tokens,
@@ -53,7 +55,11 @@ class EagleConfig:
     eos_id: a row stops after emitting it; None never stops early.
     pad_id: fills `SampleOutput.tokens` after a row's end.
     confidence_threshold: a row stops drafting after a draft whose head confidence (its raw max
-      probability) is under this; 0 always drafts gamma.
+      probability) is under this; 0 always drafts gamma. Chains only.
+    tree_nodes: N > 0 drafts EAGLE-2's dynamic tree of N nodes and depth gamma
+      (`samplers.eagle_tree`) instead of a chain; 0 drafts a chain.
+    tree_children: candidate children per expanded tree node (0: up to N), capped by the
+      vocabulary.
   """
 
   num_draft_tokens: int
@@ -62,11 +68,20 @@ class EagleConfig:
   eos_id: int | None = None
   pad_id: int = 0
   confidence_threshold: float = 0.0
+  tree_nodes: int = 0
+  tree_children: int = 0
 
   def __post_init__(self):
     check_num_draft_tokens(self.num_draft_tokens)
     check_max_new_tokens(self.max_new_tokens)
     check_probabilities(self, "confidence_threshold")
+    for name, zero in (("tree_nodes", "a chain"), ("tree_children", "up to tree_nodes")):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
+    if self.tree_nodes and self.confidence_threshold:
+      raise ValueError(f"confidence_threshold ({self.confidence_threshold}) stops a chain; the "
+                       f"dynamic tree (tree_nodes={self.tree_nodes}) already drafts by confidence: "
+                       f"set one of them to 0")
 
 
 def check_target(target, prompt_len: int, config: EagleConfig) -> int:
@@ -78,6 +93,8 @@ def check_target(target, prompt_len: int, config: EagleConfig) -> int:
                      "(apply_with_features, draft, init_draft_cache; e.g. a model with "
                      "model.draft_heads.eagle=true trained on a frozen target, the pair_eagle "
                      "experiment)")
+  if config.tree_nodes:
+    return eagle_tree.check_room(target, prompt_len, config)
   return draft_verify.chain_room({"target": target}, prompt_len, config)
 
 
@@ -161,10 +178,14 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
                                      prompt_positions(prompt)[:, :-1], draft_cache)
   last = jnp.take_along_axis(features, (prompt_lengths - 1)[:, None, None], axis=1)
   pending = jnp.zeros((batch, gamma + 1, features.shape[-1]), features.dtype).at[:, :1].set(last)
-  return draft_verify.decode(
-      round_fn, (target_cache, draft_cache, pending, jnp.ones((batch,), jnp.int32)),
-      last_prompt_logits(logits, prompt_lengths), prompt, prompt_lengths, keys, config,
-      ragged_drafts=True)
+  caches = (target_cache, draft_cache, pending, jnp.ones((batch,), jnp.int32))
+  first_logits = last_prompt_logits(logits, prompt_lengths)
+  if config.tree_nodes:
+    tree_round = eagle_tree.make_round(target, target_params, config, keys, slots)
+    return draft_verify.decode(tree_round, caches, first_logits, prompt, prompt_lengths, keys,
+                               config)
+  return draft_verify.decode(round_fn, caches, first_logits, prompt, prompt_lengths, keys, config,
+                             ragged_drafts=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,14 +198,21 @@ class EagleOptions:
     confidence_threshold: a row stops drafting after a draft the head is less sure of (EAGLE-2's
       observation: the head's confidence tracks the draft's chance of acceptance); 0 drafts
       gamma every round.
+    tree_nodes: N > 0 drafts EAGLE-2's dynamic tree of N nodes, depth num_draft_tokens, instead
+      of a chain (greedy decoding's choice where a call's width is cheap; `samplers.eagle_tree`).
+    tree_children: candidate children per expanded tree node (0: up to tree_nodes).
   """
 
   num_draft_tokens: int = 4
   confidence_threshold: float = 0.0
+  tree_nodes: int = 0
+  tree_children: int = 0
 
 
 SPEC = SamplerSpec(
     "eagle", EagleOptions, sample,
     lambda o, decode: EagleConfig(o.num_draft_tokens,
-                                  confidence_threshold=o.confidence_threshold, **decode.common()),
-    model="eagle", slack=lambda o: o.num_draft_tokens)
+                                  confidence_threshold=o.confidence_threshold,
+                                  tree_nodes=o.tree_nodes, tree_children=o.tree_children,
+                                  **decode.common()),
+    model="eagle", slack=lambda o: max(o.num_draft_tokens, o.tree_nodes))

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers.core import draft_verify, rng, slots, tree_shape, tree_walk, verify
+from samplers.core import draft_verify, rng, slots, tree_growth, tree_shape, tree_walk, verify
 from samplers.core.logits import SamplingParams, probs, process_logits
 from samplers.core.protocol import CausalModel, SampleOutput, check_max_new_tokens, check_vocabularies
 from samplers.spec import SamplerSpec
@@ -217,65 +217,28 @@ def _grow_static(draft, draft_params, config: TreeConfig, cache, last_two, conte
           jnp.concatenate(valid, axis=1), jnp.concatenate(qs, axis=1), grown)
 
 
-def _ranking(logits: jax.Array, sampling: SamplingParams) -> jax.Array:
-  """Draft probabilities [..., V] that rank children: q, or softmax of the raw logits (greedy)."""
-  if sampling.greedy:
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  return probs(logits, sampling)
-
-
-def _merge(value, token, parent, depth, c_value, c_token, c_parent, c_depth):
-  """One row: keeps the N best of the tree's N slots [N] and C candidates [C] by path
-  probability (ties: shallower first, so the kept set stays closed under parents). Kept nodes
-  stay in their slots (their parent indices stay valid); new ones fill the freed slots."""
-  size = value.shape[0]
-  all_value = jnp.concatenate([value, c_value])
-  order = jnp.lexsort((jnp.concatenate([depth, c_depth]), -all_value))[:size]
-  chosen = jnp.zeros(all_value.shape, bool).at[order].set(True) & (all_value > 0)
-  keep, new = chosen[:size], chosen[size:]
-  free = jnp.argsort(keep, stable=True)  # freed slots first, in slot order
-  dest = jnp.where(new, free[jnp.clip(jnp.cumsum(new) - 1, 0, size - 1)], size)
-
-  def put(old, cand, empty):
-    return jnp.where(keep, old, empty).at[dest].set(cand, mode="drop")
-
-  return (put(value, c_value, -1.0), put(token, c_token, 0), put(parent, c_parent, -1),
-          put(depth, c_depth, 0))
-
-
 def _grow_dynamic(draft, draft_params, config: DynamicTreeConfig, cache, last_two, context):
-  """DySpec's greedy tree: after depth d the N slots hold the N best sequences of <= d tokens by
-  draft path probability (the best of <= d + 1 tokens are among them and their children, so
-  expanding the depth-d nodes is enough). Same returns as `_grow_static`, per row."""
+  """DySpec's greedy tree (`tree_growth`): one draft call per depth, each re-feeding the tree so
+  far. Same returns as `_grow_static`, per row."""
   batch, size, depth_max = last_two.shape[0], config.node_budget, config.max_depth
   vocab = draft.vocab_size
   fan = min(config.max_children or size, vocab)
-  value = jnp.full((batch, size), -1.0, jnp.float32)
-  token = jnp.zeros((batch, size), jnp.int32)
-  parent = jnp.full((batch, size), -1, jnp.int32)
-  depth = jnp.zeros((batch, size), jnp.int32)
-  grown = cache
+  nodes = tree_growth.empty(batch, size)
   for d in range(1, depth_max + 1):  # static: D draft calls
     if d == 1:
       logits, grown = _draft_call(draft, draft_params, cache, last_two, context,
                                   jnp.zeros((batch, 0), jnp.int32), jnp.zeros((0,), jnp.int32),
                                   np.zeros((0, 0), bool))
-      top, c_token = jax.lax.top_k(_ranking(logits[:, 1], config.sampling), fan)  # [B, fan]
-      c_value, c_parent = top, jnp.full((batch, fan), -1, jnp.int32)
+      ranked = tree_growth.ranking(logits[:, 1], config.sampling)
     else:
-      ancestors = tree_shape.ancestor_mask(parent, depth_max)
-      logits, grown = _draft_call(draft, draft_params, cache, last_two, context, token, depth,
-                                  ancestors)
-      top, c_token = jax.lax.top_k(_ranking(logits[:, 2:], config.sampling), fan)  # [B, N, fan]
-      expand = (value > 0) & (depth == d - 1)
-      c_value = jnp.where(expand[..., None] & (top > 0), value[..., None] * top, -1.0)
-      c_parent = jnp.broadcast_to(jnp.arange(size, dtype=jnp.int32)[None, :, None], top.shape)
-      c_value, c_token, c_parent = (x.reshape(batch, -1) for x in (c_value, c_token, c_parent))
-    c_depth = jnp.full(c_value.shape, d, jnp.int32)
-    value, token, parent, depth = jax.vmap(_merge)(value, token, parent, depth, c_value,
-                                                   c_token.astype(jnp.int32), c_parent, c_depth)
-  qs = jax.nn.one_hot(token, vocab, dtype=jnp.float32)  # deterministic children: point masses
-  return (token, parent, depth, tree_shape.ancestor_mask(parent, depth_max), value > 0, qs, grown)
+      ancestors = tree_shape.ancestor_mask(nodes.parent, depth_max)
+      logits, grown = _draft_call(draft, draft_params, cache, last_two, context, nodes.token,
+                                  nodes.depth, ancestors)
+      ranked = tree_growth.ranking(logits[:, 2:], config.sampling)
+    nodes = tree_growth.grow(nodes, ranked, d, fan)
+  qs = jax.nn.one_hot(nodes.token, vocab, dtype=jnp.float32)  # deterministic children: point masses
+  return (nodes.token, nodes.parent, nodes.depth,
+          tree_shape.ancestor_mask(nodes.parent, depth_max), nodes.valid, qs, grown)
 
 
 @functools.partial(jax.jit, static_argnames=("target", "draft", "config"))

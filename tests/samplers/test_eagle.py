@@ -3,6 +3,8 @@ hands it the right features and keeps its cache right, and a Llama with a random
 stopping, per-row randomness and bad input. Its exact target joint at T = 1 over eight tokens,
 with a broken residual caught, is in test_long_oracle."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,3 +128,130 @@ def test_bad_input_is_a_clear_error():
     eagle.EagleConfig(num_draft_tokens=0, max_new_tokens=4)
   with pytest.raises(ValueError, match=r"confidence_threshold must be in \[0, 1\]"):
     eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, confidence_threshold=1.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneReadHead(WithFeatureHead):
+  """The toy head reading one of its two inputs: its cache (the previous pair's token, which in a
+  tree is the parent's only if the ancestors' pairs are visible) or the fed feature (the
+  parent's predicted feature, the one-hot of the parent's token)."""
+
+  reads: str = "cache"
+
+  def draft(self, params, features, tokens, positions, cache, attention_mask=None):
+    from_cache, cache = self._pairs.apply(params["head"], tokens, positions, cache,
+                                          attention_mask)
+    from_features = params["head"][jnp.argmax(features, axis=-1), tokens]
+    logits = from_cache if self.reads == "cache" else from_features
+    return logits, jax.nn.one_hot(tokens, self.vocab_size), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class _HidesAncestors(_OneReadHead):
+  """The broken variant: the head's tree calls see no ancestors (each node only itself), which
+  is what a tree that forgot the ancestor mask would feed it."""
+
+  def draft(self, params, features, tokens, positions, cache, attention_mask=None):
+    if attention_mask is not None:
+      attention_mask = attention_mask & jnp.eye(tokens.shape[1], dtype=bool)
+    return super().draft(params, features, tokens, positions, cache, attention_mask)
+
+
+def _second_choice_head(reads: str = "cache", kind=_OneReadHead) -> tuple[_OneReadHead, dict]:
+  """A head whose top draft is always wrong and whose second is the target's greedy token, so a
+  chain never gets a draft accepted and only a tree's second children do."""
+  index = np.arange(VOCAB)
+  table = np.asarray(_fibonacci())
+  wrong = np.zeros_like(table)
+  wrong[index[:, None], index[None, :], (index[:, None] + index[None, :] + 2) % VOCAB] = 5.2
+  model = kind(toy.TrigramLM(vocab_size=VOCAB, max_len=40), reads)
+  return model, {"base": jnp.asarray(table), "head": jnp.asarray(table + wrong)}
+
+
+def _prompts(batch: int):
+  rng = np.random.default_rng(batch)
+  return ar.pad_prompts([rng.integers(0, VOCAB, rng.integers(1, 6)).tolist()
+                         for _ in range(batch)])
+
+
+@pytest.mark.parametrize("batch, head, nodes, children", [
+    (1, "right", 6, 2), (8, "right", 8, 0), (3, "random", 8, 0), (8, "random", 3, 1),
+    (3, "cache", 16, 2), (3, "features", 16, 2)])
+def test_dynamic_tree_equals_greedy_ar(batch, head, nodes, children):
+  """EAGLE-2's tree gives AR's tokens whatever the head drafts. A second-choice head's drafts
+  are accepted only through the tree's second children (a chain accepts none of them) and only
+  if every node is fed its ancestors' pairs (`cache`) and its parent's predicted feature
+  (`features`)."""
+  second = head in ("cache", "features")  # a second-choice head reading one input
+  model, params = _second_choice_head(head) if second else _toy(batch, head)
+  padded = _prompts(batch)
+  expected = ar.sample(model, params, *padded, jax.random.key(0),
+                       ar.ARConfig(max_new_tokens=16, sampling=GREEDY))
+  config = eagle.EagleConfig(num_draft_tokens=4, max_new_tokens=16, sampling=GREEDY,
+                             tree_nodes=nodes, tree_children=children)
+  got = eagle.sample(model, params, *padded, jax.random.key(0), config)
+  np.testing.assert_array_equal(got.tokens, expected.tokens)
+  stats = {k: float(v) for k, v in got.stats.items()}
+  assert stats["draft_calls"] == 1 + 4 * (stats["target_calls"] - 1), stats  # D head calls
+  if head == "right":
+    assert stats["tokens_per_target_call"] > 3.0, stats
+  if second:
+    chain = eagle.sample(model, params, *padded, jax.random.key(0),
+                         eagle.EagleConfig(num_draft_tokens=4, max_new_tokens=16, sampling=GREEDY))
+    assert float(chain.stats["accepted_tokens"]) == 0, chain.stats
+    assert stats["tokens_per_target_call"] > 2.5, stats
+
+
+def test_dynamic_tree_that_hides_ancestors_from_the_head_is_caught():
+  """Caught by the second-choice head's acceptance: deeper drafts go wrong, output stays AR's."""
+  model, params = _second_choice_head()
+  broken_model, _ = _second_choice_head(kind=_HidesAncestors)
+  padded = _prompts(3)
+  config = eagle.EagleConfig(num_draft_tokens=4, max_new_tokens=16, sampling=GREEDY,
+                             tree_nodes=16, tree_children=2)
+  right = eagle.sample(model, params, *padded, jax.random.key(0), config)
+  broken = eagle.sample(broken_model, params, *padded, jax.random.key(0), config)
+  np.testing.assert_array_equal(broken.tokens, right.tokens)  # exactness does not need the head
+  assert float(right.stats["tokens_per_target_call"]) > 3.0, right.stats  # greedy: no noise
+  assert float(broken.stats["tokens_per_target_call"]) < 2.9, broken.stats
+
+
+def test_dynamic_tree_on_a_llama_with_a_head():
+  config = ModelConfig(vocab_size=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                       mlp_dim=64, max_len=48, init_std=0.5, tie_embeddings=False,
+                       draft_heads=DraftHeadsConfig(eagle=True))
+  model = EagleLM(config)
+  params = random_params(model)
+  padded = ar.pad_prompts([[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1], [9]])
+  expected = ar.sample(model, params, *padded, jax.random.key(0),
+                       ar.ARConfig(max_new_tokens=16, sampling=GREEDY))
+  got = eagle.sample(model, params, *padded, jax.random.key(0),
+                     eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=16, sampling=GREEDY,
+                                       tree_nodes=6, tree_children=3))
+  mismatched = np.flatnonzero(np.any(np.asarray(got.tokens != expected.tokens), axis=1))
+  assert mismatched.size <= 1, mismatched  # a float near-tie at most
+
+
+def test_dynamic_tree_rows_follow_their_keys():
+  model = WithFeatureHead(toy.TOY)
+  params = {"base": toy.TARGET, "head": toy.TOY.init(jax.random.key(3))}
+  prompt, lengths = ar.pad_prompts([[1, 2], [3], [0, 1, 2], [2, 2]])
+  config = eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=6, eos_id=0, tree_nodes=3)
+  run = lambda order, row_keys: eagle.sample(model, params, prompt[order], lengths[order],
+                                             row_keys, config)
+  oracle.assert_rows_follow_their_keys(run)
+
+
+def test_dynamic_tree_bad_input_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"tree_nodes must be >= 0 \(0: a chain\)"):
+    eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, tree_nodes=-1)
+  with pytest.raises(ValueError, match="tree_children must be >= 0"):
+    eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, tree_nodes=4, tree_children=-2)
+  with pytest.raises(ValueError, match="already drafts by confidence"):
+    eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, tree_nodes=4,
+                      confidence_threshold=0.5)
+  model, params = _toy(1, "right", max_len=12)
+  prompt, lengths = ar.pad_prompts([[1, 2]])
+  config = eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, tree_nodes=8)
+  with pytest.raises(ValueError, match=r"max\(tree_nodes, num_draft_tokens\) 8 = 13 exceeds"):
+    eagle.sample(model, params, prompt, lengths, jax.random.key(0), config)

@@ -61,6 +61,8 @@ CASES = {
     "eagle-g3": eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=STEPS),
     "eagle-g3-c0.7": eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=STEPS,
                                        confidence_threshold=0.7),
+    "eagle-tree-n4-d3": eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=STEPS,
+                                          tree_nodes=4),
     "diffusion_drafted-g3-w2": diffusion_drafted.DiffusionDraftedConfig(
         num_draft_tokens=3, max_new_tokens=STEPS, context_window=2),
 }

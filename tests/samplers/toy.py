@@ -47,9 +47,13 @@ class TrigramLM:
     steps = tokens.shape[1]
     if attention_mask is None:
       attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
+    # The previous token among the new ones is the deepest other token a token sees (its parent
+    # in a tree mask, whatever slot order the tree is fed in; token i - 1 under a causal mask).
     index = jnp.arange(steps)
-    ancestors = attention_mask & (index[None, None, :] < index[None, :, None])  # [B, T, T]
-    parent = jnp.max(jnp.where(ancestors, index, -1), axis=-1)  # [B, T], -1: none among new
+    ancestors = attention_mask & (index[None, None, :] != index[None, :, None])  # [B, T, T]
+    seen = jnp.sum(attention_mask, axis=-1)  # [B or 1, T]: how deep each new token is
+    depth_of = jnp.where(ancestors, seen[:, None, :], -1)
+    parent = jnp.where(jnp.any(ancestors, axis=-1), jnp.argmax(depth_of, axis=-1), -1)
     last_slot = jnp.clip(cache.lengths - 1, 0)[:, None]
     cached = jnp.where(cache.lengths[:, None] > 0,
                        jnp.take_along_axis(cache.tokens, last_slot, axis=1), 0)  # [B, 1]
