@@ -14,14 +14,16 @@ with both stopping rules, the head rule on `pair_draft_head` (the draft plus an 
 trained and cached like the pair), and reports its draft calls against the fixed-length
 speculative row of the same batch and temperature. Medusa decodes the target with 4 heads
 (`pair_medusa`) and EAGLE with its feature-level draft head (`pair_eagle`): the target's weights
-frozen, the heads trained on the same continuations as the draft, cached likewise. Jacobi decoding
+frozen, the heads trained on the same continuations as the draft, cached likewise; EAGLE runs as
+its default chain of 4 drafts, a chain of 7 and EAGLE-2's dynamic tree (`EAGLE_SHAPES`). Jacobi
+decoding
 also runs on `pair_cllm`, the target fine-tuned on the same continuations by CLLM's consistency
 objective (`models.consistency`), a second `jacobi` row with `model` "pair_cllm": its
 `greedy_equal_ar` compares with that model's own greedy AR (the decoder's guarantee) and
 `equal_to_target` counts the rows equal to the target's greedy AR (what the fine-tuning kept).
 Every row names its `text`: "held_out" prompts, or for the draft-free kinds (prompt lookup,
 lookahead) also "repeating" ones, which end with the target's own greedy continuation
-(`repeating`), the text those kinds are for.
+(`repeating`), the text those kinds are for, and its `setting`: the kind's own settings.
 """
 
 from __future__ import annotations
@@ -52,16 +54,30 @@ DRAFT_FREE = ("prompt_lookup", "lookahead")  # the kinds also measured on repeat
 TEXTS = ("held_out", "repeating")
 REPEAT_TOKENS = 64  # the target's own greedy tokens appended to a "repeating" prompt
 ADAPTIVE_RULES = ("confidence", "head")  # one "adaptive" row each, after "speculative"
-GREEDY_ONLY = ("jacobi",)
+GREEDY_ONLY = ("jacobi", "eagle/tree")  # kinds (or kind/rule rows) without a T = 1 row
+# EAGLE's rows besides the default chain of 4: a longer chain, and EAGLE-2's dynamic tree (greedy
+# only: its point-mass drafts are exact at T = 1 but rarely accepted). Chosen by a sweep on the
+# bench's own prompts (docs/drafting.md).
+EAGLE_SHAPES = {"long_chain": {"num_draft_tokens": 7},
+                "tree": {"num_draft_tokens": 5, "tree_nodes": 6, "tree_children": 2}}
 CONSISTENCY = "pair_cllm"  # the target fine-tuned for Jacobi decoding (`jacobi`'s second row)
 NUM_DRAFT_TOKENS = 6  # gamma of the fixed-length drafted samplers (and adaptive's most)
 
 
 def variant(cfg, kind: str, rule: str | None):
-  """The sampler section of one bench row: `cfg`'s shared settings, kind's defaults, gamma."""
+  """The sampler section of one bench row: `cfg`'s shared settings, kind's defaults, gamma (and
+  adaptive's stopping `rule`, or the EAGLE draft shape named by `rule`, `EAGLE_SHAPES`)."""
   extra = {"num_draft_tokens": NUM_DRAFT_TOKENS} if kind in ("speculative", "spectr",
                                                              "adaptive") else {}
+  if kind == "eagle":
+    extra, rule = EAGLE_SHAPES.get(rule, {}), None
   return dataclasses.replace(cfg, kind=kind, **extra, **({"rule": rule} if rule else {}))
+
+
+def setting(sampler) -> str:
+  """A row's `setting`: the kind's own settings, e.g. "num_draft_tokens=7, tree_nodes=0"."""
+  return ", ".join(f"{name}={value}"
+                   for name, value in dataclasses.asdict(sampler.options()).items())
 
 
 def trained(name: str, workdir: Path, overrides: list[str] = ()) -> Run:
@@ -157,8 +173,9 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
         f"data.path={continuations}", *shortened(draft_steps), *target_overrides]).restore()[:2]
   target_model, target_params, _ = target.restore()
   base = dataclasses.replace(target.exp.sampler, max_new_tokens=max_new_tokens, top_p=1.0, top_k=0)
+  rules = {"adaptive": ADAPTIVE_RULES, "eagle": (None, *EAGLE_SHAPES)}
   variants = [(kind, rule) for kind in SAMPLERS if kind in samplers
-              for rule in (ADAPTIVE_RULES if kind == "adaptive" else (None,))]
+              for rule in rules.get(kind, (None,))]
   variants += [("jacobi", CONSISTENCY)] if "jacobi" in samplers else []
   rows = []
   texts = TEXTS if set(samplers) & set(DRAFT_FREE) else TEXTS[:1]
@@ -177,7 +194,8 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
       ties = near_ties(target_model, target_params, prompt, ar_tokens) if temperature == 0 else None
       group, ar_times = [], []
       for kind, rule in variants:
-        if (temperature and kind in GREEDY_ONLY) or (text != TEXTS[0] and kind not in DRAFT_FREE):
+        greedy_only = kind in GREEDY_ONLY or f"{kind}/{rule}" in GREEDY_ONLY
+        if (temperature and greedy_only) or (text != TEXTS[0] and kind not in DRAFT_FREE):
           continue
         model_name = rule if rule == CONSISTENCY else None
         sampler = variant(cfg, kind, None if model_name else rule)
@@ -188,7 +206,7 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
         ar_times += ar_t
         tokens, _, stats = decoder.result(first, statistics.median(variant_t))
         row = _row(stats, temperature, [a / v for a, v in zip(ar_t, variant_t)]) | {
-            "near_ties": ties, "text": text}
+            "near_ties": ties, "text": text, "setting": setting(sampler)}
         if kind == "speculative":
           fixed = stats
         if kind == "adaptive":  # draft calls saved against fixed-length speculative, this run
@@ -208,8 +226,9 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
       if not group:  # every chosen kind is greedy only (or only for the other text)
         continue
       ar_stats = ar.result(ar_out, statistics.median(ar_times))[2]
-      rows += [_row(ar_stats, temperature, [1.0]) | {"near_ties": ties, "text": text}, *group]
-  harness.print_table(rows, ["sampler", "adaptive_rule", "model", "text", "batch", "temperature",
+      rows += [_row(ar_stats, temperature, [1.0]) | {"near_ties": ties, "text": text,
+                                                      "setting": ""}, *group]
+  harness.print_table(rows, ["sampler", "setting", "model", "text", "batch", "temperature",
                              "tokens_per_s",
                              "speedup_vs_ar", "tokens_per_target_call", "acceptance",
                              "draft_calls", "draft_calls_saved", "greedy_equal_ar"])
@@ -218,7 +237,7 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
             "draft_data": str(continuations),
             "samplers": {
                 f"{kind}/{rule}" if rule else kind:
-                config_lib.to_dict(variant(base, kind, rule if kind == "adaptive" else None))
+                config_lib.to_dict(variant(base, kind, None if rule == CONSISTENCY else rule))
                 for kind, rule in variants}}
   return harness.write_report(out, "decode", config, rows)
 

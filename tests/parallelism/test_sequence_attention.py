@@ -200,18 +200,20 @@ def test_draft_free_decoders_on_a_sequence_parallel_prefilled_target_equal_dense
 
 @pytest.mark.slow
 def test_eagle_on_a_sequence_parallel_prefilled_target_equals_dense(params):
-  """The EAGLE head reads the features of the ring-prefilled prompt (batch 3): the same tokens
-  as on the dense target, and as greedy AR."""
+  """The EAGLE head reads the features of the ring-prefilled prompt (batch 3), drafting a chain
+  or a dynamic tree: the same tokens as on the dense target, and as greedy AR."""
   prompt, lengths = ar.pad_prompts([[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1]])
   greedy = SamplingParams(temperature=0.0)
   with_head = dataclasses.replace(MODEL, draft_heads=DraftHeadsConfig(eagle=True))
   dense, ring = EagleLM(with_head), EagleLM(dataclasses.replace(with_head, attention="ring"))
   head_params = {**random_params(dense), **params}  # the target's weights, a random head
-  config = eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=8, sampling=greedy)
-  expected = eagle.sample(dense, head_params, prompt, lengths, jax.random.key(0), config)
-  with rules.activate(make_mesh(data=2, sequence=4)):
-    out = eagle.sample(ring, head_params, prompt, lengths, jax.random.key(0), config)
-  np.testing.assert_array_equal(out.tokens, expected.tokens)
-  np.testing.assert_array_equal(
-      expected.tokens, ar.sample(CausalLM(MODEL), params, prompt, lengths, jax.random.key(0),
-                                 ar.ARConfig(max_new_tokens=8, sampling=greedy)).tokens)
+  greedy_ar = ar.sample(CausalLM(MODEL), params, prompt, lengths, jax.random.key(0),
+                       ar.ARConfig(max_new_tokens=8, sampling=greedy)).tokens
+  for tree_nodes in (0, 5):  # the chain, and EAGLE-2's dynamic tree
+    config = eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=8, sampling=greedy,
+                               tree_nodes=tree_nodes)
+    expected = eagle.sample(dense, head_params, prompt, lengths, jax.random.key(0), config)
+    with rules.activate(make_mesh(data=2, sequence=4)):
+      out = eagle.sample(ring, head_params, prompt, lengths, jax.random.key(0), config)
+    np.testing.assert_array_equal(out.tokens, expected.tokens)
+    np.testing.assert_array_equal(expected.tokens, greedy_ar)

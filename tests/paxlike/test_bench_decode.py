@@ -31,8 +31,10 @@ def test_decode_suite_rows(tmp_path, capsys):
   assert {r["text"] for r in rows} == set(decode_suite.TEXTS)
   assert {r["sampler"] for r in rows if r["text"] == "repeating"} == {"ar", *decode_suite.DRAFT_FREE}
   assert all(r["temperature"] == 0.0 for r in rows if r["sampler"] in decode_suite.GREEDY_ONLY)
+  eagle = [r["setting"] for r in rows if r["sampler"] == "eagle"]
+  assert sum("tree_nodes=6" in s for s in eagle) == 1 and len(set(eagle)) == 3, eagle  # tree: T=0
   for row in rows:
-    for key in ("tokens_per_s", "tokens_per_target_call", "speedup_vs_ar", "near_ties"):
+    for key in ("tokens_per_s", "tokens_per_target_call", "speedup_vs_ar", "near_ties", "setting"):
       assert key in row
     low, high = row["speedup_range"]  # over the interleaved (AR, sampler) pairs
     assert 0 < low <= row["speedup_vs_ar"] <= high
