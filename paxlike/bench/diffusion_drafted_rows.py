@@ -1,8 +1,9 @@
 """The `diffusion` suite's rows of the exact diffusion-drafted AR decoder
-(`samplers.diffusion_drafted`), and of APD (`samplers.apd`, its lossy mixture rule): the suite's
-causal model (the AR judge, `tasks_ar`) answers every held-out prompt greedily, its drafts drawn
-from the bidirectional MDLM's marginals, against plain greedy AR (`samplers.ar`) on the same
-prompts.
+(`samplers.diffusion_drafted`), of APD (`samplers.apd`, its lossy mixture rule) and of their peer,
+speculative decoding with a separate causal draft (`samplers.speculative`): the suite's causal
+model (the AR judge, `tasks_ar`) answers every held-out prompt greedily, its drafts drawn from
+the bidirectional MDLM's marginals (or from the draft model), against plain greedy AR
+(`samplers.ar`) on the same prompts.
 
 A row's prompt is its canvas up to the first mask (the solved example line, then the prompt); both
 decoders generate the task's answer_length tokens. The pair is timed interleaved, `repeats`
@@ -20,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from paxlike import timing, tokenizer
-from samplers import ar, diffusion_drafted
+from samplers import ar, diffusion_drafted, speculative
 from samplers.core.logits import SamplingParams
 
 GAMMAS = (2, 4, 8)  # drafted tokens per round (at most the answer's length)
+KINDS = ("diffusion_drafted", "apd", "speculative")  # the rows' `sampler`
 GREEDY = SamplingParams(temperature=0.0)
 
 
@@ -43,19 +45,25 @@ def _static(value: Any) -> bool:
   return hasattr(value, "__dataclass_fields__") and not isinstance(value, jax.Array)
 
 
-def task_row(ar_pair, mdlm_pair, task, canvas: np.ndarray, prompts: list[str], mask_id: int,
-             gamma: int, repeats: int, mixture: float = 0.0) -> dict[str, Any]:
+def task_row(ar_pair, drafter_pair, task, canvas: np.ndarray, prompts: list[str], mask_id: int,
+             gamma: int, repeats: int, mixture: float = 0.0,
+             kind: str = "diffusion_drafted") -> dict[str, Any]:
   """The row of one task at draft length `gamma` (clipped to the answer's length:
-  `num_draft_tokens`); `mixture` > 0: APD's lossy rule (`samplers.apd`), row `apd`."""
-  (target, target_params), (denoiser, denoiser_params) = ar_pair, mdlm_pair
+  `num_draft_tokens`); `mixture` > 0: APD's lossy rule (`samplers.apd`), row `apd`; `kind`
+  "speculative": `drafter_pair` is a causal draft model (`samplers.speculative`)."""
+  (target, target_params), (drafter, drafter_params) = ar_pair, drafter_pair
   prompt, lengths = (jnp.asarray(a) for a in prompts_of(canvas, mask_id))
   new, key = task.answer_length, jax.random.key(0)
   plain = _compiled(ar.sample, target, target_params, prompt, lengths, key,
                     ar.ARConfig(max_new_tokens=new, sampling=GREEDY))
-  drafted = _compiled(diffusion_drafted.sample, target, target_params, denoiser,
-                      denoiser_params, prompt, lengths, key,
-                      diffusion_drafted.DiffusionDraftedConfig(min(gamma, new), new,
-                                                               sampling=GREEDY, mixture=mixture))
+  if kind == "speculative":
+    fn, config = speculative.sample, speculative.SpeculativeConfig(min(gamma, new), new,
+                                                                   sampling=GREEDY)
+  else:
+    fn, config = diffusion_drafted.sample, diffusion_drafted.DiffusionDraftedConfig(
+        min(gamma, new), new, sampling=GREEDY, mixture=mixture)
+  drafted = _compiled(fn, target, target_params, drafter, drafter_params, prompt, lengths, key,
+                      config)
   plain(), drafted()  # warm-up
   (ar_times, times), (ar_out, out) = timing.interleaved_times([plain, drafted], repeats)
   ratios = [a / d for a, d in zip(ar_times, times)]
@@ -63,7 +71,7 @@ def task_row(ar_pair, mdlm_pair, task, canvas: np.ndarray, prompts: list[str], m
   answers = [tokenizer.decode(row) for row in tokens]
   generated = float(out.stats["generated_tokens"])
   return {
-      "sampler": "apd" if mixture else "diffusion_drafted",
+      "sampler": "apd" if mixture else kind,
       "setting": f"R={mixture}, g={gamma}" if mixture else f"g={gamma}", "task": task.name,
       "temperature": 0.0, "batch": len(canvas), "num_draft_tokens": min(gamma, new),
       "tokens_per_target_call": round(float(out.stats["tokens_per_target_call"]), 3),
@@ -80,15 +88,16 @@ def task_row(ar_pair, mdlm_pair, task, canvas: np.ndarray, prompts: list[str], m
   }
 
 
-def rows(ar_pair, mdlm_pair, suite, batches: dict, mask_id: int, repeats: int,
-         gammas: tuple[int, ...] = GAMMAS, mixture: float = 0.0) -> list[dict[str, Any]]:
-  """One row per gamma and task, and per gamma an `all` row: accuracy over every prompt,
-  tokens/s and tokens per target call weighted by the tokens generated, speedup the median
-  of the tasks' medians."""
+def rows(ar_pair, drafter_pair, suite, batches: dict, mask_id: int, repeats: int,
+         gammas: tuple[int, ...] = GAMMAS, mixture: float = 0.0,
+         kind: str = "diffusion_drafted") -> list[dict[str, Any]]:
+  """One row per gamma and task (`task_row`), and per gamma an `all` row: accuracy over every
+  prompt, tokens/s and tokens per target call weighted by the tokens generated, speedup the
+  median of the tasks' medians."""
   out = []
   for gamma in gammas:
-    per_task = [task_row(ar_pair, mdlm_pair, task, *batches[task.name], mask_id, gamma, repeats,
-                         mixture) for task in suite]
+    per_task = [task_row(ar_pair, drafter_pair, task, *batches[task.name], mask_id, gamma,
+                         repeats, mixture, kind) for task in suite]
     out += per_task
     weight = [r["generated_tokens"] for r in per_task]
     mean = lambda key: round(float(np.average([r[key] for r in per_task], weights=weight)), 3)

@@ -20,7 +20,7 @@ BLOCK = 8  # block length of block decoding and of the block-causal model; divid
 SEQ_LEN = 2 * tasks.LINE_WIDTH  # training windows of 2 whole lines, aligned with line starts
 STUDENT_LINES = 100_000  # the most teacher-answered lines the student trains on
 SAMPLER_MODELS = ("mdlm", "mdlm_block", "asarm", "ar", "learn2pd", "mdlm_student",
-                  "mdlm_certain")  # the `models` that `samplers` takes, in order
+                  "mdlm_certain", "ar_draft")  # the `models` that `samplers` takes, in order
 ONE_CALL_MIN_T = 0.9  # the student's second stage: responses >= 90% masked (one-call states)
 ONE_CALL_ROWS = 0.5  # ... on half of each batch's rows; the others keep t ~ (1e-3, 1]
 ONE_CALL_CYCLES = 2  # the second stage's runs of steps // 2, each from the last (warm restarts)
@@ -61,8 +61,8 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
   MDLM trains for `steps`; the block-causal MDLM and the AS-ARM are fine-tuned from it (same
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
   too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much); the AR judge
-  trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), the Learn2PD
-  head for steps // 16. The student is fine-tuned from the MDLM for steps // 2 at a third of its
+  trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), and so does its
+  one-layer separate draft (`draft_experiment`), the Learn2PD head for steps // 16. The student is fine-tuned from the MDLM for steps // 2 at a third of its
   learning rate on the first 4 * student steps * batch lines of the corpus (at most
   STUDENT_LINES), each answered by the MDLM's greedy top-1 unmasking given its prompt alone
   (`diffusion_teacher`; written once to `root`/<steps>_steps/self_answers.txt), then on the same
@@ -90,6 +90,7 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
       "asarm": experiment("tasks_asarm", "asarm", corpus, part(8), mdlm_dir),
       "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS)),
       "learn2pd": finality_experiment(corpus, part(16), mdlm_dir),
+      "ar_draft": draft_experiment(corpus, min(part(2), AR_STEPS)),
   }
   pairs = {name: trained(shaped(exp), root / exp.name) for name, exp in specs.items()
            if name in wanted or name == "mdlm"}
@@ -115,6 +116,14 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
       previous = root / mixed.name
       pairs[name] = trained(mixed, previous)
   return pairs
+
+
+def draft_experiment(corpus: Path, steps: int) -> Experiment:
+  """The separate draft of the AR judge for speculative decoding: a causal model of the task
+  corpus with one layer of width 64 (~0.05M parameters), trained like the judge."""
+  exp = experiment("tasks_ar_draft", "llama", corpus, steps)
+  return dataclasses.replace(exp, model=dataclasses.replace(
+      exp.model, num_layers=1, d_model=64, num_heads=2, num_kv_heads=2, mlp_dim=128))
 
 
 def trained(exp: Experiment, workdir: Path) -> tuple[Any, Any]:

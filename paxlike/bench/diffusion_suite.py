@@ -17,7 +17,8 @@ of rows that differ from cache-free decoding (`cache_deviation`) and the cache-f
 for the block-causal model; the `fast_dllm` rows measure Fast-dLLM's approximate prefix and dual
 caches on the bidirectional model). The `diffusion_drafted` rows (`diffusion_drafted_rows`) decode
 the AR judge exactly, drafted by the MDLM, against plain AR; the `apd` rows run APD's lossy mixture
-rule on the same pair. Rows with "(S slots)" decode by continuous batching
+rule on the same pair, and the `speculative` rows the same judge drafted by a separate one-layer
+causal draft, the peer the diffusion drafter is measured against. Rows with "(S slots)" decode by continuous batching
 (`samplers.core.refill`): calls of S rows are counted as S / (prompts per task) of a batch call."""
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
 PROMPT_SEED = 10_000  # the held-out prompts of the rows (the corpus is drawn with seed 0)
 SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block",
                  "fast_dllm", "distilled", "certain", "learned", "edlm", "assd",
-                 "diffusion_drafted", "apd")  # the `sampler` of the rows (`samplers`)
+                 "diffusion_drafted", "apd", "speculative")  # the rows' `sampler` (`samplers`)
 GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 
@@ -112,7 +113,7 @@ class Timed:
 
 
 def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair, student_pair,
-             certain_pair) -> list[Sampler]:
+             certain_pair, draft_pair) -> list[Sampler]:
   model, params = mdlm_pair
   pair = (model, params)
   rule = unmask.UnmaskConfig
@@ -164,6 +165,9 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair, student_p
           for g in diffusion_drafted_rows.GAMMAS]
   # APD, lossy: the same pair, drafts verified against the mixture p_D^R p_AR^(1 - R)
   out += [Sampler("apd", f"R={r}, g=8", None, (*ar_pair, *pair), (8, r)) for r in (0.5, 0.8)]
+  # the peer of the diffusion-drafted decoder: the AR judge drafted by a separate causal draft
+  out += [Sampler("speculative", f"g={g}", None, (*ar_pair, *draft_pair), (g, 0.0), exact=True)
+          for g in diffusion_drafted_rows.GAMMAS]
   return out
 
 
@@ -232,9 +236,11 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
   shape = next(iter(batches.values()))[0]
   chosen = samplers(*(trained_models.get(k, (None, None)) for k in SAMPLER_MODELS))
   for s in [s for s in chosen if keep(s)]:
-    if s.name in ("diffusion_drafted", "apd"):  # a causal model's rows (config: gamma, R)
-      rows += diffusion_drafted_rows.rows(trained_models["ar"], mdlm_pair, suite, batches,
-                                          mask_id, repeats, (s.config[0],), s.config[1])
+    if s.name in diffusion_drafted_rows.KINDS:  # a causal model's rows (config: gamma, R)
+      drafter = trained_models["ar_draft" if s.name == "speculative" else "mdlm"]
+      rows += diffusion_drafted_rows.rows(trained_models["ar"], drafter, suite, batches,
+                                          mask_id, repeats, (s.config[0],), s.config[1],
+                                          kind=s.name)
       continue
     timed = Timed(s, shape)
     reference = Timed(cache_free(s), shape) if cache_free(s) else None

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from paxlike import tasks
-from paxlike.bench import diffusion_models, diffusion_suite
+from paxlike.bench import diffusion_drafted_rows, diffusion_models, diffusion_suite
 from paxlike.errors import UserError
 
 
@@ -20,7 +20,7 @@ def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
             "learned/tau=0.9", "assd/g=4, reuse, T=1", "edlm/S=1, K=8, T=1", "distilled/k=1",
             "distilled/k=8 (one call)", "distilled/margin >= 0.2 (4 slots)",
             "fast_dllm/dual cache, L=8, k=1", "diffusion_drafted/g=4",
-            "certain/tau=0.9", "apd/R=0.8, g=8")  # one row per property
+            "certain/tau=0.9", "apd/R=0.8, g=8", "speculative/g=4")  # one row per property
   report = diffusion_suite.run(str(tmp_path), str(out), examples=2, train_steps=4, repeats=1,
                                only=chosen, model_overrides=SMALL)
   assert json.loads(out.read_text())["suite"] == "diffusion"
@@ -28,13 +28,13 @@ def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
   names = {t.name for t in tasks.get()} | {"all"}
   assert {f"{r['sampler']}/{r['setting']}" for r in rows} == set(chosen)
   assert {r["task"] for r in rows} == names
-  for row in [r for r in rows if r["sampler"] == "diffusion_drafted"]:
+  for row in [r for r in rows if r["sampler"] in ("diffusion_drafted", "speculative")]:
     assert row["greedy_equal_ar"] and row["exact"] and row["speedup_vs_ar"] > 0, row
     assert 1.0 <= row["tokens_per_target_call"] <= 1 + row["num_draft_tokens"], row
   for row in [r for r in rows if r["sampler"] == "apd"]:
     assert not row["exact"] and 1.0 <= row["tokens_per_target_call"] <= 1 + row[
         "num_draft_tokens"], row
-  for row in [r for r in rows if r["sampler"] not in ("diffusion_drafted", "apd")]:
+  for row in [r for r in rows if r["sampler"] not in diffusion_drafted_rows.KINDS]:
     assert 0.0 <= row["task_accuracy"] <= 1.0 and row["tokens_per_call"] > 0, row
     if row["sampler"] in ("topk", "distilled") and row["setting"] == "k=1":
       assert row["tokens_per_call"] == 1.0
