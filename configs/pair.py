@@ -133,3 +133,23 @@ def pair_cllm() -> Experiment:
                         teacher_workdir="runs/pair_target", consistency_block=8),
       eval=EvalConfig(every_steps=0, batches=8),
   )
+
+
+@register
+def pair_mdlm() -> Experiment:
+  """A bidirectional masked-diffusion drafter for pair_target (`sampler.kind=diffusion_drafted`:
+  one denoiser call drafts the next tokens from its marginals, the target verifies them exactly):
+  the `mdlm_shakespeare` shape (4 x d128, ~0.8M parameters, windows of 128 tokens), trained on
+  the target's own continuations like pair_draft (--set data.path=<pair_target's
+  teacher_text.txt>, as the decode bench does): 1500 steps, a few minutes on 2 cores."""
+  return Experiment(
+      model=ModelConfig(kind="mdlm", num_layers=4, d_model=128, num_heads=4, num_kv_heads=4,
+                        mlp_dim=384, max_len=128),
+      data=_DATA,
+      optimizer=OptimizerConfig(learning_rate=3e-3, weight_decay=0.0),
+      schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
+      checkpoint=CheckpointConfig(every_steps=1500, keep=1),
+      train=TrainConfig(steps=1500, batch_size=16),
+      eval=EvalConfig(every_steps=0, batches=8),
+      run=RunConfig(log_every=100, sample_after_train=False),
+  )

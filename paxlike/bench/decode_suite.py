@@ -15,7 +15,9 @@ trained and cached like the pair), and reports its draft calls against the fixed
 speculative row of the same batch and temperature. Medusa decodes the target with 4 heads
 (`pair_medusa`) and EAGLE with its feature-level draft head (`pair_eagle`): the target's weights
 frozen, the heads trained on the same continuations as the draft, cached likewise; EAGLE runs as
-its default chain of 4 drafts, a chain of 7 and EAGLE-2's dynamic tree (`EAGLE_SHAPES`). Jacobi
+its default chain of 4 drafts, a chain of 7 and EAGLE-2's dynamic tree (`EAGLE_SHAPES`). The exact
+diffusion-drafted decoder drafts with `pair_mdlm`, a masked-diffusion model trained on the same
+continuations, cached likewise. Jacobi
 decoding
 also runs on `pair_cllm`, the target fine-tuned on the same continuations by CLLM's consistency
 objective (`models.consistency`), a second `jacobi` row with `model` "pair_cllm": its
@@ -48,7 +50,7 @@ from samplers import registry as sampler_registry
 NEAR_TIE = 1e-4
 
 SAMPLERS = ("speculative", "spectr", "tree", "dynamic_tree", "adaptive", "jacobi", "medusa",
-            "eagle", "prompt_lookup", "lookahead")
+            "eagle", "prompt_lookup", "lookahead", "diffusion_drafted")
 HEADED = ("medusa", "eagle")  # the kinds that decode the target with its draft heads (pair_KIND)
 DRAFT_FREE = ("prompt_lookup", "lookahead")  # the kinds also measured on repeating text
 TEXTS = ("held_out", "repeating")
@@ -154,7 +156,7 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
   on_target = drafting_on_target(root, small=bool(train_steps))
   continuations = root / "pair_target" / "teacher_text.txt"
   drafts = {}
-  if any(sampler_registry.get(kind).second_model for kind in samplers):
+  if any(sampler_registry.get(kind).second_model == "draft" for kind in samplers):
     draft = trained("pair_draft", root / "pair_draft",
                     [*on_target, *shortened(draft_steps), *draft_overrides])
     head = trained("pair_draft_head", root / "pair_draft_head",
@@ -167,6 +169,9 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
                            f"data.path={continuations}",
                            *shortened(draft_steps), *target_overrides]).restore()[:2]
             for kind in HEADED if kind in samplers}
+  if "diffusion_drafted" in samplers:  # a masked-diffusion drafter of the same continuations
+    drafts["denoiser"] = trained("pair_mdlm", root / "pair_mdlm", [
+        f"data.path={continuations}", *shortened(draft_steps), *draft_overrides]).restore()[:2]
   if "jacobi" in samplers:
     headed[CONSISTENCY] = trained(CONSISTENCY, root / CONSISTENCY, [
         f"train.init_from={root / 'pair_target'}", f"train.teacher_workdir={root / 'pair_target'}",
@@ -199,7 +204,8 @@ def run(workdir: str | None, out: str | None, max_new_tokens: int = 96,
           continue
         model_name = rule if rule == CONSISTENCY else None
         sampler = variant(cfg, kind, None if model_name else rule)
-        second = drafts[rule or "confidence"] if sampler.spec.second_model else ()
+        second = (drafts["denoiser"] if kind == "diffusion_drafted" else
+                  drafts[rule or "confidence"] if sampler.spec.second_model else ())
         decoder = compiled(sampler, *second, model_name=model_name)
         first = decoder.run()
         (ar_t, variant_t), _ = harness.interleaved_times([ar.run, decoder.run], repeats)
