@@ -166,10 +166,19 @@ def _canvas_text(model, lengths: np.ndarray, max_new: int):
   return finish
 
 
+def bounding_max_len(cfgs: list[SamplerConfig], model, draft) -> int:
+  """The max_len that bounds prompt + generation for every sampler of `cfgs`: the model's, and
+  the second model's where a sampler takes it and reads more than a window of the row
+  (`SamplerSpec.windowed_second`)."""
+  bounded = draft is not None and any(
+      cfg.spec.second_model and not cfg.spec.windowed_second(cfg.options()) for cfg in cfgs)
+  return min(model.max_len, draft.max_len) if bounded else model.max_len
+
+
 def _prepare(cfg: SamplerConfig, model, params, prompt: np.ndarray, draft, draft_params):
   """(sample function, leading arguments, static config, tokens to generate) for `cfg`, after
   checking that the prompts leave room and the sampler fits the model."""
-  max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
+  max_len = bounding_max_len([cfg], model, draft)
   spec, options = cfg.spec, cfg.options()
   try:
     room = max_len - prompt.shape[1] - spec.slack(options)
@@ -227,7 +236,7 @@ def generate(model: Any, params: Any, prompts: list[str], cfg: SamplerConfig, dr
   Generation stops at eos or at `cfg.max_new_tokens`, shortened so prompt + generation (+ the
   draft window) fits in the models' max_len.
   """
-  max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
+  max_len = bounding_max_len([cfg], model, draft)
   codec = interchange.text_codec(model.config)
   prompt, lengths = encode_prompts(prompts, max_len, codec)
   tokens, counts, stats = decode(model, params, prompt, lengths, cfg, draft, draft_params)
@@ -243,7 +252,7 @@ def side_by_side(model: Any, params: Any, prompts: list[str], cfgs: list[Sampler
   the median of its runs and `speedup_vs_first` the median over the rounds of the first
   sampler's time over its own (the rounds share the machine's state, so the ratio is steady
   under background load). Returns (texts, stats) per sampler, in the order of `cfgs`."""
-  max_len = min(model.max_len, draft.max_len) if draft is not None else model.max_len
+  max_len = bounding_max_len(cfgs, model, draft)
   codec = interchange.text_codec(model.config)
   prompt, lengths = encode_prompts(prompts, max_len, codec)
   decoders = [CompiledDecoder(model, params, prompt, lengths, cfg,

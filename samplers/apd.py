@@ -47,4 +47,5 @@ SPEC = SamplerSpec(
     lambda o, decode: diffusion_drafted.DiffusionDraftedConfig(
         o.num_draft_tokens, context_window=o.context_window, mixture=o.mixture,
         **decode.common()),
-    second_model="denoiser", second_kind="denoiser", slack=lambda o: o.num_draft_tokens)
+    second_model="denoiser", second_kind="denoiser", slack=lambda o: o.num_draft_tokens,
+    windowed_second=lambda o: o.context_window > 0)

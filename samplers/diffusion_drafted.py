@@ -171,4 +171,5 @@ SPEC = SamplerSpec(
     "diffusion_drafted", DiffusionDraftedOptions, sample,
     lambda o, decode: DiffusionDraftedConfig(o.num_draft_tokens, context_window=o.context_window,
                                              **decode.common()),
-    second_model="denoiser", second_kind="denoiser", slack=lambda o: o.num_draft_tokens)
+    second_model="denoiser", second_kind="denoiser", slack=lambda o: o.num_draft_tokens,
+    windowed_second=lambda o: o.context_window > 0)

@@ -78,6 +78,13 @@ class EagleConfig:
     for name, zero in (("tree_nodes", "a chain"), ("tree_children", "up to tree_nodes")):
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0 (0: {zero}), got {getattr(self, name)}")
+    if self.tree_children and not self.tree_nodes:
+      raise ValueError(f"tree_children={self.tree_children} shapes a tree, but tree_nodes=0 "
+                       f"drafts a chain: set tree_nodes > 0 or tree_children=0")
+    if 0 < self.tree_nodes < self.num_draft_tokens:
+      raise ValueError(f"a tree of tree_nodes={self.tree_nodes} nodes is at most that deep, "
+                       f"below its depth num_draft_tokens={self.num_draft_tokens}: set "
+                       f"num_draft_tokens <= tree_nodes")
     if self.tree_nodes and self.confidence_threshold:
       raise ValueError(f"confidence_threshold ({self.confidence_threshold}) stops a chain; the "
                        f"dynamic tree (tree_nodes={self.tree_nodes}) already drafts by confidence: "
@@ -85,8 +92,8 @@ class EagleConfig:
 
 
 def check_target(target, prompt_len: int, config: EagleConfig) -> int:
-  """Cache slots per row (P + N + gamma - 1, for the target and the head); ValueError if the
-  target has no EAGLE head or too few slots."""
+  """Cache slots per row, for the target and the head (a chain: P + N + gamma - 1; a tree:
+  `eagle_tree.check_room`); ValueError if the target has no EAGLE head or too few slots."""
   if not all(hasattr(target, name) for name in ("apply_with_features", "draft",
                                                 "init_draft_cache")):
     raise ValueError("sampler.kind=eagle needs a target with an EAGLE draft head "
@@ -118,10 +125,11 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
       `samplers.speculative`.
     config: static `EagleConfig`.
   Returns:
-    SampleOutput with tokens [B, N] and the statistics of `draft_verify.decode` with ragged
-    drafts (`draft_calls` counts head calls, `mean_draft_length`, `draft_calls_saved`).
+    SampleOutput with tokens [B, N] and the statistics of `draft_verify.decode` (`draft_calls`
+    counts head calls); a chain's are those of ragged drafts (`mean_draft_length`,
+    `draft_calls_saved`).
   Raises:
-    ValueError: the target has no EAGLE head, or P + N + gamma - 1 exceeds max_len.
+    ValueError: the target has no EAGLE head, or its max_len is below `check_target`'s slots.
   """
   batch, prompt_len = prompt.shape
   gamma, vocab = config.num_draft_tokens, target.vocab_size
@@ -136,14 +144,9 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
     E] are the true features of the `pending` [B] positions after them (the last, f_{c-2},
     pairs with the root x_{c-1})."""
     target_cache, draft_cache, features, pending = caches
-    pending = jnp.minimum(pending, context - 1)  # finished rows only: their context stops
     noise, verify_u = draft_verify.round_noise(keys, context, gamma, vocab, greedy)
-    start = context - 1 - pending
-    positions = start[:, None] + jnp.arange(gamma + 1)
-    tokens = jnp.take_along_axis(seq, positions + 1, axis=1)  # the token after each feature
-    logits, predicted, draft_cache = target.draft(target_params, features, tokens, positions,
-                                                  draft_cache.replace(lengths=start))
-    last = (pending - 1)[:, None, None]
+    first_logits, first_feature, draft_cache = eagle_tree.append_pending(
+        target, target_params, features, seq, context, draft_cache, pending)
 
     def feed(i, fed, carry):  # feeds (f' of position c + i - 2, drafts[i - 1]), drafts c + i
       cache, feature = carry
@@ -153,9 +156,8 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
 
     stops = lambda logits, carry: (confidence(logits) < config.confidence_threshold, carry)
     s, (draft_cache, _) = draft_verify.draft_chain(
-        jnp.take_along_axis(logits, last, axis=1)[:, 0],
-        (draft_cache.replace(lengths=context - 1), jnp.take_along_axis(predicted, last, axis=1)),
-        feed, stops, noise, active, gamma, config.sampling)
+        first_logits, (draft_cache, first_feature), feed, stops, noise, active, gamma,
+        config.sampling)
 
     window = context[:, None] - 1 + jnp.arange(gamma + 1)
     scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), s["drafts"]],

@@ -49,26 +49,42 @@ def check_room(target, prompt_len: int, config) -> int:
   return need
 
 
+def append_pending(target, target_params, features, seq, context, draft_cache, pending):
+  """A round's first head call, shared by the chain and the tree: appends the pairs the last
+  verification made known to the head's cache and drafts the token at `context`.
+
+  Args:
+    features: [B, D + 1, E], the first `pending` [B] of them the true features of the positions
+      before the root's (the last pairs with the root); seq [B, S]; context [B] int32.
+  Returns:
+    (logits [B, V] of the token at context, the predicted feature [B, 1, E] it came from, the
+    head's cache holding the pairs of positions below context - 1).
+  """
+  pending = jnp.minimum(pending, context - 1)  # finished rows only: their context stops
+  start = context - 1 - pending
+  positions = start[:, None] + jnp.arange(features.shape[1])
+  tokens = jnp.take_along_axis(seq, positions + 1, axis=1)  # the token after each feature
+  logits, predicted, draft_cache = target.draft(target_params, features, tokens, positions,
+                                                draft_cache.replace(lengths=start))
+  last = (pending - 1)[:, None, None]
+  return (jnp.take_along_axis(logits, last, axis=1)[:, 0],
+          jnp.take_along_axis(predicted, last, axis=1),
+          draft_cache.replace(lengths=context - 1))
+
+
 def make_round(target, target_params, config, keys: jax.Array, cache_slots: int):
   """The tree's `draft_verify.Round` over caches (target cache, head cache, pending features
   [B, D + 1, E], pending counts [B]): the first `pending` features are the true features of the
   positions before the root's, pairing with the tokens after them."""
   depth_max, size = config.num_draft_tokens, config.tree_nodes
   vocab = target.vocab_size
-  fan = min(config.tree_children or size, vocab)
+  fan = tree_growth.fan(config.tree_children, size, vocab)
   greedy = config.sampling.greedy
 
   def grow(features, seq, context, draft_cache, pending):
     """Appends the pending pairs to the head's cache and grows the tree (module docstring)."""
-    start = context - 1 - pending
-    positions = start[:, None] + jnp.arange(depth_max + 1)
-    tokens = jnp.take_along_axis(seq, positions + 1, axis=1)  # the token after each feature
-    logits, predicted, draft_cache = target.draft(target_params, features, tokens, positions,
-                                                  draft_cache.replace(lengths=start))
-    last = (pending - 1)[:, None, None]
-    first_logits = jnp.take_along_axis(logits, last, axis=1)[:, 0]  # [B, V] at the root
-    first_feature = jnp.take_along_axis(predicted, last, axis=1)  # [B, 1, E]
-    committed = draft_cache.replace(lengths=context - 1)
+    first_logits, first_feature, committed = append_pending(
+        target, target_params, features, seq, context, draft_cache, pending)
     nodes = tree_growth.grow(tree_growth.empty(context.shape[0], size),
                              tree_growth.ranking(first_logits, config.sampling), 1, fan)
     predicted = jnp.broadcast_to(first_feature, (context.shape[0], size, features.shape[-1]))
@@ -83,7 +99,6 @@ def make_round(target, target_params, config, keys: jax.Array, cache_slots: int)
 
   def round_fn(caches, seq, context):
     target_cache, draft_cache, features, pending = caches
-    pending = jnp.minimum(pending, context - 1)  # finished rows only: their context stops
     nodes, draft_cache = grow(features, seq, context, draft_cache, pending)
     u = None
     if not greedy:  # position c + d - 1 is decided at depth d

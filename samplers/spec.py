@@ -75,6 +75,9 @@ class SamplerSpec:
       denoiser that drafts for a causal target).
     slack: options -> cache slots needed past prompt + generated tokens (a draft window).
     fit: (options, prompt length, tokens that fit) -> tokens to generate (e.g. whole blocks).
+    windowed_second: options -> whether the second model reads only a bounded window of the
+      row (a denoiser drafting from the last `context_window` tokens), so that its max_len does
+      not bound prompt + generation; the sampler checks the window itself.
   """
 
   kind: str
@@ -87,6 +90,7 @@ class SamplerSpec:
   second_kind: str = "causal"
   slack: Callable[[Any], int] = no_slack
   fit: Callable[[Any, int, int], int] = whole_tokens
+  windowed_second: Callable[[Any], bool] = lambda options: False
 
   def __post_init__(self):
     for field, value in (("model", self.model), ("second_kind", self.second_kind)):

@@ -222,7 +222,7 @@ def _grow_dynamic(draft, draft_params, config: DynamicTreeConfig, cache, last_tw
   far. Same returns as `_grow_static`, per row."""
   batch, size, depth_max = last_two.shape[0], config.node_budget, config.max_depth
   vocab = draft.vocab_size
-  fan = min(config.max_children or size, vocab)
+  fan = tree_growth.fan(config.max_children, size, vocab)
   nodes = tree_growth.empty(batch, size)
   for d in range(1, depth_max + 1):  # static: D draft calls
     if d == 1:

@@ -17,11 +17,10 @@ speculative row of the same batch and temperature. Medusa decodes the target wit
 frozen, the heads trained on the same continuations as the draft, cached likewise; EAGLE runs as
 its default chain of 4 drafts, a chain of 7 and EAGLE-2's dynamic tree (`EAGLE_SHAPES`). The exact
 diffusion-drafted decoder drafts with `pair_mdlm`, a masked-diffusion model trained on the same
-continuations, cached likewise. Jacobi
-decoding
-also runs on `pair_cllm`, the target fine-tuned on the same continuations by CLLM's consistency
-objective (`models.consistency`), a second `jacobi` row with `model` "pair_cllm": its
-`greedy_equal_ar` compares with that model's own greedy AR (the decoder's guarantee) and
+continuations, cached likewise. Jacobi decoding also runs on `pair_cllm`, the target fine-tuned on
+the same continuations by CLLM's consistency objective (`models.consistency`), a second `jacobi`
+row with `model` "pair_cllm": its `greedy_equal_ar` compares with that model's own greedy AR (the
+decoder's guarantee) and
 `equal_to_target` counts the rows equal to the target's greedy AR (what the fine-tuning kept).
 Every row names its `text`: "held_out" prompts, or for the draft-free kinds (prompt lookup,
 lookahead) also "repeating" ones, which end with the target's own greedy continuation
@@ -77,7 +76,8 @@ def variant(cfg, kind: str, rule: str | None):
 
 
 def setting(sampler) -> str:
-  """A row's `setting`: the kind's own settings, e.g. "num_draft_tokens=7, tree_nodes=0"."""
+  """A row's `setting`: every one of the kind's own settings in order, e.g. "num_draft_tokens=7,
+  confidence_threshold=0.0, tree_nodes=0, tree_children=0"."""
   return ", ".join(f"{name}={value}"
                    for name, value in dataclasses.asdict(sampler.options()).items())
 

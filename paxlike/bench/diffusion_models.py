@@ -62,9 +62,10 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
   shapes: block diffusion and AS-ARMs start from a masked-diffusion checkpoint in their papers
   too) for steps // 4 and steps // 8 (its two-stream passes cost twice as much); the AR judge
   trains for steps // 2 (at most AR_STEPS: it learns the task lines far sooner), and so does its
-  one-layer separate draft (`draft_experiment`), the Learn2PD head for steps // 16. The student is fine-tuned from the MDLM for steps // 2 at a third of its
-  learning rate on the first 4 * student steps * batch lines of the corpus (at most
-  STUDENT_LINES), each answered by the MDLM's greedy top-1 unmasking given its prompt alone
+  one-layer separate draft (`draft_experiment`), the Learn2PD head for steps // 16. The student is
+  fine-tuned from the MDLM for steps // 2 at a third of its learning rate on the first 4 * student
+  steps * batch lines of the corpus (at most STUDENT_LINES), each answered by the MDLM's greedy
+  top-1 unmasking given its prompt alone
   (`diffusion_teacher`; written once to `root`/<steps>_steps/self_answers.txt), then on the same
   answers with t drawn from (ONE_CALL_MIN_T, 1] on half of each batch's rows
   (`model.diffusion.min_t`, `model.diffusion.min_t_rows`): the nearly fully masked responses that

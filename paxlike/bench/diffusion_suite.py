@@ -18,8 +18,9 @@ for the block-causal model; the `fast_dllm` rows measure Fast-dLLM's approximate
 caches on the bidirectional model). The `diffusion_drafted` rows (`diffusion_drafted_rows`) decode
 the AR judge exactly, drafted by the MDLM, against plain AR; the `apd` rows run APD's lossy mixture
 rule on the same pair, and the `speculative` rows the same judge drafted by a separate one-layer
-causal draft, the peer the diffusion drafter is measured against. Rows with "(S slots)" decode by continuous batching
-(`samplers.core.refill`): calls of S rows are counted as S / (prompts per task) of a batch call."""
+causal draft, the peer the diffusion drafter is measured against. Rows with "(S slots)" decode by
+continuous batching (`samplers.core.refill`): calls of S rows are counted as S / (prompts per task)
+of a batch call."""
 
 from __future__ import annotations
 

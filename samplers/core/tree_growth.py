@@ -9,7 +9,7 @@ step only needs the drafter's distributions at the depth-d nodes. Children are d
 (each node's most probable tokens), so a verifier treats them as point masses, which keeps any
 temperature exact. Everything is per row and jit-compatible; samplers differ only in how they
 call their drafter on the tree so far (`samplers.tree` re-feeds it to a draft model,
-`samplers.eagle` to the target's feature-level head).
+`samplers.eagle_tree` to the target's feature-level head).
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ def empty(batch: int, size: int) -> Nodes:
   """N empty slots per row."""
   return Nodes(jnp.full((batch, size), -1.0, jnp.float32), jnp.zeros((batch, size), jnp.int32),
                jnp.full((batch, size), -1, jnp.int32), jnp.zeros((batch, size), jnp.int32))
+
+
+def fan(children: int, size: int, vocab: int) -> int:
+  """Candidate children per expanded node: `children` (0: up to the N = `size` slots), at most
+  the vocabulary."""
+  return min(children or size, vocab)
 
 
 def ranking(logits: jax.Array, sampling: SamplingParams) -> jax.Array:

@@ -2,6 +2,8 @@
 target drafted by an MDLM denoiser), per-row randomness and bad input. Its exact target joint at
 T = 1 over eight tokens, with a broken residual caught, is in test_long_oracle."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +121,24 @@ def test_generate_runs_it_on_byte_models_and_names_a_wrong_second_model():
   assert stats["draft_calls"] == stats["target_calls"]
   with pytest.raises(UserError, match="needs a masked-diffusion model .* as its denoiser model"):
     generate.decode(target, target_params, prompt, lengths, drafted, target, target_params)
+
+
+def test_a_windowed_denoiser_does_not_bound_the_generation():
+  """The denoiser reads the row's last context_window tokens only, so a denoiser with a shorter
+  max_len than prompt + generation drafts the whole generation (the target's max_len bounds it);
+  without a window (context_window=0) its max_len bounds it as the other second models' do."""
+  shape = dict(d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  target = build_model(ModelConfig(num_layers=1, max_len=64, **shape))
+  denoiser = build_model(ModelConfig(kind="mdlm", num_layers=1, max_len=16, **shape))
+  target_params, denoiser_params = random_params(target), random_params(denoiser, seed=1)
+  prompt, lengths = generate.encode_prompts(["ROMEO:", "O"], 64)
+  base = config_lib.SamplerConfig(max_new_tokens=24, temperature=0.0)
+  ar_tokens, _, _ = generate.decode(target, target_params, prompt, lengths, base)
+  windowed = config_lib.apply_overrides(config_lib.Experiment(sampler=base), [
+      "sampler.kind=diffusion_drafted", "sampler.context_window=8"]).sampler
+  tokens, _, _ = generate.decode(target, target_params, prompt, lengths, windowed, denoiser,
+                                 denoiser_params)
+  np.testing.assert_array_equal(tokens, ar_tokens)  # all 24 tokens, past the denoiser's 16
+  whole = dataclasses.replace(windowed, context_window=0)
+  assert generate.bounding_max_len([whole], target, denoiser) == 16
+  assert generate.bounding_max_len([windowed], target, denoiser) == 64

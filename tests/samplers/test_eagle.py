@@ -175,7 +175,7 @@ def _prompts(batch: int):
 
 
 @pytest.mark.parametrize("batch, head, nodes, children", [
-    (1, "right", 6, 2), (8, "right", 8, 0), (3, "random", 8, 0), (8, "random", 3, 1),
+    (1, "right", 6, 2), (8, "right", 8, 0), (3, "random", 8, 0), (8, "random", 4, 1),
     (3, "cache", 16, 2), (3, "features", 16, 2)])
 def test_dynamic_tree_equals_greedy_ar(batch, head, nodes, children):
   """EAGLE-2's tree gives AR's tokens whatever the head drafts. A second-choice head's drafts
@@ -247,6 +247,10 @@ def test_dynamic_tree_bad_input_is_a_clear_error():
     eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, tree_nodes=-1)
   with pytest.raises(ValueError, match="tree_children must be >= 0"):
     eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, tree_nodes=4, tree_children=-2)
+  with pytest.raises(ValueError, match="tree_children=2 shapes a tree, but tree_nodes=0"):
+    eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, tree_children=2)
+  with pytest.raises(ValueError, match="set num_draft_tokens <= tree_nodes"):
+    eagle.EagleConfig(num_draft_tokens=5, max_new_tokens=4, tree_nodes=3)
   with pytest.raises(ValueError, match="already drafts by confidence"):
     eagle.EagleConfig(num_draft_tokens=2, max_new_tokens=4, tree_nodes=4,
                       confidence_threshold=0.5)
