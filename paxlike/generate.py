@@ -10,7 +10,6 @@ at the first eos they produced.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from typing import Any
