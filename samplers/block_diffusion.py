@@ -22,7 +22,10 @@ Wu et al. 2025).
   refresh), and a one-layer model (its keys and values depend on their own token only). A block
   with no mask in any row costs nothing. `refresh_every` r > 0 refreshes every r-th step of a
   block (dKV-Cache's and Fast-dLLM v2's periodic refresh): staler keys for fewer whole-canvas
-  calls; r = 1 decodes as "none" does.
+  calls; r = 1 decodes as "none" does. `fresh_window` w > 0 also recomputes the w positions
+  before the block at every step, caching only the prefix before them: the keys that a newly
+  committed token changes most are those nearest to it (the locality behind dLLM-Cache's and
+  Sparse-dLLM's partial refreshes); a window reaching the canvas start decodes as "none" does.
 
 Randomness: a row's n-th own denoising step (counted over its blocks; a step in which its current
 block has no mask left is not its step) draws fold_in(row_key, n), [block_length, ...] uniforms.
@@ -61,12 +64,15 @@ class BlockConfig:
     refresh_every: with "prefix" or "dual", a block's steps per refresh: every refresh_every-th
       step of a block scores the whole canvas again (1: every step, which is decoding without
       the cache); 0 refreshes once per block, Fast-dLLM's schedule.
+    fresh_window: with "prefix" or "dual", positions before the block that every step
+      recomputes instead of reading from the cache (0: none, Fast-dLLM's caches).
   """
 
   block_length: int
   rule: unmask.UnmaskConfig = unmask.UnmaskConfig()
   cache: str = "exact"
   refresh_every: int = 0
+  fresh_window: int = 0
 
   def __post_init__(self):
     if self.block_length < 1:
@@ -77,6 +83,9 @@ class BlockConfig:
       raise ValueError(f"refresh_every={self.refresh_every} must be 0 (once per block) or a "
                        f"number of steps >= 1 with cache 'prefix' or 'dual' (got cache "
                        f"{self.cache!r})")
+    if self.fresh_window < 0 or (self.fresh_window and self.cache not in _FAST_DLLM):
+      raise ValueError(f"fresh_window={self.fresh_window} must be 0 or a number of positions "
+                       f">= 1 with cache 'prefix' or 'dual' (got cache {self.cache!r})")
     if self.rule.slots is not None:
       raise ValueError(f"rule.slots={self.rule.slots}: continuous batching is for unmask.sample; "
                        f"block decoding runs all rows together, so leave rule.slots None")
@@ -193,15 +202,17 @@ def _block_by_block(model, params, canvas, keys, config: BlockConfig, state) -> 
   return canvas_lib.output(canvas, tokens, model.mask_id, denoise + writes, denoise_steps=denoise)
 
 
-def _refresh_order(cache: str, start: int, size: int, length: int) -> tuple[np.ndarray, int]:
-  """(the positions in their refresh slots [L], the block's first slot): "prefix" keeps the
-  canvas order; "dual" moves the block to the end, so that all the slots below it (kept during
-  the block's steps) are the prefix and the suffix."""
+def _refresh_order(cache: str, begin: int, start: int, size: int,
+                   length: int) -> tuple[np.ndarray, int]:
+  """(the positions in their refresh slots [L], the first recomputed slot): "prefix" keeps the
+  canvas order; "dual" moves the recomputed positions (the fresh window from `begin`, then the
+  block from `start`) to the end, so that all the slots below them (kept during the block's
+  steps) are the cached prefix and suffix."""
   order = np.arange(length)
   if cache == "prefix":
-    return order, start
-  return np.concatenate([order[:start], order[start + size:], order[start:start + size]]), (
-      length - size)
+    return order, begin
+  return np.concatenate([order[:begin], order[start + size:], order[begin:start + size]]), (
+      length - (start + size - begin))
 
 
 def _fast_dllm(model, params, canvas, keys, config: BlockConfig, state) -> SampleOutput:
@@ -217,26 +228,29 @@ def _fast_dllm(model, params, canvas, keys, config: BlockConfig, state) -> Sampl
   rows = lambda t: jnp.broadcast_to(t, (batch, len(t)))
   carry = (state, jnp.int32(0))  # and the refreshes so far
   for start in range(0, length, size):
-    order, at = _refresh_order(config.cache, start, size, length)
+    begin = max(0, start - config.fresh_window)  # recomputed from here at every step
+    order, at = _refresh_order(config.cache, begin, start, size, length)
     has_mask = _block_has_mask(model, size, start)
 
-    def refreshed(carry, start=start, order=order, at=at, has_mask=has_mask):
+    def refreshed(carry, start=start, begin=begin, order=order, at=at, has_mask=has_mask):
       """A refresh and its step, then cached steps until the block is done or the next refresh
       is due (after `every` steps; never with `every` 0)."""
       state, refreshes = carry
       logits, cache = model.apply(params, state[0][:, order], rows(order),
                                   model.init_cache(batch, length),
                                   jnp.ones((batch, length, length), bool))
-      state = _commit(model, config, keys, state, start, logits[:, at:at + size])
+      block = at + start - begin  # the block's first slot
+      state = _commit(model, config, keys, state, start, logits[:, block:block + size])
       cache = cache.replace(lengths=jnp.full((batch,), at, jnp.int32))
 
       def step(inner):
         state, taken = inner
         stop = length if config.cache == "prefix" else start + size
-        new = state[0][:, start:stop]
-        logits, _ = model.apply(params, new, rows(np.arange(start, stop)), cache,
-                                jnp.ones((batch, stop - start, stop - start), bool))
-        return _commit(model, config, keys, state, start, logits[:, :size]), taken + 1
+        new = state[0][:, begin:stop]
+        logits, _ = model.apply(params, new, rows(np.arange(begin, stop)), cache,
+                                jnp.ones((batch, stop - begin, stop - begin), bool))
+        return (_commit(model, config, keys, state, start,
+                        logits[:, start - begin:start - begin + size]), taken + 1)
 
       more = ((lambda inner: has_mask(inner[0])) if not every else
               (lambda inner: has_mask(inner[0]) & (inner[1] < every)))
@@ -256,7 +270,8 @@ class BlockOptions:
   scored, `cache`: "exact" (the default: finished blocks KV-cached, only for a block-causal model
   with model.diffusion.block_size == block_length), "none" (the whole canvas every step), or
   Fast-dLLM's approximate "prefix" or "dual" caches of a bidirectional model, refreshed once per
-  block, or every `refresh_every` steps of a block. The generation is shortened to whole blocks.
+  block, or every `refresh_every` steps of a block, recomputing the `fresh_window` positions
+  before the block at every step. The generation is shortened to whole blocks.
   """
 
   block_length: int = 16
@@ -267,6 +282,7 @@ class BlockOptions:
   threshold: float = 0.9
   factor: float = 1.0
   refresh_every: int = 0
+  fresh_window: int = 0
 
 
 def _whole_blocks(options: BlockOptions, prompt_len: int, max_new: int) -> int:
@@ -276,5 +292,5 @@ def _whole_blocks(options: BlockOptions, prompt_len: int, max_new: int) -> int:
 SPEC = SamplerSpec(
     "block", BlockOptions, sample,
     lambda o, decode: BlockConfig(o.block_length, unmask.rule_of(o, decode), o.cache,
-                                  o.refresh_every),
+                                  o.refresh_every, o.fresh_window),
     model="denoiser", fit=_whole_blocks)

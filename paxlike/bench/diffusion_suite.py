@@ -135,13 +135,18 @@ def samplers(mdlm_pair, block_pair, asarm_pair, ar_pair, learned_pair, student_p
               block_pair, block_diffusion.BlockConfig(BLOCK, rule("threshold"))),
   ]
   # Fast-dLLM's approximate caches of the bidirectional model, against its cache-free decoding:
-  # refreshed once per block (the paper's schedule) and every other step of a block
+  # refreshed once per block (the paper's schedule) and every other step of a block; and once per
+  # block with the 8 or 16 positions before the block recomputed at every step (fresh window)
   for cache, every in [(c, r) for c in ("prefix", "dual") for r in (0, 2)]:
     for label, unmasking in (("k=1", rule(k=1)), ("tau=0.9", rule("threshold"))):
       out.append(Sampler(
           "fast_dllm", f"{cache} cache, L={BLOCK}, {label}{f', refresh {every}' if every else ''}",
           block_diffusion.sample, pair, block_diffusion.BlockConfig(BLOCK, unmasking, cache,
                                                                     every)))
+  for cache, window in [(c, w) for c in ("prefix", "dual") for w in (8, 16)]:
+    out.append(Sampler("fast_dllm", f"{cache} cache, L={BLOCK}, k=1, window {window}",
+                       block_diffusion.sample, pair,
+                       block_diffusion.BlockConfig(BLOCK, rule(k=1), cache, 0, window)))
   # the margins were chosen on other prompts (`--prompt_seed 30000 --examples 256`): there 0.2
   # gives 4.17 tokens per call per row at 0.653, 0.25 4.03 at 0.658, against 90% of one token per
   # step, 0.634; 0.2 leaves continuous batching (slots) room above 4 per call of the batch
@@ -208,7 +213,7 @@ def cache_free(s: Sampler) -> Sampler | None:
   """The same block sampler without its cache (None for other samplers)."""
   if not isinstance(s.config, block_diffusion.BlockConfig):
     return None
-  free = dataclasses.replace(s.config, cache="none", refresh_every=0)
+  free = dataclasses.replace(s.config, cache="none", refresh_every=0, fresh_window=0)
   return dataclasses.replace(s, config=free)
 
 

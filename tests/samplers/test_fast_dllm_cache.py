@@ -42,12 +42,12 @@ def canvas() -> jax.Array:
   return jnp.asarray(rows, jnp.int32)
 
 
-def decode(model, params, cache, rule, size=4, rows=None, refresh_every=0):
+def decode(model, params, cache, rule, size=4, rows=None, refresh_every=0, fresh_window=0):
   tokens = canvas() if rows is None else canvas()[rows]
   keys = jax.random.split(jax.random.key(7), 4)
   keys = keys if rows is None else keys[rows]
-  return block_diffusion.sample(model, params, tokens, keys,
-                                block_diffusion.BlockConfig(size, rule, cache, refresh_every))
+  config = block_diffusion.BlockConfig(size, rule, cache, refresh_every, fresh_window)
+  return block_diffusion.sample(model, params, tokens, keys, config)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=list(RULES))
@@ -113,12 +113,43 @@ def test_refresh_every_without_a_fast_dllm_cache_is_refused():
     block_diffusion.BlockConfig(4, RULES["k=1, greedy"], "dual", -1)
 
 
+@pytest.mark.parametrize("rule", RULES, ids=list(RULES))
+def test_a_fresh_window_from_the_canvas_start_decodes_as_without_the_prefix_cache(rule):
+  """fresh_window >= the canvas: every step recomputes the whole canvas, so the three-layer model
+  that reads stale keys without it decodes exactly as cache-free, one refresh per block."""
+  model, params = denoiser(3)
+  free = decode(model, params, "none", RULES[rule])
+  cached = decode(model, params, "prefix", RULES[rule], fresh_window=24)
+  np.testing.assert_array_equal(cached.tokens, free.tokens)
+  assert int(cached.stats["refresh_calls"]) == 5
+
+
+@pytest.mark.parametrize("window", [4, 6])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_a_one_layer_model_with_a_fresh_window_decodes_as_without_the_cache(cache, window):
+  """Partial windows (a block, and a block and a half) move the block within the recomputed
+  slots; a one-layer model's keys depend on their own token only, so any slot mix-up shows."""
+  model, params = denoiser(1)
+  rule = RULES["k=1, greedy"]
+  free = decode(model, params, "none", rule)
+  cached = decode(model, params, cache, rule, fresh_window=window)
+  np.testing.assert_array_equal(cached.tokens, free.tokens)
+
+
+def test_a_fresh_window_without_a_fast_dllm_cache_is_refused():
+  with pytest.raises(ValueError, match="fresh_window=8 must be 0 .* with cache 'prefix' or "
+                     "'dual' .got cache 'exact'"):
+    block_diffusion.BlockConfig(4, RULES["k=1, greedy"], "exact", fresh_window=8)
+  with pytest.raises(ValueError, match="fresh_window=-1"):
+    block_diffusion.BlockConfig(4, RULES["k=1, greedy"], "prefix", fresh_window=-1)
+
+
 def test_a_dual_cache_whose_block_misses_the_suffix_is_caught(fresh_trace):
   model, params = denoiser(1)
   rule = RULES["k=1, greedy"]
   free = np.asarray(decode(model, params, "none", rule).tokens)
   fresh_trace.setattr(block_diffusion, "_refresh_order",
-                      lambda cache, start, size, length: (np.arange(length), start))
+                      lambda cache, begin, start, size, length: (np.arange(length), start))
   broken = np.asarray(decode(model, params, "dual", rule).tokens)
   assert np.all(np.sum(broken != free, axis=1) >= 3)  # every row, 5-12 of its tokens
 
