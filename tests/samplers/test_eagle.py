@@ -76,7 +76,8 @@ def test_one_token_prompts():
   np.testing.assert_array_equal(got.tokens, expected.tokens)
 
 
-def test_equals_greedy_ar_on_a_llama_with_a_head():
+@pytest.mark.parametrize("tree_nodes, tree_children", [(0, 0), (6, 3)])  # chain, EAGLE-2 tree
+def test_equals_greedy_ar_on_a_llama_with_a_head(tree_nodes, tree_children):
   config = ModelConfig(vocab_size=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                        mlp_dim=64, max_len=48, init_std=0.5, tie_embeddings=False,
                        draft_heads=DraftHeadsConfig(eagle=True))
@@ -86,7 +87,8 @@ def test_equals_greedy_ar_on_a_llama_with_a_head():
   expected = ar.sample(model, params, *padded, jax.random.key(0),
                        ar.ARConfig(max_new_tokens=16, sampling=GREEDY))
   got = eagle.sample(model, params, *padded, jax.random.key(0),
-                     eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=16, sampling=GREEDY))
+                     eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=16, sampling=GREEDY,
+                                       tree_nodes=tree_nodes, tree_children=tree_children))
   mismatched = np.flatnonzero(np.any(np.asarray(got.tokens != expected.tokens), axis=1))
   assert mismatched.size <= 1, mismatched  # a float near-tie at most
   assert int(got.stats["draft_calls"]) == 1 + 3 * (int(got.stats["target_calls"]) - 1)
@@ -214,22 +216,6 @@ def test_dynamic_tree_that_hides_ancestors_from_the_head_is_caught():
   np.testing.assert_array_equal(broken.tokens, right.tokens)  # exactness does not need the head
   assert float(right.stats["tokens_per_target_call"]) > 3.0, right.stats  # greedy: no noise
   assert float(broken.stats["tokens_per_target_call"]) < 2.9, broken.stats
-
-
-def test_dynamic_tree_on_a_llama_with_a_head():
-  config = ModelConfig(vocab_size=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                       mlp_dim=64, max_len=48, init_std=0.5, tie_embeddings=False,
-                       draft_heads=DraftHeadsConfig(eagle=True))
-  model = EagleLM(config)
-  params = random_params(model)
-  padded = ar.pad_prompts([[1, 2, 3, 4, 5], [7, 8], [3, 3, 3, 1], [9]])
-  expected = ar.sample(model, params, *padded, jax.random.key(0),
-                       ar.ARConfig(max_new_tokens=16, sampling=GREEDY))
-  got = eagle.sample(model, params, *padded, jax.random.key(0),
-                     eagle.EagleConfig(num_draft_tokens=3, max_new_tokens=16, sampling=GREEDY,
-                                       tree_nodes=6, tree_children=3))
-  mismatched = np.flatnonzero(np.any(np.asarray(got.tokens != expected.tokens), axis=1))
-  assert mismatched.size <= 1, mismatched  # a float near-tie at most
 
 
 def test_dynamic_tree_rows_follow_their_keys():
