@@ -154,8 +154,7 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
                                             (context + i - 2)[:, None], cache)
       return logits[:, 0], (cache, feature)
 
-    stops = None if not config.confidence_threshold else (
-        lambda logits, carry: (confidence(logits) < config.confidence_threshold, carry))
+    stops = lambda logits, carry: (confidence(logits) < config.confidence_threshold, carry)
     s, (draft_cache, _) = draft_verify.draft_chain(
         first_logits, (draft_cache, first_feature), feed, stops, noise, active, gamma,
         config.sampling)

@@ -119,7 +119,7 @@ def draft_after(draft: CausalModel, draft_params, seq: jax.Array, context: jax.A
           "confidence": jnp.concatenate([confidence(logits[:, 1])[:, None], c_rest.T], axis=1)}
 
 
-def draft_chain(first_logits: jax.Array, carry: Any, feed: Callable, stops: Callable | None,
+def draft_chain(first_logits: jax.Array, carry: Any, feed: Callable, stops: Callable,
                 noise: jax.Array, active: jax.Array, gamma: int,
                 sampling: SamplingParams) -> tuple[dict[str, Any], Any]:
   """Drafts up to gamma tokens per row, each row stopping on its own (adaptive draft lengths).
@@ -129,7 +129,6 @@ def draft_chain(first_logits: jax.Array, carry: Any, feed: Callable, stops: Call
   `stops(logits, carry) -> (stop [B] bool, carry)` (its distribution's logits) says whether the
   row stops there; the stopping draft is still proposed. The loop (`lax.while_loop`) ends when
   every `active` row has stopped or drafted gamma, which is where draft calls are saved.
-  `stops` None drafts gamma in every row, as gamma - 1 unrolled feed calls (no loop to run).
   Whether position i is drafted depends on the drafter alone, never on the target, which keeps
   the verification exact.
 
@@ -142,16 +141,6 @@ def draft_chain(first_logits: jax.Array, carry: Any, feed: Callable, stops: Call
   """
   batch, vocab = first_logits.shape
   first, q_first = draw_draft(noise[:, 0], first_logits, sampling)
-  if stops is None:  # fixed length: the feeds unrolled
-    drafts, qs = [first], [q_first]
-    for i in range(1, gamma):
-      logits, carry = feed(i, drafts[-1][:, None], carry)
-      token, q = draw_draft(noise[:, i], logits, sampling)
-      drafts.append(token)
-      qs.append(q)
-    out = {"drafts": jnp.stack(drafts, axis=1), "lengths": jnp.full((batch,), gamma, jnp.int32),
-           "calls": jnp.int32(gamma)}
-    return out | ({} if sampling.greedy else {"q": jnp.stack(qs, axis=1)}), carry
   stop, carry = stops(first_logits, carry)
   state = dict(i=jnp.int32(1), carry=carry, drafting=active & ~stop,
                lengths=jnp.ones((batch,), jnp.int32),
