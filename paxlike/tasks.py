@@ -12,10 +12,13 @@ exact baselines:
   tasks with one correct answer and below 1 for tasks with many ("perm", "dyck"): the
   factorisation penalty of decoding dependent tokens independently.
 
-A corpus line is `prompt + answer`, padded with spaces to LINE_WIDTH - 1 characters, then a
-newline, so every line has the same width and a canvas for one answer is one line
-(`canvas_parts`). Training corpus: `python -m paxlike.tasks --out FILE [--lines N] [--seed S]`,
-then train with `--set data.path=FILE`.
+A corpus line is `prompt + answer`, padded with spaces to the task's `line_width` - 1 characters,
+then a newline, so every line of a suite has the same width and a canvas for one answer is one
+line (`canvas_parts`). Two suites (`SUITES`): `short` (the default: answers of 3-8 characters in
+lines of LINE_WIDTH) and `long` (answers of 9-16 characters in lines of LONG_WIDTH), where
+decoding many answer tokens per model call is possible at all. Training corpus:
+`python -m paxlike.tasks --out FILE [--lines N] [--seed S] [--suite long]`, then train with
+`--set data.path=FILE`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import numpy as np
 from paxlike.errors import UserError
 
 LINE_WIDTH = 24  # characters per corpus line, newline included (divisible by 2, 3, 4, 6, 8, 12)
+LONG_WIDTH = 48  # the same for the `long` suite (a multiple of LINE_WIDTH)
+LONG = 16  # letters or digits of the long suite's copy, rev, sort and dyck answers
 LETTERS = "abcdefgh"
 DIGITS = "0123456789"
 
@@ -48,6 +53,7 @@ class Task:
     make: seeded generator rng -> (prompt, one correct answer).
     check: (prompt, answer) -> whether the answer is correct.
     chance, independent_chance: the exact baselines of the module docstring.
+    line_width: characters of its corpus lines, newline included.
   """
 
   name: str
@@ -58,6 +64,7 @@ class Task:
   check: Callable[[str, str], bool]
   chance: float
   independent_chance: float
+  line_width: int = LINE_WIDTH
 
   def examples(self, count: int, seed: int) -> list[tuple[str, str]]:
     """`count` seeded (prompt, answer) pairs."""
@@ -79,40 +86,44 @@ def _letters(rng: np.random.Generator, count: int, distinct: bool = False) -> st
   return "".join(rng.choice(list(LETTERS), count, replace=not distinct))
 
 
-def _copy() -> Task:
-  n = 5
-  return Task("copy", f"repeat the {n} letters", n, LETTERS,
+def _copy(n: int = 5, suffix: str = "") -> Task:
+  return Task("copy" + suffix, f"repeat the {n} letters", n, LETTERS,
               lambda rng: ((p := f"copy {_letters(rng, n)}="), _items(p)),
-              lambda prompt, answer: answer == _items(prompt), len(LETTERS) ** -n, 1.0)
+              lambda prompt, answer: answer == _items(prompt), len(LETTERS) ** -n, 1.0,
+              _width(suffix))
 
 
-def _reverse() -> Task:
-  n = 5
-  return Task("rev", f"the {n} letters reversed", n, LETTERS,
+def _reverse(n: int = 5, suffix: str = "") -> Task:
+  return Task("rev" + suffix, f"the {n} letters reversed", n, LETTERS,
               lambda rng: ((p := f"rev {_letters(rng, n)}="), _items(p)[::-1]),
-              lambda prompt, answer: answer == _items(prompt)[::-1], len(LETTERS) ** -n, 1.0)
+              lambda prompt, answer: answer == _items(prompt)[::-1], len(LETTERS) ** -n, 1.0,
+              _width(suffix))
 
 
-def _sort() -> Task:
-  n = 5
+def _sort(n: int = 5, suffix: str = "") -> Task:
   make = lambda rng: ((p := "sort " + "".join(rng.choice(list(DIGITS), n)) + "="),
                       "".join(sorted(_items(p))))
-  return Task("sort", f"the {n} digits in ascending order", n, DIGITS, make,
+  return Task("sort" + suffix, f"the {n} digits in ascending order", n, DIGITS, make,
               lambda prompt, answer: answer == "".join(sorted(_items(prompt))),
-              len(DIGITS) ** -n, 1.0)
+              len(DIGITS) ** -n, 1.0, _width(suffix))
 
 
-def _add() -> Task:
+def _add(digits: int = 2, suffix: str = "") -> Task:
   def make(rng):
-    a, b = rng.integers(0, 100, 2)
-    return f"add {a:02d}+{b:02d}=", f"{a + b:03d}"
+    a, b = rng.integers(0, 10 ** digits, 2)
+    return f"add {a:0{digits}d}+{b:0{digits}d}=", f"{a + b:0{digits + 1}d}"
 
   def check(prompt, answer):
     a, b = _items(prompt).split("+")
-    return answer == f"{int(a) + int(b):03d}"
+    return answer == f"{int(a) + int(b):0{digits + 1}d}"
 
-  return Task("add", "the sum of two 2-digit numbers as 3 digits", 3, DIGITS, make, check,
-              len(DIGITS) ** -3, 1.0)
+  return Task("add" + suffix, f"the sum of two {digits}-digit numbers as {digits + 1} digits",
+              digits + 1, DIGITS, make, check, len(DIGITS) ** -(digits + 1), 1.0, _width(suffix))
+
+
+def _width(suffix: str) -> int:
+  """The line width of a task: LONG_WIDTH for the long suite's (named with a length suffix)."""
+  return LONG_WIDTH if suffix else LINE_WIDTH
 
 
 def _perm() -> Task:
@@ -153,60 +164,72 @@ def independent_chance(correct: Sequence[str], alphabet: str, check: Callable[[s
   return total
 
 
-def _dyck() -> Task:
-  n = 8
+def _dyck(n: int = 8, suffix: str = "") -> Task:
   answers = _dyck_answers(n)
-  return Task("dyck", f"any balanced bracket string of length {n}", n, "()",
+  return Task("dyck" + suffix, f"any balanced bracket string of length {n}", n, "()",
               lambda rng: (f"dyck {n}=", answers[rng.integers(len(answers))]),
               lambda prompt, answer: len(answer) == n and balanced(answer),
-              len(answers) / 2 ** n, independent_chance(answers, "()", balanced))
+              len(answers) / 2 ** n, independent_chance(answers, "()", balanced), _width(suffix))
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (_copy(), _reverse(), _sort(), _add(), _perm(),
                                               _dyck())}
+LONG_TASKS: dict[str, Task] = {t.name: t for t in (
+    _copy(LONG, str(LONG)), _reverse(LONG, str(LONG)), _sort(LONG, str(LONG)), _add(8, "8"),
+    _dyck(LONG, str(LONG)))}
+SUITES: dict[str, dict[str, Task]] = {"short": TASKS, "long": LONG_TASKS}
 
 
-def get(names: Sequence[str] | None = None) -> list[Task]:
-  """The named tasks (all when None); UserError for an unknown name."""
+def get(names: Sequence[str] | None = None, suite: str = "short") -> list[Task]:
+  """The named tasks of any suite, or every task of `suite` when `names` is None; UserError for
+  an unknown name or suite."""
+  if suite not in SUITES:
+    raise UserError(f"unknown task suite {suite!r}; valid: {', '.join(SUITES)}")
   if names is None:
-    return list(TASKS.values())
-  unknown = [n for n in names if n not in TASKS]
+    return list(SUITES[suite].values())
+  every = {**TASKS, **LONG_TASKS}
+  unknown = [n for n in names if n not in every]
   if unknown:
-    raise UserError(f"unknown task(s) {', '.join(unknown)}; valid: {', '.join(TASKS)}")
-  return [TASKS[n] for n in names]
+    raise UserError(f"unknown task(s) {', '.join(unknown)}; valid: {', '.join(every)}")
+  return [every[n] for n in names]
 
 
-def line(prompt: str, answer: str) -> str:
-  """One corpus line: prompt + answer padded with spaces to LINE_WIDTH - 1, then a newline."""
+def line(prompt: str, answer: str, width: int = LINE_WIDTH) -> str:
+  """One corpus line: prompt + answer padded with spaces to `width` - 1, then a newline."""
   text = prompt + answer
-  if len(text) > LINE_WIDTH - 1:
-    raise ValueError(f"{text!r} is longer than a line ({LINE_WIDTH - 1} characters)")
-  return text.ljust(LINE_WIDTH - 1) + "\n"
+  if len(text) > width - 1:
+    raise ValueError(f"{text!r} is longer than a line ({width - 1} characters)")
+  return text.ljust(width - 1) + "\n"
 
 
 def canvas_parts(task: Task, prompt: str) -> tuple[str, int, str]:
   """(text before the answer, answer length, text after it) of the line that answers `prompt`:
-  a decoder fills answer_length positions between two known texts, LINE_WIDTH in all."""
-  after = LINE_WIDTH - 1 - len(prompt) - task.answer_length
+  a decoder fills answer_length positions between two known texts, the task's line_width in all."""
+  after = task.line_width - 1 - len(prompt) - task.answer_length
   return prompt, task.answer_length, " " * after + "\n"
 
 
-def corpus(lines: int, seed: int, names: Sequence[str] | None = None) -> str:
-  """`lines` corpus lines, each from a task drawn uniformly (seeded)."""
-  tasks = get(names)
+def corpus(lines: int, seed: int, names: Sequence[str] | None = None,
+           suite: str = "short") -> str:
+  """`lines` corpus lines, each from a task drawn uniformly (seeded): of the tasks `names`, or of
+  every task of `suite` when None. The tasks must share a line width."""
+  tasks = get(names, suite)
+  if len({t.line_width for t in tasks}) > 1:
+    raise UserError(f"tasks of one corpus share a line width; {', '.join(t.name for t in tasks)} "
+                    "mix the short and long suites")
   rng = np.random.default_rng(seed)
   picks = rng.integers(len(tasks), size=lines)
   examples = {t.name: iter(t.examples(int(np.sum(picks == i)), seed))
               for i, t in enumerate(tasks)}
-  return "".join(line(*next(examples[tasks[i].name])) for i in picks)
+  return "".join(line(*next(examples[tasks[i].name]), tasks[i].line_width) for i in picks)
 
 
 def write_corpus(path: str | Path, lines: int, seed: int,
-                 names: Sequence[str] | None = None) -> Path:
+                 names: Sequence[str] | None = None, suite: str = "short") -> Path:
   """Writes `corpus(...)` to `path` (parents created) and returns the path."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(corpus(lines, seed, names))
+  path.write_text(corpus(lines, seed, names, suite))
   return path
 
 
@@ -215,12 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="file to write")
   parser.add_argument("--lines", type=int, default=50_000)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--tasks", default="", help="comma-separated task names (default: all)")
+  parser.add_argument("--tasks", default="",
+                      help="comma-separated task names (default: all of --suite)")
+  parser.add_argument("--suite", default="short", choices=list(SUITES))
   args = parser.parse_args(argv)
   names = [n for n in args.tasks.split(",") if n] or None
-  path = write_corpus(args.out, args.lines, args.seed, names)
+  path = write_corpus(args.out, args.lines, args.seed, names, args.suite)
   print(f"wrote {args.lines} lines to {path}")
-  for task in get(names):
+  for task in get(names, args.suite):
     print(f"  {task.name:<6} {task.description}; chance {task.chance:.3g}, "
           f"independent-position chance {task.independent_chance:.3g}")
   return 0

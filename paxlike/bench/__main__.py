@@ -26,8 +26,12 @@ flags.DEFINE_integer("timed_up_to", 8192, "Longest sequence that is also timed (
 flags.DEFINE_integer("max_new_tokens", 96, "Tokens generated per row (decode suite).")
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes (decode and compare-hf suites).")
 flags.DEFINE_list("sizes", ["10M", "50M"], "Target sizes (compare-hf suite).")
-flags.DEFINE_integer("train_steps", 24000, "Training steps of the masked-diffusion model; the "
-                     "others train for a fraction of them (diffusion suite).")
+flags.DEFINE_integer("train_steps", None, "Training steps of the masked-diffusion model; the "
+                     "others train for a fraction of them (diffusion suite; default 24000 for the "
+                     "short task suite, 12000 for the long one).")
+flags.DEFINE_enum("task_suite", "short", ["short", "long"], "Tasks of the diffusion suite: short "
+                  "answers (3-8 tokens, every sampler) or long ones (9-16 tokens, the MDLM's "
+                  "parallel unmasking rules).")
 flags.DEFINE_list("samplers", [], "Sampler names to run, e.g. topk,distilled (diffusion suite) "
                   "or eagle,speculative (decode suite, beside AR); default all.")
 flags.DEFINE_integer("examples", 64, "Held-out prompts per task (diffusion suite).")
@@ -108,6 +112,7 @@ def main(argv: list[str]) -> int:
     elif argv[1] == "diffusion":
       diffusion_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.examples, FLAGS.train_steps,
                           only=tuple(FLAGS.samplers), student_cycles=FLAGS.student_cycles,
+                          suite=FLAGS.task_suite,
                           prompt_seed=diffusion_suite.PROMPT_SEED if FLAGS.prompt_seed is None
                           else FLAGS.prompt_seed)
     elif argv[1] == "serve":

@@ -30,18 +30,19 @@ CERTAINTY_WEIGHT = 1.0  # the dParallel student's certainty-forcing weight (not 
 
 def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path | None = None,
                learning_rate: float = 3e-3, finality: FinalityConfig = FinalityConfig(),
-               **diffusion: Any) -> Experiment:
-  """A ~0.7M-parameter model of the task corpus. The diffusion-style kinds are conditional
-  (`model.diffusion.response_after` '='): trained to fill answers given their prompts. `init_from`
-  fine-tunes from another run of the same shape (every parameter copied). `diffusion`: further
-  `model.diffusion` fields (e.g. block_size); `finality`: the `model.finality` section."""
+               seq_len: int = SEQ_LEN, **diffusion: Any) -> Experiment:
+  """A ~0.7M-parameter model of the task corpus, trained on windows of `seq_len` (two corpus
+  lines). The diffusion-style kinds are conditional (`model.diffusion.response_after` '='):
+  trained to fill answers given their prompts. `init_from` fine-tunes from another run of the
+  same shape (every parameter copied). `diffusion`: further `model.diffusion` fields (e.g.
+  block_size); `finality`: the `model.finality` section."""
   conditional = {} if kind == "llama" else {"response_after": "="}
   return Experiment(
       name=name,
       model=ModelConfig(kind=kind, num_layers=4, d_model=128, num_heads=4, num_kv_heads=4,
-                        mlp_dim=256, max_len=SEQ_LEN,
+                        mlp_dim=256, max_len=seq_len,
                         diffusion=DiffusionConfig(**conditional, **diffusion), finality=finality),
-      data=DataConfig(path=str(corpus), seq_len=SEQ_LEN, eval_fraction=0.02),
+      data=DataConfig(path=str(corpus), seq_len=seq_len, eval_fraction=0.02),
       optimizer=OptimizerConfig(learning_rate=learning_rate, weight_decay=0.0),
       schedule=ScheduleConfig(kind="cosine", warmup_steps=30),
       checkpoint=CheckpointConfig(every_steps=steps, keep=1),
@@ -54,7 +55,7 @@ def experiment(name: str, kind: str, corpus: Path, steps: int, init_from: Path |
 
 def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...] = (),
            wanted: tuple[str, ...] | set[str] = SAMPLER_MODELS,
-           cycles: int = ONE_CALL_CYCLES) -> dict[str, tuple[Any, Any]]:
+           cycles: int = ONE_CALL_CYCLES, seq_len: int = SEQ_LEN) -> dict[str, tuple[Any, Any]]:
   """The suite's (model, params) by name, those `wanted` (and the MDLM the others start from),
   trained in `root`/<steps>_steps unless cached there (a
   new step count trains afresh instead of resuming under another schedule). The bidirectional
@@ -77,21 +78,23 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
   second stage with dParallel's certainty forcing added (`model.diffusion.certainty_weight` =
   CERTAINTY_WEIGHT), so the two differ by that term alone.
   `model_overrides`: `--set`-style model.* fields of every model (tests: a smaller one); the
-  cache does not tell them apart, so give other overrides another `root`."""
+  cache does not tell them apart, so give other overrides another `root`. `seq_len`: the
+  training windows (two lines of the corpus's width)."""
   root = root / f"{steps}_steps"
   mdlm_dir = root / "tasks_mdlm"
   part = lambda n: max(1, steps // n)
   if bad := [o for o in model_overrides if not o.startswith("model.")]:
     raise UserError(f"model_overrides set model.* fields only, got {', '.join(bad)}")
   shaped = lambda exp: config_lib.apply_overrides(exp, model_overrides)  # every model alike
+  shape = dict(seq_len=seq_len)
   specs = {
-      "mdlm": experiment("tasks_mdlm", "mdlm", corpus, steps),
+      "mdlm": experiment("tasks_mdlm", "mdlm", corpus, steps, **shape),
       "mdlm_block": experiment("tasks_mdlm_block", "mdlm", corpus, part(4), mdlm_dir,
-                               block_size=BLOCK),
-      "asarm": experiment("tasks_asarm", "asarm", corpus, part(8), mdlm_dir),
-      "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS)),
-      "learn2pd": finality_experiment(corpus, part(16), mdlm_dir),
-      "ar_draft": draft_experiment(corpus, min(part(2), AR_STEPS)),
+                               block_size=BLOCK, **shape),
+      "asarm": experiment("tasks_asarm", "asarm", corpus, part(8), mdlm_dir, **shape),
+      "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS), **shape),
+      "learn2pd": finality_experiment(corpus, part(16), mdlm_dir, **shape),
+      "ar_draft": draft_experiment(corpus, min(part(2), AR_STEPS), **shape),
   }
   pairs = {name: trained(shaped(exp), root / exp.name) for name, exp in specs.items()
            if name in wanted or name == "mdlm"}
@@ -99,7 +102,7 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
     return pairs
   answers_path = root / "self_answers.txt"
   student = shaped(experiment("tasks_mdlm_student", "mdlm", answers_path, part(2), mdlm_dir,
-                              learning_rate=1e-3))  # a third of the MDLM's: a fine-tune
+                              learning_rate=1e-3, **shape))  # a third of the MDLM's: a fine-tune
   if not answers_path.exists():
     lines = min(STUDENT_LINES, 4 * student.train.steps * student.train.batch_size)
     print(f"writing the MDLM's own answers to {lines} training lines", flush=True)
@@ -113,16 +116,16 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
     for cycle in range(1, cycles + 1):
       mixed = shaped(experiment(f"{prefix}{cycle if cycle > 1 else ''}", "mdlm", answers_path,
                                 part(2), previous, learning_rate=1e-3, min_t=ONE_CALL_MIN_T,
-                                min_t_rows=ONE_CALL_ROWS, certainty_weight=certainty))
+                                min_t_rows=ONE_CALL_ROWS, certainty_weight=certainty, **shape))
       previous = root / mixed.name
       pairs[name] = trained(mixed, previous)
   return pairs
 
 
-def draft_experiment(corpus: Path, steps: int) -> Experiment:
+def draft_experiment(corpus: Path, steps: int, seq_len: int = SEQ_LEN) -> Experiment:
   """The separate draft of the AR judge for speculative decoding: a causal model of the task
   corpus with one layer of width 64 (~0.05M parameters), trained like the judge."""
-  exp = experiment("tasks_ar_draft", "llama", corpus, steps)
+  exp = experiment("tasks_ar_draft", "llama", corpus, steps, seq_len=seq_len)
   return dataclasses.replace(exp, model=dataclasses.replace(
       exp.model, num_layers=1, d_model=64, num_heads=2, num_kv_heads=2, mlp_dim=128))
 
@@ -133,10 +136,11 @@ def trained(exp: Experiment, workdir: Path) -> tuple[Any, Any]:
   return model, params
 
 
-def finality_experiment(corpus: Path, steps: int, denoiser_workdir: Path) -> Experiment:
+def finality_experiment(corpus: Path, steps: int, denoiser_workdir: Path,
+                        seq_len: int = SEQ_LEN) -> Experiment:
   """The Learn2PD head on the frozen denoiser trained in `denoiser_workdir` (same shape)."""
   exp = experiment("tasks_learn2pd", "learn2pd", corpus, steps, denoiser_workdir,
-                   finality=FinalityConfig(dim=64, steps=8))
+                   finality=FinalityConfig(dim=64, steps=8), seq_len=seq_len)
   return dataclasses.replace(exp, train=dataclasses.replace(exp.train, trainable="^filter/"))
 
 

@@ -42,6 +42,8 @@ from samplers import assd, block_diffusion, edlm, learned_unmask, mdlm, unmask
 from samplers.core.logits import SamplingParams
 
 CORPUS_LINES = 200_000  # 4.8 MB; the held-out prompts are other seeds
+LONG_CORPUS_LINES = 100_000  # the long suite's corpus (4.8 MB)
+TRAIN_STEPS = {"short": 24_000, "long": 12_000}  # the MDLM's default training steps per suite
 PROMPT_SEED = 10_000  # the held-out prompts of the rows (the corpus is drawn with seed 0)
 SAMPLER_NAMES = ("ancestral", "topk", "threshold", "factor", "greedy_safe", "block",
                  "fast_dllm", "distilled", "certain", "learned", "edlm", "assd",
@@ -51,7 +53,7 @@ GREEDY, T1 = SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)
 
 def canvases(task: tasks.Task, count: int, mask_id: int,
              seed: int = PROMPT_SEED) -> tuple[np.ndarray, list[str]]:
-  """[count, 2 * LINE_WIDTH] canvases and their held-out prompts (drawn with `seed`): a solved
+  """[count, 2 * line_width] canvases and their held-out prompts (drawn with `seed`): a solved
   example line of the task (another held-out example, drawn with seed + 10000), then the
   prompt's line with the answer masked. Two whole lines, like the training windows, so a
   bidirectional model sees the context it was trained with."""
@@ -60,7 +62,7 @@ def canvases(task: tasks.Task, count: int, mask_id: int,
   rows = []
   for prompt, example in zip(prompts, solved):
     before, length, after = tasks.canvas_parts(task, prompt)
-    rows.append(np.concatenate([tokenizer.encode(tasks.line(*example) + before),
+    rows.append(np.concatenate([tokenizer.encode(tasks.line(*example, task.line_width) + before),
                                 np.full([length], mask_id, np.int32), tokenizer.encode(after)]))
   return np.stack(rows).astype(np.int32), prompts
 
@@ -190,15 +192,36 @@ def student_rows(name: str, pair, slots: tuple[int, ...]) -> list[Sampler]:
                 for n in slots]
 
 
-def selection(only: tuple[str, ...]) -> Any:
+def long_samplers(mdlm_pair) -> list[Sampler]:
+  """The long suite's rows, all on its bidirectional MDLM: one token per call (the accuracy line),
+  k per call up to one call per answer, confidence and margin thresholds, and Fast-dLLM's caches
+  (whose deviation from cache-free decoding the bench measures)."""
+  rule = unmask.UnmaskConfig
+  long = tasks.LONG
+  out = [Sampler("topk", f"k={k}{' (one call)' if k == long else ''}", unmask.sample, mdlm_pair,
+                 rule(k=k), exact=k == 1) for k in (1, 2, 4, 8, long)]
+  out += [Sampler("threshold", f"tau={tau}", unmask.sample, mdlm_pair,
+                  rule("threshold", threshold=tau)) for tau in (0.9, 0.7, 0.5)]
+  out += [Sampler("threshold", f"margin >= {m}", unmask.sample, mdlm_pair,
+                  rule("threshold", threshold=m, confidence="margin")) for m in (0.5, 0.2)]
+  out.append(Sampler("greedy_safe", "1-1/(N+1)", unmask.sample, mdlm_pair, rule("greedy_safe")))
+  out += [Sampler("fast_dllm", f"{cache} cache, L={BLOCK}, tau=0.9", block_diffusion.sample,
+                  mdlm_pair, block_diffusion.BlockConfig(BLOCK, rule("threshold"), cache))
+          for cache in ("prefix", "dual")]
+  return out
+
+
+def selection(only: tuple[str, ...], suite: str = "short") -> Any:
   """A filter of `Sampler`s: every one when `only` is empty, else those whose name or
   "name/setting" (`--samplers "distilled/margin >= 0.25"`: one row) is in `only`; UserError
   naming the valid choices when one matches nothing."""
-  unbound = samplers(*[(None, None)] * len(SAMPLER_MODELS))  # names and settings: no model
-  valid = set(SAMPLER_NAMES) | {f"{s.name}/{s.setting}" for s in unbound}
+  unbound = (long_samplers((None, None)) if suite == "long"  # names and settings: no model
+             else samplers(*[(None, None)] * len(SAMPLER_MODELS)))
+  names = sorted({s.name for s in unbound}) if suite == "long" else SAMPLER_NAMES
+  valid = set(names) | {f"{s.name}/{s.setting}" for s in unbound}
   if set(only) - valid:
-    raise UserError(f"unknown sampler(s) {', '.join(sorted(set(only) - valid))}; valid: a name "
-                    f"({', '.join(SAMPLER_NAMES)}) or name/setting, e.g. topk/k=1")
+    raise UserError(f"unknown sampler(s) {', '.join(sorted(set(only) - valid))} of the {suite} "
+                    f"suite; valid: a name ({', '.join(names)}) or name/setting, e.g. topk/k=1")
   return lambda s: not only or s.name in only or f"{s.name}/{s.setting}" in only
 
 
@@ -217,34 +240,43 @@ def cache_free(s: Sampler) -> Sampler | None:
   return dataclasses.replace(s, config=free)
 
 
-def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int = 24000,
+def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: int | None = None,
         repeats: int = 3, only: tuple[str, ...] = (), prompt_seed: int = PROMPT_SEED,
-        model_overrides: tuple[str, ...] = (),
-        student_cycles: int = ONE_CALL_CYCLES) -> dict[str, Any]:
+        model_overrides: tuple[str, ...] = (), student_cycles: int = ONE_CALL_CYCLES,
+        suite: str = "short") -> dict[str, Any]:
   """Runs the suite; `examples` prompts per task drawn with `prompt_seed` (another seed: other
   prompts, to choose settings on without touching the reported ones), `train_steps` of the MDLM
-  and `model_overrides` of every model (`models`; tests: fewer, smaller), `student_cycles` runs
-  of the students' second stage; `only` keeps some samplers (`selection`; all when empty)."""
-  keep = selection(only)  # checked before any training
+  (default TRAIN_STEPS of the suite) and `model_overrides` of every model (`models`; tests: fewer,
+  smaller), `student_cycles` runs of the students' second stage; `only` keeps some samplers
+  (`selection`; all when empty). `suite` "long" runs `long_samplers` on the long-answer tasks
+  (`tasks.LONG_TASKS`), with their own MDLM and AR judge trained on their own corpus."""
+  if suite not in TRAIN_STEPS:
+    raise UserError(f"unknown diffusion suite {suite!r}; valid: {', '.join(TRAIN_STEPS)}")
+  keep = selection(only, suite)  # checked before any training
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser() / "diffusion"
-  corpus = root / f"tasks_{CORPUS_LINES}.txt"
+  long = suite == "long"
+  root, lines = (root / "long", LONG_CORPUS_LINES) if long else (root, CORPUS_LINES)
+  corpus = root / f"tasks_{lines}.txt"
   if not corpus.exists():
-    tasks.write_corpus(corpus, CORPUS_LINES, seed=0)
-  steps = train_steps
-  trained_models = models(root, corpus, steps, model_overrides, needed_models(keep),
-                          student_cycles)
+    tasks.write_corpus(corpus, lines, seed=0, suite=suite)
+  steps = train_steps or TRAIN_STEPS[suite]
+  suite_tasks = tasks.get(suite=suite)
+  width = suite_tasks[0].line_width
+  wanted = {"mdlm", "ar"} if long else needed_models(keep)
+  trained_models = models(root, corpus, steps, model_overrides, wanted, student_cycles,
+                          seq_len=2 * width)
   mdlm_pair, (ar_model, ar_params) = trained_models["mdlm"], trained_models["ar"]
   judge = (jax.jit(ar_model.logits), ar_params)  # for `answer_nll`: compiled once
   mask_id = mdlm_pair[0].mask_id
-  suite = tasks.get()
-  batches = {t.name: canvases(t, examples, mask_id, prompt_seed) for t in suite}
+  batches = {t.name: canvases(t, examples, mask_id, prompt_seed) for t in suite_tasks}
   rows = []
   shape = next(iter(batches.values()))[0]
-  chosen = samplers(*(trained_models.get(k, (None, None)) for k in SAMPLER_MODELS))
+  chosen = (long_samplers(mdlm_pair) if long else
+            samplers(*(trained_models.get(k, (None, None)) for k in SAMPLER_MODELS)))
   for s in [s for s in chosen if keep(s)]:
     if s.name in diffusion_drafted_rows.KINDS:  # a causal model's rows (config: gamma, R)
       drafter = trained_models["ar_draft" if s.name == "speculative" else "mdlm"]
-      rows += diffusion_drafted_rows.rows(trained_models["ar"], drafter, suite, batches,
+      rows += diffusion_drafted_rows.rows(trained_models["ar"], drafter, suite_tasks, batches,
                                           mask_id, repeats, (s.config[0],), s.config[1],
                                           kind=s.name)
       continue
@@ -253,7 +285,7 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
     totals = dict(correct=0, count=0, generated=0, calls=0.0, energy=0.0, wall=0.0, nll=0.0,
                   scored=0, deviating=0, free_correct=0, chance=0.0, independent=0.0,
                   row_calls=0.0)
-    for task in suite:
+    for task in suite_tasks:
       canvas, prompts = batches[task.name]
       tokens, stats = timed(canvas, repeats)
       correct = sum(task.check(p, a) for p, a in zip(prompts, answers(tokens, canvas, mask_id)))
@@ -276,8 +308,9 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
                     energy=totals["energy"] + stats.get("energy_calls", 0) * len(prompts),
                     wall=totals["wall"] + stats["wall_s"], nll=totals["nll"] + nll,
                     scored=totals["scored"] + scored,
-                    chance=totals["chance"] + task.chance / len(suite),
-                    independent=totals["independent"] + task.independent_chance / len(suite))
+                    chance=totals["chance"] + task.chance / len(suite_tasks),
+                    independent=(totals["independent"]
+                                 + task.independent_chance / len(suite_tasks)))
       if totals["row_calls"] is not None:  # None once a task's sampler does not count them
         totals["row_calls"] = (totals["row_calls"] + stats["row_model_calls"]
                                if "row_model_calls" in stats else None)
@@ -301,10 +334,10 @@ def run(workdir: str | None, out: str | None, examples: int = 64, train_steps: i
                                 "speedup_vs_ar", "greedy_equal_ar"])
   config = {"models": {name: config_lib.to_dict(pair[0].config)
                        for name, pair in trained_models.items()},
-            "train_steps": steps, "student_cycles": student_cycles,
+            "suite": suite, "train_steps": steps, "student_cycles": student_cycles,
             "examples_per_task": examples, "prompt_seed": prompt_seed,
             "block": BLOCK,
-            "line_width": tasks.LINE_WIDTH, "repeats": repeats}
+            "line_width": width, "repeats": repeats}
   return harness.write_report(out, "diffusion", config, rows)
 
 

@@ -73,6 +73,30 @@ def test_diffusion_suite_rows(tmp_path, capsys, monkeypatch):
   assert "training" not in capsys.readouterr().out  # the suite's model cache is reused
 
 
+@pytest.mark.slow
+def test_long_suite_trains_its_own_models_on_wider_lines(tmp_path, monkeypatch):
+  monkeypatch.setattr(diffusion_suite, "LONG_CORPUS_LINES", 5_000)
+  chosen = ("topk/k=1", "topk/k=16 (one call)", "threshold/margin >= 0.2",
+            "fast_dllm/dual cache, L=8, tau=0.9")
+  report = diffusion_suite.run(str(tmp_path), None, examples=2, train_steps=4, repeats=1,
+                               only=chosen, model_overrides=SMALL, suite="long")
+  rows = report["rows"]
+  assert {f"{r['sampler']}/{r['setting']}" for r in rows} == set(chosen)
+  assert {r["task"] for r in rows} == {t.name for t in tasks.get(suite="long")} | {"all"}
+  config = report["config"]
+  assert config["suite"] == "long" and config["line_width"] == tasks.LONG_WIDTH
+  assert set(config["models"]) == {"mdlm", "ar"}
+  assert {m["max_len"] for m in config["models"].values()} == {2 * tasks.LONG_WIDTH}
+  one_call = [r for r in rows if r["setting"] == "k=16 (one call)"]
+  assert one_call and all(r["steps"] == 1.0 for r in one_call)  # add8's 9 tokens: one call too
+  assert all(r["tokens_per_call"] == 1.0 for r in rows if r["setting"] == "k=1")
+  assert (tmp_path / "diffusion" / "long" / "4_steps" / "tasks_mdlm").is_dir()
+  with pytest.raises(UserError, match="unknown sampler.*of the long suite.*fast_dllm, greedy"):
+    diffusion_suite.run(str(tmp_path), None, only=("assd",), suite="long")
+  with pytest.raises(UserError, match="unknown diffusion suite 'huge'; valid: short, long"):
+    diffusion_suite.run(str(tmp_path), None, suite="huge")
+
+
 def test_prompt_seed_draws_other_prompts_of_the_same_shape():
   task = tasks.get(["perm"])[0]
   canvas, prompts = diffusion_suite.canvases(task, 8, mask_id=259)

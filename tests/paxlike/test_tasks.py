@@ -10,7 +10,7 @@ from paxlike import tasks
 from paxlike.errors import UserError
 
 
-@pytest.mark.parametrize("task", tasks.get(), ids=lambda t: t.name)
+@pytest.mark.parametrize("task", tasks.get() + tasks.get(suite="long"), ids=lambda t: t.name)
 def test_generated_answers_are_correct_and_perturbed_ones_are_not(task):
   for prompt, answer in task.examples(50, seed=0):
     assert len(answer) == task.answer_length and set(answer) <= set(task.alphabet)
@@ -62,3 +62,30 @@ def test_corpus_lines_have_one_width_and_canvas_parts_rebuild_them(tmp_path):
   assert all(l.startswith(("add ", "dyck ")) for l in path.read_text().splitlines())
   with pytest.raises(UserError, match="unknown task"):
     tasks.get(["nope"])
+
+
+def test_long_suite_lines_are_one_wider_width_and_its_baselines_are_exact():
+  """The long suite's answers are 9-16 characters in lines of LONG_WIDTH; its chance levels
+  follow from the answer formats (dyck16: Catalan(8) = 1430 of 2^16 strings), and mixing the
+  suites' widths in one corpus is refused."""
+  long = tasks.get(suite="long")
+  assert {t.name for t in long} == {"copy16", "rev16", "sort16", "add8", "dyck16"}
+  text = tasks.corpus(300, seed=0, suite="long")
+  lines = text.splitlines(keepends=True)
+  assert all(len(l) == tasks.LONG_WIDTH for l in lines)
+  assert {l.split(" ", 1)[0] for l in lines} == {"copy", "rev", "sort", "add", "dyck"}
+  for task in long:
+    prompt, answer = task.examples(1, seed=0)[0]
+    before, count, after = tasks.canvas_parts(task, prompt)
+    assert before + answer + after == tasks.line(prompt, answer, tasks.LONG_WIDTH)
+    assert count == task.answer_length >= 9
+  by_name = tasks.LONG_TASKS
+  assert by_name["copy16"].chance == pytest.approx(8.0 ** -16)
+  assert by_name["add8"].examples(1, seed=0)[0][0].count("+") == 1
+  assert by_name["dyck16"].chance == pytest.approx(1430 / 2 ** 16)
+  assert 0 < by_name["dyck16"].independent_chance < tasks.TASKS["dyck"].independent_chance
+  assert tasks.get(["add8"]) == [by_name["add8"]]  # names reach either suite
+  with pytest.raises(UserError, match="share a line width"):
+    tasks.corpus(10, seed=0, names=["add", "add8"])
+  with pytest.raises(UserError, match="unknown task suite 'huge'; valid: short, long"):
+    tasks.get(suite="huge")
