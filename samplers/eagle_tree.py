@@ -88,18 +88,13 @@ def make_round(target, target_params, config, keys: jax.Array, cache_slots: int)
     nodes = tree_growth.grow(tree_growth.empty(context.shape[0], size),
                              tree_growth.ranking(first_logits, config.sampling), 1, fan)
     predicted = jnp.broadcast_to(first_feature, (context.shape[0], size, features.shape[-1]))
-
-    def deeper(d, carry):  # head call d - 1 of D - 1: re-feeds the tree, grows depth d
-      nodes, predicted = carry
+    for d in range(2, depth_max + 1):  # static: D - 1 head calls
       at_parent = jnp.take_along_axis(predicted, jnp.clip(nodes.parent, 0)[..., None], axis=1)
       fed = jnp.where((nodes.parent >= 0)[..., None], at_parent, first_feature)
       logits, predicted, _ = target.draft(
           target_params, fed, nodes.token, context[:, None] - 2 + nodes.depth, committed,
           tree_shape.ancestor_mask(nodes.parent, depth_max))
-      ranked = tree_growth.ranking(logits, config.sampling)
-      return tree_growth.grow(nodes, ranked, d, fan), predicted
-
-    nodes, _ = jax.lax.fori_loop(2, depth_max + 1, deeper, (nodes, predicted))
+      nodes = tree_growth.grow(nodes, tree_growth.ranking(logits, config.sampling), d, fan)
     return nodes, committed
 
   def round_fn(caches, seq, context):

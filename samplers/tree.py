@@ -223,20 +223,19 @@ def _grow_dynamic(draft, draft_params, config: DynamicTreeConfig, cache, last_tw
   batch, size, depth_max = last_two.shape[0], config.node_budget, config.max_depth
   vocab = draft.vocab_size
   fan = tree_growth.fan(config.max_children, size, vocab)
-  logits, grown = _draft_call(draft, draft_params, cache, last_two, context,
-                              jnp.zeros((batch, 0), jnp.int32), jnp.zeros((0,), jnp.int32),
-                              np.zeros((0, 0), bool))
-  nodes = tree_growth.grow(tree_growth.empty(batch, size),
-                           tree_growth.ranking(logits[:, 1], config.sampling), 1, fan)
-
-  def deeper(d, carry):  # draft call d of D: re-feeds the tree so far, grows depth d
-    nodes, _ = carry
-    logits, grown = _draft_call(draft, draft_params, cache, last_two, context, nodes.token,
-                                nodes.depth, tree_shape.ancestor_mask(nodes.parent, depth_max))
-    return tree_growth.grow(nodes, tree_growth.ranking(logits[:, 2:], config.sampling), d,
-                            fan), grown
-
-  nodes, grown = jax.lax.fori_loop(2, depth_max + 1, deeper, (nodes, grown))
+  nodes = tree_growth.empty(batch, size)
+  for d in range(1, depth_max + 1):  # static: D draft calls
+    if d == 1:
+      logits, grown = _draft_call(draft, draft_params, cache, last_two, context,
+                                  jnp.zeros((batch, 0), jnp.int32), jnp.zeros((0,), jnp.int32),
+                                  np.zeros((0, 0), bool))
+      ranked = tree_growth.ranking(logits[:, 1], config.sampling)
+    else:
+      ancestors = tree_shape.ancestor_mask(nodes.parent, depth_max)
+      logits, grown = _draft_call(draft, draft_params, cache, last_two, context, nodes.token,
+                                  nodes.depth, ancestors)
+      ranked = tree_growth.ranking(logits[:, 2:], config.sampling)
+    nodes = tree_growth.grow(nodes, ranked, d, fan)
   qs = jax.nn.one_hot(nodes.token, vocab, dtype=jnp.float32)  # deterministic children: point masses
   return (nodes.token, nodes.parent, nodes.depth,
           tree_shape.ancestor_mask(nodes.parent, depth_max), nodes.valid, qs, grown)

@@ -82,15 +82,14 @@ def grow(nodes: Nodes, ranked: jax.Array, d: int, fan: int) -> Nodes:
     nodes: the tree after step d - 1 (`empty` before step 1).
     ranked: the drafter's child probabilities (`ranking`): [B, V] after the root when d == 1,
       else [B, N, V] after each slot's node (slots of other depths are ignored).
-    d: the depth grown (>= 1): a Python int when 1; from 2 on it may be traced (the index of a
-      `lax.fori_loop` over depths, whose body keeps one shape).
+    d: the depth grown (static, >= 1).
     fan: candidate children per expanded node (static, <= V).
   Returns:
     the tree after step d.
   """
   batch, size = nodes.value.shape
   top, c_token = jax.lax.top_k(ranked, fan)  # [B, fan] or [B, N, fan]
-  if isinstance(d, int) and d == 1:
+  if d == 1:
     c_value, c_parent = top, jnp.full((batch, fan), -1, jnp.int32)
   else:
     expand = nodes.valid & (nodes.depth == d - 1)
