@@ -33,7 +33,8 @@ flags.DEFINE_enum("task_suite", "short", ["short", "long"], "Tasks of the diffus
                   "answers (3-8 tokens, every sampler) or long ones (9-16 tokens, the MDLM's "
                   "parallel unmasking rules).")
 flags.DEFINE_list("samplers", [], "Sampler names to run, e.g. topk,distilled (diffusion suite) "
-                  "or eagle,speculative (decode suite, beside AR); default all.")
+                  "or eagle,speculative (decode suite, beside AR); default all. Double-quote a "
+                  "name/setting that holds commas: '\"fast_dllm/dual cache, L=8, k=1\"'.")
 flags.DEFINE_integer("examples", 64, "Held-out prompts per task (diffusion suite).")
 flags.DEFINE_integer("student_cycles", 2, "Runs of the students' second stage, each from the "
                      "last (diffusion suite; the cache keeps every run, so 1 reuses the first).")

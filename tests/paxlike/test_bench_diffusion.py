@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from absl import flags
 
 from paxlike import tasks
 from paxlike.bench import diffusion_drafted_rows, diffusion_models, diffusion_suite
@@ -110,6 +111,15 @@ def test_an_unknown_setting_is_named_before_any_training():
   assert keep(diffusion_suite.Sampler("distilled", "margin >= 0.2 (4 slots)", None, (), None))
   with pytest.raises(UserError, match="unknown sampler.*distilled/nope.*name/setting"):
     diffusion_suite.selection(("distilled/nope",))
+
+
+def test_a_quoted_setting_with_commas_selects_its_row_from_the_cli_list():
+  """`--samplers` is an absl list: a double-quoted item keeps its commas (the flag's help)."""
+  only = flags.ListParser().parse('topk/k=1,"fast_dllm/dual cache, L=8, k=1"')
+  assert only == ["topk/k=1", "fast_dllm/dual cache, L=8, k=1"]
+  keep = diffusion_suite.selection(tuple(only))
+  assert keep(diffusion_suite.Sampler("fast_dllm", "dual cache, L=8, k=1", None, (), None))
+  assert not keep(diffusion_suite.Sampler("fast_dllm", "dual cache, L=8, tau=0.9", None, (), None))
 
 
 def test_only_the_models_of_the_chosen_samplers_are_trained():
