@@ -20,7 +20,9 @@ the AR judge exactly, drafted by the MDLM, against plain AR; the `apd` rows run 
 rule on the same pair, and the `speculative` rows the same judge drafted by a separate one-layer
 causal draft, the peer the diffusion drafter is measured against. Rows with "(S slots)" decode by
 continuous batching (`samplers.core.refill`): calls of S rows are counted as S / (prompts per task)
-of a batch call."""
+of a batch call. `--task_suite long` (`run(suite="long")`) instead runs `long_samplers`, the
+MDLM's parallel unmasking rules, on the long-answer tasks (`tasks.LONG_TASKS`: 9-16 answer tokens)
+with an MDLM and AR judge of their own, trained on their own corpus under `long/`."""
 
 from __future__ import annotations
 
