@@ -86,29 +86,27 @@ def _letters(rng: np.random.Generator, count: int, distinct: bool = False) -> st
   return "".join(rng.choice(list(LETTERS), count, replace=not distinct))
 
 
-def _copy(n: int = 5, suffix: str = "") -> Task:
-  return Task("copy" + suffix, f"repeat the {n} letters", n, LETTERS,
+def _copy(n: int = 5) -> Task:
+  return Task("copy", f"repeat the {n} letters", n, LETTERS,
               lambda rng: ((p := f"copy {_letters(rng, n)}="), _items(p)),
-              lambda prompt, answer: answer == _items(prompt), len(LETTERS) ** -n, 1.0,
-              _width(suffix))
+              lambda prompt, answer: answer == _items(prompt), len(LETTERS) ** -n, 1.0)
 
 
-def _reverse(n: int = 5, suffix: str = "") -> Task:
-  return Task("rev" + suffix, f"the {n} letters reversed", n, LETTERS,
+def _reverse(n: int = 5) -> Task:
+  return Task("rev", f"the {n} letters reversed", n, LETTERS,
               lambda rng: ((p := f"rev {_letters(rng, n)}="), _items(p)[::-1]),
-              lambda prompt, answer: answer == _items(prompt)[::-1], len(LETTERS) ** -n, 1.0,
-              _width(suffix))
+              lambda prompt, answer: answer == _items(prompt)[::-1], len(LETTERS) ** -n, 1.0)
 
 
-def _sort(n: int = 5, suffix: str = "") -> Task:
+def _sort(n: int = 5) -> Task:
   make = lambda rng: ((p := "sort " + "".join(rng.choice(list(DIGITS), n)) + "="),
                       "".join(sorted(_items(p))))
-  return Task("sort" + suffix, f"the {n} digits in ascending order", n, DIGITS, make,
+  return Task("sort", f"the {n} digits in ascending order", n, DIGITS, make,
               lambda prompt, answer: answer == "".join(sorted(_items(prompt))),
-              len(DIGITS) ** -n, 1.0, _width(suffix))
+              len(DIGITS) ** -n, 1.0)
 
 
-def _add(digits: int = 2, suffix: str = "") -> Task:
+def _add(digits: int = 2) -> Task:
   def make(rng):
     a, b = rng.integers(0, 10 ** digits, 2)
     return f"add {a:0{digits}d}+{b:0{digits}d}=", f"{a + b:0{digits + 1}d}"
@@ -117,13 +115,8 @@ def _add(digits: int = 2, suffix: str = "") -> Task:
     a, b = _items(prompt).split("+")
     return answer == f"{int(a) + int(b):0{digits + 1}d}"
 
-  return Task("add" + suffix, f"the sum of two {digits}-digit numbers as {digits + 1} digits",
-              digits + 1, DIGITS, make, check, len(DIGITS) ** -(digits + 1), 1.0, _width(suffix))
-
-
-def _width(suffix: str) -> int:
-  """The line width of a task: LONG_WIDTH for the long suite's (named with a length suffix)."""
-  return LONG_WIDTH if suffix else LINE_WIDTH
+  return Task("add", f"the sum of two {digits}-digit numbers as {digits + 1} digits",
+              digits + 1, DIGITS, make, check, len(DIGITS) ** -(digits + 1), 1.0)
 
 
 def _perm() -> Task:
@@ -164,19 +157,24 @@ def independent_chance(correct: Sequence[str], alphabet: str, check: Callable[[s
   return total
 
 
-def _dyck(n: int = 8, suffix: str = "") -> Task:
+def _dyck(n: int = 8) -> Task:
   answers = _dyck_answers(n)
-  return Task("dyck" + suffix, f"any balanced bracket string of length {n}", n, "()",
+  return Task("dyck", f"any balanced bracket string of length {n}", n, "()",
               lambda rng: (f"dyck {n}=", answers[rng.integers(len(answers))]),
               lambda prompt, answer: len(answer) == n and balanced(answer),
-              len(answers) / 2 ** n, independent_chance(answers, "()", balanced), _width(suffix))
+              len(answers) / 2 ** n, independent_chance(answers, "()", balanced))
+
+
+def _long(task: Task, suffix: str) -> Task:
+  """A long-suite task: the generator's task named with its size suffix, in LONG_WIDTH lines."""
+  return dataclasses.replace(task, name=task.name + suffix, line_width=LONG_WIDTH)
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (_copy(), _reverse(), _sort(), _add(), _perm(),
                                               _dyck())}
 LONG_TASKS: dict[str, Task] = {t.name: t for t in (
-    _copy(LONG, str(LONG)), _reverse(LONG, str(LONG)), _sort(LONG, str(LONG)), _add(8, "8"),
-    _dyck(LONG, str(LONG)))}
+    _long(_copy(LONG), str(LONG)), _long(_reverse(LONG), str(LONG)),
+    _long(_sort(LONG), str(LONG)), _long(_add(8), "8"), _long(_dyck(LONG), str(LONG)))}
 SUITES: dict[str, dict[str, Task]] = {"short": TASKS, "long": LONG_TASKS}
 
 
@@ -187,7 +185,7 @@ def get(names: Sequence[str] | None = None, suite: str = "short") -> list[Task]:
     raise UserError(f"unknown task suite {suite!r}; valid: {', '.join(SUITES)}")
   if names is None:
     return list(SUITES[suite].values())
-  every = {**TASKS, **LONG_TASKS}
+  every = {name: task for suite_tasks in SUITES.values() for name, task in suite_tasks.items()}
   unknown = [n for n in names if n not in every]
   if unknown:
     raise UserError(f"unknown task(s) {', '.join(unknown)}; valid: {', '.join(every)}")

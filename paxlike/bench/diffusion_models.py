@@ -86,15 +86,14 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
   if bad := [o for o in model_overrides if not o.startswith("model.")]:
     raise UserError(f"model_overrides set model.* fields only, got {', '.join(bad)}")
   shaped = lambda exp: config_lib.apply_overrides(exp, model_overrides)  # every model alike
-  shape = dict(seq_len=seq_len)
   specs = {
-      "mdlm": experiment("tasks_mdlm", "mdlm", corpus, steps, **shape),
+      "mdlm": experiment("tasks_mdlm", "mdlm", corpus, steps, seq_len=seq_len),
       "mdlm_block": experiment("tasks_mdlm_block", "mdlm", corpus, part(4), mdlm_dir,
-                               block_size=BLOCK, **shape),
-      "asarm": experiment("tasks_asarm", "asarm", corpus, part(8), mdlm_dir, **shape),
-      "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS), **shape),
-      "learn2pd": finality_experiment(corpus, part(16), mdlm_dir, **shape),
-      "ar_draft": draft_experiment(corpus, min(part(2), AR_STEPS), **shape),
+                               block_size=BLOCK, seq_len=seq_len),
+      "asarm": experiment("tasks_asarm", "asarm", corpus, part(8), mdlm_dir, seq_len=seq_len),
+      "ar": experiment("tasks_ar", "llama", corpus, min(part(2), AR_STEPS), seq_len=seq_len),
+      "learn2pd": finality_experiment(corpus, part(16), mdlm_dir, seq_len=seq_len),
+      "ar_draft": draft_experiment(corpus, min(part(2), AR_STEPS), seq_len=seq_len),
   }
   pairs = {name: trained(shaped(exp), root / exp.name) for name, exp in specs.items()
            if name in wanted or name == "mdlm"}
@@ -102,7 +101,8 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
     return pairs
   answers_path = root / "self_answers.txt"
   student = shaped(experiment("tasks_mdlm_student", "mdlm", answers_path, part(2), mdlm_dir,
-                              learning_rate=1e-3, **shape))  # a third of the MDLM's: a fine-tune
+                              learning_rate=1e-3,  # a third of the MDLM's: a fine-tune
+                              seq_len=seq_len))
   if not answers_path.exists():
     lines = min(STUDENT_LINES, 4 * student.train.steps * student.train.batch_size)
     print(f"writing the MDLM's own answers to {lines} training lines", flush=True)
@@ -116,7 +116,8 @@ def models(root: Path, corpus: Path, steps: int, model_overrides: tuple[str, ...
     for cycle in range(1, cycles + 1):
       mixed = shaped(experiment(f"{prefix}{cycle if cycle > 1 else ''}", "mdlm", answers_path,
                                 part(2), previous, learning_rate=1e-3, min_t=ONE_CALL_MIN_T,
-                                min_t_rows=ONE_CALL_ROWS, certainty_weight=certainty, **shape))
+                                min_t_rows=ONE_CALL_ROWS, certainty_weight=certainty,
+                                seq_len=seq_len))
       previous = root / mixed.name
       pairs[name] = trained(mixed, previous)
   return pairs

@@ -49,6 +49,17 @@ def test_independent_chance():
   assert dyck.independent_chance < 0.5 < 1.0 and dyck.chance == 14 / 256
 
 
+def test_dyck16_independent_chance_matches_a_product_of_marginals_decoder():
+  """The long suite's dyck16 baseline (enumerated over 2^16 strings) against Monte Carlo draws of
+  each position from the marginals of uniformly drawn correct answers."""
+  dyck = tasks.LONG_TASKS["dyck16"]
+  answers = [a for _, a in dyck.examples(20_000, seed=0)]
+  opens = np.mean([[c == "(" for c in a] for a in answers], axis=0)
+  draws = np.random.default_rng(1).random((20_000, 16)) < opens
+  rate = np.mean([tasks.balanced("".join("(" if o else ")" for o in row)) for row in draws])
+  assert rate == pytest.approx(dyck.independent_chance, abs=0.012)
+
+
 def test_corpus_lines_have_one_width_and_canvas_parts_rebuild_them(tmp_path):
   text = tasks.corpus(200, seed=0)
   lines = text.splitlines(keepends=True)
