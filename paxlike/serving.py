@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 
 import jax
@@ -90,16 +91,32 @@ def reference(model, params, requests: list[Request], sampling: SamplingParams) 
   return out
 
 
+@functools.lru_cache(maxsize=64)
+def _compiled_static(model, batch: int, width: int, new_tokens: int, sampling: SamplingParams,
+                     tree, leaves: tuple[jax.ShapeDtypeStruct, ...]):
+  params = jax.tree.unflatten(tree, leaves)
+  return ar.sample.lower(model, params, jax.ShapeDtypeStruct((batch, width), jnp.int32),
+                         jax.ShapeDtypeStruct((batch,), jnp.int32),
+                         jax.random.split(jax.random.key(0), batch),
+                         ar.ARConfig(max_new_tokens=new_tokens, sampling=sampling)).compile()
+
+
+def _static_decoder(model, params, batch: int, width: int, new_tokens: int,
+                    sampling: SamplingParams):
+  """`samplers.ar` compiled for a static batch, once per shape in a process (a trace served at
+  several rates reuses it)."""
+  leaves, tree = jax.tree.flatten(params)
+  abstract = tuple(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+                   for leaf in leaves)
+  return _compiled_static(model, batch, width, new_tokens, sampling, tree, abstract)
+
+
 def serve_static(model, params, requests: list[Request], batch: int,
                  sampling: SamplingParams) -> list[Served]:
   """The static policy (module docstring); batches are padded to `batch` rows."""
   width = max(len(r.prompt) for r in requests)
-  lengths = sorted({_bucket(r.max_new_tokens) for r in requests})
-  decoders = {n: ar.sample.lower(model, params, jnp.zeros((batch, width), jnp.int32),
-                                 jnp.ones((batch,), jnp.int32),
-                                 jax.random.split(jax.random.key(0), batch),
-                                 ar.ARConfig(max_new_tokens=n, sampling=sampling)).compile()
-              for n in lengths}
+  decoders = {n: _static_decoder(model, params, batch, width, n, sampling)
+              for n in {_bucket(r.max_new_tokens) for r in requests}}
   waiting, served = collections.deque(requests), {}
   start = time.perf_counter()
   clock = lambda: time.perf_counter() - start

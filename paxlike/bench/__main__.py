@@ -54,6 +54,9 @@ flags.DEFINE_list("rates", ["2", "8", "32"], "Request arrival rates per second (
 flags.DEFINE_integer("requests", 96, "Requests per rate (serve suite).")
 flags.DEFINE_list("policies", [], "Serving policies to run (serve suite; default: all of static, "
                   "continuous_ar, continuous_speculative, smartspec, tetris).")
+flags.DEFINE_list("outputs", ["uniform", "long_tail"], "Distributions of the requests' new-token "
+                  "counts (serve suite): uniform 16-96, and/or long_tail (16 plus an exponential "
+                  "of mean 40, cut at 256).")
 flags.DEFINE_list("parts", ["decode", "train"], "What compare-hf measures: decode (AR and "
                   "speculative generation) and/or train (one AdamW step per batch).")
 flags.DEFINE_integer("train_batch", 8, "Batch size of compare-hf's train rows.")
@@ -118,7 +121,8 @@ def main(argv: list[str]) -> int:
                           else FLAGS.prompt_seed)
     elif argv[1] == "serve":
       serve_suite.run(FLAGS.workdir, FLAGS.out, tuple(float(r) for r in FLAGS.rates),
-                      FLAGS.requests, policies=tuple(FLAGS.policies) or serve_suite.POLICIES)
+                      FLAGS.requests, policies=tuple(FLAGS.policies) or serve_suite.POLICIES,
+                      outputs=tuple(FLAGS.outputs))
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":

@@ -1,12 +1,20 @@
 """The `serve` suite: a Poisson request trace served by static and continuous batching.
 
 The target is the decode suite's `pair_target` (trained or loaded from `--workdir`). Requests are
-held-out tinyshakespeare snippets of 16-64 bytes (uniform), each asking for 16-96 new tokens
-(uniform), arriving as a Poisson process at each rate (requests per second). Each policy serves
-the same trace (`paxlike.serving`), greedy; a row reports throughput (generated tokens per second
+held-out tinyshakespeare snippets of 16-64 bytes (uniform), arriving as a Poisson process at each
+rate (requests per second). Each asks for a number of new tokens drawn from one of two
+distributions of the same mean, 56 (`outputs`):
+
+* `uniform`: 16-96, uniform;
+* `long_tail`: 16 plus an exponential of mean 40, cut at 256. Real request traces have such a
+  tail (a few answers many times the mean), and it is where batching policies part: a static
+  batch runs until its longest request ends.
+
+Each policy serves the same traces (`paxlike.serving`), greedy; a row reports throughput (generated tokens per second
 from the first arrival to the last completion), time to first token, time per output token (a
 request's mean) and inter-token latency (each token's gap as the scheduler saw it), p50 and p99,
-and whether every request's tokens equal its batch-1 AR decode.
+and whether every request's tokens equal its batch-1 AR decode. Rows name their traces in
+`prompts` and `outputs`.
 
 Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest),
 `continuous_ar` (`batch` slots, refilled between calls of 4 AR steps), and with the decode
@@ -16,9 +24,9 @@ and `tetris` (batch draft selection, NUM_DRAFT_TOKENS drafted per slot); see
 `paxlike.speculative_serving`. Policies are interleaved: each rate runs every policy on the same
 trace before the next rate.
 
-A second trace, `with_long`, makes a quarter of the prompts long (LONG_PROMPT_BYTES) and serves
-it with `continuous_ar` without and with chunked prefill (`chunked_prefill`: C tokens of a
-prompt per call, `serving.ChunkedARSlots`); rows name their trace in `prompts`. With two
+Another trace, `with_long` (uniform outputs), makes a quarter of the prompts long
+(LONG_PROMPT_BYTES) and serves it with `continuous_ar` without and with chunked prefill
+(`chunked_prefill`: C tokens of a prompt per call, `serving.ChunkedARSlots`). With two
 devices or more, `continuous_ar` also runs with prefill on the first and decode on the second
 (`phase_split`, `serving.SplitARSlots`). A CPU host has one device: simulating two
 (`--xla_force_host_platform_device_count=2`) gives each half the cores and halves every row's
@@ -45,15 +53,19 @@ NUM_DRAFT_TOKENS = 4
 PROMPT_BYTES = (16, 64)
 LONG_PROMPT_BYTES = (256, 384)
 LONG_SHARE = 0.25  # of the `with_long` trace's prompts
-NEW_TOKENS = (16, 96)
+NEW_TOKENS = (16, 96)  # the `uniform` outputs' range
+OUTPUTS = ("uniform", "long_tail")
+TAIL_NEW_TOKENS = (16, 40.0, 256)  # `long_tail`: least, the exponential's mean above it, most
 CHUNK = 64  # chunked prefill: tokens per call, of prompts longer than this
 
 
-def trace_inputs(count: int, seed: int = 0,
-                 long_share: float = 0.0) -> tuple[list[np.ndarray], list[int]]:
+def trace_inputs(count: int, seed: int = 0, long_share: float = 0.0,
+                 outputs: str = "uniform") -> tuple[list[np.ndarray], list[int]]:
   """`count` prompts (eos first, then 16-64 held-out bytes, or LONG_PROMPT_BYTES for a
-  `long_share` of them) and new-token counts (16-96)."""
+  `long_share` of them) and new-token counts (`outputs`: NEW_TOKENS uniform, or TAIL_NEW_TOKENS'
+  cut exponential)."""
   rng = np.random.default_rng(seed)
+  registry.load_modules()
   held_out = load_corpus(registry.get("pair_target").data).held_out
   prompts = []
   for _ in range(count):
@@ -61,6 +73,10 @@ def trace_inputs(count: int, seed: int = 0,
     size = int(rng.integers(low, high + 1))
     start = int(rng.integers(0, len(held_out) - size))
     prompts.append(np.concatenate([[tokenizer.EOS_ID], held_out[start:start + size]]))
+  if outputs == "long_tail":
+    least, mean, most = TAIL_NEW_TOKENS
+    tail = least + np.floor(rng.exponential(mean, count)).astype(int)
+    return prompts, np.minimum(tail, most).tolist()
   return prompts, rng.integers(NEW_TOKENS[0], NEW_TOKENS[1] + 1, count).tolist()
 
 
@@ -93,14 +109,17 @@ def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: Sa
 def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8.0, 32.0),
         requests: int = 96, batch: int = 8, steps_per_sync: int = 4,
         target_overrides: tuple[str, ...] = (), train_steps: int = 0,
-        policies: tuple[str, ...] = POLICIES, long_prompts: bool = True) -> dict[str, Any]:
-  """Serves `requests` requests at each rate with each of `policies` (and, with `long_prompts`,
-  the `with_long` trace); `target_overrides` and `train_steps` reshape and shorten the target's
-  and the draft's training (tests, smoke runs)."""
-  unknown = sorted(set(policies) - set(POLICIES))
-  if unknown:
-    raise UserError(f"--policies: {', '.join(unknown)} not in the serve suite; valid: "
-                    f"{', '.join(POLICIES)}")
+        policies: tuple[str, ...] = POLICIES, long_prompts: bool = True,
+        outputs: tuple[str, ...] = OUTPUTS) -> dict[str, Any]:
+  """Serves `requests` requests at each rate with each of `policies` on the short prompts with
+  each of `outputs` (and, with `long_prompts`, the `with_long` trace, uniform outputs);
+  `target_overrides` and `train_steps` reshape and shorten the target's and the draft's training
+  (tests, smoke runs)."""
+  for flag, chosen, valid in (("--policies", policies, POLICIES), ("--outputs", outputs, OUTPUTS)):
+    unknown = sorted(set(chosen) - set(valid))
+    if unknown:
+      raise UserError(f"{flag}: {', '.join(unknown)} not in the serve suite; valid: "
+                      f"{', '.join(valid)}")
   registry.load_modules()
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
   short = shortened(train_steps)
@@ -113,36 +132,41 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                     [*drafting_on_target(root, small=bool(train_steps)), *short,
                      *target_overrides]).restore()[:2]
   engines = _engines(model, params, draft, batch, steps_per_sync, greedy)
-  runs = [("short", p, p) for p in POLICIES if p in policies]
+  # runs: ((prompts, outputs), policy, engine variant); traces keyed by (prompts, outputs)
+  runs = [(("short", kind), p, p) for kind in OUTPUTS if kind in outputs
+          for p in POLICIES if p in policies]
   if "continuous_ar" in policies and len(jax.devices()) >= 2:
-    runs.append(("short", "continuous_ar", "split"))
+    runs += [(("short", kind), "continuous_ar", "split") for kind in OUTPUTS if kind in outputs]
   if long_prompts:
-    runs += [("with_long", "continuous_ar", "continuous_ar"), ("with_long", "continuous_ar",
-                                                               "chunked")]
-  inputs = {"short": trace_inputs(requests)}
-  if long_prompts:
-    inputs["with_long"] = trace_inputs(requests, long_share=LONG_SHARE)
+    runs += [(("with_long", "uniform"), "continuous_ar", variant)
+             for variant in ("continuous_ar", "chunked")]
+  inputs = {(prompts, kind): trace_inputs(requests, outputs=kind,
+                                          long_share=LONG_SHARE if prompts == "with_long" else 0)
+            for (prompts, kind), _, _ in runs}
   references = {name: serving.reference(model, params, serving.poisson_trace(*pair, 1.0), greedy)
                 for name, pair in inputs.items()}
   rows = []
   for rate in rates:
-    for prompts, policy, variant in runs:
-      trace = serving.poisson_trace(*inputs[prompts], rate)
+    for (prompts, kind), policy, variant in runs:
+      trace = serving.poisson_trace(*inputs[prompts, kind], rate)
       engine = engines[variant] and engines[variant]()
       served = (serving.serve_continuous(model, params, trace, batch, greedy, engine=engine)
                 if engine else serving.serve_static(model, params, trace, batch, greedy))
-      equal = all(np.array_equal(s.tokens, r) for s, r in zip(served, references[prompts]))
-      rows.append({"policy": policy, "prompts": prompts,
+      equal = all(np.array_equal(s.tokens, r)
+                  for s, r in zip(served, references[prompts, kind]))
+      rows.append({"policy": policy, "prompts": prompts, "outputs": kind,
                    "chunked_prefill": CHUNK if variant == "chunked" else 0,
                    "phase_split": variant == "split", "rate": rate,
                    **serving.summary(served), "greedy_equal_ar": equal, "requests": requests,
                    "batch": batch, **_choices(engine)})
-  harness.print_table(rows, ["policy", "prompts", "chunked_prefill", "phase_split", "rate",
+  harness.print_table(rows, ["policy", "prompts", "outputs", "chunked_prefill", "phase_split",
+                             "rate",
                              "throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99",
                              "itl_p50", "itl_p99", "greedy_equal_ar"])
   config = {"target": "pair_target", "draft": "pair_draft", "rates": list(rates),
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),
             "prompt_bytes": list(PROMPT_BYTES), "long_prompt_bytes": list(LONG_PROMPT_BYTES),
-            "long_share": LONG_SHARE, "chunk": CHUNK, "new_tokens": list(NEW_TOKENS)}
+            "long_share": LONG_SHARE, "chunk": CHUNK, "new_tokens": list(NEW_TOKENS),
+            "outputs": list(outputs), "tail_new_tokens": list(TAIL_NEW_TOKENS)}
   return harness.write_report(out, "serve", config, rows)

@@ -79,12 +79,15 @@ def test_serve_suite_rows(tmp_path):
                            batch=3, target_overrides=small, train_steps=2)
   assert json.loads(out.read_text())["suite"] == "serve"
   rows = report["rows"]
-  assert {(r["policy"], r["prompts"], r["chunked_prefill"], r["phase_split"], r["rate"])
-          for r in rows} == {
-      *[(p, "short", 0, False, rate) for p in serve_suite.POLICIES for rate in (50.0, 400.0)],
-      *[("continuous_ar", "short", 0, True, rate) for rate in (50.0, 400.0)],  # 8 test devices
-      *[("continuous_ar", "with_long", c, False, rate) for c in (0, serve_suite.CHUNK)
-        for rate in (50.0, 400.0)]}
+  rates, outputs = (50.0, 400.0), serve_suite.OUTPUTS
+  assert {(r["policy"], r["prompts"], r["outputs"], r["chunked_prefill"], r["phase_split"],
+           r["rate"]) for r in rows} == {
+      *[(p, "short", o, 0, False, rate) for p in serve_suite.POLICIES for o in outputs
+        for rate in rates],
+      *[("continuous_ar", "short", o, 0, True, rate) for o in outputs  # 8 test devices
+        for rate in rates],
+      *[("continuous_ar", "with_long", "uniform", c, False, rate) for c in (0, serve_suite.CHUNK)
+        for rate in rates]}
   for row in rows:
     assert row["greedy_equal_ar"], row
     for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
@@ -113,9 +116,26 @@ def test_smartspec_picks_the_gamma_with_the_most_expected_tokens_per_second():
   assert chosen == [3, 0]
 
 
-def test_an_unknown_serving_policy_is_named():
+def test_an_unknown_serving_policy_or_output_distribution_is_named():
   with pytest.raises(UserError, match="--policies: fastest not in the serve suite; valid: static"):
     serve_suite.run(None, None, policies=("static", "fastest"))
+  with pytest.raises(UserError, match="--outputs: zipf not in the serve suite; valid: uniform, "
+                                      "long_tail"):
+    serve_suite.run(None, None, outputs=("zipf",))
+
+
+def test_the_two_output_distributions_share_prompts_and_mean():
+  """The traces differ only in their new-token counts: uniform 16-96, and the cut exponential
+  whose mean is the same 56 and whose tail reaches far past the uniform's 96."""
+  prompts, uniform = serve_suite.trace_inputs(4000)
+  tail_prompts, tail = serve_suite.trace_inputs(4000, outputs="long_tail")
+  assert all(np.array_equal(a, b) for a, b in zip(prompts, tail_prompts))
+  assert (min(uniform), max(uniform)) == serve_suite.NEW_TOKENS
+  least, _, most = serve_suite.TAIL_NEW_TOKENS
+  assert least == min(tail) and max(tail) <= most
+  assert abs(np.mean(uniform) - 56) < 1.5 and abs(np.mean(tail) - 56) < 2.5
+  assert np.std(tail) > 1.6 * np.std(uniform)
+  assert np.mean(np.asarray(tail) > 96) > 0.1  # the uniform's most, exceeded by an eighth
 
 
 def test_tetris_calibration_is_acceptance_over_mean_top_probability():
