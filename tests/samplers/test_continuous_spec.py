@@ -110,7 +110,8 @@ def test_calibration_scales_each_draft_before_the_chain_product():
   assert int(raw) == 0 and int(calibrated) == 3
 
 
-def test_catch_up_gives_the_draft_the_cache_a_prefill_would():
+@pytest.mark.parametrize("wide", [0, 4, 64])  # no wide calls; wide calls, then chunks; one call
+def test_catch_up_gives_the_draft_the_cache_a_prefill_would(wide):
   target, draft = _params()
   config = _config(2, SamplingParams(temperature=0.0))
   prompt, lengths = ar.pad_prompts([PROMPTS[0], PROMPTS[1]])
@@ -118,7 +119,7 @@ def test_catch_up_gives_the_draft_the_cache_a_prefill_would():
   slots = continuous.fill(MODEL, target, prompt, lengths, KEYS[:2], jnp.asarray([12, 12]),
                           config, MODEL, draft)
   slots = continuous.step(MODEL, target, slots, config, steps=7)  # the draft falls 7 behind
-  caught = continuous_spec.catch_up(MODEL, draft, slots, chunk=G + 2)
+  caught = continuous_spec.catch_up(MODEL, draft, slots, chunk=2, wide=wide)
   want = slots.context - 2
   np.testing.assert_array_equal(caught.draft_length, want)
   fresh = MODEL.apply(draft, slots.seq, jnp.broadcast_to(jnp.arange(slots.seq.shape[1]),
