@@ -79,22 +79,17 @@ class SmartSpec(FixedGamma):
     return (lambda s: self.ar_step(s, rows)) if gamma == 0 else (
         lambda s: self.speculate(s, gamma, rows))
 
-  def warm_up(self, slots, requests: list[Request], passes: int = 3):
-    """Times each program with every slot full, the programs interleaved over `passes` passes
-    (the median of each: timed once each in order, the first, gamma = 0, read 20-22 ms on the
-    serve bench's 8 full slots where interleaved timing gives 17-19); the acceptance of the
-    timed rounds becomes the running estimate's starting counts (without them an estimate that
-    starts low would keep choosing AR steps, which teach it nothing)."""
+  def warm_up(self, slots, requests: list[Request]):
+    """Times each program with every slot full; the acceptance of the timed rounds becomes the
+    running estimate's starting counts (without them an estimate that starts low would keep
+    choosing AR steps, which teach it nothing)."""
     counts = np.zeros(2)
     for rows in self.row_buckets():
-      times = np.zeros((passes, self.gamma + 1))
-      for p in range(passes):
-        for gamma in range(self.gamma + 1):
-          slots = self.full(slots, requests)
-          before = self._counters(slots)
-          times[p, gamma], slots = time_program(self.program(gamma, rows), slots)
-          counts += self._counters(slots) - before
-      self.costs[rows] = np.median(times, axis=0)
+      for gamma in range(self.gamma + 1):
+        slots = self.full(slots, requests)
+        before = self._counters(slots)
+        self.costs[rows][gamma], slots = time_program(self.program(gamma, rows), slots)
+        counts += self._counters(slots) - before
     self._reset()
     if counts.sum() > 0:
       self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight

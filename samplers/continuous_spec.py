@@ -49,8 +49,8 @@ def catch_up(draft: CausalModel, draft_params, slots: Slots, chunk: int,
 
   While some slot lacks more than `chunk` tokens (after AR steps: SmartSpec's gamma = 0 calls
   leave the draft one token behind per step), calls feed `wide` tokens per slot; then calls of
-  `chunk` finish the rest. One call of 32 costs the small draft little more than one of 6, and
-  without the wide calls a slot 200 tokens behind took 34 calls before its round.
+  `chunk` finish the rest. On the serve bench's pair, 8 slots 200 tokens behind catch up in
+  17 ms with wide = 32 against 21 ms in 34 calls of 6.
 
   Writes past a slot's context land beyond its pointers and are overwritten before they are read;
   writes past the cache are dropped (`kv_cache.write_slots`), and reads past the tokens are
