@@ -10,10 +10,10 @@ distributions of the same mean, 56 (`outputs`):
   tail (a few answers many times the mean), and it is where batching policies part: a static
   batch runs until its longest request ends.
 
-Each policy serves the same traces (`paxlike.serving`), greedy; a row reports throughput (generated tokens per second
-from the first arrival to the last completion), time to first token, time per output token (a
-request's mean) and inter-token latency (each token's gap as the scheduler saw it), p50 and p99,
-and whether every request's tokens equal its batch-1 AR decode. Rows name their traces in
+Each policy serves the same traces (`paxlike.serving`), greedy; a row reports throughput
+(generated tokens per second from the first arrival to the last completion), time to first
+token, time per output token (a request's mean) and inter-token latency (each token's gap as the
+scheduler saw it), p50 and p99, and whether every request's tokens equal its batch-1 AR decode. Rows name their traces in
 `prompts` and `outputs`.
 
 Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest),
@@ -21,8 +21,8 @@ Policies: `static` (batches of up to `batch` arrived requests, each decoded to i
 suite's `pair_draft` (trained or loaded likewise): `continuous_speculative` (rounds of
 NUM_DRAFT_TOKENS drafts per slot), `smartspec` (0..NUM_DRAFT_TOKENS per call by expected goodput)
 and `tetris` (batch draft selection, NUM_DRAFT_TOKENS drafted per slot); see
-`paxlike.speculative_serving`. Policies are interleaved: each rate runs every policy on the same
-trace before the next rate.
+`paxlike.speculative_serving`. Policies are interleaved: each rate runs every policy on both
+traces before the next rate.
 
 Another trace, `with_long` (uniform outputs), makes a quarter of the prompts long
 (LONG_PROMPT_BYTES) and serves it with `continuous_ar` without and with chunked prefill
@@ -64,6 +64,8 @@ def trace_inputs(count: int, seed: int = 0, long_share: float = 0.0,
   """`count` prompts (eos first, then 16-64 held-out bytes, or LONG_PROMPT_BYTES for a
   `long_share` of them) and new-token counts (`outputs`: NEW_TOKENS uniform, or TAIL_NEW_TOKENS'
   cut exponential)."""
+  if outputs not in OUTPUTS:
+    raise ValueError(f"outputs={outputs!r}; valid: {', '.join(OUTPUTS)}")
   rng = np.random.default_rng(seed)
   registry.load_modules()
   held_out = load_corpus(registry.get("pair_target").data).held_out
@@ -160,9 +162,8 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                    **serving.summary(served), "greedy_equal_ar": equal, "requests": requests,
                    "batch": batch, **_choices(engine)})
   harness.print_table(rows, ["policy", "prompts", "outputs", "chunked_prefill", "phase_split",
-                             "rate",
-                             "throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99",
-                             "itl_p50", "itl_p99", "greedy_equal_ar"])
+                             "rate", "throughput", "ttft_p50", "ttft_p99", "tpot_p50",
+                             "tpot_p99", "itl_p50", "itl_p99", "greedy_equal_ar"])
   config = {"target": "pair_target", "draft": "pair_draft", "rates": list(rates),
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),
