@@ -13,8 +13,8 @@ distributions of the same mean, 56 (`outputs`):
 Each policy serves the same traces (`paxlike.serving`), greedy; a row reports throughput
 (generated tokens per second from the first arrival to the last completion), time to first
 token, time per output token (a request's mean) and inter-token latency (each token's gap as the
-scheduler saw it), p50 and p99, and whether every request's tokens equal its batch-1 AR decode. Rows name their traces in
-`prompts` and `outputs`.
+scheduler saw it), p50 and p99, and whether every request's tokens equal its batch-1 AR decode.
+Rows name their traces in `prompts` and `outputs`.
 
 Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest),
 `continuous_ar` (`batch` slots, refilled between calls of 4 AR steps), and with the decode
