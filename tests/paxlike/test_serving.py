@@ -12,6 +12,7 @@ from models.config import ModelConfig
 import jax
 
 from paxlike import serving, speculative_serving
+from samplers import continuous
 from paxlike.bench import serve_suite
 from paxlike.errors import UserError
 from samplers.core.logits import SamplingParams
@@ -149,3 +150,19 @@ def test_tetris_calibration_is_acceptance_over_mean_top_probability():
   assert float(tetris.calibration()) == pytest.approx(1.6)
   tetris.observed = np.asarray([1.0, 0.0, 0.1, 10.0])  # 1 / 0.01, clipped
   assert float(tetris.calibration()) == 4.0
+
+
+@pytest.mark.parametrize("policy", ["continuous_ar", "smartspec"])
+def test_every_admission_shape_is_compiled_before_the_clock(policy):
+  """Slots a program returned carry other shardings than fresh ones; `compile_admits` compiles
+  each (rows, width) admission for both, so none compiles while serving."""
+  params, greedy = random_params(MODEL), SamplingParams(temperature=0.0)
+  draft = jax.tree.map(lambda x: x * 1.01, params)
+  trace = _trace()
+  engine = (serving.ARSlots(MODEL, params, 4, greedy) if policy == "continuous_ar" else
+            speculative_serving.SmartSpec(MODEL, params, MODEL, draft, 4, greedy, 2))
+  slots = engine.warm_up(engine.compile_admits(engine.init(trace), trace), trace)
+  compiled = continuous.admit._cache_size()
+  for rows in engine.row_buckets():
+    slots = engine.advance(engine.admit_all(slots, [(s, trace[s]) for s in range(rows)]))
+  assert continuous.admit._cache_size() == compiled
