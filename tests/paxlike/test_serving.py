@@ -166,3 +166,8 @@ def test_every_admission_shape_is_compiled_before_the_clock(policy):
   for rows in engine.row_buckets():
     slots = engine.advance(engine.admit_all(slots, [(s, trace[s]) for s in range(rows)]))
   assert continuous.admit._cache_size() == compiled
+
+
+def test_trace_inputs_names_an_unknown_output_distribution():
+  with pytest.raises(ValueError, match="outputs='zipf'; valid: uniform, long_tail"):
+    serve_suite.trace_inputs(4, outputs="zipf")
