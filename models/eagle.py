@@ -43,14 +43,15 @@ class EagleHead(nn.Module):
   config: object
 
   @nn.compact
-  def __call__(self, features, embedded, positions, mask=None, cache=None):
-    """`positions` [B, T] int32; `mask` and `cache` as `llama.Block` (cache: the head's one
-    layer). Returns ([B, T, E] predicted features, the block's keys/values)."""
+  def __call__(self, features, embedded, positions, mask=None, cache=None, rows=None):
+    """`positions` [B, T] int32; `mask`, `cache` and `rows` as `llama.Block` (cache: the head's
+    one layer). Returns ([B, T or R, E] predicted features, the block's keys/values)."""
     cfg = self.config
     x = _dense(cfg, cfg.d_model, ("mlp", "embed"), name="fuse")(
         jnp.concatenate([embedded.astype(features.dtype), features], axis=-1))
     width = cfg.draft_heads.eagle_mlp_dim or cfg.mlp_dim
-    return Block(dataclasses.replace(cfg, mlp_dim=width), name="layer")(x, positions, mask, cache)
+    return Block(dataclasses.replace(cfg, mlp_dim=width), name="layer")(x, positions, mask, cache,
+                                                                        rows)
 
 
 class EagleTransformer(Transformer):
@@ -74,20 +75,22 @@ class EagleTransformer(Transformer):
     logits = self.embed.attend(features) if self.config.tie_embeddings else self.head(features)
     return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
-  def draft(self, features, tokens, positions, cache=None, mask=None):
+  def draft(self, features, tokens, positions, cache=None, mask=None, rows=None):
     """The head on pairs (features [B, T, E], next tokens [B, T]) at `positions` [B, T].
 
     Without `cache`, over the T pairs alone (training; `mask` [B or 1, T, T], None = causal);
     with one (a one-layer KVCache), the pairs are appended to it (`mask` over them, None =
-    causal). Returns ([B, T, V] float32 draft logits, [B, T, E] predicted features, the updated
-    cache or None).
+    causal), and `rows` [B, R] (optional) picks the pairs whose outputs are wanted: every pair
+    is written to the cache, but only those R go through the block's attention queries, MLP
+    and the vocabulary projection. Returns ([B, T or R, V] float32 draft logits, [B, T or R, E]
+    predicted features, the updated cache or None).
     """
     steps = tokens.shape[1]
     if cache is not None and mask is None:
       mask = jnp.tril(jnp.ones((1, steps, steps), bool))
     layer_cache = None if cache is None else (cache.keys[0], cache.values[0], cache.lengths)
     predicted, (k, v) = self.eagle(jax.lax.stop_gradient(features), self.embed(tokens),
-                                   positions, mask, layer_cache)
+                                   positions, mask, layer_cache, rows)
     if cache is not None:
       cache = cache.replace(keys=(k,), values=(v,), lengths=cache.lengths + steps)
     return self._project(predicted), predicted, cache
@@ -133,13 +136,14 @@ class EagleLM(CausalLM):
                          cfg.resolved_head_dim, jnp.dtype(cfg.dtype))
 
   def draft(self, params, features: jax.Array, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache, attention_mask: jax.Array | None = None
-            ) -> tuple[jax.Array, jax.Array, KVCache]:
+            cache: KVCache, attention_mask: jax.Array | None = None,
+            rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, KVCache]:
     """Appends T pairs (features [B, T, E] of positions t, tokens [B, T] at t + 1) at positions
     t [B, T] to the head's cache: ([B, T, V] draft logits of the tokens at t + 2, [B, T, E]
-    predicted features of t + 1, cache advanced by T)."""
+    predicted features of t + 1, cache advanced by T). With `rows` [B, R] int32, the outputs
+    are those pairs' only ([B, R, V], [B, R, E]), computed for them alone."""
     return self.module.apply({"params": params}, features, tokens, positions, cache,
-                             attention_mask, method=EagleTransformer.draft)
+                             attention_mask, rows, method=EagleTransformer.draft)
 
   def features(self, params, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Full causal forward: tokens [B, T] -> ([B, T, V] logits, [B, T, E] features)."""

@@ -117,7 +117,7 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask=None, cache=None):
+  def __call__(self, x, positions, mask=None, cache=None, rows=None):
     """Args:
       x: [B, T, E] normalised activations.
       positions: [B, T] int32 position ids.
@@ -125,17 +125,30 @@ class Attention(nn.Module):
         implementation of `config.attention` (then cache must be None).
       cache: None, or the layer's (keys [B, KVH, S, D], values [B, KVH, S, D], lengths [B]):
         the new keys/values are written at slots lengths + i, then attended to with the cache.
+      rows: None, or [B, R] int32 indices of the new tokens whose outputs are wanted (with a
+        cache and a mask): every token's keys and values are still written, but only those R
+        tokens are queried, so the output is [B, R, E] (the last of several appended tokens,
+        at a fraction of the work).
     Returns:
-      ([B, T, E] output, kv): without a cache kv is the new tokens' rotated keys and values
+      ([B, T or R, E] output, kv): without a cache kv is the new tokens' rotated keys and values
       [B, T, KVH, D]; with one, the layer's updated (keys, values) buffers.
     """
     cfg = self.config
     heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-    q = _dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(x)
+    queried, query_positions = x, positions
+    if rows is not None:
+      if cache is None or mask is None or cfg.parscale.prefix_len:
+        raise ValueError("Attention rows= queries a subset of the new tokens against a cache: "
+                         "pass a cache and a mask (and no ParScale prefix)")
+      queried = jnp.take_along_axis(x, rows[..., None], axis=1)
+      query_positions = jnp.take_along_axis(positions, rows, axis=1)
+      mask = jnp.take_along_axis(jnp.broadcast_to(mask, (x.shape[0], *mask.shape[1:])),
+                                 rows[..., None], axis=1)
+    q = _dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(queried)
     k = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x)
     v = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x)
     inv_freq = rope_frequencies(cfg)
-    q = nn.with_logical_constraint(attention.rope(q, positions, cfg.rope_theta, inv_freq),
+    q = nn.with_logical_constraint(attention.rope(q, query_positions, cfg.rope_theta, inv_freq),
                                    ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(attention.rope(k, positions, cfg.rope_theta, inv_freq),
                                    ("batch", "length", "kv_heads", "head_dim"))
@@ -183,11 +196,15 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask=None, cache=None):
-    """Same arguments and returns as `Attention`, with x the [B, T, E] residual stream."""
+  def __call__(self, x, positions, mask=None, cache=None, rows=None):
+    """Same arguments and returns as `Attention`, with x the [B, T, E] residual stream (`rows`:
+    the output is the [B, R, E] stream of those tokens only)."""
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), name=name)
-    h, kv = Attention(cfg, name="attention")(norm("attention_norm")(x), positions, mask, cache)
+    h, kv = Attention(cfg, name="attention")(norm("attention_norm")(x), positions, mask, cache,
+                                             rows)
+    if rows is not None:
+      x = jnp.take_along_axis(x, rows[..., None], axis=1)
     x = x + h
     x = x + Mlp(cfg, name="mlp")(norm("mlp_norm")(x))
     return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv

@@ -64,12 +64,11 @@ def append_pending(target, target_params, features, seq, context, draft_cache, p
   start = context - 1 - pending
   positions = start[:, None] + jnp.arange(features.shape[1])
   tokens = jnp.take_along_axis(seq, positions + 1, axis=1)  # the token after each feature
+  # Only the last pair's outputs are drafted from; the others only enter the head's cache.
   logits, predicted, draft_cache = target.draft(target_params, features, tokens, positions,
-                                                draft_cache.replace(lengths=start))
-  last = (pending - 1)[:, None, None]
-  return (jnp.take_along_axis(logits, last, axis=1)[:, 0],
-          jnp.take_along_axis(predicted, last, axis=1),
-          draft_cache.replace(lengths=context - 1))
+                                                draft_cache.replace(lengths=start),
+                                                rows=(pending - 1)[:, None])
+  return logits[:, 0], predicted, draft_cache.replace(lengths=context - 1)
 
 
 def make_round(target, target_params, config, keys: jax.Array, cache_slots: int):

@@ -51,6 +51,32 @@ def test_features_are_what_the_logits_project_and_cached_drafts_equal_the_cache_
   np.testing.assert_array_equal(cache.lengths, [9, 9])
 
 
+def test_drafting_at_rows_equals_the_whole_call_at_those_rows():
+  """`draft(..., rows=)` (the round's first head call: only the last pending pair is drafted
+  from) writes the same cache and returns the whole call's outputs at those rows."""
+  model = build_model(CONFIG)
+  params = random_params(model)
+  tokens = jax.random.randint(jax.random.key(5), (2, 7), 0, 32)
+  _, features = model.features(params, tokens)
+  positions = jnp.broadcast_to(jnp.arange(6), (2, 6)) + jnp.array([[0], [3]])
+  cache = model.init_draft_cache(2).replace(lengths=jnp.array([0, 3]))
+  whole, predicted, whole_cache = model.draft(params, features[:, :-1], tokens[:, 1:], positions,
+                                              cache)
+  rows = jnp.array([[5], [2]])
+  some, some_predicted, some_cache = model.draft(params, features[:, :-1], tokens[:, 1:],
+                                                 positions, cache, rows=rows)
+  assert some.shape == (2, 1, 32) and some_predicted.shape == (2, 1, 16)
+  np.testing.assert_allclose(some, jnp.take_along_axis(whole, rows[..., None], 1), rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(some_predicted, jnp.take_along_axis(predicted, rows[..., None], 1),
+                             rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(some_cache), jax.tree.leaves(whole_cache)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="pass a cache and a mask"):
+    model.module.apply({"params": params}, features[:, :-1], tokens[:, 1:], positions, None,
+                       None, rows, method=model.module.draft)
+
+
 def test_the_training_rollout_is_what_the_head_drafts_from_its_cache():
   """Step k of `rollout` at position t equals the k-th draft of the cached head after the
   verified pairs 0..t - k + 1, fed its own predicted features (the sampler's drafting loop)."""

@@ -16,7 +16,7 @@ from samplers import ar, eagle
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
 from tests.samplers import oracle, toy
-from tests.samplers.toy_drafters import WithFeatureHead
+from tests.samplers.toy_drafters import WithFeatureHead, at_rows
 
 GREEDY = SamplingParams(temperature=0.0)
 VOCAB = 8
@@ -140,12 +140,13 @@ class _OneReadHead(WithFeatureHead):
 
   reads: str = "cache"
 
-  def draft(self, params, features, tokens, positions, cache, attention_mask=None):
+  def draft(self, params, features, tokens, positions, cache, attention_mask=None, rows=None):
     from_cache, cache = self._pairs.apply(params["head"], tokens, positions, cache,
                                           attention_mask)
     from_features = params["head"][jnp.argmax(features, axis=-1), tokens]
     logits = from_cache if self.reads == "cache" else from_features
-    return logits, jax.nn.one_hot(tokens, self.vocab_size), cache
+    return (at_rows(logits, rows), at_rows(jax.nn.one_hot(tokens, self.vocab_size), rows),
+            cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,10 +154,10 @@ class _HidesAncestors(_OneReadHead):
   """The broken variant: the head's tree calls see no ancestors (each node only itself), which
   is what a tree that forgot the ancestor mask would feed it."""
 
-  def draft(self, params, features, tokens, positions, cache, attention_mask=None):
+  def draft(self, params, features, tokens, positions, cache, attention_mask=None, rows=None):
     if attention_mask is not None:
       attention_mask = attention_mask & jnp.eye(tokens.shape[1], dtype=bool)
-    return super().draft(params, features, tokens, positions, cache, attention_mask)
+    return super().draft(params, features, tokens, positions, cache, attention_mask, rows)
 
 
 def _second_choice_head(reads: str = "cache", kind=_OneReadHead) -> tuple[_OneReadHead, dict]:

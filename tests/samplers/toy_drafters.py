@@ -71,15 +71,23 @@ class WithFeatureHead(OnBase):
   def init_draft_cache(self, batch: int, max_len: int | None = None):
     return self._pairs.init_cache(batch, max_len)
 
-  def draft(self, params, features, tokens, positions, cache, attention_mask=None):
+  def draft(self, params, features, tokens, positions, cache, attention_mask=None, rows=None):
     from_cache, cache = self._pairs.apply(params["head"], tokens, positions, cache,
                                           attention_mask)
     from_features = params["head"][jnp.argmax(features, axis=-1), tokens]
-    return from_cache + from_features, jax.nn.one_hot(tokens, self.vocab_size), cache
+    return (at_rows(from_cache + from_features, rows),
+            at_rows(jax.nn.one_hot(tokens, self.vocab_size), rows), cache)
 
   @property
   def _pairs(self) -> TrigramLM:
     return TrigramLM(self.vocab_size, self.max_len)
+
+
+def at_rows(outputs: jax.Array, rows: jax.Array | None) -> jax.Array:
+  """A head's [B, T, ...] outputs at `rows` [B, R] (the `draft(..., rows=)` protocol), or all."""
+  if rows is None:
+    return outputs
+  return jnp.take_along_axis(outputs, rows.reshape(*rows.shape, *[1] * (outputs.ndim - 2)), 1)
 
 
 @dataclasses.dataclass(frozen=True)
