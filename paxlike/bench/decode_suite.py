@@ -15,7 +15,7 @@ trained and cached like the pair), and reports its draft calls against the fixed
 speculative row of the same batch and temperature. Medusa decodes the target with 4 heads
 (`pair_medusa`) and EAGLE with its feature-level draft head (`pair_eagle`): the target's weights
 frozen, the heads trained on the same continuations as the draft, cached likewise; EAGLE runs as
-its default chain of 4 drafts, a chain of 7 and EAGLE-2's dynamic tree (`EAGLE_SHAPES`). The exact
+its default chain of 4 drafts, a chain of 9 and EAGLE-2's dynamic tree (`EAGLE_SHAPES`). The exact
 diffusion-drafted decoder drafts with `pair_mdlm`, a masked-diffusion model trained on the same
 continuations, cached likewise. Jacobi decoding also runs on `pair_cllm`, the target fine-tuned on
 the same continuations by CLLM's consistency objective (`models.consistency`), a second `jacobi`
@@ -59,7 +59,7 @@ GREEDY_ONLY = ("jacobi", "eagle/tree")  # kinds (or kind/rule rows) without a T 
 # EAGLE's rows besides the default chain of 4: a longer chain, and EAGLE-2's dynamic tree (greedy
 # only: its point-mass drafts are exact at T = 1 but rarely accepted). Chosen by a sweep on the
 # bench's own prompts (docs/drafting.md).
-EAGLE_SHAPES = {"long_chain": {"num_draft_tokens": 7},
+EAGLE_SHAPES = {"long_chain": {"num_draft_tokens": 9},
                 "tree": {"num_draft_tokens": 5, "tree_nodes": 6, "tree_children": 2}}
 CONSISTENCY = "pair_cllm"  # the target fine-tuned for Jacobi decoding (`jacobi`'s second row)
 NUM_DRAFT_TOKENS = 6  # gamma of the fixed-length drafted samplers (and adaptive's most)
@@ -76,7 +76,7 @@ def variant(cfg, kind: str, rule: str | None):
 
 
 def setting(sampler) -> str:
-  """A row's `setting`: every one of the kind's own settings in order, e.g. "num_draft_tokens=7,
+  """A row's `setting`: every one of the kind's own settings in order, e.g. "num_draft_tokens=9,
   confidence_threshold=0.0, tree_nodes=0, tree_children=0"."""
   return ", ".join(f"{name}={value}"
                    for name, value in dataclasses.asdict(sampler.options()).items())
