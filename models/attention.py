@@ -115,6 +115,42 @@ def visible_slots(lengths: jax.Array, mask: jax.Array, slots: int) -> jax.Array:
   return earlier | jnp.any(mask[:, :, :, None] & is_new[:, None, :, :], axis=2)
 
 
+def attend_packed(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
+                  cache_v: jax.Array, lengths: jax.Array, rows: jax.Array, offsets: jax.Array,
+                  width: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """Attention of T token-packed new tokens, from any rows, against their rows' caches.
+
+  A ragged call (e.g. a batch's speculative drafts, a different number per row) packs its new
+  tokens into one sequence so that the projections and the MLP cost what the tokens need, not
+  rows x the longest. Token t is the `offsets[t]`-th new token of row `rows[t]`: its key and
+  value are written at slot lengths[row] + offset, and it sees the row's cache below that and the
+  row's new tokens up to itself. The attention itself runs on the rows' dense [B, width] layout
+  (`attend_slots`), where it is a small part of a call.
+
+  Args:
+    q: [1, T, H, D] rotated queries; k, v: [1, T, KVH, D] the new keys and values.
+    cache_k, cache_v: [B, KVH, S, D] the layer's buffers; lengths: [B] valid slots per row.
+    rows: [T] int32 each token's row; B or more marks padding, written and seen nowhere.
+    offsets: [T] int32 each token's place among its row's new tokens, in [0, width).
+    width: W (static), the most new tokens of any row.
+  Returns:
+    ([1, T, H, D] output (padding's is garbage), (cache_k, cache_v) with the tokens written).
+  """
+  batch, slots = cache_k.shape[0], cache_k.shape[2]
+  valid = rows < batch
+  row = jnp.minimum(rows, batch - 1)
+  target_row = jnp.where(valid, row, batch)  # padding: out of range, dropped
+  at = lengths[row] + offsets
+  write = lambda buffer, new: buffer.at[target_row, :, at, :].set(new[0].astype(buffer.dtype),
+                                                                  mode="drop")
+  cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+  dense_q = jnp.zeros((batch, width, *q.shape[2:]), q.dtype).at[target_row, offsets].set(
+      q[0], mode="drop")
+  causal = jnp.tril(jnp.ones((1, width, width), bool))
+  out = attend_slots(dense_q, cache_k, cache_v, visible_slots(lengths, causal, slots))
+  return out[row, jnp.clip(offsets, 0, width - 1)][None], (cache_k, cache_v)
+
+
 def attend_slots(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
                  visible: jax.Array) -> jax.Array:
   """Softmax attention of T new queries over a layer's cache buffers, new tokens already written.

@@ -41,6 +41,14 @@ class CausalLM(TransformerModel):
     return self.module.apply({"params": params}, tokens, positions, cache, attention_mask,
                              method=Transformer.decode)
 
+  def apply_packed(self, params, tokens: jax.Array, positions: jax.Array, rows: jax.Array,
+                   offsets: jax.Array, width: int, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Cached call on token-packed rows: tokens/positions [1, T], rows/offsets [T] int32
+    (rows >= B: padding), width the most new tokens of a row. Returns ([1, T, V] float32
+    logits, cache with the tokens written, lengths unchanged); see `Transformer.decode_packed`."""
+    return self.module.apply({"params": params}, tokens, positions, rows, offsets, width, cache,
+                             method=Transformer.decode_packed)
+
   def prefill(self, params, tokens: jax.Array, positions: jax.Array,
               cache: KVCache) -> tuple[jax.Array, KVCache]:
     """First call on an empty cache: `apply` with a causal mask, but with `config.attention`

@@ -117,7 +117,7 @@ class Attention(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask=None, cache=None, rows=None):
+  def __call__(self, x, positions, mask=None, cache=None, rows=None, packed=None):
     """Args:
       x: [B, T, E] normalised activations.
       positions: [B, T] int32 position ids.
@@ -129,6 +129,8 @@ class Attention(nn.Module):
         cache and a mask): every token's keys and values are still written, but only those R
         tokens are queried, so the output is [B, R, E] (the last of several appended tokens,
         at a fraction of the work).
+      packed: None, or (rows [T], offsets [T], width) for token-packed rows (B = 1, with a
+        cache, no mask): `attention.attend_packed`.
     Returns:
       ([B, T or R, E] output, kv): without a cache kv is the new tokens' rotated keys and values
       [B, T, KVH, D]; with one, the layer's updated (keys, values) buffers.
@@ -154,15 +156,21 @@ class Attention(nn.Module):
                                    ("batch", "length", "kv_heads", "head_dim"))
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
     kv = (k, v)
-    if cache is not None:
-      cache_k, cache_v, lengths = cache
-      kv = (write_slots(cache_k, k, lengths), write_slots(cache_v, v, lengths))
-    if cfg.parscale.prefix_len:
+    if packed is not None:
+      if cache is None or cfg.parscale.prefix_len:
+        raise ValueError("packed attention reads the rows' caches: pass a cache (and no "
+                         "ParScale prefix)")
+      out, kv = attention.attend_packed(q, k, v, *cache, *packed)
+    elif cfg.parscale.prefix_len:
+      if cache is not None:
+        kv = (write_slots(cache[0], k, cache[2]), write_slots(cache[1], v, cache[2]))
       prefix = parscale.Prefix(cfg, name="prefix")(x.shape[0])
       before = None if cache is None else (
-          cache_k, cache_v, jnp.arange(cache_k.shape[2])[None, :] < lengths[:, None])
+          cache[0], cache[1], jnp.arange(cache[0].shape[2])[None, :] < cache[2][:, None])
       out = parscale.attend_with_prefix(q, k, v, mask, before, prefix)
     elif cache is not None:
+      cache_k, cache_v, lengths = cache
+      kv = (write_slots(cache_k, k, lengths), write_slots(cache_v, v, lengths))
       out = attention.attend_slots(q, *kv, attention.visible_slots(lengths, mask,
                                                                    cache_k.shape[2]))
     elif mask is None:
@@ -196,13 +204,13 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask=None, cache=None, rows=None):
+  def __call__(self, x, positions, mask=None, cache=None, rows=None, packed=None):
     """Same arguments and returns as `Attention`, with x the [B, T, E] residual stream (`rows`:
     the output is the [B, R, E] stream of those tokens only)."""
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), name=name)
     h, kv = Attention(cfg, name="attention")(norm("attention_norm")(x), positions, mask, cache,
-                                             rows)
+                                             rows, packed)
     if rows is not None:
       x = jnp.take_along_axis(x, rows[..., None], axis=1)
     x = x + h
@@ -309,6 +317,29 @@ class Transformer(nn.Module):
       values.append(v)
     rows = rows.replace(keys=tuple(keys), values=tuple(values), lengths=rows.lengths + steps)
     return self._logits(x), parscale.unfold_cache(rows, cache)
+
+  def decode_packed(self, tokens: jax.Array, positions: jax.Array, rows: jax.Array,
+                    offsets: jax.Array, width: int, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Cached forward of token-packed new tokens from several rows (`attention.attend_packed`):
+    the projections and MLP run on the T packed tokens only, whatever each row's count.
+
+    Args:
+      tokens, positions: [1, T] int32; rows, offsets: [T] int32 (rows >= B: padding);
+      width: static, the most new tokens of a row; cache: KVCache with B rows.
+    Returns:
+      ([1, T, V] float32 logits, cache with the tokens written; lengths unchanged, for the
+      caller to advance by each row's count).
+    """
+    if self.config.parscale.streams > 1:
+      raise ValueError("decode_packed: ParScale streams are not packed; use decode")
+    x = self._embed(tokens)
+    keys, values = [], []
+    for layer, block in enumerate(self.blocks):
+      layer_cache = (cache.keys[layer], cache.values[layer], cache.lengths)
+      x, (k, v) = block(x, positions, None, layer_cache, None, (rows, offsets, width))
+      keys.append(k)
+      values.append(v)
+    return self._logits(x), cache.replace(keys=tuple(keys), values=tuple(values))
 
   def _causal(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array | None = None
               ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:

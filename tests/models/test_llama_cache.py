@@ -127,3 +127,40 @@ def test_tree_attention_mask_and_path_compaction(small_config, build, apply, ful
   for row, path in enumerate(PATHS.values()):
     seq = jnp.concatenate([prefix[0], tree[0, path], nxt[row]])[None]
     np.testing.assert_allclose(logits[row, 0], full_logits(model, params, seq)[0, -1], atol=ATOL)
+
+
+def test_a_token_packed_call_equals_the_dense_call_on_ragged_rows(small_config, build, apply):
+  """`apply_packed`: rows with 3, 0 and 2 new tokens packed into 5 (plus 2 of padding) give the
+  dense call's logits at those tokens and write the same keys and values; padding writes
+  nothing. A packing that forgot the causal order within a row is caught."""
+  model, params = build(small_config)
+  batch, width = 3, 3
+  cache = model.init_cache(batch, 16)
+  _, cache = apply(model, params, _tokens(4, (batch, 6), model.vocab_size),
+                   _positions([0, 0, 0], 6), cache)
+  cache = cache.replace(lengths=jnp.array([6, 4, 5], jnp.int32))
+  new = _tokens(5, (batch, width), model.vocab_size)
+  positions = _positions(cache.lengths, width)
+  dense, dense_cache = apply(model, params, new, positions, cache)
+  counts = [3, 0, 2]
+  rows = jnp.array([0, 0, 0, 2, 2, batch, batch + 5], jnp.int32)
+  offsets = jnp.array([0, 1, 2, 0, 1, 0, 2], jnp.int32)
+  packed_tokens = new[jnp.minimum(rows, batch - 1), offsets][None]
+  packed_positions = positions[jnp.minimum(rows, batch - 1), offsets][None]
+  logits, packed_cache = model.apply_packed(params, packed_tokens, packed_positions, rows,
+                                            offsets, width, cache)
+  np.testing.assert_allclose(logits[0, :5], dense[rows[:5], offsets[:5]], atol=ATOL)
+  np.testing.assert_array_equal(packed_cache.lengths, cache.lengths)
+  for layer in range(len(cache.keys)):
+    for before, got, want in ((cache.keys[layer], packed_cache.keys[layer],
+                               dense_cache.keys[layer]),
+                              (cache.values[layer], packed_cache.values[layer],
+                               dense_cache.values[layer])):
+      for row, count in enumerate(counts):
+        end = int(cache.lengths[row]) + count
+        np.testing.assert_allclose(got[row, :, :end], want[row, :, :end], atol=ATOL)
+        np.testing.assert_array_equal(got[row, :, end:], before[row, :, end:])
+  swapped = offsets.at[0].set(2).at[2].set(0)  # row 0's first and last tokens trade places
+  wrong, _ = model.apply_packed(params, packed_tokens, packed_positions, rows, swapped, width,
+                                cache)
+  assert np.abs(wrong[0, 1] - dense[0, 1]).max() > 1e-3
