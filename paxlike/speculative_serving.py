@@ -13,7 +13,9 @@ speculative policies, each a choice of `samplers.continuous_spec` programs betwe
   tokens per slot on average (Leviathan et al. 2023), and AR steps one per step.
 * `Tetris` (`tetris`; Wu et al. 2025): every call, `rounds_per_sync` rounds of
   `continuous_spec.select`: G drafts per slot, the `budget` most likely verified, at the width
-  with the most expected tokens per second under costs measured per width before the clock.
+  with the most expected tokens per second under costs measured per width before the clock;
+  with `packed`, in one token-packed target call of the chosen drafts alone (one of G + 1
+  sizes), so that each slot pays for its own drafts only.
 
 A policy's choices depend only on drafts and on past acceptance, never on the target's next
 logits, so every request's tokens keep the target's distribution, and greedy ones equal AR.
@@ -126,14 +128,25 @@ class Tetris(FixedGamma):
   rejections, as in `SmartSpec`, started from the warm-up) to the running mean top probability
   of the verified drafts.
 
+  With `packed` (a target with `apply_packed`), the drafts verified are the most likely ones
+  across the batch, as many as a packed call of rows x (w + 1) tokens holds beside each slot's
+  last token (w = 0..G, `continuous_spec.packed_selection`), and the call holds those tokens
+  alone: a confident slot's long chain and an unsure one's short chain cost what they hold.
+
   Attributes after `warm_up`: costs {rows: [G + 1] seconds per call on that many rows verifying
-  w = 0..G drafts per slot}; `widths`, the rounds per verify width while serving."""
+  w = 0..G drafts per slot (packed: rows x (w + 1) tokens)}; `widths`, the rounds per verify
+  width (packed: per size) while serving."""
 
   def __init__(self, target, target_params, draft, draft_params, num_slots: int,
                sampling: SamplingParams, max_draft_tokens: int, budget: int | None = None,
-               rounds_per_sync: int = 1, steps_per_sync: int = 4, decay: float = 0.9):
+               rounds_per_sync: int = 1, steps_per_sync: int = 4, decay: float = 0.9,
+               packed: bool = False):
+    if packed and not hasattr(target, "apply_packed"):
+      raise ValueError("Tetris(packed=True) needs a target with apply_packed (token-packed "
+                       "calls, e.g. a llama CausalLM); pass packed=False")
     super().__init__(target, target_params, draft, draft_params, num_slots, sampling,
                      max_draft_tokens, rounds_per_sync, steps_per_sync)
+    self.packed = packed
     self.budget, self.decay = budget or num_slots * max_draft_tokens, decay
     self.costs = {rows: np.ones(max_draft_tokens + 1, np.float32) for rows in self.row_buckets()}
     self.widths = np.zeros(max_draft_tokens + 1, int)
@@ -152,14 +165,16 @@ class Tetris(FixedGamma):
     """`rounds_per_sync` rounds, each `continuous_spec.propose` then `verify_proposal` at the
     width it chose (two programs: no conditional over the target's cache)."""
     before = self._counters(slots)
+    sizes = tuple(rows * (w + 1) for w in range(self.gamma + 1)) if self.packed else None
     for _ in range(self.rounds):
       slots, proposal = continuous_spec.propose(
           self.draft, self.draft_params, slots, self.config, min(self.budget, rows * self.gamma),
-          costs, rows, self.calibration())
-      width = int(proposal["width"])
-      self.widths[width] += 1
-      slots = continuous_spec.verify_proposal(self.model, self.params, slots, self.config,
-                                              proposal, width, rows)
+          costs, rows, self.calibration(), sizes)
+      choice = int(proposal["width"])
+      self.widths[choice] += 1
+      slots = continuous_spec.verify_proposal(
+          self.model, self.params, slots, self.config, proposal,
+          sizes[choice] if self.packed else choice, rows, self.packed)
       after = self._counters(slots)
       seen = [float(proposal["confidence_sum"]), float(proposal["chosen"])]
       self.observed = self.decay * self.observed + np.concatenate([after - before, seen])

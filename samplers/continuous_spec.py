@@ -14,7 +14,10 @@ request, pointers and limit, and the host may switch between programs from one c
   estimate that a slot's j-th draft is accepted is the product of its top probabilities along
   the chain; the `budget` drafts most likely to be accepted across the batch are verified (a
   confident slot gets a long chain, an unsure one a short one or none), and the verify width is
-  the one that maximises expected tokens per second under the measured cost of each width.
+  the one that maximises expected tokens per second under the measured cost of each width. With
+  a token-packed verify (`propose(..., sizes=)`, `verify_proposal(..., packed=True)`) a slot
+  pays only for its own drafts: the call holds the chosen drafts alone, at one of a few packed
+  sizes, so an unsure slot's short chain saves compute instead of padding to the width.
 
 AR steps leave the draft's cache behind; a round first feeds it the tokens it lacks
 (`catch_up`), in wide calls while a slot lags far, then `chunk` at a time.
@@ -151,14 +154,22 @@ def speculate(target: CausalModel, target_params, draft: CausalModel, draft_para
   return continuous.on_rows(lambda s: jax.lax.fori_loop(0, rounds, one, s), slots, rows)
 
 
-def _check_selection(config: ContinuousConfig, budget: int, costs) -> jax.Array:
+def _check_selection(config: ContinuousConfig, budget: int, costs,
+                     sizes: tuple[int, ...] | None = None) -> jax.Array:
   """TETRIS's settings (`select`, `propose`), named when wrong; the costs as float32."""
   gamma = config.max_draft_tokens
   _check_gamma(gamma, config)
   if budget < 1:
     raise ValueError(f"budget (drafts verified per round) must be >= 1, got {budget}")
   costs = jnp.asarray(costs, jnp.float32)
-  if costs.shape != (gamma + 1,):
+  if sizes is not None:
+    if not sizes or list(sizes) != sorted(set(sizes)) or sizes[0] < 1:
+      raise ValueError(f"sizes (tokens per packed verify call) must be increasing and >= 1, "
+                       f"got {sizes}")
+    if costs.shape != (len(sizes),):
+      raise ValueError(f"costs must hold one time per packed size {sizes}, shape "
+                       f"({len(sizes)},), got {costs.shape}")
+  elif costs.shape != (gamma + 1,):
     raise ValueError(f"costs must hold one time per verify width 0..{gamma}, shape "
                      f"({gamma + 1},), got {costs.shape}")
   return costs
@@ -199,6 +210,57 @@ def selection(confidence: jax.Array, active: jax.Array, budget: int, costs: jax.
   return jnp.minimum(lengths, width), width
 
 
+def packed_selection(confidence: jax.Array, active: jax.Array, budget: int,
+                     sizes: tuple[int, ...], costs: jax.Array,
+                     calibration: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """TETRIS's choice for a token-packed verify call (`verify_packed`), where a slot pays only
+  for its own drafts: the b drafts most likely accepted across the batch, b at most `budget` and
+  as many as a call of one of `sizes` tokens holds beside the active slots' last tokens, the
+  size maximising (active slots + expected accepted drafts) / its cost.
+
+  Args:
+    confidence, active, calibration: as `selection`; costs: [K] seconds of a packed call of
+      sizes[k] tokens (sizes increasing, the first at least the active slots).
+  Returns:
+    (lengths [S] int32 drafts verified per slot, k [] int32 the chosen size's index).
+  """
+  slots, gamma = confidence.shape
+  value = chain_values(confidence, active, calibration).reshape(-1)
+  ranked, order = jax.lax.top_k(value, slots * gamma)  # descending; ties: earlier drafts
+  live = jnp.sum(active)
+  expected = jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.maximum(ranked, 0.0))])
+  drafts = jnp.clip(jnp.asarray(sizes) - live, 0, jnp.minimum(budget, live * gamma))  # [K]
+  fits = jnp.asarray(sizes) >= live  # room for every active slot's last token
+  k = jnp.argmax(jnp.where(fits, (live + expected[drafts]) / costs, -1.0)).astype(jnp.int32)
+  chosen = jnp.zeros(slots * gamma, bool).at[order].set(jnp.arange(slots * gamma) < drafts[k])
+  chosen = chosen.reshape(slots, gamma) & active[:, None]
+  return jnp.sum(jnp.cumprod(chosen, axis=1), axis=1, dtype=jnp.int32), k
+
+
+def _verify_packed(target: CausalModel, target_params, slots: Slots, drafts: jax.Array,
+                   lengths: jax.Array, size: int) -> tuple[jax.Array, object]:
+  """The target's logits [S, G + 1, V] after each active slot's last token and its first
+  `lengths` drafts (zeros after them), from one call on those tokens packed into `size`
+  (`CausalModel.apply_packed`; padding after them), and its cache."""
+  num, gamma = drafts.shape
+  counts = jnp.where(slots.active, lengths + 1, 0)
+  ends = jnp.cumsum(counts)
+  starts = ends - counts
+  index = jnp.arange(size)
+  rows = jnp.sum(index[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)  # num: padding
+  row = jnp.minimum(rows, num - 1)
+  offsets = jnp.clip(index - starts[row], 0, gamma)
+  context = slots.context[row]
+  tokens = jnp.where(offsets == 0, slots.seq[row, context - 1],
+                     drafts[row, jnp.maximum(offsets - 1, 0)])
+  logits, cache = target.apply_packed(target_params, tokens[None], (context - 1 + offsets)[None],
+                                      rows, offsets, gamma + 1,
+                                      slots.cache.replace(lengths=slots.context - 1))
+  place = jnp.clip(starts[:, None] + jnp.arange(gamma + 1), 0, size - 1)
+  kept = (jnp.arange(gamma + 1) < counts[:, None])[..., None]
+  return jnp.where(kept, logits[0][place], 0.0), cache
+
+
 @functools.partial(jax.jit,
                    static_argnames=("target", "draft", "config", "budget", "rounds", "rows"),
                    donate_argnames=("slots",))
@@ -221,25 +283,30 @@ def select(target: CausalModel, target_params, draft: CausalModel, draft_params,
   return continuous.on_rows(lambda s: jax.lax.fori_loop(0, rounds, one, s), slots, rows)
 
 
-@functools.partial(jax.jit, static_argnames=("draft", "config", "budget", "rows"),
+@functools.partial(jax.jit, static_argnames=("draft", "config", "budget", "rows", "sizes"),
                    donate_argnames=("slots",))
 def propose(draft: CausalModel, draft_params, slots: Slots, config: ContinuousConfig,
             budget: int, costs: jax.Array, rows: int | None = None,
-            calibration: jax.Array | float = 1.0):
+            calibration: jax.Array | float = 1.0, sizes: tuple[int, ...] | None = None):
   """The first half of a `select` round as its own program: draft G tokens per slot and choose
-  which to verify (`selection` under `calibration`). Returns (slots, proposal: the chain with
-  `lengths` [S], `width` [], and `chosen` [] drafts with `confidence_sum` [] top probabilities).
+  which to verify (`selection` under `calibration`; with `sizes`, `packed_selection`, costs one
+  per size). Returns (slots, proposal: the chain with `lengths` [S], `width` [] (with `sizes`:
+  the chosen size's index), and `chosen` [] drafts with `confidence_sum` [] top probabilities).
 
   With `verify_proposal`, a round is two programs and the host reads `width` in between, so the
   target call is compiled per width: inside `select`, `lax.switch` hands the target's cache
   through a conditional, which XLA:CPU copies (2.6 of 18.7 ms of a round on 8 slots of the
   bench's pair)."""
   gamma = config.max_draft_tokens
-  costs = _check_selection(config, budget, costs)
+  costs = _check_selection(config, budget, costs, sizes)
 
   def stage(s):
     s, chain = _draft_stage(draft, draft_params, s, config, gamma)
-    lengths, width = selection(chain["confidence"], s.active, budget, costs, calibration)
+    if sizes is None:
+      lengths, width = selection(chain["confidence"], s.active, budget, costs, calibration)
+    else:
+      lengths, width = packed_selection(chain["confidence"], s.active, budget, sizes, costs,
+                                        calibration)
     chosen = jnp.arange(gamma) < lengths[:, None]
     return s, chain | {"lengths": lengths, "width": width, "chosen": jnp.sum(chosen),
                        "confidence_sum": jnp.sum(jnp.where(chosen, chain["confidence"], 0.0))}
@@ -247,13 +314,17 @@ def propose(draft: CausalModel, draft_params, slots: Slots, config: ContinuousCo
   return continuous.on_rows_with(stage, slots, rows)
 
 
-@functools.partial(jax.jit, static_argnames=("target", "config", "width", "rows"),
+@functools.partial(jax.jit, static_argnames=("target", "config", "width", "rows", "packed"),
                    donate_argnames=("slots",))
 def verify_proposal(target: CausalModel, target_params, slots: Slots, config: ContinuousConfig,
-                    proposal, width: int, rows: int | None = None) -> Slots:
+                    proposal, width: int, rows: int | None = None, packed: bool = False) -> Slots:
   """The second half: one target call over each slot's last token and `width` drafts
-  (`int(proposal["width"])`), verification of the chosen ones and commit."""
+  (`int(proposal["width"])`), verification of the chosen ones and commit. With `packed`, the
+  call is token-packed (`_verify_packed`) and `width` is its size in tokens."""
   verify = functools.partial(_verify, target, width=width)
+  if packed:
+    verify = lambda params, s, drafts: _verify_packed(target, params, s, drafts,
+                                                      proposal["lengths"], width)
   return continuous.on_rows(
       lambda s: _verify_stage(target, target_params, s, config, proposal, proposal["lengths"],
                               verify), slots, rows)

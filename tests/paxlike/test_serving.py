@@ -59,14 +59,16 @@ def test_speculative_policies_return_each_requests_greedy_decode():
   pair = (MODEL, params, MODEL, draft, 3, greedy)
   engines = {"continuous_speculative": speculative_serving.FixedGamma(*pair, gamma=2),
              "smartspec": speculative_serving.SmartSpec(*pair, max_draft_tokens=3),
-             "tetris": speculative_serving.Tetris(*pair, max_draft_tokens=3, budget=4)}
+             "tetris": speculative_serving.Tetris(*pair, max_draft_tokens=3, budget=4),
+             "tetris, packed": speculative_serving.Tetris(*pair, max_draft_tokens=3, budget=4,
+                                                          packed=True)}
   for name, engine in engines.items():
     served = serving.serve_continuous(MODEL, params, trace, 3, greedy, engine=engine)
     for s, want in zip(served, reference):
       np.testing.assert_array_equal(s.tokens, want, err_msg=name)
   smartspec, tetris = engines["smartspec"], engines["tetris"]
   assert smartspec.chosen.sum() > 0
-  for engine in (smartspec, tetris):  # a cost per program and per row count (1, 2, 3 slots)
+  for engine in (smartspec, tetris, engines["tetris, packed"]):  # per program and row count
     assert sorted(engine.costs) == [1, 2, 3]
     assert all(c.shape == (4,) and np.all(c > 0) for c in engine.costs.values())
 

@@ -45,9 +45,17 @@ def _propose_and_verify(target, draft, slots, config, costs, calibration=1.0):
                                          int(proposal["width"]))
 
 
+def _propose_and_verify_packed(target, draft, slots, config, costs):
+  sizes = (2, 4, 6, 8)  # 2 slots x (w + 1) tokens, w = 0..G
+  slots, proposal = continuous_spec.propose(MODEL, draft, slots, config, 4, costs, sizes=sizes)
+  return continuous_spec.verify_proposal(MODEL, target, slots, config, proposal,
+                                         sizes[int(proposal["width"])], packed=True)
+
+
 def _programs(target, draft, config):
   costs = jnp.asarray([1.0, 1.1, 1.2, 1.3])
   return {
+      "tetris, packed": lambda s, i: _propose_and_verify_packed(target, draft, s, config, costs),
       "fixed gamma": lambda s, i: continuous_spec.speculate(MODEL, target, MODEL, draft, s,
                                                             config, gamma=2),
       "tetris": lambda s, i: continuous_spec.select(MODEL, target, MODEL, draft, s, config,
@@ -59,7 +67,8 @@ def _programs(target, draft, config):
   }
 
 
-@pytest.mark.parametrize("policy", ["fixed gamma", "tetris", "tetris, two programs", "mixed"])
+@pytest.mark.parametrize("policy", ["fixed gamma", "tetris", "tetris, two programs",
+                                    "tetris, packed", "mixed"])
 def test_greedy_requests_equal_their_batch_one_ar_decode(policy):
   target, draft = _params()
   greedy = SamplingParams(temperature=0.0)
@@ -95,6 +104,51 @@ def test_two_program_tetris_rounds_equal_one_program_rounds_when_sampled():
   two = _serve(target, draft, [0, 1, 2, 3, 4], config, programs["tetris, two programs"])[0]
   for i in range(len(PROMPTS)):
     np.testing.assert_array_equal(one[i], two[i], err_msg=f"request {i}")
+
+
+def test_a_packed_verify_commits_what_the_dense_verify_commits_when_sampled():
+  """The same proposal verified by a token-packed call (the chosen drafts alone) and by the
+  dense call at its width commits the same tokens and counts: the packed logits are the dense
+  ones, so packed TETRIS keeps the target's distribution."""
+  target, draft = _params()
+  config = _config(2, SamplingParams(temperature=1.0))
+  prompt, lengths = ar.pad_prompts([PROMPTS[0], PROMPTS[1]])
+  prompt = jnp.pad(prompt, ((0, 0), (0, config.prompt_width - prompt.shape[1])))
+  slots = continuous.fill(MODEL, target, prompt, lengths, KEYS[:2], jnp.asarray([12, 12]),
+                          config, MODEL, draft)
+  for _ in range(3):
+    slots, proposal = continuous_spec.propose(MODEL, draft, slots, config, 4,
+                                              jnp.asarray([1.0, 1.1, 1.2, 1.3]))
+    width = int(proposal["width"])
+    assert int(jnp.sum(proposal["lengths"])) > 0
+    copy = jax.tree.map(jnp.copy, slots)
+    dense = continuous_spec.verify_proposal(MODEL, target, copy, config, proposal, width)
+    packed = continuous_spec.verify_proposal(MODEL, target, slots, config, proposal, 2 * (G + 1),
+                                             packed=True)
+    for field in ("seq", "n", "accepted", "drafted", "rejected"):
+      np.testing.assert_array_equal(getattr(packed, field), getattr(dense, field), err_msg=field)
+    slots = packed
+
+
+def test_packed_selection_spends_the_size_on_the_likeliest_drafts():
+  confidence = jnp.asarray([[0.9, 0.9, 0.9], [0.5, 0.9, 0.9], [0.99, 0.1, 0.9]])
+  active = jnp.asarray([True, True, True])
+  sizes = (3, 5, 7, 9, 12)
+  # chain values: [.9 .81 .729], [.5 .45 .405], [.99 .099 .089]; flat costs: the largest size
+  lengths, k = continuous_spec.packed_selection(confidence, active, 9, sizes, jnp.ones(5))
+  np.testing.assert_array_equal(lengths, [3, 3, 3])
+  assert int(k) == 4
+  # 7 tokens hold the 3 last tokens and the 4 likeliest drafts: .99 .9 .81 .729 (a dense
+  # width would give the second slot drafts too); a size that costs more than it earns is cut
+  lengths, k = continuous_spec.packed_selection(confidence, active, 9, sizes,
+                                                jnp.asarray([1.0, 1.2, 1.4, 9.0, 9.0]))
+  np.testing.assert_array_equal(lengths, [3, 0, 1])
+  assert int(k) == 2
+  lengths, k = continuous_spec.packed_selection(confidence, active, 2, sizes, jnp.ones(5))
+  np.testing.assert_array_equal(lengths, [1, 0, 1])  # the budget caps the drafts
+  lengths, _ = continuous_spec.packed_selection(confidence, jnp.asarray([False, True, True]), 9,
+                                                sizes, jnp.ones(5))
+  assert int(lengths[0]) == 0  # a free slot drafts nothing
 
 
 def test_calibration_scales_each_draft_before_the_chain_product():
@@ -160,6 +214,10 @@ def test_bad_settings_are_named():
   with pytest.raises(ValueError, match=r"one time per verify width 0..3, shape \(4,\)"):
     continuous_spec.select(MODEL, target, MODEL, draft, slots, config, budget=2,
                            costs=jnp.ones(G))
+  with pytest.raises(ValueError, match=r"one time per packed size \(2, 4\), shape \(2,\)"):
+    continuous_spec.propose(MODEL, draft, slots, config, 2, jnp.ones(G + 1), sizes=(2, 4))
+  with pytest.raises(ValueError, match="sizes .* must be increasing"):
+    continuous_spec.propose(MODEL, draft, slots, config, 2, jnp.ones(2), sizes=(4, 2))
   with pytest.raises(ValueError, match="max_draft_tokens must be >= 0"):
     continuous.ContinuousConfig(num_slots=2, max_new_tokens=4, prompt_width=8,
                                 max_draft_tokens=-1)
