@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from samplers import continuous
 from samplers.continuous import ContinuousConfig, Slots
-from samplers.core import draft_verify
+from samplers.core import draft_verify, packing
 from samplers.core.protocol import CausalModel
 
 CATCH_UP_WIDE = 32  # tokens per draft call while a slot lags far behind (`catch_up`)
@@ -242,23 +242,14 @@ def _verify_packed(target: CausalModel, target_params, slots: Slots, drafts: jax
   """The target's logits [S, G + 1, V] after each active slot's last token and its first
   `lengths` drafts (zeros after them), from one call on those tokens packed into `size`
   (`CausalModel.apply_packed`; padding after them), and its cache."""
-  num, gamma = drafts.shape
-  counts = jnp.where(slots.active, lengths + 1, 0)
-  ends = jnp.cumsum(counts)
-  starts = ends - counts
-  index = jnp.arange(size)
-  rows = jnp.sum(index[:, None] >= ends[None, :], axis=1, dtype=jnp.int32)  # num: padding
-  row = jnp.minimum(rows, num - 1)
-  offsets = jnp.clip(index - starts[row], 0, gamma)
-  context = slots.context[row]
-  tokens = jnp.where(offsets == 0, slots.seq[row, context - 1],
-                     drafts[row, jnp.maximum(offsets - 1, 0)])
-  logits, cache = target.apply_packed(target_params, tokens[None], (context - 1 + offsets)[None],
-                                      rows, offsets, gamma + 1,
-                                      slots.cache.replace(lengths=slots.context - 1))
-  place = jnp.clip(starts[:, None] + jnp.arange(gamma + 1), 0, size - 1)
-  kept = (jnp.arange(gamma + 1) < counts[:, None])[..., None]
-  return jnp.where(kept, logits[0][place], 0.0), cache
+  width = drafts.shape[1] + 1
+  window = slots.context[:, None] - 1 + jnp.arange(width)
+  scored = jnp.concatenate([jnp.take_along_axis(slots.seq, window[:, :1], axis=1), drafts], 1)
+  packed = packing.pack(jnp.where(slots.active, lengths + 1, 0), size, width)
+  logits, cache = target.apply_packed(target_params, packed.gather(scored)[None],
+                                      packed.gather(window)[None], packed.rows, packed.offsets,
+                                      width, slots.cache.replace(lengths=slots.context - 1))
+  return packed.scatter(logits[0], width), cache
 
 
 @functools.partial(jax.jit,
