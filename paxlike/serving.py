@@ -7,9 +7,9 @@ A request arrives at a time, with a prompt and a number of tokens to generate. T
   admitted meanwhile, and a request's tokens are returned when its batch ends.
 * `serve_continuous`: `samplers.continuous` slots; between calls of an engine's program the
   scheduler frees finished slots, admits every waiting request into the lowest free ones, and
-  runs the program on the rows that cover the occupied slots. Engines here: `ARSlots` (AR steps),
-  `ChunkedARSlots` (chunked prefill), `SplitARSlots` (prefill and decode on two devices); the
-  speculative ones are in `paxlike.speculative_serving`.
+  runs the program on the rows that cover the occupied slots. `ARSlots` (AR steps) is the
+  engine here; `paxlike.prefill_serving` has its chunked-prefill and phase-split variants, and
+  `paxlike.speculative_serving` the speculative ones.
 
 Both compile everything before the clock starts and report per request its arrival, the time
 its first token was ready, the time it was done and the gaps its tokens arrived with. A static
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from samplers import ar, chunked_prefill, continuous
+from samplers import ar, continuous
 from samplers.core.logits import SamplingParams
 
 OUTPUT_BUCKET = 16  # static batches decode to their longest request, rounded up to this
@@ -67,7 +67,8 @@ def poisson_trace(prompts: list[np.ndarray], new_tokens: list[int], rate: float,
           for i, (p, n, t) in enumerate(zip(prompts, new_tokens, np.cumsum(gaps)))]
 
 
-def _padded(prompts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+def pad_to_width(prompts: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+  """Token prompts right-padded to [N, width] int32, and their lengths [N] int32."""
   out = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
     out[i, :len(p)] = p
@@ -84,7 +85,7 @@ def reference(model, params, requests: list[Request], sampling: SamplingParams) 
   config = ar.ARConfig(max_new_tokens=longest, sampling=sampling)
   out = []
   for r in requests:
-    prompt, length = _padded([r.prompt], width)
+    prompt, length = pad_to_width([r.prompt], width)
     tokens = ar.sample(model, params, jnp.asarray(prompt), jnp.asarray(length),
                        jax.random.key(r.seed)[None], config).tokens
     out.append(np.asarray(tokens[0, :r.max_new_tokens]))
@@ -128,7 +129,7 @@ def serve_static(model, params, requests: list[Request], batch: int,
       taken.append(waiting.popleft())
     rows = taken + [taken[0]] * (batch - len(taken))  # padding rows: discarded
     began, steps = clock(), _bucket(max(r.max_new_tokens for r in taken))
-    prompt, prompt_lengths = _padded([r.prompt for r in rows], width)
+    prompt, prompt_lengths = pad_to_width([r.prompt for r in rows], width)
     keys = jnp.stack([jax.random.key(r.seed) for r in rows])
     out = decoders[steps](params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), keys)
     tokens, done = np.asarray(out.tokens), clock()
@@ -178,7 +179,7 @@ class ARSlots:
     """(slot [K], prompt [K, W], prompt_length [K], keys [K], limit [K]) admitting `pairs`,
     padded to `buckets` (padding rows: slot S, which `continuous.admit` drops)."""
     rows, width = self.buckets(pairs)
-    prompt, length = _padded([r.prompt for _, r in pairs], width)
+    prompt, length = pad_to_width([r.prompt for _, r in pairs], width)
     pad = rows - len(pairs)
     slot = np.asarray([s for s, _ in pairs] + [self.num_slots] * pad, np.int32)
     prompt = np.concatenate([prompt, np.zeros((pad, width), np.int32)])
@@ -310,99 +311,6 @@ class _Seen:
         self.gaps[id(r)] += [(now - then) / (n[slot] - count)] * int(n[slot] - count)
         self.last[id(r)] = (n[slot], now)
     return n
-
-
-class SplitARSlots(ARSlots):
-  """`continuous_ar` with prefill and decode on different devices (Splitwise, Patel et al. 2024,
-  "Splitwise: Efficient Generative LLM Inference Using Phase Splitting"): admissions prefill on
-  `prefill_device`, the slots decode on `decode_device`, and the prefilled rows (their caches
-  and first tokens) are handed over with `jax.device_put`. An admission is dispatched without
-  waiting; the next `advance` dispatches the decode steps first, so that the prefill runs beside
-  them, then places the rows into their slots."""
-
-  deferred_admission = True
-
-  def __init__(self, model, params, num_slots: int, sampling: SamplingParams,
-               steps_per_sync: int = 4, prefill_device=None, decode_device=None):
-    devices = jax.devices()
-    if len(devices) < 2 and (prefill_device is None or decode_device is None):
-      raise ValueError("phase splitting needs two devices (prefill, decode); this process has "
-                       f"{len(devices)}")
-    self.prefill_device = prefill_device or devices[0]
-    self.decode_device = decode_device or devices[1]
-    super().__init__(model, jax.device_put(params, self.decode_device), num_slots, sampling,
-                     steps_per_sync)
-    self.prefill_params = jax.device_put(params, self.prefill_device)
-    self.handover = []
-
-  def init(self, requests: list[Request]) -> continuous.Slots:
-    self.handover = []
-    return jax.device_put(super().init(requests), self.decode_device)
-
-  def admit_all(self, slots, pairs: list[tuple[int, Request]]):
-    slot, *inputs = jax.device_put(self.admission(pairs), self.prefill_device)
-    rows = continuous.fill(self.model, self.prefill_params, *inputs, self.config)
-    self.handover.append((slot, rows))
-    return slots
-
-  def advance(self, slots, rows: int | None = None):
-    slots = self.ar_step(slots, rows)
-    for slot, prefilled in self.handover:
-      slots = continuous.place(slots, *jax.device_put((slot, prefilled), self.decode_device))
-    self.handover = []
-    return slots
-
-
-class ChunkedARSlots(ARSlots):
-  """`continuous_ar` with chunked prefill (`samplers.chunked_prefill`): a prompt longer than
-  `chunk` tokens enters its slot without computing anything, and each call feeds the oldest
-  incomplete prompt's next `chunk` tokens before its `steps_per_sync` AR steps; shorter prompts
-  are admitted as by `ARSlots` (one prefill call for all of them)."""
-
-  def __init__(self, model, params, num_slots: int, sampling: SamplingParams,
-               steps_per_sync: int = 4, chunk: int = 64):
-    super().__init__(model, params, num_slots, sampling, steps_per_sync)
-    self.chunk, self.pending = chunk, []  # [slot, prompt tokens not yet fed]
-
-  def init(self, requests: list[Request]) -> continuous.Slots:
-    self.pending = []
-    return super().init(requests)
-
-  def enqueue(self, slots, slot: int, r: Request):
-    prompt, length = _padded([r.prompt], self.config.prompt_width)
-    self.pending.append([slot, int(length[0])])
-    return chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt[0]),
-                                   jnp.int32(length[0]), jax.random.key(r.seed),
-                                   jnp.int32(r.max_new_tokens), self.config)
-
-  def admit_all(self, slots, pairs: list[tuple[int, Request]]):
-    short = [(slot, r) for slot, r in pairs if len(r.prompt) <= self.chunk]
-    if short:
-      slots = super().admit_all(slots, short)
-    for slot, r in pairs:
-      if len(r.prompt) > self.chunk:
-        slots = self.enqueue(slots, slot, r)
-    return slots
-
-  def warm_up(self, slots, requests: list[Request]):
-    for rows in self.row_buckets():
-      for _ in range(2):
-        slots = self.enqueue(slots, 0, requests[0])
-        while self.pending:  # chunks with AR steps
-          slots = self.advance(slots, rows)
-        slots = self.advance(slots, rows)  # AR steps alone
-    return slots
-
-  def advance(self, slots, rows: int | None = None):
-    if not self.pending:
-      return self.ar_step(slots, rows)
-    slot, left = self.pending[0]
-    slots = chunked_prefill.step_with_chunk(self.model, self.params, slots, jnp.int32(slot),
-                                            self.config, self.chunk, self.steps_per_sync, rows)
-    self.pending[0][1] -= self.chunk
-    if self.pending[0][1] <= 0:
-      self.pending.pop(0)
-    return slots
 
 
 def summary(served: list[Served]) -> dict[str, float]:

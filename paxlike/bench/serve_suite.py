@@ -26,9 +26,9 @@ traces before the next rate.
 
 Another trace, `with_long` (uniform outputs), makes a quarter of the prompts long
 (LONG_PROMPT_BYTES) and serves it with `continuous_ar` without and with chunked prefill
-(`chunked_prefill`: C tokens of a prompt per call, `serving.ChunkedARSlots`). With two
+(`chunked_prefill`: C tokens of a prompt per call, `prefill_serving.ChunkedARSlots`). With two
 devices or more, `continuous_ar` also runs with prefill on the first and decode on the second
-(`phase_split`, `serving.SplitARSlots`). A CPU host has one device: simulating two
+(`phase_split`, `prefill_serving.SplitARSlots`). A CPU host has one device: simulating two
 (`--xla_force_host_platform_device_count=2`) gives each half the cores and halves every row's
 speed, so there the split is only tested, not measured.
 """
@@ -41,7 +41,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from paxlike import registry, serving, speculative_serving, tokenizer
+from paxlike import prefill_serving, registry, serving, speculative_serving, tokenizer
 from paxlike.bench import harness
 from paxlike.bench.decode_suite import drafting_on_target, shortened, trained
 from paxlike.data import load_corpus
@@ -103,9 +103,9 @@ def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: Sa
           "continuous_speculative": lambda: speculative_serving.FixedGamma(*pair, gamma),
           "smartspec": lambda: speculative_serving.SmartSpec(*pair, gamma),
           "tetris": lambda: speculative_serving.Tetris(*pair, gamma),
-          "chunked": lambda: serving.ChunkedARSlots(model, params, batch, sampling,
+          "chunked": lambda: prefill_serving.ChunkedARSlots(model, params, batch, sampling,
                                                     steps_per_sync, CHUNK),
-          "split": lambda: serving.SplitARSlots(model, params, batch, sampling, steps_per_sync)}
+          "split": lambda: prefill_serving.SplitARSlots(model, params, batch, sampling, steps_per_sync)}
 
 
 def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8.0, 32.0),

@@ -11,7 +11,7 @@ from models.causal_lm import CausalLM
 from models.config import ModelConfig
 import jax
 
-from paxlike import serving, speculative_serving
+from paxlike import prefill_serving, serving, speculative_serving
 from samplers import continuous
 from paxlike.bench import serve_suite
 from paxlike.errors import UserError
@@ -36,8 +36,8 @@ def test_static_and_continuous_policies_return_each_requests_own_decode():
   for temperature in (0.0, 1.0):
     sampling = SamplingParams(temperature=temperature)
     reference = serving.reference(model, params, trace, sampling)
-    chunked = serving.ChunkedARSlots(model, params, 3, sampling, steps_per_sync=2, chunk=3)
-    split = serving.SplitARSlots(model, params, 3, sampling, steps_per_sync=2)
+    chunked = prefill_serving.ChunkedARSlots(model, params, 3, sampling, steps_per_sync=2, chunk=3)
+    split = prefill_serving.SplitARSlots(model, params, 3, sampling, steps_per_sync=2)
     for served in (serving.serve_static(model, params, trace, 3, sampling),
                    serving.serve_continuous(model, params, trace, 3, sampling, 2),
                    serving.serve_continuous(model, params, trace, 3, sampling, engine=chunked),
