@@ -105,7 +105,8 @@ def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: Sa
           "tetris": lambda: speculative_serving.Tetris(*pair, gamma),
           "chunked": lambda: prefill_serving.ChunkedARSlots(model, params, batch, sampling,
                                                     steps_per_sync, CHUNK),
-          "split": lambda: prefill_serving.SplitARSlots(model, params, batch, sampling, steps_per_sync)}
+          "split": lambda: prefill_serving.SplitARSlots(model, params, batch, sampling,
+                                                        steps_per_sync)}
 
 
 def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8.0, 32.0),
