@@ -104,7 +104,7 @@ def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: Sa
           "smartspec": lambda: speculative_serving.SmartSpec(*pair, gamma),
           "tetris": lambda: speculative_serving.Tetris(*pair, gamma),
           "chunked": lambda: prefill_serving.ChunkedARSlots(model, params, batch, sampling,
-                                                    steps_per_sync, CHUNK),
+                                                            steps_per_sync, CHUNK),
           "split": lambda: prefill_serving.SplitARSlots(model, params, batch, sampling,
                                                         steps_per_sync)}
 
