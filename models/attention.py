@@ -130,15 +130,17 @@ def attend_packed(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
   Args:
     q: [1, T, H, D] rotated queries; k, v: [1, T, KVH, D] the new keys and values.
     cache_k, cache_v: [B, KVH, S, D] the layer's buffers; lengths: [B] valid slots per row.
-    rows: [T] int32 each token's row; B or more marks padding, written and seen nowhere.
-    offsets: [T] int32 each token's place among its row's new tokens, in [0, width).
+    rows: [T] int32 each token's row; B or more (or negative) marks padding, written and seen
+      nowhere.
+    offsets: [T] int32 each token's place among its row's new tokens, in [0, width); a row's
+      offsets must be 0..count - 1 (its tokens are consecutive slots after its length).
     width: W (static), the most new tokens of any row.
   Returns:
     ([1, T, H, D] output (padding's is garbage), (cache_k, cache_v) with the tokens written).
   """
   batch, slots = cache_k.shape[0], cache_k.shape[2]
-  valid = rows < batch
-  row = jnp.minimum(rows, batch - 1)
+  valid = (rows >= 0) & (rows < batch)
+  row = jnp.clip(rows, 0, batch - 1)
   target_row = jnp.where(valid, row, batch)  # padding: out of range, dropped
   at = lengths[row] + offsets
   write = lambda buffer, new: buffer.at[target_row, :, at, :].set(new[0].astype(buffer.dtype),

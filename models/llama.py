@@ -157,9 +157,9 @@ class Attention(nn.Module):
     v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
     kv = (k, v)
     if packed is not None:
-      if cache is None or cfg.parscale.prefix_len:
-        raise ValueError("packed attention reads the rows' caches: pass a cache (and no "
-                         "ParScale prefix)")
+      if cache is None or mask is not None or rows is not None or cfg.parscale.prefix_len:
+        raise ValueError("packed attention reads the rows' caches under its own causal order: "
+                         "pass a cache, and no mask, rows or ParScale prefix")
       out, kv = attention.attend_packed(q, k, v, *cache, *packed)
     elif cfg.parscale.prefix_len:
       if cache is not None:
@@ -329,6 +329,9 @@ class Transformer(nn.Module):
     Returns:
       ([1, T, V] float32 logits, cache with the tokens written; lengths unchanged, for the
       caller to advance by each row's count).
+
+    On a mesh the packed tokens are one "batch" row, so the call is not split over the data
+    axes (tested on one device); `remat` does not apply (decoding only).
     """
     if self.config.parscale.streams > 1:
       raise ValueError("decode_packed: ParScale streams are not packed; use decode")

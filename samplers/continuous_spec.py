@@ -213,7 +213,7 @@ def selection(confidence: jax.Array, active: jax.Array, budget: int, costs: jax.
 def packed_selection(confidence: jax.Array, active: jax.Array, budget: int,
                      sizes: tuple[int, ...], costs: jax.Array,
                      calibration: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """TETRIS's choice for a token-packed verify call (`verify_packed`), where a slot pays only
+  """TETRIS's choice for a token-packed verify call (`_verify_packed`), where a slot pays only
   for its own drafts: the b drafts most likely accepted across the batch, b at most `budget` and
   as many as a call of one of `sizes` tokens holds beside the active slots' last tokens, the
   size maximising (active slots + expected accepted drafts) / its cost.
@@ -290,6 +290,9 @@ def propose(draft: CausalModel, draft_params, slots: Slots, config: ContinuousCo
   bench's pair)."""
   gamma = config.max_draft_tokens
   costs = _check_selection(config, budget, costs, sizes)
+  if sizes is not None and sizes[0] < (rows or config.num_slots):
+    raise ValueError(f"sizes: the smallest packed call ({sizes[0]} tokens) must hold every "
+                     f"slot's last token ({rows or config.num_slots} rows)")
 
   def stage(s):
     s, chain = _draft_stage(draft, draft_params, s, config, gamma)

@@ -114,9 +114,11 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
     target: a hashable causal model (static) with
       `apply_with_features(params, tokens, positions, cache, mask) -> (logits [B, T, V],
       features [B, T, E], cache)`, `init_draft_cache(batch, slots)` and
-      `draft(params, features [B, T, E], tokens [B, T], positions [B, T], draft_cache, mask)
-      -> (logits [B, T, V], predicted features [B, T, E], draft_cache)`, where pair i is the
-      feature at position positions[i] and the token after it. It may define
+      `draft(params, features [B, T, E], tokens [B, T], positions [B, T], draft_cache, mask,
+      rows=None) -> (logits [B, T, V], predicted features [B, T, E], draft_cache)`, where pair
+      i is the feature at position positions[i] and the token after it, and `rows` [B, R]
+      (the round's first call: the last pending pair) asks for those pairs' outputs only
+      ([B, R, V], [B, R, E]) while every pair enters the cache. It may define
       `prefill_with_features` (same as apply_with_features on an empty cache, e.g.
       sequence-parallel) for the prompt's call.
     target_params: its parameters (the head's included).

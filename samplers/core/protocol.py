@@ -36,6 +36,10 @@ class CausalModel(Protocol):
   result of `apply` with a causal mask on an empty cache, computed however suits the model (the
   Llama decoder runs it sequence-parallel). Samplers use it, when present, for the first call.
   A draft may define `apply_with_acceptance` (an acceptance head, see `samplers.adaptive`).
+  A target may define `apply_packed(params, tokens [1, T], positions [1, T], rows [T],
+  offsets [T], width, cache) -> (logits [1, T, V], cache)`: a cached call on several rows' new
+  tokens laid end to end (`samplers.core.packing`; the Llama decoder's
+  `Transformer.decode_packed`), which packed verifies need (`continuous_spec`, TETRIS).
   """
 
   vocab_size: int

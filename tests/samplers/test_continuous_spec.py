@@ -116,13 +116,12 @@ def test_a_packed_verify_commits_what_the_dense_verify_commits_when_sampled():
   prompt = jnp.pad(prompt, ((0, 0), (0, config.prompt_width - prompt.shape[1])))
   slots = continuous.fill(MODEL, target, prompt, lengths, KEYS[:2], jnp.asarray([12, 12]),
                           config, MODEL, draft)
-  for _ in range(3):
+  for lengths in ([3, 1], [0, 2], [2, 3]):  # ragged: the dense call verifies at width 3
     slots, proposal = continuous_spec.propose(MODEL, draft, slots, config, 4,
                                               jnp.asarray([1.0, 1.1, 1.2, 1.3]))
-    width = int(proposal["width"])
-    assert int(jnp.sum(proposal["lengths"])) > 0
+    proposal = proposal | {"lengths": jnp.asarray(lengths, jnp.int32)}
     copy = jax.tree.map(jnp.copy, slots)
-    dense = continuous_spec.verify_proposal(MODEL, target, copy, config, proposal, width)
+    dense = continuous_spec.verify_proposal(MODEL, target, copy, config, proposal, G)
     packed = continuous_spec.verify_proposal(MODEL, target, slots, config, proposal, 2 * (G + 1),
                                              packed=True)
     for field in ("seq", "n", "accepted", "drafted", "rejected"):
@@ -218,6 +217,8 @@ def test_bad_settings_are_named():
     continuous_spec.propose(MODEL, draft, slots, config, 2, jnp.ones(G + 1), sizes=(2, 4))
   with pytest.raises(ValueError, match="sizes .* must be increasing"):
     continuous_spec.propose(MODEL, draft, slots, config, 2, jnp.ones(2), sizes=(4, 2))
+  with pytest.raises(ValueError, match=r"smallest packed call \(1 tokens\) must hold"):
+    continuous_spec.propose(MODEL, draft, slots, config, 2, jnp.ones(2), sizes=(1, 4))
   with pytest.raises(ValueError, match="max_draft_tokens must be >= 0"):
     continuous.ContinuousConfig(num_slots=2, max_new_tokens=4, prompt_width=8,
                                 max_draft_tokens=-1)
