@@ -308,14 +308,9 @@ class Transformer(nn.Module):
       attention_mask = jnp.tril(jnp.ones((1, steps, steps), bool))
     attention_mask = parscale.fold_mask(attention_mask, self.config.parscale.streams)
     rows = parscale.fold_cache(cache)  # ParScale: one row per stream
-    x, positions = self._embed(tokens), self._streams(positions)
-    keys, values = [], []
-    for layer, block in enumerate(self.blocks):
-      layer_cache = (rows.keys[layer], rows.values[layer], rows.lengths)
-      x, (k, v) = block(x, positions, attention_mask, layer_cache)
-      keys.append(k)
-      values.append(v)
-    rows = rows.replace(keys=tuple(keys), values=tuple(values), lengths=rows.lengths + steps)
+    x, rows = self._cached_blocks(self._embed(tokens), self._streams(positions), rows,
+                                  attention_mask)
+    rows = rows.replace(lengths=rows.lengths + steps)
     return self._logits(x), parscale.unfold_cache(rows, cache)
 
   def decode_packed(self, tokens: jax.Array, positions: jax.Array, rows: jax.Array,
@@ -335,14 +330,21 @@ class Transformer(nn.Module):
     """
     if self.config.parscale.streams > 1:
       raise ValueError("decode_packed: ParScale streams are not packed; use decode")
-    x = self._embed(tokens)
+    x, cache = self._cached_blocks(self._embed(tokens), positions, cache,
+                                   packed=(rows, offsets, width))
+    return self._logits(x), cache
+
+  def _cached_blocks(self, x: jax.Array, positions: jax.Array, cache: KVCache,
+                     mask: jax.Array | None = None, packed=None) -> tuple[jax.Array, KVCache]:
+    """Every block over residual x with its layer of `cache` (`Block`'s mask / packed): the
+    final residual and the cache with each layer's buffers updated (lengths unchanged)."""
     keys, values = [], []
     for layer, block in enumerate(self.blocks):
       layer_cache = (cache.keys[layer], cache.values[layer], cache.lengths)
-      x, (k, v) = block(x, positions, None, layer_cache, None, (rows, offsets, width))
+      x, (k, v) = block(x, positions, mask, layer_cache, None, packed)
       keys.append(k)
       values.append(v)
-    return self._logits(x), cache.replace(keys=tuple(keys), values=tuple(values))
+    return x, cache.replace(keys=tuple(keys), values=tuple(values))
 
   def _causal(self, tokens: jax.Array, positions: jax.Array, mask: jax.Array | None = None
               ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:

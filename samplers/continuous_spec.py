@@ -77,16 +77,21 @@ def catch_up(draft: CausalModel, draft_params, slots: Slots, chunk: int,
   return slots.replace(draft_cache=cache, draft_length=length)
 
 
+def _scored(slots: Slots, drafts: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each slot's last token and `drafts` [S, W - 1]: (tokens [S, W], their positions [S, W])."""
+  window = slots.context[:, None] - 1 + jnp.arange(drafts.shape[1] + 1)
+  root = jnp.take_along_axis(slots.seq, window[:, :1], axis=1)
+  return jnp.concatenate([root, drafts], axis=1), window
+
+
 def _verify(target: CausalModel, target_params, slots: Slots, drafts: jax.Array,
             width: int) -> tuple[jax.Array, object]:
   """The target's logits [S, G + 1, V] after each slot's last token and its first `width` drafts
   (zeros after them), and its cache."""
-  context, gamma = slots.context, drafts.shape[1]
-  window = context[:, None] - 1 + jnp.arange(width + 1)
-  scored = jnp.concatenate([jnp.take_along_axis(slots.seq, window[:, :1], axis=1),
-                            drafts[:, :width]], axis=1)
+  gamma = drafts.shape[1]
+  scored, window = _scored(slots, drafts[:, :width])
   logits, cache = target.apply(target_params, scored, window,
-                               slots.cache.replace(lengths=context - 1))
+                               slots.cache.replace(lengths=slots.context - 1))
   return jnp.pad(logits, ((0, 0), (0, gamma - width), (0, 0))), cache
 
 
@@ -183,6 +188,15 @@ def chain_values(confidence: jax.Array, active: jax.Array,
   return jnp.where(active[:, None], jnp.cumprod(per_draft, axis=1), -1.0)
 
 
+def _likeliest(value: jax.Array, active: jax.Array, count) -> jax.Array:
+  """[S, G] bool: the `count` drafts of highest chain value over the batch (ties: earlier
+  drafts), on active slots. Chain values fall along a chain, so each slot's are a prefix."""
+  slots, gamma = value.shape
+  order = jax.lax.top_k(value.reshape(-1), slots * gamma)[1]
+  chosen = jnp.zeros(slots * gamma, bool).at[order].set(jnp.arange(slots * gamma) < count)
+  return chosen.reshape(slots, gamma) & active[:, None]
+
+
 def selection(confidence: jax.Array, active: jax.Array, budget: int, costs: jax.Array,
               calibration: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
   """TETRIS's choice of drafts to verify (module docstring).
@@ -198,11 +212,8 @@ def selection(confidence: jax.Array, active: jax.Array, budget: int, costs: jax.
     (lengths [S] int32 in [0, width]: drafts verified per slot, width [] int32: the verify width,
     the w maximising (active slots + expected accepted drafts) / costs[w]).
   """
-  slots, gamma = confidence.shape
   value = chain_values(confidence, active, calibration)  # [S, G]
-  top = jax.lax.top_k(value.reshape(-1), min(budget, slots * gamma))[1]  # ties: earlier drafts
-  chosen = jnp.zeros(slots * gamma, bool).at[top].set(True).reshape(slots, gamma)
-  chosen &= active[:, None]
+  chosen = _likeliest(value, active, budget)
   lengths = jnp.sum(jnp.cumprod(chosen, axis=1), axis=1, dtype=jnp.int32)
   gain = jnp.sum(jnp.where(chosen, value, 0.0), axis=0)  # [G]: expected acceptances per column
   expected = jnp.sum(active) + jnp.concatenate([jnp.zeros(1), jnp.cumsum(gain)])  # [G + 1]
@@ -224,16 +235,15 @@ def packed_selection(confidence: jax.Array, active: jax.Array, budget: int,
   Returns:
     (lengths [S] int32 drafts verified per slot, k [] int32 the chosen size's index).
   """
-  slots, gamma = confidence.shape
-  value = chain_values(confidence, active, calibration).reshape(-1)
-  ranked, order = jax.lax.top_k(value, slots * gamma)  # descending; ties: earlier drafts
+  gamma = confidence.shape[1]
+  value = chain_values(confidence, active, calibration)
+  ranked = -jnp.sort(-value.reshape(-1))  # descending
   live = jnp.sum(active)
   expected = jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.maximum(ranked, 0.0))])
   drafts = jnp.clip(jnp.asarray(sizes) - live, 0, jnp.minimum(budget, live * gamma))  # [K]
   fits = jnp.asarray(sizes) >= live  # room for every active slot's last token
   k = jnp.argmax(jnp.where(fits, (live + expected[drafts]) / costs, -1.0)).astype(jnp.int32)
-  chosen = jnp.zeros(slots * gamma, bool).at[order].set(jnp.arange(slots * gamma) < drafts[k])
-  chosen = chosen.reshape(slots, gamma) & active[:, None]
+  chosen = _likeliest(value, active, drafts[k])
   return jnp.sum(jnp.cumprod(chosen, axis=1), axis=1, dtype=jnp.int32), k
 
 
@@ -243,8 +253,7 @@ def _verify_packed(target: CausalModel, target_params, slots: Slots, drafts: jax
   `lengths` drafts (zeros after them), from one call on those tokens packed into `size`
   (`CausalModel.apply_packed`; padding after them), and its cache."""
   width = drafts.shape[1] + 1
-  window = slots.context[:, None] - 1 + jnp.arange(width)
-  scored = jnp.concatenate([jnp.take_along_axis(slots.seq, window[:, :1], axis=1), drafts], 1)
+  scored, window = _scored(slots, drafts)
   packed = packing.pack(jnp.where(slots.active, lengths + 1, 0), size, width)
   logits, cache = target.apply_packed(target_params, packed.gather(scored)[None],
                                       packed.gather(window)[None], packed.rows, packed.offsets,

@@ -52,6 +52,14 @@ def _propose_and_verify_packed(target, draft, slots, config, costs):
                                          sizes[int(proposal["width"])], packed=True)
 
 
+def _two_filled_slots(target, draft, config):
+  """Slots holding the first two prompts, target and draft caches prefilled."""
+  prompt, lengths = ar.pad_prompts([PROMPTS[0], PROMPTS[1]])
+  prompt = jnp.pad(prompt, ((0, 0), (0, config.prompt_width - prompt.shape[1])))
+  return continuous.fill(MODEL, target, prompt, lengths, KEYS[:2], jnp.asarray([12, 12]),
+                         config, MODEL, draft)
+
+
 def _programs(target, draft, config):
   costs = jnp.asarray([1.0, 1.1, 1.2, 1.3])
   return {
@@ -112,10 +120,7 @@ def test_a_packed_verify_commits_what_the_dense_verify_commits_when_sampled():
   ones, so packed TETRIS keeps the target's distribution."""
   target, draft = _params()
   config = _config(2, SamplingParams(temperature=1.0))
-  prompt, lengths = ar.pad_prompts([PROMPTS[0], PROMPTS[1]])
-  prompt = jnp.pad(prompt, ((0, 0), (0, config.prompt_width - prompt.shape[1])))
-  slots = continuous.fill(MODEL, target, prompt, lengths, KEYS[:2], jnp.asarray([12, 12]),
-                          config, MODEL, draft)
+  slots = _two_filled_slots(target, draft, config)
   for lengths in ([3, 1], [0, 2], [2, 3]):  # ragged: the dense call verifies at width 3
     slots, proposal = continuous_spec.propose(MODEL, draft, slots, config, 4,
                                               jnp.asarray([1.0, 1.1, 1.2, 1.3]))
@@ -167,10 +172,7 @@ def test_calibration_scales_each_draft_before_the_chain_product():
 def test_catch_up_gives_the_draft_the_cache_a_prefill_would(wide):
   target, draft = _params()
   config = _config(2, SamplingParams(temperature=0.0))
-  prompt, lengths = ar.pad_prompts([PROMPTS[0], PROMPTS[1]])
-  prompt = jnp.pad(prompt, ((0, 0), (0, config.prompt_width - prompt.shape[1])))
-  slots = continuous.fill(MODEL, target, prompt, lengths, KEYS[:2], jnp.asarray([12, 12]),
-                          config, MODEL, draft)
+  slots = _two_filled_slots(target, draft, config)
   slots = continuous.step(MODEL, target, slots, config, steps=7)  # the draft falls 7 behind
   caught = continuous_spec.catch_up(MODEL, draft, slots, chunk=2, wide=wide)
   want = slots.context - 2
