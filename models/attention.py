@@ -8,12 +8,14 @@ Kept apart from the linen modules; the sequence-parallel variants live in
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from models import dense_attention
+from models.config import ModelConfig
 from parallelism import sequence_attention
 
 # Finite rather than -inf: a fully masked row then softmaxes to uniform instead of NaN.
@@ -49,6 +51,30 @@ def rope(x: jax.Array, positions: jax.Array | np.ndarray, theta: float,
     sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray | None:
+  """[D/2] float32 rotary frequencies of a scaled RoPE (`cfg.rope_scaling`), or None (unscaled).
+
+  Follows Hugging Face transformers' "linear" and "llama3" rope types (Llama 3.1), computed in
+  float32 as there, so imported checkpoints see the same angles.
+  """
+  if cfg.rope_scaling == "none":
+    return None
+  dim = cfg.resolved_head_dim
+  inv_freq = (1.0 / (np.float32(cfg.rope_theta)
+                     ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+  factor = np.float32(cfg.rope_factor)
+  if cfg.rope_scaling == "linear":
+    return (inv_freq / factor).astype(np.float32)
+  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old_len = cfg.rope_original_max_len
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -151,6 +177,50 @@ def attend_packed(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
   causal = jnp.tril(jnp.ones((1, width, width), bool))
   out = attend_slots(dense_q, cache_k, cache_v, visible_slots(lengths, causal, slots))
   return out[row, jnp.clip(offsets, 0, width - 1)][None], (cache_k, cache_v)
+
+
+def attend_step_with_chunks(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
+                            cache_v: jax.Array, lengths: jax.Array, step_writes: jax.Array,
+                            chunk_rows: jax.Array, chunk_width: int
+                            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """Attention of a decode step piggybacked with prompt chunks (Sarathi-Serve's mixed batch):
+  one new token for each of the B rows, then C consecutive new tokens for each of K rows.
+
+  Laid end to end, the call's projections and MLP run once over B + K x C tokens, where a
+  separate prefill call would read the weights a second time. The attention keeps two dense
+  layouts: the step's [B, 1] queries against every row's cache, as a decode step; each chunk's
+  [1, C] queries against its own row only (gathered), causally, so a chunk costs what its row
+  needs, not B x C. Step token b is written at lengths[b] (where step_writes[b]), chunk k's token
+  j at lengths[chunk_rows[k]] + j; a row must not take both (a row being prefilled does not step).
+
+  Args:
+    q: [1, B + K C, H, D] rotated queries; k, v: [1, B + K C, KVH, D] the new keys and values.
+    cache_k, cache_v: [B, KVH, S, D] the layer's buffers; lengths: [B] valid slots per row.
+    step_writes: [B] bool, whose step token is written (and seen by itself).
+    chunk_rows: [K] int32 each chunk's row; B or more (or negative) marks a padding chunk,
+      written nowhere.
+    chunk_width: C (static).
+  Returns:
+    ([1, B + K C, H, D] output (unwritten tokens' is garbage), (cache_k, cache_v) written).
+  """
+  batch, slots = cache_k.shape[0], cache_k.shape[2]
+  chunks, width = chunk_rows.shape[0], chunk_width
+  valid = (chunk_rows >= 0) & (chunk_rows < batch)
+  chunk_row = jnp.clip(chunk_rows, 0, batch - 1)
+  target = jnp.concatenate([jnp.where(step_writes, jnp.arange(batch), batch),
+                            jnp.repeat(jnp.where(valid, chunk_row, batch), width)])
+  at = jnp.concatenate([lengths, jnp.repeat(lengths[chunk_row], width)
+                        + jnp.tile(jnp.arange(width), chunks)])
+  write = lambda buffer, new: buffer.at[target, :, at, :].set(new[0].astype(buffer.dtype),
+                                                              mode="drop")
+  cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+  step = attend_slots(q[0, :batch, None], cache_k, cache_v,
+                      visible_slots(lengths, jnp.ones((1, 1, 1), bool), slots))
+  causal = jnp.tril(jnp.ones((1, width, width), bool))
+  chunk = attend_slots(q[0, batch:].reshape(chunks, width, *q.shape[2:]), cache_k[chunk_row],
+                       cache_v[chunk_row], visible_slots(lengths[chunk_row], causal, slots))
+  out = jnp.concatenate([step[:, 0], chunk.reshape(chunks * width, *q.shape[2:])])
+  return out[None], (cache_k, cache_v)
 
 
 def attend_slots(q: jax.Array, cache_k: jax.Array, cache_v: jax.Array,

@@ -49,6 +49,18 @@ class CausalLM(TransformerModel):
     return self.module.apply({"params": params}, tokens, positions, rows, offsets, width, cache,
                              method=Transformer.decode_packed)
 
+  def apply_step_with_chunks(self, params, step_tokens: jax.Array, step_positions: jax.Array,
+                             step_writes: jax.Array, chunk_tokens: jax.Array,
+                             chunk_positions: jax.Array, chunk_rows: jax.Array,
+                             chunk_last: jax.Array, cache: KVCache
+                             ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """A decode step ([B] tokens) with K prompt chunks ([K, C] tokens of rows chunk_rows)
+    piggybacked in one call: ([B, V] logits, [K, V] logits at chunk_last, cache written, lengths
+    unchanged); see `Transformer.decode_step_with_chunks`."""
+    return self.module.apply({"params": params}, step_tokens, step_positions, step_writes,
+                             chunk_tokens, chunk_positions, chunk_rows, chunk_last, cache,
+                             method=Transformer.decode_step_with_chunks)
+
   def prefill(self, params, tokens: jax.Array, positions: jax.Array,
               cache: KVCache) -> tuple[jax.Array, KVCache]:
     """First call on an empty cache: `apply` with a causal mask, but with `config.attention`

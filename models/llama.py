@@ -17,6 +17,7 @@ axis-rules context (`parallelism.rules.axis_rules()`); otherwise the model runs 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -87,30 +88,6 @@ class RMSNorm(nn.Module):
     return fused.rms_norm(x, scale, self.eps).astype(self.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> np.ndarray | None:
-  """[D/2] float32 rotary frequencies of a scaled RoPE (`cfg.rope_scaling`), or None (unscaled).
-
-  Follows Hugging Face transformers' "linear" and "llama3" rope types (Llama 3.1), computed in
-  float32 as there, so imported checkpoints see the same angles.
-  """
-  if cfg.rope_scaling == "none":
-    return None
-  dim = cfg.resolved_head_dim
-  inv_freq = (1.0 / (np.float32(cfg.rope_theta)
-                     ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
-  factor = np.float32(cfg.rope_factor)
-  if cfg.rope_scaling == "linear":
-    return (inv_freq / factor).astype(np.float32)
-  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-  old_len = cfg.rope_original_max_len
-  wavelen = 2 * math.pi / inv_freq
-  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-  smooth = (old_len / wavelen - low) / (high - low)
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
 class Attention(nn.Module):
   """Grouped-query self-attention with rotary positions, optionally reading a per-layer cache."""
 
@@ -129,8 +106,9 @@ class Attention(nn.Module):
         cache and a mask): every token's keys and values are still written, but only those R
         tokens are queried, so the output is [B, R, E] (the last of several appended tokens,
         at a fraction of the work).
-      packed: None, or (rows [T], offsets [T], width) for token-packed rows (B = 1, with a
-        cache, no mask): `attention.attend_packed`.
+      packed: None, or a token-packed layout (B = 1, with a cache, no mask):
+        `fn(q, k, v, cache_k, cache_v, lengths) -> (out, kv)`, `attention.attend_packed` or
+        `attention.attend_step_with_chunks` with its layout's arguments bound.
     Returns:
       ([B, T or R, E] output, kv): without a cache kv is the new tokens' rotated keys and values
       [B, T, KVH, D]; with one, the layer's updated (keys, values) buffers.
@@ -149,7 +127,7 @@ class Attention(nn.Module):
     q = _dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), name="query")(queried)
     k = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="key")(x)
     v = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), name="value")(x)
-    inv_freq = rope_frequencies(cfg)
+    inv_freq = attention.rope_frequencies(cfg)
     q = nn.with_logical_constraint(attention.rope(q, query_positions, cfg.rope_theta, inv_freq),
                                    ("batch", "length", "heads", "head_dim"))
     k = nn.with_logical_constraint(attention.rope(k, positions, cfg.rope_theta, inv_freq),
@@ -160,7 +138,7 @@ class Attention(nn.Module):
       if cache is None or mask is not None or rows is not None or cfg.parscale.prefix_len:
         raise ValueError("packed attention reads the rows' caches under its own causal order: "
                          "pass a cache, and no mask, rows or ParScale prefix")
-      out, kv = attention.attend_packed(q, k, v, *cache, *packed)
+      out, kv = packed(q, k, v, *cache)
     elif cfg.parscale.prefix_len:
       if cache is not None:
         kv = (write_slots(cache[0], k, cache[2]), write_slots(cache[1], v, cache[2]))
@@ -330,9 +308,40 @@ class Transformer(nn.Module):
     """
     if self.config.parscale.streams > 1:
       raise ValueError("decode_packed: ParScale streams are not packed; use decode")
-    x, cache = self._cached_blocks(self._embed(tokens), positions, cache,
-                                   packed=(rows, offsets, width))
+    layout = functools.partial(attention.attend_packed, rows=rows, offsets=offsets, width=width)
+    x, cache = self._cached_blocks(self._embed(tokens), positions, cache, packed=layout)
     return self._logits(x), cache
+
+  def decode_step_with_chunks(self, step_tokens: jax.Array, step_positions: jax.Array,
+                              step_writes: jax.Array, chunk_tokens: jax.Array,
+                              chunk_positions: jax.Array, chunk_rows: jax.Array,
+                              chunk_last: jax.Array, cache: KVCache
+                              ) -> tuple[jax.Array, jax.Array, KVCache]:
+    """A decode step of every row with prompt chunks of K rows piggybacked on it, in one pass
+    over the weights (`attention.attend_step_with_chunks`; chunked prefill inside decode steps,
+    Sarathi-Serve).
+
+    Args:
+      step_tokens, step_positions: [B] int32 each row's next token; step_writes: [B] bool,
+        whose is written into the cache (False for the chunks' rows).
+      chunk_tokens, chunk_positions: [K, C] int32; chunk_rows: [K] int32 (B or more: padding);
+        chunk_last: [K] int32 the offset in each chunk whose logits are wanted.
+      cache: KVCache with B rows; lengths[b] is where row b's new tokens go.
+    Returns:
+      ([B, V] step logits, [K, V] logits at chunk_last, cache with the written tokens; lengths
+      unchanged, for the caller to advance).
+    """
+    if self.config.parscale.streams > 1:
+      raise ValueError("decode_step_with_chunks: ParScale streams are not packed; use decode")
+    batch, (chunks, width) = step_tokens.shape[0], chunk_tokens.shape
+    layout = functools.partial(attention.attend_step_with_chunks, step_writes=step_writes,
+                               chunk_rows=chunk_rows, chunk_width=width)
+    tokens = jnp.concatenate([step_tokens, chunk_tokens.reshape(-1)])[None]
+    positions = jnp.concatenate([step_positions, chunk_positions.reshape(-1)])[None]
+    x, cache = self._cached_blocks(self._embed(tokens), positions, cache, packed=layout)
+    wanted = jnp.concatenate([jnp.arange(batch), batch + jnp.arange(chunks) * width + chunk_last])
+    logits = self._logits(x[:, wanted])[0]
+    return logits[:batch], logits[batch:], cache
 
   def _cached_blocks(self, x: jax.Array, positions: jax.Array, cache: KVCache,
                      mask: jax.Array | None = None, packed=None) -> tuple[jax.Array, KVCache]:

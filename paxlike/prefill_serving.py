@@ -1,8 +1,10 @@
-"""Continuous AR engines that change how prompts enter (`paxlike.serving.serve_continuous`):
+"""Continuous engines that change how prompts enter (`paxlike.serving.serve_continuous`):
 
-* `ChunkedARSlots` (chunked prefill, Sarathi-Serve; Agrawal et al. 2024): a long prompt enters
-  its slot in chunks, one per call beside the other slots' AR steps, so decodes never wait for a
-  whole long prefill.
+* `Piggybacked` (chunked prefill inside decode steps, Sarathi-Serve; Agrawal et al. 2024): a
+  prompt enters its slot in chunks carried by the other slots' decode steps, one model call for
+  both, so decodes never wait for a whole prefill and the weights are read once for the two.
+  A mixin: `PiggybackedARSlots` is `continuous_ar` with it, and `PiggybackedSmartSpec`
+  SmartSpec with it.
 * `SplitARSlots` (phase splitting, Splitwise; Patel et al. 2024): admissions prefill on one
   device while the slots decode on another, and the prefilled rows are handed over.
 
@@ -11,10 +13,13 @@ Each request's tokens stay its batch-1 AR decode (tested in tests/paxlike/test_s
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from paxlike.serving import ARSlots, Request, pad_to_width
+from paxlike.speculative_serving import SmartSpec
 from samplers import chunked_prefill, continuous
 from samplers.core.logits import SamplingParams
 
@@ -60,53 +65,89 @@ class SplitARSlots(ARSlots):
     return slots
 
 
-class ChunkedARSlots(ARSlots):
-  """`continuous_ar` with chunked prefill (`samplers.chunked_prefill`): a prompt longer than
-  `chunk` tokens enters its slot without computing anything, and each call feeds the oldest
-  incomplete prompt's next `chunk` tokens before its `steps_per_sync` AR steps; shorter prompts
-  are admitted as by `ARSlots` (one prefill call for all of them)."""
+CHUNK_QUANTUM = 16  # piggybacked chunks are padded to a multiple of this many tokens
+
+
+class Piggybacked:
+  """Mixin for an `ARSlots` engine: requests are `enqueue`d into their slots without computing,
+  and while some prompt is incomplete every call is `chunked_prefill.step_piggybacked`:
+  `steps_per_sync` AR steps of the other slots, the first carrying the next chunk of the oldest
+  incomplete prompt (at most `chunk` tokens, padded to a multiple of CHUNK_QUANTUM); otherwise
+  the engine's own program runs. The draft's cache, if any, is fed the same chunks.
+
+  A prompt then costs its own tokens, carried by a decode step, where a prefill call pads it to
+  a bucket (64, 128, ... tokens) and reads the weights once more. `calls_piggybacked` counts the
+  calls that carried a chunk while serving."""
+
+  chunk = 64
+
+  def init(self, requests: list[Request]) -> continuous.Slots:
+    self.pending, self.calls_piggybacked = [], 0  # pending: [slot, prompt tokens not yet fed]
+    return super().init(requests)
+
+  def admit_all(self, slots, pairs: list[tuple[int, Request]]):
+    for slot, r in pairs:
+      prompt, length = pad_to_width([r.prompt], self.config.prompt_width)
+      self.pending.append([slot, int(length[0])])
+      slots = chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt[0]),
+                                      jnp.int32(length[0]), jax.random.key(r.seed),
+                                      jnp.int32(r.max_new_tokens), self.config)
+    return slots
+
+  def chunk_widths(self) -> list[int]:
+    """The chunk widths programs are compiled for: multiples of CHUNK_QUANTUM up to `chunk`,
+    capped by the longest prompt and by the room `chunked_prefill.check_chunk` allows."""
+    cap = min(self.chunk, self.config.prompt_width,
+              self.config.max_new_tokens + self.config.max_draft_tokens)
+    return sorted({min(w, cap) for w in range(CHUNK_QUANTUM, self.chunk + CHUNK_QUANTUM,
+                                             CHUNK_QUANTUM)})
+
+  def piggyback(self, slots, rows: int | None = None):
+    """One call carrying the oldest incomplete prompt's next chunk."""
+    slot, left = self.pending[0]
+    width = next((w for w in self.chunk_widths() if w >= left), self.chunk_widths()[-1])
+    slots = chunked_prefill.step_piggybacked(
+        self.model, self.params, slots, jnp.asarray([slot], jnp.int32), self.config, width,
+        self.steps_per_sync, rows, self.draft, self.draft_params)
+    self.pending[0][1] -= width
+    if self.pending[0][1] <= 0:
+      self.pending.pop(0)
+    self.calls_piggybacked += 1
+    return slots
+
+  def advance(self, slots, rows: int | None = None):
+    return self.piggyback(slots, rows) if self.pending else super().advance(slots, rows)
+
+  def warm_up(self, slots, requests: list[Request]):
+    """Compiles the piggybacked program for every (rows, chunk width), twice (fresh and
+    returned slots), then the engine's own warm-up."""
+    prompt = max((r.prompt for r in requests), key=len)
+    for rows in self.row_buckets():
+      for width in self.chunk_widths():
+        for _ in range(2):
+          slots = self.admit_all(slots, [(0, dataclasses.replace(requests[0],
+                                                                  prompt=prompt[:width]))])
+          while self.pending:
+            slots = self.advance(slots, rows)
+      for _ in range(2):  # the calls without a chunk, AR steps (SmartSpec's gamma = 0)
+        slots = self.ar_step(slots, rows)
+    return super().warm_up(slots, requests)
+
+
+class PiggybackedARSlots(Piggybacked, ARSlots):
+  """`continuous_ar` with prompts prefilled in chunks of at most `chunk` tokens inside the
+  decode steps (`Piggybacked`)."""
 
   def __init__(self, model, params, num_slots: int, sampling: SamplingParams,
                steps_per_sync: int = 4, chunk: int = 64):
     super().__init__(model, params, num_slots, sampling, steps_per_sync)
-    self.chunk, self.pending = chunk, []  # [slot, prompt tokens not yet fed]
+    self.chunk = chunk
 
-  def init(self, requests: list[Request]) -> continuous.Slots:
-    self.pending = []
-    return super().init(requests)
 
-  def enqueue(self, slots, slot: int, r: Request):
-    prompt, length = pad_to_width([r.prompt], self.config.prompt_width)
-    self.pending.append([slot, int(length[0])])
-    return chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt[0]),
-                                   jnp.int32(length[0]), jax.random.key(r.seed),
-                                   jnp.int32(r.max_new_tokens), self.config)
+class PiggybackedSmartSpec(Piggybacked, SmartSpec):
+  """`smartspec` with prompts prefilled inside decode steps (`Piggybacked`): a call that carries
+  a chunk is AR steps; the others choose gamma by expected goodput (`SmartSpec`)."""
 
-  def admit_all(self, slots, pairs: list[tuple[int, Request]]):
-    short = [(slot, r) for slot, r in pairs if len(r.prompt) <= self.chunk]
-    if short:
-      slots = super().admit_all(slots, short)
-    for slot, r in pairs:
-      if len(r.prompt) > self.chunk:
-        slots = self.enqueue(slots, slot, r)
-    return slots
-
-  def warm_up(self, slots, requests: list[Request]):
-    for rows in self.row_buckets():
-      for _ in range(2):
-        slots = self.enqueue(slots, 0, requests[0])
-        while self.pending:  # chunks with AR steps
-          slots = self.advance(slots, rows)
-        slots = self.advance(slots, rows)  # AR steps alone
-    return slots
-
-  def advance(self, slots, rows: int | None = None):
-    if not self.pending:
-      return self.ar_step(slots, rows)
-    slot, left = self.pending[0]
-    slots = chunked_prefill.step_with_chunk(self.model, self.params, slots, jnp.int32(slot),
-                                            self.config, self.chunk, self.steps_per_sync, rows)
-    self.pending[0][1] -= self.chunk
-    if self.pending[0][1] <= 0:
-      self.pending.pop(0)
-    return slots
+  def __init__(self, *args, chunk: int = 64, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.chunk = chunk

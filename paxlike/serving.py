@@ -169,8 +169,13 @@ class ARSlots:
 
   def admit_all(self, slots: continuous.Slots,
                 pairs: list[tuple[int, Request]]) -> continuous.Slots:
-    """Admits every (slot, request) in one prefill call: its rows padded to a power of two and
-    its width to the longest prompt's bucket (`buckets`), so few programs are compiled."""
+    """Admits every (slot, request); here in one prefill call (`prefill_call`)."""
+    return self.prefill_call(slots, pairs)
+
+  def prefill_call(self, slots: continuous.Slots,
+                   pairs: list[tuple[int, Request]]) -> continuous.Slots:
+    """Prefills every (slot, request) in one call: its rows padded to a power of two and its
+    width to the longest prompt's bucket (`buckets`), so few programs are compiled."""
     slot, *inputs = self.admission(pairs)
     return continuous.admit(self.model, self.params, slots, slot, *inputs, self.config,
                             self.draft, self.draft_params)
@@ -213,8 +218,8 @@ class ARSlots:
     return slots
 
   def full(self, slots: continuous.Slots, requests: list[Request]) -> continuous.Slots:
-    """Every slot admitted with one of `requests` (warm-ups and cost measurements)."""
-    return self.admit_all(slots, [(slot, requests[slot % len(requests)])
+    """Every slot prefilled with one of `requests` (warm-ups and cost measurements)."""
+    return self.prefill_call(slots, [(slot, requests[slot % len(requests)])
                                   for slot in range(self.num_slots)])
 
   def row_buckets(self) -> list[int]:

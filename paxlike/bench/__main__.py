@@ -57,6 +57,9 @@ flags.DEFINE_list("policies", [], "Serving policies to run (serve suite; default
 flags.DEFINE_list("outputs", ["uniform", "long_tail"], "Distributions of the requests' new-token "
                   "counts (serve suite): uniform 16-96, and/or long_tail (16 plus an exponential "
                   "of mean 40, cut at 256).")
+flags.DEFINE_list("prefills", ["piggybacked"], "How continuous_ar and smartspec admit prompts "
+                  "(serve suite): piggybacked (chunks inside decode steps) and/or call (one "
+                  "prefill call per admission).")
 flags.DEFINE_list("parts", ["decode", "train"], "What compare-hf measures: decode (AR and "
                   "speculative generation) and/or train (one AdamW step per batch).")
 flags.DEFINE_integer("train_batch", 8, "Batch size of compare-hf's train rows.")
@@ -122,7 +125,7 @@ def main(argv: list[str]) -> int:
     elif argv[1] == "serve":
       serve_suite.run(FLAGS.workdir, FLAGS.out, tuple(float(r) for r in FLAGS.rates),
                       FLAGS.requests, policies=tuple(FLAGS.policies) or serve_suite.POLICIES,
-                      outputs=tuple(FLAGS.outputs))
+                      outputs=tuple(FLAGS.outputs), prefills=tuple(FLAGS.prefills))
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":

@@ -56,7 +56,9 @@ LONG_SHARE = 0.25  # of the `with_long` trace's prompts
 NEW_TOKENS = (16, 96)  # the `uniform` outputs' range
 OUTPUTS = ("uniform", "long_tail")
 TAIL_NEW_TOKENS = (16, 40.0, 256)  # `long_tail`: least, the exponential's mean above it, most
-CHUNK = 64  # chunked prefill: tokens per call, of prompts longer than this
+CHUNK = 64  # piggybacked prefill: the most prompt tokens a decode call carries
+PREFILLS = ("call", "piggybacked")  # how continuous_ar and smartspec admit prompts
+PIGGYBACKED = ("continuous_ar", "smartspec")  # the policies that run with each of `prefills`
 
 
 def trace_inputs(count: int, seed: int = 0, long_share: float = 0.0,
@@ -87,11 +89,13 @@ def _choices(engine) -> dict[str, Any]:
   measured cost per call (seconds, by rows computed) of each gamma / verify width."""
   costs = lambda: {str(rows): [round(float(c), 5) for c in per] for rows, per in
                    engine.costs.items()}
+  piggybacked = ({"calls_piggybacked": engine.calls_piggybacked}
+                 if isinstance(engine, prefill_serving.Piggybacked) else {})
   if isinstance(engine, speculative_serving.SmartSpec):
-    return {"calls_per_gamma": engine.chosen.tolist(), "cost_per_gamma_s": costs()}
+    return {"calls_per_gamma": engine.chosen.tolist(), "cost_per_gamma_s": costs(), **piggybacked}
   if isinstance(engine, speculative_serving.Tetris):
     return {"rounds_per_width": engine.widths.tolist(), "cost_per_width_s": costs()}
-  return {}
+  return piggybacked
 
 
 def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: SamplingParams):
@@ -103,8 +107,10 @@ def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: Sa
           "continuous_speculative": lambda: speculative_serving.FixedGamma(*pair, gamma),
           "smartspec": lambda: speculative_serving.SmartSpec(*pair, gamma),
           "tetris": lambda: speculative_serving.Tetris(*pair, gamma),
-          "chunked": lambda: prefill_serving.ChunkedARSlots(model, params, batch, sampling,
-                                                            steps_per_sync, CHUNK),
+          "continuous_ar, piggybacked": lambda: prefill_serving.PiggybackedARSlots(
+              model, params, batch, sampling, steps_per_sync, CHUNK),
+          "smartspec, piggybacked": lambda: prefill_serving.PiggybackedSmartSpec(
+              *pair, gamma, chunk=CHUNK),
           "split": lambda: prefill_serving.SplitARSlots(model, params, batch, sampling,
                                                         steps_per_sync)}
 
@@ -113,12 +119,15 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
         requests: int = 96, batch: int = 8, steps_per_sync: int = 4,
         target_overrides: tuple[str, ...] = (), train_steps: int = 0,
         policies: tuple[str, ...] = POLICIES, long_prompts: bool = True,
-        outputs: tuple[str, ...] = OUTPUTS) -> dict[str, Any]:
+        outputs: tuple[str, ...] = OUTPUTS,
+        prefills: tuple[str, ...] = ("piggybacked",)) -> dict[str, Any]:
   """Serves `requests` requests at each rate with each of `policies` on the short prompts with
-  each of `outputs` (and, with `long_prompts`, the `with_long` trace, uniform outputs);
+  each of `outputs` (`continuous_ar` and `smartspec` with each of `prefills`) and, with
+  `long_prompts`, the `with_long` trace (uniform outputs; `continuous_ar` with both prefills);
   `target_overrides` and `train_steps` reshape and shorten the target's and the draft's training
   (tests, smoke runs)."""
-  for flag, chosen, valid in (("--policies", policies, POLICIES), ("--outputs", outputs, OUTPUTS)):
+  for flag, chosen, valid in (("--policies", policies, POLICIES), ("--outputs", outputs, OUTPUTS),
+                              ("--prefills", prefills, PREFILLS)):
     unknown = sorted(set(chosen) - set(valid))
     if unknown:
       raise UserError(f"{flag}: {', '.join(unknown)} not in the serve suite; valid: "
@@ -136,13 +145,15 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                      *target_overrides]).restore()[:2]
   engines = _engines(model, params, draft, batch, steps_per_sync, greedy)
   # runs: ((prompts, outputs), policy, engine variant); traces keyed by (prompts, outputs)
-  runs = [(("short", kind), p, p) for kind in OUTPUTS if kind in outputs
-          for p in POLICIES if p in policies]
+  variants = lambda p: ([p if f == "call" else f"{p}, piggybacked" for f in PREFILLS
+                         if f in prefills] if p in PIGGYBACKED else [p])
+  runs = [(("short", kind), p, v) for kind in OUTPUTS if kind in outputs
+          for p in POLICIES if p in policies for v in variants(p)]
   if "continuous_ar" in policies and len(jax.devices()) >= 2:
     runs += [(("short", kind), "continuous_ar", "split") for kind in OUTPUTS if kind in outputs]
   if long_prompts:
     runs += [(("with_long", "uniform"), "continuous_ar", variant)
-             for variant in ("continuous_ar", "chunked")]
+             for variant in ("continuous_ar", "continuous_ar, piggybacked")]
   inputs = {(prompts, kind): trace_inputs(requests, outputs=kind,
                                           long_share=LONG_SHARE if prompts == "with_long" else 0)
             for (prompts, kind), _, _ in runs}
@@ -158,7 +169,7 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
       equal = all(np.array_equal(s.tokens, r)
                   for s, r in zip(served, references[prompts, kind]))
       rows.append({"policy": policy, "prompts": prompts, "outputs": kind,
-                   "chunked_prefill": CHUNK if variant == "chunked" else 0,
+                   "chunked_prefill": CHUNK if variant.endswith("piggybacked") else 0,
                    "phase_split": variant == "split", "rate": rate,
                    **serving.summary(served), "greedy_equal_ar": equal, "requests": requests,
                    "batch": batch, **_choices(engine)})
@@ -169,6 +180,6 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),
             "prompt_bytes": list(PROMPT_BYTES), "long_prompt_bytes": list(LONG_PROMPT_BYTES),
-            "long_share": LONG_SHARE, "chunk": CHUNK, "new_tokens": list(NEW_TOKENS),
+            "long_share": LONG_SHARE, "chunk": CHUNK, "prefills": list(prefills), "new_tokens": list(NEW_TOKENS),
             "outputs": list(outputs), "tail_new_tokens": list(TAIL_NEW_TOKENS)}
   return harness.write_report(out, "serve", config, rows)

@@ -39,7 +39,11 @@ class CausalModel(Protocol):
   A target may define `apply_packed(params, tokens [1, T], positions [1, T], rows [T],
   offsets [T], width, cache) -> (logits [1, T, V], cache)`: a cached call on several rows' new
   tokens laid end to end (`samplers.core.packing`; the Llama decoder's
-  `Transformer.decode_packed`), which packed verifies need (`continuous_spec`, TETRIS).
+  `Transformer.decode_packed`), which packed verifies need (`continuous_spec`, TETRIS), and
+  `apply_step_with_chunks(params, step_tokens [B], step_positions [B], step_writes [B],
+  chunk_tokens [K, C], chunk_positions [K, C], chunk_rows [K], chunk_last [K], cache) ->
+  (logits [B, V], chunk logits [K, V], cache)`: a decode step with prompt chunks piggybacked
+  (`samplers.chunked_prefill`).
   """
 
   vocab_size: int

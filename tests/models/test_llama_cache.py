@@ -164,3 +164,43 @@ def test_a_token_packed_call_equals_the_dense_call_on_ragged_rows(small_config, 
   wrong, _ = model.apply_packed(params, packed_tokens, packed_positions, rows, swapped, width,
                                 cache)
   assert np.abs(wrong[0, 1] - dense[0, 1]).max() > 1e-3
+
+
+def test_a_step_with_piggybacked_chunks_equals_a_step_and_separate_prefills(small_config, build,
+                                                                           apply):
+  """`apply_step_with_chunks`: rows 0 and 2 take a decode step while row 1 takes a chunk of 4
+  prompt tokens after its 3 cached ones (and a padding chunk rides along): the step's logits and
+  writes are those of a decode step, the chunk's those of a call on row 1 alone, and row 1's
+  step token is written nowhere. A chunk shown its row's stale slots (length 8) is caught."""
+  model, params = build(small_config)
+  batch, width = 3, 4
+  cache = model.init_cache(batch, 16)
+  _, cache = apply(model, params, _tokens(6, (batch, 8), model.vocab_size),
+                   _positions([0, 0, 0], 8), cache)
+  lengths = jnp.array([8, 3, 6], jnp.int32)
+  step = _tokens(7, (batch,), model.vocab_size)
+  chunk = _tokens(8, (2, width), model.vocab_size)
+  chunk_positions = _positions([3, 0], width)
+  writes = jnp.array([True, False, True])
+  step_logits, chunk_logits, mixed = model.apply_step_with_chunks(
+      params, step, lengths, writes, chunk, chunk_positions, jnp.array([1, batch]),
+      jnp.array([2, 0]), cache.replace(lengths=lengths))
+  dense, dense_cache = apply(model, params, step[:, None], lengths[:, None],
+                             cache.replace(lengths=lengths))
+  row = cache.replace(keys=tuple(k[1:2] for k in cache.keys),
+                      values=tuple(v[1:2] for v in cache.values), lengths=lengths[1:2])
+  alone, alone_cache = apply(model, params, chunk[:1], chunk_positions[:1], row)
+  np.testing.assert_allclose(step_logits[writes], dense[writes, 0], atol=ATOL)
+  np.testing.assert_allclose(chunk_logits[0], alone[0, 2], atol=ATOL)
+  for layer in range(len(cache.keys)):
+    for before, got, step_want, chunk_want in (
+        (cache.keys[layer], mixed.keys[layer], dense_cache.keys[layer], alone_cache.keys[layer]),
+        (cache.values[layer], mixed.values[layer], dense_cache.values[layer],
+         alone_cache.values[layer])):
+      np.testing.assert_allclose(got[0::2], step_want[0::2], atol=ATOL)
+      np.testing.assert_allclose(got[1, :, :7], chunk_want[0, :, :7], atol=ATOL)
+      np.testing.assert_array_equal(got[1, :, 7:], before[1, :, 7:])
+  leaky = model.apply_step_with_chunks(params, step, lengths, writes, chunk, chunk_positions,
+                                       jnp.array([1, batch]), jnp.array([2, 0]),
+                                       cache.replace(lengths=lengths.at[1].set(8)))[1]
+  assert np.abs(leaky[0] - alone[0, 2]).max() > 1e-3

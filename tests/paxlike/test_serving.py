@@ -1,6 +1,6 @@
 """Serving a request trace: every policy returns each request's batch-1 AR tokens (static and
-continuous AR, with chunked prefill and with prefill and decode on two devices, greedy and
-sampled; the speculative ones greedy), and the `serve` bench writes its rows (shortened)."""
+continuous AR, with prefill piggybacked on decode steps and with prefill and decode on two
+devices, greedy and sampled; the speculative ones, SmartSpec also piggybacked, greedy), and the `serve` bench writes its rows (shortened)."""
 
 import json
 
@@ -36,7 +36,8 @@ def test_static_and_continuous_policies_return_each_requests_own_decode():
   for temperature in (0.0, 1.0):
     sampling = SamplingParams(temperature=temperature)
     reference = serving.reference(model, params, trace, sampling)
-    chunked = prefill_serving.ChunkedARSlots(model, params, 3, sampling, steps_per_sync=2, chunk=3)
+    chunked = prefill_serving.PiggybackedARSlots(model, params, 3, sampling, steps_per_sync=2,
+                                                 chunk=3)
     split = prefill_serving.SplitARSlots(model, params, 3, sampling, steps_per_sync=2)
     for served in (serving.serve_static(model, params, trace, 3, sampling),
                    serving.serve_continuous(model, params, trace, 3, sampling, 2),
@@ -59,6 +60,8 @@ def test_speculative_policies_return_each_requests_greedy_decode():
   pair = (MODEL, params, MODEL, draft, 3, greedy)
   engines = {"continuous_speculative": speculative_serving.FixedGamma(*pair, gamma=2),
              "smartspec": speculative_serving.SmartSpec(*pair, max_draft_tokens=3),
+             "smartspec, piggybacked": prefill_serving.PiggybackedSmartSpec(
+                 *pair, max_draft_tokens=3, chunk=3),
              "tetris": speculative_serving.Tetris(*pair, max_draft_tokens=3, budget=4),
              "tetris, packed": speculative_serving.Tetris(*pair, max_draft_tokens=3, budget=4,
                                                           packed=True)}
@@ -67,7 +70,7 @@ def test_speculative_policies_return_each_requests_greedy_decode():
     for s, want in zip(served, reference):
       np.testing.assert_array_equal(s.tokens, want, err_msg=name)
   smartspec, tetris = engines["smartspec"], engines["tetris"]
-  assert smartspec.chosen.sum() > 0
+  assert smartspec.chosen.sum() > 0 and engines["smartspec, piggybacked"].calls_piggybacked >= 7
   for engine in (smartspec, tetris, engines["tetris, packed"]):  # per program and row count
     assert sorted(engine.costs) == [1, 2, 3]
     assert all(c.shape == (4,) and np.all(c > 0) for c in engine.costs.values())
@@ -83,13 +86,14 @@ def test_serve_suite_rows(tmp_path):
   assert json.loads(out.read_text())["suite"] == "serve"
   rows = report["rows"]
   rates, outputs = (50.0, 400.0), serve_suite.OUTPUTS
+  chunk = serve_suite.CHUNK
   assert {(r["policy"], r["prompts"], r["outputs"], r["chunked_prefill"], r["phase_split"],
            r["rate"]) for r in rows} == {
-      *[(p, "short", o, 0, False, rate) for p in serve_suite.POLICIES for o in outputs
-        for rate in rates],
+      *[(p, "short", o, chunk if p in serve_suite.PIGGYBACKED else 0, False, rate)
+        for p in serve_suite.POLICIES for o in outputs for rate in rates],
       *[("continuous_ar", "short", o, 0, True, rate) for o in outputs  # 8 test devices
         for rate in rates],
-      *[("continuous_ar", "with_long", "uniform", c, False, rate) for c in (0, serve_suite.CHUNK)
+      *[("continuous_ar", "with_long", "uniform", c, False, rate) for c in (0, chunk)
         for rate in rates]}
   for row in rows:
     assert row["greedy_equal_ar"], row
@@ -119,12 +123,15 @@ def test_smartspec_picks_the_gamma_with_the_most_expected_tokens_per_second():
   assert chosen == [3, 0]
 
 
-def test_an_unknown_serving_policy_or_output_distribution_is_named():
+def test_an_unknown_serving_policy_output_distribution_or_prefill_is_named():
   with pytest.raises(UserError, match="--policies: fastest not in the serve suite; valid: static"):
     serve_suite.run(None, None, policies=("static", "fastest"))
   with pytest.raises(UserError, match="--outputs: zipf not in the serve suite; valid: uniform, "
                                       "long_tail"):
     serve_suite.run(None, None, outputs=("zipf",))
+  with pytest.raises(UserError, match="--prefills: eager not in the serve suite; valid: call, "
+                                      "piggybacked"):
+    serve_suite.run(None, None, prefills=("eager",))
 
 
 def test_the_two_output_distributions_share_prompts_and_mean():

@@ -87,7 +87,9 @@ def test_eos_ends_a_request_and_bad_settings_are_named():
     continuous.ContinuousConfig(num_slots=0, max_new_tokens=4, prompt_width=8)
 
 
-def test_chunked_prefill_gives_the_one_shot_cache_and_the_same_tokens():
+def test_a_prompt_piggybacked_in_chunks_gets_the_one_shot_cache_and_the_same_tokens():
+  """Slot 1's prompt enters in chunks of 2 carried by slot 0's decode steps: its cache and first
+  token equal a one-shot prefill's, and slot 0 decodes as it would alone."""
   params = random_params(MODEL)
   greedy = SamplingParams(temperature=0.0)
   config = continuous.ContinuousConfig(num_slots=2, max_new_tokens=12, prompt_width=8,
@@ -95,29 +97,46 @@ def test_chunked_prefill_gives_the_one_shot_cache_and_the_same_tokens():
   prompt = np.zeros(8, np.int32)
   prompt[:5] = PROMPTS[0]
   args = (jnp.asarray(prompt), jnp.int32(5), KEYS[0], jnp.int32(LIMITS[0]))
-  one_shot = continuous.admit(MODEL, params, continuous.init(MODEL, config), jnp.int32(1), *args,
-                              config)
-  slots = chunked_prefill.enqueue(continuous.init(MODEL, config), jnp.int32(1), *args, config)
+  draft = dict(draft=MODEL, draft_params=jax.tree.map(lambda x: x * 0.9, params))
+  one_shot = continuous.admit(MODEL, params, continuous.init(MODEL, config, MODEL), jnp.int32(1),
+                              *args, config, **draft)
+  other = (jnp.asarray(prompt), jnp.int32(5), KEYS[1], jnp.int32(LIMITS[1]))
+  start = continuous.admit(MODEL, params, continuous.init(MODEL, config), jnp.int32(0), *other,
+                           config)
+  alone = continuous.step(MODEL, params, start, config, steps=3)
+  slots = chunked_prefill.enqueue(
+      continuous.admit(MODEL, params, continuous.init(MODEL, config, MODEL), jnp.int32(0),
+                       *other, config, **draft), jnp.int32(1), *args, config)
   for _ in range(3):  # chunks of 2: positions 0-1, 2-3, 4 (the third completes the prompt)
     assert not bool(slots.active[1])
-    slots = chunked_prefill.step_with_chunk(MODEL, params, slots, jnp.int32(1), config, chunk=2,
-                                            steps=0)
+    slots = chunked_prefill.step_piggybacked(MODEL, params, slots, jnp.asarray([1]), config,
+                                             chunk=2, **draft)
   assert bool(slots.active[1]) and int(slots.n[1]) == 1 and int(slots.prefilled[1]) == 5
-  for got, want in zip(slots.cache.keys + slots.cache.values,
-                       one_shot.cache.keys + one_shot.cache.values):
+  assert int(slots.draft_length[1]) == int(one_shot.draft_length[1]) == 4
+  for got, want in zip(slots.cache.keys + slots.cache.values + slots.draft_cache.keys,
+                       one_shot.cache.keys + one_shot.cache.values + one_shot.draft_cache.keys):
     np.testing.assert_allclose(got[1, :, :5], want[1, :, :5], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(slots.seq[1], one_shot.seq[1])  # the same first token
+  np.testing.assert_array_equal(slots.seq[0], alone.seq[0])
+  np.testing.assert_array_equal(slots.n[0], alone.n[0])
   with pytest.raises(ValueError, match=r"chunk must be in \[1, max_new_tokens \+ max_draft_"):
-    chunked_prefill.step_with_chunk(MODEL, params, slots, jnp.int32(1), config, chunk=13)
+    chunked_prefill.step_piggybacked(MODEL, params, slots, jnp.asarray([1]), config, chunk=13,
+                                     **draft)
+  with pytest.raises(ValueError, match="steps must be >= 1"):
+    chunked_prefill.step_piggybacked(MODEL, params, slots, jnp.asarray([1]), config, chunk=2,
+                                     steps=0)
 
 
-def test_requests_prefilled_in_chunks_beside_decoding_equal_their_ar_decode():
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_requests_piggybacked_beside_decoding_equal_their_ar_decode(temperature):
+  """Prompts fed 2 tokens per call inside 2-step calls, one or two chunks a call (a padding chunk
+  row when only one prompt is pending), with a draft's cache fed too."""
   params = random_params(MODEL)
-  greedy = SamplingParams(temperature=0.0)
-  config = continuous.ContinuousConfig(num_slots=2, max_new_tokens=12, prompt_width=8,
-                                       sampling=greedy)
+  sampling = SamplingParams(temperature=temperature)
+  config = continuous.ContinuousConfig(num_slots=3, max_new_tokens=12, prompt_width=8,
+                                       sampling=sampling)
   want = [np.asarray(ar.sample(MODEL, params, *ar.pad_prompts([p]), KEYS[i][None],
-                               ar.ARConfig(max_new_tokens=LIMITS[i], sampling=greedy)).tokens[0])
+                               ar.ARConfig(max_new_tokens=LIMITS[i], sampling=sampling)).tokens[0])
           for i, p in enumerate(PROMPTS)]
   pending = []  # [slot, prompt tokens not yet fed]
 
@@ -129,17 +148,20 @@ def test_requests_prefilled_in_chunks_beside_decoding_equal_their_ar_decode():
                                    jnp.int32(len(PROMPTS[i])), KEYS[i], jnp.int32(LIMITS[i]),
                                    config)
 
-  def program(slots, _):
+  def program(slots, call):
     if not pending:
-      return continuous.step(MODEL, params, slots, config, steps=1)
-    slots = chunked_prefill.step_with_chunk(MODEL, params, slots, jnp.int32(pending[0][0]),
-                                            config, chunk=2, steps=1)
-    pending[0][1] -= 2
-    if pending[0][1] <= 0:
-      pending.pop(0)
+      return continuous.step(MODEL, params, slots, config, steps=2)
+    fed = pending[:1 + call % 2]
+    slot = [s for s, _ in fed] + [config.num_slots] * (2 - len(fed))
+    slots = chunked_prefill.step_piggybacked(MODEL, params, slots, jnp.asarray(slot), config,
+                                             chunk=2, steps=2, draft=MODEL, draft_params=params)
+    for entry in fed:
+      entry[1] -= 2
+    pending[:] = [entry for entry in pending if entry[1] > 0]
     return slots
 
-  out = serve(params, [0, 1, 2, 3, 4], config, program, admit=enqueue)[0]
+  out = serve(params, [0, 1, 2, 3, 4], config, program, admit=enqueue, draft=MODEL,
+              draft_params=params)[0]
   for i in range(len(PROMPTS)):
     np.testing.assert_array_equal(out[i][:LIMITS[i]], want[i], err_msg=f"request {i}")
 
