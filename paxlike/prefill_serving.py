@@ -65,34 +65,42 @@ class SplitARSlots(ARSlots):
     return slots
 
 
-CHUNK_QUANTUM = 16  # piggybacked chunks are padded to a multiple of this many tokens
+CHUNK_QUANTUM = 32  # piggybacked chunks are padded to a multiple of this many tokens
 
 
 class Piggybacked:
-  """Mixin for an `ARSlots` engine: requests are `enqueue`d into their slots without computing,
-  and while some prompt is incomplete every call is `chunked_prefill.step_piggybacked`:
-  `steps_per_sync` AR steps of the other slots, the first carrying the next chunk of the oldest
-  incomplete prompt (at most `chunk` tokens, padded to a multiple of CHUNK_QUANTUM); otherwise
-  the engine's own program runs. The draft's cache, if any, is fed the same chunks.
+  """Mixin for an `ARSlots` engine: prompts enter their slots through
+  `chunked_prefill.step_piggybacked`, one chunk per call (at most `chunk` tokens, padded to a
+  multiple of CHUNK_QUANTUM) carried by the first of `steps_per_sync` AR steps of the other slots,
+  oldest prompt first; calls without a chunk run the engine's own program.
 
-  A prompt then costs its own tokens, carried by a decode step, where a prefill call pads it to
-  a bucket (64, 128, ... tokens) and reads the weights once more. `calls_piggybacked` counts the
-  calls that carried a chunk while serving."""
+  A prompt then costs its own tokens, carried by a decode step, where a prefill call pads it to a
+  bucket (64, 128, ... tokens) and reads the weights once more. One chunk per call would make
+  prompts that arrive together queue for calls, their slots idle meanwhile; so when a call's
+  chunk is taken, the other waiting prompts of at most `chunk` tokens (none fed yet) are
+  prefilled together in one call (`prefill_call`), as `ARSlots` admits, and only longer prompts
+  wait for their turn (no call then stalls the slots for more than a chunk). The draft's cache,
+  if any, is fed the same chunks. `calls_piggybacked` counts the calls that carried a chunk while
+  serving."""
 
   chunk = 64
 
   def init(self, requests: list[Request]) -> continuous.Slots:
-    self.pending, self.calls_piggybacked = [], 0  # pending: [slot, prompt tokens not yet fed]
+    self.pending, self.calls_piggybacked = [], 0  # pending: [slot, request, tokens not yet fed]
     return super().init(requests)
 
   def admit_all(self, slots, pairs: list[tuple[int, Request]]):
     for slot, r in pairs:
       prompt, length = pad_to_width([r.prompt], self.config.prompt_width)
-      self.pending.append([slot, int(length[0])])
+      self.pending.append([slot, r, int(length[0])])
       slots = chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt[0]),
                                       jnp.int32(length[0]), jax.random.key(r.seed),
                                       jnp.int32(r.max_new_tokens), self.config)
     return slots
+
+  def compile_admits(self, slots, requests: list[Request]):
+    """The prefill calls of the prompts that cannot ride a call (`ARSlots.compile_admits`)."""
+    return super().compile_admits(slots, requests, admit=self.prefill_call)
 
   def chunk_widths(self) -> list[int]:
     """The chunk widths programs are compiled for: multiples of CHUNK_QUANTUM up to `chunk`,
@@ -103,14 +111,20 @@ class Piggybacked:
                                              CHUNK_QUANTUM)})
 
   def piggyback(self, slots, rows: int | None = None):
-    """One call carrying the oldest incomplete prompt's next chunk."""
-    slot, left = self.pending[0]
+    """One call carrying the oldest incomplete prompt's next chunk, after one prefill call of
+    the other waiting short prompts (class docstring)."""
+    (slot, _, left), rest = self.pending[0], self.pending[1:]
+    short = [(s, r) for s, r, unfed in rest if unfed == len(r.prompt) <= self.chunk]
+    if short:
+      slots = self.prefill_call(slots, short)
+      prefilled = {id(r) for _, r in short}
+      self.pending = [self.pending[0]] + [e for e in rest if id(e[1]) not in prefilled]
     width = next((w for w in self.chunk_widths() if w >= left), self.chunk_widths()[-1])
     slots = chunked_prefill.step_piggybacked(
         self.model, self.params, slots, jnp.asarray([slot], jnp.int32), self.config, width,
         self.steps_per_sync, rows, self.draft, self.draft_params)
-    self.pending[0][1] -= width
-    if self.pending[0][1] <= 0:
+    self.pending[0][2] -= width
+    if self.pending[0][2] <= 0:
       self.pending.pop(0)
     self.calls_piggybacked += 1
     return slots
@@ -119,17 +133,18 @@ class Piggybacked:
     return self.piggyback(slots, rows) if self.pending else super().advance(slots, rows)
 
   def warm_up(self, slots, requests: list[Request]):
-    """Compiles the piggybacked program for every (rows, chunk width), twice (fresh and
-    returned slots), then the engine's own warm-up."""
+    """Compiles the piggybacked program for every (rows, chunk width), on fresh slots (the
+    first call after `init` sees those) and twice on returned ones, and the calls without a
+    chunk, then the engine's own warm-up."""
     prompt = max((r.prompt for r in requests), key=len)
     for rows in self.row_buckets():
       for width in self.chunk_widths():
-        for _ in range(2):
-          slots = self.admit_all(slots, [(0, dataclasses.replace(requests[0],
-                                                                  prompt=prompt[:width]))])
+        for fresh in (True, False, False):
+          pair = (0, dataclasses.replace(requests[0], prompt=prompt[:width]))
+          slots = self.admit_all(self.init(requests) if fresh else slots, [pair])
           while self.pending:
             slots = self.advance(slots, rows)
-      for _ in range(2):  # the calls without a chunk, AR steps (SmartSpec's gamma = 0)
+      for _ in range(2):  # AR steps alone (SmartSpec's gamma = 0)
         slots = self.ar_step(slots, rows)
     return super().warm_up(slots, requests)
 

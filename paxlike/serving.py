@@ -102,6 +102,11 @@ def _compiled_static(model, batch: int, width: int, new_tokens: int, sampling: S
                          ar.ARConfig(max_new_tokens=new_tokens, sampling=sampling)).compile()
 
 
+def clear_compiled() -> None:
+  """Frees the static decoders compiled so far (`jax.clear_caches` frees the jitted ones)."""
+  _compiled_static.cache_clear()
+
+
 def _static_decoder(model, params, batch: int, width: int, new_tokens: int,
                     sampling: SamplingParams):
   """`samplers.ar` compiled for a static batch, once per shape in a process (a trace served at
@@ -204,8 +209,9 @@ class ARSlots:
       width *= 2
     return rows, min(width, self.config.prompt_width)
 
-  def compile_admits(self, slots, requests: list[Request]):
-    """Runs every admission program the trace may need (compiles them before the clock), twice:
+  def compile_admits(self, slots, requests: list[Request], admit=None):
+    """Runs every admission program the trace may need (`admit(slots, pairs)`, default
+    `admit_all`; compiles them before the clock), twice:
     slots a program has returned carry other shardings than fresh ones (with a draft, its
     cache's), so the first admission of each shape is compiled again for them. Without the
     second pass the speculative policies compiled each (rows, width) admission, 1.3 s apiece,
@@ -214,7 +220,7 @@ class ARSlots:
     for _ in range(2):
       for r in by_width.values():
         for rows in self.row_buckets():
-          slots = self.admit_all(slots, [(slot, r) for slot in range(rows)])
+          slots = (admit or self.admit_all)(slots, [(slot, r) for slot in range(rows)])
     return slots
 
   def full(self, slots: continuous.Slots, requests: list[Request]) -> continuous.Slots:

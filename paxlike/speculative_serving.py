@@ -7,10 +7,11 @@ speculative policies, each a choice of `samplers.continuous_spec` programs betwe
   Language Models Using Goodput"): each call picks gamma in 0..G, the one with the most
   expected tokens per second. Before the clock starts it times each program with every slot
   full (gamma = 0 is `steps_per_sync` plain AR steps), which is the cost model at this batch
-  size; while serving it keeps a running per-draft acceptance rate a (decayed counts of accepted
-  drafts and of rejections, a = accepted / (accepted + rejections), the geometric maximum
-  likelihood estimate). A round of gamma drafts then yields (1 - a^(gamma + 1)) / (1 - a)
-  tokens per slot on average (Leviathan et al. 2023), and AR steps one per step.
+  size, and the draft's catch-up per token it lags; while serving it keeps a running per-draft
+  acceptance rate a (decayed counts of accepted drafts and of rejections, a = accepted /
+  (accepted + rejections), the geometric maximum likelihood estimate). A round of gamma drafts
+  then yields (1 - a^(gamma + 1)) / (1 - a) tokens per slot on average (Leviathan et al. 2023),
+  and AR steps one per step; a round after AR steps also pays for the tokens the draft lags.
 * `Tetris` (`tetris`; Wu et al. 2025): every call, `rounds_per_sync` rounds of
   `continuous_spec.select`: G drafts per slot, the `budget` most likely verified, at the width
   with the most expected tokens per second under costs measured per width before the clock;
@@ -58,7 +59,13 @@ class SmartSpec(FixedGamma):
   """gamma in 0..`max_draft_tokens` per call by expected goodput (module docstring).
 
   Attributes after `warm_up`: costs {rows: [G + 1] seconds per call of each program on that many
-  rows}; `chosen`, the count of calls per gamma while serving."""
+  rows}; catch_up_costs {rows: seconds per token of the draft's lag, fed before a round};
+  `chosen`, the count of calls per gamma while serving.
+
+  The lag term matters under load: AR steps leave the draft behind, and a lone round after many
+  of them first feeds the draft tens of tokens per slot (wide calls, about 17 ms for 200 tokens
+  on 8 slots of the bench's pair); priced as a plain round, such rounds cost SmartSpec 4-7% of
+  continuous AR's throughput at 32 requests per second."""
 
   def __init__(self, target, target_params, draft, draft_params, num_slots: int,
                sampling: SamplingParams, max_draft_tokens: int, rounds_per_sync: int = 1,
@@ -67,6 +74,7 @@ class SmartSpec(FixedGamma):
                      max_draft_tokens, rounds_per_sync, steps_per_sync)
     self.decay, self.prior = decay, prior
     self.costs = {rows: np.ones(max_draft_tokens + 1) for rows in self.row_buckets()}
+    self.catch_up_costs = {rows: 0.0 for rows in self.row_buckets()}
     self._reset()
 
   def _reset(self):
@@ -92,6 +100,14 @@ class SmartSpec(FixedGamma):
         before = self._counters(slots)
         self.costs[rows][gamma], slots = time_program(self.program(gamma, rows), slots)
         counts += self._counters(slots) - before
+      slots = self.full(slots, requests)
+      behind = self.config.prompt_width // 2  # within every slot's prompt
+      catch_up = lambda lag, r=rows: lambda s: continuous.on_rows(
+          lambda t: continuous_spec.catch_up_from(self.draft, self.draft_params, t, lag,
+                                                  self.gamma + 2), s, r)
+      lagging, slots = time_program(catch_up(behind), slots)
+      level, slots = time_program(catch_up(0), slots)
+      self.catch_up_costs[rows] = max(lagging - level, 0.0) / max(behind, 1)
     self._reset()
     if counts.sum() > 0:
       self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
@@ -104,9 +120,16 @@ class SmartSpec(FixedGamma):
     per_round = (1 - a ** (gammas + 1)) / (1 - a)
     return np.where(gammas == 0, self.steps_per_sync, self.rounds * per_round)
 
+  @staticmethod
+  def _lag(slots: continuous.Slots) -> int:
+    """The most tokens an active slot's draft lacks, read on the host."""
+    return int(continuous_spec.draft_lag(slots))
+
   def advance(self, slots, rows: int | None = None):
     rows = rows or self.num_slots
-    gamma = int(np.argmax(self.expected_tokens() / self.costs[rows]))
+    lag = self._lag(slots) * self.catch_up_costs[rows]
+    costs = self.costs[rows] + np.where(np.arange(self.gamma + 1) > 0, lag, 0.0)
+    gamma = int(np.argmax(self.expected_tokens() / costs))
     self.chosen[gamma] += 1
     slots = self.program(gamma, rows)(slots)
     seen = self._counters(slots)

@@ -7,7 +7,8 @@ request's slot takes the next waiting one, so the batch stays full under load. T
 programs keep static shapes: `admit` prefills K requests into K free slots in one call (prompts
 right-padded to a bucket width), `step` advances every slot by k AR tokens, and
 `samplers.continuous_spec` advances them by speculative rounds (`samplers.chunked_prefill`
-admits long prompts a chunk at a time; `fill` and `place` split admission across devices). Any
+feeds prompts in chunks carried by decode steps; `fill` and `place` split admission across
+devices). Any
 of them can run on the first k slots only (`on_rows`), so that a call costs what its load costs.
 A host-side scheduler (`paxlike.serving`) decides what to admit, and which program to run on
 how many rows, between calls.
@@ -88,7 +89,7 @@ class Slots:
     active: [S] bool: holds a request that has not ended.
     draft_length: [S] int32 leading tokens of `seq` the draft's cache holds.
     prefilled: [S] int32 prompt tokens in the target's cache (all of them once a request is
-      admitted; `samplers.chunked_prefill` feeds them a chunk at a time).
+      admitted; `samplers.chunked_prefill` feeds them a chunk per call).
     accepted, drafted, rejected: [] int32 drafts accepted and proposed by active slots so far,
       and their rounds that ended in a rejection (for the serving policies' acceptance
       estimates: accepted / (accepted + rejected) estimates the per-draft acceptance rate).

@@ -77,6 +77,23 @@ def catch_up(draft: CausalModel, draft_params, slots: Slots, chunk: int,
   return slots.replace(draft_cache=cache, draft_length=length)
 
 
+@jax.jit
+def draft_lag(slots: Slots) -> jax.Array:
+  """[] int32: the most tokens an active slot's draft cache lacks before a round (0 when none
+  lacks any); the next round's `catch_up` feeds them."""
+  lag = jnp.where(slots.active, slots.context - 2 - slots.draft_length, 0)
+  return jnp.maximum(jnp.max(lag), 0)
+
+
+@functools.partial(jax.jit, static_argnames=("draft", "chunk"), donate_argnames=("slots",))
+def catch_up_from(draft: CausalModel, draft_params, slots: Slots, behind: int,
+                  chunk: int) -> Slots:
+  """`catch_up` of every slot's draft from `behind` tokens back (a cost model's measurement of
+  what a round after AR steps pays first)."""
+  lag_start = jnp.maximum(slots.context - 2 - behind, 0)
+  return catch_up(draft, draft_params, slots.replace(draft_length=lag_start), chunk)
+
+
 def _scored(slots: Slots, drafts: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Each slot's last token and `drafts` [S, W - 1]: (tokens [S, W], their positions [S, W])."""
   window = slots.context[:, None] - 1 + jnp.arange(drafts.shape[1] + 1)

@@ -21,8 +21,8 @@ Policies: `static` (batches of up to `batch` arrived requests, each decoded to i
 suite's `pair_draft` (trained or loaded likewise): `continuous_speculative` (rounds of
 NUM_DRAFT_TOKENS drafts per slot), `smartspec` (0..NUM_DRAFT_TOKENS per call by expected goodput)
 and `tetris` (batch draft selection, NUM_DRAFT_TOKENS drafted per slot); see
-`paxlike.speculative_serving`. Policies are interleaved: each rate runs every policy on both
-traces before the next rate.
+`paxlike.speculative_serving`. Policies are interleaved: on each trace, each rate runs every
+policy before the next rate (a trace's compiled programs are freed before the next trace's).
 
 Another trace, `with_long` (uniform outputs), makes a quarter of the prompts long
 (LONG_PROMPT_BYTES) and serves it with `continuous_ar` without and with chunked prefill
@@ -35,6 +35,7 @@ speed, so there the split is only tested, not measured.
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,31 @@ def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: Sa
                                                         steps_per_sync)}
 
 
+def _serve(model, params, name: tuple[str, str], inputs, reference, rate: float, policy: str,
+           variant: str, engines, batch: int, greedy: SamplingParams) -> dict[str, Any]:
+  """One row: trace `name` ((prompts, outputs); its `inputs`, prompts and new-token counts) at
+  `rate` served by `policy` (its engine `variant`), checked against its AR `reference`."""
+  (prompts, kind), requests = name, len(inputs[0])
+  trace = serving.poisson_trace(*inputs, rate)
+  engine = engines[variant] and engines[variant]()
+  served = (serving.serve_continuous(model, params, trace, batch, greedy, engine=engine)
+            if engine else serving.serve_static(model, params, trace, batch, greedy))
+  equal = all(np.array_equal(s.tokens, r) for s, r in zip(served, reference))
+  return {"policy": policy, "prompts": prompts, "outputs": kind,
+          "chunked_prefill": CHUNK if variant.endswith("piggybacked") else 0,
+          "phase_split": variant == "split", "rate": rate, **serving.summary(served),
+          "greedy_equal_ar": equal, "requests": requests, "batch": batch, **_choices(engine)}
+
+
+def _release_programs() -> None:
+  """Frees every compiled program. Each holds thousands of memory mappings of its code: the
+  programs of every trace at once (about 60 thousand) crossed the usual limit of a process
+  (vm.max_map_count, 65,530), and XLA's compiler then failed for want of memory."""
+  jax.clear_caches()
+  serving.clear_compiled()
+  gc.collect()
+
+
 def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8.0, 32.0),
         requests: int = 96, batch: int = 8, steps_per_sync: int = 4,
         target_overrides: tuple[str, ...] = (), train_steps: int = 0,
@@ -160,19 +186,12 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
   references = {name: serving.reference(model, params, serving.poisson_trace(*pair, 1.0), greedy)
                 for name, pair in inputs.items()}
   rows = []
-  for rate in rates:
-    for (prompts, kind), policy, variant in runs:
-      trace = serving.poisson_trace(*inputs[prompts, kind], rate)
-      engine = engines[variant] and engines[variant]()
-      served = (serving.serve_continuous(model, params, trace, batch, greedy, engine=engine)
-                if engine else serving.serve_static(model, params, trace, batch, greedy))
-      equal = all(np.array_equal(s.tokens, r)
-                  for s, r in zip(served, references[prompts, kind]))
-      rows.append({"policy": policy, "prompts": prompts, "outputs": kind,
-                   "chunked_prefill": CHUNK if variant.endswith("piggybacked") else 0,
-                   "phase_split": variant == "split", "rate": rate,
-                   **serving.summary(served), "greedy_equal_ar": equal, "requests": requests,
-                   "batch": batch, **_choices(engine)})
+  for name in inputs:  # a trace's programs are freed before the next trace's are compiled
+    for rate in rates:
+      rows += [_serve(model, params, name, inputs[name], references[name], rate, policy,
+                      variant, engines, batch, greedy)
+               for trace, policy, variant in runs if trace == name]
+    _release_programs()
   harness.print_table(rows, ["policy", "prompts", "outputs", "chunked_prefill", "phase_split",
                              "rate", "throughput", "ttft_p50", "ttft_p99", "tpot_p50",
                              "tpot_p99", "itl_p50", "itl_p99", "greedy_equal_ar"])

@@ -116,11 +116,18 @@ def test_smartspec_picks_the_gamma_with_the_most_expected_tokens_per_second():
   chosen = []
   engine.program = lambda gamma, rows: chosen.append(gamma) or (lambda s: s)
   engine._counters = lambda slots: engine.seen
+  lag = [0]
+  engine._lag = lambda slots: lag[0]
+  engine.catch_up_costs[3] = 0.25  # per token the draft lags
   engine.advance(None, 3)
   assert chosen == [3]  # 2.95 tokens per unit against AR's 1
+  lag[0] = 12  # a round first catches the draft up: 3 units more
+  engine.advance(None, 3)
+  assert chosen == [3, 0]  # 2.95 / 4 < 4 / 4
+  lag[0] = 0
   engine.costs[3] = np.asarray([1.0, 1.0, 1.0, 1.0])  # AR steps as cheap as a round
   engine.advance(None, 3)
-  assert chosen == [3, 0]
+  assert chosen == [3, 0, 0]
 
 
 def test_an_unknown_serving_policy_output_distribution_or_prefill_is_named():

@@ -173,10 +173,13 @@ def test_catch_up_gives_the_draft_the_cache_a_prefill_would(wide):
   target, draft = _params()
   config = _config(2, SamplingParams(temperature=0.0))
   slots = _two_filled_slots(target, draft, config)
+  lag = int(continuous_spec.draft_lag(slots))
   slots = continuous.step(MODEL, target, slots, config, steps=7)  # the draft falls 7 behind
+  assert int(continuous_spec.draft_lag(slots)) == lag + 7
   caught = continuous_spec.catch_up(MODEL, draft, slots, chunk=2, wide=wide)
   want = slots.context - 2
   np.testing.assert_array_equal(caught.draft_length, want)
+  assert int(continuous_spec.draft_lag(caught)) == 0
   fresh = MODEL.apply(draft, slots.seq, jnp.broadcast_to(jnp.arange(slots.seq.shape[1]),
                                                          slots.seq.shape),
                       MODEL.init_cache(2, config.cache_len))[0]
