@@ -199,6 +199,7 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),
             "prompt_bytes": list(PROMPT_BYTES), "long_prompt_bytes": list(LONG_PROMPT_BYTES),
-            "long_share": LONG_SHARE, "chunk": CHUNK, "prefills": list(prefills), "new_tokens": list(NEW_TOKENS),
+            "long_share": LONG_SHARE, "chunk": CHUNK, "prefills": list(prefills),
+            "new_tokens": list(NEW_TOKENS),
             "outputs": list(outputs), "tail_new_tokens": list(TAIL_NEW_TOKENS)}
   return harness.write_report(out, "serve", config, rows)

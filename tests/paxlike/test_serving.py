@@ -1,6 +1,7 @@
 """Serving a request trace: every policy returns each request's batch-1 AR tokens (static and
 continuous AR, with prefill piggybacked on decode steps and with prefill and decode on two
-devices, greedy and sampled; the speculative ones, SmartSpec also piggybacked, greedy), and the `serve` bench writes its rows (shortened)."""
+devices, greedy and sampled; the speculative ones, SmartSpec also piggybacked, greedy), and the
+`serve` bench writes its rows (shortened)."""
 
 import json
 
