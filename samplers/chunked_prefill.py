@@ -41,7 +41,7 @@ def check_chunk(chunk: int, config: ContinuousConfig) -> None:
 def enqueue(slots: Slots, slot: jax.Array, prompt: jax.Array, prompt_length: jax.Array,
             key: jax.Array, limit: jax.Array, config: ContinuousConfig) -> Slots:
   """Puts a request into free `slot` with nothing of its prompt in the cache yet (inactive until
-  `step_with_chunk` completes its prompt). Arguments as `continuous.admit`'s."""
+  `step_piggybacked` completes its prompt). Arguments as `continuous.admit`'s."""
   row = jnp.zeros((config.cache_len,), jnp.int32).at[:config.prompt_width].set(prompt)
   return slots.replace(seq=slots.seq.at[slot].set(row),
                        prompt_length=slots.prompt_length.at[slot].set(prompt_length),

@@ -25,8 +25,10 @@ and `tetris` (batch draft selection, NUM_DRAFT_TOKENS drafted per slot); see
 policy before the next rate (a trace's compiled programs are freed before the next trace's).
 
 Another trace, `with_long` (uniform outputs), makes a quarter of the prompts long
-(LONG_PROMPT_BYTES) and serves it with `continuous_ar` without and with chunked prefill
-(`chunked_prefill`: C tokens of a prompt per call, `prefill_serving.ChunkedARSlots`). With two
+(LONG_PROMPT_BYTES) and serves it with `continuous_ar` admitting by a prefill call and with
+prompts piggybacked on the decode steps (`chunked_prefill`: at most C tokens of a prompt per
+call, `prefill_serving.PiggybackedARSlots`). `--prefills` says how `continuous_ar` and
+`smartspec` admit on the short traces (PREFILLS; default piggybacked). With two
 devices or more, `continuous_ar` also runs with prefill on the first and decode on the second
 (`phase_split`, `prefill_serving.SplitARSlots`). A CPU host has one device: simulating two
 (`--xla_force_host_platform_device_count=2`) gives each half the cores and halves every row's
