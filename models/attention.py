@@ -141,6 +141,15 @@ def visible_slots(lengths: jax.Array, mask: jax.Array, slots: int) -> jax.Array:
   return earlier | jnp.any(mask[:, :, :, None] & is_new[:, None, :, :], axis=2)
 
 
+def _write_tokens(cache_k: jax.Array, cache_v: jax.Array, k: jax.Array, v: jax.Array,
+                  rows: jax.Array, at: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Writes packed token t's key and value [1, T, KVH, D] at slot at[t] of row rows[t] of the
+  [B, KVH, S, D] buffers; a row outside [0, B) (padding) or a slot past S is dropped."""
+  write = lambda buffer, new: buffer.at[rows, :, at, :].set(new[0].astype(buffer.dtype),
+                                                            mode="drop")
+  return write(cache_k, k), write(cache_v, v)
+
+
 def attend_packed(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
                   cache_v: jax.Array, lengths: jax.Array, rows: jax.Array, offsets: jax.Array,
                   width: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -168,10 +177,7 @@ def attend_packed(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: jax.Array,
   valid = (rows >= 0) & (rows < batch)
   row = jnp.clip(rows, 0, batch - 1)
   target_row = jnp.where(valid, row, batch)  # padding: out of range, dropped
-  at = lengths[row] + offsets
-  write = lambda buffer, new: buffer.at[target_row, :, at, :].set(new[0].astype(buffer.dtype),
-                                                                  mode="drop")
-  cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+  cache_k, cache_v = _write_tokens(cache_k, cache_v, k, v, target_row, lengths[row] + offsets)
   dense_q = jnp.zeros((batch, width, *q.shape[2:]), q.dtype).at[target_row, offsets].set(
       q[0], mode="drop")
   causal = jnp.tril(jnp.ones((1, width, width), bool))
@@ -211,9 +217,7 @@ def attend_step_with_chunks(q: jax.Array, k: jax.Array, v: jax.Array, cache_k: j
                             jnp.repeat(jnp.where(valid, chunk_row, batch), width)])
   at = jnp.concatenate([lengths, jnp.repeat(lengths[chunk_row], width)
                         + jnp.tile(jnp.arange(width), chunks)])
-  write = lambda buffer, new: buffer.at[target, :, at, :].set(new[0].astype(buffer.dtype),
-                                                              mode="drop")
-  cache_k, cache_v = write(cache_k, k), write(cache_v, v)
+  cache_k, cache_v = _write_tokens(cache_k, cache_v, k, v, target, at)
   step = attend_slots(q[0, :batch, None], cache_k, cache_v,
                       visible_slots(lengths, jnp.ones((1, 1, 1), bool), slots))
   causal = jnp.tril(jnp.ones((1, width, width), bool))

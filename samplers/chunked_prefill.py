@@ -65,9 +65,8 @@ def _piggybacked(model: CausalModel, params, slots: Slots, slot: jax.Array,
   tokens = jnp.take_along_axis(slots.seq[row], positions, axis=1, mode="clip")
   fed = jnp.any(jnp.arange(batch)[:, None] == chunk_rows[None, :], axis=1)  # [B]
   context = slots.context
-  last = jnp.take_along_axis(slots.seq, (context - 1)[:, None], axis=1)[:, 0]
   logits, chunk_logits, cache = model.apply_step_with_chunks(
-      params, last, context - 1, ~fed, tokens, positions, chunk_rows,
+      params, continuous.newest(slots), context - 1, ~fed, tokens, positions, chunk_rows,
       jnp.clip(length - 1 - start, 0, chunk - 1),
       slots.cache.replace(lengths=jnp.where(fed, slots.prefilled, context - 1)))
   token = continuous.draw_at(slots.keys, context, logits, config.sampling)

@@ -142,6 +142,11 @@ def draw_at(keys: jax.Array, positions: jax.Array, logits: jax.Array,
                                                       logits, sampling)
 
 
+def newest(slots: Slots) -> jax.Array:
+  """[S] int32 each slot's newest token (at context - 1), the one the next call feeds."""
+  return jnp.take_along_axis(slots.seq, (slots.context - 1)[:, None], axis=1)[:, 0]
+
+
 def commit(slots: Slots, new: jax.Array, count: jax.Array, config: ContinuousConfig) -> Slots:
   """Appends new[s, :count[s]] [S, W] to each active slot, cut after eos and at its limit."""
   seq, n, done = draft_verify.commit(slots.seq, slots.prompt_length, slots.n, ~slots.active, new,
@@ -255,8 +260,7 @@ def step(model: CausalModel, params, slots: Slots, config: ContinuousConfig, ste
 
   def one(_, s: Slots) -> Slots:
     context = s.context
-    last = jnp.take_along_axis(s.seq, (context - 1)[:, None], axis=1)
-    logits, cache = model.apply(params, last, (context - 1)[:, None],
+    logits, cache = model.apply(params, newest(s)[:, None], (context - 1)[:, None],
                                 s.cache.replace(lengths=context - 1))
     token = draw_at(s.keys, context, logits[:, 0], config.sampling)
     return commit(s.replace(cache=cache), token[:, None], jnp.ones_like(s.n), config)

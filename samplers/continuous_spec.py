@@ -97,8 +97,7 @@ def catch_up_from(draft: CausalModel, draft_params, slots: Slots, behind: int,
 def _scored(slots: Slots, drafts: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Each slot's last token and `drafts` [S, W - 1]: (tokens [S, W], their positions [S, W])."""
   window = slots.context[:, None] - 1 + jnp.arange(drafts.shape[1] + 1)
-  root = jnp.take_along_axis(slots.seq, window[:, :1], axis=1)
-  return jnp.concatenate([root, drafts], axis=1), window
+  return jnp.concatenate([continuous.newest(slots)[:, None], drafts], axis=1), window
 
 
 def _verify(target: CausalModel, target_params, slots: Slots, drafts: jax.Array,
