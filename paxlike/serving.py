@@ -252,14 +252,22 @@ class ARSlots:
     return slots
 
 
-def time_program(program, slots, repeats: int = 5) -> tuple[float, object]:
-  """(median seconds of `program(slots) -> slots` over `repeats` calls after one, the slots)."""
-  times = []
-  for _ in range(repeats + 1):
-    start = time.perf_counter()
-    slots = jax.block_until_ready(program(slots))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times[1:])), slots
+def time_programs(programs: list, slots, reset=None, passes: int = 3,
+                  repeats: int = 3) -> tuple[list[float], object]:
+  """([median seconds per call of each of `programs` (slots -> slots)], the slots), timed in
+  `passes` interleaved passes: in each, every program runs from `reset(slots)` once untimed,
+  then `repeats` timed calls. Interleaving spreads the machine's drift over all programs alike:
+  timed one after another (5 calls each), a 2-core VM's noise moved SmartSpec's cost of a
+  1-draft round by 40% between warm-ups, enough to pick it over AR steps for a whole run."""
+  times = [[] for _ in programs]
+  for _ in range(passes):
+    for timed, program in zip(times, programs):
+      slots = jax.block_until_ready(program(reset(slots) if reset else slots))
+      for _ in range(repeats):
+        start = time.perf_counter()
+        slots = jax.block_until_ready(program(slots))
+        timed.append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times], slots
 
 
 def serve_continuous(model, params, requests: list[Request], num_slots: int,

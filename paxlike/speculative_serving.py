@@ -7,7 +7,9 @@ speculative policies, each a choice of `samplers.continuous_spec` programs betwe
   Language Models Using Goodput"): each call picks gamma in 0..G, the one with the most
   expected tokens per second. Before the clock starts it times each program with every slot
   full (gamma = 0 is `steps_per_sync` plain AR steps), which is the cost model at this batch
-  size, and the draft's catch-up per token it lags; while serving it keeps a running per-draft
+  size, and the draft's catch-up per token it lags (interleaved, `serving.time_programs`); each
+  call's measured time then moves its program's cost by COST_RATE towards it, so a cost the
+  warm-up misjudged corrects itself while serving. It also keeps a running per-draft
   acceptance rate a (decayed counts of accepted drafts and of rejections, a = accepted /
   (accepted + rejections), the geometric maximum likelihood estimate). A round of gamma drafts
   then yields (1 - a^(gamma + 1)) / (1 - a) tokens per slot on average (Leviathan et al. 2023),
@@ -24,11 +26,15 @@ logits, so every request's tokens keep the target's distribution, and greedy one
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from paxlike.serving import ARSlots, Request, time_program
+from paxlike.serving import ARSlots, Request, time_programs
 from samplers import continuous, continuous_spec
 from samplers.core.logits import SamplingParams
+
+COST_RATE = 0.1  # SmartSpec's running cost: each call moves its program's cost this far to it
 
 
 class FixedGamma(ARSlots):
@@ -90,24 +96,30 @@ class SmartSpec(FixedGamma):
         lambda s: self.speculate(s, gamma, rows))
 
   def warm_up(self, slots, requests: list[Request]):
-    """Times each program with every slot full; the acceptance of the timed rounds becomes the
-    running estimate's starting counts (without them an estimate that starts low would keep
-    choosing AR steps, which teach it nothing)."""
+    """Times each program with every slot full, interleaved (`serving.time_programs`); the
+    acceptance of the timed rounds becomes the running estimate's starting counts (without them
+    an estimate that starts low would keep choosing AR steps, which teach it nothing)."""
     counts = np.zeros(2)
+
+    def counted(program):
+      def run(s):
+        nonlocal counts
+        before = self._counters(s)
+        s = program(s)
+        counts += self._counters(s) - before
+        return s
+      return run
+
+    behind = self.config.prompt_width // 2  # within every slot's prompt
     for rows in self.row_buckets():
-      for gamma in range(self.gamma + 1):
-        slots = self.full(slots, requests)
-        before = self._counters(slots)
-        self.costs[rows][gamma], slots = time_program(self.program(gamma, rows), slots)
-        counts += self._counters(slots) - before
-      slots = self.full(slots, requests)
-      behind = self.config.prompt_width // 2  # within every slot's prompt
       catch_up = lambda lag, r=rows: lambda s: continuous.on_rows(
           lambda t: continuous_spec.catch_up_from(self.draft, self.draft_params, t, lag,
                                                   self.gamma + 2), s, r)
-      lagging, slots = time_program(catch_up(behind), slots)
-      level, slots = time_program(catch_up(0), slots)
-      self.catch_up_costs[rows] = max(lagging - level, 0.0) / max(behind, 1)
+      programs = [counted(self.program(gamma, rows)) for gamma in range(self.gamma + 1)]
+      costs, slots = time_programs([*programs, catch_up(behind), catch_up(0)], slots,
+                                   lambda s: self.full(s, requests))
+      self.costs[rows] = np.asarray(costs[:-2])
+      self.catch_up_costs[rows] = max(costs[-2] - costs[-1], 0.0) / max(behind, 1)
     self._reset()
     if counts.sum() > 0:
       self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
@@ -131,8 +143,10 @@ class SmartSpec(FixedGamma):
     costs = self.costs[rows] + np.where(np.arange(self.gamma + 1) > 0, lag, 0.0)
     gamma = int(np.argmax(self.expected_tokens() / costs))
     self.chosen[gamma] += 1
+    start = time.perf_counter()
     slots = self.program(gamma, rows)(slots)
-    seen = self._counters(slots)
+    seen = self._counters(slots)  # waits for the call
+    self.costs[rows][gamma] += COST_RATE * (time.perf_counter() - start - self.costs[rows][gamma])
     self.counts = self.decay * self.counts + (seen - self.seen)
     self.seen = seen
     return slots
@@ -206,12 +220,10 @@ class Tetris(FixedGamma):
 
   def warm_up(self, slots, requests: list[Request]):
     for rows in self.row_buckets():
-      costs = []
-      for width in range(self.gamma + 1):  # a cost vector that only this width can win
-        forced = np.where(np.arange(self.gamma + 1) == width, 1.0, 1e9).astype(np.float32)
-        cost, slots = time_program(lambda s, c=forced, r=rows: self.select(s, c, r),
-                                   self.full(slots, requests))
-        costs.append(cost)
+      forced = [np.where(np.arange(self.gamma + 1) == width, 1.0, 1e9).astype(np.float32)
+                for width in range(self.gamma + 1)]  # cost vectors that one width alone wins
+      costs, slots = time_programs([lambda s, c=c, r=rows: self.select(s, c, r) for c in forced],
+                                   slots, lambda s: self.full(s, requests))
       self.costs[rows] = np.asarray(costs, np.float32)  # the warm-up's argument type: no retrace
     self.widths[:] = 0
     return slots

@@ -5,6 +5,8 @@ devices, greedy and sampled; the speculative ones, SmartSpec also piggybacked, g
 
 import json
 
+import time
+
 import numpy as np
 import pytest
 
@@ -129,6 +131,38 @@ def test_smartspec_picks_the_gamma_with_the_most_expected_tokens_per_second():
   engine.costs[3] = np.asarray([1.0, 1.0, 1.0, 1.0])  # AR steps as cheap as a round
   engine.advance(None, 3)
   assert chosen == [3, 0, 0]
+
+
+def test_smartspec_corrects_a_misjudged_cost_while_serving():
+  """A round the warm-up priced far too cheap is chosen until its measured calls (each moving
+  its cost by COST_RATE) make AR steps the better buy."""
+  params = random_params(MODEL)
+  engine = speculative_serving.SmartSpec(MODEL, params, MODEL, params, 3,
+                                         SamplingParams(temperature=0.0), max_draft_tokens=1)
+  engine.init(_trace())
+  engine.counts = np.asarray([0.95, 0.05])  # 1.95 tokens per 1-draft round
+  engine.costs[3] = np.asarray([0.04, 0.001])  # seconds; 4 AR steps: 100 tokens/s
+  chosen = []
+  engine.program = lambda gamma, rows: chosen.append(gamma) or (
+      lambda s: time.sleep(0.05 if gamma else 0.0))  # a round really takes 50 ms: 39 tokens/s
+  engine._counters = lambda slots: engine.seen
+  engine._lag = lambda slots: 0
+  for _ in range(12):
+    engine.advance(None, 3)
+  switched = chosen.index(0)  # 0.05 - 0.049 x 0.9^k > 0.0195 from k = 5 on
+  assert set(chosen[:switched]) == {1} and 4 <= switched <= 7, chosen
+  assert engine.costs[3][1] > 0.0195 and set(chosen[switched:]) == {0}, (engine.costs[3], chosen)
+
+
+def test_time_programs_interleaves_and_resets_each_program():
+  calls = []
+  program = lambda name, seconds: lambda s: calls.append(name) or time.sleep(seconds) or s
+  costs, out = serving.time_programs([program("fast", 0.001), program("slow", 0.01)], "slots",
+                                     reset=lambda s: calls.append("reset") or s, passes=2,
+                                     repeats=2)
+  assert out == "slots" and costs[0] < 0.005 < 0.009 < costs[1], costs
+  pass_calls = ["reset", "fast", "fast", "fast", "reset", "slow", "slow", "slow"]
+  assert calls == pass_calls * 2
 
 
 def test_an_unknown_serving_policy_output_distribution_or_prefill_is_named():
