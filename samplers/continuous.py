@@ -144,7 +144,7 @@ def draw_at(keys: jax.Array, positions: jax.Array, logits: jax.Array,
 
 def newest(slots: Slots) -> jax.Array:
   """[S] int32 each slot's newest token (at context - 1), the one the next call feeds."""
-  return jnp.take_along_axis(slots.seq, (slots.context - 1)[:, None], axis=1)[:, 0]
+  return draft_verify.newest(slots.seq, slots.context)[:, 0]
 
 
 def commit(slots: Slots, new: jax.Array, count: jax.Array, config: ContinuousConfig) -> Slots:

@@ -103,7 +103,7 @@ def make_round(target, target_params, config, keys: jax.Array, cache_slots: int)
     if not greedy:  # position c + d - 1 is decided at depth d
       decided = context[:, None] + jnp.arange(depth_max + 1)
       u = draft_verify.position_uniforms(keys, decided, size + vocab)
-    root = jnp.take_along_axis(seq, (context - 1)[:, None], axis=1)
+    root = draft_verify.newest(seq, context)
     positions = jnp.concatenate([context[:, None] - 1, context[:, None] - 1 + nodes.depth], 1)
     mask = tree_shape.feed_mask(tree_shape.ancestor_mask(nodes.parent, depth_max), 1)
     logits, true_features, target_cache = target.apply_with_features(

@@ -182,7 +182,7 @@ def sample(target: CausalModel, target_params, prompt: jax.Array, prompt_lengths
     if config.text_ngrams:  # the n-grams ending at the tokens committed since the last call
       ends = state.seen[:, None] + jnp.arange(depth_max + 1)[None, :]
       pool = ngram_pool.insert(pool, *ngram_pool.ending_at(seq, ends, n, context))
-    root = jnp.take_along_axis(seq, (context - 1)[:, None], axis=1)  # [B, 1]
+    root = draft_verify.newest(seq, context)  # [B, 1]
     drafts, found = ngram_pool.select(pool, root[:, 0], config.candidates)
     guesses = state.trajectories[:, :, -1]
     tokens = jnp.concatenate([guesses, drafts.reshape(batch, -1)], axis=1)  # [B, M]

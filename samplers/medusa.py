@@ -152,7 +152,7 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
       u = draft_verify.position_uniforms(keys, decided, vocab + size + vocab)
     tokens, qs = tree_tokens(heads, branching, config.sampling,
                              None if u is None else u[:, :depth_max, :vocab])
-    root = jnp.take_along_axis(seq, (context - 1)[:, None], axis=1)
+    root = draft_verify.newest(seq, context)
     positions = context[:, None] - 1 + jnp.concatenate([jnp.zeros(1, jnp.int32), tree.depth])
     logits, all_heads, cache = target.apply_with_heads(
         target_params, jnp.concatenate([root, tokens], axis=1), positions,

@@ -93,7 +93,7 @@ def lookup(seq: jax.Array, context: jax.Array, gamma: int, max_ngram: int,
     matched = jnp.where(take, n, matched)
   period = jnp.maximum(context - best, 1)[:, None]
   source = best[:, None] + jnp.arange(gamma)[None, :] % period
-  last = jnp.take_along_axis(seq, (context - 1)[:, None], axis=1)
+  last = draft_verify.newest(seq, context)
   drafts = jnp.where(matched[:, None] > 0,
                      jnp.take_along_axis(seq, jnp.clip(source, 0, size - 1), axis=1), last)
   return drafts.astype(jnp.int32), matched

@@ -234,6 +234,12 @@ def check_room(models: dict[str, Any], need: int, formula: str, lower: str) -> N
                        f"lower {lower}")
 
 
+def newest(seq: jax.Array, context: jax.Array) -> jax.Array:
+  """[B, 1] int32 each row's newest token of seq [B, S] (at context [B] - 1): the root the next
+  call feeds, since the cache holds every token before it."""
+  return jnp.take_along_axis(seq, (context - 1)[:, None], axis=1)
+
+
 def _write(seq: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
   """seq[b, start[b] + i] = new[b, i] (seq [B, S], new [B, W]); writes past S are dropped."""
   slots = start[:, None] + jnp.arange(new.shape[1])[None, :]

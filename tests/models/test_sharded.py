@@ -37,6 +37,47 @@ def test_sharded_cached_decode_matches_one_device(small_config, build):
   np.testing.assert_array_equal(sharded[1].lengths, expected[1].lengths)
 
 
+def test_sharded_packed_and_piggybacked_calls_match_one_device(small_config, build):
+  """The serving engines' calls on the data=2, fsdp=2, tensor=2 mesh (params and cache sharded)
+  equal one device's: a token-packed call (`apply_packed`, TETRIS's packed verify) and a decode
+  step with piggybacked prompt chunks (`apply_step_with_chunks`), logits and cache alike."""
+  model, params = build(small_config)
+  mesh = make_mesh(data=2, fsdp=2, tensor=2)
+  batch, rng = 4, np.random.default_rng(1)
+  draw = lambda shape: jnp.asarray(rng.integers(0, model.vocab_size, shape), jnp.int32)
+  prompt, new, step, chunk = draw((batch, 6)), draw((1, 8)), draw((batch,)), draw((2, 4))
+  lengths = jnp.array([6, 3, 5, 4], jnp.int32)
+  rows = jnp.array([0, 0, 2, 3, 3, 3, batch, -1], jnp.int32)  # the last two: padding
+  offsets = jnp.array([0, 1, 0, 0, 1, 2, 0, 0], jnp.int32)
+  param_sharding = rules.logical_shardings(_boxed_params(model), mesh)
+  cache_sharding = nn.logical_to_mesh_sharding(KVCache.logical_axes(small_config.num_layers),
+                                               mesh, rules.LOGICAL_RULES)
+
+  def primed(params, shard):
+    cache = shard(model.init_cache(batch, 16))
+    positions = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), prompt.shape)
+    return model.apply(params, prompt, positions, cache)[1].replace(lengths=lengths)
+
+  def packed(params, shard):
+    positions = (lengths[jnp.clip(rows, 0, batch - 1)] + offsets)[None]
+    return model.apply_packed(params, new, positions, rows, offsets, 3, primed(params, shard))
+
+  def piggybacked(params, shard):
+    chunk_positions = jnp.array([[3, 4, 5, 6], [0, 1, 2, 3]], jnp.int32)
+    return model.apply_step_with_chunks(params, step, lengths, jnp.array([True, False, True, True]),
+                                        chunk, chunk_positions, jnp.array([1, batch]),
+                                        jnp.array([3, 0]), primed(params, shard))
+
+  constrain = lambda cache: jax.lax.with_sharding_constraint(cache, cache_sharding)
+  for call in (packed, piggybacked):
+    expected = jax.jit(lambda p: call(p, lambda cache: cache))(params)
+    with jax.set_mesh(mesh), rules.axis_rules():
+      sharded = jax.jit(lambda p: call(p, constrain), in_shardings=(param_sharding,))(
+          jax.device_put(params, param_sharding))
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, atol=1e-5), sharded,
+                 expected)
+
+
 def test_init_traces_under_set_mesh(small_config):
   """Multi-axis kernels initialised flat (as nn.DenseGeneral does) fail here; ours must not."""
   model = CausalLM(small_config)

@@ -125,6 +125,8 @@ def test_a_prompt_piggybacked_in_chunks_gets_the_one_shot_cache_and_the_same_tok
   with pytest.raises(ValueError, match="steps must be >= 1"):
     chunked_prefill.step_piggybacked(MODEL, params, slots, jnp.asarray([1]), config, chunk=2,
                                      steps=0)
+  with pytest.raises(ValueError, match="needs a model with apply_step_with_chunks"):
+    chunked_prefill.step_piggybacked(object(), params, slots, jnp.asarray([1]), config, chunk=2)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

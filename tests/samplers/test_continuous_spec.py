@@ -188,6 +188,16 @@ def test_catch_up_gives_the_draft_the_cache_a_prefill_would(wide):
                     caught.draft_cache.replace(lengths=want))[0][:, 0]
   np.testing.assert_allclose(got, jnp.take_along_axis(fresh, at[..., None], axis=1)[:, 0],
                              rtol=1e-5, atol=1e-5)
+  fed_keys = [np.asarray(k) for k in caught.draft_cache.keys]  # `catch_up_from` donates slots
+  recent = (jnp.arange(config.cache_len) >= want[:, None] - 5)[:, None, :, None]  # [S, 1, L, 1]
+  wiped = caught.draft_cache.replace(keys=tuple(jnp.where(recent, 0.0, k)
+                                                for k in caught.draft_cache.keys))
+  again = continuous_spec.catch_up_from(MODEL, draft, caught.replace(draft_cache=wiped),
+                                        behind=5, chunk=2)  # a cost probe: re-feeds the last 5
+  np.testing.assert_array_equal(again.draft_length, want)
+  for got, fed in zip(again.draft_cache.keys, fed_keys):  # writes past a row's length: unread
+    for row, end in enumerate(np.asarray(want)):
+      np.testing.assert_allclose(got[row, :, :end], fed[row, :, :end], rtol=1e-5, atol=1e-5)
 
 
 def test_selection_verifies_the_likeliest_drafts_under_the_budget():
