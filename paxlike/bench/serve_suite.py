@@ -14,7 +14,10 @@ Each policy serves the same traces (`paxlike.serving`), greedy; a row reports th
 (generated tokens per second from the first arrival to the last completion), time to first
 token, time per output token (a request's mean) and inter-token latency (each token's gap as the
 scheduler saw it), p50 and p99, and whether every request's tokens equal its batch-1 AR decode.
-Rows name their traces in `prompts` and `outputs`.
+Rows name their traces in `prompts` and `outputs`. Each carries the trace's ceiling measured in
+the same run, `full_slots_throughput`: tokens per second of `continuous_ar`'s call on `batch` full
+slots with nothing to admit (`full_slots_rate`), and its `share_of_full_slots` (what prefill,
+idle and finished slots and the scheduler cost a policy; a speculative one may pass 1).
 
 Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest),
 `continuous_ar` (`batch` slots, refilled between calls of 4 AR steps), and with the decode
@@ -134,6 +137,18 @@ def _serve(model, params, name: tuple[str, str], inputs, reference, rate: float,
           "greedy_equal_ar": equal, "requests": requests, "batch": batch, **_choices(engine)}
 
 
+def full_slots_rate(model, params, inputs, batch: int, steps_per_sync: int,
+                    sampling: SamplingParams) -> float:
+  """The trace's ceiling, measured: tokens per second of `continuous_ar`'s call (steps_per_sync
+  AR steps) on `batch` full slots, with no admission and no idle slot (`inputs`: the trace's
+  prompts and new-token counts, which size the slots)."""
+  engine = serving.ARSlots(model, params, batch, sampling, steps_per_sync)
+  trace = serving.poisson_trace(*inputs, 1.0)
+  slots = engine.full(engine.init(trace), trace)
+  (cost,), _ = serving.time_programs([engine.ar_step], slots, lambda s: engine.full(s, trace))
+  return batch * steps_per_sync / cost
+
+
 def _release_programs() -> None:
   """Frees every compiled program. Each holds thousands of memory mappings of its code: the
   programs of every trace at once (about 60 thousand) crossed the usual limit of a process
@@ -189,14 +204,18 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                 for name, pair in inputs.items()}
   rows = []
   for name in inputs:  # a trace's programs are freed before the next trace's are compiled
+    ceiling = full_slots_rate(model, params, inputs[name], batch, steps_per_sync, greedy)
     for rate in rates:
-      rows += [_serve(model, params, name, inputs[name], references[name], rate, policy,
-                      variant, engines, batch, greedy)
-               for trace, policy, variant in runs if trace == name]
+      rows += [{**row, "full_slots_throughput": round(ceiling, 1),
+                "share_of_full_slots": round(row["throughput"] / ceiling, 3)}
+               for row in (_serve(model, params, name, inputs[name], references[name], rate,
+                                  policy, variant, engines, batch, greedy)
+                           for trace, policy, variant in runs if trace == name)]
     _release_programs()
   harness.print_table(rows, ["policy", "prompts", "outputs", "chunked_prefill", "phase_split",
                              "rate", "throughput", "ttft_p50", "ttft_p99", "tpot_p50",
-                             "tpot_p99", "itl_p50", "itl_p99", "greedy_equal_ar"])
+                             "tpot_p99", "itl_p50", "itl_p99", "share_of_full_slots",
+                             "greedy_equal_ar"])
   config = {"target": "pair_target", "draft": "pair_draft", "rates": list(rates),
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),

@@ -103,6 +103,11 @@ def test_serve_suite_rows(tmp_path):
     for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
                 "itl_p99"):
       assert row[key] >= 0
+    assert row["share_of_full_slots"] == round(row["throughput"] / row["full_slots_throughput"],
+                                               3)
+  for trace in {(r["prompts"], r["outputs"]) for r in rows}:  # one ceiling per trace, measured
+    ceilings = {r["full_slots_throughput"] for r in rows if (r["prompts"], r["outputs"]) == trace}
+    assert len(ceilings) == 1 and min(ceilings) > 0
 
 
 def test_smartspec_picks_the_gamma_with_the_most_expected_tokens_per_second():
