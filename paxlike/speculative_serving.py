@@ -146,7 +146,8 @@ class SmartSpec(FixedGamma):
     start = time.perf_counter()
     slots = self.program(gamma, rows)(slots)
     seen = self._counters(slots)  # waits for the call
-    self.costs[rows][gamma] += COST_RATE * (time.perf_counter() - start - self.costs[rows][gamma])
+    spent = time.perf_counter() - start - (lag if gamma else 0.0)  # the catch-up is priced apart
+    self.costs[rows][gamma] += COST_RATE * (spent - self.costs[rows][gamma])
     self.counts = self.decay * self.counts + (seen - self.seen)
     self.seen = seen
     return slots

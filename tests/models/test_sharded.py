@@ -18,7 +18,8 @@ def test_sharded_cached_decode_matches_one_device(small_config, build):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, model.vocab_size, (4, 8)), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), tokens.shape)
   param_sharding = rules.logical_shardings(_boxed_params(model), mesh)
-  cache_sharding = nn.logical_to_mesh_sharding(KVCache.logical_axes(small_config.num_layers), mesh, rules.LOGICAL_RULES)
+  cache_sharding = nn.logical_to_mesh_sharding(KVCache.logical_axes(small_config.num_layers),
+                                               mesh, rules.LOGICAL_RULES)
 
   def run(params, tokens, positions, shard_cache=lambda cache: cache):
     cache = shard_cache(model.init_cache(tokens.shape[0], 12))

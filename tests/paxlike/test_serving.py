@@ -157,6 +157,10 @@ def test_smartspec_corrects_a_misjudged_cost_while_serving():
   switched = chosen.index(0)  # 0.05 - 0.049 x 0.9^k > 0.0195 from k = 5 on
   assert set(chosen[:switched]) == {1} and 4 <= switched <= 7, chosen
   assert engine.costs[3][1] > 0.0195 and set(chosen[switched:]) == {0}, (engine.costs[3], chosen)
+  engine.costs[3] = np.asarray([1.0, 0.0])  # a round again, after a lag priced at 40 ms
+  engine._lag, engine.catch_up_costs[3] = (lambda slots: 40), 0.001
+  engine.advance(None, 3)
+  assert chosen[-1] == 1 and engine.costs[3][1] < 0.003  # moved by the 10 ms beyond the lag
 
 
 def test_time_programs_interleaves_and_resets_each_program():
