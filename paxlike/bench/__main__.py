@@ -60,6 +60,8 @@ flags.DEFINE_list("outputs", ["uniform", "long_tail"], "Distributions of the req
 flags.DEFINE_list("prefills", ["piggybacked"], "How continuous_ar and smartspec admit prompts "
                   "(serve suite): piggybacked (chunks inside decode steps) and/or call (one "
                   "prefill call per admission).")
+flags.DEFINE_boolean("long_prompts", True, "Also serve the with_long trace (a quarter of the "
+                     "prompts 256-384 bytes) with prefill calls and piggybacked (serve suite).")
 flags.DEFINE_list("parts", ["decode", "train"], "What compare-hf measures: decode (AR and "
                   "speculative generation) and/or train (one AdamW step per batch).")
 flags.DEFINE_integer("train_batch", 8, "Batch size of compare-hf's train rows.")
@@ -125,7 +127,8 @@ def main(argv: list[str]) -> int:
     elif argv[1] == "serve":
       serve_suite.run(FLAGS.workdir, FLAGS.out, tuple(float(r) for r in FLAGS.rates),
                       FLAGS.requests, policies=tuple(FLAGS.policies) or serve_suite.POLICIES,
-                      outputs=tuple(FLAGS.outputs), prefills=tuple(FLAGS.prefills))
+                      long_prompts=FLAGS.long_prompts, outputs=tuple(FLAGS.outputs),
+                      prefills=tuple(FLAGS.prefills))
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":
