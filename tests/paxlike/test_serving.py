@@ -174,6 +174,31 @@ def test_time_programs_interleaves_and_resets_each_program():
   assert calls == pass_calls * 2
 
 
+def test_piggybacking_carries_one_chunk_and_prefills_the_other_short_prompts_at_once(
+    monkeypatch):
+  """Three prompts arrive together: the first rides the next call's step, the other short one is
+  prefilled in one call beside it, and the long one (over `chunk` tokens) waits, then rides
+  three calls in chunks; then the engine's own AR steps run."""
+  params = random_params(MODEL)
+  engine = prefill_serving.PiggybackedARSlots(MODEL, params, 3, SamplingParams(temperature=0.0),
+                                              chunk=8)
+  prompt = lambda n: np.arange(1, n + 1, dtype=np.int32)
+  first, short, long = (serving.Request(prompt(n), 16, 0.0, i) for i, n in enumerate((5, 6, 20)))
+  slots = engine.admit_all(engine.init([first, short, long]), [(0, first), (1, short),
+                                                                (2, long)])
+  calls = []
+  engine.prefill_call = lambda s, pairs: calls.append(("prefill", [p[0] for p in pairs])) or s
+  engine.ar_step = lambda s, rows=None: calls.append(("ar",)) or s
+  monkeypatch.setattr(prefill_serving.chunked_prefill, "step_piggybacked",
+                      lambda model, params, s, slot, config, width, *rest:
+                      calls.append(("chunk", int(slot[0]), width)) or s)
+  for _ in range(5):
+    slots = engine.advance(slots)
+  assert calls == [("prefill", [1]), ("chunk", 0, 8), ("chunk", 2, 8), ("chunk", 2, 8),
+                   ("chunk", 2, 8), ("ar",)]
+  assert engine.calls_piggybacked == 4 and not engine.pending
+
+
 def test_an_unknown_serving_policy_output_distribution_or_prefill_is_named():
   with pytest.raises(UserError, match="--policies: fastest not in the serve suite; valid: static"):
     serve_suite.run(None, None, policies=("static", "fastest"))
