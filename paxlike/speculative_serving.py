@@ -8,8 +8,9 @@ speculative policies, each a choice of `samplers.continuous_spec` programs betwe
   expected tokens per second. Before the clock starts it times each program with every slot
   full (gamma = 0 is `steps_per_sync` plain AR steps), which is the cost model at this batch
   size, and the draft's catch-up per token it lags (interleaved, `serving.time_programs`); each
-  call's measured time then moves its program's cost by COST_RATE towards it, so a cost the
-  warm-up misjudged corrects itself while serving. It also keeps a running per-draft
+  call's measured time then moves its program's cost by COST_RATE towards it (at most STALL
+  times the cost), so a cost the warm-up set too cheap corrects itself while serving (one set
+  too dear is not re-measured: the policy does not explore). It also keeps a running per-draft
   acceptance rate a (decayed counts of accepted drafts and of rejections, a = accepted /
   (accepted + rejections), the geometric maximum likelihood estimate). A round of gamma drafts
   then yields (1 - a^(gamma + 1)) / (1 - a) tokens per slot on average (Leviathan et al. 2023),
@@ -35,6 +36,7 @@ from samplers import continuous, continuous_spec
 from samplers.core.logits import SamplingParams
 
 COST_RATE = 0.1  # SmartSpec's running cost: each call moves its program's cost this far to it
+STALL = 3.0  # a call measured beyond this many times its cost (a stall, a GC pause) counts as this
 
 
 class FixedGamma(ARSlots):
@@ -65,8 +67,9 @@ class SmartSpec(FixedGamma):
   """gamma in 0..`max_draft_tokens` per call by expected goodput (module docstring).
 
   Attributes after `warm_up`: costs {rows: [G + 1] seconds per call of each program on that many
-  rows}; catch_up_costs {rows: seconds per token of the draft's lag, fed before a round};
-  `chosen`, the count of calls per gamma while serving.
+  rows; `advance` moves a chosen program's cost towards its measured calls}; catch_up_costs
+  {rows: seconds per token of the draft's lag, fed before a round}; `chosen`, the count of
+  calls per gamma while serving.
 
   The lag term matters under load: AR steps leave the draft behind, and a lone round after many
   of them first feeds the draft tens of tokens per slot (wide calls, about 17 ms for 200 tokens
@@ -146,8 +149,9 @@ class SmartSpec(FixedGamma):
     start = time.perf_counter()
     slots = self.program(gamma, rows)(slots)
     seen = self._counters(slots)  # waits for the call
-    spent = time.perf_counter() - start - (lag if gamma else 0.0)  # the catch-up is priced apart
-    self.costs[rows][gamma] += COST_RATE * (spent - self.costs[rows][gamma])
+    elapsed, cost = time.perf_counter() - start, self.costs[rows][gamma]
+    spent = max(elapsed - (lag if gamma else 0.0), elapsed / 2)  # the catch-up is priced apart
+    self.costs[rows][gamma] += COST_RATE * (min(spent, STALL * cost) - cost)
     self.counts = self.decay * self.counts + (seen - self.seen)
     self.seen = seen
     return slots

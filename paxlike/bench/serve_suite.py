@@ -14,10 +14,11 @@ Each policy serves the same traces (`paxlike.serving`), greedy; a row reports th
 (generated tokens per second from the first arrival to the last completion), time to first
 token, time per output token (a request's mean) and inter-token latency (each token's gap as the
 scheduler saw it), p50 and p99, and whether every request's tokens equal its batch-1 AR decode.
-Rows name their traces in `prompts` and `outputs`. Each carries the trace's ceiling measured in
-the same run, `full_slots_throughput`: tokens per second of `continuous_ar`'s call on `batch` full
-slots with nothing to admit (`full_slots_rate`), and its `share_of_full_slots` (what prefill,
-idle and finished slots and the scheduler cost a policy; a speculative one may pass 1).
+Rows name their traces in `prompts` and `outputs`. Each carries the trace's ceiling, measured
+beside its rate's runs, `full_slots_throughput`: tokens per second of `continuous_ar`'s call on
+`batch` full slots with nothing to admit (`full_slots_rate`), and its `share_of_full_slots`
+(what prefill, idle and finished slots and the scheduler cost a policy; a speculative one may
+pass 1).
 
 Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest),
 `continuous_ar` (`batch` slots, refilled between calls of 4 AR steps), and with the decode
@@ -140,8 +141,9 @@ def _serve(model, params, name: tuple[str, str], inputs, reference, rate: float,
 def full_slots_rate(model, params, inputs, batch: int, steps_per_sync: int,
                     sampling: SamplingParams) -> float:
   """The trace's ceiling, measured: tokens per second of `continuous_ar`'s call (steps_per_sync
-  AR steps) on `batch` full slots, with no admission and no idle slot (`inputs`: the trace's
-  prompts and new-token counts, which size the slots)."""
+  AR steps) on `batch` slots filled from the trace, with no admission between calls (`inputs`:
+  the trace's prompts and new-token counts, which size the slots; a call costs the same
+  whether or not its slots' requests have ended)."""
   engine = serving.ARSlots(model, params, batch, sampling, steps_per_sync)
   trace = serving.poisson_trace(*inputs, 1.0)
   slots = engine.full(engine.init(trace), trace)
@@ -204,9 +206,10 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                 for name, pair in inputs.items()}
   rows = []
   for name in inputs:  # a trace's programs are freed before the next trace's are compiled
-    ceiling = full_slots_rate(model, params, inputs[name], batch, steps_per_sync, greedy)
-    for rate in rates:
-      rows += [{**row, "full_slots_throughput": round(ceiling, 1),
+    for rate in rates:  # the ceiling measured beside each rate's runs
+      ceiling = round(full_slots_rate(model, params, inputs[name], batch, steps_per_sync,
+                                      greedy), 1)
+      rows += [{**row, "full_slots_throughput": ceiling,
                 "share_of_full_slots": round(row["throughput"] / ceiling, 3)}
                for row in (_serve(model, params, name, inputs[name], references[name], rate,
                                   policy, variant, engines, batch, greedy)
@@ -220,7 +223,8 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),
             "prompt_bytes": list(PROMPT_BYTES), "long_prompt_bytes": list(LONG_PROMPT_BYTES),
-            "long_share": LONG_SHARE, "chunk": CHUNK, "prefills": list(prefills),
+            "long_share": LONG_SHARE, "long_prompts": long_prompts, "chunk": CHUNK,
+            "prefills": list(prefills),
             "new_tokens": list(NEW_TOKENS),
             "outputs": list(outputs), "tail_new_tokens": list(TAIL_NEW_TOKENS)}
   return harness.write_report(out, "serve", config, rows)

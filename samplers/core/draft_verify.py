@@ -235,8 +235,8 @@ def check_room(models: dict[str, Any], need: int, formula: str, lower: str) -> N
 
 
 def newest(seq: jax.Array, context: jax.Array) -> jax.Array:
-  """[B, 1] int32 each row's newest token of seq [B, S] (at context [B] - 1): the root the next
-  call feeds, since the cache holds every token before it."""
+  """[B, 1] int32 each row's newest token of seq [B, S] (at context [B] - 1), the one the cache
+  does not hold yet: the root the next call feeds."""
   return jnp.take_along_axis(seq, (context - 1)[:, None], axis=1)
 
 

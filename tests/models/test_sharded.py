@@ -77,6 +77,9 @@ def test_sharded_packed_and_piggybacked_calls_match_one_device(small_config, bui
           jax.device_put(params, param_sharding))
     jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, atol=1e-5), sharded,
                  expected)
+    for buffer, spec in zip(sharded[-1].keys + sharded[-1].values,
+                            cache_sharding.keys + cache_sharding.values):
+      assert buffer.sharding.is_equivalent_to(spec, 4)  # the cache stayed sharded
 
 
 def test_init_traces_under_set_mesh(small_config):
