@@ -118,8 +118,9 @@ def _static_decoder(model, params, batch: int, width: int, new_tokens: int,
 
 
 def serve_static(model, params, requests: list[Request], batch: int,
-                 sampling: SamplingParams) -> list[Served]:
-  """The static policy (module docstring); batches are padded to `batch` rows."""
+                 sampling: SamplingParams, timings: dict | None = None) -> list[Served]:
+  """The static policy (module docstring); batches are padded to `batch` rows. `timings`, if
+  given, receives "batch": [seconds of each batch's call]."""
   width = max(len(r.prompt) for r in requests)
   decoders = {n: _static_decoder(model, params, batch, width, n, sampling)
               for n in {_bucket(r.max_new_tokens) for r in requests}}
@@ -138,6 +139,8 @@ def serve_static(model, params, requests: list[Request], batch: int,
     keys = jnp.stack([jax.random.key(r.seed) for r in rows])
     out = decoders[steps](params, jnp.asarray(prompt), jnp.asarray(prompt_lengths), keys)
     tokens, done = np.asarray(out.tokens), clock()
+    if timings is not None:
+      timings.setdefault("batch", []).append(done - began)
     first = began + (done - began) / steps  # the batch's first step, at its mean step time
     for row, r in enumerate(taken):
       gaps = ((done - began) / steps,) * (r.max_new_tokens - 1)  # the same mean step time
@@ -272,9 +275,13 @@ def time_programs(programs: list, slots, reset=None, passes: int = 3,
 
 def serve_continuous(model, params, requests: list[Request], num_slots: int,
                      sampling: SamplingParams, steps_per_sync: int = 4,
-                     engine: ARSlots | None = None) -> list[Served]:
+                     engine: ARSlots | None = None,
+                     timings: dict | None = None) -> list[Served]:
   """The continuous policy (module docstring) with `num_slots` slots: AR steps, or the
-  programs of `engine` (e.g. `paxlike.speculative_serving`'s)."""
+  programs of `engine` (e.g. `paxlike.speculative_serving`'s). `timings`, if given, receives
+  the seconds of each "admit" (from the call until the slots' token counts are read; for an
+  engine that defers admission, the dispatch alone) and each "advance" (until its results are
+  read), the scheduler's view of where the time goes."""
   engine = engine or ARSlots(model, params, num_slots, sampling, steps_per_sync)
   generated = jax.jit(continuous.generated, static_argnames="config")
   slots = engine.warm_up(engine.compile_admits(engine.init(requests), requests), requests)
@@ -284,6 +291,8 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
   seen = _Seen(owner)
   start = time.perf_counter()
   clock = lambda: time.perf_counter() - start
+  timed = lambda kind, since: (timings.setdefault(kind, []).append(clock() - since)
+                               if timings is not None else None)
   while waiting or owner:
     if not owner and waiting[0].arrival_s > clock():
       time.sleep(waiting[0].arrival_s - clock())
@@ -292,12 +301,17 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
       if slot not in owner and waiting and waiting[0].arrival_s <= now:
         owner[slot] = waiting.popleft()
         pairs.append((slot, owner[slot]))
+    began = clock()
     if pairs:
       slots = engine.admit_all(slots, pairs)
     if not engine.deferred_admission:
       seen.note(slots, clock)
+    if pairs:
+      timed("admit", began)
+    began = clock()
     slots = engine.advance(slots, engine.rows(max(owner) + 1))  # admitted: lowest free slots
     active, n = np.asarray(slots.active), seen.note(slots, clock)
+    timed("advance", began)
     done = clock()
     finished = [s for s in owner if not active[s] and n[s] >= 1]  # n = 0: still prefilling
     tokens = np.asarray(generated(slots, config=engine.config)) if finished else None
@@ -332,16 +346,23 @@ class _Seen:
     return n
 
 
-def summary(served: list[Served]) -> dict[str, float]:
+def summary(served: list[Served], timings: dict | None = None) -> dict[str, float]:
   """Throughput (generated tokens/s from the first arrival to the last completion), and p50 and
   p99 in seconds of: time to first token, time per output token (a request's mean after its
-  first) and inter-token latency (every token's gap, pooled over requests)."""
+  first) and inter-token latency (every token's gap, pooled over requests). With the serving
+  loop's `timings`, also `calls_K` and `seconds_K` (count and total) per kind of call K and
+  `busy_share`, the share of the span spent in calls."""
   tokens = sum(len(s.tokens) for s in served)
   span = max(s.done_s for s in served) - min(s.arrival_s for s in served)
   ttft = [s.first_token_s - s.arrival_s for s in served]
   tpot = [(s.done_s - s.first_token_s) / max(len(s.tokens) - 1, 1) for s in served]
   gaps = [gap for s in served for gap in s.gaps] or [0.0]
   pct = lambda xs, q: round(float(np.percentile(xs, q)), 4)
+  calls = {}
+  for kind, seconds in sorted((timings or {}).items()):
+    calls.update({f"calls_{kind}": len(seconds), f"seconds_{kind}": round(sum(seconds), 3)})
+  if timings:
+    calls["busy_share"] = round(sum(map(sum, timings.values())) / span, 3)
   return {"throughput": round(tokens / span, 1), "ttft_p50": pct(ttft, 50),
           "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99),
-          "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99)}
+          "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99), **calls}

@@ -18,7 +18,10 @@ Rows name their traces in `prompts` and `outputs`. Each carries the trace's ceil
 beside its rate's runs, `full_slots_throughput`: tokens per second of `continuous_ar`'s call on
 `batch` full slots with nothing to admit (`full_slots_rate`), and its `share_of_full_slots`
 (what prefill, idle and finished slots and the scheduler cost a policy; a speculative one may
-pass 1).
+pass 1). Rows also say where the time went as the scheduler saw it (`serving.summary`'s
+`calls_K` / `seconds_K` per kind of call, admissions and advances, or static batches, and
+`busy_share`, the share of the span spent in calls rather than waiting for requests or in
+the scheduler's host work).
 
 Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest),
 `continuous_ar` (`batch` slots, refilled between calls of 4 AR steps), and with the decode
@@ -128,13 +131,14 @@ def _serve(model, params, name: tuple[str, str], inputs, reference, rate: float,
   `rate` served by `policy` (its engine `variant`), checked against its AR `reference`."""
   (prompts, kind), requests = name, len(inputs[0])
   trace = serving.poisson_trace(*inputs, rate)
-  engine = engines[variant] and engines[variant]()
-  served = (serving.serve_continuous(model, params, trace, batch, greedy, engine=engine)
-            if engine else serving.serve_static(model, params, trace, batch, greedy))
+  engine, timings = engines[variant] and engines[variant](), {}
+  served = (serving.serve_continuous(model, params, trace, batch, greedy, engine=engine,
+                                     timings=timings)
+            if engine else serving.serve_static(model, params, trace, batch, greedy, timings))
   equal = all(np.array_equal(s.tokens, r) for s, r in zip(served, reference))
   return {"policy": policy, "prompts": prompts, "outputs": kind,
           "chunked_prefill": CHUNK if variant.endswith("piggybacked") else 0,
-          "phase_split": variant == "split", "rate": rate, **serving.summary(served),
+          "phase_split": variant == "split", "rate": rate, **serving.summary(served, timings),
           "greedy_equal_ar": equal, "requests": requests, "batch": batch, **_choices(engine)}
 
 
@@ -217,8 +221,8 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
     _release_programs()
   harness.print_table(rows, ["policy", "prompts", "outputs", "chunked_prefill", "phase_split",
                              "rate", "throughput", "ttft_p50", "ttft_p99", "tpot_p50",
-                             "tpot_p99", "itl_p50", "itl_p99", "share_of_full_slots",
-                             "greedy_equal_ar"])
+                             "tpot_p99", "itl_p50", "itl_p99", "busy_share",
+                             "share_of_full_slots", "greedy_equal_ar"])
   config = {"target": "pair_target", "draft": "pair_draft", "rates": list(rates),
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),

@@ -40,14 +40,21 @@ def test_static_and_continuous_policies_return_each_requests_own_decode():
     chunked = prefill_serving.PiggybackedARSlots(model, params, 3, sampling, steps_per_sync=2,
                                                  chunk=3)
     split = prefill_serving.SplitARSlots(model, params, 3, sampling, steps_per_sync=2)
-    for served in (serving.serve_static(model, params, trace, 3, sampling),
-                   serving.serve_continuous(model, params, trace, 3, sampling, 2),
-                   serving.serve_continuous(model, params, trace, 3, sampling, engine=chunked),
-                   serving.serve_continuous(model, params, trace, 3, sampling, engine=split)):
+    timings = [{}, {}, {}, {}]
+    runs = (serving.serve_static(model, params, trace, 3, sampling, timings[0]),
+            serving.serve_continuous(model, params, trace, 3, sampling, 2, timings=timings[1]),
+            serving.serve_continuous(model, params, trace, 3, sampling, engine=chunked,
+                                     timings=timings[2]),
+            serving.serve_continuous(model, params, trace, 3, sampling, engine=split,
+                                     timings=timings[3]))
+    for served, timing in zip(runs, timings):
       for s, want in zip(served, reference):
         np.testing.assert_array_equal(s.tokens, want)
         assert s.arrival_s <= s.first_token_s <= s.done_s
-      summary = serving.summary(served)
+      summary = serving.summary(served, timing)
+      kinds = ("batch",) if timing is timings[0] else ("admit", "advance")
+      assert sorted(timing) == sorted(kinds) and 0 < summary["busy_share"] <= 1, summary
+      assert all(summary[f"calls_{k}"] >= 1 and summary[f"seconds_{k}"] > 0 for k in kinds)
       assert summary["throughput"] > 0 and summary["ttft_p50"] <= summary["ttft_p99"]
       assert 0 < summary["itl_p50"] <= summary["itl_p99"]
       assert all(len(s.gaps) <= len(s.tokens) - 1 for s in served)
@@ -101,7 +108,7 @@ def test_serve_suite_rows(tmp_path):
     for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
                 "itl_p99"):
       assert row[key] >= 0
-    assert row["full_slots_throughput"] > 0
+    assert row["full_slots_throughput"] > 0 and 0 < row["busy_share"] <= 1
     assert row["share_of_full_slots"] == round(row["throughput"] / row["full_slots_throughput"],
                                                3)
 
