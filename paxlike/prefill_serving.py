@@ -68,6 +68,15 @@ class SplitARSlots(ARSlots):
 CHUNK_QUANTUM = 32  # piggybacked chunks are padded to a multiple of this many tokens
 
 
+@dataclasses.dataclass(eq=False)
+class _Pending:
+  """A request in its slot whose prompt is not all in the cache: `unfed` tokens still to feed."""
+
+  slot: int
+  request: Request
+  unfed: int
+
+
 class Piggybacked:
   """Mixin for an `ARSlots` engine: prompts enter their slots through
   `chunked_prefill.step_piggybacked`, one chunk per call (at most `chunk` tokens, padded to a
@@ -86,13 +95,14 @@ class Piggybacked:
   chunk = 64
 
   def init(self, requests: list[Request]) -> continuous.Slots:
-    self.pending, self.calls_piggybacked = [], 0  # pending: [slot, request, tokens not yet fed]
+    self.pending: list[_Pending] = []  # oldest first
+    self.calls_piggybacked = 0
     return super().init(requests)
 
   def admit_all(self, slots, pairs: list[tuple[int, Request]]):
     for slot, r in pairs:
       prompt, length = pad_to_width([r.prompt], self.config.prompt_width)
-      self.pending.append([slot, r, int(length[0])])
+      self.pending.append(_Pending(slot, r, int(length[0])))
       slots = chunked_prefill.enqueue(slots, jnp.int32(slot), jnp.asarray(prompt[0]),
                                       jnp.int32(length[0]), jax.random.key(r.seed),
                                       jnp.int32(r.max_new_tokens), self.config)
@@ -113,18 +123,18 @@ class Piggybacked:
   def piggyback(self, slots, rows: int | None = None):
     """One call carrying the oldest incomplete prompt's next chunk, after one prefill call of
     the other waiting short prompts (class docstring)."""
-    (slot, _, left), rest = self.pending[0], self.pending[1:]
-    short = [(s, r) for s, r, unfed in rest if unfed == len(r.prompt) <= self.chunk]
+    carried, rest = self.pending[0], self.pending[1:]
+    short = [e for e in rest if e.unfed == len(e.request.prompt) <= self.chunk]
     if short:
-      slots = self.prefill_call(slots, short)
-      prefilled = {id(r) for _, r in short}
-      self.pending = [self.pending[0]] + [e for e in rest if id(e[1]) not in prefilled]
-    width = next((w for w in self.chunk_widths() if w >= left), self.chunk_widths()[-1])
+      slots = self.prefill_call(slots, [(e.slot, e.request) for e in short])
+      self.pending = [carried] + [e for e in rest if e not in short]
+    width = next((w for w in self.chunk_widths() if w >= carried.unfed),
+                 self.chunk_widths()[-1])
     slots = chunked_prefill.step_piggybacked(
-        self.model, self.params, slots, jnp.asarray([slot], jnp.int32), self.config, width,
-        self.steps_per_sync, rows, self.draft, self.draft_params)
-    self.pending[0][2] -= width
-    if self.pending[0][2] <= 0:
+        self.model, self.params, slots, jnp.asarray([carried.slot], jnp.int32), self.config,
+        width, self.steps_per_sync, rows, self.draft, self.draft_params)
+    carried.unfed -= width
+    if carried.unfed <= 0:
       self.pending.pop(0)
     self.calls_piggybacked += 1
     return slots

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paxlike import timing
 from samplers import ar, continuous
 from samplers.core.logits import SamplingParams
 
@@ -259,18 +260,19 @@ def time_programs(programs: list, slots, reset=None, passes: int = 3,
                   repeats: int = 3) -> tuple[list[float], object]:
   """([median seconds per call of each of `programs` (slots -> slots)], the slots), timed in
   `passes` interleaved passes: in each, every program runs from `reset(slots)` once untimed,
-  then `repeats` timed calls. Interleaving spreads the machine's drift over all programs alike:
-  timed one after another (5 calls each), a 2-core VM's noise moved SmartSpec's cost of a
-  1-draft round by 40% between warm-ups, enough to pick it over AR steps for a whole run."""
-  times = [[] for _ in programs]
+  then `repeats` timed calls (`paxlike.timing.interleaved_times`, with the slots threaded from
+  call to call). Interleaving spreads the machine's drift over all programs alike: timed one
+  after another (5 calls each), a 2-core VM's noise moved SmartSpec's cost of a 1-draft round by
+  40% between warm-ups, enough to pick it over AR steps for a whole run."""
+  times, state = [[] for _ in programs], [slots]
   for _ in range(passes):
     for timed, program in zip(times, programs):
-      slots = jax.block_until_ready(program(reset(slots) if reset else slots))
-      for _ in range(repeats):
-        start = time.perf_counter()
-        slots = jax.block_until_ready(program(slots))
-        timed.append(time.perf_counter() - start)
-  return [float(np.median(t)) for t in times], slots
+      state[0] = reset(state[0]) if reset else state[0]
+      run = lambda p=program: state.__setitem__(0, jax.block_until_ready(p(state[0])))
+      run()  # untimed: the first call after a reset
+      (calls,), _ = timing.interleaved_times([run], repeats)
+      timed += calls
+  return [float(np.median(t)) for t in times], state[0]
 
 
 def serve_continuous(model, params, requests: list[Request], num_slots: int,
@@ -291,8 +293,8 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
   seen = _Seen(owner)
   start = time.perf_counter()
   clock = lambda: time.perf_counter() - start
-  timed = lambda kind, since: (timings.setdefault(kind, []).append(clock() - since)
-                               if timings is not None else None)
+  timings = {} if timings is None else timings
+  timed = lambda kind, since: timings.setdefault(kind, []).append(clock() - since)
   while waiting or owner:
     if not owner and waiting[0].arrival_s > clock():
       time.sleep(waiting[0].arrival_s - clock())

@@ -150,8 +150,8 @@ def full_slots_rate(model, params, inputs, batch: int, steps_per_sync: int,
   whether or not its slots' requests have ended)."""
   engine = serving.ARSlots(model, params, batch, sampling, steps_per_sync)
   trace = serving.poisson_trace(*inputs, 1.0)
-  slots = engine.full(engine.init(trace), trace)
-  (cost,), _ = serving.time_programs([engine.ar_step], slots, lambda s: engine.full(s, trace))
+  (cost,), _ = serving.time_programs([engine.ar_step], engine.init(trace),
+                                     lambda s: engine.full(s, trace))
   return batch * steps_per_sync / cost
 
 
@@ -228,7 +228,6 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),
             "prompt_bytes": list(PROMPT_BYTES), "long_prompt_bytes": list(LONG_PROMPT_BYTES),
             "long_share": LONG_SHARE, "long_prompts": long_prompts, "chunk": CHUNK,
-            "prefills": list(prefills),
-            "new_tokens": list(NEW_TOKENS),
-            "outputs": list(outputs), "tail_new_tokens": list(TAIL_NEW_TOKENS)}
+            "prefills": list(prefills), "new_tokens": list(NEW_TOKENS), "outputs": list(outputs),
+            "tail_new_tokens": list(TAIL_NEW_TOKENS)}
   return harness.write_report(out, "serve", config, rows)

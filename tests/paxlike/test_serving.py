@@ -12,7 +12,7 @@ from models.causal_lm import CausalLM
 from models.config import ModelConfig
 import jax
 
-from paxlike import prefill_serving, serving, speculative_serving
+from paxlike import prefill_serving, serving, speculative_serving, timing
 from samplers import continuous
 from paxlike.bench import serve_suite
 from paxlike.errors import UserError
@@ -47,13 +47,13 @@ def test_static_and_continuous_policies_return_each_requests_own_decode():
                                      timings=timings[2]),
             serving.serve_continuous(model, params, trace, 3, sampling, engine=split,
                                      timings=timings[3]))
-    for served, timing in zip(runs, timings):
+    for served, recorded in zip(runs, timings):
       for s, want in zip(served, reference):
         np.testing.assert_array_equal(s.tokens, want)
         assert s.arrival_s <= s.first_token_s <= s.done_s
-      summary = serving.summary(served, timing)
-      kinds = ("batch",) if timing is timings[0] else ("admit", "advance")
-      assert sorted(timing) == sorted(kinds) and 0 < summary["busy_share"] <= 1, summary
+      summary = serving.summary(served, recorded)
+      kinds = ("batch",) if recorded is timings[0] else ("admit", "advance")
+      assert sorted(recorded) == sorted(kinds) and 0 < summary["busy_share"] <= 1, summary
       assert all(summary[f"calls_{k}"] >= 1 and summary[f"seconds_{k}"] > 0 for k in kinds)
       assert summary["throughput"] > 0 and summary["ttft_p50"] <= summary["ttft_p99"]
       assert 0 < summary["itl_p50"] <= summary["itl_p99"]
@@ -189,7 +189,7 @@ def test_smartspec_corrects_a_misjudged_cost_while_serving(monkeypatch):
 
 def test_time_programs_interleaves_and_resets_each_program(monkeypatch):
   clock, calls = _Clock(), []
-  monkeypatch.setattr(serving, "time", clock)
+  monkeypatch.setattr(timing, "time", clock)
   program = lambda name, seconds: lambda s: calls.append(name) or clock.sleep(seconds) or s
   costs, out = serving.time_programs([program("fast", 0.001), program("slow", 0.01)], "slots",
                                      reset=lambda s: calls.append("reset") or s, passes=2,
