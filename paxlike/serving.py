@@ -171,6 +171,10 @@ class ARSlots:
         num_slots=self.num_slots, max_new_tokens=max(r.max_new_tokens for r in requests),
         prompt_width=max(len(r.prompt) for r in requests), sampling=self.sampling,
         max_draft_tokens=self.max_draft_tokens)
+    return self.empty_slots()
+
+  def empty_slots(self) -> continuous.Slots:
+    """S free slots under `self.config` (with the draft's cache when there is a draft)."""
     return continuous.init(self.model, self.config, self.draft)
 
   def admit(self, slots: continuous.Slots, slot: int, r: Request) -> continuous.Slots:

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from paxlike.serving import ARSlots, Request, time_programs
-from samplers import continuous, continuous_spec
+from samplers import continuous, continuous_eagle, continuous_spec
 from samplers.core.logits import SamplingParams
 
 COST_RATE = 0.1  # SmartSpec's running cost: each call moves its program's cost this far to it
@@ -115,18 +115,24 @@ class SmartSpec(FixedGamma):
 
     behind = self.config.prompt_width // 2  # within every slot's prompt
     for rows in self.row_buckets():
-      catch_up = lambda lag, r=rows: lambda s: continuous.on_rows(
-          lambda t: continuous_spec.catch_up_from(self.draft, self.draft_params, t, lag,
-                                                  self.gamma + 2), s, r)
       programs = [counted(self.program(gamma, rows)) for gamma in range(self.gamma + 1)]
-      costs, slots = time_programs([*programs, catch_up(behind), catch_up(0)], slots,
-                                   lambda s: self.full(s, requests))
-      self.costs[rows] = np.asarray(costs[:-2])
-      self.catch_up_costs[rows] = max(costs[-2] - costs[-1], 0.0) / max(behind, 1)
+      probes = self.catch_up_probes(rows, behind)
+      costs, slots = time_programs([*programs, *probes], slots, lambda s: self.full(s, requests))
+      self.costs[rows] = np.asarray(costs[:self.gamma + 1])
+      if probes:
+        self.catch_up_costs[rows] = max(costs[-2] - costs[-1], 0.0) / max(behind, 1)
     self._reset()
     if counts.sum() > 0:
       self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
     return slots
+
+  def catch_up_probes(self, rows: int, behind: int) -> list:
+    """Two programs on `rows` slots whose cost difference over `behind` tokens is the draft's
+    catch-up cost per token it lags: a catch-up from `behind` tokens back, and one from none."""
+    catch_up = lambda lag: lambda s: continuous.on_rows(
+        lambda t: continuous_spec.catch_up_from(self.draft, self.draft_params, t, lag,
+                                                self.gamma + 2), s, rows)
+    return [catch_up(behind), catch_up(0)]
 
   def expected_tokens(self) -> np.ndarray:
     """[G + 1] expected tokens per slot per call of each program, at the running acceptance."""
@@ -155,6 +161,45 @@ class SmartSpec(FixedGamma):
     self.counts = self.decay * self.counts + (seen - self.seen)
     self.seen = seen
     return slots
+
+
+class EagleDrafter:
+  """Mixin for `FixedGamma` and `SmartSpec`: the target's own EAGLE head drafts
+  (`samplers.continuous_eagle`; the target must carry one, e.g. `pair_eagle`) instead of a draft
+  model. Every program keeps the head current, so nothing lags: SmartSpec prices no catch-up.
+  Admission is by prefill call (`ARSlots.prefill_call`); a call piggybacking prompt chunks would
+  have to return their features too."""
+
+  def __init__(self, target, target_params, num_slots: int, sampling: SamplingParams,
+               max_draft_tokens: int, **options):
+    super().__init__(target, target_params, None, None, num_slots, sampling, max_draft_tokens,
+                     **options)
+
+  def empty_slots(self) -> continuous.Slots:
+    return continuous_eagle.init(self.model, self.params, self.config)
+
+  def prefill_call(self, slots, pairs):
+    slot, *inputs = self.admission(pairs)
+    return continuous_eagle.admit(self.model, self.params, slots, slot, *inputs, self.config)
+
+  def ar_step(self, slots, rows: int | None = None):
+    return continuous_eagle.step(self.model, self.params, slots, self.config,
+                                 self.steps_per_sync, rows)
+
+  def speculate(self, slots, gamma: int, rows: int | None = None):
+    return continuous_eagle.speculate(self.model, self.params, slots, self.config, gamma,
+                                      self.rounds, rows)
+
+  def catch_up_probes(self, rows: int, behind: int) -> list:
+    return []
+
+
+class EagleFixedGamma(EagleDrafter, FixedGamma):
+  """`FixedGamma` with the target's EAGLE head as the drafter."""
+
+
+class EagleSmartSpec(EagleDrafter, SmartSpec):
+  """`SmartSpec` with the target's EAGLE head as the drafter."""
 
 
 class Tetris(FixedGamma):

@@ -164,10 +164,18 @@ def _prefilled(model: CausalModel, params, prompt: jax.Array, prompt_length: jax
   """K requests prefilled into K fresh slots, each with its first token drawn."""
   rows = prompt.shape[0]
   logits, cache = prefill(model, params, prompt, model.init_cache(rows, config.cache_len))
-  first = draw_at(keys, prompt_length, last_prompt_logits(logits, prompt_length), config.sampling)
   draft_cache = None
   if draft is not None:
     draft_cache = prefill(draft, draft_params, prompt, draft.init_cache(rows, config.cache_len))[1]
+  return fresh(cache, draft_cache, logits, prompt, prompt_length, keys, limit, config)
+
+
+def fresh(cache, draft_cache, logits: jax.Array, prompt: jax.Array, prompt_length: jax.Array,
+          keys: jax.Array, limit: jax.Array, config: ContinuousConfig) -> Slots:
+  """K fresh slots around prefilled caches (the target's, and the drafter's state or None),
+  each with its first token drawn from the prompt's `logits` [K, P', V] at its own key."""
+  rows = prompt.shape[0]
+  first = draw_at(keys, prompt_length, last_prompt_logits(logits, prompt_length), config.sampling)
   slots = Slots(cache=cache, draft_cache=draft_cache,
                 seq=jnp.zeros((rows, config.cache_len), jnp.int32).at[:, :prompt.shape[1]].set(
                     prompt),
@@ -194,16 +202,17 @@ def fill(model: CausalModel, params, prompt: jax.Array, prompt_length: jax.Array
                     limit.astype(jnp.int32), config, draft, draft_params)
 
 
-def _place(slots: Slots, slot: jax.Array, rows: Slots) -> Slots:
-  put = lambda whole, new: whole.at[slot].set(new.astype(whole.dtype), mode="drop")
-  return slots.replace(**{field: jax.tree.map(put, getattr(slots, field), getattr(rows, field))
+def put(slots: Slots, slot: jax.Array, rows: Slots) -> Slots:
+  """`rows` (K fresh slots) put into slots `slot` [K] (an index >= S is dropped)."""
+  write = lambda whole, new: whole.at[slot].set(new.astype(whole.dtype), mode="drop")
+  return slots.replace(**{field: jax.tree.map(write, getattr(slots, field), getattr(rows, field))
                           for field in PER_SLOT})
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
 def place(slots: Slots, slot: jax.Array, rows: Slots) -> Slots:
   """Puts K prefilled `rows` (`fill`) into slots `slot` [K] (an index >= S is dropped)."""
-  return _place(slots, slot, rows)
+  return put(slots, slot, rows)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "draft"),
@@ -227,7 +236,7 @@ def admit(model: CausalModel, params, slots: Slots, slot: jax.Array, prompt: jax
   if slot.ndim == 0:
     slot, prompt, prompt_length, key, limit = (x[None] for x in (slot, prompt, prompt_length,
                                                                   key, limit))
-  return _place(slots, slot, _prefilled(model, params, prompt, prompt_length, key, limit, config,
+  return put(slots, slot, _prefilled(model, params, prompt, prompt_length, key, limit, config,
                                         draft, draft_params))
 
 

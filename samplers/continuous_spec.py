@@ -128,12 +128,19 @@ def _verify_stage(target, target_params, slots: Slots, config: ContinuousConfig,
                   lengths: jax.Array, verify) -> Slots:
   """Verifies each slot's first `lengths` drafts of `chain` with one `verify(target_params, slots,
   drafts) -> (logits, cache)` call, counts and commits."""
-  active = slots.active
   logits, cache = verify(target_params, slots, chain["drafts"])
   emitted, count = draft_verify.verify_chain(chain["drafts"], chain["q"], logits,
                                              chain["verify_u"], config.sampling, lengths)
+  return verified(slots.replace(cache=cache), emitted, count, lengths, config)
+
+
+def verified(slots: Slots, emitted: jax.Array, count: jax.Array, lengths: jax.Array,
+             config: ContinuousConfig) -> Slots:
+  """The slots after a verification that accepted `count` [S] of `lengths` [S] drafts and emits
+  `emitted` [S, G + 1]: active slots' counters, the tokens committed, and the drafter marked
+  holding all but each slot's last two tokens."""
+  active = slots.active
   slots = slots.replace(
-      cache=cache,
       accepted=slots.accepted + jnp.sum(jnp.where(active, count, 0)),
       drafted=slots.drafted + jnp.sum(jnp.where(active, lengths, 0)),
       rejected=slots.rejected + jnp.sum(active & (count < lengths), dtype=jnp.int32))
@@ -151,7 +158,7 @@ def _round(target, target_params, draft, draft_params, slots: Slots, config: Con
   return _verify_stage(target, target_params, slots, config, chain, lengths, verify)
 
 
-def _check_gamma(gamma: int, config: ContinuousConfig) -> None:
+def check_gamma(gamma: int, config: ContinuousConfig) -> None:
   if not 1 <= gamma <= config.max_draft_tokens:
     raise ValueError(f"gamma must be in [1, max_draft_tokens = {config.max_draft_tokens}] (the "
                      f"room the slots were made with), got {gamma}")
@@ -165,7 +172,7 @@ def speculate(target: CausalModel, target_params, draft: CausalModel, draft_para
               rows: int | None = None) -> Slots:
   """`rounds` rounds in which every active slot drafts gamma tokens (1 <= gamma <= G); with
   `rows`, only the first `rows` slots are computed (`continuous.on_rows`)."""
-  _check_gamma(gamma, config)
+  check_gamma(gamma, config)
 
   def choose(chain, slots):
     lengths = jnp.full(slots.n.shape, gamma, jnp.int32)
@@ -179,7 +186,7 @@ def _check_selection(config: ContinuousConfig, budget: int, costs,
                      sizes: tuple[int, ...] | None = None) -> jax.Array:
   """TETRIS's settings (`select`, `propose`), named when wrong; the costs as float32."""
   gamma = config.max_draft_tokens
-  _check_gamma(gamma, config)
+  check_gamma(gamma, config)
   if budget < 1:
     raise ValueError(f"budget (drafts verified per round) must be >= 1, got {budget}")
   costs = jnp.asarray(costs, jnp.float32)

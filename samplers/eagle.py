@@ -94,15 +94,20 @@ class EagleConfig:
 def check_target(target, prompt_len: int, config: EagleConfig) -> int:
   """Cache slots per row, for the target and the head (a chain: P + N + gamma - 1; a tree:
   `eagle_tree.check_room`); ValueError if the target has no EAGLE head or too few slots."""
+  check_head(target)
+  if config.tree_nodes:
+    return eagle_tree.check_room(target, prompt_len, config)
+  return draft_verify.chain_room({"target": target}, prompt_len, config)
+
+
+def check_head(target) -> None:
+  """ValueError unless `target` carries an EAGLE draft head."""
   if not all(hasattr(target, name) for name in ("apply_with_features", "draft",
                                                 "init_draft_cache")):
     raise ValueError("sampler.kind=eagle needs a target with an EAGLE draft head "
                      "(apply_with_features, draft, init_draft_cache; e.g. a model with "
                      "model.draft_heads.eagle=true trained on a frozen target, the pair_eagle "
                      "experiment)")
-  if config.tree_nodes:
-    return eagle_tree.check_room(target, prompt_len, config)
-  return draft_verify.chain_room({"target": target}, prompt_len, config)
 
 
 @functools.partial(jax.jit, static_argnames=("target", "config"))

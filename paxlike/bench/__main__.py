@@ -60,6 +60,9 @@ flags.DEFINE_list("outputs", ["uniform", "long_tail"], "Distributions of the req
 flags.DEFINE_list("prefills", ["piggybacked"], "How continuous_ar and smartspec admit prompts "
                   "(serve suite): piggybacked (chunks inside decode steps) and/or call (one "
                   "prefill call per admission).")
+flags.DEFINE_list("drafters", ["model", "eagle"], "What drafts for continuous_speculative and "
+                  "smartspec (serve suite): model (pair_draft) and/or eagle (the target's own "
+                  "EAGLE head, pair_eagle).")
 flags.DEFINE_boolean("long_prompts", True, "Also serve the with_long trace (a quarter of the "
                      "prompts 256-384 bytes) with prefill calls and piggybacked (serve suite).")
 flags.DEFINE_list("parts", ["decode", "train"], "What compare-hf measures: decode (AR and "
@@ -128,7 +131,7 @@ def main(argv: list[str]) -> int:
       serve_suite.run(FLAGS.workdir, FLAGS.out, tuple(float(r) for r in FLAGS.rates),
                       FLAGS.requests, policies=tuple(FLAGS.policies) or serve_suite.POLICIES,
                       long_prompts=FLAGS.long_prompts, outputs=tuple(FLAGS.outputs),
-                      prefills=tuple(FLAGS.prefills))
+                      prefills=tuple(FLAGS.prefills), drafters=tuple(FLAGS.drafters))
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":

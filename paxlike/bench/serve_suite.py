@@ -69,6 +69,10 @@ TAIL_NEW_TOKENS = (16, 40.0, 256)  # `long_tail`: least, the exponential's mean 
 CHUNK = 64  # piggybacked prefill: the most prompt tokens a decode call carries
 PREFILLS = ("call", "piggybacked")  # how continuous_ar and smartspec admit prompts
 PIGGYBACKED = ("continuous_ar", "smartspec")  # the policies that run with each of `prefills`
+SPECULATIVE = ("continuous_speculative", "smartspec", "tetris")
+DRAFTED = SPECULATIVE[:2]  # the policies that run once per drafter (TETRIS: the model only)
+DRAFTERS = ("model", "eagle")  # pair_draft, or the target's own EAGLE head (pair_eagle)
+EAGLE_DRAFT_TOKENS = 6  # G of the EAGLE head's policies: its drafts are mostly accepted
 
 
 def trace_inputs(count: int, seed: int = 0, long_share: float = 0.0,
@@ -108,11 +112,16 @@ def _choices(engine) -> dict[str, Any]:
   return piggybacked
 
 
-def _engines(model, params, draft, batch: int, steps_per_sync: int, sampling: SamplingParams):
-  """policy -> a function making its fresh engine (None: static batching)."""
+def _engines(model, params, draft, headed, batch: int, steps_per_sync: int,
+             sampling: SamplingParams):
+  """policy -> a function making its fresh engine (None: static batching); `headed`: (the
+  target with its EAGLE head, its params), or (None, None)."""
   pair = (model, params, *draft, batch, sampling)
   gamma = NUM_DRAFT_TOKENS
+  eagle = (*headed, batch, sampling, EAGLE_DRAFT_TOKENS)
   return {"static": None,
+          "continuous_speculative, eagle": lambda: speculative_serving.EagleFixedGamma(*eagle),
+          "smartspec, eagle": lambda: speculative_serving.EagleSmartSpec(*eagle),
           "continuous_ar": lambda: serving.ARSlots(model, params, batch, sampling, steps_per_sync),
           "continuous_speculative": lambda: speculative_serving.FixedGamma(*pair, gamma),
           "smartspec": lambda: speculative_serving.SmartSpec(*pair, gamma),
@@ -136,7 +145,9 @@ def _serve(model, params, name: tuple[str, str], inputs, reference, rate: float,
                                      timings=timings)
             if engine else serving.serve_static(model, params, trace, batch, greedy, timings))
   equal = all(np.array_equal(s.tokens, r) for s, r in zip(served, reference))
-  return {"policy": policy, "prompts": prompts, "outputs": kind,
+  drafter = ("eagle" if variant.endswith("eagle") else "model" if policy in SPECULATIVE
+             else "none")
+  return {"policy": policy, "drafter": drafter, "prompts": prompts, "outputs": kind,
           "chunked_prefill": CHUNK if variant.endswith("piggybacked") else 0,
           "phase_split": variant == "split", "rate": rate, **serving.summary(served, timings),
           "greedy_equal_ar": equal, "requests": requests, "batch": batch, **_choices(engine)}
@@ -169,14 +180,16 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
         target_overrides: tuple[str, ...] = (), train_steps: int = 0,
         policies: tuple[str, ...] = POLICIES, long_prompts: bool = True,
         outputs: tuple[str, ...] = OUTPUTS,
-        prefills: tuple[str, ...] = ("piggybacked",)) -> dict[str, Any]:
+        prefills: tuple[str, ...] = ("piggybacked",),
+        drafters: tuple[str, ...] = DRAFTERS) -> dict[str, Any]:
   """Serves `requests` requests at each rate with each of `policies` on the short prompts with
   each of `outputs` (`continuous_ar` and `smartspec` with each of `prefills`) and, with
   `long_prompts`, the `with_long` trace (uniform outputs; `continuous_ar` with both prefills);
   `target_overrides` and `train_steps` reshape and shorten the target's and the draft's training
   (tests, smoke runs)."""
   for flag, chosen, valid in (("--policies", policies, POLICIES), ("--outputs", outputs, OUTPUTS),
-                              ("--prefills", prefills, PREFILLS)):
+                              ("--prefills", prefills, PREFILLS),
+                              ("--drafters", drafters, DRAFTERS)):
     unknown = sorted(set(chosen) - set(valid))
     if unknown:
       raise UserError(f"{flag}: {', '.join(unknown)} not in the serve suite; valid: "
@@ -187,15 +200,29 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
   model, params, _ = trained("pair_target", root / "pair_target",
                              [*short, *target_overrides]).restore()
   greedy = SamplingParams(temperature=0.0)
-  draft = (None, None)
-  if set(policies) - {"static", "continuous_ar"}:
+  draft = headed = (None, None)
+  drafting = drafting_on_target(root, small=bool(train_steps)) if set(policies) & set(
+      SPECULATIVE) else []
+  if "tetris" in policies or "model" in drafters and set(policies) & set(DRAFTED):
     draft = trained("pair_draft", root / "pair_draft",
-                    [*drafting_on_target(root, small=bool(train_steps)), *short,
-                     *target_overrides]).restore()[:2]
-  engines = _engines(model, params, draft, batch, steps_per_sync, greedy)
+                    [*drafting, *short, *target_overrides]).restore()[:2]
+  if "eagle" in drafters and set(policies) & set(DRAFTED):  # the head on the frozen target
+    headed = trained("pair_eagle", root / "pair_eagle",
+                     [f"train.init_from={root / 'pair_target'}", *drafting[1:], *short,
+                      *target_overrides]).restore()[:2]
+  engines = _engines(model, params, draft, headed, batch, steps_per_sync, greedy)
   # runs: ((prompts, outputs), policy, engine variant); traces keyed by (prompts, outputs)
-  variants = lambda p: ([p if f == "call" else f"{p}, piggybacked" for f in PREFILLS
-                         if f in prefills] if p in PIGGYBACKED else [p])
+
+  def variants(p):
+    """The engine variants policy p runs: one per drafter, then one per prefill (EAGLE's engines
+    admit by a prefill call)."""
+    by_drafter = [p]
+    if p in DRAFTED:
+      by_drafter = [p] * ("model" in drafters) + [f"{p}, eagle"] * ("eagle" in drafters)
+    return [w for v in by_drafter
+            for w in ([v if f == "call" else f"{v}, piggybacked" for f in PREFILLS
+                       if f in prefills] if p in PIGGYBACKED and v == p else [v])]
+
   runs = [(("short", kind), p, v) for kind in OUTPUTS if kind in outputs
           for p in POLICIES if p in policies for v in variants(p)]
   if "continuous_ar" in policies and len(jax.devices()) >= 2:
@@ -219,11 +246,13 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                                   policy, variant, engines, batch, greedy)
                            for trace, policy, variant in runs if trace == name)]
     _release_programs()
-  harness.print_table(rows, ["policy", "prompts", "outputs", "chunked_prefill", "phase_split",
+  harness.print_table(rows, ["policy", "drafter", "prompts", "outputs", "chunked_prefill", "phase_split",
                              "rate", "throughput", "ttft_p50", "ttft_p99", "tpot_p50",
                              "tpot_p99", "itl_p50", "itl_p99", "busy_share",
                              "share_of_full_slots", "greedy_equal_ar"])
-  config = {"target": "pair_target", "draft": "pair_draft", "rates": list(rates),
+  config = {"target": "pair_target", "draft": "pair_draft", "eagle": "pair_eagle",
+            "drafters": list(drafters), "eagle_draft_tokens": EAGLE_DRAFT_TOKENS,
+            "rates": list(rates),
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),
             "prompt_bytes": list(PROMPT_BYTES), "long_prompt_bytes": list(LONG_PROMPT_BYTES),

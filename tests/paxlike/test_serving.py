@@ -3,13 +3,15 @@ continuous AR, with prefill piggybacked on decode steps and with prefill and dec
 devices, greedy and sampled; the speculative ones, SmartSpec also piggybacked, greedy), and the
 `serve` bench writes its rows (shortened)."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from models.causal_lm import CausalLM
-from models.config import ModelConfig
+from models.config import DraftHeadsConfig, ModelConfig
+from models.eagle import EagleLM
 import jax
 
 from paxlike import prefill_serving, serving, speculative_serving, timing
@@ -84,6 +86,24 @@ def test_speculative_policies_return_each_requests_greedy_decode():
     assert all(c.shape == (4,) and np.all(c > 0) for c in engine.costs.values())
 
 
+def test_eagle_policies_return_each_requests_greedy_decode():
+  """The EAGLE-drafted engines (the target's own head, `samplers.continuous_eagle`)."""
+  model = EagleLM(dataclasses.replace(MODEL.config, draft_heads=DraftHeadsConfig(eagle=True)))
+  params, trace, greedy = random_params(model), _trace(), SamplingParams(temperature=0.0)
+  reference = serving.reference(model, params, trace, greedy)
+  engines = {"continuous_speculative": speculative_serving.EagleFixedGamma(
+                 model, params, 3, greedy, 2),
+             "smartspec": speculative_serving.EagleSmartSpec(model, params, 3, greedy, 3)}
+  for name, engine in engines.items():
+    served = serving.serve_continuous(model, params, trace, 3, greedy, engine=engine)
+    for s, want in zip(served, reference):
+      np.testing.assert_array_equal(s.tokens, want, err_msg=name)
+  smartspec = engines["smartspec"]
+  assert smartspec.chosen.sum() > 0 and sorted(smartspec.costs) == [1, 2, 3]
+  assert all(c.shape == (4,) and np.all(c > 0) for c in smartspec.costs.values())
+  assert all(c == 0 for c in smartspec.catch_up_costs.values())  # the head never lags
+
+
 @pytest.mark.slow
 def test_serve_suite_rows(tmp_path):
   out = tmp_path / "serve.json"
@@ -95,13 +115,16 @@ def test_serve_suite_rows(tmp_path):
   rows = report["rows"]
   rates, outputs = (50.0, 400.0), serve_suite.OUTPUTS
   chunk = serve_suite.CHUNK
-  assert {(r["policy"], r["prompts"], r["outputs"], r["chunked_prefill"], r["phase_split"],
-           r["rate"]) for r in rows} == {
-      *[(p, "short", o, chunk if p in serve_suite.PIGGYBACKED else 0, False, rate)
-        for p in serve_suite.POLICIES for o in outputs for rate in rates],
-      *[("continuous_ar", "short", o, 0, True, rate) for o in outputs  # 8 test devices
+  drafters = lambda p: (serve_suite.DRAFTERS if p in serve_suite.DRAFTED else
+                        ("model",) if p in serve_suite.SPECULATIVE else ("none",))
+  piggybacked = lambda p, d: p in serve_suite.PIGGYBACKED and d != "eagle"
+  assert {(r["policy"], r["drafter"], r["prompts"], r["outputs"], r["chunked_prefill"],
+           r["phase_split"], r["rate"]) for r in rows} == {
+      *[(p, d, "short", o, chunk if piggybacked(p, d) else 0, False, rate)
+        for p in serve_suite.POLICIES for d in drafters(p) for o in outputs for rate in rates],
+      *[("continuous_ar", "none", "short", o, 0, True, rate) for o in outputs  # 8 test devices
         for rate in rates],
-      *[("continuous_ar", "with_long", "uniform", c, False, rate) for c in (0, chunk)
+      *[("continuous_ar", "none", "with_long", "uniform", c, False, rate) for c in (0, chunk)
         for rate in rates]}
   for row in rows:
     assert row["greedy_equal_ar"], row
