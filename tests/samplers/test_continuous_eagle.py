@@ -42,7 +42,7 @@ def _serve(model, params, order, config, program, prompts=PROMPTS):
   slots = continuous_eagle.init(model, params, config)
   waiting, owner, out, calls = list(order), {}, {}, 0
   while waiting or owner:
-    active, n = np.asarray(slots.active), np.asarray(slots.n)
+    active = np.asarray(slots.active)
     for slot in range(config.num_slots):
       if slot in owner and not active[slot]:
         out[owner.pop(slot)] = np.asarray(continuous.generated(slots, config)[slot])
