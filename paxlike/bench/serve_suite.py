@@ -24,11 +24,13 @@ pass 1). Rows also say where the time went as the scheduler saw it (`serving.sum
 the scheduler's host work).
 
 Policies: `static` (batches of up to `batch` arrived requests, each decoded to its longest),
-`continuous_ar` (`batch` slots, refilled between calls of 4 AR steps), and with the decode
-suite's `pair_draft` (trained or loaded likewise): `continuous_speculative` (rounds of
-NUM_DRAFT_TOKENS drafts per slot), `smartspec` (0..NUM_DRAFT_TOKENS per call by expected goodput)
-and `tetris` (batch draft selection, NUM_DRAFT_TOKENS drafted per slot); see
-`paxlike.speculative_serving`. Policies are interleaved: on each trace, each rate runs every
+`continuous_ar` (`batch` slots, refilled between calls of 4 AR steps), and speculative ones:
+`continuous_speculative` (rounds of gamma drafts per slot) and `smartspec` (0..gamma per call by
+expected goodput), each once per drafter in `drafters` (`model`: the decode suite's `pair_draft`,
+gamma NUM_DRAFT_TOKENS; `eagle`: the target's own EAGLE head, `pair_eagle`, gamma
+EAGLE_DRAFT_TOKENS; both trained or loaded likewise), and `tetris` (batch draft selection,
+NUM_DRAFT_TOKENS drafted per slot by `pair_draft`); see `paxlike.speculative_serving`. Rows name
+their `drafter` (`none` for static and continuous AR). Policies are interleaved: on each trace, each rate runs every
 policy before the next rate (a trace's compiled programs are freed before the next trace's).
 
 Another trace, `with_long` (uniform outputs), makes a quarter of the prompts long
