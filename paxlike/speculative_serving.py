@@ -21,9 +21,9 @@ speculative policies, each a choice of `samplers.continuous_spec` programs betwe
   with `packed`, in one token-packed target call of the chosen drafts alone (one of G + 1
   sizes), so that each slot pays for its own drafts only.
 
-`EagleFixedGamma` and `EagleSmartSpec` are the first two with the target's own EAGLE head as the
-drafter (`samplers.continuous_eagle`): every program keeps the head current, so no round pays a
-catch-up.
+`EagleFixedGamma` and `EagleSmartSpec` are `FixedGamma` and `SmartSpec` with the target's own
+EAGLE head as the drafter (`samplers.continuous_eagle`): every program keeps the head current,
+so no round pays a catch-up.
 
 A policy's choices depend only on drafts and on past acceptance, never on the target's next
 logits, so every request's tokens keep the target's distribution, and greedy ones equal AR.
