@@ -125,6 +125,7 @@ class SmartSpec(FixedGamma):
       self.costs[rows] = np.asarray(costs[:self.gamma + 1])
       if probes:
         self.catch_up_costs[rows] = max(costs[-2] - costs[-1], 0.0) / max(behind, 1)
+    self._lag(slots)  # compiles the lag's read, which every call makes, before the clock
     self._reset()
     if counts.sum() > 0:
       self.counts = counts / counts.sum() * (1 / (1 - self.decay))  # a full window's weight
@@ -178,6 +179,13 @@ class EagleDrafter:
                max_draft_tokens: int, **options):
     super().__init__(target, target_params, None, None, num_slots, sampling, max_draft_tokens,
                      **options)
+    if self.steps_per_sync > max_draft_tokens + 1:  # an AR call's features wait in G + 1 places
+      raise ValueError(f"EAGLE-drafted engines take steps_per_sync <= max_draft_tokens + 1 = "
+                       f"{max_draft_tokens + 1}, got {self.steps_per_sync}")
+
+  @staticmethod
+  def _lag(slots) -> int:
+    return 0  # the head never lags (no device read, no program)
 
   def empty_slots(self) -> continuous.Slots:
     return continuous_eagle.init(self.model, self.params, self.config)

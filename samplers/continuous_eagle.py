@@ -39,8 +39,6 @@ import jax.numpy as jnp
 
 from samplers import continuous, continuous_spec, eagle, eagle_tree
 from samplers.continuous import ContinuousConfig, Slots
-from samplers.core import draft_verify
-from samplers.core.protocol import prompt_positions
 
 
 @flax.struct.dataclass
@@ -49,7 +47,8 @@ class HeadState:
 
   Attributes:
     cache: the head's one-layer cache, S rows: the pairs of positions below context - 1 -
-      `pending`.
+      `pending` (its `lengths` mean nothing between calls: each call sets them from the context
+      and `pending`).
     features: [S, G + 1, E] the target's true features of the `pending` positions after them;
       the last pairs with the slot's newest token.
     pending: [S] int32 in [0, G + 1].
@@ -73,8 +72,8 @@ def init(target, target_params, config: ContinuousConfig) -> Slots:
                      f"make room for), got {config.max_draft_tokens}")
   slots = continuous.init(target, config)
   probe = jnp.zeros((1, 1), jnp.int32)
-  feature = jax.eval_shape(target.apply_with_features, target_params, probe, probe,
-                           target.init_cache(1, config.cache_len))[1]
+  feature = jax.eval_shape(lambda params: target.apply_with_features(
+      params, probe, probe, target.init_cache(1, config.cache_len)), target_params)[1]
   rows = config.num_slots
   state = HeadState(
       cache=target.init_draft_cache(rows, config.cache_len),
@@ -86,18 +85,9 @@ def init(target, target_params, config: ContinuousConfig) -> Slots:
 def _prefilled(target, params, prompt: jax.Array, prompt_length: jax.Array, keys: jax.Array,
                limit: jax.Array, config: ContinuousConfig) -> Slots:
   """K requests prefilled into K fresh slots (target and head), each with its first token."""
-  rows, width = prompt.shape
-  positions = prompt_positions(prompt)
-  prefill = getattr(target, "prefill_with_features", target.apply_with_features)
-  logits, features, cache = prefill(params, prompt, positions,
-                                    target.init_cache(rows, config.cache_len))
-  head = target.init_draft_cache(rows, config.cache_len)
-  if width > 1:  # the prompt's pairs; pairs past a prompt's end are overwritten before read
-    _, _, head = target.draft(params, features[:, :-1], prompt[:, 1:], positions[:, :-1], head)
-  last = jnp.take_along_axis(features, (prompt_length - 1)[:, None, None], axis=1)
-  waiting = jnp.zeros((rows, config.max_draft_tokens + 1, features.shape[-1]), features.dtype)
-  state = HeadState(cache=head, features=waiting.at[:, :1].set(last),
-                    pending=jnp.ones((rows,), jnp.int32))
+  logits, (cache, head, features, pending) = eagle.prefill_with_head(
+      target, params, prompt, prompt_length, config.cache_len, config.max_draft_tokens + 1)
+  state = HeadState(cache=head, features=features, pending=pending)
   return continuous.fresh(cache, state, logits, prompt, prompt_length, keys, limit, config)
 
 
@@ -114,17 +104,13 @@ def admit(target, target_params, slots: Slots, slot: jax.Array, prompt: jax.Arra
 
 
 def _flush(target, params, slots: Slots) -> Slots:
-  """Appends every slot's waiting pairs to the head's cache (one head call; none wait after)."""
+  """Appends every slot's waiting pairs to the head's cache (one head call, whose draft it
+  discards); none wait after."""
   state, context = slots.draft_cache, slots.context
-  pending = jnp.minimum(state.pending, context - 1)
-  start = context - 1 - pending
-  positions = start[:, None] + jnp.arange(state.features.shape[1])
-  tokens = jnp.take_along_axis(slots.seq, positions + 1, axis=1, mode="clip")
-  outputs_of = jnp.zeros((context.shape[0], 1), jnp.int32)  # outputs unused: compute one pair's
-  _, _, cache = target.draft(params, state.features, tokens, positions,
-                             state.cache.replace(lengths=start), rows=outputs_of)
-  return slots.replace(draft_cache=state.replace(cache=cache.replace(lengths=context - 1),
-                                                 pending=jnp.zeros_like(pending)))
+  _, _, cache = eagle_tree.append_pending(target, params, state.features, slots.seq, context,
+                                          state.cache, state.pending)
+  return slots.replace(draft_cache=state.replace(cache=cache,
+                                                 pending=jnp.zeros_like(state.pending)))
 
 
 def _check_steps(steps: int, config: ContinuousConfig) -> None:
@@ -161,33 +147,13 @@ def step(target, target_params, slots: Slots, config: ContinuousConfig, steps: i
 
 
 def _round(target, params, slots: Slots, config: ContinuousConfig, gamma: int) -> Slots:
-  """One EAGLE chain round of gamma drafts per slot (module docstring)."""
-  state, context = slots.draft_cache, slots.context
-  noise, verify_u = draft_verify.round_noise(slots.keys, context, gamma, target.vocab_size,
-                                             config.sampling.greedy)
-  first_logits, first_feature, head = eagle_tree.append_pending(
-      target, params, state.features, slots.seq, context, state.cache, state.pending)
-
-  def feed(i, fed, carry):  # feeds (f' of position c + i - 2, drafts[i - 1]), drafts c + i
-    cache, feature = carry
-    logits, feature, cache = target.draft(params, feature, fed, (context + i - 2)[:, None], cache)
-    return logits[:, 0], (cache, feature)
-
-  never = lambda logits, carry: (jnp.zeros(context.shape, bool), carry)
-  chain, (head, _) = draft_verify.draft_chain(first_logits, (head, first_feature), feed, never,
-                                              noise, slots.active, gamma, config.sampling)
-  window = context[:, None] - 1 + jnp.arange(gamma + 1)
-  scored = jnp.concatenate([continuous.newest(slots)[:, None], chain["drafts"]], axis=1)
-  logits, features, cache = target.apply_with_features(params, scored, window,
-                                                       slots.cache.replace(lengths=context - 1))
-  lengths = jnp.full(context.shape, gamma, jnp.int32)
-  emitted, count = draft_verify.verify_chain(chain["drafts"], chain.get("q"), logits, verify_u,
-                                             config.sampling, lengths)
-  room = config.max_draft_tokens - gamma
-  waiting = jnp.pad(features, ((0, 0), (0, room), (0, 0))).astype(state.features.dtype)
-  live = slots.active
-  state = HeadState(cache=head, features=jnp.where(live[:, None, None], waiting, state.features),
-                    pending=jnp.where(live, count + 1, state.pending))
+  """One EAGLE chain round of gamma drafts per active slot (`eagle.chain_round`), committed."""
+  state, live = slots.draft_cache, slots.active
+  caches = (slots.cache, state.cache, state.features, state.pending)
+  (cache, head, features, pending), emitted, count, lengths, _ = eagle.chain_round(
+      target, params, slots.keys, caches, slots.seq, slots.context, live, gamma, config.sampling)
+  state = HeadState(cache=head, features=jnp.where(live[:, None, None], features, state.features),
+                    pending=jnp.where(live, pending, state.pending))
   return continuous_spec.verified(slots.replace(cache=cache, draft_cache=state), emitted, count,
                                   lengths, config)
 

@@ -137,7 +137,7 @@ def _verify_stage(target, target_params, slots: Slots, config: ContinuousConfig,
 def verified(slots: Slots, emitted: jax.Array, count: jax.Array, lengths: jax.Array,
              config: ContinuousConfig) -> Slots:
   """The slots after a verification that accepted `count` [S] of `lengths` [S] drafts and emits
-  `emitted` [S, G + 1]: active slots' counters, the tokens committed, and the drafter marked
+  `emitted` [S, gamma + 1]: active slots' counters, the tokens committed, and the drafter marked
   holding all but each slot's last two tokens."""
   active = slots.active
   slots = slots.replace(

@@ -104,7 +104,8 @@ def check_head(target) -> None:
   """ValueError unless `target` carries an EAGLE draft head."""
   if not all(hasattr(target, name) for name in ("apply_with_features", "draft",
                                                 "init_draft_cache")):
-    raise ValueError("sampler.kind=eagle needs a target with an EAGLE draft head "
+    raise ValueError("EAGLE decoding (sampler.kind=eagle, continuous EAGLE slots) needs a "
+                     "target with an EAGLE draft head "
                      "(apply_with_features, draft, init_draft_cache; e.g. a model with "
                      "model.draft_heads.eagle=true trained on a frozen target, the pair_eagle "
                      "experiment)")
@@ -139,55 +140,15 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
     ValueError: the target has no EAGLE head, or its max_len is below `check_target`'s slots.
   """
   batch, prompt_len = prompt.shape
-  gamma, vocab = config.num_draft_tokens, target.vocab_size
+  gamma = config.num_draft_tokens
   slots = check_target(target, prompt_len, config)
   keys = rng.row_keys(key, batch)
   prompt_lengths = prompt_lengths.astype(jnp.int32)
-  greedy = config.sampling.greedy
-
-  def round_fn(caches, seq, context, active):
-    """At a round's start the target holds all of the row's `context` tokens but the last; the
-    head holds the pairs of positions below context - 1 - pending, and `features` [B, gamma + 1,
-    E] are the true features of the `pending` [B] positions after them (the last, f_{c-2},
-    pairs with the root x_{c-1})."""
-    target_cache, draft_cache, features, pending = caches
-    noise, verify_u = draft_verify.round_noise(keys, context, gamma, vocab, greedy)
-    first_logits, first_feature, draft_cache = eagle_tree.append_pending(
-        target, target_params, features, seq, context, draft_cache, pending)
-
-    def feed(i, fed, carry):  # feeds (f' of position c + i - 2, drafts[i - 1]), drafts c + i
-      cache, feature = carry
-      logits, feature, cache = target.draft(target_params, feature, fed,
-                                            (context + i - 2)[:, None], cache)
-      return logits[:, 0], (cache, feature)
-
-    stops = lambda logits, carry: (confidence(logits) < config.confidence_threshold, carry)
-    s, (draft_cache, _) = draft_verify.draft_chain(
-        first_logits, (draft_cache, first_feature), feed, stops, noise, active, gamma,
-        config.sampling)
-
-    window = context[:, None] - 1 + jnp.arange(gamma + 1)
-    scored = jnp.concatenate([jnp.take_along_axis(seq, window[:, :1], axis=1), s["drafts"]],
-                             axis=1)
-    logits, features, target_cache = target.apply_with_features(
-        target_params, scored, window, target_cache.replace(lengths=context - 1))
-    emitted, count = draft_verify.verify_chain(s["drafts"], s.get("q"), logits, verify_u,
-                                               config.sampling, s["lengths"])
-    return ((target_cache, draft_cache, features, count + 1), emitted, count, s["lengths"],
-            s["calls"])
-
-  prefill = getattr(target, "prefill_with_features", target.apply_with_features)
-  logits, features, target_cache = prefill(target_params, prompt, prompt_positions(prompt),
-                                           target.init_cache(batch, slots))
-  # The head reads the prompt's pairs (f_t, x_{t+1}), t < P - 1; the last prompt token's feature
-  # waits for the first generated token, which `decode` draws.
-  draft_cache = target.init_draft_cache(batch, slots)
-  if prompt_len > 1:
-    _, _, draft_cache = target.draft(target_params, features[:, :-1], prompt[:, 1:],
-                                     prompt_positions(prompt)[:, :-1], draft_cache)
-  last = jnp.take_along_axis(features, (prompt_lengths - 1)[:, None, None], axis=1)
-  pending = jnp.zeros((batch, gamma + 1, features.shape[-1]), features.dtype).at[:, :1].set(last)
-  caches = (target_cache, draft_cache, pending, jnp.ones((batch,), jnp.int32))
+  round_fn = lambda caches, seq, context, active: chain_round(
+      target, target_params, keys, caches, seq, context, active, gamma, config.sampling,
+      config.confidence_threshold)
+  logits, caches = prefill_with_head(target, target_params, prompt, prompt_lengths, slots,
+                                     gamma + 1)
   first_logits = last_prompt_logits(logits, prompt_lengths)
   if config.tree_nodes:
     tree_round = eagle_tree.make_round(target, target_params, config, keys, slots)
@@ -195,6 +156,74 @@ def sample(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array, 
                                config)
   return draft_verify.decode(round_fn, caches, first_logits, prompt, prompt_lengths, keys, config,
                              ragged_drafts=True)
+
+
+def prefill_with_head(target, target_params, prompt: jax.Array, prompt_lengths: jax.Array,
+                      cache_len: int, width: int) -> tuple[jax.Array, tuple]:
+  """The prompt's call: the target's prefill with features, the head reading the prompt's pairs
+  (f_t, x_{t+1}), t < P - 1 (pairs past a row's prompt are overwritten before they are read),
+  and the last prompt token's feature waiting for the first generated token.
+
+  Args:
+    prompt: [B, P] int32 right-padded; prompt_lengths: [B] int32 in [1, P].
+    cache_len: slots per row of both caches; width: W >= gamma + 1, the waiting features' room.
+  Returns:
+    (logits [B, P, V], caches (target cache, head cache, features [B, W, E], pending [B] = 1)),
+    the caches `chain_round` takes.
+  """
+  batch, prompt_len = prompt.shape
+  prefill = getattr(target, "prefill_with_features", target.apply_with_features)
+  logits, features, target_cache = prefill(target_params, prompt, prompt_positions(prompt),
+                                           target.init_cache(batch, cache_len))
+  head = target.init_draft_cache(batch, cache_len)
+  if prompt_len > 1:
+    _, _, head = target.draft(target_params, features[:, :-1], prompt[:, 1:],
+                              prompt_positions(prompt)[:, :-1], head)
+  last = jnp.take_along_axis(features, (prompt_lengths - 1)[:, None, None], axis=1)
+  waiting = jnp.zeros((batch, width, features.shape[-1]), features.dtype).at[:, :1].set(last)
+  return logits, (target_cache, head, waiting, jnp.ones((batch,), jnp.int32))
+
+
+def chain_round(target, target_params, keys: jax.Array, caches: tuple, seq: jax.Array,
+                context: jax.Array, active: jax.Array, gamma: int, sampling: SamplingParams,
+                confidence_threshold: float = 0.0):
+  """One EAGLE chain round (module docstring) for rows whose target cache holds every context
+  token but the last; a `draft_verify.RaggedRound`.
+
+  Args:
+    keys: [B] per-row keys (the round's randomness, `draft_verify.round_noise`).
+    caches: (target cache, head cache holding the pairs of positions below context - 1 -
+      pending, features [B, W, E] (W >= gamma + 1) whose first `pending` [B] are the true
+      features of the positions after them: the last, f_{c-2}, pairs with the root x_{c-1}).
+    seq: [B, S] int32 tokens; context: [B] int32; active: [B] bool rows still decoding.
+  Returns:
+    (caches after the round (the verified positions' true features waiting, pending = accepted
+    + 1), emitted [B, gamma + 1], accepted [B], drafted [B] in [1, gamma], head calls []).
+  """
+  target_cache, head, features, pending = caches
+  noise, verify_u = draft_verify.round_noise(keys, context, gamma, target.vocab_size,
+                                             sampling.greedy)
+  first_logits, first_feature, head = eagle_tree.append_pending(
+      target, target_params, features, seq, context, head, pending)
+
+  def feed(i, fed, carry):  # feeds (f' of position c + i - 2, drafts[i - 1]), drafts c + i
+    cache, feature = carry
+    logits, feature, cache = target.draft(target_params, feature, fed,
+                                          (context + i - 2)[:, None], cache)
+    return logits[:, 0], (cache, feature)
+
+  stops = lambda logits, carry: (confidence(logits) < confidence_threshold, carry)
+  s, (head, _) = draft_verify.draft_chain(first_logits, (head, first_feature), feed, stops,
+                                          noise, active, gamma, sampling)
+  window = context[:, None] - 1 + jnp.arange(gamma + 1)
+  scored = jnp.concatenate([draft_verify.newest(seq, context), s["drafts"]], axis=1)
+  logits, verified, target_cache = target.apply_with_features(
+      target_params, scored, window, target_cache.replace(lengths=context - 1))
+  emitted, count = draft_verify.verify_chain(s["drafts"], s.get("q"), logits, verify_u,
+                                             sampling, s["lengths"])
+  room = features.shape[1] - (gamma + 1)
+  waiting = jnp.pad(verified, ((0, 0), (0, room), (0, 0))).astype(features.dtype)
+  return (target_cache, head, waiting, count + 1), emitted, count, s["lengths"], s["calls"]
 
 
 @dataclasses.dataclass(frozen=True)

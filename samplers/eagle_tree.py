@@ -63,11 +63,12 @@ def append_pending(target, target_params, features, seq, context, draft_cache, p
   pending = jnp.minimum(pending, context - 1)  # finished rows only: their context stops
   start = context - 1 - pending
   positions = start[:, None] + jnp.arange(features.shape[1])
-  tokens = jnp.take_along_axis(seq, positions + 1, axis=1)  # the token after each feature
+  # the token after each feature (past a row's tokens: clipped, never read)
+  tokens = jnp.take_along_axis(seq, positions + 1, axis=1, mode="clip")
   # Only the last pair's outputs are drafted from; the others only enter the head's cache.
   logits, predicted, draft_cache = target.draft(target_params, features, tokens, positions,
                                                 draft_cache.replace(lengths=start),
-                                                rows=(pending - 1)[:, None])
+                                                rows=jnp.maximum(pending - 1, 0)[:, None])
   return logits[:, 0], predicted, draft_cache.replace(lengths=context - 1)
 
 

@@ -30,8 +30,9 @@ expected goodput), each once per drafter in `drafters` (`model`: the decode suit
 gamma NUM_DRAFT_TOKENS; `eagle`: the target's own EAGLE head, `pair_eagle`, gamma
 EAGLE_DRAFT_TOKENS; both trained or loaded likewise), and `tetris` (batch draft selection,
 NUM_DRAFT_TOKENS drafted per slot by `pair_draft`); see `paxlike.speculative_serving`. Rows name
-their `drafter` (`none` for static and continuous AR). Policies are interleaved: on each trace, each rate runs every
-policy before the next rate (a trace's compiled programs are freed before the next trace's).
+their `drafter` (`none` for static and continuous AR). Policies are interleaved: on each trace,
+each rate runs every policy before the next rate (a trace's compiled programs are freed before
+the next trace's).
 
 Another trace, `with_long` (uniform outputs), makes a quarter of the prompts long
 (LONG_PROMPT_BYTES) and serves it with `continuous_ar` admitting by a prefill call and with
@@ -196,6 +197,9 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
     if unknown:
       raise UserError(f"{flag}: {', '.join(unknown)} not in the serve suite; valid: "
                       f"{', '.join(valid)}")
+  if not drafters and set(policies) & set(DRAFTED):
+    raise UserError(f"--drafters is empty: {', '.join(sorted(set(policies) & set(DRAFTED)))} "
+                    f"need one of {', '.join(DRAFTERS)}")
   registry.load_modules()
   root = Path(workdir or Path.home() / ".cache" / "paxlike" / "bench").expanduser()
   short = shortened(train_steps)
@@ -205,13 +209,14 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
   draft = headed = (None, None)
   drafting = drafting_on_target(root, small=bool(train_steps)) if set(policies) & set(
       SPECULATIVE) else []
-  if "tetris" in policies or "model" in drafters and set(policies) & set(DRAFTED):
+  if "tetris" in policies or ("model" in drafters and set(policies) & set(DRAFTED)):
     draft = trained("pair_draft", root / "pair_draft",
                     [*drafting, *short, *target_overrides]).restore()[:2]
   if "eagle" in drafters and set(policies) & set(DRAFTED):  # the head on the frozen target
-    headed = trained("pair_eagle", root / "pair_eagle",
-                     [f"train.init_from={root / 'pair_target'}", *drafting[1:], *short,
-                      *target_overrides]).restore()[:2]
+    continuations = root / "pair_target" / "teacher_text.txt"  # written by drafting_on_target
+    headed = trained("pair_eagle", root / "pair_eagle",  # the decode suite's overrides: shared
+                     [f"train.init_from={root / 'pair_target'}", f"data.path={continuations}",
+                      *short, *target_overrides]).restore()[:2]
   engines = _engines(model, params, draft, headed, batch, steps_per_sync, greedy)
   # runs: ((prompts, outputs), policy, engine variant); traces keyed by (prompts, outputs)
 
@@ -248,9 +253,9 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                                   policy, variant, engines, batch, greedy)
                            for trace, policy, variant in runs if trace == name)]
     _release_programs()
-  harness.print_table(rows, ["policy", "drafter", "prompts", "outputs", "chunked_prefill", "phase_split",
-                             "rate", "throughput", "ttft_p50", "ttft_p99", "tpot_p50",
-                             "tpot_p99", "itl_p50", "itl_p99", "busy_share",
+  harness.print_table(rows, ["policy", "drafter", "prompts", "outputs", "chunked_prefill",
+                             "phase_split", "rate", "throughput", "ttft_p50", "ttft_p99",
+                             "tpot_p50", "tpot_p99", "itl_p50", "itl_p99", "busy_share",
                              "share_of_full_slots", "greedy_equal_ar"])
   config = {"target": "pair_target", "draft": "pair_draft", "eagle": "pair_eagle",
             "drafters": list(drafters), "eagle_draft_tokens": EAGLE_DRAFT_TOKENS,

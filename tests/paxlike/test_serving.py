@@ -92,7 +92,7 @@ def test_eagle_policies_return_each_requests_greedy_decode():
   params, trace, greedy = random_params(model), _trace(), SamplingParams(temperature=0.0)
   reference = serving.reference(model, params, trace, greedy)
   engines = {"continuous_speculative": speculative_serving.EagleFixedGamma(
-                 model, params, 3, greedy, 2),
+                 model, params, 3, greedy, 3),
              "smartspec": speculative_serving.EagleSmartSpec(model, params, 3, greedy, 3)}
   for name, engine in engines.items():
     served = serving.serve_continuous(model, params, trace, 3, greedy, engine=engine)
@@ -102,6 +102,8 @@ def test_eagle_policies_return_each_requests_greedy_decode():
   assert smartspec.chosen.sum() > 0 and sorted(smartspec.costs) == [1, 2, 3]
   assert all(c.shape == (4,) and np.all(c > 0) for c in smartspec.costs.values())
   assert all(c == 0 for c in smartspec.catch_up_costs.values())  # the head never lags
+  with pytest.raises(ValueError, match=r"steps_per_sync <= max_draft_tokens \+ 1 = 3, got 4"):
+    speculative_serving.EagleSmartSpec(model, params, 3, greedy, 2)
 
 
 @pytest.mark.slow
@@ -248,7 +250,7 @@ def test_piggybacking_carries_one_chunk_and_prefills_the_other_short_prompts_at_
   assert engine.calls_piggybacked == 4 and not engine.pending
 
 
-def test_an_unknown_serving_policy_output_distribution_or_prefill_is_named():
+def test_an_unknown_serving_policy_output_distribution_prefill_or_drafter_is_named():
   with pytest.raises(UserError, match="--policies: fastest not in the serve suite; valid: static"):
     serve_suite.run(None, None, policies=("static", "fastest"))
   with pytest.raises(UserError, match="--outputs: zipf not in the serve suite; valid: uniform, "
@@ -257,6 +259,11 @@ def test_an_unknown_serving_policy_output_distribution_or_prefill_is_named():
   with pytest.raises(UserError, match="--prefills: eager not in the serve suite; valid: call, "
                                       "piggybacked"):
     serve_suite.run(None, None, prefills=("eager",))
+  with pytest.raises(UserError, match="--drafters: human not in the serve suite; valid: model, "
+                                      "eagle"):
+    serve_suite.run(None, None, drafters=("human",))
+  with pytest.raises(UserError, match="--drafters is empty: smartspec need one of model, eagle"):
+    serve_suite.run(None, None, policies=("smartspec",), drafters=())
 
 
 def test_the_two_output_distributions_share_prompts_and_mean():
