@@ -143,13 +143,40 @@ def test_ar_steps_that_lose_the_features_are_caught(fresh_trace):
   assert int(slots.accepted) < int(slots.drafted)
 
 
+def _check_llama_head_state(params, config):
+  """`HeadState`'s invariant on the Llama, for every active slot: the head's keys and values are
+  those of a head fed the committed pairs from scratch (rotary keys: a pair fed at a wrong
+  position fails), and the waiting features are the full forward's."""
+  def check(slots):
+    state = slots.draft_cache
+    seq, context = slots.seq, np.asarray(slots.context)
+    for b in np.flatnonzero(np.asarray(slots.active)):
+      start, pending = context[b] - 1 - int(state.pending[b]), int(state.pending[b])
+      features = LLAMA.features(params, seq[b:b + 1, :context[b]])[1]
+      np.testing.assert_allclose(state.features[b, :pending], features[0, start:start + pending],
+                                 rtol=1e-4, atol=1e-4, err_msg=f"slot {b}")
+      if start < 1:
+        continue
+      fresh_cache = LLAMA.init_draft_cache(1, config.cache_len)
+      _, _, fresh_cache = LLAMA.draft(params, features[:, :start], seq[b:b + 1, 1:start + 1],
+                                      jnp.arange(start)[None], fresh_cache)
+      for got, want in ((state.cache.keys[0], fresh_cache.keys[0]),
+                        (state.cache.values[0], fresh_cache.values[0])):
+        np.testing.assert_allclose(got[b, :, :start], want[0, :, :start], rtol=1e-4, atol=1e-4,
+                                   err_msg=f"slot {b}")
+  return check
+
+
 @pytest.mark.parametrize("policy", ["fixed gamma", "mixed"])
 def test_greedy_requests_equal_ar_on_a_llama_with_a_head(policy):
+  """Also checks the head's cache and waiting features after every call against a head fed from
+  scratch."""
   params = random_params(LLAMA)
   want = _ar_tokens(LLAMA, params, PROMPTS)
   config = _config(2, GREEDY)
   got, slots = _serve(LLAMA, params, [0, 1, 2, 3, 4], config,
-                      _programs(LLAMA, params, config)[policy])
+                      _programs(LLAMA, params, config)[policy],
+                      check=_check_llama_head_state(params, config))
   for i in range(len(PROMPTS)):
     np.testing.assert_array_equal(got[i][:LIMITS[i]], want[i], err_msg=f"request {i}")
     assert np.all(got[i][LIMITS[i]:] == config.pad_id)
