@@ -226,9 +226,13 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
     by_drafter = [p]
     if p in DRAFTED:
       by_drafter = [p] * ("model" in drafters) + [f"{p}, eagle"] * ("eagle" in drafters)
-    return [w for v in by_drafter
-            for w in ([v if f == "call" else f"{v}, piggybacked" for f in PREFILLS
-                       if f in prefills] if p in PIGGYBACKED and v == p else [v])]
+    out = []
+    for v in by_drafter:
+      if p in PIGGYBACKED and v == p:  # AR or model-drafted: one variant per prefill
+        out += [v if f == "call" else f"{v}, piggybacked" for f in PREFILLS if f in prefills]
+      else:
+        out.append(v)
+    return out
 
   runs = [(("short", kind), p, v) for kind in OUTPUTS if kind in outputs
           for p in POLICIES if p in policies for v in variants(p)]

@@ -17,8 +17,8 @@ from samplers import ar, continuous, continuous_eagle
 from samplers.core import verify
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
-from tests.samplers import prefix_toy, toy
-from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, windows_p_value
+from tests.samplers import continuous_oracle, prefix_toy, toy
+from tests.samplers.oracle import POWER, SIGNIFICANCE
 from tests.samplers.test_continuous import KEYS, LIMITS, PROMPTS
 from tests.samplers.test_eagle import _fibonacci
 from tests.samplers.toy_drafters import WithFeatureHead
@@ -232,21 +232,14 @@ def _oracle_decode(key):
   programs = [functools.partial(continuous_eagle.speculate, ORACLE, ORACLE_PARAMS,
                                  config=config, gamma=g) for g in (G, 2)]
   programs += [functools.partial(continuous_eagle.step, ORACLE, ORACLE_PARAMS, config=config)]
-
-  def call(state):
-    i, s = state
-    return i + 1, jax.lax.switch(i % 3, [lambda s, p=p: p(slots=s) for p in programs], s)
-
-  _, slots = jax.lax.while_loop(lambda state: jnp.any(state[1].active), call, (0, slots))
+  slots = continuous_oracle.cycle_until_done([lambda s, p=p: p(slots=s) for p in programs], slots)
   return continuous.generated(slots, config), slots.accepted, slots.rejected
 
 
 def _oracle_p_values():
   tokens, accepted, rejected = _oracle_decode(jax.random.key(0))
-  tokens = np.asarray(tokens).reshape(len(ORACLE_PROMPTS), ROWS, STEPS)
-  dist = distribution(SamplingParams(temperature=1.0))
-  joints = [prefix_toy.exact_joint(ORACLE_TARGET, p, STEPS, dist) for p in ORACLE_PROMPTS]
-  return [windows_p_value(r, j) for r, j in zip(tokens, joints)], int(accepted), int(rejected)
+  p_values = continuous_oracle.joint_p_values(tokens, ORACLE_PROMPTS, ORACLE_TARGET, STEPS)
+  return p_values, int(accepted), int(rejected)
 
 
 @pytest.mark.slow

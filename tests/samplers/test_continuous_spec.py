@@ -14,8 +14,8 @@ from samplers import ar, continuous, continuous_spec
 from samplers.core import verify
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
-from tests.samplers import prefix_toy
-from tests.samplers.oracle import POWER, SIGNIFICANCE, distribution, windows_p_value
+from tests.samplers import continuous_oracle, prefix_toy
+from tests.samplers.oracle import POWER, SIGNIFICANCE
 from tests.samplers.test_continuous import KEYS, LIMITS, MODEL, PROMPTS, serve
 
 G = 3
@@ -263,23 +263,17 @@ def _toy_decode(key):
                           jnp.full(2 * ROWS, STEPS), config, TOY, TOY_DRAFT)
   costs = jnp.asarray([1.0, 1.05, 1.1, 1.15])
 
-  def call(state):
-    i, s = state
-    s = jax.lax.cond(i % 3 == 2, lambda s: continuous.step(TOY, TOY_TARGET, s, config),
-                     lambda s: continuous_spec.select(TOY, TOY_TARGET, TOY, TOY_DRAFT, s, config,
-                                                      budget=ROWS * G, costs=costs), s)
-    return i + 1, s
-
-  _, slots = jax.lax.while_loop(lambda state: jnp.any(state[1].active), call, (0, slots))
+  tetris = lambda s: continuous_spec.select(TOY, TOY_TARGET, TOY, TOY_DRAFT, s, config,
+                                            budget=ROWS * G, costs=costs)
+  step = lambda s: continuous.step(TOY, TOY_TARGET, s, config)
+  slots = continuous_oracle.cycle_until_done([tetris, tetris, step], slots)  # AR every third
   return continuous.generated(slots, config), slots.accepted, slots.drafted
 
 
 def _toy_p_values():
   tokens, accepted, drafted = _toy_decode(jax.random.key(0))
-  tokens = np.asarray(tokens).reshape(len(TOY_PROMPTS), ROWS, STEPS)
-  dist = distribution(SamplingParams(temperature=1.0))
-  joints = [prefix_toy.exact_joint(TOY_TARGET, p, STEPS, dist) for p in TOY_PROMPTS]
-  return [windows_p_value(r, j) for r, j in zip(tokens, joints)], int(accepted), int(drafted)
+  p_values = continuous_oracle.joint_p_values(tokens, TOY_PROMPTS, TOY_TARGET, STEPS)
+  return p_values, int(accepted), int(drafted)
 
 
 @pytest.mark.slow
