@@ -14,6 +14,12 @@ Both run `steps` steps, interleaved step by step, after `warmup` steps each (pax
 compiles). The rows report tokens/s (median over steps, with its range) and the loss of each step,
 so the rows also show that both systems train the same model: `max_loss_diff` is the largest
 difference between their losses over the same steps.
+
+A third row, `matmuls only`, is the floor (`matmul_floor`): every matrix product of paxlike's
+step (forward and backward; their FLOPs in `matmul_gflop`) run bare as one program, timed in a
+second pass interleaved with PyTorch's step. Its `ratio_vs_hf` (PyTorch's step time in that pass
+over the floor's) is the most any system computing these products with this machine's kernels
+could gain over PyTorch.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import numpy as np
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
 from paxlike import interchange
-from paxlike.bench import harness
+from paxlike.bench import harness, matmul_floor
 from paxlike.config import OptimizerConfig, ScheduleConfig
 from paxlike.optim import learning_rate_schedule, make_optimizer
 from paxlike.train import Trainer, make_train_step
@@ -39,23 +45,27 @@ from paxlike.train_state import TrainState
 
 OPTIMIZER = OptimizerConfig(learning_rate=1e-3)
 SCHEDULE = ScheduleConfig(kind="constant", warmup_steps=0)
+FLOOR = "matmuls only"  # the system name of the floor's row
 
 
-def _paxlike_step(config: ModelConfig, params: Any):
-  """(step(batch) -> loss, as a float once computed) for paxlike, state held inside."""
+def _paxlike_step(config: ModelConfig, params: Any, example: np.ndarray):
+  """(step(batch) -> loss, as a float once computed) for paxlike, state held inside, and the
+  matrix products of one step (`matmul_floor.step_dots`, traced on the `example` batch)."""
   model = CausalLM(config)
   tx = make_optimizer(OPTIMIZER, SCHEDULE, total_steps=1)
   schedule = learning_rate_schedule(OPTIMIZER, SCHEDULE, total_steps=1)
-  step_fn = jax.jit(make_train_step(model, tx, schedule), donate_argnums=0)
+  train_step = make_train_step(model, tx, schedule)
+  step_fn = jax.jit(train_step, donate_argnums=0)
   holder = {"state": TrainState(step=jnp.zeros([], jnp.int32), params=params,
                                 opt_state=tx.init(params),
                                 rng=jax.random.key_data(jax.random.key(0)))}
+  dots = matmul_floor.step_dots(train_step, holder["state"], jnp.asarray(example))
 
   def step(batch: np.ndarray) -> float:
     holder["state"], metrics = step_fn(holder["state"], jnp.asarray(batch))
     return float(metrics["loss"])
 
-  return step
+  return step, dots
 
 
 def _torch_step(torch, hf_model):
@@ -84,7 +94,7 @@ def _torch_step(torch, hf_model):
 
 def measure(size: str, config: ModelConfig, batch: int, seq_len: int, steps: int, warmup: int,
             threads: int) -> list[dict[str, Any]]:
-  """The two train rows (hf, paxlike) of one model shape."""
+  """The train rows (hf, paxlike, the matmul floor) of one model shape."""
   import torch
   import transformers
   torch.set_num_threads(threads)
@@ -93,34 +103,55 @@ def measure(size: str, config: ModelConfig, batch: int, seq_len: int, steps: int
   with tempfile.TemporaryDirectory() as tmp:
     interchange.save_hf(tmp, config, params, token_ids={})
     hf_model = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-  systems = {"hf": _torch_step(torch, hf_model),
-             "paxlike": _paxlike_step(config, jax.tree.map(jnp.asarray, params))}
   rng = np.random.default_rng(0)
   batches = rng.integers(0, config.vocab_size, (warmup + steps, batch, seq_len + 1))
-  losses = {name: [] for name in systems}
-  times = {name: [] for name in systems}
+  paxlike_step, dots = _paxlike_step(config, jax.tree.map(jnp.asarray, params), batches[0])
+  systems = {"hf": _torch_step(torch, hf_model), "paxlike": paxlike_step}
+  losses, times = _interleaved(systems, batches, warmup)
+  # the floor in a second pass, beside PyTorch's step alone: timed beside paxlike's, its
+  # memory traffic slowed paxlike's step by 10-20% and would misstate that row
+  bare = matmul_floor.bare_program(dots)
+
+  def floor(_) -> float:
+    bare()
+    return 0.0
+
+  _, floor_times = _interleaved({"hf": systems["hf"], FLOOR: floor}, batches, warmup)
+  loss_diff = max(abs(a - b) for a, b in zip(losses["hf"], losses["paxlike"]))
+  gflop = sum(d.flops for d in dots) / 1e9
+  base = dict(target=size, params=Trainer.param_count(params), method="train", batch=batch,
+              seq_len=seq_len, steps=steps, matmul_gflop=float(f"{gflop:.4g}"))
+  rows = [_row(base, name, times[name], batch * seq_len, losses[name][-1], loss_diff)
+          for name in systems]
+  rows.append(_row(base, FLOOR, floor_times[FLOOR], batch * seq_len, None, None))
+  for row, hf_times in ((rows[1], times["hf"]), (rows[2], floor_times["hf"])):
+    row.update(ratio_vs_hf=round(statistics.median(hf_times) / row["step_s"], 2),
+               vs_hf="hf train, interleaved with this row")
+  return rows
+
+
+def _interleaved(steps: dict[str, Any], batches: np.ndarray, warmup: int):
+  """({name: loss of each step}, {name: seconds of each step after `warmup`}): every step
+  function run on each batch in turn."""
+  losses = {name: [] for name in steps}
+  times = {name: [] for name in steps}
   for index, tokens in enumerate(batches):
-    for name, step in systems.items():
+    for name, step in steps.items():
       start = time.perf_counter()
       losses[name].append(step(tokens))  # float(): waits for the step
       if index >= warmup:
         times[name].append(time.perf_counter() - start)
-  count = Trainer.param_count(params)
-  loss_diff = max(abs(a - b) for a, b in zip(losses["hf"], losses["paxlike"]))
-  per_step = batch * seq_len
-  rows = []
-  for name in systems:
-    median = statistics.median(times[name])
-    rows.append(dict(target=size, params=count, system=name, method="train", batch=batch,
-                     seq_len=seq_len, steps=steps,
-                     tokens_per_s=round(per_step / median, 1),
-                     tokens_per_s_range=[round(per_step / max(times[name]), 1),
-                                         round(per_step / min(times[name]), 1)],
-                     step_s=round(median, 4), final_loss=round(losses[name][-1], 4),
-                     max_loss_diff=round(loss_diff, 5)))
-  hf_rate = rows[0]["tokens_per_s"]
-  rows[1].update(ratio_vs_hf=round(rows[1]["tokens_per_s"] / hf_rate, 2), vs_hf="hf train")
-  return rows
+  return losses, times
+
+
+def _row(base: dict[str, Any], system: str, times: list[float], tokens: int,
+         final_loss: float | None, loss_diff: float | None) -> dict[str, Any]:
+  median = statistics.median(times)
+  return dict(base, system=system, tokens_per_s=round(tokens / median, 1),
+              tokens_per_s_range=[round(tokens / max(times), 1), round(tokens / min(times), 1)],
+              step_s=round(median, 4),
+              final_loss=None if final_loss is None else round(final_loss, 4),
+              max_loss_diff=None if loss_diff is None else round(loss_diff, 5))
 
 
 def run_rows(sizes: tuple[str, ...], targets: dict[str, ModelConfig], batch: int, seq_len: int,
@@ -130,5 +161,5 @@ def run_rows(sizes: tuple[str, ...], targets: dict[str, ModelConfig], batch: int
   for size in sizes:
     rows += measure(size, targets[size], batch, seq_len, steps, warmup, threads)
     harness.print_table(rows, ("target", "params", "system", "batch", "seq_len", "tokens_per_s",
-                               "ratio_vs_hf", "final_loss", "max_loss_diff"))
+                               "step_s", "ratio_vs_hf", "final_loss", "max_loss_diff"))
   return rows

@@ -302,14 +302,18 @@ def test_compare_hf_rows_on_a_tiny_pair():
 @pytest.mark.slow
 def test_compare_hf_train_rows_take_the_same_steps():
   """PyTorch and paxlike train the same weights on the same batches: their losses agree step by
-  step, and both rows report a rate."""
+  step, and both rows report a rate; the matmul floor's row is timed and compared to PyTorch."""
   from paxlike.bench import compare_hf_train
   config = ModelConfig(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                        mlp_dim=64, max_len=32, tie_embeddings=False, init_std=0.3)
   rows = compare_hf_train.measure("tiny", config, batch=2, seq_len=16, steps=3, warmup=1,
                                   threads=1)
-  assert [(r["system"], r["method"]) for r in rows] == [("hf", "train"), ("paxlike", "train")]
-  for row in rows:
+  assert [(r["system"], r["method"]) for r in rows] == [
+      ("hf", "train"), ("paxlike", "train"), ("matmuls only", "train")]
+  for row in rows[:2]:
     assert row["tokens_per_s"] > 0 and row["max_loss_diff"] < 1e-3, row
-  assert rows[1]["ratio_vs_hf"] > 0
+  assert rows[1]["ratio_vs_hf"] > 0 and rows[2]["ratio_vs_hf"] > 0
+  assert rows[2]["final_loss"] is None and rows[2]["step_s"] > 0
+  # 2 layers x 7 projections, the head and attention's products, forward and backward
+  assert rows[2]["matmul_gflop"] == rows[0]["matmul_gflop"] > 0
   assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], abs=1e-3)
