@@ -11,8 +11,11 @@ A request arrives at a time, with a prompt and a number of tokens to generate. T
   engine here; `paxlike.prefill_serving` has its chunked-prefill and phase-split variants, and
   `paxlike.speculative_serving` the speculative ones.
 
-Both compile everything before the clock starts and report per request its arrival, the time
-its first token was ready, the time it was done and the gaps its tokens arrived with. A static
+Both take requests as they arrive in the trace (an open loop) or, with `clients=C`, from C
+closed-loop clients that each send their next request when their last is done
+(`paxlike.arrivals`). Both compile everything before the clock starts and report per request
+its arrival, the time its first token was ready, the time it was done and the gaps its tokens
+arrived with. A static
 batch returns its tokens when it ends; its requests' first-token time and gaps are taken at the
 batch's mean step time, so the latencies compare the two loops' decode steps.
 """
@@ -29,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paxlike import timing
+from paxlike.arrivals import Arrivals
 from samplers import ar, continuous
 from samplers.core.logits import SamplingParams
 
@@ -119,21 +123,23 @@ def _static_decoder(model, params, batch: int, width: int, new_tokens: int,
 
 
 def serve_static(model, params, requests: list[Request], batch: int,
-                 sampling: SamplingParams, timings: dict | None = None) -> list[Served]:
+                 sampling: SamplingParams, timings: dict | None = None,
+                 clients: int | None = None) -> list[Served]:
   """The static policy (module docstring); batches are padded to `batch` rows. `timings`, if
-  given, receives "batch": [seconds of each batch's call]."""
+  given, receives "batch": [seconds of each batch's call]. `clients`: None serves the trace's
+  arrival times; C serves C closed-loop clients (`paxlike.arrivals`)."""
   width = max(len(r.prompt) for r in requests)
   decoders = {n: _static_decoder(model, params, batch, width, n, sampling)
               for n in {_bucket(r.max_new_tokens) for r in requests}}
-  waiting, served = collections.deque(requests), {}
+  waiting, served = Arrivals(requests, clients), {}
   start = time.perf_counter()
   clock = lambda: time.perf_counter() - start
   while waiting:
-    if waiting[0].arrival_s > clock():
-      time.sleep(waiting[0].arrival_s - clock())
+    if waiting.next_arrival() > clock():
+      time.sleep(max(waiting.next_arrival() - clock(), 0))
     now, taken = clock(), []
-    while waiting and len(taken) < batch and waiting[0].arrival_s <= now:
-      taken.append(waiting.popleft())
+    while len(taken) < batch and (r := waiting.take(now)) is not None:
+      taken.append(r)
     rows = taken + [taken[0]] * (batch - len(taken))  # padding rows: discarded
     began, steps = clock(), _bucket(max(r.max_new_tokens for r in taken))
     prompt, prompt_lengths = pad_to_width([r.prompt for r in rows], width)
@@ -145,7 +151,9 @@ def serve_static(model, params, requests: list[Request], batch: int,
     first = began + (done - began) / steps  # the batch's first step, at its mean step time
     for row, r in enumerate(taken):
       gaps = ((done - began) / steps,) * (r.max_new_tokens - 1)  # the same mean step time
-      served[id(r)] = Served(tokens[row, :r.max_new_tokens], r.arrival_s, first, done, gaps)
+      served[id(r)] = Served(tokens[row, :r.max_new_tokens], waiting.arrival_s(r), first, done,
+                             gaps)
+      waiting.finished(r, done)
   return [served[id(r)] for r in requests]
 
 
@@ -281,10 +289,11 @@ def time_programs(programs: list, slots, reset=None, passes: int = 3,
 
 def serve_continuous(model, params, requests: list[Request], num_slots: int,
                      sampling: SamplingParams, steps_per_sync: int = 4,
-                     engine: ARSlots | None = None,
-                     timings: dict | None = None) -> list[Served]:
+                     engine: ARSlots | None = None, timings: dict | None = None,
+                     clients: int | None = None) -> list[Served]:
   """The continuous policy (module docstring) with `num_slots` slots: AR steps, or the
-  programs of `engine` (e.g. `paxlike.speculative_serving`'s). `timings`, if given, receives
+  programs of `engine` (e.g. `paxlike.speculative_serving`'s); `clients` as in `serve_static`.
+  `timings`, if given, receives
   the seconds of each "admit" (from the call until the slots' token counts are read; for an
   engine that defers admission, the dispatch alone) and each "advance" (until its results are
   read), the scheduler's view of where the time goes."""
@@ -293,20 +302,20 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
   slots = engine.warm_up(engine.compile_admits(engine.init(requests), requests), requests)
   jax.block_until_ready(generated(slots, config=engine.config))
   slots = engine.init(requests)
-  waiting, owner, served = collections.deque(requests), {}, {}
+  waiting, owner, served = Arrivals(requests, clients), {}, {}
   seen = _Seen(owner)
   start = time.perf_counter()
   clock = lambda: time.perf_counter() - start
   timings = {} if timings is None else timings
   timed = lambda kind, since: timings.setdefault(kind, []).append(clock() - since)
   while waiting or owner:
-    if not owner and waiting[0].arrival_s > clock():
-      time.sleep(waiting[0].arrival_s - clock())
+    if not owner and waiting.next_arrival() > clock():
+      time.sleep(max(waiting.next_arrival() - clock(), 0))
     now, pairs = clock(), []
     for slot in range(num_slots):
-      if slot not in owner and waiting and waiting[0].arrival_s <= now:
-        owner[slot] = waiting.popleft()
-        pairs.append((slot, owner[slot]))
+      if slot not in owner and (r := waiting.take(now)) is not None:
+        owner[slot] = r
+        pairs.append((slot, r))
     began = clock()
     if pairs:
       slots = engine.admit_all(slots, pairs)
@@ -323,8 +332,9 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
     tokens = np.asarray(generated(slots, config=engine.config)) if finished else None
     for slot in finished:
       r = owner.pop(slot)
-      served[id(r)] = Served(tokens[slot, :r.max_new_tokens], r.arrival_s, seen.first[id(r)],
-                             done, tuple(seen.gaps[id(r)]))
+      served[id(r)] = Served(tokens[slot, :r.max_new_tokens], waiting.arrival_s(r),
+                             seen.first[id(r)], done, tuple(seen.gaps[id(r)]))
+      waiting.finished(r, done)
   return [served[id(r)] for r in requests]
 
 

@@ -52,6 +52,8 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype of the models (engine sui
 flags.DEFINE_list("columns", [], "Columns of `table` (default: every key of the rows).")
 flags.DEFINE_list("rates", ["2", "8", "32"], "Request arrival rates per second (serve suite).")
 flags.DEFINE_integer("requests", 96, "Requests per rate (serve suite).")
+flags.DEFINE_list("concurrency", ["1"], "Closed-loop client counts (serve suite): each client "
+                  "sends its next request when its last is done; empty for none.")
 flags.DEFINE_list("policies", [], "Serving policies to run (serve suite; default: all of static, "
                   "continuous_ar, continuous_speculative, smartspec, tetris).")
 flags.DEFINE_list("outputs", ["uniform", "long_tail"], "Distributions of the requests' new-token "
@@ -88,6 +90,16 @@ def _table(path: str) -> int:
     return 2
   print(harness.markdown_table(rows, FLAGS.columns))
   return 0
+
+
+def _numbers(flag: str, values: list[str], kind: type) -> tuple:
+  """A list flag's values as numbers of `kind`, or a UserError naming the flag and the value."""
+  from paxlike.errors import UserError
+  try:
+    return tuple(kind(v) for v in values)
+  except ValueError:
+    raise UserError(f"--{flag}={','.join(values)}: each value must be "
+                    f"{'an integer' if kind is int else 'a number'}") from None
 
 
 def main(argv: list[str]) -> int:
@@ -128,10 +140,11 @@ def main(argv: list[str]) -> int:
                           prompt_seed=diffusion_suite.PROMPT_SEED if FLAGS.prompt_seed is None
                           else FLAGS.prompt_seed)
     elif argv[1] == "serve":
-      serve_suite.run(FLAGS.workdir, FLAGS.out, tuple(float(r) for r in FLAGS.rates),
+      serve_suite.run(FLAGS.workdir, FLAGS.out, _numbers("rates", FLAGS.rates, float),
                       FLAGS.requests, policies=tuple(FLAGS.policies) or serve_suite.POLICIES,
                       long_prompts=FLAGS.long_prompts, outputs=tuple(FLAGS.outputs),
-                      prefills=tuple(FLAGS.prefills), drafters=tuple(FLAGS.drafters))
+                      prefills=tuple(FLAGS.prefills), drafters=tuple(FLAGS.drafters),
+                      concurrency=_numbers("concurrency", FLAGS.concurrency, int))
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":

@@ -137,22 +137,27 @@ def _engines(model, params, draft, headed, batch: int, steps_per_sync: int,
                                                         steps_per_sync)}
 
 
-def _serve(model, params, name: tuple[str, str], inputs, reference, rate: float, policy: str,
-           variant: str, engines, batch: int, greedy: SamplingParams) -> dict[str, Any]:
-  """One row: trace `name` ((prompts, outputs); its `inputs`, prompts and new-token counts) at
-  `rate` served by `policy` (its engine `variant`), checked against its AR `reference`."""
+def _serve(model, params, name: tuple[str, str], inputs, reference, load: tuple[str, float],
+           policy: str, variant: str, engines, batch: int,
+           greedy: SamplingParams) -> dict[str, Any]:
+  """One row: trace `name` ((prompts, outputs); its `inputs`, prompts and new-token counts) under
+  `load` (("rate", requests per second) of Poisson arrivals, or ("concurrency", C) closed-loop
+  clients) served by `policy` (its engine `variant`), checked against its AR `reference`."""
   (prompts, kind), requests = name, len(inputs[0])
-  trace = serving.poisson_trace(*inputs, rate)
+  (loop, amount), clients = load, int(load[1]) if load[0] == "concurrency" else None
+  trace = serving.poisson_trace(*inputs, amount if loop == "rate" else 1.0)
   engine, timings = engines[variant] and engines[variant](), {}
   served = (serving.serve_continuous(model, params, trace, batch, greedy, engine=engine,
-                                     timings=timings)
-            if engine else serving.serve_static(model, params, trace, batch, greedy, timings))
+                                     timings=timings, clients=clients)
+            if engine else serving.serve_static(model, params, trace, batch, greedy, timings,
+                                                clients))
   equal = all(np.array_equal(s.tokens, r) for s, r in zip(served, reference))
   drafter = ("eagle" if variant.endswith("eagle") else "model" if policy in SPECULATIVE
              else "none")
   return {"policy": policy, "drafter": drafter, "prompts": prompts, "outputs": kind,
           "chunked_prefill": CHUNK if variant.endswith("piggybacked") else 0,
-          "phase_split": variant == "split", "rate": rate, **serving.summary(served, timings),
+          "phase_split": variant == "split", "rate": amount if loop == "rate" else None,
+          "concurrency": clients, **serving.summary(served, timings),
           "greedy_equal_ar": equal, "requests": requests, "batch": batch, **_choices(engine)}
 
 
@@ -184,8 +189,10 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
         policies: tuple[str, ...] = POLICIES, long_prompts: bool = True,
         outputs: tuple[str, ...] = OUTPUTS,
         prefills: tuple[str, ...] = ("piggybacked",),
-        drafters: tuple[str, ...] = DRAFTERS) -> dict[str, Any]:
-  """Serves `requests` requests at each rate with each of `policies` on the short prompts with
+        drafters: tuple[str, ...] = DRAFTERS,
+        concurrency: tuple[int, ...] = (1,)) -> dict[str, Any]:
+  """Serves `requests` requests at each rate (Poisson arrivals) and to each number of closed-loop
+  clients in `concurrency` (`paxlike.arrivals`) with each of `policies` on the short prompts with
   each of `outputs` (`continuous_ar` and `smartspec` with each of `prefills`) and, with
   `long_prompts`, the `with_long` trace (uniform outputs; `continuous_ar` with both prefills);
   `target_overrides` and `train_steps` reshape and shorten the target's and the draft's training
@@ -197,6 +204,9 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
     if unknown:
       raise UserError(f"{flag}: {', '.join(unknown)} not in the serve suite; valid: "
                       f"{', '.join(valid)}")
+  if any(c < 1 for c in concurrency):
+    raise UserError(f"--concurrency: {', '.join(map(str, concurrency))}; each must be a number "
+                    "of clients >= 1")
   if not drafters and set(policies) & set(DRAFTED):
     raise UserError(f"--drafters is empty: {', '.join(sorted(set(policies) & set(DRAFTED)))} "
                     f"need one of {', '.join(DRAFTERS)}")
@@ -247,23 +257,24 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
   references = {name: serving.reference(model, params, serving.poisson_trace(*pair, 1.0), greedy)
                 for name, pair in inputs.items()}
   rows = []
+  loads = [("rate", r) for r in rates] + [("concurrency", c) for c in concurrency]
   for name in inputs:  # a trace's programs are freed before the next trace's are compiled
-    for rate in rates:  # the ceiling measured beside each rate's runs
+    for load in loads:  # the ceiling measured beside each load's runs
       ceiling = round(full_slots_rate(model, params, inputs[name], batch, steps_per_sync,
                                       greedy), 1)
       rows += [{**row, "full_slots_throughput": ceiling,
                 "share_of_full_slots": round(row["throughput"] / ceiling, 3)}
-               for row in (_serve(model, params, name, inputs[name], references[name], rate,
+               for row in (_serve(model, params, name, inputs[name], references[name], load,
                                   policy, variant, engines, batch, greedy)
                            for trace, policy, variant in runs if trace == name)]
     _release_programs()
   harness.print_table(rows, ["policy", "drafter", "prompts", "outputs", "chunked_prefill",
-                             "phase_split", "rate", "throughput", "ttft_p50", "ttft_p99",
-                             "tpot_p50", "tpot_p99", "itl_p50", "itl_p99", "busy_share",
+                             "phase_split", "rate", "concurrency", "throughput", "ttft_p50",
+                             "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50", "itl_p99", "busy_share",
                              "share_of_full_slots", "greedy_equal_ar"])
   config = {"target": "pair_target", "draft": "pair_draft", "eagle": "pair_eagle",
             "drafters": list(drafters), "eagle_draft_tokens": EAGLE_DRAFT_TOKENS,
-            "rates": list(rates),
+            "rates": list(rates), "concurrency": list(concurrency),
             "requests": requests, "batch": batch, "steps_per_sync": steps_per_sync,
             "num_draft_tokens": NUM_DRAFT_TOKENS, "policies": list(policies),
             "prompt_bytes": list(PROMPT_BYTES), "long_prompt_bytes": list(LONG_PROMPT_BYTES),

@@ -35,6 +35,14 @@ def test_unknown_suite_is_a_clear_error():
   assert result.returncode != 0 and "suites: train" in result.stderr
 
 
+def test_serve_load_flags_that_are_not_numbers_are_named():
+  result = cli.run("serve", "--concurrency=one", module="paxlike.bench")
+  assert result.returncode == 2
+  assert "--concurrency=one: each value must be an integer" in result.stderr
+  result = cli.run("serve", "--rates=fast", module="paxlike.bench")
+  assert "--rates=fast: each value must be a number" in result.stderr
+
+
 def test_interleaved_times_alternate_the_calls_round_by_round():
   calls = []
   fns = [lambda: calls.append("ar") or len(calls), lambda: calls.append("spec") or -len(calls)]

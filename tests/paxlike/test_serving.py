@@ -14,7 +14,7 @@ from models.config import DraftHeadsConfig, ModelConfig
 from models.eagle import EagleLM
 import jax
 
-from paxlike import prefill_serving, serving, speculative_serving, timing
+from paxlike import arrivals, prefill_serving, serving, speculative_serving, timing
 from samplers import continuous
 from paxlike.bench import serve_suite
 from paxlike.errors import UserError
@@ -60,6 +60,34 @@ def test_static_and_continuous_policies_return_each_requests_own_decode():
       assert summary["throughput"] > 0 and summary["ttft_p50"] <= summary["ttft_p99"]
       assert 0 < summary["itl_p50"] <= summary["itl_p99"]
       assert all(len(s.gaps) <= len(s.tokens) - 1 for s in served)
+
+
+def test_closed_loop_clients_send_each_request_when_their_last_is_done():
+  trace = _trace()
+  waiting = arrivals.Arrivals(trace, clients=2)
+  assert [waiting.take(0.0), waiting.take(0.0), waiting.take(0.0)] == [trace[0], trace[1], None]
+  waiting.finished(trace[1], 0.5)  # client 2's next request (trace[3]) is sent at 0.5
+  assert waiting.take(0.4) is None and waiting.take(0.5) is trace[3]
+  assert waiting.arrival_s(trace[3]) == 0.5
+  open_loop = arrivals.Arrivals(trace)
+  assert open_loop.next_arrival() == trace[0].arrival_s and open_loop.take(0.0) is None
+  with pytest.raises(ValueError, match="at least one client"):
+    arrivals.Arrivals(trace, clients=0)
+
+
+@pytest.mark.parametrize("clients", [1, 2])
+def test_closed_loop_serving_returns_each_requests_decode_in_client_order(clients):
+  model, params, trace = MODEL, random_params(MODEL), _trace()
+  greedy = SamplingParams(temperature=0.0)
+  reference = serving.reference(model, params, trace, greedy)
+  for served in (serving.serve_static(model, params, trace, 3, greedy, clients=clients),
+                 serving.serve_continuous(model, params, trace, 3, greedy, 2,
+                                          clients=clients)):
+    for s, want in zip(served, reference):
+      np.testing.assert_array_equal(s.tokens, want)
+    assert all(s.arrival_s == 0.0 for s in served[:clients])
+    for before, after in zip(served, served[clients:]):  # sent when the client's last was done
+      assert after.arrival_s == before.done_s
 
 
 def test_speculative_policies_return_each_requests_greedy_decode():
@@ -112,22 +140,22 @@ def test_serve_suite_rows(tmp_path):
   small = ("model.num_layers=1", "model.d_model=64", "model.num_heads=2", "model.num_kv_heads=2",
            "model.mlp_dim=128", "eval.batches=1")
   report = serve_suite.run(str(tmp_path / "cache"), str(out), rates=(50.0, 400.0), requests=6,
-                           batch=3, target_overrides=small, train_steps=2)
+                           batch=3, target_overrides=small, train_steps=2, concurrency=(2,))
   assert json.loads(out.read_text())["suite"] == "serve"
   rows = report["rows"]
-  rates, outputs = (50.0, 400.0), serve_suite.OUTPUTS
+  loads, outputs = ((50.0, None), (400.0, None), (None, 2)), serve_suite.OUTPUTS
   chunk = serve_suite.CHUNK
   drafters = lambda p: (serve_suite.DRAFTERS if p in serve_suite.DRAFTED else
                         ("model",) if p in serve_suite.SPECULATIVE else ("none",))
   piggybacked = lambda p, d: p in serve_suite.PIGGYBACKED and d != "eagle"
   assert {(r["policy"], r["drafter"], r["prompts"], r["outputs"], r["chunked_prefill"],
-           r["phase_split"], r["rate"]) for r in rows} == {
-      *[(p, d, "short", o, chunk if piggybacked(p, d) else 0, False, rate)
-        for p in serve_suite.POLICIES for d in drafters(p) for o in outputs for rate in rates],
-      *[("continuous_ar", "none", "short", o, 0, True, rate) for o in outputs  # 8 test devices
-        for rate in rates],
-      *[("continuous_ar", "none", "with_long", "uniform", c, False, rate) for c in (0, chunk)
-        for rate in rates]}
+           r["phase_split"], (r["rate"], r["concurrency"])) for r in rows} == {
+      *[(p, d, "short", o, chunk if piggybacked(p, d) else 0, False, load)
+        for p in serve_suite.POLICIES for d in drafters(p) for o in outputs for load in loads],
+      *[("continuous_ar", "none", "short", o, 0, True, load) for o in outputs  # 8 test devices
+        for load in loads],
+      *[("continuous_ar", "none", "with_long", "uniform", c, False, load) for c in (0, chunk)
+        for load in loads]}
   for row in rows:
     assert row["greedy_equal_ar"], row
     for key in ("throughput", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99", "itl_p50",
@@ -264,6 +292,8 @@ def test_an_unknown_serving_policy_output_distribution_prefill_or_drafter_is_nam
     serve_suite.run(None, None, drafters=("human",))
   with pytest.raises(UserError, match="--drafters is empty: smartspec need one of model, eagle"):
     serve_suite.run(None, None, policies=("smartspec",), drafters=())
+  with pytest.raises(UserError, match="--concurrency: 2, 0; each must be a number of clients"):
+    serve_suite.run(None, None, concurrency=(2, 0))
 
 
 def test_the_two_output_distributions_share_prompts_and_mean():
