@@ -15,9 +15,9 @@ Both take requests as they arrive in the trace (an open loop) or, with `clients=
 closed-loop clients that each send their next request when their last is done
 (`paxlike.arrivals`). Both compile everything before the clock starts and report per request
 its arrival, the time its first token was ready, the time it was done and the gaps its tokens
-arrived with. A static
-batch returns its tokens when it ends; its requests' first-token time and gaps are taken at the
-batch's mean step time, so the latencies compare the two loops' decode steps.
+arrived with. A static batch returns its tokens when it ends; its requests' first-token time
+and gaps are taken at the batch's mean step time, so the latencies compare the two loops'
+decode steps.
 """
 
 from __future__ import annotations
