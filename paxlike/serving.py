@@ -11,9 +11,8 @@ A request arrives at a time, with a prompt and a number of tokens to generate. T
   engine here; `paxlike.prefill_serving` has its chunked-prefill and phase-split variants, and
   `paxlike.speculative_serving` the speculative ones.
 
-Both take requests as they arrive in the trace (an open loop) or, with `clients=C`, from C
-closed-loop clients that each send their next request when their last is done
-(`paxlike.arrivals`). Both compile everything before the clock starts and report per request
+Both take requests as they arrive in the trace (an open loop) or, with `clients=C`, in a closed
+loop: at most C in flight, the next one sent whenever one is done (`paxlike.arrivals`). Both compile everything before the clock starts and report per request
 its arrival, the time its first token was ready, the time it was done and the gaps its tokens
 arrived with. A static batch returns its tokens when it ends; its requests' first-token time
 and gaps are taken at the batch's mean step time, so the latencies compare the two loops'
@@ -127,7 +126,8 @@ def serve_static(model, params, requests: list[Request], batch: int,
                  clients: int | None = None) -> list[Served]:
   """The static policy (module docstring); batches are padded to `batch` rows. `timings`, if
   given, receives "batch": [seconds of each batch's call]. `clients`: None serves the trace's
-  arrival times; C serves C closed-loop clients (`paxlike.arrivals`)."""
+  arrival times; C serves it in a closed loop of at most C requests in flight
+  (`paxlike.arrivals`)."""
   width = max(len(r.prompt) for r in requests)
   decoders = {n: _static_decoder(model, params, batch, width, n, sampling)
               for n in {_bucket(r.max_new_tokens) for r in requests}}

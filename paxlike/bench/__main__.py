@@ -52,8 +52,8 @@ flags.DEFINE_string("dtype", "float32", "Compute dtype of the models (engine sui
 flags.DEFINE_list("columns", [], "Columns of `table` (default: every key of the rows).")
 flags.DEFINE_list("rates", ["2", "8", "32"], "Request arrival rates per second (serve suite).")
 flags.DEFINE_integer("requests", 96, "Requests per rate (serve suite).")
-flags.DEFINE_list("concurrency", ["1"], "Closed-loop client counts (serve suite): each client "
-                  "sends its next request when its last is done; empty for none.")
+flags.DEFINE_list("concurrency", ["1"], "Closed loops to serve after the rates (serve suite): "
+                  "at most C requests in flight, the next sent when one is done; empty for none.")
 flags.DEFINE_list("policies", [], "Serving policies to run (serve suite; default: all of static, "
                   "continuous_ar, continuous_speculative, smartspec, tetris).")
 flags.DEFINE_list("outputs", ["uniform", "long_tail"], "Distributions of the requests' new-token "

@@ -137,15 +137,16 @@ def _engines(model, params, draft, headed, batch: int, steps_per_sync: int,
                                                         steps_per_sync)}
 
 
-def _serve(model, params, name: tuple[str, str], inputs, reference, load: tuple[str, float],
-           policy: str, variant: str, engines, batch: int,
+def _serve(model, params, name: tuple[str, str], inputs, reference,
+           load: tuple[float | None, int | None], policy: str, variant: str, engines, batch: int,
            greedy: SamplingParams) -> dict[str, Any]:
   """One row: trace `name` ((prompts, outputs); its `inputs`, prompts and new-token counts) under
-  `load` (("rate", requests per second) of Poisson arrivals, or ("concurrency", C) closed-loop
-  clients) served by `policy` (its engine `variant`), checked against its AR `reference`."""
+  `load`, (rate, None) for Poisson arrivals at `rate` per second or (None, C) for a closed loop
+  of C requests in flight, served by `policy` (its engine `variant`), checked against its AR
+  `reference`."""
   (prompts, kind), requests = name, len(inputs[0])
-  (loop, amount), clients = load, int(load[1]) if load[0] == "concurrency" else None
-  trace = serving.poisson_trace(*inputs, amount if loop == "rate" else 1.0)
+  rate, clients = load
+  trace = serving.poisson_trace(*inputs, rate or 1.0)  # closed loop: arrivals set as it runs
   engine, timings = engines[variant] and engines[variant](), {}
   served = (serving.serve_continuous(model, params, trace, batch, greedy, engine=engine,
                                      timings=timings, clients=clients)
@@ -156,8 +157,7 @@ def _serve(model, params, name: tuple[str, str], inputs, reference, load: tuple[
              else "none")
   return {"policy": policy, "drafter": drafter, "prompts": prompts, "outputs": kind,
           "chunked_prefill": CHUNK if variant.endswith("piggybacked") else 0,
-          "phase_split": variant == "split", "rate": amount if loop == "rate" else None,
-          "concurrency": clients, **serving.summary(served, timings),
+          "phase_split": variant == "split", "rate": rate, "concurrency": clients, **serving.summary(served, timings),
           "greedy_equal_ar": equal, "requests": requests, "batch": batch, **_choices(engine)}
 
 
@@ -191,8 +191,8 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
         prefills: tuple[str, ...] = ("piggybacked",),
         drafters: tuple[str, ...] = DRAFTERS,
         concurrency: tuple[int, ...] = (1,)) -> dict[str, Any]:
-  """Serves `requests` requests at each rate (Poisson arrivals) and to each number of closed-loop
-  clients in `concurrency` (`paxlike.arrivals`) with each of `policies` on the short prompts with
+  """Serves `requests` requests at each rate (Poisson arrivals) and in a closed loop at each
+  `concurrency` (`paxlike.arrivals`) with each of `policies` on the short prompts with
   each of `outputs` (`continuous_ar` and `smartspec` with each of `prefills`) and, with
   `long_prompts`, the `with_long` trace (uniform outputs; `continuous_ar` with both prefills);
   `target_overrides` and `train_steps` reshape and shorten the target's and the draft's training
@@ -206,7 +206,10 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
                       f"{', '.join(valid)}")
   if any(c < 1 for c in concurrency):
     raise UserError(f"--concurrency: {', '.join(map(str, concurrency))}; each must be a number "
-                    "of clients >= 1")
+                    "of requests in flight >= 1")
+  if any(r <= 0 for r in rates):
+    raise UserError(f"--rates: {', '.join(map(str, rates))}; each must be a number of requests "
+                    "per second > 0")
   if not drafters and set(policies) & set(DRAFTED):
     raise UserError(f"--drafters is empty: {', '.join(sorted(set(policies) & set(DRAFTED)))} "
                     f"need one of {', '.join(DRAFTERS)}")
@@ -257,7 +260,7 @@ def run(workdir: str | None, out: str | None, rates: tuple[float, ...] = (2.0, 8
   references = {name: serving.reference(model, params, serving.poisson_trace(*pair, 1.0), greedy)
                 for name, pair in inputs.items()}
   rows = []
-  loads = [("rate", r) for r in rates] + [("concurrency", c) for c in concurrency]
+  loads = [(r, None) for r in rates] + [(None, c) for c in concurrency]
   for name in inputs:  # a trace's programs are freed before the next trace's are compiled
     for load in loads:  # the ceiling measured beside each load's runs
       ceiling = round(full_slots_rate(model, params, inputs[name], batch, steps_per_sync,
