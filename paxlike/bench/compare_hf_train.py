@@ -111,6 +111,7 @@ def measure(size: str, config: ModelConfig, batch: int, seq_len: int, steps: int
   # the floor in a second pass, beside PyTorch's step alone: timed beside paxlike's, its
   # memory traffic slowed paxlike's step by 10-20% and would misstate that row
   bare = matmul_floor.bare_program(dots)
+  bare()  # compiled before any timed pass, whatever `warmup`
 
   def floor(_) -> float:
     bare()
@@ -118,25 +119,26 @@ def measure(size: str, config: ModelConfig, batch: int, seq_len: int, steps: int
 
   _, floor_times = _interleaved({"hf": systems["hf"], FLOOR: floor}, batches, warmup)
   loss_diff = max(abs(a - b) for a, b in zip(losses["hf"], losses["paxlike"]))
-  gflop = sum(d.flops for d in dots) / 1e9
   base = dict(target=size, params=Trainer.param_count(params), method="train", batch=batch,
-              seq_len=seq_len, steps=steps, matmul_gflop=float(f"{gflop:.4g}"))
+              seq_len=seq_len, steps=steps)
   rows = [_row(base, name, times[name], batch * seq_len, losses[name][-1], loss_diff)
           for name in systems]
   rows.append(_row(base, FLOOR, floor_times[FLOOR], batch * seq_len, None, None))
-  for row, hf_times in ((rows[1], times["hf"]), (rows[2], floor_times["hf"])):
-    row.update(ratio_vs_hf=round(statistics.median(hf_times) / row["step_s"], 2),
+  rows[2]["matmul_gflop"] = float(f"{sum(d.flops for d in dots) / 1e9:.4g}")
+  for row, hf_times, own in ((rows[1], times["hf"], times["paxlike"]),
+                             (rows[2], floor_times["hf"], floor_times[FLOOR])):
+    row.update(ratio_vs_hf=round(statistics.median(hf_times) / statistics.median(own), 2),
                vs_hf="hf train, interleaved with this row")
   return rows
 
 
-def _interleaved(steps: dict[str, Any], batches: np.ndarray, warmup: int):
+def _interleaved(step_fns: dict[str, Any], batches: np.ndarray, warmup: int):
   """({name: loss of each step}, {name: seconds of each step after `warmup`}): every step
   function run on each batch in turn."""
-  losses = {name: [] for name in steps}
-  times = {name: [] for name in steps}
+  losses = {name: [] for name in step_fns}
+  times = {name: [] for name in step_fns}
   for index, tokens in enumerate(batches):
-    for name, step in steps.items():
+    for name, step in step_fns.items():
       start = time.perf_counter()
       losses[name].append(step(tokens))  # float(): waits for the step
       if index >= warmup:

@@ -7,8 +7,9 @@ must compute. `step_dots` collects every `dot_general` of a function's jaxpr (fo
 backward that autodiff and custom VJPs produce, and nested calls, conditionals and loops), with
 its operand shapes and dimension numbers; `bare_program` is one jitted program that runs exactly
 those products on random operands and nothing else. Timing it beside the real step (interleaved)
-gives the floor on the same noisy machine, and `(peer's step) / floor` the most any system doing
-these products at these kernels' rate could gain over the peer.
+gives the floor on the same noisy machine, and `(peer's step) / floor` about the most a system
+computing these products with these kernels could gain over the peer (an optimistic bound:
+`bare_program`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Dot:
   rhs: jax.ShapeDtypeStruct
   dimension_numbers: tuple
   trips: int = 1
+  precision: Any = None
+  preferred_element_type: Any = None
 
   @property
   def flops(self) -> int:
@@ -53,7 +56,8 @@ def _walk(jaxpr, trips: int, out: list[Dot]) -> None:
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
       lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars[:2])
-      out.append(Dot(lhs, rhs, eqn.params["dimension_numbers"], trips))
+      out.append(Dot(lhs, rhs, eqn.params["dimension_numbers"], trips,
+                     eqn.params.get("precision"), eqn.params.get("preferred_element_type")))
       continue
     if eqn.primitive.name == "while":
       raise ValueError("step_dots cannot count the products of a while loop (its trip count "
@@ -85,16 +89,16 @@ def _random(key, spec: jax.ShapeDtypeStruct) -> jax.Array:
   return jax.random.randint(key, spec.shape, -8, 8).astype(spec.dtype)
 
 
-def bare_program(dots: list[Dot], seed: int = 0) -> Callable[[], Any]:
-  """A call that runs every product of `dots` (each `trips` times) on random operands, as one
-  jitted program, and waits for it: nothing but the matmuls.
+def bare_products(dots: list[Dot], seed: int = 0) -> tuple[Callable, list]:
+  """(products, operands): a jitted program that computes every product of `dots` (each `trips`
+  times) and nothing else, and random operands for it.
 
-  Products of the same shapes (a model's layers) share their larger operand and each get their
-  own smaller one: XLA cannot merge them, and the operands stay a model's size rather than a
-  copy per product (a 10M model's step has 1.6 GB of operands, whose memory traffic slowed the
-  steps timed beside the floor)."""
+  Products whose larger operand has the same shape (a model's layers) share that operand and
+  each get their own smaller one, so the operands stay a model's size rather than a copy per
+  product (a 10M model's step has 1.6 GB of them). XLA:CPU does not merge such products (each
+  stays a dot in the compiled program; tested); a GPU compiler may."""
   keys = iter(jax.random.split(jax.random.key(seed), 2 * sum(d.trips for d in dots)))
-  shared, operands, numbers = {}, [], []
+  shared, operands, specs = {}, [], []
   for d in dots:
     small, large = sorted((d.lhs, d.rhs), key=lambda s: math.prod(s.shape))
     key = (large.shape, large.dtype)
@@ -102,12 +106,23 @@ def bare_program(dots: list[Dot], seed: int = 0) -> Callable[[], Any]:
       shared[key] = _random(next(keys), large)
     for _ in range(d.trips):
       own = _random(next(keys), small)
-      pair = (own, shared[key]) if small is d.lhs else (shared[key], own)
-      operands.append(pair)
-      numbers.append(d.dimension_numbers)
+      operands.append((own, shared[key]) if small is d.lhs else (shared[key], own))
+      specs.append(d)
 
   @jax.jit
   def products(operands):
-    return [jax.lax.dot_general(lhs, rhs, n) for (lhs, rhs), n in zip(operands, numbers)]
+    return [jax.lax.dot_general(lhs, rhs, d.dimension_numbers, d.precision,
+                                d.preferred_element_type)
+            for (lhs, rhs), d in zip(operands, specs)]
 
+  return products, operands
+
+
+def bare_program(dots: list[Dot], seed: int = 0) -> Callable[[], Any]:
+  """A call that runs `bare_products` once and waits for it: nothing but the matmuls.
+
+  As a floor it is optimistic: an operand shared across layers may stay in cache where the real
+  step reads each layer's own, and independent products may overlap where the step's depend on
+  each other."""
+  products, operands = bare_products(dots, seed)
   return lambda: jax.block_until_ready(products(operands))  # [each product's output]

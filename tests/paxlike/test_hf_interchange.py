@@ -314,6 +314,5 @@ def test_compare_hf_train_rows_take_the_same_steps():
     assert row["tokens_per_s"] > 0 and row["max_loss_diff"] < 1e-3, row
   assert rows[1]["ratio_vs_hf"] > 0 and rows[2]["ratio_vs_hf"] > 0
   assert rows[2]["final_loss"] is None and rows[2]["step_s"] > 0
-  # 2 layers x 7 projections, the head and attention's products, forward and backward
-  assert rows[2]["matmul_gflop"] == rows[0]["matmul_gflop"] > 0
+  assert rows[2]["matmul_gflop"] > 0 and "matmul_gflop" not in rows[0]
   assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], abs=1e-3)
