@@ -12,11 +12,11 @@ A request arrives at a time, with a prompt and a number of tokens to generate. T
   `paxlike.speculative_serving` the speculative ones.
 
 Both take requests as they arrive in the trace (an open loop) or, with `clients=C`, in a closed
-loop: at most C in flight, the next one sent whenever one is done (`paxlike.arrivals`). Both compile everything before the clock starts and report per request
-its arrival, the time its first token was ready, the time it was done and the gaps its tokens
-arrived with. A static batch returns its tokens when it ends; its requests' first-token time
-and gaps are taken at the batch's mean step time, so the latencies compare the two loops'
-decode steps.
+loop: at most C in flight, the next one sent whenever one is done (`paxlike.arrivals`). Both
+compile everything before the clock starts and report per request its arrival, the time its
+first token was ready, the time it was done and the gaps its tokens arrived with. A static
+batch returns its tokens when it ends; its requests' first-token time and gaps are taken at the
+batch's mean step time, so the latencies compare the two loops' decode steps.
 """
 
 from __future__ import annotations

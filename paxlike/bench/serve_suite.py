@@ -157,7 +157,8 @@ def _serve(model, params, name: tuple[str, str], inputs, reference,
              else "none")
   return {"policy": policy, "drafter": drafter, "prompts": prompts, "outputs": kind,
           "chunked_prefill": CHUNK if variant.endswith("piggybacked") else 0,
-          "phase_split": variant == "split", "rate": rate, "concurrency": clients, **serving.summary(served, timings),
+          "phase_split": variant == "split", "rate": rate, "concurrency": clients,
+          **serving.summary(served, timings),
           "greedy_equal_ar": equal, "requests": requests, "batch": batch, **_choices(engine)}
 
 
