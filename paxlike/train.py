@@ -287,6 +287,11 @@ class Trainer:
     with rules.activate(self.mesh):
       return self._train_step.lower(state, batch, self.teacher_params)
 
+  def train_step_jaxpr(self, state: TrainState, batch: jax.Array):
+    """The train step's closed jaxpr for these arguments (`bench train` reads its products)."""
+    with rules.activate(self.mesh):
+      return jax.make_jaxpr(self._train_step)(state, batch, self.teacher_params)
+
   def evaluate(self, params: Any) -> tuple[float, float]:
     """Mean held-out loss (nats/token) and bits per byte (tokens are bytes)."""
     total, count = 0.0, 0.0

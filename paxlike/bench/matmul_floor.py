@@ -78,8 +78,13 @@ def _walk(jaxpr, trips: int, out: list[Dot]) -> None:
 def step_dots(fn: Callable, *args) -> list[Dot]:
   """Every matrix product one call of `fn(*args)` computes, in program order (a product in a
   scan body is listed once with its `trips`; of a conditional's branches, the costliest)."""
+  return jaxpr_dots(jax.make_jaxpr(fn)(*args))
+
+
+def jaxpr_dots(closed: jax_core.ClosedJaxpr) -> list[Dot]:
+  """`step_dots` of a traced program."""
   out: list[Dot] = []
-  _walk(jax.make_jaxpr(fn)(*args).jaxpr, 1, out)
+  _walk(closed.jaxpr, 1, out)
   return out
 
 

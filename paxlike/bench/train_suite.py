@@ -4,7 +4,8 @@ MFU is measured against this machine's own float32 matmul peak (`harness.matmul_
 so it says how much of the achievable matmul throughput the whole step (attention, norms,
 optimizer, data transfer included) attains. One profiled step says where the rest goes: the
 shares of its span when a matmul runs, when only other operations run, and when none runs
-(`op_profile.busy_split`).
+(`op_profile.busy_split`); and the step's own matrix products, run bare (`matmul_floor`), give
+its floor: `step_over_floor` is how many times that the whole step takes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 from models.config import ModelConfig
 from paxlike import config as config_lib
 from paxlike import registry
-from paxlike.bench import harness, op_profile
+from paxlike.bench import harness, matmul_floor, op_profile
 from paxlike.config import Experiment
 from paxlike.train import Trainer
 
@@ -64,6 +65,12 @@ def bench_experiment(exp: Experiment, steps: int, peak: float) -> dict[str, Any]
 
     busy = op_profile.busy_split(op_profile.trace_events(profiled_step),
                                  op_profile.matmul_instructions(compiled.as_text()))
+    # the floor: the step's own matrix products run bare, timed after the steps (timed beside
+    # them, its memory traffic slowed them; `matmul_floor`)
+    bare = matmul_floor.bare_program(matmul_floor.jaxpr_dots(
+        trainer.train_step_jaxpr(holder["state"], batches[-1])))
+    bare()
+    floor = harness.time_calls(bare, steps)["median_s"]
     span = sum(busy.values()) or 1.0
     times.sort()
     median = times[len(times) // 2]
@@ -91,6 +98,9 @@ def bench_experiment(exp: Experiment, steps: int, peak: float) -> dict[str, Any]
         "matmul_share": busy["matmul_s"] / span,
         "other_share": busy["other_s"] / span,
         "idle_share": busy["idle_s"] / span,
+        # the step's matrix products alone (median seconds), and the step's time over theirs
+        "matmul_floor_s": floor,
+        "step_over_floor": median / floor,
     }
 
 
@@ -109,6 +119,6 @@ def run(experiments: list[str], steps: int, out: str | None,
       rows.append(bench_experiment(exp, steps, peak))
   harness.print_table(rows, ["experiment", "remat", "params", "batch", "seq_len", "compile_s",
                              "step_s", "tokens_per_s", "mfu", "temp_mib", "matmul_share",
-                             "other_share", "idle_share"])
+                             "other_share", "idle_share", "matmul_floor_s", "step_over_floor"])
   return harness.write_report(out, "train", {"experiments": experiments, "steps": steps,
                                              "remat": list(remat)}, rows)

@@ -28,6 +28,8 @@ def test_train_suite_writes_json(tmp_path):
   assert row["compile_s"] > 0 and row["step_s_min"] <= row["step_s"] <= row["step_s_max"]
   shares = [row["matmul_share"], row["other_share"], row["idle_share"]]
   assert row["matmul_share"] > 0 and sum(shares) == pytest.approx(1.0)
+  assert row["matmul_floor_s"] > 0
+  assert row["step_over_floor"] == pytest.approx(row["step_s"] / row["matmul_floor_s"])
 
 
 def test_unknown_suite_is_a_clear_error():
