@@ -24,7 +24,6 @@ class Arrivals:
   def __init__(self, requests: list, clients: int | None = None):
     if clients is not None and clients < 1:
       raise ValueError(f"clients={clients}: a closed loop needs at least one client")
-    self.clients = clients
     sent = requests if clients is None else requests[:clients]
     self.arrival = {id(r): r.arrival_s if clients is None else 0.0 for r in sent}
     self.ready = collections.deque(sent)  # sent, not yet taken

@@ -293,10 +293,9 @@ def serve_continuous(model, params, requests: list[Request], num_slots: int,
                      clients: int | None = None) -> list[Served]:
   """The continuous policy (module docstring) with `num_slots` slots: AR steps, or the
   programs of `engine` (e.g. `paxlike.speculative_serving`'s); `clients` as in `serve_static`.
-  `timings`, if given, receives
-  the seconds of each "admit" (from the call until the slots' token counts are read; for an
-  engine that defers admission, the dispatch alone) and each "advance" (until its results are
-  read), the scheduler's view of where the time goes."""
+  `timings`, if given, receives the seconds of each "admit" (from the call until the slots'
+  token counts are read; for an engine that defers admission, the dispatch alone) and each
+  "advance" (until its results are read), the scheduler's view of where the time goes."""
   engine = engine or ARSlots(model, params, num_slots, sampling, steps_per_sync)
   generated = jax.jit(continuous.generated, static_argnames="config")
   slots = engine.warm_up(engine.compile_admits(engine.init(requests), requests), requests)

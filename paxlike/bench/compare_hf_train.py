@@ -18,8 +18,8 @@ difference between their losses over the same steps.
 A third row, `matmuls only`, is the floor (`matmul_floor`): every matrix product of paxlike's
 step (forward and backward; their FLOPs in `matmul_gflop`) run bare as one program, timed in a
 second pass interleaved with PyTorch's step. Its `ratio_vs_hf` (PyTorch's step time in that pass
-over the floor's) is the most any system computing these products with this machine's kernels
-could gain over PyTorch.
+over the floor's) is about the most a system computing these products with this machine's
+kernels could gain over PyTorch (an optimistic bound: `matmul_floor.bare_program`).
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def measure(size: str, config: ModelConfig, batch: int, seq_len: int, steps: int
   paxlike_step, dots = _paxlike_step(config, jax.tree.map(jnp.asarray, params), batches[0])
   systems = {"hf": _torch_step(torch, hf_model), "paxlike": paxlike_step}
   losses, times = _interleaved(systems, batches, warmup)
-  # the floor in a second pass, beside PyTorch's step alone: timed beside paxlike's, its
-  # memory traffic slowed paxlike's step by 10-20% and would misstate that row
+  # the floor in a second pass, beside PyTorch's step alone: timed beside paxlike's, it slowed
+  # paxlike's step by 10-20% (cause not established) and would misstate that row
   bare = matmul_floor.bare_program(dots)
   bare()  # compiled before any timed pass, whatever `warmup`
 

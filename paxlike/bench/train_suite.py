@@ -66,7 +66,7 @@ def bench_experiment(exp: Experiment, steps: int, peak: float) -> dict[str, Any]
     busy = op_profile.busy_split(op_profile.trace_events(profiled_step),
                                  op_profile.matmul_instructions(compiled.as_text()))
     # the floor: the step's own matrix products run bare, timed after the steps (timed beside
-    # them, its memory traffic slowed them; `matmul_floor`)
+    # them, it slowed them; `compare_hf_train`)
     bare = matmul_floor.bare_program(matmul_floor.jaxpr_dots(
         trainer.train_step_jaxpr(holder["state"], batches[-1])))
     bare()
