@@ -214,6 +214,31 @@ class EagleSmartSpec(EagleDrafter, SmartSpec):
   """`SmartSpec` with the target's EAGLE head as the drafter."""
 
 
+def affine_costs(costs) -> np.ndarray:
+  """[K] float32: the least-squares line a + b k through `costs` [K] (seconds per call of the
+  k-th verify width or size), with b >= 0 and every cost > 0. One cost (K = 1) is kept."""
+  costs = np.asarray(costs, np.float64)
+  if costs.size < 2:
+    return costs.astype(np.float32)
+  k = np.arange(costs.size)
+  slope = max(float(np.polyfit(k, costs, 1)[0]), 0.0)
+  fitted = np.mean(costs) - slope * np.mean(k) + slope * k
+  return np.maximum(fitted, 1e-3 * np.mean(costs)).astype(np.float32)
+
+
+def depth_costs(points: list[tuple[int, int]], costs, gamma: int) -> tuple[np.ndarray, np.float32]:
+  """The least-squares plane c + d x depth + b x width through rounds timed at (depth, width)
+  `points` (seconds `costs`), with d, b >= 0: ([G + 1] float32 seconds per round verifying
+  w = 0..G after G drafts, [] float32 d, seconds per draft call)."""
+  design = np.asarray([[1.0, depth, width] for depth, width in points])
+  c, d, b = np.linalg.lstsq(design, np.asarray(costs, np.float64), rcond=None)[0]
+  d, b = max(d, 0.0), max(b, 0.0)
+  c = float(np.mean(np.asarray(costs) - design[:, 1:] @ np.asarray([d, b])))
+  floor = 1e-3 * float(np.mean(costs))
+  return (np.maximum(c + d * gamma + b * np.arange(gamma + 1), floor).astype(np.float32),
+          np.float32(d))
+
+
 class Tetris(FixedGamma):
   """TETRIS rounds (`continuous_spec.propose`, then `verify_proposal` at the chosen width):
   `max_draft_tokens` drafts per slot, `budget` verified (default: all of them, S x G; the width
@@ -232,9 +257,18 @@ class Tetris(FixedGamma):
   last token (w = 0..G, `continuous_spec.packed_selection`), and the call holds those tokens
   alone: a confident slot's long chain and an unsure one's short chain cost what they hold.
 
+  The cost of each width is the least-squares line through the warm-up's medians
+  (`affine_costs`): a round drafts G tokens whatever its width and its target call grows with
+  the tokens it verifies, so its cost is a fixed part plus one per width. The medians themselves
+  zig-zag by more than a width's step on a noisy machine (6.9, 7.8, 9.3, 11.4, 11.4 ms for
+  widths 0-4 on 8 slots of the bench's pair), and which width a run favoured for its whole span
+  followed that noise: on one trace TETRIS served 1.08x fixed gamma when its medians favoured
+  width 2 and 0.97x when they favoured width 1.
+
   Attributes after `warm_up`: costs {rows: [G + 1] seconds per call on that many rows verifying
-  w = 0..G drafts per slot (packed: rows x (w + 1) tokens)}; `widths`, the rounds per verify
-  width (packed: per size) while serving."""
+  w = 0..G drafts per slot (packed: rows x (w + 1) tokens), fitted}; `measured_costs`, the
+  medians they were fitted to; `widths`, the rounds per verify width (packed: per size) while
+  serving."""
 
   def __init__(self, target, target_params, draft, draft_params, num_slots: int,
                sampling: SamplingParams, max_draft_tokens: int, budget: int | None = None,
@@ -248,7 +282,10 @@ class Tetris(FixedGamma):
     self.packed = packed
     self.budget, self.decay = budget or num_slots * max_draft_tokens, decay
     self.costs = {rows: np.ones(max_draft_tokens + 1, np.float32) for rows in self.row_buckets()}
-    self.widths = np.zeros(max_draft_tokens + 1, int)
+    self.measured_costs = dict(self.costs)
+    self.draft_steps = {rows: np.float32(0.0) for rows in self.row_buckets()}
+    self.widths, self.depths = np.zeros(max_draft_tokens + 1, int), np.zeros(max_draft_tokens + 1,
+                                                                               int)
     # decayed (accepted drafts, rejections, top probabilities of verified drafts, their count)
     self.observed = np.zeros(4)
 
@@ -260,17 +297,21 @@ class Tetris(FixedGamma):
     ratio = (accepted / (accepted + rejected)) / (confidence / chosen)
     return np.asarray(np.clip(ratio, 0.25, 4.0), np.float32)
 
-  def select(self, slots, costs, rows: int):
+  def select(self, slots, costs, rows: int, depth: int = 0):
     """`rounds_per_sync` rounds, each `continuous_spec.propose` then `verify_proposal` at the
-    width it chose (two programs: no conditional over the target's cache)."""
+    width it chose (two programs: no conditional over the target's cache); `depth` > 0 drafts
+    exactly that many tokens (the warm-up's measurements)."""
     before = self._counters(slots)
     sizes = tuple(rows * (w + 1) for w in range(self.gamma + 1)) if self.packed else None
+    adaptive = {} if self.packed else {"draft_step": self.draft_steps[rows],
+                                       "depth": np.int32(depth)}
     for _ in range(self.rounds):
       slots, proposal = continuous_spec.propose(
           self.draft, self.draft_params, slots, self.config, min(self.budget, rows * self.gamma),
-          costs, rows, self.calibration(), sizes)
+          costs, rows, self.calibration(), sizes, **adaptive)
       choice = int(proposal["width"])
       self.widths[choice] += 1
+      self.depths[int(proposal["depth"])] += 1
       slots = continuous_spec.verify_proposal(
           self.model, self.params, slots, self.config, proposal,
           sizes[choice] if self.packed else choice, rows, self.packed)
@@ -281,13 +322,21 @@ class Tetris(FixedGamma):
     return slots
 
   def warm_up(self, slots, requests: list[Request]):
+    """Times rounds forced to each (depth, width): every width after G drafts and, dense, width 0
+    after 1..G - 1 drafts; fits the costs (`affine_costs`, `depth_costs`)."""
+    gamma = self.gamma
+    forced = lambda width: np.where(np.arange(gamma + 1) == width, 1.0, 1e9).astype(np.float32)
+    points = [(gamma, w) for w in range(gamma + 1)]
+    points += [] if self.packed else [(d, 0) for d in range(1, gamma)]
     for rows in self.row_buckets():
-      forced = [np.where(np.arange(self.gamma + 1) == width, 1.0, 1e9).astype(np.float32)
-                for width in range(self.gamma + 1)]  # cost vectors that one width alone wins
-      costs, slots = time_programs([lambda s, c=c, r=rows: self.select(s, c, r) for c in forced],
-                                   slots, lambda s: self.full(s, requests))
-      self.costs[rows] = np.asarray(costs, np.float32)  # the warm-up's argument type: no retrace
-    self.widths[:] = 0
+      programs = [lambda s, d=d, w=w, r=rows: self.select(s, forced(w), r, d) for d, w in points]
+      costs, slots = time_programs(programs, slots, lambda s: self.full(s, requests))
+      self.measured_costs[rows] = np.asarray(costs, np.float32)
+      if self.packed:
+        self.costs[rows] = affine_costs(costs)  # float32, the warm-up's argument type: no retrace
+      else:
+        self.costs[rows], self.draft_steps[rows] = depth_costs(points, costs, gamma)
+    self.widths[:] = self.depths[:] = 0
     return slots
 
   def advance(self, slots, rows: int | None = None):

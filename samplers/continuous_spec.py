@@ -111,17 +111,20 @@ def _verify(target: CausalModel, target_params, slots: Slots, drafts: jax.Array,
   return jnp.pad(logits, ((0, 0), (0, gamma - width), (0, 0))), cache
 
 
-def _draft_stage(draft, draft_params, slots: Slots, config: ContinuousConfig, gamma: int):
-  """Catches the draft up and drafts gamma tokens per slot: (slots with the draft's new cache,
-  the chain {drafts [S, gamma], q, confidence [S, gamma], verify_u (the verify uniforms)}).
-  The draft's vocabulary is the target's (`continuous.init` checks it)."""
+def _draft_stage(draft, draft_params, slots: Slots, config: ContinuousConfig, gamma: int,
+                 more=None):
+  """Catches the draft up and drafts gamma tokens per slot (with `more`, as many as it says:
+  `draft_verify.draft_after`): (slots with the draft's new cache, the chain {drafts [S, gamma],
+  q, confidence [S, gamma], depth [], verify_u (the verify uniforms)}). The draft's vocabulary
+  is the target's (`continuous.init` checks it)."""
   slots = catch_up(draft, draft_params, slots, gamma + 2)  # gamma <= G: writes stay in the cache
   noise, verify_u = draft_verify.round_noise(slots.keys, slots.context, gamma,
                                              draft.vocab_size, config.sampling.greedy)
   chain = draft_verify.draft_after(draft, draft_params, slots.seq, slots.context,
-                                   slots.draft_cache, noise, gamma, config.sampling)
+                                   slots.draft_cache, noise, gamma, config.sampling, more)
   slots = slots.replace(draft_cache=chain["cache"])
-  return slots, {k: chain[k] for k in ("drafts", "q", "confidence")} | {"verify_u": verify_u}
+  keep = ("drafts", "q", "confidence", "depth")
+  return slots, {k: chain[k] for k in keep} | {"verify_u": verify_u}
 
 
 def _verify_stage(target, target_params, slots: Slots, config: ContinuousConfig, chain,
@@ -270,6 +273,39 @@ def packed_selection(confidence: jax.Array, active: jax.Array, budget: int,
   return jnp.sum(jnp.cumprod(chosen, axis=1), axis=1, dtype=jnp.int32), k
 
 
+def costs_at_depth(costs: jax.Array, draft_step, depth) -> jax.Array:
+  """[G + 1] seconds of a round that drafted `depth` tokens per slot and verifies w = 0..G, from
+  `costs` (the same with G drafted) less the draft calls not made; widths past `depth`: inf."""
+  widths = jnp.arange(costs.shape[0])
+  return jnp.where(widths <= depth, costs - (costs.shape[0] - 1 - depth) * draft_step, jnp.inf)
+
+
+def keep_drafting(active: jax.Array, costs: jax.Array, draft_step, calibration=1.0):
+  """TETRIS's draft depth: `more(i, confidence) -> [] bool` for `draft_verify.draft_after`.
+
+  After i drafts per slot, the best round on offer verifies some w <= i drafts, at R =
+  (active slots + expected accepted drafts) / costs_at_depth(i)[w]. A deeper column costs one
+  draft call and one verify column, at least u = draft_step + the least step of `costs` from
+  width i on, and adds at most g = the expected acceptances of column i - 1 (chain values fall
+  along a chain). So when g / u <= R no deeper round (any depth, any width) beats R, and
+  drafting stops: an unsure batch stops after a draft or two instead of paying for G draft
+  calls it would not verify. Column gains sum every slot's chain values (the budget binds in
+  `selection` only).
+
+  Args: active [S] bool; costs [G + 1] seconds per round verifying w drafts after G drafted;
+  draft_step [] seconds per draft call; calibration as in `chain_values`."""
+  live, gamma = jnp.sum(active), costs.shape[0] - 1
+
+  def more(i, confidence):
+    gain = jnp.sum(jnp.maximum(chain_values(confidence, active, calibration), 0.0), axis=0)
+    expected = live + jnp.concatenate([jnp.zeros(1), jnp.cumsum(gain)])  # [G + 1]
+    best = jnp.max(expected / costs_at_depth(costs, draft_step, i))
+    column = jnp.min(jnp.where(jnp.arange(gamma) >= i, jnp.diff(costs), jnp.inf))
+    return gain[i - 1] > best * jnp.maximum(draft_step + column, 0.0)
+
+  return more
+
+
 def _verify_packed(target: CausalModel, target_params, slots: Slots, drafts: jax.Array,
                    lengths: jax.Array, size: int) -> tuple[jax.Array, object]:
   """The target's logits [S, G + 1, V] after each active slot's last token and its first
@@ -310,11 +346,16 @@ def select(target: CausalModel, target_params, draft: CausalModel, draft_params,
                    donate_argnames=("slots",))
 def propose(draft: CausalModel, draft_params, slots: Slots, config: ContinuousConfig,
             budget: int, costs: jax.Array, rows: int | None = None,
-            calibration: jax.Array | float = 1.0, sizes: tuple[int, ...] | None = None):
+            calibration: jax.Array | float = 1.0, sizes: tuple[int, ...] | None = None,
+            draft_step: jax.Array | float | None = None, depth: jax.Array | int = 0):
   """The first half of a `select` round as its own program: draft G tokens per slot and choose
   which to verify (`selection` under `calibration`; with `sizes`, `packed_selection`, costs one
   per size). Returns (slots, proposal: the chain with `lengths` [S], `width` [] (with `sizes`:
   the chosen size's index), and `chosen` [] drafts with `confidence_sum` [] top probabilities).
+
+  With `draft_step` (seconds per draft call; dense only), the drafts stop where
+  `keep_drafting` says, or after `depth` drafts if `depth` > 0 (a cost measurement), and the
+  width is chosen under `costs_at_depth`: `costs` then price rounds that drafted all G.
 
   With `verify_proposal`, a round is two programs and the host reads `width` in between, so the
   target call is compiled per width: inside `select`, `lax.switch` hands the target's cache
@@ -326,10 +367,19 @@ def propose(draft: CausalModel, draft_params, slots: Slots, config: ContinuousCo
     raise ValueError(f"sizes: the smallest packed call ({sizes[0]} tokens) must hold every "
                      f"slot's last token ({rows or config.num_slots} rows)")
 
+  if sizes is not None and draft_step is not None:
+    raise ValueError("draft_step (an adaptive draft depth) is for dense verifies; pass "
+                     "sizes=None or draft_step=None")
+
   def stage(s):
-    s, chain = _draft_stage(draft, draft_params, s, config, gamma)
+    more = None
+    if draft_step is not None:
+      rule = keep_drafting(s.active, costs, draft_step, calibration)
+      more = lambda i, confidence: jnp.where(depth > 0, i < depth, rule(i, confidence))
+    s, chain = _draft_stage(draft, draft_params, s, config, gamma, more)
     if sizes is None:
-      lengths, width = selection(chain["confidence"], s.active, budget, costs, calibration)
+      priced = costs if draft_step is None else costs_at_depth(costs, draft_step, chain["depth"])
+      lengths, width = selection(chain["confidence"], s.active, budget, priced, calibration)
     else:
       lengths, width = packed_selection(chain["confidence"], s.active, budget, sizes, costs,
                                         calibration)

@@ -84,7 +84,9 @@ def draw_draft(noise: jax.Array, logits: jax.Array,
 
 
 def draft_after(draft: CausalModel, draft_params, seq: jax.Array, context: jax.Array, cache: Any,
-                noise: jax.Array, gamma: int, sampling: SamplingParams) -> dict[str, Any]:
+                noise: jax.Array, gamma: int, sampling: SamplingParams,
+                more: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+                ) -> dict[str, Any]:
   """A separate draft model's chain of gamma tokens after each row's `context` tokens.
 
   Cache invariant: the draft holds all of a row's tokens but the last two. It re-reads them (the
@@ -94,10 +96,14 @@ def draft_after(draft: CausalModel, draft_params, seq: jax.Array, context: jax.A
   Args:
     seq: [B, S] int32 each row's tokens; context: [B] int32 how many it holds.
     noise: [B, gamma, V] the drafts' uniforms (`round_noise`; [B, gamma, 0] when greedy).
+    more: None drafts gamma tokens; else `more(i, confidence) -> [] bool`, asked after i drafts
+      (1 <= i < gamma) with their confidences (zeros after them), says whether to draft
+      another for the whole batch (a `lax.while_loop`: the calls after a False are saved).
   Returns:
     {"drafts": [B, gamma] int32, "q": [B, gamma, V] their distributions (None when greedy),
     "confidence": [B, gamma] float32 each draft's top probability (`logits.confidence`),
-    "cache": the draft's cache holding positions up to context + gamma - 2}.
+    "cache": the draft's cache holding positions up to context + depth - 2, "depth": [] int32
+    the drafts made (gamma without `more`; drafts, q and confidence are zeros after them)}.
   """
   last_two = context[:, None] + jnp.arange(-2, 0)  # [B, 2] positions
   logits, cache = draft.apply(draft_params, jnp.take_along_axis(seq, last_two, axis=1), last_two,
@@ -111,12 +117,36 @@ def draft_after(draft: CausalModel, draft_params, seq: jax.Array, context: jax.A
     token, q = draw_draft(step_noise, logits[:, 0], sampling)
     return (token, cache), (token, q, confidence(logits[:, 0]))
 
+  if more is not None:
+    return _draft_while(step, first, q_first, confidence(logits[:, 1]), cache, noise, gamma, more)
   (_, cache), (rest, q_rest, c_rest) = jax.lax.scan(
       step, (first, cache), (jnp.arange(1, gamma), jnp.moveaxis(noise[:, 1:], 1, 0)))
   q = None if sampling.greedy else jnp.concatenate([q_first[:, None], jnp.moveaxis(q_rest, 0, 1)],
                                                    axis=1)
   return {"drafts": jnp.concatenate([first[:, None], rest.T], axis=1), "q": q, "cache": cache,
-          "confidence": jnp.concatenate([confidence(logits[:, 1])[:, None], c_rest.T], axis=1)}
+          "confidence": jnp.concatenate([confidence(logits[:, 1])[:, None], c_rest.T], axis=1),
+          "depth": jnp.int32(gamma)}
+
+
+def _draft_while(step, first, q_first, first_confidence, cache, noise, gamma: int, more):
+  """`draft_after`'s chain under `more`: `step` while `more(i, confidence)` says so."""
+  put = lambda buffer, i, x: buffer.at[:, i].set(x)
+  state = {"i": jnp.int32(1), "token": first, "cache": cache,
+           "drafts": put(jnp.zeros(noise.shape[:2], jnp.int32), 0, first),
+           "confidence": put(jnp.zeros(noise.shape[:2], jnp.float32), 0, first_confidence)}
+  if q_first is not None:
+    state["q"] = put(jnp.zeros(noise.shape[:2] + q_first.shape[-1:], jnp.float32), 0, q_first)
+
+  def body(s):
+    i = s["i"]
+    (token, cache), (_, q, conf) = step((s["token"], s["cache"]), (i, noise[:, i]))
+    out = {"i": i + 1, "token": token, "cache": cache, "drafts": put(s["drafts"], i, token),
+           "confidence": put(s["confidence"], i, conf)}
+    return out | ({"q": put(s["q"], i, q)} if "q" in s else {})
+
+  s = jax.lax.while_loop(lambda s: (s["i"] < gamma) & more(s["i"], s["confidence"]), body, state)
+  return {"drafts": s["drafts"], "q": s.get("q"), "cache": s["cache"],
+          "confidence": s["confidence"], "depth": s["i"]}
 
 
 def draft_chain(first_logits: jax.Array, carry: Any, feed: Callable, stops: Callable,

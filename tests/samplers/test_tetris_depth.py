@@ -1,0 +1,182 @@
+"""TETRIS's adaptive draft depth (`continuous_spec.keep_drafting`, `propose(..., draft_step=)`):
+stopping never forgoes a better round (brute force over every deeper round; a rule that
+looks only one column ahead is caught); `draft_after` stops where told and drafts what a full chain
+drafts up to there; the depth-priced width never exceeds the drafts made; sampled requests keep
+the exact joint (a leak past the drafted depth caught)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from samplers import ar, continuous, continuous_spec
+from samplers.core import draft_verify
+from samplers.core.logits import SamplingParams
+from tests.samplers import continuous_oracle
+from tests.samplers.oracle import POWER, SIGNIFICANCE
+from tests.samplers.test_continuous_spec import (TOY, TOY_DRAFT, TOY_PROMPTS, TOY_TARGET,
+                                                 _config, _params, _two_filled_slots)
+from tests.samplers.test_continuous import MODEL
+
+G, CASES = 4, 400
+
+
+def _cases(seed=0):
+  """CASES random batches of 4 slots: confidences, active slots, rising costs per width, draft
+  step, calibration."""
+  rng = np.random.default_rng(seed)
+  confidence = rng.uniform(0, 1, (CASES, 4, G)) ** rng.uniform(0.2, 3, (CASES, 1, 1))
+  active = rng.uniform(size=(CASES, 4)) < 0.8
+  step = rng.uniform(0, 2, CASES)  # per draft call; a round of one draft costs at least 1
+  rises = np.concatenate([rng.uniform(0, 9, (CASES, 1)), rng.uniform(0, 3, (CASES, G))], axis=1)
+  costs = 1 + G * step[:, None] + np.cumsum(rises, axis=1)  # rising, not always by the same
+  return (confidence.astype(np.float32), active, costs.astype(np.float32),
+          step.astype(np.float32), rng.uniform(0.5, 2, CASES).astype(np.float32))
+
+
+def _goodput(values, live, costs, step, depth, width):
+  """(live + expected accepted drafts in the first `width` columns) / seconds of that round."""
+  return (live + values[:, :width].sum()) / (costs[width] - (G - depth) * step)
+
+
+def _forgone(rule, seed=0) -> tuple[int, int, int]:
+  """(stops, goes, stops after which some deeper round, by the full chain's values, beats
+  the best round on offer)."""
+  confidence, active, costs, step, calibration = _cases(seed)
+  stops = goes = forgone = 0
+  for i in range(1, G):
+    masked = np.where(np.arange(G) < i, confidence, 0.0)
+    decide = jax.jit(jax.vmap(lambda c, a, k, s, cal: rule(a, k, s, cal)(i, c)))
+    more = np.asarray(decide(masked, active, costs, step, calibration))
+    for case in np.flatnonzero(~more):
+      a, k, s = active[case], costs[case], step[case]
+      values = np.cumprod(np.minimum(1.0, calibration[case] * confidence[case]), axis=1)[a]
+      best = max(_goodput(values, a.sum(), k, s, i, w) for w in range(i + 1))
+      deeper = max(_goodput(values, a.sum(), k, s, d, w)
+                   for d in range(i + 1, G + 1) for w in range(d + 1))
+      forgone += deeper > best * (1 + 1e-5)
+    stops, goes = stops + int((~more).sum()), goes + int(more.sum())
+  return stops, goes, forgone
+
+
+def test_stopping_never_forgoes_a_better_round():
+  stops, goes, forgone = _forgone(continuous_spec.keep_drafting)
+  assert forgone == 0
+  assert stops > CASES // 4 and goes > CASES // 4  # both decisions are exercised
+
+
+def test_a_rule_that_looks_one_column_ahead_is_caught():
+  """Stopping when depth i + 1 at width i + 1 does not beat the best: under costs whose steps
+  differ from width to width, a dear next column can hide cheaper ones after it."""
+  def one_ahead(active, costs, draft_step, calibration):
+    live = jnp.sum(active)
+
+    def more(i, confidence):
+      gain = jnp.sum(jnp.maximum(continuous_spec.chain_values(confidence, active, calibration),
+                                 0.0), axis=0)
+      expected = live + jnp.concatenate([jnp.zeros(1), jnp.cumsum(gain)])
+      best = jnp.max(expected / continuous_spec.costs_at_depth(costs, draft_step, i))
+      deeper = continuous_spec.costs_at_depth(costs, draft_step, i + 1)[i + 1]
+      return (expected[i] + gain[i - 1]) / deeper > best
+    return more
+
+  assert _forgone(one_ahead)[2] > 0
+
+
+def test_unsure_batches_stop_early_and_sure_ones_draft_on():
+  costs, active = jnp.asarray([10.0, 11, 12, 13, 14]), jnp.ones(4, bool)
+  for confidence, depth in ((0.05, 1), (0.95, G)):
+    more = continuous_spec.keep_drafting(active, costs, 1.0)
+    made = 1
+    while made < G and bool(more(made, jnp.where(jnp.arange(G) < made, confidence, 0.0)
+                                 * jnp.ones((4, G)))):
+      made += 1
+    assert made == depth, confidence
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_draft_after_stops_where_told_and_drafts_what_a_full_chain_drafts(temperature):
+  target, draft = _params()
+  config = _config(2, SamplingParams(temperature=temperature))
+  slots = _two_filled_slots(target, draft, config)
+  noise, _ = draft_verify.round_noise(slots.keys, slots.context, G, MODEL.vocab_size,
+                                      config.sampling.greedy)
+  chain = lambda more: draft_verify.draft_after(MODEL, draft, slots.seq, slots.context,
+                                                slots.draft_cache, noise, G, config.sampling,
+                                                more)
+  full, short = chain(None), chain(lambda i, confidence: i < 2)
+  assert int(full["depth"]) == G and int(short["depth"]) == 2
+  for name in ("drafts", "confidence") + (("q",) if temperature else ()):
+    np.testing.assert_allclose(short[name][:, :2], full[name][:, :2], rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(short[name][:, 2:]))
+
+
+def test_the_width_never_exceeds_the_drafts_made():
+  """Costs that fall with the width would verify every column; past the depth they are priced
+  out (`costs_at_depth`)."""
+  target, draft = _params()
+  config = _config(2, SamplingParams(temperature=0.0))
+  slots = _two_filled_slots(target, draft, config)
+  falling = jnp.asarray([4.0, 3, 2, 1])  # G = 3 here
+  _, proposal = continuous_spec.propose(MODEL, draft, slots, config, 6, falling,
+                                        draft_step=jnp.float32(0.1), depth=jnp.int32(1))
+  assert int(proposal["depth"]) == 1 and int(proposal["width"]) == 1
+  assert np.all(np.asarray(proposal["lengths"]) <= 1)
+  with pytest.raises(ValueError, match="draft_step .* is for dense verifies"):
+    continuous_spec.propose(MODEL, draft, slots, config, 6, jnp.ones(2), sizes=(2, 4),
+                            draft_step=0.1)
+
+
+# The oracle: TETRIS rounds at the adaptive depth and at a forced depth of 1 under costs that
+# fall with the width, then an AR step, over ROWS rows per prompt, against the exact joint.
+STEPS, ROWS = 8, 100_000
+TOY_G = 3
+
+
+@jax.jit
+def _toy_decode(key):
+  config = continuous.ContinuousConfig(num_slots=2 * ROWS, max_new_tokens=STEPS, prompt_width=3,
+                                       sampling=SamplingParams(temperature=1.0),
+                                       max_draft_tokens=TOY_G)
+  prompt, lengths = ar.pad_prompts([p for p in TOY_PROMPTS for _ in range(ROWS)])
+  slots = continuous.fill(TOY, TOY_TARGET, prompt, lengths, jax.random.split(key, 2 * ROWS),
+                          jnp.full(2 * ROWS, STEPS), config, TOY, TOY_DRAFT)
+
+  def tetris(costs, step, depth):
+    def call(s):
+      s, proposal = continuous_spec.propose(TOY, TOY_DRAFT, s, config, 2 * ROWS * TOY_G, costs,
+                                            draft_step=step, depth=depth)
+      return continuous_spec.verify_proposal(TOY, TOY_TARGET, s, config, proposal, TOY_G)
+    return call
+
+  # these costs stop the adaptive drafts after 2 of 3 (every round: the batch is large)
+  adaptive = tetris(jnp.asarray([1.0, 1.15, 1.3, 1.45]), jnp.float32(0.15), jnp.int32(0))
+  forced = tetris(jnp.asarray([1.0, 0.9, 0.8, 0.7]), jnp.float32(0.0), jnp.int32(1))
+  step = lambda s: continuous.step(TOY, TOY_TARGET, s, config)
+  slots = continuous_oracle.cycle_until_done([adaptive, forced, step], slots)
+  return continuous.generated(slots, config), slots.accepted, slots.drafted
+
+
+def _toy_p_values():
+  tokens, accepted, drafted = _toy_decode(jax.random.key(3))
+  p_values = continuous_oracle.joint_p_values(tokens, TOY_PROMPTS, TOY_TARGET, STEPS)
+  return p_values, int(accepted), int(drafted)
+
+
+@pytest.mark.slow
+def test_adaptive_depth_tetris_follows_the_exact_joint():
+  p_values, accepted, drafted = _toy_p_values()
+  print(f"adaptive-depth TETRIS: p-values {p_values}, {accepted} of {drafted} drafts accepted")
+  assert min(p_values) > SIGNIFICANCE, p_values
+  assert drafted - accepted > 2 * ROWS
+
+
+@pytest.mark.slow
+def test_verifying_past_the_drafted_depth_is_caught(fresh_trace):
+  """Without the price past the depth, the falling costs verify undrafted positions, whose
+  zero draft probability accepts token 0 there."""
+  fresh_trace.setattr(continuous_spec, "costs_at_depth",
+                      lambda costs, draft_step, depth: costs - (costs.shape[0] - 1 - depth)
+                      * draft_step)
+  p_values = _toy_p_values()[0]
+  assert max(p_values) < POWER, p_values
