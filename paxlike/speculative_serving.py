@@ -16,8 +16,9 @@ speculative policies, each a choice of `samplers.continuous_spec` programs betwe
   then yields (1 - a^(gamma + 1)) / (1 - a) tokens per slot on average (Leviathan et al. 2023),
   and AR steps one per step; a round after AR steps also pays for the tokens the draft lags.
 * `Tetris` (`tetris`; Wu et al. 2025): every call, `rounds_per_sync` rounds of
-  `continuous_spec.select`: G drafts per slot, the `budget` most likely verified, at the width
-  with the most expected tokens per second under costs measured per width before the clock;
+  `continuous_spec.select`: up to G drafts per slot (dense: the batch stops drafting where no
+  deeper round could pay, `continuous_spec.keep_drafting`), the `budget` most likely verified,
+  at the width with the most expected tokens per second under costs measured before the clock;
   with `packed`, in one token-packed target call of the chosen drafts alone (one of G + 1
   sizes), so that each slot pays for its own drafts only.
 
@@ -257,18 +258,19 @@ class Tetris(FixedGamma):
   last token (w = 0..G, `continuous_spec.packed_selection`), and the call holds those tokens
   alone: a confident slot's long chain and an unsure one's short chain cost what they hold.
 
-  The cost of each width is the least-squares line through the warm-up's medians
-  (`affine_costs`): a round drafts G tokens whatever its width and its target call grows with
-  the tokens it verifies, so its cost is a fixed part plus one per width. The medians themselves
-  zig-zag by more than a width's step on a noisy machine (6.9, 7.8, 9.3, 11.4, 11.4 ms for
-  widths 0-4 on 8 slots of the bench's pair), and which width a run favoured for its whole span
-  followed that noise: on one trace TETRIS served 1.08x fixed gamma when its medians favoured
-  width 2 and 0.97x when they favoured width 1.
+  Costs are fitted to the warm-up's medians, not read off them: the medians zig-zag by more
+  than a width's step on a noisy machine (6.9, 7.8, 9.3, 11.4, 11.4 ms for widths 0-4 on 8 slots
+  of the bench's pair), and the width a run favoured for its whole span followed that noise.
+  Dense, the rounds are timed at every width after G drafts and at width 0 after 1..G - 1
+  drafts, and priced by the plane c + d x depth + b x width (`depth_costs`; d, the seconds per
+  draft call, drives the adaptive depth); packed, by the line through the sizes'
+  (`affine_costs`).
 
   Attributes after `warm_up`: costs {rows: [G + 1] seconds per call on that many rows verifying
-  w = 0..G drafts per slot (packed: rows x (w + 1) tokens), fitted}; `measured_costs`, the
-  medians they were fitted to; `widths`, the rounds per verify width (packed: per size) while
-  serving."""
+  w = 0..G drafts per slot after G drafted (packed: rows x (w + 1) tokens), fitted};
+  `draft_steps` {rows: seconds per draft call}; `measured_costs`, the medians they were fitted
+  to; `widths` and `depths`, the rounds per verify width (packed: per size) and per draft depth
+  while serving."""
 
   def __init__(self, target, target_params, draft, draft_params, num_slots: int,
                sampling: SamplingParams, max_draft_tokens: int, budget: int | None = None,

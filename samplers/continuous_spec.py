@@ -17,7 +17,9 @@ request, pointers and limit, and the host may switch between programs from one c
   the one that maximises expected tokens per second under the measured cost of each width. With
   a token-packed verify (`propose(..., sizes=)`, `verify_proposal(..., packed=True)`) a slot
   pays only for its own drafts: the call holds the chosen drafts alone, at one of a few packed
-  sizes, so an unsure slot's short chain saves compute instead of padding to the width.
+  sizes, so an unsure slot's short chain saves compute instead of padding to the width. With a
+  dense verify, `propose(..., draft_step=)` also stops drafting where no deeper round could
+  beat the best on offer (`keep_drafting`), so an unsure batch does not pay for G draft calls.
 
 AR steps leave the draft's cache behind; a round first feeds it the tokens it lacks
 (`catch_up`), in wide calls while a slot lags far, then `chunk` at a time.

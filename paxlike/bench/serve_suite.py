@@ -102,8 +102,9 @@ def trace_inputs(count: int, seed: int = 0, long_share: float = 0.0,
 
 
 def _choices(engine) -> dict[str, Any]:
-  """What a speculative policy chose: SmartSpec's calls per gamma, and both adaptive policies'
-  measured cost per call (seconds, by rows computed) of each gamma / verify width."""
+  """What a speculative policy chose: SmartSpec's calls per gamma, TETRIS's rounds per verify
+  width and per draft depth, and both adaptive policies' cost per call (seconds, by rows
+  computed) of each gamma / verify width (TETRIS: fitted, with its seconds per draft call)."""
   costs = lambda: {str(rows): [round(float(c), 5) for c in per] for rows, per in
                    engine.costs.items()}
   piggybacked = ({"calls_piggybacked": engine.calls_piggybacked}
@@ -111,7 +112,10 @@ def _choices(engine) -> dict[str, Any]:
   if isinstance(engine, speculative_serving.SmartSpec):
     return {"calls_per_gamma": engine.chosen.tolist(), "cost_per_gamma_s": costs(), **piggybacked}
   if isinstance(engine, speculative_serving.Tetris):
-    return {"rounds_per_width": engine.widths.tolist(), "cost_per_width_s": costs()}
+    return {"rounds_per_width": engine.widths.tolist(), "cost_per_width_s": costs(),
+            "rounds_per_depth": engine.depths.tolist(),
+            "draft_step_s": {str(rows): round(float(s), 6) for rows, s in
+                             engine.draft_steps.items()}}
   return piggybacked
 
 
