@@ -169,6 +169,9 @@ def test_serve_suite_rows(tmp_path):
     assert row["full_slots_throughput"] > 0 and 0 < row["busy_share"] <= 1
     assert row["share_of_full_slots"] == round(row["throughput"] / row["full_slots_throughput"],
                                                3)
+    if row["policy"] == "tetris":  # every round counted once by width and once by depth
+      assert sum(row["rounds_per_width"]) == sum(row["rounds_per_depth"]) > 0
+      assert row["rounds_per_depth"][0] == 0 and min(row["draft_step_s"].values()) >= 0
 
 
 def test_smartspec_picks_the_gamma_with_the_most_expected_tokens_per_second():

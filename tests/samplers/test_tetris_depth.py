@@ -1,14 +1,15 @@
 """TETRIS's adaptive draft depth (`continuous_spec.keep_drafting`, `propose(..., draft_step=)`):
-stopping never forgoes a better round (brute force over every deeper round; a rule that
-looks only one column ahead is caught); `draft_after` stops where told and drafts what a full chain
-drafts up to there; the depth-priced width never exceeds the drafts made; sampled requests keep
-the exact joint (a leak past the drafted depth caught)."""
+stopping never forgoes a better round (brute force over every deeper round; a rule that looks
+only one column ahead is caught); `draft_after` stops where told and drafts what a full chain
+drafts up to there; the depth-priced width never exceeds the drafts made; the costs are a
+fitted plane; sampled requests keep the exact joint (a leak past the drafted depth caught)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from paxlike import speculative_serving
 from samplers import ar, continuous, continuous_spec
 from samplers.core import draft_verify
 from samplers.core.logits import SamplingParams
@@ -125,6 +126,25 @@ def test_the_width_never_exceeds_the_drafts_made():
   with pytest.raises(ValueError, match="draft_step .* is for dense verifies"):
     continuous_spec.propose(MODEL, draft, slots, config, 6, jnp.ones(2), sizes=(2, 4),
                             draft_step=0.1)
+
+
+def test_the_costs_are_a_plane_in_depth_and_width_fitted_to_the_timings():
+  """`depth_costs` recovers an exact plane, and keeps its steps >= 0 under noise that would tip
+  them; `affine_costs` (packed sizes) is the line's version."""
+  points = [(4, w) for w in range(5)] + [(d, 0) for d in range(1, 4)]
+  exact = [2.0 + 0.5 * d + 0.25 * w for d, w in points]
+  costs, step = speculative_serving.depth_costs(points, exact, 4)
+  np.testing.assert_allclose(costs, 2.0 + 0.5 * 4 + 0.25 * np.arange(5), rtol=1e-6)
+  assert step == pytest.approx(0.5)
+  zigzag = [6.9, 7.8, 9.3, 11.4, 11.4, 7.1, 8.1, 9.9]  # 8 slots of the bench's pair, ms
+  costs, step = speculative_serving.depth_costs(points, zigzag, 4)
+  assert np.all(np.diff(costs) >= 0) and np.allclose(np.diff(np.diff(costs)), 0, atol=1e-5)
+  falling = [5.0, 4.0, 3.0, 2.0, 1.0, 5.0, 5.0, 5.0]  # cheaper with width: a flat fit, not < 0
+  costs, step = speculative_serving.depth_costs(points, falling, 4)
+  assert np.all(np.diff(costs) == 0) and step == 0 and np.all(costs > 0)
+  np.testing.assert_allclose(speculative_serving.affine_costs([1.0, 3.0, 2.0]), [1.5, 2, 2.5])
+  np.testing.assert_allclose(speculative_serving.affine_costs([3.0, 2.0, 1.0]), [2, 2, 2])
+  assert speculative_serving.affine_costs([0.5]).tolist() == [0.5]
 
 
 # The oracle: TETRIS rounds at the adaptive depth and at a forced depth of 1 under costs that
