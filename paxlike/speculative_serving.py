@@ -229,21 +229,25 @@ def affine_costs(costs) -> np.ndarray:
 
 def depth_costs(points: list[tuple[int, int]], costs, gamma: int) -> tuple[np.ndarray, np.float32]:
   """The least-squares plane c + d x depth + b x width through rounds timed at (depth, width)
-  `points` (seconds `costs`), with d, b >= 0: ([G + 1] float32 seconds per round verifying
-  w = 0..G after G drafts, [] float32 d, seconds per draft call)."""
+  `points` (seconds `costs`), with d, b >= 0 and c > 0, so that a round of any depth >= 0 has a
+  positive price: ([G + 1] float32 seconds per round verifying w = 0..G after G drafts,
+  [] float32 d, seconds per draft call; 0 when the points hold one depth)."""
   design = np.asarray([[1.0, depth, width] for depth, width in points])
   c, d, b = np.linalg.lstsq(design, np.asarray(costs, np.float64), rcond=None)[0]
-  d, b = max(d, 0.0), max(b, 0.0)
-  c = float(np.mean(np.asarray(costs) - design[:, 1:] @ np.asarray([d, b])))
+  d = max(d, 0.0) if len({depth for depth, _ in points}) > 1 else 0.0  # one depth: no d
+  b = max(b, 0.0)
   floor = 1e-3 * float(np.mean(costs))
-  return (np.maximum(c + d * gamma + b * np.arange(gamma + 1), floor).astype(np.float32),
-          np.float32(d))
+  c = max(float(np.mean(np.asarray(costs) - design[:, 1:] @ np.asarray([d, b]))), floor)
+  return (c + d * gamma + b * np.arange(gamma + 1)).astype(np.float32), np.float32(d)
 
 
 class Tetris(FixedGamma):
-  """TETRIS rounds (`continuous_spec.propose`, then `verify_proposal` at the chosen width):
-  `max_draft_tokens` drafts per slot, `budget` verified (default: all of them, S x G; the width
-  is still chosen by expected goodput).
+  """TETRIS rounds (`continuous_spec.propose`, then `verify_proposal` at the chosen width): up
+  to `max_draft_tokens` drafts per slot, `budget` verified (default: all of them, S x G; the
+  width is still chosen by expected goodput). Sampled requests keep the target's distribution
+  with the default budget and a dense verify; a binding budget and `packed` choose which drafts
+  to verify by ranking them against later drafts of the same slot, so they are for greedy
+  decoding only (refused otherwise).
 
   The draft's top probabilities are calibrated against what the target accepts: under greedy
   verification a draft passes when the two argmaxes agree, which happens more often than the
@@ -279,6 +283,12 @@ class Tetris(FixedGamma):
     if packed and not hasattr(target, "apply_packed"):
       raise ValueError("Tetris(packed=True) needs a target with apply_packed (token-packed "
                        "calls, e.g. a llama CausalLM); pass packed=False")
+    if not sampling.greedy and (packed or (budget or num_slots * max_draft_tokens)
+                                < num_slots * max_draft_tokens):
+      raise ValueError("sampled TETRIS is exact only with a dense verify of every draft the "
+                       "width admits: a packed size or a budget below slots x max_draft_tokens "
+                       f"({num_slots * max_draft_tokens}) is chosen by looking at later drafts; "
+                       "use greedy sampling, or packed=False and budget=None")
     super().__init__(target, target_params, draft, draft_params, num_slots, sampling,
                      max_draft_tokens, rounds_per_sync, steps_per_sync)
     self.packed = packed

@@ -43,6 +43,7 @@ from samplers import continuous
 from samplers.continuous import ContinuousConfig, Slots
 from samplers.core import draft_verify, packing
 from samplers.core.protocol import CausalModel
+from samplers.draft_selection import costs_at_depth, keep_drafting, packed_selection, selection
 
 CATCH_UP_WIDE = 32  # tokens per draft call while a slot lags far behind (`catch_up`)
 
@@ -208,106 +209,6 @@ def _check_selection(config: ContinuousConfig, budget: int, costs,
   return costs
 
 
-def chain_values(confidence: jax.Array, active: jax.Array,
-                 calibration: jax.Array | float = 1.0) -> jax.Array:
-  """[S, G] the estimated probability that each slot's j-th draft is accepted: the product of
-  min(1, calibration x top probability) along the chain; -1 on free slots."""
-  per_draft = jnp.minimum(1.0, calibration * confidence)
-  return jnp.where(active[:, None], jnp.cumprod(per_draft, axis=1), -1.0)
-
-
-def _likeliest(value: jax.Array, active: jax.Array, count) -> jax.Array:
-  """[S, G] bool: the `count` drafts of highest chain value over the batch (ties: earlier
-  drafts), on active slots. Chain values fall along a chain, so each slot's are a prefix."""
-  slots, gamma = value.shape
-  order = jax.lax.top_k(value.reshape(-1), slots * gamma)[1]
-  chosen = jnp.zeros(slots * gamma, bool).at[order].set(jnp.arange(slots * gamma) < count)
-  return chosen.reshape(slots, gamma) & active[:, None]
-
-
-def selection(confidence: jax.Array, active: jax.Array, budget: int, costs: jax.Array,
-              calibration: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """TETRIS's choice of drafts to verify (module docstring).
-
-  Args:
-    confidence: [S, G] each draft's top probability under the draft.
-    active: [S] bool slots holding a request.
-    budget: the most drafts verified per round, over the batch.
-    costs: [G + 1] float32 seconds of a round that verifies w drafts per slot, w = 0..G.
-    calibration: [] float32 scale of the top probabilities (`chain_values`), e.g. the observed
-      ratio of accepted to expected drafts; 1 trusts the draft.
-  Returns:
-    (lengths [S] int32 in [0, width]: drafts verified per slot, width [] int32: the verify width,
-    the w maximising (active slots + expected accepted drafts) / costs[w]).
-  """
-  value = chain_values(confidence, active, calibration)  # [S, G]
-  chosen = _likeliest(value, active, budget)
-  lengths = jnp.sum(jnp.cumprod(chosen, axis=1), axis=1, dtype=jnp.int32)
-  gain = jnp.sum(jnp.where(chosen, value, 0.0), axis=0)  # [G]: expected acceptances per column
-  expected = jnp.sum(active) + jnp.concatenate([jnp.zeros(1), jnp.cumsum(gain)])  # [G + 1]
-  width = jnp.argmax(expected / costs).astype(jnp.int32)
-  return jnp.minimum(lengths, width), width
-
-
-def packed_selection(confidence: jax.Array, active: jax.Array, budget: int,
-                     sizes: tuple[int, ...], costs: jax.Array,
-                     calibration: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """TETRIS's choice for a token-packed verify call (`_verify_packed`), where a slot pays only
-  for its own drafts: the b drafts most likely accepted across the batch, b at most `budget` and
-  as many as a call of one of `sizes` tokens holds beside the active slots' last tokens, the
-  size maximising (active slots + expected accepted drafts) / its cost.
-
-  Args:
-    confidence, active, calibration: as `selection`; costs: [K] seconds of a packed call of
-      sizes[k] tokens (sizes increasing, the first at least the active slots).
-  Returns:
-    (lengths [S] int32 drafts verified per slot, k [] int32 the chosen size's index).
-  """
-  gamma = confidence.shape[1]
-  value = chain_values(confidence, active, calibration)
-  ranked = -jnp.sort(-value.reshape(-1))  # descending
-  live = jnp.sum(active)
-  expected = jnp.concatenate([jnp.zeros(1), jnp.cumsum(jnp.maximum(ranked, 0.0))])
-  drafts = jnp.clip(jnp.asarray(sizes) - live, 0, jnp.minimum(budget, live * gamma))  # [K]
-  fits = jnp.asarray(sizes) >= live  # room for every active slot's last token
-  k = jnp.argmax(jnp.where(fits, (live + expected[drafts]) / costs, -1.0)).astype(jnp.int32)
-  chosen = _likeliest(value, active, drafts[k])
-  return jnp.sum(jnp.cumprod(chosen, axis=1), axis=1, dtype=jnp.int32), k
-
-
-def costs_at_depth(costs: jax.Array, draft_step, depth) -> jax.Array:
-  """[G + 1] seconds of a round that drafted `depth` tokens per slot and verifies w = 0..G, from
-  `costs` (the same with G drafted) less the draft calls not made; widths past `depth`: inf."""
-  widths = jnp.arange(costs.shape[0])
-  return jnp.where(widths <= depth, costs - (costs.shape[0] - 1 - depth) * draft_step, jnp.inf)
-
-
-def keep_drafting(active: jax.Array, costs: jax.Array, draft_step, calibration=1.0):
-  """TETRIS's draft depth: `more(i, confidence) -> [] bool` for `draft_verify.draft_after`.
-
-  After i drafts per slot, the best round on offer verifies some w <= i drafts, at R =
-  (active slots + expected accepted drafts) / costs_at_depth(i)[w]. A deeper column costs one
-  draft call and one verify column, at least u = draft_step + the least step of `costs` from
-  width i on, and adds at most g = the expected acceptances of column i - 1 (chain values fall
-  along a chain). So when g / u <= R no deeper round (any depth, any width) beats R, and
-  drafting stops: an unsure batch stops after a draft or two instead of paying for G draft
-  calls it would not verify. Column gains sum every slot's chain values (the budget binds in
-  `selection` only).
-
-  Args: active [S] bool; costs [G + 1] seconds per round verifying w drafts after G drafted;
-  draft_step [] seconds per draft call; calibration as in `chain_values`."""
-  live, gamma = jnp.sum(active), costs.shape[0] - 1
-
-  def more(i, confidence):
-    gain = jnp.sum(jnp.maximum(chain_values(confidence, active, calibration), 0.0), axis=0)
-    expected = live + jnp.concatenate([jnp.zeros(1), jnp.cumsum(gain)])  # [G + 1]
-    best = jnp.max(expected / costs_at_depth(costs, draft_step, i))
-    column = jnp.min(jnp.where(jnp.arange(gamma) >= i, jnp.diff(costs), jnp.inf))
-    return gain[i - 1] > best * jnp.maximum(draft_step + column, 0.0)
-
-  return more
-
-
 def _verify_packed(target: CausalModel, target_params, slots: Slots, drafts: jax.Array,
                    lengths: jax.Array, size: int) -> tuple[jax.Array, object]:
   """The target's logits [S, G + 1, V] after each active slot's last token and its first
@@ -381,7 +282,8 @@ def propose(draft: CausalModel, draft_params, slots: Slots, config: ContinuousCo
     s, chain = _draft_stage(draft, draft_params, s, config, gamma, more)
     if sizes is None:
       priced = costs if draft_step is None else costs_at_depth(costs, draft_step, chain["depth"])
-      lengths, width = selection(chain["confidence"], s.active, budget, priced, calibration)
+      lengths, width = selection(chain["confidence"], s.active, budget, priced, calibration,
+                                 chain["depth"])
     else:
       lengths, width = packed_selection(chain["confidence"], s.active, budget, sizes, costs,
                                         calibration)

@@ -10,7 +10,7 @@ import pytest
 
 from models.causal_lm import CausalLM
 from models.config import ModelConfig
-from samplers import ar, continuous, continuous_spec
+from samplers import ar, continuous, continuous_spec, draft_selection
 from samplers.core import verify
 from samplers.core.logits import SamplingParams
 from tests.models.random_params import random_params
@@ -139,18 +139,18 @@ def test_packed_selection_spends_the_size_on_the_likeliest_drafts():
   active = jnp.asarray([True, True, True])
   sizes = (3, 5, 7, 9, 12)
   # chain values: [.9 .81 .729], [.5 .45 .405], [.99 .099 .089]; flat costs: the largest size
-  lengths, k = continuous_spec.packed_selection(confidence, active, 9, sizes, jnp.ones(5))
+  lengths, k = draft_selection.packed_selection(confidence, active, 9, sizes, jnp.ones(5))
   np.testing.assert_array_equal(lengths, [3, 3, 3])
   assert int(k) == 4
   # 7 tokens hold the 3 last tokens and the 4 likeliest drafts: .99 .9 .81 .729 (a dense
   # width would give the second slot drafts too); a size that costs more than it earns is cut
-  lengths, k = continuous_spec.packed_selection(confidence, active, 9, sizes,
+  lengths, k = draft_selection.packed_selection(confidence, active, 9, sizes,
                                                 jnp.asarray([1.0, 1.2, 1.4, 9.0, 9.0]))
   np.testing.assert_array_equal(lengths, [3, 0, 1])
   assert int(k) == 2
-  lengths, k = continuous_spec.packed_selection(confidence, active, 2, sizes, jnp.ones(5))
+  lengths, k = draft_selection.packed_selection(confidence, active, 2, sizes, jnp.ones(5))
   np.testing.assert_array_equal(lengths, [1, 0, 1])  # the budget caps the drafts
-  lengths, _ = continuous_spec.packed_selection(confidence, jnp.asarray([False, True, True]), 9,
+  lengths, _ = draft_selection.packed_selection(confidence, jnp.asarray([False, True, True]), 9,
                                                 sizes, jnp.ones(5))
   assert int(lengths[0]) == 0  # a free slot drafts nothing
 
@@ -158,13 +158,13 @@ def test_packed_selection_spends_the_size_on_the_likeliest_drafts():
 def test_calibration_scales_each_draft_before_the_chain_product():
   confidence = jnp.asarray([[0.5, 0.8, 0.9], [0.2, 0.2, 0.2]])
   active = jnp.asarray([True, False])
-  values = continuous_spec.chain_values(confidence, active, 1.5)
+  values = draft_selection.chain_values(confidence, active, 1.5)
   np.testing.assert_allclose(values[0], [0.75, 0.75, 0.75 * 1.0], rtol=1e-6)  # 1.2, 1.35 -> 1
   np.testing.assert_array_equal(values[1], [-1, -1, -1])  # a free slot
   # a calibrated draft earns a wider verify than the raw one under the same costs
   costs = jnp.asarray([1.0, 1.6, 2.0, 2.4])
-  _, raw = continuous_spec.selection(confidence, active, 3, costs)
-  _, calibrated = continuous_spec.selection(confidence, active, 3, costs, 1.5)
+  _, raw = draft_selection.selection(confidence, active, 3, costs)
+  _, calibrated = draft_selection.selection(confidence, active, 3, costs, 1.5)
   assert int(raw) == 0 and int(calibrated) == 3
 
 
@@ -204,15 +204,15 @@ def test_selection_verifies_the_likeliest_drafts_under_the_budget():
   confidence = jnp.asarray([[0.9, 0.9, 0.9], [0.5, 0.9, 0.9], [0.99, 0.1, 0.9]])
   active = jnp.asarray([True, True, True])
   flat = jnp.ones(4)
-  lengths, width = continuous_spec.selection(confidence, active, 4, flat)
+  lengths, width = draft_selection.selection(confidence, active, 4, flat)
   # chain values: [.9 .81 .729], [.5 .45 .405], [.99 .099 .089]: the top 4 are .99 .9 .81 .729
   np.testing.assert_array_equal(lengths, [3, 0, 1])
   assert int(width) == 3
   # a verify width that costs more than it earns is cut: width 1 earns 3 + .9 + .99 per 1.0
-  lengths, width = continuous_spec.selection(confidence, active, 4, jnp.asarray([1, 1, 3, 9.]))
+  lengths, width = draft_selection.selection(confidence, active, 4, jnp.asarray([1, 1, 3, 9.]))
   np.testing.assert_array_equal(lengths, [1, 0, 1])
   assert int(width) == 1
-  lengths, _ = continuous_spec.selection(confidence, jnp.asarray([False, True, True]), 9, flat)
+  lengths, _ = draft_selection.selection(confidence, jnp.asarray([False, True, True]), 9, flat)
   assert int(lengths[0]) == 0  # a free slot drafts nothing
 
 
@@ -244,7 +244,8 @@ def test_bad_settings_are_named():
 
 
 # The oracle: every request of a continuous batch of ROWS per prompt, decoded by TETRIS rounds
-# (budget: half the drafts) with an AR step every third call, against the exact joint.
+# (every draft in the budget: a binding budget is for greedy decoding) with an AR step every
+# third call, against the exact joint.
 VOCAB, STEPS, ROWS = 3, 8, 100_000
 TOY = prefix_toy.PrefixLM(vocab_size=VOCAB, max_len=20)
 TOY_TARGET = TOY.init(jax.random.key(1))
@@ -264,7 +265,7 @@ def _toy_decode(key):
   costs = jnp.asarray([1.0, 1.05, 1.1, 1.15])
 
   tetris = lambda s: continuous_spec.select(TOY, TOY_TARGET, TOY, TOY_DRAFT, s, config,
-                                            budget=ROWS * G, costs=costs)
+                                            budget=2 * ROWS * G, costs=costs)
   step = lambda s: continuous.step(TOY, TOY_TARGET, s, config)
   slots = continuous_oracle.cycle_until_done([tetris, tetris, step], slots)  # AR every third
   return continuous.generated(slots, config), slots.accepted, slots.drafted
