@@ -17,7 +17,7 @@ speculative policies, each a choice of `samplers.continuous_spec` programs betwe
   and AR steps one per step; a round after AR steps also pays for the tokens the draft lags.
 * `Tetris` (`tetris`; Wu et al. 2025): every call, `rounds_per_sync` rounds of
   `continuous_spec.select`: up to G drafts per slot (dense: the batch stops drafting where no
-  deeper round could pay, `continuous_spec.keep_drafting`), the `budget` most likely verified,
+  deeper round could pay, `draft_selection.keep_drafting`), the `budget` most likely verified,
   at the width with the most expected tokens per second under costs measured before the clock;
   with `packed`, in one token-packed target call of the chosen drafts alone (one of G + 1
   sizes), so that each slot pays for its own drafts only.
@@ -259,12 +259,12 @@ class Tetris(FixedGamma):
 
   With `packed` (a target with `apply_packed`), the drafts verified are the most likely ones
   across the batch, as many as a packed call of rows x (w + 1) tokens holds beside each slot's
-  last token (w = 0..G, `continuous_spec.packed_selection`), and the call holds those tokens
+  last token (w = 0..G, `draft_selection.packed_selection`), and the call holds those tokens
   alone: a confident slot's long chain and an unsure one's short chain cost what they hold.
 
-  Costs are fitted to the warm-up's medians, not read off them: the medians zig-zag by more
-  than a width's step on a noisy machine (6.9, 7.8, 9.3, 11.4, 11.4 ms for widths 0-4 on 8 slots
-  of the bench's pair), and the width a run favoured for its whole span followed that noise.
+  Costs are fitted to the warm-up's medians, not read off them: the medians' steps are uneven
+  on a noisy machine (6.9, 7.8, 9.3, 11.4, 11.4 ms for widths 0-4 on 8 slots of the bench's
+  pair), and the width a run favoured for its whole span followed that noise.
   Dense, the rounds are timed at every width after G drafts and at width 0 after 1..G - 1
   drafts, and priced by the plane c + d x depth + b x width (`depth_costs`; d, the seconds per
   draft call, drives the adaptive depth); packed, by the line through the sizes'
@@ -312,7 +312,7 @@ class Tetris(FixedGamma):
   def select(self, slots, costs, rows: int, depth: int = 0):
     """`rounds_per_sync` rounds, each `continuous_spec.propose` then `verify_proposal` at the
     width it chose (two programs: no conditional over the target's cache); `depth` > 0 drafts
-    exactly that many tokens (the warm-up's measurements)."""
+    exactly that many tokens (the warm-up's measurements; packed rounds always draft G)."""
     before = self._counters(slots)
     sizes = tuple(rows * (w + 1) for w in range(self.gamma + 1)) if self.packed else None
     adaptive = {} if self.packed else {"draft_step": self.draft_steps[rows],

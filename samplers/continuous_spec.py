@@ -13,8 +13,9 @@ request, pointers and limit, and the host may switch between programs from one c
   Selection for Batch Speculative Decoding"). Every slot drafts G tokens; the draft's own
   estimate that a slot's j-th draft is accepted is the product of its top probabilities along
   the chain; the `budget` drafts most likely to be accepted across the batch are verified (a
-  confident slot gets a long chain, an unsure one a short one or none), and the verify width is
-  the one that maximises expected tokens per second under the measured cost of each width. With
+  confident slot gets a long chain, an unsure one a short one or none), and the verify width
+  grows column by column while each raises the expected tokens per second under the measured
+  costs (`samplers.draft_selection` has the choice). With
   a token-packed verify (`propose(..., sizes=)`, `verify_proposal(..., packed=True)`) a slot
   pays only for its own drafts: the call holds the chosen drafts alone, at one of a few packed
   sizes, so an unsure slot's short chain saves compute instead of padding to the width. With a
@@ -24,12 +25,14 @@ request, pointers and limit, and the host may switch between programs from one c
 AR steps leave the draft's cache behind; a round first feeds it the tokens it lacks
 (`catch_up`), in wide calls while a slot lags far, then `chunk` at a time.
 
-Guarantee: exact at any temperature, greedy equal to AR. Which drafts are verified depends on
-the drafts alone (never on the target), and each position's randomness comes from its request's
-key (`draft_verify.position_uniforms`), so every request's tokens have the target's
-distribution; with a fixed gamma they are also independent of the slot and the neighbours
-(tested). Under `select`, and under a host policy that varies gamma, a request's sampled tokens
-depend on its neighbours (through the choice), but not their distribution.
+Guarantee: exact at any temperature, greedy equal to AR. Whether a draft is made and verified
+depends on the drafts before it alone (never on the target or on the draft itself:
+`samplers.draft_selection`), and each position's randomness comes from its request's key
+(`draft_verify.position_uniforms`), so every request's tokens have the target's distribution
+(TETRIS with a binding budget or a packed verify: greedy only, see `draft_selection`). With a
+fixed gamma they are also independent of the slot and the neighbours (tested). Under `select`,
+and under a host policy that varies gamma, a request's sampled tokens depend on its neighbours
+(through the choice), but not their distribution.
 """
 
 from __future__ import annotations

@@ -91,14 +91,15 @@ def draft_after(draft: CausalModel, draft_params, seq: jax.Array, context: jax.A
 
   Cache invariant: the draft holds all of a row's tokens but the last two. It re-reads them (the
   second-to-last is missing after a round whose drafts were all accepted), draws draft 1, then
-  feeds each draft to draw the next: gamma draft calls in all.
+  feeds each draft to draw the next: gamma draft calls in all (with `more`, one per draft made).
 
   Args:
     seq: [B, S] int32 each row's tokens; context: [B] int32 how many it holds.
     noise: [B, gamma, V] the drafts' uniforms (`round_noise`; [B, gamma, 0] when greedy).
     more: None drafts gamma tokens; else `more(i, confidence) -> [] bool`, asked after i drafts
-      (1 <= i < gamma) with their confidences (zeros after them), says whether to draft
-      another for the whole batch (a `lax.while_loop`: the calls after a False are saved).
+      (1 <= i; its answer counts while i < gamma) with their confidences (zeros after them),
+      says whether to draft another for the whole batch (a `lax.while_loop`: the calls after a
+      False are saved).
   Returns:
     {"drafts": [B, gamma] int32, "q": [B, gamma, V] their distributions (None when greedy),
     "confidence": [B, gamma] float32 each draft's top probability (`logits.confidence`),

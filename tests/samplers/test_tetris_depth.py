@@ -116,15 +116,21 @@ def test_whether_a_draft_is_verified_never_reads_later_drafts():
   assert _verified_columns_move_with_later_ones(argmax_width) > 0
 
 
+def _depth(costs, draft_step, confidence) -> int:
+  """The drafts `keep_drafting` makes on 4 active slots whose every draft has `confidence`."""
+  more = draft_selection.keep_drafting(jnp.ones(4, bool), jnp.asarray(costs), draft_step)
+  made = 1
+  while made < G and bool(more(made, jnp.where(jnp.arange(G) < made, confidence, 0.0)
+                               * jnp.ones((4, G)))):
+    made += 1
+  return made
+
+
 def test_unsure_batches_stop_early_and_sure_ones_draft_on():
-  costs, active = jnp.asarray([10.0, 11, 12, 13, 14]), jnp.ones(4, bool)
-  for confidence, depth in ((0.05, 1), (0.95, G)):
-    more = draft_selection.keep_drafting(active, costs, 1.0)
-    made = 1
-    while made < G and bool(more(made, jnp.where(jnp.arange(G) < made, confidence, 0.0)
-                                 * jnp.ones((4, G)))):
-      made += 1
-    assert made == depth, confidence
+  rising = [10.0, 11, 12, 13, 14]
+  assert _depth(rising, 1.0, 0.05) == 1 and _depth(rising, 1.0, 0.95) == G
+  # verify columns for free: the draft calls alone decide (a rule that ignores them drafts on)
+  assert _depth([10.0] * 5, 1.0, 0.05) == 1 and _depth([10.0] * 5, 0.0, 0.05) == G
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -132,16 +138,23 @@ def test_draft_after_stops_where_told_and_drafts_what_a_full_chain_drafts(temper
   target, draft = _params()
   config = _config(2, SamplingParams(temperature=temperature))
   slots = _two_filled_slots(target, draft, config)
-  noise, _ = draft_verify.round_noise(slots.keys, slots.context, G, MODEL.vocab_size,
-                                      config.sampling.greedy)
-  chain = lambda more: draft_verify.draft_after(MODEL, draft, slots.seq, slots.context,
-                                                slots.draft_cache, noise, G, config.sampling,
-                                                more)
+  gamma = config.max_draft_tokens
+
+  def chain(more, gamma=gamma):
+    noise, _ = draft_verify.round_noise(slots.keys, slots.context, gamma, MODEL.vocab_size,
+                                        config.sampling.greedy)
+    return draft_verify.draft_after(MODEL, draft, slots.seq, slots.context, slots.draft_cache,
+                                    noise, gamma, config.sampling, more)
+
   full, short = chain(None), chain(lambda i, confidence: i < 2)
-  assert int(full["depth"]) == G and int(short["depth"]) == 2
+  assert int(full["depth"]) == gamma and int(short["depth"]) == 2
   for name in ("drafts", "confidence") + (("q",) if temperature else ()):
     np.testing.assert_allclose(short[name][:, :2], full[name][:, :2], rtol=1e-5, atol=1e-6)
     assert not np.any(np.asarray(short[name][:, 2:]))
+  # the draft's cache is a 2-draft chain's: it holds all but the last two of context + 2
+  two = chain(None, gamma=2)["cache"]
+  for got, want in zip(jax.tree.leaves(short["cache"]), jax.tree.leaves(two)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_width_never_exceeds_the_drafts_made():
@@ -168,8 +181,8 @@ def test_the_costs_are_a_plane_in_depth_and_width_fitted_to_the_timings():
   costs, step = speculative_serving.depth_costs(points, exact, 4)
   np.testing.assert_allclose(costs, 2.0 + 0.5 * 4 + 0.25 * np.arange(5), rtol=1e-6)
   assert step == pytest.approx(0.5)
-  zigzag = [6.9, 7.8, 9.3, 11.4, 11.4, 7.1, 8.1, 9.9]  # 8 slots of the bench's pair, ms
-  costs, step = speculative_serving.depth_costs(points, zigzag, 4)
+  uneven = [6.9, 7.8, 9.3, 11.4, 11.4, 7.1, 8.1, 9.9]  # 8 slots of the bench's pair, ms
+  costs, step = speculative_serving.depth_costs(points, uneven, 4)
   assert np.all(np.diff(costs) >= 0) and np.allclose(np.diff(np.diff(costs)), 0, atol=1e-5)
   falling = [5.0, 4.0, 3.0, 2.0, 1.0, 5.0, 5.0, 5.0]  # cheaper with width: a flat fit, not < 0
   costs, step = speculative_serving.depth_costs(points, falling, 4)
@@ -183,6 +196,8 @@ def test_the_costs_are_a_plane_in_depth_and_width_fitted_to_the_timings():
 # fall with the width, then an AR step, over ROWS rows per prompt, against the exact joint.
 STEPS, ROWS = 8, 100_000
 TOY_G = 3
+ADAPTIVE_COSTS, ADAPTIVE_STEP = jnp.asarray([1.0, 1.15, 1.3, 1.45]), jnp.float32(0.15)
+KEY = jax.random.key(3)
 
 
 @jax.jit
@@ -201,8 +216,7 @@ def _toy_decode(key):
       return continuous_spec.verify_proposal(TOY, TOY_TARGET, s, config, proposal, TOY_G)
     return call
 
-  # these costs stop the adaptive drafts after 2 of 3 (every round: the batch is large)
-  adaptive = tetris(jnp.asarray([1.0, 1.15, 1.3, 1.45]), jnp.float32(0.15), jnp.int32(0))
+  adaptive = tetris(ADAPTIVE_COSTS, ADAPTIVE_STEP, jnp.int32(0))  # drafts 2 of 3
   forced = tetris(jnp.asarray([1.0, 0.9, 0.8, 0.7]), jnp.float32(0.0), jnp.int32(1))
   step = lambda s: continuous.step(TOY, TOY_TARGET, s, config)
   slots = continuous_oracle.cycle_until_done([adaptive, forced, step], slots)
@@ -210,9 +224,23 @@ def _toy_decode(key):
 
 
 def _toy_p_values():
-  tokens, accepted, drafted = _toy_decode(jax.random.key(3))
+  tokens, accepted, drafted = _toy_decode(KEY)
   p_values = continuous_oracle.joint_p_values(tokens, TOY_PROMPTS, TOY_TARGET, STEPS)
   return p_values, int(accepted), int(drafted)
+
+
+def test_the_oracles_adaptive_rounds_stop_inside_the_chain():
+  """The costs of `_toy_decode`'s adaptive rounds stop a large toy batch's drafts at 2 of 3."""
+  config = continuous.ContinuousConfig(num_slots=2000, max_new_tokens=STEPS, prompt_width=3,
+                                       sampling=SamplingParams(temperature=1.0),
+                                       max_draft_tokens=TOY_G)
+  prompt, lengths = ar.pad_prompts([p for p in TOY_PROMPTS for _ in range(1000)])
+  slots = continuous.fill(TOY, TOY_TARGET, prompt, lengths, jax.random.split(KEY, 2000),
+                          jnp.full(2000, STEPS), config, TOY, TOY_DRAFT)
+  _, proposal = continuous_spec.propose(TOY, TOY_DRAFT, slots, config, 2000 * TOY_G,
+                                        ADAPTIVE_COSTS, draft_step=ADAPTIVE_STEP,
+                                        depth=jnp.int32(0))
+  assert int(proposal["depth"]) == 2
 
 
 @pytest.mark.slow
