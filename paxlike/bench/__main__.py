@@ -122,16 +122,17 @@ def main(argv: list[str]) -> int:
   quiet_orbax_logging()
   try:
     if argv[1] == "compare-hf":
-      compare_hf_suite.run(FLAGS.out, tuple(FLAGS.sizes), tuple(int(b) for b in FLAGS.batches),
+      compare_hf_suite.run(FLAGS.out, tuple(FLAGS.sizes), _numbers("batches", FLAGS.batches, int),
                            FLAGS.max_new_tokens, threads=FLAGS.threads,
                            parts=tuple(FLAGS.parts), train_batch=FLAGS.train_batch)
     elif argv[1] == "decode":
       decode_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.max_new_tokens,
-                       tuple(int(b) for b in FLAGS.batches),
+                       _numbers("batches", FLAGS.batches, int),
                        samplers=tuple(FLAGS.samplers) or decode_suite.SAMPLERS)
     elif argv[1] == "engine":
-      engine_suite.run(FLAGS.out, tuple(FLAGS.shapes), tuple(int(b) for b in FLAGS.engine_batches),
-                       tuple(FLAGS.targets), tuple(int(b) for b in FLAGS.batches),
+      engine_suite.run(FLAGS.out, tuple(FLAGS.shapes),
+                       _numbers("engine_batches", FLAGS.engine_batches, int),
+                       tuple(FLAGS.targets), _numbers("batches", FLAGS.batches, int),
                        new_tokens=FLAGS.max_new_tokens, dtype=FLAGS.dtype)
     elif argv[1] == "diffusion":
       diffusion_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.examples, FLAGS.train_steps,
@@ -148,7 +149,8 @@ def main(argv: list[str]) -> int:
     elif argv[1] == "scaling":
       scaling_suite.run(FLAGS.workdir, FLAGS.out, FLAGS.prompts_per_task)
     elif argv[1] == "parallelism":
-      parallelism_suite.run(FLAGS.out, [int(n) for n in FLAGS.seq_lens], FLAGS.timed_up_to)
+      parallelism_suite.run(FLAGS.out, list(_numbers("seq_lens", FLAGS.seq_lens, int)),
+                            FLAGS.timed_up_to)
     else:
       train_suite.run(FLAGS.experiments, FLAGS.steps, FLAGS.out, tuple(FLAGS.remat))
   except UserError as e:

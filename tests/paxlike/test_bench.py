@@ -37,12 +37,17 @@ def test_unknown_suite_is_a_clear_error():
   assert result.returncode != 0 and "suites: train" in result.stderr
 
 
-def test_serve_load_flags_that_are_not_numbers_are_named():
-  result = cli.run("serve", "--concurrency=one", module="paxlike.bench")
-  assert result.returncode == 2
-  assert "--concurrency=one: each value must be an integer" in result.stderr
-  result = cli.run("serve", "--rates=fast", module="paxlike.bench")
-  assert "--rates=fast: each value must be a number" in result.stderr
+def test_list_flags_that_are_not_numbers_are_named():
+  """One line naming the flag and its value, exit 2, before any work (no bare traceback)."""
+  for suite, flag, kind in (("serve", "--concurrency=one", "an integer"),
+                            ("serve", "--rates=fast", "a number"),
+                            ("decode", "--batches=8,x", "an integer"),
+                            ("engine", "--engine_batches=1.5", "an integer"),
+                            ("parallelism", "--seq_lens=long", "an integer")):
+    result = cli.run(suite, flag, module="paxlike.bench")
+    assert result.returncode == 2, (suite, flag, result.stderr)
+    assert f"{flag}: each value must be {kind}" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_interleaved_times_alternate_the_calls_round_by_round():
