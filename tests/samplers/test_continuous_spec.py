@@ -254,14 +254,21 @@ TOY_DRAFT = {"table": TOY_TARGET["table"] + jax.random.normal(jax.random.key(2),
 TOY_PROMPTS = [[1, 2, 0], [2]]
 
 
+def toy_slots(key, rows: int, max_draft_tokens: int, steps: int = STEPS):
+  """(config, slots): `rows` slots per prompt of TOY_PROMPTS (prompt-major), target and draft
+  prefilled, each asking for `steps` tokens at T = 1 (the joint oracles' start)."""
+  count = len(TOY_PROMPTS) * rows
+  config = continuous.ContinuousConfig(num_slots=count, max_new_tokens=steps, prompt_width=3,
+                                       sampling=SamplingParams(temperature=1.0),
+                                       max_draft_tokens=max_draft_tokens)
+  prompt, lengths = ar.pad_prompts([p for p in TOY_PROMPTS for _ in range(rows)])
+  return config, continuous.fill(TOY, TOY_TARGET, prompt, lengths, jax.random.split(key, count),
+                                 jnp.full(count, steps), config, TOY, TOY_DRAFT)
+
+
 @jax.jit
 def _toy_decode(key):
-  config = continuous.ContinuousConfig(num_slots=2 * ROWS, max_new_tokens=STEPS, prompt_width=3,
-                                       sampling=SamplingParams(temperature=1.0),
-                                       max_draft_tokens=G)
-  prompt, lengths = ar.pad_prompts([p for p in TOY_PROMPTS for _ in range(ROWS)])
-  slots = continuous.fill(TOY, TOY_TARGET, prompt, lengths, jax.random.split(key, 2 * ROWS),
-                          jnp.full(2 * ROWS, STEPS), config, TOY, TOY_DRAFT)
+  config, slots = toy_slots(key, ROWS, G)
   costs = jnp.asarray([1.0, 1.05, 1.1, 1.15])
 
   tetris = lambda s: continuous_spec.select(TOY, TOY_TARGET, TOY, TOY_DRAFT, s, config,

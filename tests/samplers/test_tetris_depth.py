@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from paxlike import speculative_serving
-from samplers import ar, continuous, continuous_spec, draft_selection
+from samplers import continuous, continuous_spec, draft_selection
 from samplers.core import draft_verify, verify
 from samplers.core.logits import SamplingParams
 from tests.samplers import continuous_oracle
 from tests.samplers.oracle import POWER, SIGNIFICANCE
 from tests.samplers.test_continuous_spec import (TOY, TOY_DRAFT, TOY_PROMPTS, TOY_TARGET,
-                                                 _config, _params, _two_filled_slots)
+                                                 _config, _params, _two_filled_slots, toy_slots)
 from tests.samplers.test_continuous import MODEL
 
 G, CASES = 4, 400
@@ -202,12 +202,7 @@ KEY = jax.random.key(3)
 
 @jax.jit
 def _toy_decode(key):
-  config = continuous.ContinuousConfig(num_slots=2 * ROWS, max_new_tokens=STEPS, prompt_width=3,
-                                       sampling=SamplingParams(temperature=1.0),
-                                       max_draft_tokens=TOY_G)
-  prompt, lengths = ar.pad_prompts([p for p in TOY_PROMPTS for _ in range(ROWS)])
-  slots = continuous.fill(TOY, TOY_TARGET, prompt, lengths, jax.random.split(key, 2 * ROWS),
-                          jnp.full(2 * ROWS, STEPS), config, TOY, TOY_DRAFT)
+  config, slots = toy_slots(key, ROWS, TOY_G, STEPS)
 
   def tetris(costs, step, depth):
     def call(s):
@@ -231,12 +226,7 @@ def _toy_p_values():
 
 def test_the_oracles_adaptive_rounds_stop_inside_the_chain():
   """The costs of `_toy_decode`'s adaptive rounds stop a large toy batch's drafts at 2 of 3."""
-  config = continuous.ContinuousConfig(num_slots=2000, max_new_tokens=STEPS, prompt_width=3,
-                                       sampling=SamplingParams(temperature=1.0),
-                                       max_draft_tokens=TOY_G)
-  prompt, lengths = ar.pad_prompts([p for p in TOY_PROMPTS for _ in range(1000)])
-  slots = continuous.fill(TOY, TOY_TARGET, prompt, lengths, jax.random.split(KEY, 2000),
-                          jnp.full(2000, STEPS), config, TOY, TOY_DRAFT)
+  config, slots = toy_slots(KEY, 1000, TOY_G, STEPS)
   _, proposal = continuous_spec.propose(TOY, TOY_DRAFT, slots, config, 2000 * TOY_G,
                                         ADAPTIVE_COSTS, draft_step=ADAPTIVE_STEP,
                                         depth=jnp.int32(0))
@@ -274,14 +264,8 @@ UNEVEN = jnp.asarray([1.0, 1.6, 1.65, 1.7])
 
 @jax.jit
 def _small_batches_decode(key):
-  config = continuous.ContinuousConfig(num_slots=2, max_new_tokens=STEPS, prompt_width=3,
-                                       sampling=SamplingParams(temperature=1.0),
-                                       max_draft_tokens=TOY_G)
-  prompt, lengths = ar.pad_prompts(TOY_PROMPTS)
-
   def one(key):
-    slots = continuous.fill(TOY, TOY_TARGET, prompt, lengths, jax.random.split(key, 2),
-                            jnp.full(2, STEPS), config, TOY, TOY_DRAFT)
+    config, slots = toy_slots(key, 1, TOY_G, STEPS)
 
     def tetris(s):
       s, proposal = continuous_spec.propose(TOY, TOY_DRAFT, s, config, 2 * TOY_G, UNEVEN)
